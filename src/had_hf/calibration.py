@@ -1,0 +1,65 @@
+"""Standardization coefficients sigma_Q / sigma_K (METHOD.md section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .attention import DENSE_CAPTURE_NAME
+from .capture import STORE_KWARG, HADCaptureStore
+from .config import HADConfig
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]], num_batches: int = 100
+) -> HADConfig:
+    """Measures per-layer sigma_Q and sigma_K and stores them in the model's HADConfig.
+
+    The model runs with dense attention (the teacher's, "equivalently the unmodified student") on `num_batches`
+    batches; for each attention layer and batch the standard deviation over all elements of its queries and keys is
+    taken, and sigma is the mean over batches. Padding positions are included, as in the paper's description.
+
+    Args:
+        model (`PreTrainedModel`): a model converted with `had_hf.convert` (or loaded with a HADConfig).
+        dataloader: yields dicts of model inputs (labels are dropped).
+        num_batches (`int`, *optional*, defaults to 100): batches to average over (fewer if the loader ends).
+
+    Returns:
+        `HADConfig`: the model's config, with `sigma_q` and `sigma_k` filled in.
+    """
+    had_config = getattr(model.config, "quantization_config", None)
+    if not isinstance(had_config, HADConfig):
+        raise ValueError("calibrate needs a HAD model: call `had_hf.convert(model, HADConfig(...))` first.")
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+    previous_implementation = model.config._attn_implementation
+    was_training = model.training
+    store = HADCaptureStore(capture_logits=False, capture_qk_std=True)
+    sums: dict[str, list[float]] = {}
+    seen = 0
+    device = next(model.parameters()).device
+    model.eval()
+    model.set_attn_implementation(DENSE_CAPTURE_NAME)
+    try:
+        for batch in dataloader:
+            if seen == num_batches:
+                break
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+            store.clear()
+            model(**inputs, **{STORE_KWARG: store})
+            for name, (std_q, std_k) in store.qk_std.items():
+                totals = sums.setdefault(name, [0.0, 0.0, 0])
+                totals[0] += std_q
+                totals[1] += std_k
+                totals[2] += 1
+            seen += 1
+    finally:
+        model.set_attn_implementation(previous_implementation)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate received an empty dataloader.")
+    had_config.sigma_q = {name: total[0] / total[2] for name, total in sums.items()}
+    had_config.sigma_k = {name: total[1] / total[2] for name, total in sums.items()}
+    return had_config

@@ -1,0 +1,59 @@
+"""A store that the attention functions fill during one forward pass, passed as the forward kwarg `had_store`.
+
+transformers forwards unknown keyword arguments of a model's `forward` down to the attention function, so a store
+passed as `model(**batch, had_store=store)` reaches every attention layer without forking model code. Entries are
+keyed by the attention module's name: a layer that runs twice in one step (gradient checkpointing recomputes it in
+the backward pass) overwrites its entry instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+STORE_KWARG = "had_store"
+
+
+@dataclass
+class HADCaptureStore:
+    """Per-layer tensors collected inside the attention functions.
+
+    Args:
+        capture_logits (`bool`, *optional*, defaults to `True`):
+            Record, per layer, the dense logits each side's softmax sees (`s * Q~ K~^T + bias`, before top-N) and
+            the boolean mask of valid keys: what the attention-map distillation loss of METHOD.md section 4 needs.
+        capture_qk_std (`bool`, *optional*, defaults to `False`):
+            Record the standard deviation of the raw queries and keys (calibration, METHOD.md section 3).
+        capture_details (`bool`, *optional*, defaults to `False`):
+            Record the binarized queries and keys (±1 int8), the kept-key mask, the attention weights and the
+            attention output per layer (golden vectors for the exporter).
+    """
+
+    capture_logits: bool = True
+    capture_qk_std: bool = False
+    capture_details: bool = False
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    valid: dict[str, torch.Tensor] = field(default_factory=dict)
+    qk_std: dict[str, tuple[float, float]] = field(default_factory=dict)
+    details: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.logits.clear()
+        self.valid.clear()
+        self.qk_std.clear()
+        self.details.clear()
+
+    def record_qk(self, name: str, query: torch.Tensor, key: torch.Tensor) -> None:
+        if self.capture_qk_std:
+            with torch.no_grad():
+                self.qk_std[name] = (query.float().std().item(), key.float().std().item())
+
+    def record_logits(self, name: str, logits: torch.Tensor, valid: torch.Tensor) -> None:
+        if self.capture_logits:
+            self.logits[name] = logits
+            self.valid[name] = valid
+
+    def record_details(self, name: str, **tensors: torch.Tensor) -> None:
+        if self.capture_details:
+            self.details[name] = {key: value.detach() for key, value in tensors.items()}
