@@ -145,12 +145,16 @@ def hamming_topk_attention_forward(
     is_cross = bool(getattr(module, "_had_is_cross", False))
 
     if not config.binarizes(is_cross):
-        return _dense_attention(module, name, store, query, key, value, valid, mask_bias, scaling, dropout, position_bias)
+        return _dense_attention(
+            module, name, store, query, key, value, valid, mask_bias, scaling, dropout, position_bias
+        )
 
     sigma_q, sigma_k = config.sigmas(name)
     top_n = config.num_kept(key_len)
 
-    if key.dtype in (torch.int32, torch.int64) or _can_use_kernel(module, config, store, position_bias, mask_bias, query):
+    if key.dtype in (torch.int32, torch.int64) or _can_use_kernel(
+        module, config, store, position_bias, mask_bias, query
+    ):
         return _kernel_attention(query, key, value, valid, top_n, sigma_q * sigma_k * scaling, config)
 
     if store is not None:

@@ -68,8 +68,7 @@ class HADConfig(QuantizationConfigMixin):
             raise ValueError(f"HADConfig.quant_method must be 'had', got {self.quant_method!r}.")
         if self.top_n is not None and self.top_n_ratio is not None:
             raise ValueError(
-                f"Set exactly one of top_n and top_n_ratio, got top_n={self.top_n} and "
-                f"top_n_ratio={self.top_n_ratio}."
+                f"Set exactly one of top_n and top_n_ratio, got top_n={self.top_n} and top_n_ratio={self.top_n_ratio}."
             )
         if self.top_n is None and self.top_n_ratio is None:
             self.top_n = DEFAULT_TOP_N
@@ -85,7 +84,12 @@ class HADConfig(QuantizationConfigMixin):
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
         for name in ("c", "ste_clip"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
         for name in ("sigma_q", "sigma_k"):
             setattr(self, name, _validate_sigma(name, getattr(self, name)))

@@ -1,0 +1,153 @@
+"""The attention function against an independent float64 per-row loop (METHOD.md section 1)."""
+
+import math
+
+import pytest
+import torch
+
+from had_hf import HADConfig
+from had_hf.attention import hamming_topk_attention_forward, select_top_n
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, config: HADConfig, name: str = "layer", is_causal: bool = False):
+        super().__init__()
+        self._had_config = config
+        self._had_name = name
+        self.is_causal = is_causal
+        self.eval()
+
+
+def naive_hamming_attention(query, key, value, valid, top_n, sigma_q, sigma_k, scaling):
+    """Per-row loop in float64: sign, Hamming score, sort by (-score, index), softmax over the kept keys."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    output = torch.zeros(batch, heads, q_len, value.shape[-1], dtype=torch.float64)
+    kept_sets = {}
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_len):
+                q_sign = [1 if float(v) >= 0 else -1 for v in query[b, h, i]]
+                scores = []
+                for j in range(k_len):
+                    if not bool(valid[b, 0, i, j]):
+                        continue
+                    k_sign = [1 if float(v) >= 0 else -1 for v in key[b, h // group, j]]
+                    hamming = sum(1 for a, c in zip(q_sign, k_sign) if a != c)
+                    scores.append((dim - 2 * hamming, j))
+                scores.sort(key=lambda item: (-item[0], item[1]))
+                kept = scores[:top_n]
+                kept_sets[(b, h, i)] = sorted(j for _, j in kept)
+                if not kept:
+                    continue
+                alpha = sigma_q * sigma_k * scaling
+                exps = [math.exp(alpha * (s - kept[0][0])) for s, _ in kept]
+                total = sum(exps)
+                for (_, j), e in zip(kept, exps):
+                    output[b, h, i] += (e / total) * value[b, h // group, j].double()
+    return output, kept_sets
+
+
+def _heavy_tie_inputs(seed, batch=2, heads=4, kv_heads=2, q_len=6, k_len=11, dim=8):
+    generator = torch.Generator().manual_seed(seed)
+    # few distinct sign patterns and small d: many equal Hamming scores, and exact zeros (sign(0) = +1)
+    patterns = torch.randint(-1, 2, (3, dim), generator=generator).float()
+    key = patterns[torch.randint(0, 3, (batch, kv_heads, k_len), generator=generator)]
+    query = torch.randint(-1, 2, (batch, heads, q_len, dim), generator=generator).float()
+    value = torch.randn(batch, kv_heads, k_len, dim, generator=generator)
+    valid = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
+    valid[1, :, :, 7:] = False  # padding
+    valid[0, :, 2, :] = False  # a fully masked row
+    valid[0, :, 3, 2:] = False  # fewer valid keys than N
+    return query, key, value, valid
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("top_n", [1, 4, 30])
+def test_binary_stage_matches_naive_loop(seed, top_n):
+    query, key, value, valid = _heavy_tie_inputs(seed)
+    config = HADConfig(top_n=top_n, sigma_q={"layer": 1.3}, sigma_k={"layer": 0.7})
+    scaling = 8**-0.5
+    output, weights = hamming_topk_attention_forward(_Module(config), query, key, value, valid, scaling=scaling)
+    expected, kept_sets = naive_hamming_attention(query, key, value, valid, top_n, 1.3, 0.7, scaling)
+    for (b, h, i), kept in kept_sets.items():
+        assert torch.nonzero(weights[b, h, i]).flatten().tolist() == kept, (b, h, i)
+    torch.testing.assert_close(output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(output).all()
+    assert (output[0, 2] == 0).all()  # the fully masked row gives zeros
+
+
+def test_exactly_n_kept_lower_index_wins_ties():
+    scores = torch.tensor([[[[3.0, 5.0, 3.0, 3.0, 5.0, 1.0, 3.0]]]])
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    keep = select_top_n(scores, valid, top_n=4)
+    assert keep.flatten().tolist() == [True, True, True, False, True, False, False]
+    valid[..., 0] = False
+    keep = select_top_n(scores, valid, top_n=4)
+    assert keep.flatten().tolist() == [False, True, True, True, True, False, False]
+
+
+def test_masked_keys_never_selected_even_with_the_best_score():
+    scores = torch.tensor([[[[9.0, 1.0, 2.0]]]])
+    valid = torch.tensor([[[[False, True, True]]]])
+    assert select_top_n(scores, valid, 1).flatten().tolist() == [False, False, True]
+    assert select_top_n(scores, valid, 5).flatten().tolist() == [False, True, True]
+
+
+def test_causal_flag_without_mask_masks_the_future():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    module = _Module(HADConfig(top_n=30), is_causal=True)
+    _, weights = hamming_topk_attention_forward(module, query, key, value, None)
+    assert (torch.triu(weights[0, 0], diagonal=1) == 0).all()
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 5))
+
+
+def test_float_additive_masks_are_understood():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8)
+    module = _Module(HADConfig(top_n=3))
+    bool_mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    bool_mask[1, ..., 2:] = False
+    float_mask = torch.zeros(2, 1, 4, 4).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    out_bool, _ = hamming_topk_attention_forward(module, query, key, value, bool_mask)
+    out_float, _ = hamming_topk_attention_forward(module, query, key, value, float_mask)
+    torch.testing.assert_close(out_bool, out_float)
+
+
+def test_position_bias_ranks_and_normalizes_biased_logits():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)
+    bias = torch.tensor([[[[0.0, 100.0, 0.0, 0.0, 0.0, 50.0]]]])
+    module = _Module(HADConfig(top_n=2))
+    _, weights = hamming_topk_attention_forward(module, query, key, value, None, scaling=1.0, position_bias=bias)
+    assert torch.nonzero(weights.flatten()).flatten().tolist() == [1, 5]
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    module = _Module(HADConfig(top_n=6)).eval()
+    out_eval, _ = hamming_topk_attention_forward(module, query, key, value, None, dropout=0.5)
+    out_eval2, _ = hamming_topk_attention_forward(module, query, key, value, None, dropout=0.5)
+    assert torch.equal(out_eval, out_eval2)
+    module.train()
+    out_train, _ = hamming_topk_attention_forward(module, query, key, value, None, dropout=0.5)
+    assert not torch.allclose(out_train, out_eval)
+
+
+@pytest.mark.parametrize("stage", ["tanh", "sign", "ste"])
+def test_training_stages_give_finite_gradients_without_nan_on_masked_rows(stage):
+    torch.manual_seed(0)
+    query = torch.randn(2, 2, 4, 8, requires_grad=True)
+    key = torch.randn(2, 2, 4, 8, requires_grad=True)
+    value = torch.randn(2, 2, 4, 8, requires_grad=True)
+    valid = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    valid[1, :, 0, :] = False
+    module = _Module(HADConfig(top_n=2, stage=stage, c=0.5)).train()
+    output, _ = hamming_topk_attention_forward(module, query, key, value, valid)
+    output.square().sum().backward()
+    for tensor in (query, key, value):
+        assert torch.isfinite(tensor.grad).all()
+    assert query.grad.abs().sum() > 0

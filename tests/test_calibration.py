@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+import had_hf
+from had_hf import HADConfig
+from tests.conftest import build_model, model_inputs
+
+
+def _batches(count):
+    return [
+        model_inputs("bert", batch=4, length=8, seed=10 + i) | {"labels": torch.zeros(4, dtype=torch.long)}
+        for i in range(count)
+    ]
+
+
+def test_calibration_equals_direct_std_of_queries_and_keys():
+    model = had_hf.convert(build_model("bert"), HADConfig(top_n=3))
+    batches = _batches(5)
+    config = had_hf.calibrate(model, batches, num_batches=3)
+    assert config is model.config.quantization_config
+    assert model.config._attn_implementation == "hamming_topk"  # restored after the dense pass
+    for layer_index in range(2):
+        attention = model.bert.encoder.layer[layer_index].attention.self
+        stds_q, stds_k = [], []
+        for batch in batches[:3]:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            reference = build_model("bert")  # dense eager model with the same weights (same seed)
+            with torch.no_grad():
+                hidden = reference.bert(**inputs, output_hidden_states=True).hidden_states[layer_index]
+            stds_q.append(attention.query(hidden).std().item())
+            stds_k.append(attention.key(hidden).std().item())
+        name = f"bert.encoder.layer.{layer_index}.attention.self"
+        assert config.sigma_q[name] == pytest.approx(sum(stds_q) / 3, rel=1e-5)
+        assert config.sigma_k[name] == pytest.approx(sum(stds_k) / 3, rel=1e-5)
+
+
+def test_calibration_requires_a_had_model_and_batches():
+    with pytest.raises(ValueError, match="had_hf.convert"):
+        had_hf.calibrate(build_model("bert"), _batches(1))
+    model = had_hf.convert(build_model("bert"), HADConfig())
+    with pytest.raises(ValueError, match="empty dataloader"):
+        had_hf.calibrate(model, [])

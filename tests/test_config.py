@@ -1,0 +1,74 @@
+import json
+import warnings
+
+import pytest
+
+from had_hf import HADConfig
+
+
+def test_defaults_and_exactly_one_n_rule():
+    assert HADConfig().top_n == 30
+    assert HADConfig(top_n_ratio=0.117).top_n is None
+    with pytest.raises(ValueError, match="exactly one of top_n and top_n_ratio"):
+        HADConfig(top_n=30, top_n_ratio=0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_n": 0}, "top_n must be a positive integer"),
+        ({"top_n": 2.5}, "top_n must be a positive integer"),
+        ({"top_n_ratio": 0.0}, r"top_n_ratio must be a number in \(0, 1\]"),
+        ({"top_n_ratio": 1.5}, r"top_n_ratio must be a number in \(0, 1\]"),
+        ({"stage": "fp16"}, "stage must be one of"),
+        ({"c": 0.0}, "c must be a finite number > 0"),
+        ({"ste_clip": -1}, "ste_clip must be a finite number > 0"),
+        ({"sigma_q": [1.0]}, "sigma_q must be a dict"),
+        ({"sigma_k": {"layer": -2.0}}, r"sigma_k\['layer'\] must be a finite number > 0"),
+        ({"binarize_cross_attention": "yes"}, "binarize_cross_attention must be True or False"),
+    ],
+)
+def test_invalid_values_say_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HADConfig(**kwargs)
+
+
+def test_num_kept_ratio_rule_is_ceiling():
+    config = HADConfig(top_n_ratio=15 / 128)
+    assert config.num_kept(128) == 15
+    assert config.num_kept(1024) == 120
+    assert config.num_kept(100) == 12  # ceil(11.71875)
+    assert config.num_kept(1) == 1
+    assert HADConfig(top_n=7).num_kept(1000) == 7
+
+
+def test_sigmas_default_to_one_for_uncalibrated_layers():
+    config = HADConfig(sigma_q={"a": 2.0}, sigma_k={"a": 3.0})
+    assert config.sigmas("a") == (2.0, 3.0)
+    assert config.sigmas("b") == (1.0, 1.0)
+    assert config.is_calibrated and not HADConfig().is_calibrated
+
+
+def test_json_round_trip_and_unknown_keys_dropped_with_warning():
+    config = HADConfig(top_n_ratio=0.25, sigma_q={"x": 1.5}, sigma_k={"x": 0.5}, stage="ste", c=0.3)
+    data = json.loads(config.to_json_string())
+    assert data["quant_method"] == "had"
+    assert HADConfig.from_dict(data) == config
+    data["a_field_from_the_future"] = 1
+    with pytest.warns(UserWarning, match="a_field_from_the_future"):
+        assert HADConfig.from_dict(data) == config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HADConfig.from_dict(config.to_dict())
+
+
+def test_saved_in_model_config_json(tmp_path):
+    import had_hf
+    from tests.conftest import build_model
+
+    model = had_hf.convert(build_model("bert"), HADConfig(top_n=5, sigma_q={"q": 1.25}, sigma_k={"q": 0.75}))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["quantization_config"]["top_n"] == 5
+    assert saved["quantization_config"]["sigma_q"] == {"q": 1.25}
+    assert saved["attn_implementation"] == "hamming_topk"
