@@ -14,6 +14,7 @@ from .calibration import calibrate
 from .capture import HADCaptureStore
 from .config import HADConfig
 from .integration import UnsupportedModelError, convert, register, revert
+from .schedule import StageSchedule
 
 try:
     __version__ = version("had-hf")
@@ -22,9 +23,27 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 register()
 
+
+def __getattr__(name: str):
+    # The trainer pulls in accelerate and the Trainer stack: import it only when asked for.
+    if name in ("HADDistillationTrainer", "HADTrainingArguments", "HADStageCallback"):
+        from . import callbacks, trainer, training_args
+
+        return {
+            "HADDistillationTrainer": trainer.HADDistillationTrainer,
+            "HADTrainingArguments": training_args.HADTrainingArguments,
+            "HADStageCallback": callbacks.HADStageCallback,
+        }[name]
+    raise AttributeError(f"module 'had_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "HADCaptureStore",
     "HADConfig",
+    "HADDistillationTrainer",
+    "HADStageCallback",
+    "HADTrainingArguments",
+    "StageSchedule",
     "UnsupportedModelError",
     "__version__",
     "calibrate",

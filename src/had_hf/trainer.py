@@ -1,0 +1,230 @@
+"""`HADDistillationTrainer`: distills a dense teacher into a HAD student (METHOD.md sections 2-5)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_datasets_available
+
+from .calibration import calibrate
+from .callbacks import HADStageCallback
+from .capture import STORE_KWARG, HADCaptureStore
+from .config import HADConfig
+from .integration import attention_module_names, convert, use_dense_capture
+from .losses import attention_kl, output_kl, output_mse
+from .training_args import HADTrainingArguments
+
+if is_datasets_available():
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+PAPER_TITLE = "Hamming Attention Distillation: Binarizing Keys and Queries for Efficient Long-Context Transformers"
+
+
+class HADDistillationTrainer(Trainer):
+    """Trains a HAD student to match a frozen dense teacher: attention-map KL plus output KL, in four stages.
+
+    Args:
+        model (`PreTrainedModel`): the student, normally a copy of the teacher. If it is not a HAD model yet it is
+            converted with `had_config`.
+        teacher_model (`PreTrainedModel`): the task-trained teacher; frozen, in eval mode, placed on the device by
+            Accelerate (not wrapped for data parallelism: it is never trained).
+        args (`HADTrainingArguments`): the training arguments, with the stage schedule.
+        had_config (`HADConfig`, *optional*): used to convert a student that is not a HAD model.
+        **kwargs: the other arguments of [`~transformers.Trainer`] (datasets, collator, processing class, ...).
+
+    The student's sigma is calibrated on the training set before stage 1 when it is not set yet.
+    """
+
+    _tag_names = ["had", "had_hf", "binary-attention", "distillation"]
+    _name = "HAD distillation"
+    _paper = {"title": PAPER_TITLE, "method": "Hamming Attention Distillation (HAD)"}
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        teacher_model: PreTrainedModel,
+        args: HADTrainingArguments | None = None,
+        had_config: HADConfig | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            args = HADTrainingArguments(output_dir="had-distillation")
+        if not isinstance(args, HADTrainingArguments):
+            raise TypeError(f"args must be HADTrainingArguments, got {type(args).__name__}.")
+        student_config = getattr(model.config, "quantization_config", None)
+        if not isinstance(student_config, HADConfig):
+            if had_config is None:
+                raise ValueError(
+                    "The student is not a HAD model: pass `had_config=HADConfig(...)` or call `had_hf.convert` first."
+                )
+            convert(model, had_config)
+        self.had_config: HADConfig = model.config.quantization_config
+        self.had_config.ste_clip = args.ste_clip
+
+        use_dense_capture(teacher_model)
+        teacher_layers, student_layers = attention_module_names(teacher_model), attention_module_names(model)
+        if teacher_layers != student_layers:
+            raise ValueError(
+                "The student's attention layers must match the teacher's (start the student as a copy of the "
+                f"teacher): teacher {teacher_layers[:3]}..., student {student_layers[:3]}..."
+            )
+        teacher_model.eval()
+        teacher_model.requires_grad_(False)
+
+        self.schedule = args.schedule()
+        self.stage_callback = HADStageCallback(
+            self.had_config,
+            self.schedule,
+            args.refinement_learning_rate,
+            evaluate_at_stage_ends=kwargs.get("eval_dataset") is not None,
+        )
+        callbacks = [self.stage_callback, *(kwargs.pop("callbacks", None) or [])]
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "HADDistillationTrainer supports single-device and data-parallel (DDP) training; DeepSpeed and FSDP "
+                "are not supported yet (the frozen teacher is not sharded). Launch with "
+                "`accelerate launch --num_processes N` and no DeepSpeed/FSDP config."
+            )
+        self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        # compute_loss returns a per-micro-batch mean: let the Trainer divide it for gradient accumulation
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._had_metrics: dict[str, list[float]] = defaultdict(list)
+        config = model.config
+        self.is_regression = getattr(config, "problem_type", None) == "regression" or (
+            getattr(config, "num_labels", 2) == 1
+        )
+        if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError(
+                "Reentrant gradient checkpointing runs the forward without gradients, so the attention loss would "
+                'not reach the student: set gradient_checkpointing_kwargs={"use_reentrant": False}.'
+            )
+        logger.info("HAD schedule: %s", self.schedule.describe())
+
+    # ---------------------------------------------------------------- loss
+    def attention_loss_weight(self, step: int) -> float:
+        """The attention-loss weight at `step`: stages 1-3 and stage 4 have their own; 0 for "w/o AD"."""
+        if not self.args.attention_loss:
+            return 0.0
+        if self.schedule.phase(step) <= 3:
+            return self.args.attention_loss_weight
+        return self.args.refinement_attention_loss_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        weight = self.attention_loss_weight(self.state.global_step)
+        teacher_store = HADCaptureStore(capture_logits=weight > 0)
+        student_store = HADCaptureStore(capture_logits=weight > 0)
+        with torch.no_grad():
+            teacher_outputs = self.teacher(**inputs, **{STORE_KWARG: teacher_store})
+        student_outputs = model(**inputs, **{STORE_KWARG: student_store})
+
+        if self.is_regression:
+            loss_out = output_mse(teacher_outputs.logits, student_outputs.logits)
+        else:
+            loss_out = output_kl(teacher_outputs.logits, student_outputs.logits, _token_mask(inputs, student_outputs))
+        loss = loss_out
+        if weight > 0:
+            query_masks = {
+                name: _query_mask(inputs, logits.shape[-2]) for name, logits in student_store.logits.items()
+            }
+            loss_attn = attention_kl(teacher_store.logits, student_store.logits, student_store.valid, query_masks)
+            loss = loss + weight * loss_attn
+        else:
+            loss_attn = torch.zeros((), device=loss_out.device)
+        if model.training:
+            self._had_metrics["loss_attn"].append(loss_attn.detach().item())
+            self._had_metrics["loss_out"].append(loss_out.detach().item())
+        return (loss, student_outputs) if return_outputs else loss
+
+    # ---------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not any(key.startswith("eval_") for key in logs):
+            for key, values in self._had_metrics.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._had_metrics.clear()
+            step = max(self.state.global_step - 1, 0)  # the step whose update was just made
+            logs["stage"] = self.schedule.phase(step)
+            logs["c"] = self.schedule.c(step)
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------- calibration
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if not self.had_config.is_calibrated:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if not (checkpoint and self._load_sigma(checkpoint)):
+                self.calibrate()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def calibrate(self) -> HADConfig:
+        """Measures sigma on `calibration_batches` random training batches (the same on every process)."""
+        if self.train_dataset is None:
+            raise ValueError("Calibration needs a train_dataset (or set sigma_q/sigma_k in the HADConfig).")
+        dataset, collator = self.train_dataset, self.data_collator
+        if is_datasets_available() and isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="calibration")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="calibration")
+        generator = torch.Generator().manual_seed(self.args.seed)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.calibration_batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=collator,
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        calibrate(model, loader, num_batches=self.args.calibration_batches)
+        self._broadcast_sigma()
+        logger.info("HAD: calibrated sigma on %d batches.", self.args.calibration_batches)
+        return self.had_config
+
+    def _broadcast_sigma(self) -> None:
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            sigmas = [self.had_config.sigma_q, self.had_config.sigma_k]
+            broadcast_object_list(sigmas, from_process=0)
+            self.had_config.sigma_q, self.had_config.sigma_k = sigmas
+
+    def _load_sigma(self, checkpoint: str) -> bool:
+        path = os.path.join(checkpoint, "config.json")
+        if not os.path.isfile(path):
+            return False
+        with open(path, encoding="utf-8") as file:
+            saved = json.load(file).get("quantization_config") or {}
+        if not (saved.get("sigma_q") and saved.get("sigma_k")):
+            return False
+        self.had_config.sigma_q, self.had_config.sigma_k = saved["sigma_q"], saved["sigma_k"]
+        return True
+
+
+def _query_mask(inputs: dict, query_len: int) -> torch.Tensor | None:
+    """Real (non-padding) query rows of a layer: the encoder mask or the decoder mask, whichever fits."""
+    for key in ("attention_mask", "decoder_attention_mask"):
+        mask = inputs.get(key)
+        if mask is not None and mask.dim() == 2 and mask.shape[-1] == query_len:
+            return mask
+    return None
+
+
+def _token_mask(inputs: dict, outputs) -> torch.Tensor | None:
+    """For token-level outputs (B, T, C): count only real tokens in the output KL."""
+    logits = outputs.logits
+    if logits.dim() != 3:
+        return None
+    return _query_mask(inputs, logits.shape[1])

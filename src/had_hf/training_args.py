@@ -1,0 +1,98 @@
+"""`HADTrainingArguments`: `TrainingArguments` plus the HAD schedule (METHOD.md sections 2 and 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .schedule import StageSchedule
+
+
+@dataclass
+class HADTrainingArguments(TrainingArguments):
+    """Training arguments of `HADDistillationTrainer`.
+
+    Adds the HAD schedule to [`~transformers.TrainingArguments`]. Defaults changed from `TrainingArguments`, to
+    the paper's (METHOD.md section 5):
+
+    - `learning_rate`: 2e-5 (was 5e-5), the learning rate of stages 1-3.
+    - `per_device_train_batch_size`: 16 (was 8).
+    - `max_grad_norm`: 0.5 (was 1.0).
+    - `lr_scheduler_type`: `"constant"` (was `"linear"`): the paper changes the rate only at stage 4.
+    - `max_steps`: when left at -1, the length of the schedule (about 29,200 steps with the defaults). A user value
+      stretches every stage in proportion, so that a short run still passes through all four stages.
+    The optimizer stays `adamw_torch` with `weight_decay=0.0`, which is Adam, as in the paper.
+
+    Args:
+        c_start (`float`, *optional*, defaults to 5.0): c at the start of stage 1.
+        c_switch (`float`, *optional*, defaults to 1.0): c at which stage 1 (tanh) hands over to stage 2 (sign).
+        c_end (`float`, *optional*, defaults to 0.05): c at which stage 2 ends and the STE stage starts.
+        c_decay (`float`, *optional*, defaults to 0.9995): c is multiplied by this after every optimizer step.
+        ste_steps (`int`, *optional*, defaults to 10000): length of stage 3 (straight-through estimator).
+        refinement_steps (`int`, *optional*, defaults to 10000): length of stage 4 (refinement).
+        refinement_learning_rate (`float`, *optional*, defaults to 2e-6): the learning rate of stage 4.
+        ste_clip (`float`, *optional*, defaults to 1.0): the STE passes gradient where |x / sigma| <= ste_clip.
+        attention_loss (`bool`, *optional*, defaults to `True`): use the attention-map loss in stages 1-3 (False
+            is the paper's "w/o AD" ablation).
+        attention_loss_weight (`float`, *optional*, defaults to 1.0): weight of the attention loss in stages 1-3.
+        refinement_attention_loss_weight (`float`, *optional*, defaults to 0.0): weight of the attention loss in
+            stage 4 (the paper removes it: 0).
+        skip_tanh (`bool`, *optional*, defaults to `False`): replace stages 1-2 by as many STE steps (the paper's
+            "w/o tanh" ablation).
+        calibration_batches (`int`, *optional*, defaults to 100): minibatches for sigma calibration.
+        calibration_batch_size (`int`, *optional*, defaults to 16): their size.
+    """
+
+    c_start: float = field(default=5.0, metadata={"help": "c at the start of stage 1 (tanh)."})
+    c_switch: float = field(default=1.0, metadata={"help": "c at which stage 1 (tanh) hands over to stage 2 (sign)."})
+    c_end: float = field(default=0.05, metadata={"help": "c at which stage 2 ends and the STE stage starts."})
+    c_decay: float = field(default=0.9995, metadata={"help": "Per-optimizer-step decay factor of c."})
+    ste_steps: int = field(default=10_000, metadata={"help": "Length of stage 3 (straight-through estimator)."})
+    refinement_steps: int = field(default=10_000, metadata={"help": "Length of stage 4 (refinement)."})
+    refinement_learning_rate: float = field(default=2e-6, metadata={"help": "Learning rate of stage 4."})
+    ste_clip: float = field(default=1.0, metadata={"help": "STE passes gradient where |x/sigma| <= ste_clip."})
+    attention_loss: bool = field(
+        default=True, metadata={"help": "Use the attention-map loss in stages 1-3 (False: the 'w/o AD' ablation)."}
+    )
+    attention_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the attention loss, stages 1-3."})
+    refinement_attention_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the attention loss in stage 4 (the paper: 0)."}
+    )
+    skip_tanh: bool = field(
+        default=False, metadata={"help": "Replace stages 1-2 by as many STE steps (the 'w/o tanh' ablation)."}
+    )
+    calibration_batches: int = field(default=100, metadata={"help": "Minibatches for sigma calibration."})
+    calibration_batch_size: int = field(default=16, metadata={"help": "Batch size of the calibration minibatches."})
+
+    # Defaults changed from TrainingArguments (see the class docstring).
+    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of stages 1-3 (Adam)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per device for training."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping norm (the paper: 0.5)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "LR scheduler; stage 4 lowers its base."})
+
+    def __post_init__(self):
+        for name in ("refinement_learning_rate", "ste_clip", "calibration_batches", "calibration_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("attention_loss_weight", "refinement_attention_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        self.user_max_steps = self.max_steps if self.max_steps > 0 else None
+        schedule = self.schedule()  # validates the c range, decay and stage lengths
+        if self.max_steps <= 0:
+            self.max_steps = schedule.total
+        super().__post_init__()
+
+    def schedule(self) -> StageSchedule:
+        """The stage schedule these arguments describe."""
+        return StageSchedule.build(
+            c_start=self.c_start,
+            c_switch=self.c_switch,
+            c_end=self.c_end,
+            gamma=self.c_decay,
+            ste_steps=self.ste_steps,
+            refinement_steps=self.refinement_steps,
+            skip_tanh=self.skip_tanh,
+            max_steps=getattr(self, "user_max_steps", None),
+        )

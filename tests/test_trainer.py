@@ -1,0 +1,190 @@
+"""The distillation trainer on a tiny BERT: stages, logging, learning rate, resume, data parallel."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
+from tests.conftest import build_model
+
+
+class TinyDataset(torch.utils.data.Dataset):
+    def __init__(self, size=48, length=10, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, 99, (size, length), generator=generator)
+        self.mask = torch.ones(size, length, dtype=torch.long)
+        for i in range(size):
+            self.mask[i, length - int(torch.randint(0, 5, (1,), generator=generator)) :] = 0
+        self.labels = torch.randint(0, 2, (size,), generator=generator)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def _args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=16,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        refinement_learning_rate=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=7,
+        data_seed=7,
+        calibration_batches=3,
+        calibration_batch_size=4,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return HADTrainingArguments(**kwargs)
+
+
+def _trainer(tmp_path, **overrides):
+    teacher = build_model("bert", seed=0)
+    student = build_model("bert", seed=0)
+    return HADDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=_args(tmp_path, **overrides),
+        had_config=HADConfig(top_n=3),
+        train_dataset=TinyDataset(),
+    )
+
+
+def test_args_defaults_follow_the_paper():
+    args = HADTrainingArguments(output_dir="x", report_to="none")
+    assert args.learning_rate == 2e-5 and args.per_device_train_batch_size == 16 and args.max_grad_norm == 0.5
+    assert args.max_steps == args.schedule().total == 29209
+    assert args.schedule().timeline()[1]["start_step"] == 3219
+    with pytest.raises(ValueError, match="c_start > c_switch > c_end"):
+        HADTrainingArguments(output_dir="x", c_switch=0.01, report_to="none")
+
+
+def test_four_stages_in_log_history(tmp_path):
+    trainer = _trainer(tmp_path)
+    schedule = trainer.schedule
+    assert (schedule.stage1_end, schedule.stage2_end, schedule.stage3_end, schedule.total) == (2, 6, 11, 16)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss_out" in entry]
+    assert [entry["step"] for entry in logs] == list(range(1, 17))
+    by_step = {entry["step"]: entry for entry in logs}
+    # step k logs the update made at step k - 1 (0-based)
+    for step, entry in by_step.items():
+        assert entry["stage"] == schedule.phase(step - 1)
+        assert entry["c"] == pytest.approx(max(5.0 * schedule.gamma ** (step - 1), 0.05))
+    assert [by_step[s]["stage"] for s in (2, 3, 6, 7, 11, 12)] == [1, 2, 2, 3, 3, 4]
+    cs = [by_step[s]["c"] for s in range(1, 8)]
+    assert all(a > b for a, b in zip(cs, cs[1:6])) and cs[6] == 0.05
+    assert all(by_step[s]["loss_attn"] > 0 for s in range(1, 12))
+    assert all(by_step[s]["loss_attn"] == 0 for s in range(12, 17))
+    assert all(by_step[s]["learning_rate"] == pytest.approx(1e-3) for s in range(1, 12))
+    assert all(by_step[s]["learning_rate"] == pytest.approx(1e-4) for s in range(12, 17))
+    assert trainer.had_config.is_calibrated
+    assert trainer.had_config.stage == "binary"  # ready for inference after training
+    evals = [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert evals == []  # no eval dataset: nothing to evaluate at the stage ends
+
+
+def test_ablations_switch_the_attention_loss_and_tanh(tmp_path):
+    trainer = _trainer(tmp_path, attention_loss=False, skip_tanh=True, max_steps=8)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss_out" in entry]
+    assert all(entry["loss_attn"] == 0 for entry in logs)
+    assert {trainer.schedule.stage(s) for s in range(8)} == {"ste"}
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def test_resume_mid_stage_two_ends_with_identical_weights(tmp_path):
+    uninterrupted = _trainer(tmp_path / "a")
+    uninterrupted.train()
+    expected = {k: v.clone() for k, v in uninterrupted.model.state_dict().items()}
+
+    first = _trainer(tmp_path / "b", save_strategy="steps", save_steps=100)
+    first.add_callback(_StopAt(4))  # stage 2 runs over steps 2..5
+    first.train()
+    assert first.state.global_step == 4 and first.schedule.phase(4) == 2
+    checkpoint = tmp_path / "b" / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").is_file()
+
+    resumed = _trainer(tmp_path / "b", save_strategy="no")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 16
+    assert resumed.had_config.sigma_q == uninterrupted.had_config.sigma_q
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_deepspeed_or_reentrant_checkpointing_is_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="use_reentrant"):
+        _trainer(
+            tmp_path,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )
+    with pytest.raises(ValueError, match="not a HAD model"):
+        HADDistillationTrainer(model=build_model("bert"), teacher_model=build_model("bert"), args=_args(tmp_path))
+
+
+DDP_SCRIPT = r"""
+import hashlib, os, sys, torch
+sys.path.insert(0, os.environ["REPO_ROOT"])
+from tests.test_trainer import _trainer
+from pathlib import Path
+trainer = _trainer(Path(sys.argv[1]), max_steps=6, ddp_backend="gloo")
+trainer.train()
+digest = hashlib.sha256()
+for name, tensor in sorted(trainer.accelerator.unwrap_model(trainer.model).state_dict().items()):
+    digest.update(tensor.detach().cpu().numpy().tobytes())
+rank = int(os.environ.get("RANK", 0))
+Path(sys.argv[1], f"rank{rank}.sha").write_text(digest.hexdigest() + " " + str(trainer.args.world_size))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_ends_with_identical_weights(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, REPO_ROOT=str(repo), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=repo,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = (tmp_path / "rank0.sha").read_text().split()
+    rank1 = (tmp_path / "rank1.sha").read_text().split()
+    assert rank0[1] == rank1[1] == "2"
+    assert rank0[0] == rank1[0]
