@@ -160,6 +160,43 @@ class HADDistillationTrainer(Trainer):
             logs["c"] = self.schedule.c(step)
         super().log(logs, start_time)
 
+    # ---------------------------------------------------------------- model card and Hub
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Writes the HAD model card (results table, HADConfig, training curves) into `output_dir`.
+
+        Needs the `results.json` that `recipes/distill_glue.py` writes; without it, falls back to the Trainer's
+        generic card with had_hf's tags.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .hub import RESULTS_FILENAME, write_card_files
+
+        if os.path.isfile(os.path.join(self.args.output_dir, RESULTS_FILENAME)):
+            write_card_files(self.args.output_dir, self.args.output_dir, repo_id=self.hub_model_id_or_none())
+            return
+        tags = list(dict.fromkeys([*self._tag_names, *(kwargs.pop("tags", None) or [])]))
+        super().create_model_card(model_name=model_name, tags=tags, **kwargs)
+
+    def hub_model_id_or_none(self) -> str | None:
+        return self.args.hub_model_id
+
+    def push_to_hub(self, commit_message: str | None = "End of training", **kwargs) -> str | None:
+        """Saves the student and pushes `output_dir` in one commit, with the HAD card (see `had_hf.hub`)."""
+        from .hub import push_to_hub
+
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        return push_to_hub(
+            self.args.output_dir,
+            repo_id,
+            token=self.args.hub_token,
+            private=bool(self.args.hub_private_repo),
+            commit_message=commit_message,
+            revision=kwargs.get("revision"),
+        )
+
     # ---------------------------------------------------------------- calibration
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if not self.had_config.is_calibrated:

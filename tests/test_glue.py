@@ -1,0 +1,85 @@
+"""GLUE readers and metrics against independent references."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from had_hf.glue import TASKS, get_task, glue_metrics, matthews_correlation, read_glue_tsv
+from tests.conftest import GLUE_DIR, requires_glue
+
+
+def test_metrics_against_scipy_and_hand_counts():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    y[:10] = y[0]  # ties for the rank correlation
+    metrics = glue_metrics(get_task("stsb"), x[:, None], y)
+    assert metrics["pearson"] == pytest.approx(stats.pearsonr(x, y)[0], rel=1e-10)
+    assert metrics["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], rel=1e-10)
+
+    labels = np.array([1, 1, 1, 0, 0, 0, 1, 0])
+    predictions = np.array([1, 0, 1, 0, 1, 0, 1, 1])
+    logits = np.eye(2)[predictions]
+    # tp=3 fn=1 fp=2 tn=2
+    mrpc = glue_metrics(get_task("mrpc"), logits, labels)
+    assert mrpc["accuracy"] == pytest.approx(5 / 8)
+    assert mrpc["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+    expected_mcc = (3 * 2 - 2 * 1) / np.sqrt((3 + 2) * (3 + 1) * (2 + 2) * (2 + 1))
+    assert glue_metrics(get_task("cola"), logits, labels)["matthews_correlation"] == pytest.approx(expected_mcc)
+    assert matthews_correlation(np.zeros(4), np.array([0, 1, 0, 1])) == 0.0
+    assert set(glue_metrics(get_task("qnli"), logits, labels)) == {"accuracy"}
+
+
+def test_unknown_task_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="choose one of"):
+        get_task("squad")
+    assert get_task("SST-2") is TASKS["sst2"]
+
+
+def test_every_task_reads_its_official_layout(tmp_path):
+    rows = {
+        "CoLA/dev.tsv": "gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\n",
+        "SST-2/dev.tsv": "sentence\tlabel\nit 's a charming journey .\t1\n",
+        "MRPC/dev.tsv": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA b.\tA c.\n",
+        "STS-B/dev.tsv": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tmain\tf\t2012\t1\tnone\tnone\tA man.\tA guy.\t4.2\n",
+        "QQP/dev.tsv": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t1\t2\tWhy?\tHow?\t0\nbroken\n",
+        "MNLI/dev_matched.tsv": "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label\n"
+        "0\t1\t1\tg\tx\tx\tx\tx\tP.\tH.\tneutral\tneutral\n",
+        "QNLI/dev.tsv": "index\tquestion\tsentence\tlabel\n0\tQ?\tS.\tnot_entailment\n",
+        "RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n",
+        "WNLI/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\t1\n",
+    }
+    for relative, text in rows.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    expected = {
+        "cola": ("sentence", 1),
+        "sst2": ("sentence", 1),
+        "mrpc": ("sentence1", 1),
+        "stsb": ("sentence1", 4.2),
+        "qqp": ("question1", 0),
+        "mnli": ("premise", 1),
+        "qnli": ("question", 1),
+        "rte": ("sentence1", 0),
+        "wnli": ("sentence1", 1),
+    }
+    for name, (field, label) in expected.items():
+        task = get_task(name)
+        examples = read_glue_tsv(tmp_path, task, task.eval_splits[0])
+        assert len(examples) == 1 and examples[0]["label"] == label and examples[0][field]
+
+
+@requires_glue
+@pytest.mark.parametrize("name, dev_rows", [("sst2", 872), ("mrpc", 408), ("rte", 277), ("stsb", 1500)])
+def test_shared_glue_files_have_the_official_dev_sizes(name, dev_rows):
+    task = get_task(name)
+    examples = read_glue_tsv(GLUE_DIR, task, "dev")
+    assert len(examples) == dev_rows
+    if task.labels is not None:
+        assert {e["label"] for e in examples} == set(range(task.num_labels))
+
+
+def test_missing_file_says_which_layout_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="official GLUE layout"):
+        read_glue_tsv(tmp_path, get_task("rte"), "dev")

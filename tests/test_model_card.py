@@ -1,0 +1,193 @@
+"""The HAD model card: valid Hub metadata, numbers that match `results.json`, the sections the issue asks for."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_hub import make_results, save_output_dir, validate_card_metadata
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from had_hf import hub, plotting
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ID = "had-org/tiny-had"
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory) -> Path:
+    return save_output_dir(tmp_path_factory.mktemp("card") / "sst2-had")
+
+
+@pytest.fixture(scope="module")
+def results(output_dir) -> dict:
+    return json.loads((output_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def card(output_dir) -> ModelCard:
+    return hub.render_model_card(output_dir, REPO_ID)
+
+
+def metadata_of(card: ModelCard) -> dict:
+    match = re.match(r"---\n(.*?)\n---\n", str(card), re.DOTALL)
+    assert match, "the card must start with a YAML metadata block"
+    return yaml.safe_load(match.group(1))
+
+
+def section(card: ModelCard, title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", card.text, re.DOTALL | re.MULTILINE)
+    assert match, f"no '## {title}' section"
+    return match.group(1)
+
+
+def table_rows(markdown: str, header_start: str) -> list[list[str]]:
+    """The body rows of the first markdown table whose header row starts with `header_start`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start}"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_template_ships_in_the_package_identical_to_hub_cards():
+    canonical = REPO_ROOT / "hub_cards" / hub.TEMPLATE_FILENAME
+    packaged = REPO_ROOT / "src" / "had_hf" / "data" / hub.TEMPLATE_FILENAME
+    assert packaged.read_bytes() == canonical.read_bytes(), (
+        f"{packaged} must be a copy of {canonical}: cp {canonical} {packaged}"
+    )
+    assert hub.card_template() == canonical.read_text(encoding="utf-8")
+    tomllib = pytest.importorskip("tomllib")
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    relative = packaged.relative_to(REPO_ROOT / "src" / "had_hf").as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data["had_hf"]), (
+        f"pyproject's package-data must include {relative} so that the template ships in the wheel"
+    )
+
+
+def test_metadata_is_valid_and_round_trips(card, results):
+    metadata = metadata_of(card)
+    assert metadata["library_name"] == "had_hf"
+    assert metadata["base_model"] == results["teacher"]["model_name_or_path"]
+    assert metadata["datasets"] == ["nyu-mll/glue"]
+    assert {"had", "binary-attention"} <= set(metadata["tags"])
+    assert metadata["pipeline_tag"] == "text-classification"
+    assert isinstance(metadata["license"], str)
+
+    model_name, eval_results = model_index_to_eval_results(metadata["model-index"])
+    assert model_name == REPO_ID.split("/")[1]
+    assert {r.metric_type: r.metric_value for r in eval_results} == results["student"]["metrics"]
+    assert {(r.task_type, r.dataset_type, r.dataset_config, r.dataset_split) for r in eval_results} == {
+        ("text-classification", "nyu-mll/glue", "sst2", "validation")
+    }
+    # ModelCardData parses the model-index into EvalResults and writes it back unchanged.
+    assert ModelCardData(**metadata).to_dict() == metadata
+    assert ModelCard(str(card)).data.to_dict() == metadata
+    assert validate_card_metadata(str(card)) == ([], [])
+
+
+def test_results_table_matches_results_json(card, results):
+    rows = table_rows(section(card, "Results"), "Metric")
+    teacher, student = results["teacher"]["metrics"], results["student"]["metrics"]
+    assert [row[0] for row in rows] == [results["main_metric"]] + sorted(set(student) - {results["main_metric"]})
+    for metric, teacher_cell, student_cell, delta_cell in rows:
+        assert float(teacher_cell) == pytest.approx(teacher[metric], abs=5e-5)
+        assert float(student_cell) == pytest.approx(student[metric], abs=5e-5)
+        assert float(delta_cell) == pytest.approx(student[metric] - teacher[metric], abs=1e-4)
+
+    per_stage = table_rows(section(card, "Results"), "Stage")
+    assert [(row[0], int(row[1]), float(row[2])) for row in per_stage] == [
+        (entry["stage"], entry["step"], pytest.approx(entry["metrics"]["accuracy"], abs=5e-5))
+        for entry in results["metrics_per_stage"]
+    ]
+
+
+def test_had_configuration_section(card, output_dir, results):
+    text = section(card, "HAD configuration")
+    settings = dict((row[0], row[1]) for row in table_rows(text, "Setting"))
+    quantization_config = json.loads((output_dir / "config.json").read_text())["quantization_config"]
+    assert settings["Keys kept per query (N)"] == str(quantization_config["top_n"])
+    assert settings["Training steps"] == str(results["stage_timeline"][-1]["end_step"])
+
+    sigmas = {row[0].strip("`"): (float(row[1]), float(row[2])) for row in table_rows(text, "Attention layer")}
+    assert sigmas == {
+        layer: (pytest.approx(sigma_q, abs=5e-5), pytest.approx(quantization_config["sigma_k"][layer], abs=5e-5))
+        for layer, sigma_q in quantization_config["sigma_q"].items()
+    }
+    schedule = [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in table_rows(text, "Stage | Start")]
+    assert schedule == [
+        (s["stage"], s["start_step"], s["end_step"], s["end_step"] - s["start_step"])
+        for s in results["stage_timeline"]
+    ]
+
+
+def test_usage_training_and_citation_sections(card, results):
+    assert "![Training curves: loss terms and eval accuracy" in section(card, "Training curves")
+    assert "(training_curves.png)" in section(card, "Training curves")
+    usage = section(card, "How to use")
+    snippet = re.search(r"```python\n(.*?)```", usage, re.DOTALL).group(1)
+    assert snippet.splitlines()[0].startswith("import had_hf")
+    assert f'AutoModelForSequenceClassification.from_pretrained("{REPO_ID}")' in snippet
+    assert "trust_remote_code=True" not in snippet
+    assert f"```bash\n{results['command']}\n```" in section(card, "Training")
+    citation = section(card, "Citation")
+    assert (
+        "title = {Hamming Attention Distillation: Binarizing Keys and Queries for Efficient Long-Context Transformers}"
+        in citation
+    )
+    assert "arxiv" not in citation.lower(), "no invented arXiv number"
+
+
+def test_card_of_a_sparse_record(tmp_path):
+    """Uncalibrated sigmas, no log, a local teacher path, an image model: the card still renders and validates."""
+    output_dir = tmp_path / "vit-had"
+    output_dir.mkdir()
+    had_config = {"quant_method": "had", "top_n": None, "top_n_ratio": 0.117, "stage": "binary"}
+    config = {"architectures": ["ViTForImageClassification"], "model_type": "vit", "quantization_config": had_config}
+    (output_dir / "config.json").write_text(json.dumps(config))
+    (output_dir / "preprocessor_config.json").write_text("{}")
+    results = make_results(had_config)
+    for key in ("log_history", "stage_timeline", "metrics_per_stage", "command"):
+        del results[key]
+    results["teacher"]["model_name_or_path"] = str(tmp_path)  # a local folder is not a Hub id
+    results["dataset"] = {"name": "imagenet-1k", "source": str(tmp_path)}
+    results["license"] = "apache-2.0"
+    (output_dir / "results.json").write_text(json.dumps(results))
+
+    card = hub.render_model_card(output_dir)
+
+    metadata = metadata_of(card)
+    assert "base_model" not in metadata
+    assert metadata["datasets"] == ["imagenet-1k"]
+    assert metadata["license"] == "apache-2.0"
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert validate_card_metadata(str(card)) == ([], [])
+    assert "ceil(0.117 × number of keys)" in section(card, "HAD configuration")
+    assert "not calibrated" in section(card, "HAD configuration")
+    assert "training_curves.png" not in str(card)
+    assert f'AutoModelForImageClassification.from_pretrained("{output_dir}")' in str(card)
+    assert "AutoImageProcessor" in str(card)
+    assert "\n\n\n" not in card.text
+
+
+def test_training_curves_plot(results, tmp_path):
+    log = results["log_history"] + [{"step": 180, "train_loss": 9.0}]
+    assert set(plotting.loss_curves(log)) == {"loss", "loss_attn", "loss_out"}, "train_loss is a summary, not a curve"
+    steps, values = plotting.metric_curve(log, "accuracy")
+    assert steps == [e["step"] for e in log if "eval_accuracy" in e] and len(values) == len(steps)
+
+    path = plotting.plot_training_curves(
+        log, tmp_path / "curves.png", metric="accuracy", stage_timeline=results["stage_timeline"], teacher_metric=0.9
+    )
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match="Nothing to plot"):
+        plotting.plot_training_curves([{"step": 1, "learning_rate": 1e-5}], tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()

