@@ -156,13 +156,15 @@ def main(argv: list[str]) -> dict:
     raw = load_glue(task, glue_dir, script_args.max_train_samples, script_args.max_eval_samples)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
 
-    def tokenize(batch):
-        texts = [batch[name] for name in task.text_fields]
-        return tokenizer(*texts, truncation=True, max_length=script_args.max_seq_length)
+    def tokenize(rows: list[dict]) -> list[dict]:
+        encoded = tokenizer(
+            *[[row[name] for row in rows] for name in task.text_fields],
+            truncation=True,
+            max_length=script_args.max_seq_length,
+        )
+        return [{**{k: v[i] for k, v in encoded.items()}, "labels": row["label"]} for i, row in enumerate(rows)]
 
-    columns = [c for c in raw["train"].column_names if c != "label"]
-    data = raw.map(tokenize, batched=True, remove_columns=columns)
-    data = data.rename_column("label", "labels")
+    data = {split: tokenize(rows) for split, rows in raw.items()}
     eval_split = task.eval_splits[0]
     collator = DataCollatorWithPadding(tokenizer)
 
@@ -176,6 +178,7 @@ def main(argv: list[str]) -> dict:
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
         attn_implementation="eager",
+        dtype=torch.float32,  # an fp16 copy of the weights still trains in fp32 (use --bf16 for mixed precision)
         output_loading_info=True,
     )
     new_head = [k for k in loading_info["missing_keys"] if "classifier" in k or "score" in k]

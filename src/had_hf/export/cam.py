@@ -1,0 +1,628 @@
+"""The CAM hardware cost model: what one model's attention costs in a CAM design of HAD against BF16 attention.
+
+The HAD paper gives, for one query against 256 keys of width 1024, the area and power of each attention component
+(Q.K^T, top-N, softmax, A.V) in a BF16 digital design and in the HAD design (binary keys in a capacitive CAM,
+1-bit XNOR matching, top-N, sparse A.V). This module scales that table to a model's attention geometry, context
+length n and N, adds a latency and energy model built from CAMformer's module delays, and the bits the CAM must
+hold. Every coefficient comes from a JSON file (`coefficients/default.json` unless the user passes their own), and
+every modelling choice is written into the report as an assumption, so a hardware engineer can see and replace both.
+
+Public API: `AttentionGeometry.from_config`, `load_coefficients`, `cam_cost_report`, `render_markdown`,
+`plot_cam_report`, `write_cam_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+COMPONENTS = ("qk", "topn", "softmax", "av")
+COMPONENT_LABELS = {"qk": "Q.K^T", "topn": "top-N", "softmax": "softmax", "av": "A.V"}
+DESIGNS = ("bf16", "had")
+DESIGN_LABELS = {"bf16": "BF16 attention", "had": "HAD-CAM"}
+METRICS = ("area_mm2", "power_w", "energy_per_token_nj", "latency_cycles")
+METRIC_LABELS = {
+    "area_mm2": "area (mm2)",
+    "power_w": "power (W)",
+    "energy_per_token_nj": "energy per token (nJ)",
+    "latency_cycles": "latency (cycles)",
+}
+
+COEFFICIENTS_FORMAT = "had_hf.cam_coefficients"
+REPORT_FORMAT = "had_hf.cam_report"
+REPORT_FILENAMES = ("cam_report.json", "cam_report.md", "cam_report.png")
+
+# Every key a coefficient file must define; the values of the first group must be > 0 (they divide or set scales).
+_POSITIVE_KEYS = (
+    "reference.n_keys",
+    "reference.width",
+    "reference.top_n",
+    "clock_mhz",
+    "initiation_interval_cycles",
+    "bf16.bits_per_element",
+)
+_NONNEGATIVE_KEYS = (
+    *(
+        f"{design}.{component}.{quantity}"
+        for design in DESIGNS
+        for component in COMPONENTS
+        for quantity in ("area_mm2", "power_w")
+    ),
+    "cycles.cam_search",
+    "cycles.adc",
+    "cycles.scaler",
+    "cycles.topn_merge",
+    "cycles.softmax_lut",
+    "cycles.softmax_accumulator",
+    "cycles.softmax_divider",
+    "cycles.bf16_mac",
+    "cell.area_um2",
+    "cell.peripheral_fraction",
+    "cell.search_energy_fj_per_bit",
+    "cell.write_energy_fj_per_bit",
+)
+REQUIRED_COEFFICIENTS = tuple(sorted(_POSITIVE_KEYS + _NONNEGATIVE_KEYS))
+
+SOURCES = (
+    "HAD paper: 'Hamming Attention Distillation: Binarizing Keys and Queries for Efficient Long-Context "
+    "Transformers', hardware table (one query against 256 keys of width 1024; Synopsys Design Compiler on a small "
+    "module, scaled to the full design).",
+    "CAMformer, a later CAM attention accelerator by an author of the HAD paper: github.com/tmo324/CAMformerV1, "
+    "file data/inputs/hardware_modules.csv (per-module delay, power, area), and its cell-level CAM model "
+    "(10T1C binary-attention CAM cell, 28 nm).",
+)
+
+
+class CoefficientError(ValueError):
+    """A coefficient file is missing a key, has an unknown one, or holds a value that is not allowed."""
+
+
+@dataclass(frozen=True)
+class Coefficient:
+    """One figure of the cost model, with its unit and where it comes from."""
+
+    value: float
+    unit: str
+    source: str
+
+
+@dataclass(frozen=True)
+class CAMCoefficients:
+    """The validated figures of a coefficient file.
+
+    Args:
+        entries (`dict[str, Coefficient]`): every key of `REQUIRED_COEFFICIENTS`.
+        path (`str`): the file they were read from (`"default"` for the packaged defaults).
+    """
+
+    entries: Mapping[str, Coefficient]
+    path: str = "default"
+
+    def __getitem__(self, name: str) -> float:
+        return self.entries[name].value
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(entry) for name, entry in sorted(self.entries.items())}
+
+
+def default_coefficients_path() -> Path:
+    """The coefficient file shipped inside the package."""
+    return Path(str(resources.files("had_hf.export") / "coefficients" / "default.json"))
+
+
+def load_coefficients(path: str | Path | None = None) -> CAMCoefficients:
+    """Reads and validates a coefficient file.
+
+    Args:
+        path (`str` or `Path`, *optional*):
+            A JSON file in the format of `coefficients/default.json`: `{"coefficients": {name: {"value": number,
+            "unit": str, "source": str}}}` with every name of `REQUIRED_COEFFICIENTS`. Defaults to the packaged file.
+
+    Raises:
+        `CoefficientError`: the file is not JSON, lacks a key, has an unknown key, or a value is not a finite number
+        in its allowed range; the message names the file and the key.
+    """
+    file = Path(path) if path is not None else default_coefficients_path()
+    label = "default" if path is None else str(file)
+    try:
+        document = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CoefficientError(f"Coefficient file {file} does not exist.") from None
+    except json.JSONDecodeError as error:
+        raise CoefficientError(f"Coefficient file {file} is not valid JSON: {error}.") from None
+    return parse_coefficients(document, label)
+
+
+def parse_coefficients(document: Any, label: str = "<dict>") -> CAMCoefficients:
+    """Validates an already-parsed coefficient document (see `load_coefficients`)."""
+    if not isinstance(document, dict) or not isinstance(document.get("coefficients"), dict):
+        raise CoefficientError(f"Coefficient file {label} must be a JSON object with a 'coefficients' object.")
+    if document.get("format", COEFFICIENTS_FORMAT) != COEFFICIENTS_FORMAT:
+        raise CoefficientError(
+            f"Coefficient file {label} has format {document['format']!r}, expected {COEFFICIENTS_FORMAT!r}."
+        )
+    raw = document["coefficients"]
+    missing = [name for name in REQUIRED_COEFFICIENTS if name not in raw]
+    if missing:
+        raise CoefficientError(f"Coefficient file {label} is missing the coefficient(s) {', '.join(missing)}.")
+    unknown = sorted(set(raw) - set(REQUIRED_COEFFICIENTS))
+    if unknown:
+        raise CoefficientError(
+            f"Coefficient file {label} has unknown coefficient(s) {', '.join(unknown)} (a typo?). Known names: "
+            f"{', '.join(REQUIRED_COEFFICIENTS)}."
+        )
+    entries = {}
+    for name in REQUIRED_COEFFICIENTS:
+        entry = raw[name]
+        if not isinstance(entry, dict):
+            raise CoefficientError(f"Coefficient {name!r} in {label} must be an object with value, unit and source.")
+        value = entry.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CoefficientError(
+                f"Coefficient {name!r} in {label} must have a finite numeric 'value', got {value!r}."
+            )
+        minimum_ok = value > 0 if name in _POSITIVE_KEYS else value >= 0
+        if not minimum_ok:
+            bound = "> 0" if name in _POSITIVE_KEYS else ">= 0"
+            raise CoefficientError(f"Coefficient {name!r} in {label} must be {bound}, got {value!r}.")
+        for field_name in ("unit", "source"):
+            if not isinstance(entry.get(field_name), str) or not entry[field_name].strip():
+                raise CoefficientError(f"Coefficient {name!r} in {label} needs a non-empty string {field_name!r}.")
+        entries[name] = Coefficient(float(value), entry["unit"], entry["source"])
+    return CAMCoefficients(entries, label)
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """The shape of a model's attention, as the cost model sees it.
+
+    Args:
+        num_layers (`int`): attention layers (an encoder-decoder counts its encoder self-attention, decoder
+            self-attention and cross-attention layers).
+        num_heads (`int`): query heads per layer.
+        head_dim (`int`): query/key dimension per head.
+        num_kv_heads (`int`, *optional*): key/value heads (grouped-query attention); defaults to `num_heads`.
+        hidden_size (`int`, *optional*): the model width, reported for reference.
+        model_type (`str`, *optional*, defaults to `"custom"`): the transformers model type.
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    hidden_size: int | None = None
+    model_type: str = "custom"
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        for name in ("num_layers", "num_heads", "head_dim", "num_kv_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AttentionGeometry.{name} must be a positive integer, got {value!r}.")
+
+    @property
+    def query_width(self) -> int:
+        """Dimensions a token's query carries into one layer's attention, all heads together."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def key_width(self) -> int:
+        """Dimensions a token's key stores per layer (key/value heads times head dim)."""
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: Any) -> AttentionGeometry:
+        """Reads the attention geometry from a transformers `PretrainedConfig` (or its text config)."""
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        num_heads = getattr(config, "num_attention_heads", None)
+        hidden_size = getattr(config, "hidden_size", None)
+        if getattr(config, "is_encoder_decoder", False):
+            encoder = getattr(config, "num_layers", None) or getattr(config, "num_hidden_layers", None)
+            decoder = getattr(config, "num_decoder_layers", None) or encoder
+            num_layers = encoder + 2 * decoder if encoder else None
+        else:
+            num_layers = getattr(config, "num_hidden_layers", None)
+        head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+        if head_dim is None and num_heads and hidden_size:
+            head_dim = hidden_size // num_heads
+        missing = [
+            name
+            for name, value in (
+                ("num_hidden_layers", num_layers),
+                ("num_attention_heads", num_heads),
+                ("head_dim", head_dim),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(
+                f"Cannot read the attention geometry of {type(config).__name__}: no {', '.join(missing)}. "
+                "Build an AttentionGeometry(num_layers=..., num_heads=..., head_dim=...) by hand."
+            )
+        return cls(
+            num_layers=int(num_layers),
+            num_heads=int(num_heads),
+            head_dim=int(head_dim),
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+            hidden_size=int(hidden_size) if hidden_size else None,
+            model_type=str(getattr(config, "model_type", "custom") or "custom"),
+        )
+
+
+def kept_keys(context_length: int, top_n: int | None = None, top_n_ratio: float | None = None) -> int:
+    """N at a context length: `min(top_n, n)` for a fixed N, `ceil(top_n_ratio * n)` (at least 1) for the ratio rule."""
+    if (top_n is None) == (top_n_ratio is None):
+        raise ValueError(f"Give exactly one of top_n and top_n_ratio, got top_n={top_n}, top_n_ratio={top_n_ratio}.")
+    if top_n is not None:
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+            raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
+        return min(top_n, context_length)
+    if not 0 < top_n_ratio <= 1:
+        raise ValueError(f"top_n_ratio must be in (0, 1], got {top_n_ratio!r}.")
+    return min(context_length, max(1, math.ceil(top_n_ratio * context_length)))
+
+
+def _ceil_log2(x: int) -> int:
+    return (int(x) - 1).bit_length() if x > 1 else 0
+
+
+def scale_factors(geometry: AttentionGeometry, n_keys: int, kept: int, coefficients: CAMCoefficients) -> dict:
+    """The factor by which each component's area and power at the paper's reference point is multiplied.
+
+    The reference point is one query (one head) of width `reference.width` against `reference.n_keys` keys keeping
+    `reference.top_n`. A layer runs one query per head: Q.K^T and BF16 A.V scale with n_keys x (heads x head_dim);
+    top-N and softmax with n_keys per head (top-N also with log2 N, the depth of a sorter); HAD A.V additionally
+    with the kept fraction N / n_keys relative to the paper's.
+    """
+    n0, w0, top0 = coefficients["reference.n_keys"], coefficients["reference.width"], coefficients["reference.top_n"]
+    keys_times_width = n_keys * geometry.query_width / (n0 * w0)
+    per_head_keys = geometry.num_heads * n_keys / n0
+    kept_fraction_ratio = (kept / n_keys) / (top0 / n0)
+    sorter_depth_ratio = math.log2(max(kept, 2)) / math.log2(max(top0, 2))
+    return {
+        "bf16": {"qk": keys_times_width, "topn": per_head_keys, "softmax": per_head_keys, "av": keys_times_width},
+        "had": {
+            "qk": keys_times_width,
+            "topn": per_head_keys * sorter_depth_ratio,
+            "softmax": per_head_keys,
+            "av": keys_times_width * kept_fraction_ratio,
+        },
+    }
+
+
+def latency_cycles(geometry: AttentionGeometry, n_keys: int, kept: int, coefficients: CAMCoefficients) -> dict:
+    """Pipeline depth in cycles of each component for one token's query in one layer (all heads in parallel).
+
+    Built from CAMformer's module delays: a dot product of length L is one BF16 multiply followed by an adder tree of
+    ceil(log2 L) levels, each a MAC delay; the CAM returns every key's Hamming distance in one search plus an ADC
+    conversion; the top-N is a tree of halving stages (CAMformer's 64->32 unit) from n_keys down to N; the softmax is
+    scaler, exponent LUT, an accumulator tree over the entries it normalizes, and a divider.
+    """
+    c = coefficients
+    mac, acc = c["cycles.bf16_mac"], c["cycles.softmax_accumulator"]
+    softmax_fixed = c["cycles.scaler"] + c["cycles.softmax_lut"] + c["cycles.softmax_divider"]
+    halving_stages = math.ceil(math.log2(n_keys / kept)) if n_keys > kept else 0
+    return {
+        "bf16": {
+            "qk": mac * (1 + _ceil_log2(geometry.head_dim)),
+            "topn": 0.0,
+            "softmax": softmax_fixed + acc * _ceil_log2(n_keys),
+            "av": mac * (1 + _ceil_log2(n_keys)),
+        },
+        "had": {
+            "qk": c["cycles.cam_search"] + c["cycles.adc"],
+            "topn": c["cycles.topn_merge"] * halving_stages,
+            "softmax": softmax_fixed + acc * _ceil_log2(kept),
+            "av": mac * (1 + _ceil_log2(kept)),
+        },
+    }
+
+
+def _layer_costs(geometry: AttentionGeometry, n_keys: int, kept: int, coefficients: CAMCoefficients) -> dict:
+    """Per-layer area, power, energy per token and latency of every component of both designs, with totals."""
+    scales = scale_factors(geometry, n_keys, kept, coefficients)
+    latencies = latency_cycles(geometry, n_keys, kept, coefficients)
+    # energy per token = power x time between tokens (initiation interval / clock); W / MHz = uJ, x 1e3 -> nJ
+    seconds_per_token_ns = coefficients["initiation_interval_cycles"] / coefficients["clock_mhz"] * 1e3
+    costs: dict[str, dict[str, dict[str, float]]] = {}
+    for design in DESIGNS:
+        costs[design] = {}
+        for component in COMPONENTS:
+            power = coefficients[f"{design}.{component}.power_w"] * scales[design][component]
+            costs[design][component] = {
+                "area_mm2": coefficients[f"{design}.{component}.area_mm2"] * scales[design][component],
+                "power_w": power,
+                "energy_per_token_nj": power * seconds_per_token_ns,
+                "latency_cycles": float(latencies[design][component]),
+            }
+        costs[design]["total"] = {
+            metric: sum(costs[design][component][metric] for component in COMPONENTS) for metric in METRICS
+        }
+    return costs
+
+
+def _times(costs: dict, factor: int) -> dict:
+    return {
+        design: {
+            part: {metric: value * factor for metric, value in metrics.items()} for part, metrics in parts.items()
+        }
+        for design, parts in costs.items()
+    }
+
+
+def _ratios(costs: dict) -> tuple[dict, dict]:
+    """HAD / BF16 for every component and metric, and the reduction 1 - ratio in percent (None where BF16 is 0)."""
+    ratio, reduction = {}, {}
+    for part in (*COMPONENTS, "total"):
+        ratio[part], reduction[part] = {}, {}
+        for metric in METRICS:
+            bf16, had = costs["bf16"][part][metric], costs["had"][part][metric]
+            ratio[part][metric] = had / bf16 if bf16 > 0 else None
+            reduction[part][metric] = 100.0 * (1.0 - had / bf16) if bf16 > 0 else None
+    return ratio, reduction
+
+
+def _with_ratios(costs: dict) -> dict:
+    ratio, reduction = _ratios(costs)
+    return {**costs, "ratio_had_over_bf16": ratio, "reduction_percent": reduction}
+
+
+def _assumptions(coefficients: CAMCoefficients) -> list[str]:
+    n0, w0, top0 = (int(coefficients[k]) for k in ("reference.n_keys", "reference.width", "reference.top_n"))
+    return [
+        f"Area and power are the paper's table (one query, {n0} keys of width {w0}, N = {top0}) scaled linearly. "
+        "The paper's figures were themselves synthesized on a small module and scaled to the full design.",
+        "A layer computes one query per head. Q.K^T (both designs) and BF16 A.V scale with n_keys x (heads x "
+        f"head_dim) / ({n0} x {w0}): the hardware has one multiplier (BF16) or CAM cell (HAD) per key and dimension.",
+        f"Top-N and softmax scale with n_keys / {n0} per head (one unit per head); top-N also with log2(N) / "
+        f"log2({top0}), the depth of a sorting network.",
+        f"HAD A.V scales as BF16 A.V times the kept fraction (N / n_keys) / ({top0} / {n0}): only N rows of V are read.",
+        "The softmax cost follows n_keys in both designs (as the paper's natural scaling states), although HAD "
+        "normalizes only N entries; this overstates HAD's softmax.",
+        "Grouped-query attention: Q.K^T is costed per query head (a CAM replica per query head, an upper bound); the "
+        "CAM bits count each key/value head once.",
+        "Energy per token = power x initiation interval / clock: both designs are pipelined and accept one query "
+        f"vector per {coefficients['initiation_interval_cycles']:g} cycle(s) at {coefficients['clock_mhz']:g} MHz "
+        "(the CAM's single-cycle search rate). Energy ratios therefore equal power ratios.",
+        "Latency is the pipeline depth of one token's query through one layer, from CAMformer's module delays "
+        "(component formulas in `latency_cycles`); a head's key is one CAM row whose Hamming distance one search and "
+        "one ADC conversion return (partial sums of 64-column tiles for head_dim > 64 are not modelled).",
+        "Model totals: every attention layer has its own hardware (areas add up), layers run one after another "
+        "(latencies add up), and each token passes every layer once (energies add up).",
+        "The cell-model figures (CAMformer's 10T1C cell, 28 nm) are an independent bottom-up estimate of the HAD CAM "
+        "alone, in a different process from the paper's table; they are not part of the totals.",
+        "The process nodes of the sources differ (paper: not stated; CAMformer modules: 40-65 nm; cell: 28 nm); no "
+        "node scaling is applied.",
+    ]
+
+
+def cam_cost_report(
+    geometry: AttentionGeometry,
+    context_length: int,
+    top_n: int | None = None,
+    top_n_ratio: float | None = None,
+    coefficients: CAMCoefficients | None = None,
+) -> dict[str, Any]:
+    """The CAM cost report of a model at context length n and N, as a JSON-serializable dict.
+
+    Args:
+        geometry (`AttentionGeometry`): the model's attention shape (`AttentionGeometry.from_config(config)`).
+        context_length (`int`): n, the number of keys each query sees.
+        top_n (`int`, *optional*): a fixed N (capped at n). Exactly one of `top_n` and `top_n_ratio`.
+        top_n_ratio (`float`, *optional*): N = ceil(top_n_ratio * n).
+        coefficients (`CAMCoefficients`, *optional*): defaults to the packaged coefficients.
+
+    Returns:
+        `dict`: `per_layer` and `model_total` (each `{"bf16"|"had": {component|"total": {metric: value}},
+        "ratio_had_over_bf16": ..., "reduction_percent": ...}`), `cam_bits`, `cell_model`, `scale_factors`,
+        `assumptions`, `coefficients` (every figure with unit and source) and `sources`.
+    """
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise ValueError(f"context_length must be a positive integer, got {context_length!r}.")
+    coefficients = coefficients if coefficients is not None else load_coefficients()
+    kept = kept_keys(context_length, top_n, top_n_ratio)
+    per_layer = _layer_costs(geometry, context_length, kept, coefficients)
+    model_total = _times(per_layer, geometry.num_layers)
+    # model latency adds up layer by layer, which `_times` already does; areas, power and energy add up too
+    key_bits = context_length * geometry.key_width
+    searched_bits = context_length * geometry.query_width
+    cell = {
+        "cam_area_mm2_per_layer": key_bits
+        * coefficients["cell.area_um2"]
+        * (1 + coefficients["cell.peripheral_fraction"])
+        / 1e6,
+        "search_energy_per_token_nj_per_layer": searched_bits * coefficients["cell.search_energy_fj_per_bit"] / 1e6,
+        "write_energy_per_token_nj_per_layer": geometry.key_width * coefficients["cell.write_energy_fj_per_bit"] / 1e6,
+    }
+    cell.update(
+        {key.replace("_per_layer", "_model"): value * geometry.num_layers for key, value in list(cell.items())}
+    )
+    return {
+        "format": REPORT_FORMAT,
+        "version": 1,
+        "model": asdict(geometry),
+        "operating_point": {
+            "context_length": context_length,
+            "top_n": kept,
+            "top_n_rule": {"top_n": top_n, "top_n_ratio": top_n_ratio},
+            "kept_fraction": kept / context_length,
+            "clock_mhz": coefficients["clock_mhz"],
+        },
+        "per_layer": _with_ratios(per_layer),
+        "model_total": _with_ratios(model_total),
+        "cam_bits": {
+            "per_layer": key_bits,
+            "model": key_bits * geometry.num_layers,
+            "formula": "n_keys x num_kv_heads x head_dim (x attention layers for the model)",
+            "query_bits_per_token_per_layer": geometry.query_width,
+            "bf16_key_bits_per_layer": key_bits * int(coefficients["bf16.bits_per_element"]),
+            "bf16_key_bits_model": key_bits * int(coefficients["bf16.bits_per_element"]) * geometry.num_layers,
+        },
+        "cell_model": cell,
+        "scale_factors": scale_factors(geometry, context_length, kept, coefficients),
+        "assumptions": _assumptions(coefficients),
+        "coefficients_file": coefficients.path,
+        "coefficients": coefficients.to_dict(),
+        "sources": list(SOURCES),
+    }
+
+
+def _coefficients_from_report(report: Mapping[str, Any]) -> CAMCoefficients:
+    return parse_coefficients({"coefficients": report["coefficients"]}, report.get("coefficients_file", "report"))
+
+
+def _format(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if value != 0 and (abs(value) >= 1e6 or abs(value) < 10 ** (-digits)):
+        return f"{value:.{digits}e}"
+    return f"{value:,.{digits}f}"
+
+
+def _cost_tables(section: Mapping[str, Any]) -> list[str]:
+    """Two Markdown tables of one section (per layer or model): the values of both designs, then HAD / BF16."""
+    short = {
+        "area_mm2": "area mm2",
+        "power_w": "power W",
+        "energy_per_token_nj": "energy/token nJ",
+        "latency_cycles": "latency cycles",
+    }
+    values = ["| component | " + " | ".join(f"{short[m]} {d}" for m in METRICS for d in ("BF16", "HAD")) + " |"]
+    values.append("|---" * (1 + 2 * len(METRICS)) + "|")
+    ratios = ["| component (HAD / BF16) | " + " | ".join(short[m] for m in METRICS) + " |"]
+    ratios.append("|---" * (1 + len(METRICS)) + "|")
+    for part in (*COMPONENTS, "total"):
+        label = COMPONENT_LABELS.get(part, "**total**")
+        cells = []
+        for metric in METRICS:
+            digits = 0 if metric == "latency_cycles" else 3
+            cells += [_format(section[design][part][metric], digits) for design in DESIGNS]
+        values.append(f"| {label} | " + " | ".join(cells) + " |")
+        ratios.append(
+            f"| {label} | " + " | ".join(_format(section["ratio_had_over_bf16"][part][m], 3) for m in METRICS) + " |"
+        )
+    return values + [""] + ratios
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The report as a Markdown document: operating point, cost tables, CAM bits, assumptions, coefficients."""
+    model, point = report["model"], report["operating_point"]
+    per_layer, total = report["per_layer"], report["model_total"]
+    reduction = total["reduction_percent"]["total"]
+    bits = report["cam_bits"]
+    lines = [
+        "# CAM hardware cost report: HAD-CAM vs BF16 attention",
+        "",
+        f"Model `{model['model_type']}`: {model['num_layers']} attention layers, {model['num_heads']} heads "
+        f"({model['num_kv_heads']} key/value heads) of dimension {model['head_dim']}, hidden size {model['hidden_size']}.",
+        f"Operating point: context length n = {point['context_length']}, N = {point['top_n']} keys kept per query "
+        f"(kept fraction {point['kept_fraction']:.3f}), clock {point['clock_mhz']:g} MHz.",
+        "",
+        f"**Whole model: HAD-CAM needs {_format(reduction['area_mm2'], 2)}% less area, "
+        f"{_format(reduction['power_w'], 2)}% less power and {_format(reduction['energy_per_token_nj'], 2)}% less energy "
+        "per token than BF16 attention.**",
+        "",
+        "## Per layer",
+        "",
+        *_cost_tables(per_layer),
+        "",
+        f"## Model total ({model['num_layers']} layers)",
+        "",
+        *_cost_tables(total),
+        "",
+        "## CAM storage",
+        "",
+        f"- Binary keys the CAM holds: {bits['per_layer']:,} bits per layer, {bits['model']:,} bits for the model "
+        f"({bits['formula']}).",
+        f"- The same keys in BF16: {bits['bf16_key_bits_per_layer']:,} bits per layer, {bits['bf16_key_bits_model']:,} "
+        "for the model.",
+        f"- Query bits per token and layer: {bits['query_bits_per_token_per_layer']:,}.",
+        "",
+        "## Cross-check: CAMformer's cell model (HAD CAM array only)",
+        "",
+        "| quantity | per layer | model |",
+        "|---|---|---|",
+    ]
+    cell = report["cell_model"]
+    for key, label in (
+        ("cam_area", "CAM area, cells + periphery (mm2)"),
+        ("search_energy_per_token", "search energy per token (nJ)"),
+        ("write_energy_per_token", "write energy per token, one new key (nJ)"),
+    ):
+        suffix = "_mm2" if key == "cam_area" else "_nj"
+        lines.append(f"| {label} | {cell[f'{key}{suffix}_per_layer']:.4g} | {cell[f'{key}{suffix}_model']:.4g} |")
+    lines += ["", "## Assumptions", ""]
+    lines += [f"{index}. {text}" for index, text in enumerate(report["assumptions"], 1)]
+    lines += [
+        "",
+        f"## Coefficients (file: `{report['coefficients_file']}`)",
+        "",
+        "| name | value | unit | source |",
+        "|---|---|---|---|",
+    ]
+    for name, entry in report["coefficients"].items():
+        lines.append(f"| `{name}` | {entry['value']:g} | {entry['unit']} | {entry['source']} |")
+    lines += ["", "## Sources", ""] + [f"- {source}" for source in report["sources"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_cam_report(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Plots model area and energy per token of both designs against context length (log-log), saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    geometry = AttentionGeometry(**report["model"])
+    coefficients = _coefficients_from_report(report)
+    rule = report["operating_point"]["top_n_rule"]
+    current = report["operating_point"]["context_length"]
+    lengths = sorted({2**k for k in range(6, 1 + max(14, math.ceil(math.log2(current)) + 2))} | {current})
+    curves = {design: {"area_mm2": [], "energy_per_token_nj": []} for design in DESIGNS}
+    for length in lengths:
+        costs = _layer_costs(geometry, length, kept_keys(length, rule["top_n"], rule["top_n_ratio"]), coefficients)
+        for design in DESIGNS:
+            for metric in curves[design]:
+                curves[design][metric].append(costs[design]["total"][metric] * geometry.num_layers)
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, metric, label in (
+        (axes[0], "area_mm2", "attention area, whole model (mm2)"),
+        (axes[1], "energy_per_token_nj", "attention energy per token, whole model (nJ)"),
+    ):
+        for design, style in (("bf16", "o-"), ("had", "s-")):
+            axis.plot(lengths, curves[design][metric], style, markersize=3, label=DESIGN_LABELS[design])
+        axis.axvline(current, color="grey", linestyle="--", linewidth=1, label=f"n = {current}")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("context length n (keys per query)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    n_rule = f"N = {rule['top_n']}" if rule["top_n"] is not None else f"N = ceil({rule['top_n_ratio']:g} n)"
+    figure.suptitle(f"{geometry.model_type}: HAD-CAM vs BF16 attention ({geometry.num_layers} layers, {n_rule})")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_cam_report(report: Mapping[str, Any], output_dir: str | Path, plot: bool = True) -> list[Path]:
+    """Writes `cam_report.json`, `cam_report.md` and (with `plot=True`) `cam_report.png` into `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path, plot_path = (output_dir / name for name in REPORT_FILENAMES)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    markdown_path.write_text(render_markdown(report))
+    written = [json_path, markdown_path]
+    if plot:
+        written.append(plot_cam_report(report, plot_path))
+    return written

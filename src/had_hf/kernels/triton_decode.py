@@ -1,0 +1,819 @@
+"""Triton kernels for HAD decode: sign packing, and exact top-N Hamming attention over packed keys.
+
+Decode attention is memory-bound: a step must read every key and the values it keeps. HAD needs only the sign bits
+of the keys (d/8 bytes instead of 2d) and N of the n value rows, so it can move ~10x fewer bytes than dense
+attention. The catch is the top-N: a sort costs more than the whole byte budget. Binary scores take only d+1 values
+(Sb = d - 2h with h the Hamming distance), so the exact top-N is a histogram, a threshold and a tie count.
+
+One long row must fill the GPU, so the keys are split across programs (split-K), and the tie rule of METHOD.md
+(exactly N kept, the lower index first among equal scores) needs the splits to agree. Three launches, each program
+one (batch, kv head, row block, split); in each, the last program of a row block to finish (an atomic ticket)
+reduces what the splits wrote:
+
+1. `_distance_kernel`: Hamming distances of the group's query rows to the split's keys, stored as one byte per
+   (row, key) ("codes"; masked keys get an invalid code), and a coarse histogram: 9 bins of width d/8. The last
+   program finds each row's coarse bin holding the N-th smallest distance.
+2. `_fine_count_kernel`: re-reads the codes (1 byte per key instead of d/8) and counts the d/8 distances of that
+   coarse bin. The last program finds the threshold distance t (the smallest h with count(dist <= h) >= N) and
+   hands the tie quota N - count(dist < t) out to the splits in index order (a prefix sum of their tie counts).
+3. `_attend_kernel`, in two phases. Select: keep dist < t and the split's share of the ties (the first ones in
+   index order), and compact the keys kept by any of the program's rows into a list with their weights
+   exp(alpha * (Sb - Sb_max)); the row's largest kept score is known in advance, so the splits' partial softmaxes
+   share one shift and need no rescaling. Gather: load the listed value rows, every load useful (masked loads over
+   all keys would fetch only ~N/n of each tile: too few bytes in flight to hide the memory latency), accumulate
+   their weighted sum. The last program sums the splits' partial numerators and denominators into the output.
+
+The histograms are counted in registers: each lane adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most
+127 iterations per program), so that no cross-thread work happens per key; `tl.histogram` lowers to one warp
+ballot per bin and element, which made the first version compute-bound.
+
+Grouped-query attention: the g query heads of a kv head (times the query positions) are the rows of one program, so
+the keys are read once per group, and a value row kept by any of them is loaded once.
+
+The kernels run on CUDA and, for tests, on the CPU through Triton's interpreter (`TRITON_INTERPRET=1` before
+`triton` is imported); the interpreter lacks libdevice's `popc`, so popcount is then done with bit arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .packing import WORD_BITS, as_int32_words
+
+__all__ = ["hamming_topk_decode", "supports_decode_shape", "triton_pack_sign_bits"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@triton.jit
+def _popcount(x, USE_POPC: tl.constexpr):
+    """Set bits of each int32 word (libdevice on the GPU; SWAR bit arithmetic in the interpreter)."""
+    if USE_POPC:
+        return libdevice.popc(x)
+    else:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        u = (u * 0x01010101) >> 24
+        return u.to(tl.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sign packing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=("num_words",))
+def _pack_signs_kernel(
+    x_ptr,
+    out_ptr,
+    num_words,
+    size_1,
+    size_2,
+    stride_0,
+    stride_1,
+    stride_2,
+    stride_d,
+    W: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
+):
+    # one tile row per output word: its 32 dimensions, contiguous in a contiguous input
+    words = tl.program_id(0).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
+    word_ok = words < num_words
+    vector = words // W
+    # vectors are indexed (i0, i1, i2) over up to three leading dims, so strided (B, H, t, d) inputs need no copy
+    i2 = vector % size_2
+    i1 = (vector // size_2) % size_1
+    i0 = vector // (size_2 * size_1)
+    base = i0 * stride_0 + i1 * stride_1 + i2 * stride_2 + (words % W) * 32 * stride_d
+    offs_b = tl.arange(0, 32)
+    x = tl.load(x_ptr + base[:, None] + offs_b[None, :] * stride_d, mask=word_ok[:, None], other=0.0)
+    # distinct powers of two: their sum is their OR, and bit 31 lands on the int32 sign as it should
+    packed = tl.sum((x >= 0).to(tl.int32) << offs_b[None, :], axis=1)
+    tl.store(out_ptr + words, packed, mask=word_ok)
+
+
+def triton_pack_sign_bits(x: torch.Tensor) -> torch.Tensor:
+    """Triton twin of `packing.pack_sign_bits`: (..., d) floats to (..., d // 32) int32 sign words, contiguous."""
+    dim = x.shape[-1]
+    if dim <= 0 or dim % WORD_BITS or dim & (dim - 1):
+        raise ValueError(f"The Triton sign packer needs d a power of two >= 32, got {dim}.")
+    words = dim // WORD_BITS
+    lead = list(x.shape[:-1])
+    if len(lead) > 3:
+        x = x.reshape(-1, *lead[-2:], dim)
+        lead = list(x.shape[:-1])
+    sizes = [1] * (3 - len(lead)) + lead
+    strides = [0] * (3 - len(lead)) + [x.stride(i) for i in range(len(lead))]
+    out = torch.empty(*x.shape[:-1], words, dtype=torch.int32, device=x.device)
+    num_words = math.prod(sizes) * words
+    if num_words == 0:
+        return out
+    block_words = 64
+    grid = (triton.cdiv(num_words, block_words),)
+    _pack_signs_kernel[grid](
+        x, out, num_words, sizes[1], sizes[2], *strides, x.stride(-1), W=words, BLOCK_WORDS=block_words
+    )
+    return out
+
+
+# Packed counters: 7-bit fields in an int64, 8 fields per word (9 for the coarse histogram, 63 bits). A lane adds at
+# most one per counting block, so a split may span at most 127 of them.
+MAX_ITERATIONS = 127
+
+
+@triton.jit
+def _field_sums(acc, NUM_FIELDS: tl.constexpr, OUT: tl.constexpr):
+    """(R, X) int64 packed counters -> (R, OUT) int32 totals of their first NUM_FIELDS 7-bit fields."""
+    cols = tl.arange(0, OUT)
+    totals = tl.zeros((acc.shape[0], OUT), dtype=tl.int32)
+    for field in tl.static_range(NUM_FIELDS):
+        count = tl.sum(((acc >> (7 * field)) & 127).to(tl.int32), axis=1)
+        totals = tl.where(cols[None, :] == field, count[:, None], totals)
+    return totals
+
+
+# Integers that change at every decode step and only bound loops: not specialized, so that their divisibility by 16
+# changing from one step to the next compiles nothing. Everything that enters an address (the row stride of the codes
+# is padded to a multiple of 64 for this) stays specialized: Triton vectorizes loads only when it knows alignment.
+_PER_STEP = ("n_keys", "top_n")
+
+
+@triton.jit(do_not_specialize=_PER_STEP)
+def _distance_kernel(
+    q_ptr,
+    k_ptr,
+    mask_ptr,
+    code_ptr,
+    coarse_ptr,
+    stats_ptr,
+    ticket_ptr,
+    n_keys,
+    code_stride,
+    top_n,
+    rows_per_group,
+    query_len,
+    group,
+    num_kv_heads,
+    split_len,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_qi,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kw,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mn,
+    D: tl.constexpr,
+    W: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    USE_POPC: tl.constexpr,
+    INVALID_CODE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    hk = (pid_bh % num_kv_heads).to(tl.int64)
+    r_local = tl.arange(0, R_BLOCK)
+    row = pid_r * R_BLOCK + r_local  # row of the kv head's group: query head hk*g + row // q, position row % q
+    row_ok = row < rows_per_group
+    head = hk * group + row // query_len
+    qi = row % query_len
+    grow = pid_bh.to(tl.int64) * rows_per_group + row  # global row: (b, hk, j, i) flattened
+
+    # the rows' query sign words, (R, W)
+    offs_w = tl.arange(0, W)
+    offs_b = tl.arange(0, 32)
+    q_base = b * stride_qb + head * stride_qh + qi * stride_qi
+    q_dims = (offs_w[None, :, None] * 32 + offs_b[None, None, :]) * stride_qd
+    q = tl.load(q_ptr + q_base[:, None, None] + q_dims, mask=row_ok[:, None, None], other=0.0)
+    q_words = tl.sum((q >= 0).to(tl.int32) << offs_b[None, None, :], axis=2)
+    m_base = b * stride_mb + head * stride_mh + qi * stride_mi
+
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, n_keys)
+    # per lane: 9 coarse bins of width D/8 (bin 8 holds distance D alone) as packed counters, and the smallest
+    # valid distance
+    coarse = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
+    smallest = tl.full((R_BLOCK, BLOCK_N), D + 1, dtype=tl.int32)
+    one = tl.full((R_BLOCK, BLOCK_N), 1, dtype=tl.int64)
+    # each iteration fetches the next block's keys (and mask) before working on its own: the loads overlap
+    offs_next = start + tl.arange(0, BLOCK_N)
+    next_words = tl.load(
+        k_base + offs_next[:, None].to(tl.int64) * stride_kn + offs_w[None, :] * stride_kw,
+        mask=(offs_next < end)[:, None],
+        other=0,
+    )
+    if HAS_MASK:
+        next_allowed = tl.load(
+            mask_ptr + m_base[:, None] + offs_next[None, :] * stride_mn,
+            mask=row_ok[:, None] & (offs_next < end)[None, :],
+            other=0,
+        )
+    for block_start in range(start, end, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        k_words = next_words
+        offs_next = offs_n + BLOCK_N
+        next_words = tl.load(
+            k_base + offs_next[:, None].to(tl.int64) * stride_kn + offs_w[None, :] * stride_kw,
+            mask=(offs_next < end)[:, None],
+            other=0,
+        )
+        dist = tl.sum(_popcount(q_words[:, None, :] ^ k_words[None, :, :], USE_POPC), axis=2)  # (R, BLOCK_N)
+        in_bounds = row_ok[:, None] & n_ok[None, :]
+        valid = in_bounds
+        if HAS_MASK:
+            valid = valid & (next_allowed != 0)
+            next_allowed = tl.load(
+                mask_ptr + m_base[:, None] + offs_next[None, :] * stride_mn,
+                mask=row_ok[:, None] & (offs_next < end)[None, :],
+                other=0,
+            )
+        code = tl.where(valid, dist, INVALID_CODE)
+        tl.store(
+            code_ptr + grow[:, None] * code_stride + offs_n[None, :],
+            code.to(code_ptr.dtype.element_ty),
+            mask=in_bounds,
+        )
+        coarse += tl.where(valid, one << (7 * (dist // (D // 8))).to(tl.int64), 0)
+        smallest = tl.minimum(smallest, code)
+
+    bins = tl.arange(0, 16)
+    counts = _field_sums(coarse, 9, 16)
+    counts = tl.where(bins[None, :] == 15, tl.min(smallest, axis=1)[:, None], counts)  # slot 15: smallest distance
+    coarse_rows = coarse_ptr + (grow * num_splits + pid_s) * 16
+    tl.store(coarse_rows[:, None] + bins[None, :], counts, mask=row_ok[:, None])
+
+    # the last split to finish reduces the row block (the barrier orders every thread's stores before the ticket,
+    # whose acq_rel semantics publish them to, and fetch the others' for, the last program)
+    tl.debug_barrier()
+    ticket_at = ticket_ptr + pid_bh * tl.num_programs(1) + pid_r
+    if tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1:
+        total = tl.zeros((R_BLOCK, 16), dtype=tl.int32)
+        smallest_row = tl.full((R_BLOCK,), D + 1, dtype=tl.int32)
+        for s in range(0, num_splits):
+            split_counts = tl.load(
+                coarse_ptr + (grow[:, None] * num_splits + s) * 16 + bins[None, :], mask=row_ok[:, None], other=0
+            )
+            total += tl.where(bins[None, :] < 9, split_counts, 0)
+            smallest_row = tl.minimum(smallest_row, tl.sum(tl.where(bins[None, :] == 15, split_counts, 0), axis=1))
+        num_kept = tl.minimum(tl.sum(total, axis=1), top_n)
+        # the coarse bin of the N-th smallest distance (bin 0 and nothing below when N = 0)
+        cumulative = tl.cumsum(total, axis=1)
+        coarse_bin = tl.min(tl.where(cumulative >= num_kept[:, None], bins[None, :], 16), axis=1)
+        below = tl.sum(tl.where(bins[None, :] < coarse_bin[:, None], total, 0), axis=1)
+        tl.store(stats_ptr + grow * 8, coarse_bin, mask=row_ok)
+        tl.store(stats_ptr + grow * 8 + 1, below, mask=row_ok)
+        tl.store(stats_ptr + grow * 8 + 2, tl.minimum(smallest_row, D), mask=row_ok)
+        tl.store(stats_ptr + grow * 8 + 3, num_kept, mask=row_ok)
+        tl.atomic_xchg(ticket_at, 0)  # ready for the next call
+
+
+@triton.jit(do_not_specialize=("n_keys",))
+def _fine_count_kernel(
+    code_ptr,
+    fine_ptr,
+    stats_ptr,
+    quota_ptr,
+    ticket_ptr,
+    n_keys,
+    code_stride,
+    rows_per_group,
+    split_len,
+    num_splits,
+    D: tl.constexpr,
+    FINE: tl.constexpr,
+    FINE_WORDS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    r_local = tl.arange(0, R_BLOCK)
+    row = pid_r * R_BLOCK + r_local
+    row_ok = row < rows_per_group
+    grow = pid_bh.to(tl.int64) * rows_per_group + row
+    coarse_bin = tl.load(stats_ptr + grow * 8, mask=row_ok, other=0)
+    low = coarse_bin * FINE  # the FINE distances of the coarse bin: low .. low + FINE - 1
+
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, n_keys)
+    words = tl.arange(0, FINE_WORDS)
+    fine = tl.zeros((R_BLOCK, FINE_WORDS, BLOCK_N), dtype=tl.int64)
+    one = tl.full((R_BLOCK, FINE_WORDS, BLOCK_N), 1, dtype=tl.int64)
+    code_rows = code_ptr + grow[:, None] * code_stride
+    offs_next = start + tl.arange(0, BLOCK_N)
+    next_code = tl.load(code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=0)
+    for block_start in range(start, end, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)
+        in_bounds = row_ok[:, None] & (offs_n < end)[None, :]
+        code = next_code.to(tl.int32)
+        offs_next = offs_n + BLOCK_N
+        next_code = tl.load(code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=0)
+        offset = code - low[:, None]  # masked keys carry INVALID_CODE > d: never in the bin
+        in_bin = in_bounds & (offset >= 0) & (offset < FINE)
+        hit = in_bin[:, None, :] & (words[None, :, None] == (offset // 8)[:, None, :])
+        fine += tl.where(hit, one << (7 * (offset % 8))[:, None, :].to(tl.int64), 0)
+
+    cols = tl.arange(0, FINE)
+    counts = tl.zeros((R_BLOCK, FINE), dtype=tl.int32)
+    for w in tl.static_range(FINE_WORDS):
+        word = tl.sum(tl.where(words[None, :, None] == w, fine, 0), axis=1)  # (R, BLOCK_N)
+        word_counts = _field_sums(word, 8, 8)
+        for field in tl.static_range(8):
+            if w * 8 + field < FINE:
+                field_count = tl.sum(tl.where(tl.arange(0, 8)[None, :] == field, word_counts, 0), axis=1)
+                counts = tl.where(cols[None, :] == w * 8 + field, field_count[:, None], counts)
+    fine_rows = fine_ptr + (grow * num_splits + pid_s) * FINE
+    tl.store(fine_rows[:, None] + cols[None, :], counts, mask=row_ok[:, None])
+
+    tl.debug_barrier()
+    ticket_at = ticket_ptr + pid_bh * tl.num_programs(1) + pid_r
+    if tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1:
+        total = tl.zeros((R_BLOCK, FINE), dtype=tl.int32)
+        for s in range(0, num_splits):
+            total += tl.load(
+                fine_ptr + (grow[:, None] * num_splits + s) * FINE + cols[None, :], mask=row_ok[:, None], other=0
+            )
+        below = tl.load(stats_ptr + grow * 8 + 1, mask=row_ok, other=0)
+        num_kept = tl.load(stats_ptr + grow * 8 + 3, mask=row_ok, other=0)
+        # threshold t: the smallest h with count(dist <= h) >= N (t = 0 and a zero quota when N = 0)
+        needed = num_kept - below
+        cumulative = tl.cumsum(total, axis=1)
+        step = tl.min(tl.where(cumulative >= needed[:, None], cols[None, :], FINE - 1), axis=1)
+        quota = needed - tl.sum(tl.where(cols[None, :] < step[:, None], total, 0), axis=1)
+        tl.store(stats_ptr + grow * 8 + 4, low + step, mask=row_ok)
+        # the ties to keep go to the splits in index order
+        before = quota * 0
+        for s in range(0, num_splits):
+            ties = tl.load(fine_ptr + (grow * num_splits + s) * FINE + step, mask=row_ok, other=0)
+            share = tl.minimum(tl.maximum(quota - before, 0), ties)
+            tl.store(quota_ptr + (grow * num_splits + s) * 2, share, mask=row_ok)
+            tl.store(quota_ptr + (grow * num_splits + s) * 2 + 1, ties, mask=row_ok)
+            before += ties
+        tl.atomic_xchg(ticket_at, 0)
+
+
+@triton.jit(do_not_specialize=("n_keys",))
+def _attend_kernel(
+    code_ptr,
+    stats_ptr,
+    quota_ptr,
+    v_ptr,
+    index_ptr,
+    weight_ptr,
+    l_ptr,
+    acc_ptr,
+    out_ptr,
+    keep_ptr,
+    ticket_ptr,
+    n_keys,
+    code_stride,
+    rows_per_group,
+    query_len,
+    group,
+    num_kv_heads,
+    split_len,
+    num_splits,
+    alpha_log2,
+    alpha_nonnegative,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_oi,
+    stride_od,
+    DV: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    R_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INVALID_CODE: tl.constexpr,
+    V_IS_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    ROW_FMA: tl.constexpr,
+    WRITE_KEEP: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    hk = (pid_bh % num_kv_heads).to(tl.int64)
+    r_local = tl.arange(0, R_BLOCK)
+    row = pid_r * R_BLOCK + r_local
+    row_ok = row < rows_per_group
+    grow = pid_bh.to(tl.int64) * rows_per_group + row
+
+    thr = tl.load(stats_ptr + grow * 8 + 4, mask=row_ok, other=-1)
+    h_min = tl.load(stats_ptr + grow * 8 + 2, mask=row_ok, other=0)
+    # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0
+    shift = tl.where(alpha_nonnegative != 0, h_min, thr)
+    quota = tl.load(quota_ptr + (grow * num_splits + pid_s) * 2, mask=row_ok, other=0)
+    ties = tl.load(quota_ptr + (grow * num_splits + pid_s) * 2 + 1, mask=row_ok, other=0)
+    # a split keeps all of its ties or none, except the one where a row's quota runs out: only there are the
+    # ties ranked (a scan per block)
+    rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, n_keys)
+    # this program's list of kept keys (kept by any of its rows) and their weights: capacity split_len
+    list_base = ((pid_bh.to(tl.int64) * tl.num_programs(1) + pid_r) * num_splits + pid_s) * split_len
+    list_index = index_ptr + list_base
+    list_weight = weight_ptr + list_base * R_BLOCK
+
+    # phase 1: select. Only the codes are read (one byte per key and row), and the keys kept by any row are
+    # compacted into the list with their weights, so that phase 2 issues value loads that are all useful.
+    code_rows = code_ptr + grow[:, None] * code_stride
+    seen_ties = tl.zeros((R_BLOCK,), dtype=tl.int32)
+    denominators = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.float32)
+    num_listed = tl.sum(seen_ties, axis=0)
+    offs_next = start + tl.arange(0, BLOCK_N)
+    next_code = tl.load(
+        code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=INVALID_CODE
+    )
+    for block_start in range(start, end, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)
+        in_bounds = row_ok[:, None] & (offs_n < end)[None, :]
+        code = next_code.to(tl.int32)
+        offs_next = offs_n + BLOCK_N
+        next_code = tl.load(
+            code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=INVALID_CODE
+        )
+        tie = code == thr[:, None]  # masked keys carry INVALID_CODE > d >= thr: never kept
+        if rank_ties:
+            tie_count = tie.to(tl.int32)
+            tie_rank = tl.cumsum(tie_count, axis=1) + seen_ties[:, None]
+            keep = (code < thr[:, None]) | (tie & (tie_rank <= quota[:, None]))
+            seen_ties += tl.sum(tie_count, axis=1)
+        else:
+            keep = (code < thr[:, None]) | (tie & (quota > 0)[:, None])
+        # exponent <= 0 on kept keys; -inf elsewhere (no overflow for masked codes when alpha < 0)
+        p = tl.exp2(tl.where(keep, (shift[:, None] - code).to(tl.float32) * alpha_log2, float("-inf")))
+        if not V_IS_FP32:
+            # the numerator multiplies p rounded to the value dtype: round it for the denominator too
+            p = p.to(v_ptr.dtype.element_ty).to(tl.float32)
+        denominators += p
+        if R_BLOCK == 1:
+            listed = tl.reshape(keep, (BLOCK_N,)).to(tl.int32)  # one row: no reduction across rows
+        else:
+            listed = tl.max(keep.to(tl.int32), axis=0)
+        slot = num_listed + tl.cumsum(listed, axis=0) - 1
+        tl.store(list_index + slot, offs_n, mask=listed > 0)
+        tl.store(list_weight + slot[None, :] * R_BLOCK + r_local[:, None], p, mask=(listed > 0)[None, :])
+        num_listed += tl.sum(listed, axis=0)
+        if WRITE_KEEP:
+            tl.store(keep_ptr + grow[:, None] * code_stride + offs_n[None, :], keep.to(tl.int8), mask=in_bounds)
+
+    # the list was written by all threads of this program: make it visible to all of them
+    tl.debug_barrier()
+
+    # phase 2: gather the listed value rows and accumulate their weighted sum. The list entries of the next
+    # iteration are fetched one iteration ahead, so that an iteration waits for its value rows only.
+    offs_d = tl.arange(0, DV)
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    slots = tl.arange(0, BLOCK_K)
+    # tl.dot needs >= 16 rows: the weight rows past R_BLOCK are zeros (R_DOT is 1 on the multiply-add path)
+    weight_rows = tl.arange(0, R_DOT)
+    weight_row_ok = (weight_rows < R_BLOCK)[:, None]
+    next_index = tl.load(list_index + slots, mask=slots < num_listed, other=0)
+    next_weights = tl.load(
+        list_weight + slots[None, :] * R_BLOCK + weight_rows[:, None],
+        mask=weight_row_ok & (slots < num_listed)[None, :],
+        other=0.0,
+    )
+    if ROW_FMA:
+        # one row: multiply-add in registers (no tensor-core layout shuffles), reduced once after the loop
+        partial = tl.zeros((BLOCK_K, DV), dtype=tl.float32)
+    else:
+        partial = tl.zeros((R_DOT, DV), dtype=tl.float32)
+    for k0 in range(0, num_listed, BLOCK_K):
+        slot_ok = k0 + slots < num_listed
+        index = next_index
+        weights = next_weights
+        following = k0 + BLOCK_K + slots
+        next_index = tl.load(list_index + following, mask=following < num_listed, other=0)
+        next_weights = tl.load(
+            list_weight + following[None, :] * R_BLOCK + weight_rows[:, None],
+            mask=weight_row_ok & (following < num_listed)[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + index[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
+            mask=slot_ok[:, None],
+            other=0.0,
+        )
+        if ROW_FMA:
+            partial += tl.reshape(weights, (BLOCK_K,))[:, None] * v.to(tl.float32)  # R_DOT == 1 here
+        elif DOT_FP32:
+            # fp32 values, or the interpreter, whose tl.dot mishandles 16-bit floats (the weights are rounded)
+            partial += tl.dot(weights, v.to(tl.float32), input_precision="ieee")
+        else:
+            partial += tl.dot(weights.to(v.dtype), v)
+
+    tl.store(l_ptr + grow * num_splits + pid_s, tl.sum(denominators, axis=1), mask=row_ok)
+    if ROW_FMA:
+        acc_rows = acc_ptr + (grow * num_splits + pid_s) * DV
+        tl.store(acc_rows[:, None] + offs_d[None, :], tl.sum(partial, axis=0)[None, :], mask=row_ok[:, None])
+    else:
+        t_row = pid_r * R_BLOCK + weight_rows
+        t_ok = (weight_rows < R_BLOCK) & (t_row < rows_per_group)
+        t_grow = pid_bh.to(tl.int64) * rows_per_group + t_row
+        acc_rows = acc_ptr + (t_grow * num_splits + pid_s) * DV
+        tl.store(acc_rows[:, None] + offs_d[None, :], partial, mask=t_ok[:, None])
+
+    # the last split to finish sums the partial results of the row block (see _distance_kernel)
+    tl.debug_barrier()
+    ticket_at = ticket_ptr + pid_bh * tl.num_programs(1) + pid_r
+    if tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1:
+        numerator = tl.zeros((R_BLOCK, DV), dtype=tl.float32)
+        total = tl.zeros((R_BLOCK,), dtype=tl.float32)
+        for s in range(0, num_splits):
+            total += tl.load(l_ptr + grow * num_splits + s, mask=row_ok, other=0.0)
+            numerator += tl.load(
+                acc_ptr + ((grow * num_splits + s) * DV)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0
+            )
+        # a row with no valid key has a zero denominator: zeros, never NaN
+        out = tl.where(total[:, None] > 0, numerator / tl.maximum(total, 1e-30)[:, None], 0.0)
+        head = hk * group + row // query_len
+        out_rows = out_ptr + b * stride_ob + head * stride_oh + (row % query_len) * stride_oi
+        tl.store(
+            out_rows[:, None] + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None]
+        )
+        tl.atomic_xchg(ticket_at, 0)  # ready for the next call
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
+    """Whether the decode kernel handles these head dimensions (powers of two: 32..256 for keys, 16..256 values)."""
+    return (
+        _is_power_of_two(head_dim) and 32 <= head_dim <= 256 and _is_power_of_two(value_dim) and 16 <= value_dim <= 256
+    )
+
+
+class _Workspace:
+    """Scratch memory of the decode kernels, kept per (device, stream) and grown as needed.
+
+    Allocating a dozen small tensors per call costs more CPU time than a decode step's kernels take on the GPU. The
+    tickets of the last-program reductions must start at zero: the kernels reset them after use.
+    """
+
+    _instances: dict[tuple, _Workspace] = {}
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> _Workspace:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device.type, device.index, stream)
+        if key not in cls._instances:
+            cls._instances[key] = cls(device)
+        return cls._instances[key]
+
+    def take(self, name: str, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            size = max(numel, int(numel * 1.25))
+            buffer = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=self.device)
+            self.buffers[name] = buffer
+        return buffer
+
+
+def hamming_topk_decode(
+    query: torch.Tensor,
+    key_words: torch.Tensor,
+    value: torch.Tensor,
+    valid_mask: torch.Tensor | None,
+    top_n: int,
+    alpha: float,
+    *,
+    num_splits: int | None = None,
+    programs_per_sm: int = 8,
+    block_n: int | None = None,
+    hist_block_elements: int = 1024,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    gather_block: int = 64,
+    single_row_dot: bool = False,
+    return_keep: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HAD attention of a few query positions against packed keys, in Triton (exact top-N, split over the keys).
+
+    Args:
+        query (`torch.Tensor`): (B, Hq, q, d) floating queries (only their signs are used); q small (decode).
+        key_words (`torch.Tensor`): (B, Hkv, n, d // 32) int32 (or (B, Hkv, n, d // 64) int64) packed key signs.
+        value (`torch.Tensor`): (B, Hkv, n, dv) values; Hq must be a multiple of Hkv.
+        valid_mask (`torch.Tensor`, *optional*): bool broadcastable to (B, Hq, q, n), True = may attend.
+        top_n (`int`): N, the number of keys each query keeps.
+        alpha (`float`): softmax temperature of the kept binary scores.
+        num_splits (`int`, *optional*): number of key splits per row; by default enough for `programs_per_sm`.
+        programs_per_sm (`int`, *optional*, defaults to 8): programs per multiprocessor that the default
+            `num_splits` aims at (more programs keep more loads in flight; fewer read fewer partial results).
+        block_n (`int`, *optional*): keys per iteration of the attend kernel's selection; defaults to 1024 // rows
+            of a program (at least 64).
+        hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
+            counting kernels.
+        num_warps (`int`, *optional*): warps per program of the kernels (Triton's default if unset).
+        num_stages (`int`, *optional*): software-pipelining stages of their loops (Triton's default if unset).
+        gather_block (`int`, *optional*, defaults to 64): kept value rows per iteration of the attend kernel's
+            gather.
+        single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
+            `tl.dot` (padded to 16 rows) instead of multiply-adds.
+        return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
+            keys (for tests; costs one byte per (row, key)).
+
+    Returns:
+        `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value` (and the keep mask if `return_keep`).
+    """
+    key_words = as_int32_words(key_words)
+    batch, num_heads, query_len, dim = query.shape
+    _, num_kv_heads, n_keys, num_words = key_words.shape
+    value_dim = value.shape[-1]
+    if dim != num_words * WORD_BITS:
+        raise ValueError(f"Queries have dimension {dim} but the keys hold {num_words * WORD_BITS} bits.")
+    if not supports_decode_shape(dim, value_dim):
+        raise ValueError(
+            f"The decode kernel needs power-of-two head dims (32..256, values 16..256), got {dim}, {value_dim}."
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads evenly.")
+    if tuple(value.shape[:3]) != (batch, num_kv_heads, n_keys) or key_words.shape[0] != batch:
+        raise ValueError(
+            f"Shapes disagree: query {tuple(query.shape)}, keys {tuple(key_words.shape)}, values {tuple(value.shape)}."
+        )
+    if valid_mask is not None and valid_mask.dtype != torch.bool:
+        raise TypeError(f"valid_mask must be bool (True = may attend), got {valid_mask.dtype}.")
+    device = query.device
+    group = num_heads // num_kv_heads
+    rows_per_group = group * query_len
+    if n_keys == 0 or query_len == 0 or top_n <= 0:
+        out = torch.zeros(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
+        if return_keep:
+            return out, torch.zeros(batch, num_heads, query_len, n_keys, dtype=torch.bool, device=device)
+        return out
+
+    r_block = min(16, triton.next_power_of_2(rows_per_group))
+    num_row_blocks = triton.cdiv(rows_per_group, r_block)
+    num_rows = batch * num_kv_heads * rows_per_group
+    groups = batch * num_kv_heads * num_row_blocks
+    count_block_n = max(16, min(1024, hist_block_elements // r_block))
+    select_block_n = block_n or max(64, 1024 // r_block)
+    if num_splits is None:
+        sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
+        num_splits = triton.cdiv(programs_per_sm * sms, groups)
+    # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
+    num_splits = max(num_splits, triton.cdiv(n_keys, MAX_ITERATIONS * count_block_n))
+    split_len = triton.cdiv(triton.cdiv(n_keys, num_splits), 64) * 64
+    num_splits = triton.cdiv(n_keys, split_len)
+    count_block_n = min(count_block_n, triton.next_power_of_2(split_len))
+
+    # one byte per (row, key) holds the distance for d <= 128 (0..d, and 255 = masked); d = 256 needs int16
+    code_dtype, invalid_code = (torch.uint8, 255) if dim < 255 else (torch.int16, 32767)
+    fine = dim // 8
+    list_entries = groups * num_splits * split_len  # per program, room for a whole split
+    work = _Workspace.get(device)
+    code_stride = triton.cdiv(n_keys, 64) * 64
+    codes = work.take("codes" + str(code_dtype), num_rows * code_stride, code_dtype)
+    ints = work.take("int32", num_rows * (num_splits * (16 + fine + 2) + 8) + list_entries, torch.int32)
+    coarse_counts, offset = ints[: num_rows * num_splits * 16], num_rows * num_splits * 16
+    fine_counts, offset = ints[offset : offset + num_rows * num_splits * fine], offset + num_rows * num_splits * fine
+    quotas, offset = ints[offset : offset + num_rows * num_splits * 2], offset + num_rows * num_splits * 2
+    stats, offset = ints[offset : offset + num_rows * 8], offset + num_rows * 8
+    kept_index = ints[offset : offset + list_entries]
+    floats = work.take("float32", num_rows * num_splits * (value_dim + 1) + list_entries * r_block, torch.float32)
+    denominators = floats[: num_rows * num_splits]
+    numerators = floats[num_rows * num_splits : num_rows * num_splits * (value_dim + 1)]
+    kept_weight = floats[num_rows * num_splits * (value_dim + 1) :]
+    tickets = work.take("tickets", 3 * groups, torch.int32, zero=True)
+    out = torch.empty(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
+    keep_rows = torch.zeros(num_rows, code_stride, dtype=torch.int8, device=device) if return_keep else codes
+
+    if valid_mask is None:
+        mask_arg, mask_strides = codes, (0, 0, 0, 0)
+    else:
+        mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
+        mask_strides = mask_arg.stride()
+    row_fma = r_block == 1 and not single_row_dot
+    launch_options = {} if num_warps is None else {"num_warps": num_warps}
+    if num_stages is not None:
+        launch_options["num_stages"] = num_stages
+
+    grid = (batch * num_kv_heads, num_row_blocks, num_splits)
+    _distance_kernel[grid](
+        query,
+        key_words,
+        mask_arg,
+        codes,
+        coarse_counts,
+        stats,
+        tickets[:groups],
+        n_keys,
+        code_stride,
+        min(top_n, n_keys),
+        rows_per_group,
+        query_len,
+        group,
+        num_kv_heads,
+        split_len,
+        num_splits,
+        *query.stride(),
+        *key_words.stride(),
+        *mask_strides,
+        D=dim,
+        W=num_words,
+        R_BLOCK=r_block,
+        BLOCK_N=count_block_n,
+        HAS_MASK=valid_mask is not None,
+        USE_POPC=query.is_cuda and not _interpreting(),
+        INVALID_CODE=invalid_code,
+        **launch_options,
+    )
+    _fine_count_kernel[grid](
+        codes,
+        fine_counts,
+        stats,
+        quotas,
+        tickets[groups : 2 * groups],
+        n_keys,
+        code_stride,
+        rows_per_group,
+        split_len,
+        num_splits,
+        D=dim,
+        FINE=fine,
+        FINE_WORDS=triton.cdiv(fine, 8),
+        R_BLOCK=r_block,
+        BLOCK_N=count_block_n,
+        **launch_options,
+    )
+    _attend_kernel[grid](
+        codes,
+        stats,
+        quotas,
+        value,
+        kept_index,
+        kept_weight,
+        denominators,
+        numerators,
+        out,
+        keep_rows,
+        tickets[2 * groups :],
+        n_keys,
+        code_stride,
+        rows_per_group,
+        query_len,
+        group,
+        num_kv_heads,
+        split_len,
+        num_splits,
+        2.0 * float(alpha) * math.log2(math.e),
+        int(alpha >= 0),
+        *value.stride(),
+        *out.stride(),
+        DV=value_dim,
+        R_BLOCK=r_block,
+        R_DOT=1 if row_fma else max(16, r_block),
+        BLOCK_N=select_block_n,
+        BLOCK_K=gather_block,
+        INVALID_CODE=invalid_code,
+        V_IS_FP32=value.dtype == torch.float32,
+        DOT_FP32=value.dtype == torch.float32 or _interpreting(),
+        ROW_FMA=row_fma,
+        WRITE_KEEP=return_keep,
+        **launch_options,
+    )
+    if return_keep:
+        keep = keep_rows[:, :n_keys].reshape(batch, num_kv_heads, group, query_len, n_keys).bool()
+        return out, keep.view(batch, num_heads, query_len, n_keys)
+    return out

@@ -1,0 +1,108 @@
+"""The Triton kernels on the CPU through Triton's interpreter, at small shapes.
+
+Run by `test_kernels.py::test_triton_kernels_under_interpreter` in a subprocess with `TRITON_INTERPRET=1` (the
+variable must be set before triton is imported, so it cannot share a process with GPU tests). Directly:
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python -m pytest -q tests/interpret_triton_cases.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+pytest.importorskip("triton")
+
+from kernel_helpers import SELECTION_CASES, Case, loop_reference, make_inputs  # noqa: E402
+
+from had_hf.kernels import pack_sign_bits  # noqa: E402
+from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits  # noqa: E402
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_pack_kernel_matches_torch(dim):
+    x = torch.randn(2, 3, 37, dim)
+    x[0, 0, 0, :5] = 0.0
+    strided = x.transpose(1, 2)  # (B, t, H, d) view: the kernel reads strides, no copy
+    assert torch.equal(triton_pack_sign_bits(strided), pack_sign_bits(strided))
+    assert torch.equal(triton_pack_sign_bits(x[0, 0]), pack_sign_bits(x[0, 0]))
+
+
+# (num_splits, block_n, hist_block_elements, gather_block, single_row_dot): several splits with ties across their
+# borders, several blocks per split (the running tie count), several counting blocks, several gathers of kept value
+# rows, and both accumulations of one-row programs
+LAUNCHES = [(None, 256, 2048, 64, False), (3, 16, 32, 16, True)]
+
+
+@pytest.mark.parametrize("case", SELECTION_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda launch: f"splits{launch[0]}-block{launch[1]}")
+def test_decode_kernel_selects_exactly(case: Case, launch):
+    num_splits, block_n, hist_elements, gather_block, single_row_dot = launch
+    query, key, value, valid = make_inputs(case, seed=3)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    out, keep = hamming_topk_decode(
+        query,
+        pack_sign_bits(key),
+        value,
+        valid,
+        case.top_n,
+        case.alpha,
+        num_splits=num_splits,
+        block_n=block_n,
+        hist_block_elements=hist_elements,
+        gather_block=gather_block,
+        single_row_dot=single_row_dot,
+        return_keep=True,
+    )
+    assert torch.equal(keep, expected_keep)
+    assert not out.isnan().any()
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernel_bf16_values_and_strided_inputs():
+    case = Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=100, top_n=15)
+    query, key, value, valid = make_inputs(case, seed=5)
+    expected, expected_keep = loop_reference(query, key, value.bfloat16(), valid, case.top_n, case.alpha)
+    # strided views, as a growing cache and a transposed projection hand them over
+    key_buffer = torch.zeros(case.batch, case.num_kv_heads, 128, 1, dtype=torch.int32)
+    key_buffer[:, :, : case.num_keys] = pack_sign_bits(key)
+    value_buffer = torch.zeros(case.batch, case.num_kv_heads, 128, case.value_dim, dtype=torch.bfloat16)
+    value_buffer[:, :, : case.num_keys] = value.bfloat16()
+    query_t = query.transpose(1, 2).contiguous().transpose(1, 2)
+    out, keep = hamming_topk_decode(
+        query_t,
+        key_buffer[:, :, : case.num_keys],
+        value_buffer[:, :, : case.num_keys],
+        valid,
+        case.top_n,
+        case.alpha,
+        num_splits=2,
+        return_keep=True,
+    )
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(keep, expected_keep)
+    assert torch.allclose(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_decode_kernel_packed_counters_at_their_limit():
+    # one split of 127 counting blocks where every key has the same distance: a 7-bit counter field reaches 127
+    case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=127 * 16, top_n=100, patterns=1)
+    query, key, value, _ = make_inputs(case, seed=11)
+    expected, expected_keep = loop_reference(query, key, value, None, case.top_n, case.alpha)
+    out, keep = hamming_topk_decode(
+        query,
+        pack_sign_bits(key),
+        value,
+        None,
+        case.top_n,
+        case.alpha,
+        num_splits=1,
+        hist_block_elements=16,
+        return_keep=True,
+    )
+    assert torch.equal(keep, expected_keep) and int(keep.sum()) == case.top_n
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,245 @@
+"""Sign packing, the PyTorch reference of HAD decode attention, and the Triton kernels (interpreter and GPU).
+
+Kept sets are compared exactly (METHOD.md: every implementation selects the same keys); outputs against a float64
+per-row loop (`kernel_helpers.loop_reference`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from kernel_helpers import SELECTION_CASES, Case, loop_reference, make_inputs
+
+from had_hf.kernels import (
+    hamming_scores_packed,
+    hamming_topk_attention,
+    pack_sign_bits,
+    popcount32,
+    reference_hamming_topk_attention,
+    unpack_sign_bits,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128, 256, 96])
+def test_pack_round_trip_and_sign_of_zero(dim):
+    x = torch.randn(3, 5, dim)
+    x[0, 0, :7] = 0.0
+    x[0, 1, :7] = -0.0  # IEEE -0.0 >= 0 too: sign(-0.0) = +1
+    words = pack_sign_bits(x)
+    assert words.shape == (3, 5, dim // 32) and words.dtype == torch.int32
+    assert torch.equal(unpack_sign_bits(words, dim), torch.where(x >= 0, 1.0, -1.0))
+    assert torch.equal(unpack_sign_bits(words, dim)[0, :2, :7], torch.ones(2, 7))
+
+
+def test_pack_bit_layout():
+    x = -torch.ones(2, 64)
+    x[0, 33] = 1.0  # dimension 33 = bit 1 of word 1
+    x[1, 31] = 2.0  # bit 31 of word 0: the int32 sign bit
+    words = pack_sign_bits(x)
+    assert words.tolist() == [[0, 2], [-(2**31), 0]]
+    # int64 words of 64 dimensions are the same bits, little-endian
+    assert torch.equal(unpack_sign_bits(words.view(torch.int64)), unpack_sign_bits(words))
+
+
+def test_pack_rejects_bad_dims():
+    with pytest.raises(ValueError):
+        pack_sign_bits(torch.randn(2, 48))
+    with pytest.raises(ValueError):
+        unpack_sign_bits(torch.zeros(2, 2, dtype=torch.int32), 32)
+
+
+def test_popcount_matches_python():
+    words = torch.randint(-(2**31), 2**31 - 1, (1000,), dtype=torch.int32)
+    words[:3] = torch.tensor([0, -1, -(2**31)], dtype=torch.int32)
+    expected = [bin(w & 0xFFFFFFFF).count("1") for w in words.tolist()]
+    assert popcount32(words).tolist() == expected
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_hamming_scores_are_binary_dot_products(dim):
+    query, key = torch.randn(2, 3, 7, dim), torch.randn(2, 3, 50, dim)
+    scores = hamming_scores_packed(pack_sign_bits(query), pack_sign_bits(key))
+    expected = torch.where(query >= 0, 1.0, -1.0) @ torch.where(key >= 0, 1.0, -1.0).transpose(-1, -2)
+    assert scores.dtype == torch.int32 and torch.equal(scores.double(), expected.double())
+    assert int(scores.abs().max()) <= dim and bool(((scores - dim) % 2 == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the PyTorch reference against the float64 loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", SELECTION_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("packed", [False, True], ids=["float_keys", "packed_keys"])
+def test_reference_matches_loop(case: Case, packed: bool):
+    query, key, value, valid = make_inputs(case, seed=hash(case.id) % 1000, value_dtype=torch.float64)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    key_arg = pack_sign_bits(key) if packed else key
+    out, keep = reference_hamming_topk_attention(
+        query, key_arg, value, valid, case.top_n, case.alpha, return_keep=True
+    )
+    assert torch.equal(keep, expected_keep)
+    assert torch.allclose(out, expected, atol=1e-12, rtol=0)
+    # the cases are built to exercise the rules: some row keeps exactly N with ties cut at the threshold
+    valid_counts = (torch.ones_like(keep) if valid is None else valid.expand_as(keep)).sum(-1)
+    assert torch.equal(keep.sum(-1), valid_counts.clamp(max=case.top_n))
+
+
+def test_reference_heavy_ties_cut_by_index():
+    # every key has the same score: the first N valid keys in index order are the kept set
+    query = torch.ones(1, 1, 1, 32)
+    key = torch.ones(1, 1, 50, 32)
+    valid = torch.ones(1, 1, 1, 50, dtype=torch.bool)
+    valid[..., :5] = False
+    _, keep = reference_hamming_topk_attention(query, key, torch.randn(1, 1, 50, 8), valid, 10, 1.0, return_keep=True)
+    assert keep[0, 0, 0].nonzero().flatten().tolist() == list(range(5, 15))
+
+
+def test_reference_fully_masked_rows_are_zero():
+    case = Case(mask="empty_rows", query_len=2, num_keys=30, top_n=5)
+    query, key, value, valid = make_inputs(case)
+    valid = torch.zeros_like(valid)
+    out = reference_hamming_topk_attention(query, key, value, valid, 5, 0.5)
+    assert not out.isnan().any() and bool((out == 0).all())
+
+
+def test_reference_chunks_long_queries(monkeypatch):
+    import had_hf.kernels.reference as reference
+
+    case = Case(query_len=9, mask="causal", num_keys=60, top_n=7)
+    query, key, value, valid = make_inputs(case)
+    whole, whole_keep = reference_hamming_topk_attention(query, key, value, valid, 7, 0.5, return_keep=True)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 1)  # one query row per chunk
+    out, keep = reference_hamming_topk_attention(query, key, value, valid, 7, 0.5, return_keep=True)
+    assert torch.equal(keep, whole_keep)
+    assert torch.allclose(out, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_dispatch_on_cpu_uses_reference():
+    case = Case(mask="padding", num_keys=64, top_n=9)
+    query, key, value, valid = make_inputs(case)
+    expected = reference_hamming_topk_attention(query, key, value, valid, case.top_n, case.alpha)
+    assert torch.equal(hamming_topk_attention(query, key, value, valid, case.top_n, case.alpha), expected)
+    packed = pack_sign_bits(key)
+    assert torch.equal(hamming_topk_attention(query, packed, value, valid, case.top_n, case.alpha), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels through the interpreter (CPU): a subprocess, since TRITON_INTERPRET must be set before triton loads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@requires_triton
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    source = str(TESTS_DIR.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(TESTS_DIR / "interpret_triton_cases.py"),
+    ]
+    result = subprocess.run(command, env=env, cwd=TESTS_DIR.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: exact selection at the small cases and at every benchmarked shape, bf16 outputs against float64
+# ---------------------------------------------------------------------------------------------------------------------
+
+# the shapes of benchmarks/decode.py: (batch, query heads, kv heads, head dim, keys)
+BENCHMARK_SHAPES = [
+    (8, 16, 16, 64, 16384),
+    (8, 16, 16, 64, 65536),
+    (8, 16, 16, 64, 131072),
+    (1, 32, 8, 128, 131072),
+]
+
+
+def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.double() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("case", SELECTION_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_gpu_kernel_small_cases(case: Case, num_splits):
+    from had_hf.kernels.triton_decode import hamming_topk_decode
+
+    query, key, value, valid = make_inputs(case, seed=7, value_dtype=torch.float64)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    cuda = torch.device("cuda")
+    query_c, value_c = query.to(cuda, torch.bfloat16), value.to(cuda, torch.bfloat16)
+    key_words = pack_sign_bits(key).to(cuda)
+    valid_c = None if valid is None else valid.to(cuda)
+    out, keep = hamming_topk_decode(
+        query_c,
+        key_words,
+        value_c,
+        valid_c,
+        case.top_n,
+        case.alpha,
+        num_splits=num_splits,
+        block_n=32,
+        return_keep=True,
+    )
+    assert torch.equal(keep.cpu(), expected_keep)
+    assert not out.isnan().any()
+    # values rounded to bf16 on the way in, weights to bf16 in the kernel: a few bf16 ulps
+    assert torch.allclose(out.double().cpu(), expected, atol=3e-2, rtol=2e-2)
+    # float32 values: the same kernel in full precision
+    out32 = hamming_topk_decode(query_c, key_words, value.float().to(cuda), valid_c, case.top_n, case.alpha)
+    assert torch.allclose(out32.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("shape", BENCHMARK_SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}/{s[2]}-d{s[3]}-n{s[4]}")
+def test_gpu_kernel_benchmark_shapes(shape):
+    from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits
+
+    batch, num_heads, num_kv_heads, dim, n = shape
+    top_n = math.ceil(0.117 * n)
+    generator = torch.Generator(device="cuda").manual_seed(n + num_heads)
+    query = torch.randn(batch, num_heads, 1, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    key = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    value = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    # left padding on half of the batch; random normal keys give ~d+1 score levels over n keys: heavy ties
+    valid = torch.ones(batch, 1, 1, n, dtype=torch.bool, device="cuda")
+    valid[batch // 2 :, ..., : n // 3] = False
+    key_words = triton_pack_sign_bits(key)
+    assert torch.equal(key_words, pack_sign_bits(key))
+    alpha = 0.4 / math.sqrt(dim)
+    for mask in (None, valid):
+        out, keep = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, return_keep=True)
+        ref64, ref_keep = reference_hamming_topk_attention(
+            query, key_words, value.double(), mask, top_n, alpha, return_keep=True
+        )
+        assert torch.equal(keep, ref_keep)
+        assert _relative_error(out, ref64) < 1e-2
+        # the dispatcher (float keys: packs them first) takes the same path
+        assert torch.equal(hamming_topk_attention(query, key, value, mask, top_n, alpha), out)
+        del keep, ref_keep, ref64
