@@ -148,6 +148,16 @@ class HADDistillationTrainer(Trainer):
             self._had_metrics["loss_out"].append(loss_out.detach().item())
         return (loss, student_outputs) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation runs the student alone (no teacher, no logit capture): the metrics are the student's."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad():
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        if prediction_loss_only:
+            return None, None, None
+        return None, outputs.logits.detach(), labels
+
     # ---------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(key.startswith("eval_") for key in logs):
