@@ -120,6 +120,17 @@ def _store_from(kwargs: dict) -> HADCaptureStore | None:
     return kwargs.get(STORE_KWARG)
 
 
+def _prologue(module, query, key, attention_mask, scaling, kwargs):
+    """What both attention functions start with: count the call, default scale, normalized mask."""
+    global call_count
+    call_count += 1
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    is_causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    valid, mask_bias = valid_keys_and_bias(attention_mask, query.shape[-2], key.shape[-2], is_causal, query.device)
+    return scaling, valid, mask_bias
+
+
 def hamming_topk_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -132,16 +143,11 @@ def hamming_topk_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HAD attention: stage transform of Q and K, logits, top-N, softmax over the kept keys, sparse A.V."""
-    global call_count
-    call_count += 1
+    scaling, valid, mask_bias = _prologue(module, query, key, attention_mask, scaling, kwargs)
     config = resolve_config(module)
     name = getattr(module, "_had_name", None)
     store = _store_from(kwargs)
-    query_len, key_len = query.shape[-2], key.shape[-2]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    is_causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    valid, mask_bias = valid_keys_and_bias(attention_mask, query_len, key_len, is_causal, query.device)
+    key_len = key.shape[-2]
     is_cross = bool(getattr(module, "_had_is_cross", False))
 
     if not config.binarizes(is_cross):
@@ -246,13 +252,7 @@ def dense_capture_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager softmax attention that fills a `HADCaptureStore`: the teacher's side of the distillation loss, and
     the dense pass of calibration. Numerically the same as transformers' eager attention."""
-    global call_count
-    call_count += 1
-    query_len, key_len = query.shape[-2], key.shape[-2]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    is_causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    valid, mask_bias = valid_keys_and_bias(attention_mask, query_len, key_len, is_causal, query.device)
+    scaling, valid, mask_bias = _prologue(module, query, key, attention_mask, scaling, kwargs)
     name = getattr(module, "_had_name", None)
     return _dense_attention(
         module, name, _store_from(kwargs), query, key, value, valid, mask_bias, scaling, dropout, position_bias
