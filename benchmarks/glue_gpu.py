@@ -55,32 +55,82 @@ def prepare_carry(args) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(dest / "minilm")
 
 
+# levers the paper leaves open (issue 7), each one option of the recipe; the paper's behaviour stays the default
+LEVERS = {
+    "refine_attn": ["--refinement_attention_loss_weight", "1.0"],  # keep the attention loss in stage 4
+    "clip2": ["--ste_clip", "2.0"],  # STE passes gradient on |x / sigma| <= 2 instead of 1
+    "lr1e-4": ["--learning_rate", "1e-4", "--refinement_learning_rate", "1e-5"],
+    "lr2e-5": ["--learning_rate", "2e-5", "--refinement_learning_rate", "2e-6"],  # the paper's learning rates
+}
+
+
+def _plan(args) -> list[tuple[str, str, list[str]]]:
+    """(task, variant, extra flags) of every run: HAD on each task, the ablations, the requested levers."""
+    plan = []
+    for task in args.tasks.split(","):
+        plan.append((task, "had", []))
+        if task in args.ablation_tasks.split(","):
+            plan += [(task, variant, VARIANTS[variant]) for variant in ("wo_ad", "wo_tanh")]
+    for item in filter(None, args.levers.split(",")):
+        task, _, lever = item.partition(":")
+        if lever not in LEVERS:
+            raise SystemExit(f"Unknown lever {lever!r} in --levers; known: {', '.join(LEVERS)}.")
+        plan.append((task, lever, LEVERS[lever]))
+    return plan
+
+
 def run(args) -> None:
+    """Starts the runs as parallel processes. Each task's teacher is fine-tuned once, by its `had` run; the task's
+    other runs start from that saved teacher (so every variant of a task is distilled from the same teacher) as soon
+    as it is written."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    processes = []
-    for task in args.tasks.split(","):
-        variants = ["had"] + (["wo_ad", "wo_tanh"] if task in args.ablation_tasks.split(",") else [])
-        for variant in variants:
-            run_dir = out / f"{task}_{variant}"
-            command = [
-                sys.executable, str(REPO / "recipes/distill_glue.py"),
-                "--task_name", task, "--glue_dir", args.glue_dir, "--model_name_or_path", args.teacher,
-                "--finetune_teacher_epochs", str(TEACHER_EPOCHS[task]), "--max_seq_length", "128",
-                "--max_steps", str(args.max_steps), "--output_dir", str(run_dir), "--seed", str(args.seed),
-                "--per_device_eval_batch_size", "256", "--logging_steps", "50", "--save_strategy", "no",
-                "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "2",
-                "--learning_rate", str(args.learning_rate), "--refinement_learning_rate", str(args.refinement_learning_rate),
-                *VARIANTS[variant],
-            ]  # fmt: skip
-            log = open(out / f"{task}_{variant}.log", "w")
-            processes.append(
-                (task, variant, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time())
-            )
-            print("started", task, variant, flush=True)
-    for task, variant, process, start in processes:
+    (out / "run_command.txt").write_text(" ".join(["python", *sys.argv]) + "\n")
+    common = [
+        "--glue_dir", args.glue_dir, "--max_seq_length", "128", "--max_steps", str(args.max_steps),
+        "--seed", str(args.seed), "--per_device_eval_batch_size", "256", "--logging_steps", "50",
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+        "--dataloader_num_workers", str(args.dataloader_num_workers),
+        "--learning_rate", str(args.learning_rate), "--refinement_learning_rate", str(args.refinement_learning_rate),
+    ]  # fmt: skip
+    if args.eval_steps:
+        common += ["--eval_strategy", "steps", "--eval_steps", str(args.eval_steps)]
+    waiting, running = [], []
+
+    def start(task, variant, teacher_flags, extra):
+        run_dir = out / f"{task}_{variant}"
+        command = [
+            sys.executable, str(REPO / "recipes/distill_glue.py"), "--task_name", task, *teacher_flags, *common,
+            "--output_dir", str(run_dir), *extra,
+        ]  # fmt: skip
+        log = open(out / f"{task}_{variant}.log", "w")
+        running.append((task, variant, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time()))
+        print(f"{time.strftime('%H:%M:%S')} started {task} {variant}", flush=True)
+
+    for task, variant, extra in _plan(args):
+        if variant == "had":
+            start(task, variant, ["--model_name_or_path", args.teacher, "--finetune_teacher_epochs",
+                                  str(TEACHER_EPOCHS[task])], extra)  # fmt: skip
+        else:
+            waiting.append((task, variant, extra))
+    while waiting:
+        for item in list(waiting):
+            task, variant, extra = item
+            teacher_dir = out / f"{task}_had" / "teacher"
+            # Trainer.save_model writes the training arguments last
+            if (teacher_dir / "training_args.bin").exists():
+                time.sleep(2)
+                start(
+                    task, variant, ["--model_name_or_path", str(teacher_dir), "--finetune_teacher_epochs", "0"], extra
+                )
+                waiting.remove(item)
+            elif not any(t == task and v == "had" and p.poll() is None for t, v, p, _ in running):
+                print(f"{task} {variant}: not started, the teacher run ended without saving a teacher", flush=True)
+                waiting.remove(item)
+        time.sleep(5)
+    for task, variant, process, started in running:
         code = process.wait()
-        print(f"{task} {variant}: exit {code} after {time.time() - start:.0f} s", flush=True)
+        print(f"{task} {variant}: exit {code} after {time.time() - started:.0f} s", flush=True)
 
 
 def collect(args) -> dict:
@@ -124,6 +174,14 @@ def collect(args) -> dict:
             if f"{task}_{variant}" in runs:
                 row[variant] = 100 * runs[f"{task}_{variant}"]["student"][metric]
         rows.append(row)
+    levers = []
+    for entry in runs.values():
+        if entry["variant"] in LEVERS and f"{entry['task']}_had" in runs:
+            metric = entry["main_metric"]
+            base = 100 * runs[f"{entry['task']}_had"]["student"][metric]
+            value = 100 * entry["student"][metric]
+            levers.append({"task": entry["task"], "lever": entry["variant"], "flags": " ".join(LEVERS[entry["variant"]]),
+                           "metric": metric, "had": base, "with_lever": value, "change": value - base})  # fmt: skip
     gpu = None
     try:
         import torch
@@ -133,9 +191,11 @@ def collect(args) -> dict:
         pass
     summary = {
         "table": rows,
+        "levers": levers,
         "runs": runs,
         "gpu": gpu or args.gpu,
         "host": platform.node(),
+        "run_command": (out / "run_command.txt").read_text().strip() if (out / "run_command.txt").exists() else None,
         "command": " ".join(["python", *sys.argv]),
         "note": "teacher: all-MiniLM-L6-v2 (head dim 32) fine-tuned per task; the paper's teacher is BERT-base",
     }
@@ -147,6 +207,8 @@ def collect(args) -> dict:
             f"{row['task']:<6}{row['metric']:<10}{row['teacher']:>9.2f}{row['had']:>9.2f}{row['drop']:>8.2f}"
             f"{row['paper_drop']:>12.2f}{row.get('wo_ad', float('nan')):>9.2f}{row.get('wo_tanh', float('nan')):>10.2f}"
         )
+    for row in levers:
+        print(f"lever {row['task']} {row['lever']} ({row['flags']}): {row['had']:.2f} -> {row['with_lever']:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -170,6 +232,9 @@ def main() -> None:
     p.add_argument("--learning_rate", type=float, default=2e-5)
     p.add_argument("--refinement_learning_rate", type=float, default=2e-6)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--levers", default="", help="comma-separated task:lever runs, levers: " + ", ".join(LEVERS))
+    p.add_argument("--eval_steps", type=int, default=0, help="also evaluate every this many steps (the curve)")
+    p.add_argument("--dataloader_num_workers", type=int, default=1)
     p.set_defaults(func=run)
     p = sub.add_parser("collect")
     p.add_argument("--out", required=True)
