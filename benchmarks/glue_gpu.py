@@ -61,6 +61,9 @@ LEVERS = {
     "clip2": ["--ste_clip", "2.0"],  # STE passes gradient on |x / sigma| <= 2 instead of 1
     "lr1e-4": ["--learning_rate", "1e-4", "--refinement_learning_rate", "1e-5"],
     "lr2e-5": ["--learning_rate", "2e-5", "--refinement_learning_rate", "2e-6"],  # the paper's learning rates
+    "sigma_head": ["--sigma_per_head", "true"],  # one sigma (softmax temperature factor) per head, not per layer
+    "no_refine": ["--refinement_steps", "0"],  # stop after the STE stage
+    "n64": ["--top_n", "64"],
 }
 
 

@@ -3,7 +3,8 @@
 # after the first (the runs go on between them in a process started with setsid):
 #   bash benchmarks/glue_gpu_session.sh start   # starts the runs, waits up to ~9.5 minutes
 #   bash benchmarks/glue_gpu_session.sh finish  # waits for the end, collects into $OUT/glue.json (+ logs)
-# with .carry/ carried (see `python benchmarks/glue_gpu.py prepare_carry`).
+# with .carry/ carried (see `python benchmarks/glue_gpu.py prepare_carry`). The second round (STS-B levers) ran
+#   TASKS=stsb ABLATION_TASKS=none LEVERS=stsb:sigma_head,stsb:no_refine,stsb:n64 bash benchmarks/glue_gpu_session.sh start
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 RUN=/tmp/glue_runs
@@ -20,7 +21,8 @@ start)
   python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
   setsid bash -c "python benchmarks/glue_gpu.py run --glue_dir .carry/glue --teacher .carry/minilm --out $RUN \
     --max_steps ${MAX_STEPS:-5000} --eval_steps 500 --learning_rate 5e-5 --refinement_learning_rate 5e-6 \
-    --levers stsb:refine_attn,stsb:clip2,stsb:lr1e-4,sst2:refine_attn > $RUN.log 2>&1; touch $RUN.done" &
+    --tasks ${TASKS:-sst2,mrpc,stsb,rte} --ablation_tasks ${ABLATION_TASKS:-sst2,stsb} \
+    --levers ${LEVERS:-stsb:refine_attn,stsb:clip2,stsb:lr1e-4,sst2:refine_attn} > $RUN.log 2>&1; touch $RUN.done" &
   sleep 5
   wait_done 555
   ;;

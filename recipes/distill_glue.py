@@ -227,7 +227,10 @@ def main(argv: list[str]) -> dict:
     student = copy.deepcopy(teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)).train()
     teacher = copy.deepcopy(student).eval()
     had_config = HADConfig(
-        top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio, ste_clip=training_args.ste_clip
+        top_n=script_args.top_n,
+        top_n_ratio=script_args.top_n_ratio,
+        ste_clip=training_args.ste_clip,
+        sigma_per_head=training_args.sigma_per_head,
     )
     had_hf.convert(student, had_config)
     schedule = training_args.schedule()

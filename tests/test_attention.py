@@ -41,7 +41,10 @@ def naive_hamming_attention(query, key, value, valid, top_n, sigma_q, sigma_k, s
                 kept_sets[(b, h, i)] = sorted(j for _, j in kept)
                 if not kept:
                     continue
-                alpha = sigma_q * sigma_k * scaling
+                # per-head sigma: sigma_q one value per query head, sigma_k one per key/value head
+                s_q = sigma_q[h] if isinstance(sigma_q, (list, tuple)) else sigma_q
+                s_k = sigma_k[h // group] if isinstance(sigma_k, (list, tuple)) else sigma_k
+                alpha = s_q * s_k * scaling
                 exps = [math.exp(alpha * (s - kept[0][0])) for s, _ in kept]
                 total = sum(exps)
                 for (_, j), e in zip(kept, exps):
@@ -151,3 +154,53 @@ def test_training_stages_give_finite_gradients_without_nan_on_masked_rows(stage)
     for tensor in (query, key, value):
         assert torch.isfinite(tensor.grad).all()
     assert query.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_head_sigma_matches_naive_loop(seed):
+    query, key, value, valid = _heavy_tie_inputs(seed)  # 4 query heads sharing 2 key/value heads
+    sigma_q, sigma_k = [0.5, 1.3, 2.0, 0.9], [0.7, 1.9]
+    config = HADConfig(top_n=4, sigma_q={"layer": sigma_q}, sigma_k={"layer": sigma_k})
+    scaling = 8**-0.5
+    output, weights = hamming_topk_attention_forward(_Module(config), query, key, value, valid, scaling=scaling)
+    expected, kept_sets = naive_hamming_attention(query, key, value, valid, 4, sigma_q, sigma_k, scaling)
+    for (b, h, i), kept in kept_sets.items():
+        assert torch.nonzero(weights[b, h, i]).flatten().tolist() == kept, (b, h, i)
+    torch.testing.assert_close(output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["tanh", "sign", "ste"])
+def test_per_head_sigma_gives_each_head_its_per_layer_result(stage):
+    """Head h with per-head sigma equals head h of a run whose per-layer sigma is head h's (forward and gradient)."""
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 4, 5, 8, generator=generator)
+    key = torch.randn(2, 2, 7, 8, generator=generator)
+    value = torch.randn(2, 2, 7, 8, generator=generator)
+    valid = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    sigma_q, sigma_k = [0.5, 1.3, 2.0, 0.9], [0.7, 1.9]
+
+    def run(sq, sk):
+        q = query.clone().requires_grad_(True)
+        config = HADConfig(top_n=5, stage=stage, c=0.7, sigma_q={"layer": sq}, sigma_k={"layer": sk})
+        module = _Module(config)
+        module.train()
+        output, _ = hamming_topk_attention_forward(module, q, key, value, valid, scaling=0.35)
+        output.square().sum().backward()
+        return output.transpose(1, 2), q.grad
+
+    output, grad = run(sigma_q, sigma_k)
+    for head in range(4):
+        expected, expected_grad = run(sigma_q[head], sigma_k[head // 2])
+        torch.testing.assert_close(output[:, head], expected[:, head])
+        torch.testing.assert_close(grad[:, head], expected_grad[:, head])
+
+
+def test_per_head_sigma_with_the_wrong_number_of_heads_is_refused():
+    query, key, value, valid = _heavy_tie_inputs(0)
+    config = HADConfig(top_n=4, sigma_q={"layer": [1.0, 2.0]}, sigma_k={"layer": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="2 per-head sigma_q values but 4 query heads"):
+        hamming_topk_attention_forward(_Module(config), query, key, value, valid)
+    packed = torch.zeros(2, 2, 11, 1, dtype=torch.int32)
+    config = HADConfig(top_n=4, sigma_q={"layer": [1.0] * 4}, sigma_k={"layer": [1.0] * 2})
+    with pytest.raises(ValueError, match="one sigma per head"):
+        hamming_topk_attention_forward(_Module(config), query, packed, value, valid)

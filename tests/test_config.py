@@ -26,6 +26,9 @@ def test_defaults_and_exactly_one_n_rule():
         ({"sigma_q": [1.0]}, "sigma_q must be a dict"),
         ({"sigma_k": {"layer": -2.0}}, r"sigma_k\['layer'\] must be a finite number > 0"),
         ({"binarize_cross_attention": "yes"}, "binarize_cross_attention must be True or False"),
+        ({"sigma_q": {"layer": []}}, r"sigma_q\['layer'\] must be .* a non-empty list"),
+        ({"sigma_k": {"layer": [1.0, -0.5]}}, r"sigma_k\['layer'\] must be .* a non-empty list"),
+        ({"sigma_per_head": 1}, "sigma_per_head must be True or False"),
     ],
 )
 def test_invalid_values_say_what_is_allowed(kwargs, message):
@@ -47,6 +50,13 @@ def test_sigmas_default_to_one_for_uncalibrated_layers():
     assert config.sigmas("a") == (2.0, 3.0)
     assert config.sigmas("b") == (1.0, 1.0)
     assert config.is_calibrated and not HADConfig().is_calibrated
+
+
+def test_per_head_sigmas_are_tuples_and_flagged():
+    config = HADConfig(sigma_q={"a": [2.0, 1.0], "b": 1.5}, sigma_k={"a": [3, 4]})
+    assert config.sigmas("a") == ((2.0, 1.0), (3.0, 4.0))
+    assert config.sigmas("b") == (1.5, 1.0)
+    assert config.has_per_head_sigma and not HADConfig(sigma_q={"a": 2.0}).has_per_head_sigma
 
 
 def test_json_round_trip_and_unknown_keys_dropped_with_warning():

@@ -282,6 +282,11 @@ def test_refuses_uncalibrated_and_training_stage_models(tmp_path):
     training.config.quantization_config.stage = "tanh"
     with pytest.raises(HADExportError, match="training stage 'tanh'"):
         export_had(training, tmp_path / "out")
+    per_head = had_model("bert")
+    config = per_head.config.quantization_config
+    config.sigma_q = {name: [value] * per_head.config.num_attention_heads for name, value in config.sigma_q.items()}
+    with pytest.raises(HADExportError, match="one sigma per head"):
+        export_had(per_head, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
 
 

@@ -1,5 +1,6 @@
 """The distillation trainer on a tiny BERT: stages, logging, learning rate, resume, data parallel."""
 
+import math
 import os
 import subprocess
 import sys
@@ -95,6 +96,16 @@ def test_four_stages_in_log_history(tmp_path):
     assert trainer.had_config.stage == "binary"  # ready for inference after training
     evals = [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert evals == []  # no eval dataset: nothing to evaluate at the stage ends
+
+
+def test_sigma_per_head_lever_calibrates_and_trains_per_head(tmp_path):
+    trainer = _trainer(tmp_path, sigma_per_head=True, max_steps=4)
+    trainer.train()
+    heads = trainer.model.config.num_attention_heads
+    assert trainer.had_config.sigma_per_head
+    assert all(len(values) == heads for values in trainer.had_config.sigma_q.values())
+    assert len({round(v, 6) for v in next(iter(trainer.had_config.sigma_q.values()))}) > 1  # heads differ
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
 
 def test_ablations_switch_the_attention_loss_and_tanh(tmp_path):

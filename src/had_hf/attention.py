@@ -157,14 +157,23 @@ def hamming_topk_attention_forward(
 
     sigma_q, sigma_k = config.sigmas(name)
     top_n = config.num_kept(key_len)
+    per_head = isinstance(sigma_q, tuple) or isinstance(sigma_k, tuple)
 
-    if key.dtype in (torch.int32, torch.int64) or _can_use_kernel(
-        module, config, store, position_bias, mask_bias, query
-    ):
+    packed_keys = key.dtype in (torch.int32, torch.int64)
+    if packed_keys and per_head:
+        raise ValueError(
+            f"Layer {name!r} has one sigma per head, which the packed-key decode path does not take (its softmax "
+            "temperature is one number per layer). Use a per-layer calibration (HADConfig(sigma_per_head=False)) "
+            "or a cache that keeps floating keys."
+        )
+    if packed_keys or (not per_head and _can_use_kernel(module, config, store, position_bias, mask_bias, query)):
         return _kernel_attention(query, key, value, valid, top_n, sigma_q * sigma_k * scaling, config)
 
     if store is not None:
         store.record_qk(name, query, key)
+    if per_head:
+        sigma_q = _head_sigma(sigma_q, query.shape[1], name, "sigma_q", query)
+        sigma_k = repeat_kv(_head_sigma(sigma_k, key.shape[1], name, "sigma_k", query), query.shape[1])
     key = repeat_kv(key, query.shape[1])
     value = repeat_kv(value, query.shape[1])
     if config.stage in ("ste", "binary"):
@@ -192,9 +201,18 @@ def hamming_topk_attention_forward(
             keep=keep,
             weights=weights,
             output=output,
-            alpha=torch.tensor(sigma_q * sigma_k * scaling),
+            alpha=torch.as_tensor(sigma_q * sigma_k * scaling),
         )
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _head_sigma(sigma, num_heads: int, name, which: str, like: torch.Tensor) -> torch.Tensor:
+    """A layer's sigma as a (1, H, 1, 1) tensor: a per-head tuple of H values, or one number for every head."""
+    values = sigma if isinstance(sigma, tuple) else (sigma,) * num_heads
+    if len(values) != num_heads:
+        heads = "query" if which == "sigma_q" else "key/value"
+        raise ValueError(f"Layer {name!r} has {len(values)} per-head {which} values but {num_heads} {heads} heads.")
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, num_heads, 1, 1)
 
 
 def _add_biases(logits: torch.Tensor, *biases: torch.Tensor | None) -> torch.Tensor:

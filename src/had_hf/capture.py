@@ -25,6 +25,8 @@ class HADCaptureStore:
             the boolean mask of valid keys: what the attention-map distillation loss of METHOD.md section 4 needs.
         capture_qk_std (`bool`, *optional*, defaults to `False`):
             Record the standard deviation of the raw queries and keys (calibration, METHOD.md section 3).
+        qk_std_per_head (`bool`, *optional*, defaults to `False`):
+            With `capture_qk_std`, record one standard deviation per head (lists) instead of one per layer.
         capture_details (`bool`, *optional*, defaults to `False`):
             Record the binarized queries and keys (±1 int8), the kept-key mask, the attention weights and the
             attention output per layer (golden vectors for the exporter).
@@ -33,6 +35,7 @@ class HADCaptureStore:
     capture_logits: bool = True
     capture_qk_std: bool = False
     capture_details: bool = False
+    qk_std_per_head: bool = False
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
     valid: dict[str, torch.Tensor] = field(default_factory=dict)
     qk_std: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -47,7 +50,13 @@ class HADCaptureStore:
     def record_qk(self, name: str, query: torch.Tensor, key: torch.Tensor) -> None:
         if self.capture_qk_std:
             with torch.no_grad():
-                self.qk_std[name] = (query.float().std().item(), key.float().std().item())
+                if self.qk_std_per_head:
+                    # (B, H, T, d): one std per head, over batch, positions and dimensions
+                    self.qk_std[name] = tuple(
+                        x.float().transpose(0, 1).reshape(x.shape[1], -1).std(dim=1).tolist() for x in (query, key)
+                    )
+                else:
+                    self.qk_std[name] = (query.float().std().item(), key.float().std().item())
 
     def record_logits(self, name: str, logits: torch.Tensor, valid: torch.Tensor) -> None:
         if self.capture_logits:

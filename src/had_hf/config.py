@@ -36,7 +36,13 @@ class HADConfig(QuantizationConfigMixin):
             (e.g. `"bert.encoder.layer.0.attention.self"`). `None` until `had_hf.calibrate` has run; an
             uncalibrated layer uses 1.0.
         sigma_k (`dict[str, float]`, *optional*):
-            Same as `sigma_q`, for the keys.
+            Same as `sigma_q`, for the keys. A value may also be a list of floats, one per head (one per key/value
+            head for `sigma_k`): see `sigma_per_head`.
+        sigma_per_head (`bool`, *optional*, defaults to `False`):
+            Whether `had_hf.calibrate` measures one sigma per head instead of one per layer (METHOD.md's choice).
+            Not in the paper: a lever of our own, which gives each head its own softmax temperature
+            `alpha = sigma_q * sigma_k * s` in the binary stage. The Triton decode kernels and the exporter take
+            per-layer sigma only.
         stage (`str`, *optional*, defaults to `"binary"`):
             The transform applied to queries and keys: `"tanh"` (stage 1, `sigma*c*tanh(x/(c*sigma))`), `"sign"`
             (stage 2, `sigma*tanh(x/(c*sigma))`), `"ste"` (stages 3-4, `sigma*sign(x)` with a clipped
@@ -57,6 +63,7 @@ class HADConfig(QuantizationConfigMixin):
     top_n_ratio: float | None = field(default=None, metadata={"help": "Keep ceil(ratio * n_keys) keys per query."})
     sigma_q: dict[str, float] | None = field(default=None, metadata={"help": "Per-layer query std (calibrated)."})
     sigma_k: dict[str, float] | None = field(default=None, metadata={"help": "Per-layer key std (calibrated)."})
+    sigma_per_head: bool = field(default=False, metadata={"help": "Calibrate sigma per head, not per layer."})
     stage: str = field(default="binary", metadata={"help": f"One of {STAGES}."})
     c: float = field(default=1.0, metadata={"help": "Temperature of the tanh stages."})
     ste_clip: float = field(default=1.0, metadata={"help": "STE passes gradient where |x/sigma| <= ste_clip."})
@@ -93,7 +100,7 @@ class HADConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
         for name in ("sigma_q", "sigma_k"):
             setattr(self, name, _validate_sigma(name, getattr(self, name)))
-        for name in ("binarize_self_attention", "binarize_cross_attention"):
+        for name in ("binarize_self_attention", "binarize_cross_attention", "sigma_per_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
@@ -103,11 +110,20 @@ class HADConfig(QuantizationConfigMixin):
             return self.top_n
         return max(1, math.ceil(self.top_n_ratio * num_keys))
 
-    def sigmas(self, layer_name: str | None) -> tuple[float, float]:
-        """The (sigma_q, sigma_k) of a layer; 1.0 where the layer is not calibrated."""
-        sigma_q = (self.sigma_q or {}).get(layer_name, 1.0) if layer_name is not None else 1.0
-        sigma_k = (self.sigma_k or {}).get(layer_name, 1.0) if layer_name is not None else 1.0
-        return float(sigma_q), float(sigma_k)
+    def sigmas(self, layer_name: str | None) -> tuple[float | tuple[float, ...], float | tuple[float, ...]]:
+        """The (sigma_q, sigma_k) of a layer: floats, or tuples (one per head) where calibrated per head; 1.0 where
+        the layer is not calibrated."""
+        values = []
+        for table in (self.sigma_q, self.sigma_k):
+            value = (table or {}).get(layer_name, 1.0) if layer_name is not None else 1.0
+            values.append(tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value))
+        return values[0], values[1]
+
+    @property
+    def has_per_head_sigma(self) -> bool:
+        """Whether any layer has one sigma per head (lists in `sigma_q` / `sigma_k`)."""
+        tables = [self.sigma_q or {}, self.sigma_k or {}]
+        return any(isinstance(value, (list, tuple)) for table in tables for value in table.values())
 
     @property
     def is_calibrated(self) -> bool:
@@ -143,7 +159,11 @@ class HADConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
 
-def _validate_sigma(name: str, value: Any) -> dict[str, float] | None:
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _validate_sigma(name: str, value: Any) -> dict[str, float | list[float]] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -152,9 +172,19 @@ def _validate_sigma(name: str, value: Any) -> dict[str, float] | None:
     for layer, sigma in value.items():
         if not isinstance(layer, str):
             raise ValueError(f"{name} keys must be module names (str), got {layer!r}.")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"{name}[{layer!r}] must be a finite number > 0, got {sigma!r}.")
-        checked[layer] = float(sigma)
+        if isinstance(sigma, (list, tuple)):
+            if not sigma or not all(_positive_number(v) for v in sigma):
+                raise ValueError(
+                    f"{name}[{layer!r}] must be a finite number > 0 or a non-empty list of them (one per head), "
+                    f"got {sigma!r}."
+                )
+            checked[layer] = [float(v) for v in sigma]
+        elif _positive_number(sigma):
+            checked[layer] = float(sigma)
+        else:
+            raise ValueError(
+                f"{name}[{layer!r}] must be a finite number > 0 or a list of them (one per head), got {sigma!r}."
+            )
     return checked
 
 

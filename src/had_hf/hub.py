@@ -513,7 +513,9 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _format_value(value: float | None) -> str:
+def _format_value(value: float | list[float] | None) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"{min(value):.4f}–{max(value):.4f} ({len(value)} heads)"
     return f"{value:.4f}" if value is not None else "–"
 
 

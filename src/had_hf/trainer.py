@@ -69,6 +69,8 @@ class HADDistillationTrainer(Trainer):
             convert(model, had_config)
         self.had_config: HADConfig = model.config.quantization_config
         self.had_config.ste_clip = args.ste_clip
+        if args.sigma_per_head:
+            self.had_config.sigma_per_head = True
 
         use_dense_capture(teacher_model)
         teacher_layers, student_layers = attention_module_names(teacher_model), attention_module_names(model)

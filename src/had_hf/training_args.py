@@ -42,6 +42,8 @@ class HADTrainingArguments(TrainingArguments):
             "w/o tanh" ablation).
         calibration_batches (`int`, *optional*, defaults to 100): minibatches for sigma calibration.
         calibration_batch_size (`int`, *optional*, defaults to 16): their size.
+        sigma_per_head (`bool`, *optional*, defaults to `False`): calibrate one sigma per head instead of one per
+            layer (not in the paper; see `HADConfig.sigma_per_head`).
     """
 
     c_start: float = field(default=5.0, metadata={"help": "c at the start of stage 1 (tanh)."})
@@ -64,6 +66,9 @@ class HADTrainingArguments(TrainingArguments):
     )
     calibration_batches: int = field(default=100, metadata={"help": "Minibatches for sigma calibration."})
     calibration_batch_size: int = field(default=16, metadata={"help": "Batch size of the calibration minibatches."})
+    sigma_per_head: bool = field(
+        default=False, metadata={"help": "Calibrate one sigma per head instead of per layer (not in the paper)."}
+    )
 
     # Defaults changed from TrainingArguments (see the class docstring).
     learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of stages 1-3 (Adam)."})

@@ -491,6 +491,11 @@ def _check_had_model(model: Any) -> HADConfig:
         )
     if not had_config.is_calibrated:
         raise HADExportError(f"{_NOT_CALIBRATED} (the HADConfig has no sigma_q / sigma_k at all).")
+    if had_config.has_per_head_sigma:
+        raise HADExportError(
+            "The model has one sigma per head (HADConfig.sigma_per_head); the exporter, its ONNX graph and the CAM "
+            "datapath take one sigma_q and one sigma_k per layer. Distill with per-layer sigma to export."
+        )
     return had_config
 
 
