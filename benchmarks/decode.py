@@ -74,11 +74,13 @@ SMOKE_SHAPES = [Shape("smoke-mha", 2, 2, 2, 64, 300), Shape("smoke-gqa", 1, 8, 2
 # launch options of the kernel sweep; the first is the kernel's default
 KERNEL_CONFIGS = [
     {},
+    dict(num_stages=1),
     dict(programs_per_sm=4),
     dict(programs_per_sm=16),
-    dict(programs_per_sm=16, block_n=256),
-    dict(programs_per_sm=8, single_row_dot=True),
-    dict(programs_per_sm=8, num_stages=1),
+    dict(gather_block=128),
+    dict(num_warps=8),
+    dict(gather_block=128, num_stages=1),
+    dict(programs_per_sm=16, num_stages=1),
 ]
 
 

@@ -63,6 +63,40 @@ def test_decode_kernel_selects_exactly(case: Case, launch):
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+# (case, num_splits, split_block, num_stages): more splits than a tile of the last programs' reductions, so that they
+# loop over tiles (the last one partial), and heavy ties whose quota is handed out across several tiles (the carry of
+# the prefix sum); R_BLOCK 2 and 8; per-kernel num_stages (ignored by the interpreter: the wrapper's plumbing)
+SPLIT_TILE_CASES = [
+    (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 2, (1, None, 2)),
+    (Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=700, top_n=150, patterns=2), 11, 4, None),
+]
+
+
+@pytest.mark.parametrize(
+    "case, num_splits, split_block, num_stages", SPLIT_TILE_CASES, ids=lambda x: getattr(x, "id", str(x))
+)
+def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, split_block, num_stages):
+    query, key, value, valid = make_inputs(case, seed=13)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    out, keep = hamming_topk_decode(
+        query,
+        pack_sign_bits(key),
+        value,
+        valid,
+        case.top_n,
+        case.alpha,
+        num_splits=num_splits,
+        split_block=split_block,
+        num_stages=num_stages,
+        return_keep=True,
+    )
+    assert torch.equal(keep, expected_keep)
+    # the kept ties reach past the first tile of splits (64 keys each): the quota crossed tiles
+    assert int((keep * torch.arange(case.num_keys)).max()) >= 64 * split_block
+    assert not out.isnan().any()
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_kernel_bf16_values_and_strided_inputs():
     case = Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=100, top_n=15)
     query, key, value, valid = make_inputs(case, seed=5)

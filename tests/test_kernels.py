@@ -215,6 +215,41 @@ def test_gpu_kernel_small_cases(case: Case, num_splits):
     assert torch.allclose(out32.double().cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
+# more splits than a tile of the last programs' reductions, heavy ties whose quota crosses tiles (the interpreter
+# runs the same cases: interpret_triton_cases.SPLIT_TILE_CASES)
+SPLIT_TILE_CASES = [
+    Case(num_keys=700, top_n=300, mask="padding", patterns=1),
+    Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=700, top_n=150, patterns=2),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("case", SPLIT_TILE_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("split_block", [1, 2, 4, 32])
+@pytest.mark.parametrize("num_stages", [None, 1, (1, 3, 2)], ids=str)
+def test_gpu_kernel_split_tiles(case: Case, split_block, num_stages):
+    from had_hf.kernels.triton_decode import hamming_topk_decode
+
+    query, key, value, valid = make_inputs(case, seed=13)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    cuda = torch.device("cuda")
+    out, keep = hamming_topk_decode(
+        query.to(cuda),
+        pack_sign_bits(key).to(cuda),
+        value.to(cuda),
+        valid.to(cuda),
+        case.top_n,
+        case.alpha,
+        num_splits=11,
+        split_block=split_block,
+        num_stages=num_stages,
+        return_keep=True,
+    )
+    assert torch.equal(keep.cpu(), expected_keep)
+    assert torch.allclose(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("shape", BENCHMARK_SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}/{s[2]}-d{s[3]}-n{s[4]}")

@@ -8,7 +8,7 @@ attention. The catch is the top-N: a sort costs more than the whole byte budget.
 One long row must fill the GPU, so the keys are split across programs (split-K), and the tie rule of METHOD.md
 (exactly N kept, the lower index first among equal scores) needs the splits to agree. Three launches, each program
 one (batch, kv head, row block, split); in each, the last program of a row block to finish (an atomic ticket)
-reduces what the splits wrote:
+reduces what the splits wrote, a tile of splits per load (one tile ahead, summed over the splits after the loop):
 
 1. `_distance_kernel`: Hamming distances of the group's query rows to the split's keys, stored as one byte per
    (row, key) ("codes"; masked keys get an invalid code), and a coarse histogram: 9 bins of width d/8. The last
@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -148,6 +149,68 @@ def _field_sums(acc, NUM_FIELDS: tl.constexpr, OUT: tl.constexpr):
     return totals
 
 
+# Split-K bookkeeping shared by the three kernels: each program is one (batch * kv head, row block, split) of the grid.
+
+
+@triton.jit
+def _program_rows(rows_per_group, R_BLOCK: tl.constexpr):
+    """This program's rows: their index in the kv head's group (query head hk*g + row // q, position row % q), whether
+    they exist, and their global index (b, hk, row) flattened (int64)."""
+    row = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
+    row_ok = row < rows_per_group
+    grow = tl.program_id(0).to(tl.int64) * rows_per_group + row
+    return row, row_ok, grow
+
+
+@triton.jit
+def _batch_and_kv_head(num_kv_heads):
+    """The batch entry and kv head of this program (int64: they enter addresses)."""
+    pid_bh = tl.program_id(0)
+    return (pid_bh // num_kv_heads).to(tl.int64), (pid_bh % num_kv_heads).to(tl.int64)
+
+
+@triton.jit
+def _split_keys(n_keys, split_len):
+    """The keys [start, end) of this program's split."""
+    start = tl.program_id(2) * split_len
+    return start, tl.minimum(start + split_len, n_keys)
+
+
+@triton.jit
+def _last_split(ticket_ptr, num_splits):
+    """Whether this program is the last split of its row block to finish: it then reduces what all splits wrote.
+
+    The barrier orders every thread's stores before the ticket, whose acq_rel semantics publish them to, and fetch the
+    others' for, the last program. Every split has taken its ticket when the last one does: it resets the ticket at
+    once, ready for the next call.
+    """
+    tl.debug_barrier()
+    ticket_at = ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    last = tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1
+    if last:
+        tl.atomic_xchg(ticket_at, 0)
+    return last
+
+
+@triton.jit
+def _split_tile(grow, row_ok, first, num_splits, S_BLOCK: tl.constexpr):
+    """(R, S_BLOCK) indices grow * num_splits + s of the per-(row, split) results of splits first .. first + S_BLOCK - 1,
+    and which of them exist: the last program reduces the splits a tile at a time."""
+    split = first + tl.arange(0, S_BLOCK)
+    at = grow[:, None] * num_splits + split[None, :]
+    return at, row_ok[:, None] & (split < num_splits)[None, :]
+
+
+@triton.jit
+def _load_split_tile(ptr, grow, row_ok, first, num_splits, WIDTH: tl.constexpr, S_BLOCK: tl.constexpr):
+    """The (R, S_BLOCK, WIDTH) records of WIDTH values per (row, split) of a tile of splits (zeros where the row or the
+    split does not exist), and the tile's indices and mask (`_split_tile`)."""
+    at, ok = _split_tile(grow, row_ok, first, num_splits, S_BLOCK)
+    cols = tl.arange(0, WIDTH)
+    records = tl.load(ptr + at[:, :, None] * WIDTH + cols[None, None, :], mask=ok[:, :, None], other=0)
+    return records, at, ok
+
+
 # Integers that change at every decode step and only bound loops: not specialized, so that their divisibility by 16
 # changing from one step to the next compiles nothing. Everything that enters an address (the row stride of the codes
 # is padded to a multiple of 64 for this) stays specialized: Triton vectorizes loads only when it knows alignment.
@@ -191,18 +254,12 @@ def _distance_kernel(
     HAS_MASK: tl.constexpr,
     USE_POPC: tl.constexpr,
     INVALID_CODE: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    hk = (pid_bh % num_kv_heads).to(tl.int64)
-    r_local = tl.arange(0, R_BLOCK)
-    row = pid_r * R_BLOCK + r_local  # row of the kv head's group: query head hk*g + row // q, position row % q
-    row_ok = row < rows_per_group
+    b, hk = _batch_and_kv_head(num_kv_heads)
+    row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
     head = hk * group + row // query_len
     qi = row % query_len
-    grow = pid_bh.to(tl.int64) * rows_per_group + row  # global row: (b, hk, j, i) flattened
 
     # the rows' query sign words, (R, W)
     offs_w = tl.arange(0, W)
@@ -214,8 +271,7 @@ def _distance_kernel(
     m_base = b * stride_mb + head * stride_mh + qi * stride_mi
 
     k_base = k_ptr + b * stride_kb + hk * stride_kh
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, n_keys)
+    start, end = _split_keys(n_keys, split_len)
     # per lane: 9 coarse bins of width D/8 (bin 8 holds distance D alone) as packed counters, and the smallest
     # valid distance
     coarse = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
@@ -266,22 +322,25 @@ def _distance_kernel(
     bins = tl.arange(0, 16)
     counts = _field_sums(coarse, 9, 16)
     counts = tl.where(bins[None, :] == 15, tl.min(smallest, axis=1)[:, None], counts)  # slot 15: smallest distance
-    coarse_rows = coarse_ptr + (grow * num_splits + pid_s) * 16
+    coarse_rows = coarse_ptr + (grow * num_splits + tl.program_id(2)) * 16
     tl.store(coarse_rows[:, None] + bins[None, :], counts, mask=row_ok[:, None])
 
-    # the last split to finish reduces the row block (the barrier orders every thread's stores before the ticket,
-    # whose acq_rel semantics publish them to, and fetch the others' for, the last program)
-    tl.debug_barrier()
-    ticket_at = ticket_ptr + pid_bh * tl.num_programs(1) + pid_r
-    if tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1:
-        total = tl.zeros((R_BLOCK, 16), dtype=tl.int32)
-        smallest_row = tl.full((R_BLOCK,), D + 1, dtype=tl.int32)
-        for s in range(0, num_splits):
-            split_counts = tl.load(
-                coarse_ptr + (grow[:, None] * num_splits + s) * 16 + bins[None, :], mask=row_ok[:, None], other=0
+    if _last_split(ticket_ptr, num_splits):
+        # the splits' histograms, a tile of S_BLOCK splits per load (the next tile's loads issued before the current
+        # one is added), accumulated in one (R, S_BLOCK, 16) tile: slots 0..8 summed, slot 15 (the smallest distance)
+        # minimized; reduced over the splits once, after the loop
+        is_min = (bins == 15)[None, None, :]
+        neutral = tl.where(is_min, D + 1, 0)
+        tile = tl.zeros((R_BLOCK, S_BLOCK, 16), dtype=tl.int32) + neutral
+        next_counts, next_at, next_ok = _load_split_tile(coarse_ptr, grow, row_ok, 0, num_splits, 16, S_BLOCK)
+        for first in range(0, num_splits, S_BLOCK):
+            split_counts = tl.where(next_ok[:, :, None], next_counts, neutral)
+            next_counts, next_at, next_ok = _load_split_tile(
+                coarse_ptr, grow, row_ok, first + S_BLOCK, num_splits, 16, S_BLOCK
             )
-            total += tl.where(bins[None, :] < 9, split_counts, 0)
-            smallest_row = tl.minimum(smallest_row, tl.sum(tl.where(bins[None, :] == 15, split_counts, 0), axis=1))
+            tile = tl.where(is_min, tl.minimum(tile, split_counts), tile + split_counts)
+        total = tl.where(bins[None, :] < 9, tl.sum(tile, axis=1), 0)
+        smallest_row = tl.min(tl.where(bins[None, :] == 15, tl.min(tile, axis=1), D + 1), axis=1)
         num_kept = tl.minimum(tl.sum(total, axis=1), top_n)
         # the coarse bin of the N-th smallest distance (bin 0 and nothing below when N = 0)
         cumulative = tl.cumsum(total, axis=1)
@@ -291,7 +350,6 @@ def _distance_kernel(
         tl.store(stats_ptr + grow * 8 + 1, below, mask=row_ok)
         tl.store(stats_ptr + grow * 8 + 2, tl.minimum(smallest_row, D), mask=row_ok)
         tl.store(stats_ptr + grow * 8 + 3, num_kept, mask=row_ok)
-        tl.atomic_xchg(ticket_at, 0)  # ready for the next call
 
 
 @triton.jit(do_not_specialize=("n_keys",))
@@ -311,19 +369,13 @@ def _fine_count_kernel(
     FINE_WORDS: tl.constexpr,
     R_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    r_local = tl.arange(0, R_BLOCK)
-    row = pid_r * R_BLOCK + r_local
-    row_ok = row < rows_per_group
-    grow = pid_bh.to(tl.int64) * rows_per_group + row
+    row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
     coarse_bin = tl.load(stats_ptr + grow * 8, mask=row_ok, other=0)
     low = coarse_bin * FINE  # the FINE distances of the coarse bin: low .. low + FINE - 1
 
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, n_keys)
+    start, end = _split_keys(n_keys, split_len)
     words = tl.arange(0, FINE_WORDS)
     fine = tl.zeros((R_BLOCK, FINE_WORDS, BLOCK_N), dtype=tl.int64)
     one = tl.full((R_BLOCK, FINE_WORDS, BLOCK_N), 1, dtype=tl.int64)
@@ -350,17 +402,21 @@ def _fine_count_kernel(
             if w * 8 + field < FINE:
                 field_count = tl.sum(tl.where(tl.arange(0, 8)[None, :] == field, word_counts, 0), axis=1)
                 counts = tl.where(cols[None, :] == w * 8 + field, field_count[:, None], counts)
-    fine_rows = fine_ptr + (grow * num_splits + pid_s) * FINE
+    fine_rows = fine_ptr + (grow * num_splits + tl.program_id(2)) * FINE
     tl.store(fine_rows[:, None] + cols[None, :], counts, mask=row_ok[:, None])
 
-    tl.debug_barrier()
-    ticket_at = ticket_ptr + pid_bh * tl.num_programs(1) + pid_r
-    if tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1:
-        total = tl.zeros((R_BLOCK, FINE), dtype=tl.int32)
-        for s in range(0, num_splits):
-            total += tl.load(
-                fine_ptr + (grow[:, None] * num_splits + s) * FINE + cols[None, :], mask=row_ok[:, None], other=0
+    if _last_split(ticket_ptr, num_splits):
+        # the splits' fine histograms, a tile of S_BLOCK splits per load (one tile ahead), summed over the splits once,
+        # after the loop
+        tile = tl.zeros((R_BLOCK, S_BLOCK, FINE), dtype=tl.int32)
+        next_counts, next_at, next_ok = _load_split_tile(fine_ptr, grow, row_ok, 0, num_splits, FINE, S_BLOCK)
+        for first in range(0, num_splits, S_BLOCK):
+            split_counts = next_counts
+            next_counts, next_at, next_ok = _load_split_tile(
+                fine_ptr, grow, row_ok, first + S_BLOCK, num_splits, FINE, S_BLOCK
             )
+            tile += split_counts
+        total = tl.sum(tile, axis=1)
         below = tl.load(stats_ptr + grow * 8 + 1, mask=row_ok, other=0)
         num_kept = tl.load(stats_ptr + grow * 8 + 3, mask=row_ok, other=0)
         # threshold t: the smallest h with count(dist <= h) >= N (t = 0 and a zero quota when N = 0)
@@ -369,15 +425,21 @@ def _fine_count_kernel(
         step = tl.min(tl.where(cumulative >= needed[:, None], cols[None, :], FINE - 1), axis=1)
         quota = needed - tl.sum(tl.where(cols[None, :] < step[:, None], total, 0), axis=1)
         tl.store(stats_ptr + grow * 8 + 4, low + step, mask=row_ok)
-        # the ties to keep go to the splits in index order
-        before = quota * 0
-        for s in range(0, num_splits):
-            ties = tl.load(fine_ptr + (grow * num_splits + s) * FINE + step, mask=row_ok, other=0)
-            share = tl.minimum(tl.maximum(quota - before, 0), ties)
-            tl.store(quota_ptr + (grow * num_splits + s) * 2, share, mask=row_ok)
-            tl.store(quota_ptr + (grow * num_splits + s) * 2 + 1, ties, mask=row_ok)
-            before += ties
-        tl.atomic_xchg(ticket_at, 0)
+        # the ties to keep go to the splits in index order: a split's share is what the quota leaves after the ties
+        # of the splits before it (an exclusive prefix sum over the tile, plus the ties of the tiles before it)
+        carried = tl.zeros((R_BLOCK,), dtype=tl.int32)
+        next_at, next_ok = _split_tile(grow, row_ok, 0, num_splits, S_BLOCK)
+        next_ties = tl.load(fine_ptr + next_at * FINE + step[:, None], mask=next_ok, other=0)
+        for first in range(0, num_splits, S_BLOCK):
+            ties = next_ties
+            next_at, next_ok = _split_tile(grow, row_ok, first + S_BLOCK, num_splits, S_BLOCK)
+            next_ties = tl.load(fine_ptr + next_at * FINE + step[:, None], mask=next_ok, other=0)
+            at, ok = _split_tile(grow, row_ok, first, num_splits, S_BLOCK)
+            before = carried[:, None] + tl.cumsum(ties, axis=1) - ties
+            share = tl.minimum(tl.maximum(quota[:, None] - before, 0), ties)
+            tl.store(quota_ptr + at * 2, share, mask=ok)
+            tl.store(quota_ptr + at * 2 + 1, ties, mask=ok)
+            carried += tl.sum(ties, axis=1)
 
 
 @triton.jit(do_not_specialize=("n_keys",))
@@ -421,16 +483,14 @@ def _attend_kernel(
     DOT_FP32: tl.constexpr,
     ROW_FMA: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    hk = (pid_bh % num_kv_heads).to(tl.int64)
+    b, hk = _batch_and_kv_head(num_kv_heads)
     r_local = tl.arange(0, R_BLOCK)
-    row = pid_r * R_BLOCK + r_local
-    row_ok = row < rows_per_group
-    grow = pid_bh.to(tl.int64) * rows_per_group + row
+    row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
 
     thr = tl.load(stats_ptr + grow * 8 + 4, mask=row_ok, other=-1)
     h_min = tl.load(stats_ptr + grow * 8 + 2, mask=row_ok, other=0)
@@ -441,8 +501,7 @@ def _attend_kernel(
     # a split keeps all of its ties or none, except the one where a row's quota runs out: only there are the
     # ties ranked (a scan per block)
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0
-    start = pid_s * split_len
-    end = tl.minimum(start + split_len, n_keys)
+    start, end = _split_keys(n_keys, split_len)
     # this program's list of kept keys (kept by any of its rows) and their weights: capacity split_len
     list_base = ((pid_bh.to(tl.int64) * tl.num_programs(1) + pid_r) * num_splits + pid_s) * split_len
     list_index = index_ptr + list_base
@@ -548,17 +607,23 @@ def _attend_kernel(
         acc_rows = acc_ptr + (t_grow * num_splits + pid_s) * DV
         tl.store(acc_rows[:, None] + offs_d[None, :], partial, mask=t_ok[:, None])
 
-    # the last split to finish sums the partial results of the row block (see _distance_kernel)
-    tl.debug_barrier()
-    ticket_at = ticket_ptr + pid_bh * tl.num_programs(1) + pid_r
-    if tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1:
-        numerator = tl.zeros((R_BLOCK, DV), dtype=tl.float32)
-        total = tl.zeros((R_BLOCK,), dtype=tl.float32)
-        for s in range(0, num_splits):
-            total += tl.load(l_ptr + grow * num_splits + s, mask=row_ok, other=0.0)
-            numerator += tl.load(
-                acc_ptr + ((grow * num_splits + s) * DV)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0
-            )
+    # the last split to finish sums the partial results of the row block, a tile of S_BLOCK splits per load (one tile
+    # ahead; S_BLOCK * R_BLOCK * DV is bounded at launch: the tiles and their running sum stay in registers), reduced
+    # over the splits once, after the loop
+    if _last_split(ticket_ptr, num_splits):
+        numerators = tl.zeros((R_BLOCK, S_BLOCK, DV), dtype=tl.float32)
+        totals = tl.zeros((R_BLOCK, S_BLOCK), dtype=tl.float32)
+        next_numerators, at, ok = _load_split_tile(acc_ptr, grow, row_ok, 0, num_splits, DV, S_BLOCK)
+        next_totals = tl.load(l_ptr + at, mask=ok, other=0.0)
+        for first in range(0, num_splits, S_BLOCK):
+            split_numerators = next_numerators
+            split_totals = next_totals
+            next_numerators, at, ok = _load_split_tile(acc_ptr, grow, row_ok, first + S_BLOCK, num_splits, DV, S_BLOCK)
+            next_totals = tl.load(l_ptr + at, mask=ok, other=0.0)
+            numerators += split_numerators
+            totals += split_totals
+        numerator = tl.sum(numerators, axis=1)
+        total = tl.sum(totals, axis=1)
         # a row with no valid key has a zero denominator: zeros, never NaN
         out = tl.where(total[:, None] > 0, numerator / tl.maximum(total, 1e-30)[:, None], 0.0)
         head = hk * group + row // query_len
@@ -566,11 +631,22 @@ def _attend_kernel(
         tl.store(
             out_rows[:, None] + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None]
         )
-        tl.atomic_xchg(ticket_at, 0)  # ready for the next call
 
 
 def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
+
+
+# The last program of a row block reduces the splits' results a tile of splits at a time, in registers: the tile being
+# added, the next one (loaded one iteration ahead) and their running sum hold at most this many values per thread each.
+_TILE_VALUES_PER_THREAD = 32
+
+
+def _split_tile_size(num_splits: int, split_block: int, per_split: int, num_warps: int | None) -> int:
+    """Splits per tile of a last-program reduction whose splits wrote `per_split` values each (a power of two)."""
+    budget = _TILE_VALUES_PER_THREAD * 32 * (num_warps or 4)  # Triton's default: 4 warps
+    fits = max(1, budget // per_split)
+    return min(split_block, triton.next_power_of_2(num_splits), 1 << (fits.bit_length() - 1))
 
 
 def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
@@ -623,7 +699,8 @@ def hamming_topk_decode(
     block_n: int | None = None,
     hist_block_elements: int = 1024,
     num_warps: int | None = None,
-    num_stages: int | None = None,
+    num_stages: int | Sequence[int | None] | None = None,
+    split_block: int = 32,
     gather_block: int = 64,
     single_row_dot: bool = False,
     return_keep: bool = False,
@@ -645,7 +722,10 @@ def hamming_topk_decode(
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
             counting kernels.
         num_warps (`int`, *optional*): warps per program of the kernels (Triton's default if unset).
-        num_stages (`int`, *optional*): software-pipelining stages of their loops (Triton's default if unset).
+        num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
+            three or per kernel (distance, fine count, attend; `None` entries: Triton's default, as when unset).
+        split_block (`int`, *optional*, defaults to 32): most splits per tile of the last programs' reductions (a
+            power of two); each kernel lowers it to the splits there are and to its register budget.
         gather_block (`int`, *optional*, defaults to 64): kept value rows per iteration of the attend kernel's
             gather.
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
@@ -674,6 +754,11 @@ def hamming_topk_decode(
         )
     if valid_mask is not None and valid_mask.dtype != torch.bool:
         raise TypeError(f"valid_mask must be bool (True = may attend), got {valid_mask.dtype}.")
+    if not _is_power_of_two(split_block):
+        raise ValueError(f"split_block must be a power of two, got {split_block}.")
+    stages = tuple(num_stages) if isinstance(num_stages, (tuple, list)) else (num_stages,) * 3
+    if len(stages) != 3:
+        raise ValueError(f"num_stages takes one value or three (distance, fine count, attend), got {num_stages}.")
     device = query.device
     group = num_heads // num_kv_heads
     rows_per_group = group * query_len
@@ -725,9 +810,10 @@ def hamming_topk_decode(
         mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
         mask_strides = mask_arg.stride()
     row_fma = r_block == 1 and not single_row_dot
-    launch_options = {} if num_warps is None else {"num_warps": num_warps}
-    if num_stages is not None:
-        launch_options["num_stages"] = num_stages
+    launch_options = [{} if num_warps is None else {"num_warps": num_warps} for _ in stages]
+    for options, kernel_stages in zip(launch_options, stages):
+        if kernel_stages is not None:
+            options["num_stages"] = kernel_stages
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
     _distance_kernel[grid](
@@ -757,7 +843,8 @@ def hamming_topk_decode(
         HAS_MASK=valid_mask is not None,
         USE_POPC=query.is_cuda and not _interpreting(),
         INVALID_CODE=invalid_code,
-        **launch_options,
+        S_BLOCK=_split_tile_size(num_splits, split_block, r_block * 16, num_warps),
+        **launch_options[0],
     )
     _fine_count_kernel[grid](
         codes,
@@ -775,7 +862,8 @@ def hamming_topk_decode(
         FINE_WORDS=triton.cdiv(fine, 8),
         R_BLOCK=r_block,
         BLOCK_N=count_block_n,
-        **launch_options,
+        S_BLOCK=_split_tile_size(num_splits, split_block, r_block * fine, num_warps),
+        **launch_options[1],
     )
     _attend_kernel[grid](
         codes,
@@ -811,7 +899,8 @@ def hamming_topk_decode(
         DOT_FP32=value.dtype == torch.float32 or _interpreting(),
         ROW_FMA=row_fma,
         WRITE_KEEP=return_keep,
-        **launch_options,
+        S_BLOCK=_split_tile_size(num_splits, split_block, r_block * value_dim, num_warps),
+        **launch_options[2],
     )
     if return_keep:
         keep = keep_rows[:, :n_keys].reshape(batch, num_kv_heads, group, query_len, n_keys).bool()
