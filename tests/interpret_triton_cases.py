@@ -97,6 +97,28 @@ def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, split_block, 
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_kernel_cached_layouts_across_growing_and_shrinking_calls():
+    """Decode steps reuse the workspace's cached views while their layout holds (generation: n grows by one per step),
+    rebuild them when it changes, and drop them when a buffer grows; every call must still be exact."""
+    from had_hf.kernels.triton_decode import _Workspace
+
+    sequence = [130, 131, 191, 192, 193, 900, 131, 131]  # same layout twice, a new code stride, a reallocation, back
+    for step, num_keys in enumerate(sequence):
+        case = Case(num_keys=num_keys, top_n=40, mask="padding", patterns=3)
+        query, key, value, valid = make_inputs(case, seed=20 + step)
+        expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+        out, keep = hamming_topk_decode(
+            query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, num_splits=2, return_keep=True
+        )
+        assert torch.equal(keep, expected_keep), num_keys
+        assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5), num_keys
+        workspace = _Workspace.get(query.device)
+        # every cached view lies in the live buffers (a reallocation dropped the views of the old ones)
+        live = {buffer.untyped_storage().data_ptr() for buffer in workspace.buffers.values()}
+        for views in workspace.layouts.values():
+            assert all(view.untyped_storage().data_ptr() in live for view in views)
+
+
 def test_decode_kernel_bf16_values_and_strided_inputs():
     case = Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=100, top_n=15)
     query, key, value, valid = make_inputs(case, seed=5)

@@ -51,7 +51,9 @@ from .packing import WORD_BITS, as_int32_words
 __all__ = ["hamming_topk_decode", "supports_decode_shape", "triton_pack_sign_bits"]
 
 
+@functools.cache
 def _interpreting() -> bool:
+    # Triton reads the variable once, when it is imported; so do we (an environment lookup per call costs ~5 us)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -126,7 +128,7 @@ def triton_pack_sign_bits(x: torch.Tensor) -> torch.Tensor:
     if num_words == 0:
         return out
     block_words = 64
-    grid = (triton.cdiv(num_words, block_words),)
+    grid = (_cdiv(num_words, block_words),)
     _pack_signs_kernel[grid](
         x, out, num_words, sizes[1], sizes[2], *strides, x.stride(-1), W=words, BLOCK_WORDS=block_words
     )
@@ -633,6 +635,16 @@ def _attend_kernel(
         )
 
 
+# Host-side integer helpers: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in recent Triton,
+# whose host calls cost ~10 us each (a dozen per decode call added ~100 us of launch overhead).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << (x - 1).bit_length() if x > 1 else 1
+
+
 def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -646,7 +658,7 @@ def _split_tile_size(num_splits: int, split_block: int, per_split: int, num_warp
     """Splits per tile of a last-program reduction whose splits wrote `per_split` values each (a power of two)."""
     budget = _TILE_VALUES_PER_THREAD * 32 * (num_warps or 4)  # Triton's default: 4 warps
     fits = max(1, budget // per_split)
-    return min(split_block, triton.next_power_of_2(num_splits), 1 << (fits.bit_length() - 1))
+    return min(split_block, _next_power_of_2(num_splits), 1 << (fits.bit_length() - 1))
 
 
 def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
@@ -668,6 +680,7 @@ class _Workspace:
     def __init__(self, device: torch.device):
         self.device = device
         self.buffers: dict[str, torch.Tensor] = {}
+        self.layouts: dict[tuple, tuple] = {}
 
     @classmethod
     def get(cls, device: torch.device) -> _Workspace:
@@ -683,7 +696,33 @@ class _Workspace:
             size = max(numel, int(numel * 1.25))
             buffer = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=self.device)
             self.buffers[name] = buffer
+            self.layouts.clear()  # their views hold the old buffers
         return buffer
+
+    def layout(self, key: tuple, build) -> tuple:
+        """The views of one call layout, built once: a generation keeps its layout (which changes with the number
+        of splits, the split length and the codes' row stride) for many steps, and a dozen slices cost ~40 us."""
+        views = self.layouts.get(key)
+        if views is None:
+            views = self.layouts[key] = build()
+        return views
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(num_splits, split_block, r_block, fine, value_dim, num_warps, stages) -> tuple:
+    """Per kernel (distance, fine count, attend): the split-tile size of its last-program reduction, and its launch
+    options (shared dicts: not to be modified)."""
+    s_blocks = tuple(
+        _split_tile_size(num_splits, split_block, r_block * per_split, num_warps)
+        for per_split in (16, fine, value_dim)
+    )
+    options = []
+    for kernel_stages in stages:
+        option = {} if num_warps is None else {"num_warps": num_warps}
+        if kernel_stages is not None:
+            option["num_stages"] = kernel_stages
+        options.append(option)
+    return s_blocks, tuple(options)
 
 
 def hamming_topk_decode(
@@ -768,39 +807,45 @@ def hamming_topk_decode(
             return out, torch.zeros(batch, num_heads, query_len, n_keys, dtype=torch.bool, device=device)
         return out
 
-    r_block = min(16, triton.next_power_of_2(rows_per_group))
-    num_row_blocks = triton.cdiv(rows_per_group, r_block)
+    r_block = min(16, _next_power_of_2(rows_per_group))
+    num_row_blocks = _cdiv(rows_per_group, r_block)
     num_rows = batch * num_kv_heads * rows_per_group
     groups = batch * num_kv_heads * num_row_blocks
     count_block_n = max(16, min(1024, hist_block_elements // r_block))
     select_block_n = block_n or max(64, 1024 // r_block)
     if num_splits is None:
         sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
-        num_splits = triton.cdiv(programs_per_sm * sms, groups)
+        num_splits = _cdiv(programs_per_sm * sms, groups)
     # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
-    num_splits = max(num_splits, triton.cdiv(n_keys, MAX_ITERATIONS * count_block_n))
-    split_len = triton.cdiv(triton.cdiv(n_keys, num_splits), 64) * 64
-    num_splits = triton.cdiv(n_keys, split_len)
-    count_block_n = min(count_block_n, triton.next_power_of_2(split_len))
+    num_splits = max(num_splits, _cdiv(n_keys, MAX_ITERATIONS * count_block_n))
+    split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
+    num_splits = _cdiv(n_keys, split_len)
+    count_block_n = min(count_block_n, _next_power_of_2(split_len))
 
     # one byte per (row, key) holds the distance for d <= 128 (0..d, and 255 = masked); d = 256 needs int16
     code_dtype, invalid_code = (torch.uint8, 255) if dim < 255 else (torch.int16, 32767)
     fine = dim // 8
     list_entries = groups * num_splits * split_len  # per program, room for a whole split
     work = _Workspace.get(device)
-    code_stride = triton.cdiv(n_keys, 64) * 64
-    codes = work.take("codes" + str(code_dtype), num_rows * code_stride, code_dtype)
-    ints = work.take("int32", num_rows * (num_splits * (16 + fine + 2) + 8) + list_entries, torch.int32)
-    coarse_counts, offset = ints[: num_rows * num_splits * 16], num_rows * num_splits * 16
-    fine_counts, offset = ints[offset : offset + num_rows * num_splits * fine], offset + num_rows * num_splits * fine
-    quotas, offset = ints[offset : offset + num_rows * num_splits * 2], offset + num_rows * num_splits * 2
-    stats, offset = ints[offset : offset + num_rows * 8], offset + num_rows * 8
-    kept_index = ints[offset : offset + list_entries]
-    floats = work.take("float32", num_rows * num_splits * (value_dim + 1) + list_entries * r_block, torch.float32)
-    denominators = floats[: num_rows * num_splits]
-    numerators = floats[num_rows * num_splits : num_rows * num_splits * (value_dim + 1)]
-    kept_weight = floats[num_rows * num_splits * (value_dim + 1) :]
-    tickets = work.take("tickets", 3 * groups, torch.int32, zero=True)
+    code_stride = _cdiv(n_keys, 64) * 64
+
+    def build_layout() -> tuple:
+        codes = work.take("codes" + str(code_dtype), num_rows * code_stride, code_dtype)
+        ints = work.take("int32", num_rows * (num_splits * (16 + fine + 2) + 8) + list_entries, torch.int32)
+        split_rows = num_rows * num_splits
+        # int32: coarse counts (16 per row and split), fine counts (fine), quotas (2), stats (8 per row), kept index
+        ends = [split_rows * 16, split_rows * fine, split_rows * 2, num_rows * 8, list_entries]
+        int_views = torch.split(ints[: sum(ends)], ends)
+        floats = work.take("float32", split_rows * (value_dim + 1) + list_entries * r_block, torch.float32)
+        # float32: denominators (1 per row and split), numerators (value_dim), kept weights (r_block per entry)
+        float_views = torch.split(floats[: split_rows * (value_dim + 1) + list_entries * r_block],
+                                  [split_rows, split_rows * value_dim, list_entries * r_block])  # fmt: skip
+        tickets = work.take("tickets", 3 * groups, torch.int32, zero=True)
+        return (codes, *int_views, *float_views, *torch.split(tickets[: 3 * groups], groups))
+
+    layout_key = (num_rows, num_splits, split_len, code_stride, code_dtype, fine, value_dim, r_block, groups)
+    (codes, coarse_counts, fine_counts, quotas, stats, kept_index, denominators, numerators, kept_weight,
+     distance_tickets, count_tickets, attend_tickets) = work.layout(layout_key, build_layout)  # fmt: skip
     out = torch.empty(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
     keep_rows = torch.zeros(num_rows, code_stride, dtype=torch.int8, device=device) if return_keep else codes
 
@@ -810,10 +855,7 @@ def hamming_topk_decode(
         mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
         mask_strides = mask_arg.stride()
     row_fma = r_block == 1 and not single_row_dot
-    launch_options = [{} if num_warps is None else {"num_warps": num_warps} for _ in stages]
-    for options, kernel_stages in zip(launch_options, stages):
-        if kernel_stages is not None:
-            options["num_stages"] = kernel_stages
+    s_blocks, launch_options = _launch_plan(num_splits, split_block, r_block, fine, value_dim, num_warps, stages)
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
     _distance_kernel[grid](
@@ -823,7 +865,7 @@ def hamming_topk_decode(
         codes,
         coarse_counts,
         stats,
-        tickets[:groups],
+        distance_tickets,
         n_keys,
         code_stride,
         min(top_n, n_keys),
@@ -843,7 +885,7 @@ def hamming_topk_decode(
         HAS_MASK=valid_mask is not None,
         USE_POPC=query.is_cuda and not _interpreting(),
         INVALID_CODE=invalid_code,
-        S_BLOCK=_split_tile_size(num_splits, split_block, r_block * 16, num_warps),
+        S_BLOCK=s_blocks[0],
         **launch_options[0],
     )
     _fine_count_kernel[grid](
@@ -851,7 +893,7 @@ def hamming_topk_decode(
         fine_counts,
         stats,
         quotas,
-        tickets[groups : 2 * groups],
+        count_tickets,
         n_keys,
         code_stride,
         rows_per_group,
@@ -859,10 +901,10 @@ def hamming_topk_decode(
         num_splits,
         D=dim,
         FINE=fine,
-        FINE_WORDS=triton.cdiv(fine, 8),
+        FINE_WORDS=_cdiv(fine, 8),
         R_BLOCK=r_block,
         BLOCK_N=count_block_n,
-        S_BLOCK=_split_tile_size(num_splits, split_block, r_block * fine, num_warps),
+        S_BLOCK=s_blocks[1],
         **launch_options[1],
     )
     _attend_kernel[grid](
@@ -876,7 +918,7 @@ def hamming_topk_decode(
         numerators,
         out,
         keep_rows,
-        tickets[2 * groups :],
+        attend_tickets,
         n_keys,
         code_stride,
         rows_per_group,
@@ -899,7 +941,7 @@ def hamming_topk_decode(
         DOT_FP32=value.dtype == torch.float32 or _interpreting(),
         ROW_FMA=row_fma,
         WRITE_KEEP=return_keep,
-        S_BLOCK=_split_tile_size(num_splits, split_block, r_block * value_dim, num_warps),
+        S_BLOCK=s_blocks[2],
         **launch_options[2],
     )
     if return_keep:
