@@ -15,6 +15,8 @@ Launch commands (run from the repository root):
         --finetune_teacher_epochs 3
     accelerate launch --config_file recipes/accelerate_configs/ddp_2proc.yaml recipes/distill_glue.py \
         --task_name stsb --glue_dir ../shared/data/glue --model_name_or_path path/to/bert --output_dir out/stsb
+    # the same on a machine without a GPU (CPU DDP over gloo; plain `torchrun --nproc_per_node 2` works too)
+    accelerate launch --config_file recipes/accelerate_configs/ddp_2proc_cpu.yaml recipes/distill_glue.py ...
 
     # the paper's ablations: --attention_loss false ("w/o AD"), --skip_tanh true ("w/o tanh")
 
@@ -118,8 +120,20 @@ def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArgume
         argv = argv[1:]
         if "output_dir" in values and "--output_dir" not in argv:
             argv = ["--output_dir", str(values["output_dir"]), *argv]
+    if _multi_process_without_accelerator() and "--use_cpu" not in argv and not parser.get_default("use_cpu"):
+        # transformers then builds a non-distributed state (each process trains alone on the whole data); CPU DDP
+        # needs use_cpu (ACCELERATE_USE_CPU), which torchrun, and accelerate's torchrun launcher, do not set
+        logger.warning("Several processes and no GPU: running data-parallel on the CPU (--use_cpu true, gloo).")
+        argv = [*argv, "--use_cpu", "true"]
     script_args, training_args = parser.parse_args_into_dataclasses(argv)
     return script_args, training_args, command
+
+
+def _multi_process_without_accelerator() -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator = getattr(torch, "accelerator", None)
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
 
 
 def default_teacher() -> str:
