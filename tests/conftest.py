@@ -104,7 +104,7 @@ def build_model(family: str, seed: int = 0) -> torch.nn.Module:
         model = tf.LlamaForCausalLM(config)
     else:
         raise ValueError(family)
-    model.set_attn_implementation("eager")
+    had_hf.integration.set_attention(model, "eager")  # into T5's stacks too (transformers 5.17)
     return model.eval()
 
 

@@ -9,6 +9,7 @@ import torch
 from .attention import DENSE_CAPTURE_NAME
 from .capture import STORE_KWARG, HADCaptureStore
 from .config import HADConfig
+from .integration import set_attention
 
 
 @torch.no_grad()
@@ -48,7 +49,7 @@ def calibrate(
     seen = 0
     device = next(model.parameters()).device
     model.eval()
-    model.set_attn_implementation(DENSE_CAPTURE_NAME)
+    set_attention(model, DENSE_CAPTURE_NAME)
     try:
         for batch in dataloader:
             if seen == num_batches:
@@ -64,7 +65,7 @@ def calibrate(
                 totals[2] += 1
             seen += 1
     finally:
-        model.set_attn_implementation(previous_implementation)
+        set_attention(model, previous_implementation)
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate received an empty dataloader.")

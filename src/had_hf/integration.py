@@ -122,6 +122,19 @@ def attention_module_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if getattr(module, "_had_name", None) == name]
 
 
+def set_attention(model: PreTrainedModel, name: str) -> None:
+    """`model.set_attn_implementation(name)`, passed on to nested models that hold a copy of the config.
+
+    transformers 5.17 (the GPU image's) does not pass the choice on to T5's encoder and decoder stacks, which keep
+    copies of the config: their layers would silently stay dense. Later versions do; then this loop changes nothing.
+    """
+    model.set_attn_implementation(name)
+    for submodule in model.modules():
+        config = getattr(submodule, "config", None) if isinstance(submodule, PreTrainedModel) else None
+        if config is not None and config is not model.config and getattr(config, "_attn_implementation", name) != name:
+            config._attn_implementation = name
+
+
 def _switch_to_had(model: PreTrainedModel, had_config: HADConfig) -> None:
     check_supported(model)
     model.config.quantization_config = had_config
@@ -129,7 +142,7 @@ def _switch_to_had(model: PreTrainedModel, had_config: HADConfig) -> None:
     # is not supported") instead of loading it as dense attention; with had_hf imported it selects HAD directly.
     model.config.attn_implementation = attention.ATTENTION_NAME
     attach(model, had_config)
-    model.set_attn_implementation(attention.ATTENTION_NAME)
+    set_attention(model, attention.ATTENTION_NAME)
 
 
 def convert(model: PreTrainedModel, had_config: HADConfig | None = None) -> PreTrainedModel:
@@ -159,7 +172,7 @@ def revert(model: PreTrainedModel, attn_implementation: str = "sdpa") -> PreTrai
     for module in model.modules():
         for attribute in ("_had_config", "_had_name", "_had_is_cross"):
             module.__dict__.pop(attribute, None)
-    model.set_attn_implementation(attn_implementation)
+    set_attention(model, attn_implementation)
     return model
 
 
@@ -169,7 +182,7 @@ def use_dense_capture(model: PreTrainedModel) -> PreTrainedModel:
     attach(model, getattr(model.config, "quantization_config", None) or HADConfig())
     for module in model.modules():
         module.__dict__.pop("_had_config", None)
-    model.set_attn_implementation(attention.DENSE_CAPTURE_NAME)
+    set_attention(model, attention.DENSE_CAPTURE_NAME)
     return model
 
 
