@@ -359,7 +359,11 @@ def run_e2e(context: int, new_tokens: int, batch: int, device: torch.device, tin
         """Mean time of a one-token forward (no generate() bookkeeping), synchronized."""
         cache, token = make_cache(), prompt[:, -1:]
         with torch.no_grad():
-            model(input_ids=token, logits_to_keep=1, **{cache_kwarg: cache})
+            # warm-up over 16 cache lengths: the kernels specialize on strides that follow the key count (e.g. a
+            # mask's batch stride, divisible by 16 or not), and a compilation in the timed window would dominate it
+            # (the likely cause of the unexplained batch-8 figure of earlier runs)
+            for _ in range(16):
+                model(input_ids=token, logits_to_keep=1, **{cache_kwarg: cache})
             if on_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
