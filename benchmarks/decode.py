@@ -287,8 +287,9 @@ def _cache_kwarg(model) -> str:
 
 
 def run_e2e(context: int, new_tokens: int, batch: int, device: torch.device, tiny: bool = False) -> dict:
-    """generate() decode tokens/s and peak memory, sdpa + DynamicCache against hamming_topk + HADPackedCache."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    """generate() decode tokens/s and peak memory: sdpa + DynamicCache (transformers' default), sdpa + StaticCache,
+    and hamming_topk + HADPackedCache."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
     import had_hf
     from had_hf.cache import HADPackedCache
@@ -377,6 +378,19 @@ def run_e2e(context: int, new_tokens: int, batch: int, device: torch.device, tin
     result["sdpa"] = timed_generate(lambda: copy.deepcopy(prefill))
     result["sdpa"]["forward_ms"] = forward_ms(lambda: copy.deepcopy(prefill))
     print(f"sdpa: {result['sdpa']}", flush=True)
+    # the fairer dense baseline: a StaticCache writes each new token in place, where DynamicCache concatenates (a
+    # copy of the whole cache per layer and step)
+    with torch.no_grad():
+        static_prefill = StaticCache(config=model.config, max_cache_len=context + max(new_tokens, 24) + 8)
+        model(input_ids=prompt[:, :-1], use_cache=True, logits_to_keep=1, **{cache_kwarg: static_prefill})
+
+    def static_copy() -> StaticCache:
+        return copy.deepcopy(static_prefill)
+
+    result["sdpa_static"] = timed_generate(static_copy)
+    result["sdpa_static"]["forward_ms"] = forward_ms(static_copy)
+    static_prefill = None  # free it before the HAD run
+    print(f"sdpa + StaticCache: {result['sdpa_static']}", flush=True)
     had_hf.convert(model, had_hf.HADConfig(top_n_ratio=TOP_N_RATIO, stage="binary"))
     result["had"] = timed_generate(packed_copy)
     result["had"]["forward_ms"] = forward_ms(packed_copy)
