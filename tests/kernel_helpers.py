@@ -135,3 +135,32 @@ SELECTION_CASES = [
     Case(num_heads=2, num_kv_heads=2, num_keys=90, top_n=10, alpha=-0.5),
     Case(batch=1, num_heads=2, num_kv_heads=1, num_keys=80, head_dim=256, value_dim=32, top_n=9, patterns=3),
 ]
+
+
+def check_triton_decode(case: Case, seed: int, device: str = "cpu", **options) -> torch.Tensor:
+    """Runs the Triton `hamming_topk_decode` on the case's inputs (float32 values, keys packed) on `device` and asserts
+    that it keeps exactly the float64 loop's keys and that its outputs agree to 1e-5 without NaN; returns the keep mask
+    (on the CPU) for further checks. Imports the kernels lazily: the interpreter run must set TRITON_INTERPRET first."""
+    from had_hf.kernels import pack_sign_bits
+    from had_hf.kernels.triton_decode import hamming_topk_decode
+
+    query, key, value, valid = make_inputs(case, seed=seed)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+
+    def to_device(x):
+        return None if x is None else x.to(device)
+
+    out, keep = hamming_topk_decode(
+        to_device(query),
+        to_device(pack_sign_bits(key)),
+        to_device(value),
+        to_device(valid),
+        case.top_n,
+        case.alpha,
+        return_keep=True,
+        **options,
+    )
+    assert torch.equal(keep.cpu(), expected_keep), case.id
+    assert not out.isnan().any()
+    assert torch.allclose(out.double().cpu(), expected, atol=1e-5, rtol=1e-5), case.id
+    return keep.cpu()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import SELECTION_CASES, Case, loop_reference, make_inputs
+from kernel_helpers import SELECTION_CASES, Case, check_triton_decode, loop_reference, make_inputs
 
 from had_hf.kernels import (
     hamming_scores_packed,
@@ -229,25 +229,7 @@ SPLIT_TILE_CASES = [
 @pytest.mark.parametrize("split_block", [1, 2, 4, 32])
 @pytest.mark.parametrize("num_stages", [None, 1, (1, 3, 2)], ids=str)
 def test_gpu_kernel_split_tiles(case: Case, split_block, num_stages):
-    from had_hf.kernels.triton_decode import hamming_topk_decode
-
-    query, key, value, valid = make_inputs(case, seed=13)
-    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
-    cuda = torch.device("cuda")
-    out, keep = hamming_topk_decode(
-        query.to(cuda),
-        pack_sign_bits(key).to(cuda),
-        value.to(cuda),
-        valid.to(cuda),
-        case.top_n,
-        case.alpha,
-        num_splits=11,
-        split_block=split_block,
-        num_stages=num_stages,
-        return_keep=True,
-    )
-    assert torch.equal(keep.cpu(), expected_keep)
-    assert torch.allclose(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+    check_triton_decode(case, seed=13, device="cuda", num_splits=11, split_block=split_block, num_stages=num_stages)
 
 
 @pytest.mark.gpu
