@@ -433,10 +433,9 @@ def _fine_count_kernel(
         next_at, next_ok = _split_tile(grow, row_ok, 0, num_splits, S_BLOCK)
         next_ties = tl.load(fine_ptr + next_at * FINE + step[:, None], mask=next_ok, other=0)
         for first in range(0, num_splits, S_BLOCK):
-            ties = next_ties
+            ties, at, ok = next_ties, next_at, next_ok
             next_at, next_ok = _split_tile(grow, row_ok, first + S_BLOCK, num_splits, S_BLOCK)
             next_ties = tl.load(fine_ptr + next_at * FINE + step[:, None], mask=next_ok, other=0)
-            at, ok = _split_tile(grow, row_ok, first, num_splits, S_BLOCK)
             before = carried[:, None] + tl.cumsum(ties, axis=1) - ties
             share = tl.minimum(tl.maximum(quota[:, None] - before, 0), ties)
             tl.store(quota_ptr + at * 2, share, mask=ok)
