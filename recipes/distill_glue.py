@@ -240,12 +240,8 @@ def main(argv: list[str]) -> dict:
     # ---------------------------------------------------------------- student
     student = copy.deepcopy(teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)).train()
     teacher = copy.deepcopy(student).eval()
-    had_config = HADConfig(
-        top_n=script_args.top_n,
-        top_n_ratio=script_args.top_n_ratio,
-        ste_clip=training_args.ste_clip,
-        sigma_per_head=training_args.sigma_per_head,
-    )
+    # ste_clip and sigma_per_head come from training_args: HADDistillationTrainer sets them on the student's config
+    had_config = HADConfig(top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio)
     had_hf.convert(student, had_config)
     schedule = training_args.schedule()
     if schedule.scale != 1.0:
