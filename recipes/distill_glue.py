@@ -120,20 +120,9 @@ def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArgume
         argv = argv[1:]
         if "output_dir" in values and "--output_dir" not in argv:
             argv = ["--output_dir", str(values["output_dir"]), *argv]
-    if _multi_process_without_accelerator() and "--use_cpu" not in argv and not parser.get_default("use_cpu"):
-        # transformers then builds a non-distributed state (each process trains alone on the whole data); CPU DDP
-        # needs use_cpu (ACCELERATE_USE_CPU), which torchrun, and accelerate's torchrun launcher, do not set
-        logger.warning("Several processes and no GPU: running data-parallel on the CPU (--use_cpu true, gloo).")
-        argv = [*argv, "--use_cpu", "true"]
+    # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
     script_args, training_args = parser.parse_args_into_dataclasses(argv)
     return script_args, training_args, command
-
-
-def _multi_process_without_accelerator() -> bool:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    accelerator = getattr(torch, "accelerator", None)
-    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
 
 
 def default_teacher() -> str:

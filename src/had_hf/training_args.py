@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .schedule import StageSchedule
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,6 +25,8 @@ class HADTrainingArguments(TrainingArguments):
     - `per_device_train_batch_size`: 16 (was 8).
     - `max_grad_norm`: 0.5 (was 1.0).
     - `lr_scheduler_type`: `"constant"` (was `"linear"`): the paper changes the rate only at stage 4.
+    - `use_cpu` becomes `True` when several processes (WORLD_SIZE > 1) run on a machine without an accelerator:
+      `TrainingArguments` gives CPU data parallelism only with it, and otherwise each process trains alone.
     - `max_steps`: when left at -1, the length of the schedule (about 29,200 steps with the defaults). A user value
       stretches every stage in proportion, so that a short run still passes through all four stages.
     The optimizer stays `adamw_torch` with `weight_decay=0.0`, which is Adam, as in the paper.
@@ -87,6 +94,11 @@ class HADTrainingArguments(TrainingArguments):
         schedule = self.schedule()  # validates the c range, decay and stage lengths
         if self.max_steps <= 0:
             self.max_steps = schedule.total
+        if not self.use_cpu and _several_processes_without_accelerator():
+            # TrainingArguments gives CPU data parallelism only with use_cpu (accelerate launch --cpu sets it through
+            # ACCELERATE_USE_CPU; torchrun does not): without it every process would train alone on all the data
+            logger.warning("Several processes and no GPU: training data-parallel on the CPU (use_cpu=True, gloo).")
+            self.use_cpu = True
         super().__post_init__()
 
     def schedule(self) -> StageSchedule:
@@ -101,3 +113,10 @@ class HADTrainingArguments(TrainingArguments):
             skip_tanh=self.skip_tanh,
             max_steps=getattr(self, "user_max_steps", None),
         )
+
+
+def _several_processes_without_accelerator() -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator = getattr(torch, "accelerator", None)
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
