@@ -64,6 +64,7 @@ LEVERS = {
     "sigma_head": ["--sigma_per_head", "true"],  # one sigma (softmax temperature factor) per head, not per layer
     "no_refine": ["--refinement_steps", "0"],  # stop after the STE stage
     "n64": ["--top_n", "64"],
+    "seed43": ["--seed", "43"],  # the same recipe, another student seed (same teacher): the run-to-run spread
 }
 
 

@@ -5,6 +5,8 @@
 #   bash benchmarks/glue_gpu_session.sh finish  # waits for the end, collects into $OUT/glue.json (+ logs)
 # with .carry/ carried (see `python benchmarks/glue_gpu.py prepare_carry`). The second round (STS-B levers) ran
 #   TASKS=stsb ABLATION_TASKS=none LEVERS=stsb:sigma_head,stsb:no_refine,stsb:n64 bash benchmarks/glue_gpu_session.sh start
+# and the longer schedule (glue_long.json):
+#   MAX_STEPS=12000 TASKS=stsb,mrpc ABLATION_TASKS=none LEVERS=stsb:seed43 JSON=glue_long.json bash ... start|finish
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 RUN=/tmp/glue_runs
@@ -29,7 +31,7 @@ start)
 finish)
   wait_done 570
   if [ -e $RUN.done ]; then
-    python benchmarks/glue_gpu.py collect --out $RUN --json $OUT/glue.json --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader)"
+    python benchmarks/glue_gpu.py collect --out $RUN --json $OUT/${JSON:-glue.json} --gpu "$(nvidia-smi --query-gpu=name --format=csv,noheader)"
     tar czf $OUT/glue_logs.tgz -C $RUN --exclude='*/teacher' --exclude='*.safetensors' --exclude='*.bin' .
   else
     echo "NOT DONE"
