@@ -21,7 +21,8 @@ reduces what the splits wrote, a tile of splits per load (one tile ahead, summed
    exp(alpha * (Sb - Sb_max)); the row's largest kept score is known in advance, so the splits' partial softmaxes
    share one shift and need no rescaling. Gather: load the listed value rows, every load useful (masked loads over
    all keys would fetch only ~N/n of each tile: too few bytes in flight to hide the memory latency), accumulate
-   their weighted sum; the next tile's rows are in flight while a tile is accumulated. The last program sums the splits' partial numerators and denominators into the output.
+   their weighted sum; the next tile's rows are in flight while a tile is accumulated. The last program sums the
+   splits' partial numerators and denominators into the output.
 
 The histograms are counted in registers: each lane adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most
 127 iterations per program), so that no cross-thread work happens per key; `tl.histogram` lowers to one warp
@@ -455,6 +456,16 @@ def _fine_count_kernel(
 
 
 @triton.jit
+def _kept_weights(keep, shift, code, alpha_log2, V_DTYPE: tl.constexpr, V_IS_FP32: tl.constexpr):
+    """exp(alpha * (Sb - Sb_max)) of kept keys (exponent <= 0), 0 elsewhere (no overflow for masked codes when
+    alpha < 0); rounded to the value dtype, as the numerator multiplies it so, unless the values are fp32."""
+    p = tl.exp2(tl.where(keep, (shift - code).to(tl.float32) * alpha_log2, float("-inf")))
+    if not V_IS_FP32:
+        p = p.to(V_DTYPE).to(tl.float32)
+    return p
+
+
+@triton.jit
 def _listed_weights(list_weight, slot, num_listed, weight_rows, weight_row_ok, R_BLOCK: tl.constexpr):
     """(R_DOT, BLOCK_K) weights of the list entries at `slot` (zeros past the list and on padding rows)."""
     return tl.load(
@@ -563,20 +574,24 @@ def _attend_kernel(
             seen_ties += tl.sum(tie_count, axis=1)
         else:
             keep = (code < thr[:, None]) | (tie & (quota > 0)[:, None])
-        # exponent <= 0 on kept keys; -inf elsewhere (no overflow for masked codes when alpha < 0)
-        p = tl.exp2(tl.where(keep, (shift[:, None] - code).to(tl.float32) * alpha_log2, float("-inf")))
-        if not V_IS_FP32:
-            # the numerator multiplies p rounded to the value dtype: round it for the denominator too
-            p = p.to(v_ptr.dtype.element_ty).to(tl.float32)
-        denominators += p
         if R_BLOCK == 1:
-            listed = tl.reshape(keep, (BLOCK_N,)).to(tl.int32)  # one row: no reduction across rows
+            # one row: the (1, BLOCK_N) tile itself, in the codes' layout (a 1-D copy would cost a layout conversion)
+            listed = keep.to(tl.int32)
+            slot = num_listed + tl.cumsum(listed, axis=1) - 1
+            tl.store(list_index + slot, offs_n[None, :], mask=listed > 0)
         else:
-            listed = tl.max(keep.to(tl.int32), axis=0)
-        slot = num_listed + tl.cumsum(listed, axis=0) - 1
-        tl.store(list_index + slot, offs_n, mask=listed > 0)
-        tl.store(list_weight + slot[None, :] * R_BLOCK + r_local[:, None], p, mask=(listed > 0)[None, :])
-        num_listed += tl.sum(listed, axis=0)
+            listed_keys = tl.max(keep.to(tl.int32), axis=0)
+            slot_keys = num_listed + tl.cumsum(listed_keys, axis=0) - 1
+            tl.store(list_index + slot_keys, offs_n, mask=listed_keys > 0)
+            listed = listed_keys[None, :]
+            slot = slot_keys[None, :]
+        if not ROW_FMA:
+            # the rows' weights of the listed keys (a row's weight is 0 where another row kept the key). With one
+            # row, every listed key is kept: the gather computes its weight from its code instead (less work here)
+            p = _kept_weights(keep, shift[:, None], code, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
+            denominators += p
+            tl.store(list_weight + slot * R_BLOCK + r_local[:, None], p, mask=listed > 0)
+        num_listed += tl.sum(tl.sum(listed, axis=1), axis=0)
         if WRITE_KEEP:
             tl.store(keep_ptr + grow[:, None] * code_stride + offs_n[None, :], keep.to(tl.int8), mask=in_bounds)
 
@@ -594,33 +609,53 @@ def _attend_kernel(
     # software pipeline by hand: the list entries two tiles ahead, the value rows one tile ahead, so that the loads
     # of the next tile are in flight while the current one is accumulated
     index = tl.load(list_index + slots, mask=slots < num_listed, other=0)
-    weights = _listed_weights(list_weight, slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
+    if ROW_FMA:
+        # one row: the weights come from the listed keys' codes (one byte each, written by the distance kernel)
+        code_row = code_ptr + tl.max(grow, axis=0) * code_stride
+        shift_row = tl.max(shift, axis=0)
+        codes = tl.load(code_row + index, mask=slots < num_listed, other=INVALID_CODE)
+        row_denominator = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    else:
+        weights = _listed_weights(list_weight, slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
+        next_weights = _listed_weights(list_weight, BLOCK_K + slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
     v = _gather_rows(v_base, index, slots < num_listed, offs_d, stride_vn, stride_vd)
     next_index = tl.load(list_index + BLOCK_K + slots, mask=BLOCK_K + slots < num_listed, other=0)
-    next_weights = _listed_weights(list_weight, BLOCK_K + slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
     if ROW_FMA:
-        # one row: multiply-add in registers (no tensor-core layout shuffles), reduced once after the loop
+        # multiply-add in registers (no tensor-core layout shuffles), reduced once after the loop
         partial = tl.zeros((BLOCK_K, DV), dtype=tl.float32)
     else:
         partial = tl.zeros((R_DOT, DV), dtype=tl.float32)
     for k0 in range(0, num_listed, BLOCK_K):
         tile_v = v
-        tile_weights = weights
         following = k0 + BLOCK_K + slots
         v = _gather_rows(v_base, next_index, following < num_listed, offs_d, stride_vn, stride_vd)
-        weights = next_weights
+        if ROW_FMA:
+            tile_codes = codes
+            codes = tl.load(code_row + next_index, mask=following < num_listed, other=INVALID_CODE)
+        else:
+            tile_weights = weights
+            weights = next_weights
         after = following + BLOCK_K
         next_index = tl.load(list_index + after, mask=after < num_listed, other=0)
-        next_weights = _listed_weights(list_weight, after, num_listed, weight_rows, weight_row_ok, R_BLOCK)
         if ROW_FMA:
-            partial += tl.reshape(tile_weights, (BLOCK_K,))[:, None] * tile_v.to(tl.float32)  # R_DOT == 1 here
-        elif DOT_FP32:
-            # fp32 values, or the interpreter, whose tl.dot mishandles 16-bit floats (the weights are rounded)
-            partial += tl.dot(tile_weights, tile_v.to(tl.float32), input_precision="ieee")
+            # INVALID_CODE marks slots past the list: weight 0
+            p = _kept_weights(tile_codes != INVALID_CODE, shift_row, tile_codes.to(tl.int32), alpha_log2,
+                              v_ptr.dtype.element_ty, V_IS_FP32)  # fmt: skip
+            row_denominator += p
+            partial += p[:, None] * tile_v.to(tl.float32)
         else:
-            partial += tl.dot(tile_weights.to(tile_v.dtype), tile_v)
+            next_weights = _listed_weights(list_weight, after, num_listed, weight_rows, weight_row_ok, R_BLOCK)
+            if DOT_FP32:
+                # fp32 values, or the interpreter, whose tl.dot mishandles 16-bit floats (the weights are rounded)
+                partial += tl.dot(tile_weights, tile_v.to(tl.float32), input_precision="ieee")
+            else:
+                partial += tl.dot(tile_weights.to(tile_v.dtype), tile_v)
 
-    tl.store(l_ptr + grow * num_splits + pid_s, tl.sum(denominators, axis=1), mask=row_ok)
+    if ROW_FMA:
+        row_totals = tl.zeros((R_BLOCK,), dtype=tl.float32) + tl.sum(row_denominator, axis=0)
+    else:
+        row_totals = tl.sum(denominators, axis=1)
+    tl.store(l_ptr + grow * num_splits + pid_s, row_totals, mask=row_ok)
     if ROW_FMA:
         acc_rows = acc_ptr + (grow * num_splits + pid_s) * DV
         tl.store(acc_rows[:, None] + offs_d[None, :], tl.sum(partial, axis=0)[None, :], mask=row_ok[:, None])
