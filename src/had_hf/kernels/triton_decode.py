@@ -69,9 +69,11 @@ def _multiprocessor_count(device_index: int) -> int:
 
 @triton.jit
 def _popcount(x, USE_POPC: tl.constexpr):
-    """Set bits of each int32 word (libdevice on the GPU; SWAR bit arithmetic in the interpreter)."""
+    """Set bits of each int32 or int64 word (libdevice on the GPU; SWAR bit arithmetic in the interpreter)."""
     if USE_POPC:
-        return libdevice.popc(x)
+        return libdevice.popc(x)  # __nv_popc, or __nv_popcll for int64 words
+    elif x.dtype == tl.int64:
+        return _popcount((x & 0xFFFFFFFF).to(tl.int32), False) + _popcount((x >> 32).to(tl.int32), False)
     else:
         u = x.to(tl.uint32, bitcast=True)
         u = u - ((u >> 1) & 0x55555555)
@@ -158,11 +160,13 @@ def _place_fields(counts, acc, FIRST: tl.constexpr, NUM_FIELDS: tl.constexpr):
 
 
 @triton.jit
-def _query_word(q_ptr, q_base, row_ok, word, stride_qd):
-    """(R, 1) int32: the sign bits of dimensions 32 * word .. 32 * word + 31 of the rows' queries."""
-    offs_b = tl.arange(0, 32)
-    q = tl.load(q_ptr + q_base[:, None] + (word * 32 + offs_b[None, :]) * stride_qd, mask=row_ok[:, None], other=0.0)
-    return tl.sum((q >= 0).to(tl.int32) << offs_b[None, :], axis=1)[:, None]
+def _query_word(q_ptr, q_base, row_ok, word, stride_qd, BITS: tl.constexpr):
+    """(R, 1) int32 (BITS 32) or int64 (BITS 64): the sign bits of dimensions BITS * word .. BITS * word + BITS - 1 of
+    the rows' queries (dimension j on bit j, little-endian: two int32 words viewed as one int64)."""
+    offs_b = tl.arange(0, BITS)
+    q = tl.load(q_ptr + q_base[:, None] + (word * BITS + offs_b[None, :]) * stride_qd, mask=row_ok[:, None], other=0.0)
+    word_type = tl.int64 if BITS == 64 else tl.int32
+    return tl.sum((q >= 0).to(word_type) << offs_b[None, :].to(word_type), axis=1)[:, None]
 
 
 @triton.jit
@@ -196,6 +200,13 @@ def _split_keys(n_keys, split_len):
     """The keys [start, end) of this program's split."""
     start = tl.program_id(2) * split_len
     return start, tl.minimum(start + split_len, n_keys)
+
+
+@triton.jit
+def _padded_end(split_len, code_stride):
+    """The end of this program's split in the codes' rows, padding included: a multiple of 16 that Triton can see
+    (both arguments are specialized as multiples of 16), so that masks built from it let loads be vectorized."""
+    return tl.minimum(tl.program_id(2) * split_len + split_len, code_stride)
 
 
 @triton.jit
@@ -239,6 +250,31 @@ def _load_split_tile(ptr, grow, row_ok, first, num_splits, WIDTH: tl.constexpr, 
 _PER_STEP = ("n_keys", "top_n")
 
 
+@triton.jit
+def _distance_step(
+    coarse, smallest, q0, q1, q2, q3, k_base, m_rows, code_at, offs_n, row_ok, key_ok, store_ok, stride_kn,
+    stride_kw, stride_mn, D: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr, USE_POPC: tl.constexpr,
+    INVALID_CODE: tl.constexpr,
+):  # fmt: skip
+    """One (R, BLOCK_N) tile of the distance kernel: the keys where `key_ok`, codes stored where `store_ok` (masked
+    and absent keys get INVALID_CODE), and the lanes' coarse counters and smallest distances updated."""
+    k_at = k_base + offs_n.to(tl.int64) * stride_kn
+    dist = _word_distance(q0, k_at, key_ok, USE_POPC)
+    if W > 1:
+        dist += _word_distance(q1, k_at + stride_kw, key_ok, USE_POPC)
+    if W > 2:
+        dist += _word_distance(q2, k_at + 2 * stride_kw, key_ok, USE_POPC)
+        dist += _word_distance(q3, k_at + 3 * stride_kw, key_ok, USE_POPC)
+    valid = row_ok[:, None] & key_ok
+    if HAS_MASK:
+        valid = valid & (tl.load(m_rows + offs_n * stride_mn, mask=valid, other=0) != 0)
+    code = tl.where(valid, dist, INVALID_CODE)
+    tl.store(code_at + offs_n, code.to(code_at.dtype.element_ty), mask=row_ok[:, None] & store_ok)
+    one = tl.full(code.shape, 1, dtype=tl.int64)
+    coarse += tl.where(valid, one << (7 * (dist // (D // 8))).to(tl.int64), 0)
+    return coarse, tl.minimum(smallest, code)
+
+
 @triton.jit(do_not_specialize=_PER_STEP)
 def _distance_kernel(
     q_ptr,
@@ -271,6 +307,7 @@ def _distance_kernel(
     stride_mn,
     D: tl.constexpr,
     W: tl.constexpr,
+    WORD_BITS: tl.constexpr,
     R_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -283,54 +320,47 @@ def _distance_kernel(
     head = hk * group + row // query_len
     qi = row % query_len
 
-    # the rows' query sign words, one (R, 1) tensor per word: every tensor of the loop below is (R, BLOCK_N) in one
-    # layout, with a key word loaded per (1, BLOCK_N) tile. A (BLOCK_N, W) tile of whole keys reduced over W would
-    # make Triton move data between layouts through shared memory (barriers) at every iteration.
+    # the rows' query sign words, one (R, 1) tensor per word (W <= 4: int64 words from d = 64 on): every tensor of the
+    # loop below is (R, BLOCK_N) in one layout, with a key word loaded per (1, BLOCK_N) tile. A (BLOCK_N, W) tile of
+    # whole keys reduced over W would make Triton move data between layouts through shared memory (barriers) at
+    # every iteration.
     q_base = b * stride_qb + head * stride_qh + qi * stride_qi
-    q0 = _query_word(q_ptr, q_base, row_ok, 0, stride_qd)
+    q0 = _query_word(q_ptr, q_base, row_ok, 0, stride_qd, WORD_BITS)
+    q1 = q0
+    q2 = q0
+    q3 = q0
     if W > 1:
-        q1 = _query_word(q_ptr, q_base, row_ok, 1, stride_qd)
+        q1 = _query_word(q_ptr, q_base, row_ok, 1, stride_qd, WORD_BITS)
     if W > 2:
-        q2 = _query_word(q_ptr, q_base, row_ok, 2, stride_qd)
-        q3 = _query_word(q_ptr, q_base, row_ok, 3, stride_qd)
-    if W > 4:
-        q4 = _query_word(q_ptr, q_base, row_ok, 4, stride_qd)
-        q5 = _query_word(q_ptr, q_base, row_ok, 5, stride_qd)
-        q6 = _query_word(q_ptr, q_base, row_ok, 6, stride_qd)
-        q7 = _query_word(q_ptr, q_base, row_ok, 7, stride_qd)
+        q2 = _query_word(q_ptr, q_base, row_ok, 2, stride_qd, WORD_BITS)
+        q3 = _query_word(q_ptr, q_base, row_ok, 3, stride_qd, WORD_BITS)
     m_rows = mask_ptr + (b * stride_mb + head * stride_mh + qi * stride_mi)[:, None]
-
     k_base = k_ptr + b * stride_kb + hk * stride_kh
+    code_at = code_ptr + grow[:, None] * code_stride
     start, end = _split_keys(n_keys, split_len)
+    # Tile masks that Triton knows to be constant over 16 keys let it vectorize the loads and the code stores: the
+    # loop runs to the last multiple of 16 below `end`, and masked tiles after it (at most 64 keys) cover the rest of
+    # the split with the codes' row padding (INVALID_CODE up to code_stride, a multiple of 64), so that the two later
+    # kernels read whole, aligned splits.
+    end16 = (end // 16) * 16
+    end_pad = _padded_end(split_len, code_stride)
     # per lane: 9 coarse bins of width D/8 (bin 8 holds distance D alone) as packed counters, and the smallest
-    # valid distance. Each iteration issues all of its loads (W words of BLOCK_N / (32 * num_warps) keys per thread)
-    # before using them: enough bytes in flight without software pipelining.
+    # valid distance
     coarse = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
     smallest = tl.full((R_BLOCK, BLOCK_N), D + 1, dtype=tl.int32)
-    one = tl.full((R_BLOCK, BLOCK_N), 1, dtype=tl.int64)
-    for block_start in range(start, end, BLOCK_N):
+    for block_start in range(start, end16, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
-        n_ok = offs_n < end
-        k_at = k_base + offs_n.to(tl.int64) * stride_kn
-        dist = _word_distance(q0, k_at, n_ok, USE_POPC)
-        if W > 1:
-            dist += _word_distance(q1, k_at + stride_kw, n_ok, USE_POPC)
-        if W > 2:
-            dist += _word_distance(q2, k_at + 2 * stride_kw, n_ok, USE_POPC)
-            dist += _word_distance(q3, k_at + 3 * stride_kw, n_ok, USE_POPC)
-        if W > 4:
-            dist += _word_distance(q4, k_at + 4 * stride_kw, n_ok, USE_POPC)
-            dist += _word_distance(q5, k_at + 5 * stride_kw, n_ok, USE_POPC)
-            dist += _word_distance(q6, k_at + 6 * stride_kw, n_ok, USE_POPC)
-            dist += _word_distance(q7, k_at + 7 * stride_kw, n_ok, USE_POPC)
-        in_bounds = row_ok[:, None] & n_ok
-        valid = in_bounds
-        if HAS_MASK:
-            valid = valid & (tl.load(m_rows + offs_n * stride_mn, mask=in_bounds, other=0) != 0)
-        code = tl.where(valid, dist, INVALID_CODE)
-        tl.store(code_ptr + grow[:, None] * code_stride + offs_n, code.to(code_ptr.dtype.element_ty), mask=in_bounds)
-        coarse += tl.where(valid, one << (7 * (dist // (D // 8))).to(tl.int64), 0)
-        smallest = tl.minimum(smallest, code)
+        tile_ok = offs_n < end16
+        coarse, smallest = _distance_step(
+            coarse, smallest, q0, q1, q2, q3, k_base, m_rows, code_at, offs_n, row_ok, tile_ok, tile_ok,
+            stride_kn, stride_kw, stride_mn, D, W, HAS_MASK, USE_POPC, INVALID_CODE,
+        )  # fmt: skip
+    for tail_start in range(end16, end_pad, BLOCK_N):
+        offs_n = tail_start + tl.arange(0, BLOCK_N)[None, :]
+        coarse, smallest = _distance_step(
+            coarse, smallest, q0, q1, q2, q3, k_base, m_rows, code_at, offs_n, row_ok, offs_n < end,
+            offs_n < end_pad, stride_kn, stride_kw, stride_mn, D, W, HAS_MASK, USE_POPC, INVALID_CODE,
+        )  # fmt: skip
 
     bins = tl.arange(0, 16)
     counts = _place_fields(tl.zeros((R_BLOCK, 16), dtype=tl.int32), coarse, 0, 9)
@@ -387,7 +417,9 @@ def _fine_count_kernel(
     coarse_bin = tl.load(stats_ptr + grow * 8, mask=row_ok, other=0)
     low = coarse_bin * FINE  # the FINE distances of the coarse bin: low .. low + FINE - 1
 
-    start, end = _split_keys(n_keys, split_len)
+    # the split with its padding: codes past n_keys are INVALID_CODE (whole tiles constant over 16 keys: vectorized)
+    start = tl.program_id(2) * split_len
+    end = _padded_end(split_len, code_stride)
     # packed counters of the FINE distances, 8 per int64 word (up to 4 words, d = 256), one tensor per word: every
     # tensor of the loop is (R, BLOCK_N) in one layout (no data moved between threads per iteration)
     fine0 = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
@@ -543,7 +575,9 @@ def _attend_kernel(
     # a split keeps all of its ties or none, except the one where a row's quota runs out: only there are the
     # ties ranked (a scan per block)
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0
-    start, end = _split_keys(n_keys, split_len)
+    # the split with its padding: codes past n_keys are INVALID_CODE (whole tiles constant over 16 keys: vectorized)
+    start = tl.program_id(2) * split_len
+    end = _padded_end(split_len, code_stride)
     # this program's list of kept keys (kept by any of its rows) and their weights: capacity split_len
     list_base = ((pid_bh.to(tl.int64) * tl.num_programs(1) + pid_r) * num_splits + pid_s) * split_len
     list_index = index_ptr + list_base
@@ -551,50 +585,79 @@ def _attend_kernel(
 
     # phase 1: select. Only the codes are read (one byte per key and row), and the keys kept by any row are
     # compacted into the list with their weights, so that phase 2 issues value loads that are all useful.
-    code_rows = code_ptr + grow[:, None] * code_stride
-    seen_ties = tl.zeros((R_BLOCK,), dtype=tl.int32)
-    denominators = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.float32)
-    num_listed = tl.sum(seen_ties, axis=0)
-    offs_next = start + tl.arange(0, BLOCK_N)
-    next_code = tl.load(
-        code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=INVALID_CODE
-    )
-    for block_start in range(start, end, BLOCK_N):
-        offs_n = block_start + tl.arange(0, BLOCK_N)
-        in_bounds = row_ok[:, None] & (offs_n < end)[None, :]
-        code = next_code.to(tl.int32)
-        offs_next = offs_n + BLOCK_N
+    if R_BLOCK == 1:
+        # one row: the tile is (BLOCK_N // 8, 8), each thread's 8 keys contiguous (one 8-byte load), so that the
+        # prefix sums are a sum and a scan inside each thread plus one scan of a value per thread: a (1, BLOCK_N)
+        # tile scans 8 strided values per thread, each across the whole block (shuffles, shared memory, barriers)
+        code_row = code_ptr + tl.max(grow, axis=0) * code_stride
+        thr_row = tl.max(thr, axis=0)
+        quota_row = tl.max(quota, axis=0)
+        keys8 = tl.arange(0, BLOCK_N // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        seen_ties = tl.sum(tl.zeros((R_BLOCK,), dtype=tl.int32), axis=0)
+        num_listed = seen_ties
+        denominators8 = tl.zeros((BLOCK_N // 8, 8), dtype=tl.float32)
+        next_code = tl.load(code_row + start + keys8, mask=start + keys8 < end, other=INVALID_CODE)
+        for block_start in range(start, end, BLOCK_N):
+            offs_n = block_start + keys8
+            code = next_code.to(tl.int32)
+            next_code = tl.load(code_row + offs_n + BLOCK_N, mask=offs_n + BLOCK_N < end, other=INVALID_CODE)
+            tie = code == thr_row  # masked keys carry INVALID_CODE > d >= thr: never kept
+            if rank_ties:
+                tie_count = tie.to(tl.int32)
+                thread_ties = tl.sum(tie_count, axis=1)
+                tie_rank = seen_ties + (tl.cumsum(thread_ties, axis=0) - thread_ties)[:, None]
+                keep = (code < thr_row) | (tie & (tie_rank + tl.cumsum(tie_count, axis=1) <= quota_row))
+                seen_ties += tl.sum(thread_ties, axis=0)
+            else:
+                keep = (code < thr_row) | (tie & (quota_row > 0))
+            listed = keep.to(tl.int32)
+            thread_listed = tl.sum(listed, axis=1)
+            slot = num_listed + (tl.cumsum(thread_listed, axis=0) - thread_listed)[:, None] + tl.cumsum(listed, 1) - 1
+            tl.store(list_index + slot, offs_n, mask=listed > 0)
+            if not ROW_FMA:
+                p = _kept_weights(keep, tl.max(shift, axis=0), code, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
+                denominators8 += p
+                tl.store(list_weight + slot * R_BLOCK, p, mask=listed > 0)
+            num_listed += tl.sum(thread_listed, axis=0)
+            if WRITE_KEEP:
+                tl.store(keep_ptr + tl.max(grow, axis=0) * code_stride + offs_n, keep.to(tl.int8), mask=offs_n < end)
+        select_totals = tl.zeros((R_BLOCK,), dtype=tl.float32) + tl.sum(tl.sum(denominators8, axis=1), axis=0)
+    else:
+        code_rows = code_ptr + grow[:, None] * code_stride
+        seen_ties = tl.zeros((R_BLOCK,), dtype=tl.int32)
+        denominators = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.float32)
+        num_listed = tl.sum(seen_ties, axis=0)
+        offs_next = start + tl.arange(0, BLOCK_N)
         next_code = tl.load(
             code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=INVALID_CODE
         )
-        tie = code == thr[:, None]  # masked keys carry INVALID_CODE > d >= thr: never kept
-        if rank_ties:
-            tie_count = tie.to(tl.int32)
-            tie_rank = tl.cumsum(tie_count, axis=1) + seen_ties[:, None]
-            keep = (code < thr[:, None]) | (tie & (tie_rank <= quota[:, None]))
-            seen_ties += tl.sum(tie_count, axis=1)
-        else:
-            keep = (code < thr[:, None]) | (tie & (quota > 0)[:, None])
-        if R_BLOCK == 1:
-            # one row: the (1, BLOCK_N) tile itself, in the codes' layout (a 1-D copy would cost a layout conversion)
-            listed = keep.to(tl.int32)
-            slot = num_listed + tl.cumsum(listed, axis=1) - 1
-            tl.store(list_index + slot, offs_n[None, :], mask=listed > 0)
-        else:
+        for block_start in range(start, end, BLOCK_N):
+            offs_n = block_start + tl.arange(0, BLOCK_N)
+            in_bounds = row_ok[:, None] & (offs_n < end)[None, :]
+            code = next_code.to(tl.int32)
+            offs_next = offs_n + BLOCK_N
+            next_code = tl.load(
+                code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=INVALID_CODE
+            )
+            tie = code == thr[:, None]  # masked keys carry INVALID_CODE > d >= thr: never kept
+            if rank_ties:
+                tie_count = tie.to(tl.int32)
+                tie_rank = tl.cumsum(tie_count, axis=1) + seen_ties[:, None]
+                keep = (code < thr[:, None]) | (tie & (tie_rank <= quota[:, None]))
+                seen_ties += tl.sum(tie_count, axis=1)
+            else:
+                keep = (code < thr[:, None]) | (tie & (quota > 0)[:, None])
             listed_keys = tl.max(keep.to(tl.int32), axis=0)
             slot_keys = num_listed + tl.cumsum(listed_keys, axis=0) - 1
             tl.store(list_index + slot_keys, offs_n, mask=listed_keys > 0)
-            listed = listed_keys[None, :]
-            slot = slot_keys[None, :]
-        if not ROW_FMA:
-            # the rows' weights of the listed keys (a row's weight is 0 where another row kept the key). With one
-            # row, every listed key is kept: the gather computes its weight from its code instead (less work here)
+            # the rows' weights of the listed keys (a row's weight is 0 where another row kept the key)
             p = _kept_weights(keep, shift[:, None], code, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
             denominators += p
-            tl.store(list_weight + slot * R_BLOCK + r_local[:, None], p, mask=listed > 0)
-        num_listed += tl.sum(tl.sum(listed, axis=1), axis=0)
-        if WRITE_KEEP:
-            tl.store(keep_ptr + grow[:, None] * code_stride + offs_n[None, :], keep.to(tl.int8), mask=in_bounds)
+            tl.store(list_weight + slot_keys[None, :] * R_BLOCK + r_local[:, None], p, mask=listed_keys[None, :] > 0)
+            num_listed += tl.sum(listed_keys, axis=0)
+            if WRITE_KEEP:
+                tl.store(keep_ptr + grow[:, None] * code_stride + offs_n[None, :], keep.to(tl.int8), mask=in_bounds)
+        select_totals = tl.sum(denominators, axis=1)
 
     # the list was written by all threads of this program: make it visible to all of them
     tl.debug_barrier()
@@ -655,7 +718,7 @@ def _attend_kernel(
     if ROW_FMA:
         row_totals = tl.zeros((R_BLOCK,), dtype=tl.float32) + tl.sum(row_denominator, axis=0)
     else:
-        row_totals = tl.sum(denominators, axis=1)
+        row_totals = select_totals
     tl.store(l_ptr + grow * num_splits + pid_s, row_totals, mask=row_ok)
     if ROW_FMA:
         acc_rows = acc_ptr + (grow * num_splits + pid_s) * DV
@@ -717,6 +780,15 @@ def _split_tile_size(num_splits: int, split_block: int, per_split: int, num_warp
     budget = _TILE_VALUES_PER_THREAD * 32 * (num_warps or 4)  # Triton's default: 4 warps
     fits = max(1, budget // per_split)
     return min(split_block, _next_power_of_2(num_splits), 1 << (fits.bit_length() - 1))
+
+
+def _as_int64_words(words: torch.Tensor) -> torch.Tensor:
+    """(..., W) int32 words as (..., W // 2) int64 words (two dimensions' words per int64, little-endian), a view
+    where the layout allows it (a packed key cache's is), a copy otherwise."""
+    try:
+        return words.view(torch.int64)
+    except RuntimeError:  # an odd stride or offset in int32 units
+        return words.clone(memory_format=torch.contiguous_format).view(torch.int64)
 
 
 def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
@@ -876,7 +948,8 @@ def hamming_topk_decode(
         # rounded down: a last, mostly idle wave of programs would cost a whole wave's time
         num_splits = max(1, programs_per_sm * sms // groups)
     # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
-    num_splits = max(num_splits, _cdiv(n_keys, MAX_ITERATIONS * count_block_n))
+    # (a margin: the split length is rounded up to 64 keys, and the distance kernel adds tail blocks over <= 64 keys)
+    num_splits = max(num_splits, _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * count_block_n))
     split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
     num_splits = _cdiv(n_keys, split_len)
     count_block_n = min(count_block_n, _next_power_of_2(split_len))
@@ -917,9 +990,12 @@ def hamming_topk_decode(
     s_blocks, launch_options = _launch_plan(num_splits, split_block, r_block, fine, value_dim, num_warps, stages)
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
+    # from d = 64 on, the kernel reads the keys as int64 words: one load per key for d = 64, contiguous over the keys
+    word_bits = 64 if dim >= 64 else 32
+    kernel_words = _as_int64_words(key_words) if word_bits == 64 else key_words
     _distance_kernel[grid](
         query,
-        key_words,
+        kernel_words,
         mask_arg,
         codes,
         coarse_counts,
@@ -935,10 +1011,11 @@ def hamming_topk_decode(
         split_len,
         num_splits,
         *query.stride(),
-        *key_words.stride(),
+        *kernel_words.stride(),
         *mask_strides,
         D=dim,
-        W=num_words,
+        W=dim // word_bits,
+        WORD_BITS=word_bits,
         R_BLOCK=r_block,
         BLOCK_N=count_block_n,
         HAS_MASK=valid_mask is not None,
