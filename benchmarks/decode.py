@@ -76,16 +76,16 @@ SMOKE_SHAPES = [Shape("smoke-mha", 2, 2, 2, 64, 300), Shape("smoke-gqa", 1, 8, 2
 KERNEL_CONFIGS = [
     {},
     dict(num_stages=1),
-    dict(num_stages=(1, 1, 2)),
+    dict(distance_programs_per_sm=None),
+    dict(distance_programs_per_sm=2),
     dict(programs_per_sm=4),
-    dict(programs_per_sm=4, num_stages=1),
-    dict(programs_per_sm=12, num_stages=1),
-    dict(programs_per_sm=16, num_stages=1),
-    dict(gather_block=128, num_stages=1),
-    dict(gather_block=32, num_stages=1),
-    dict(num_warps=8, num_stages=1),
-    dict(hist_block_elements=2048, num_stages=1),
-    dict(block_n=2048, num_stages=1),
+    dict(programs_per_sm=12),
+    dict(programs_per_sm=16),
+    dict(gather_block=64),
+    dict(num_warps=8),
+    dict(hist_block_elements=2048),
+    dict(block_n=512),
+    dict(block_n=2048),
 ]
 
 

@@ -53,20 +53,36 @@ def test_decode_kernel_selects_exactly(case: Case, launch):
     )
 
 
-# (case, num_splits, split_block, num_stages): more splits than a tile of the last programs' reductions, so that they
-# loop over tiles (the last one partial), and heavy ties whose quota is handed out across several tiles (the carry of
-# the prefix sum); R_BLOCK 2 and 8; per-kernel num_stages (ignored by the interpreter: the wrapper's plumbing)
+# (case, num_splits, distance_splits, split_block, num_stages): more splits than a tile of the last programs'
+# reductions, so that they loop over tiles (the last one partial), and heavy ties whose quota is handed out across
+# several tiles (the carry of the prefix sum); R_BLOCK 2 and 8; fewer, longer splits for the distance kernel than for
+# the two after it; per-kernel num_stages (ignored by the interpreter: the wrapper's plumbing)
 SPLIT_TILE_CASES = [
-    (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 2, (1, None, 2)),
-    (Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=700, top_n=150, patterns=2), 11, 4, None),
+    (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 5, 2, (1, None, 2)),
+    (
+        Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=700, top_n=150, patterns=2),
+        11,
+        None,
+        4,
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    "case, num_splits, split_block, num_stages", SPLIT_TILE_CASES, ids=lambda x: getattr(x, "id", str(x))
+    "case, num_splits, distance_splits, split_block, num_stages",
+    SPLIT_TILE_CASES,
+    ids=lambda x: getattr(x, "id", str(x)),
 )
-def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, split_block, num_stages):
-    keep = check_triton_decode(case, seed=13, num_splits=num_splits, split_block=split_block, num_stages=num_stages)
+def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, distance_splits, split_block, num_stages):
+    keep = check_triton_decode(
+        case,
+        seed=13,
+        num_splits=num_splits,
+        distance_splits=distance_splits,
+        split_block=split_block,
+        num_stages=num_stages,
+    )
     # the kept ties reach past the first tile of splits (64 keys each): the quota crossed tiles
     assert int((keep * torch.arange(case.num_keys)).max()) >= 64 * split_block
 

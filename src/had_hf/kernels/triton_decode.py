@@ -762,6 +762,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _splits(n_keys: int, num_splits: int) -> tuple[int, int]:
+    """At most `num_splits` splits of whole 64-key blocks over n keys: their number and length."""
+    split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
+    return _cdiv(n_keys, split_len), split_len
+
+
 def _next_power_of_2(x: int) -> int:
     return 1 << (x - 1).bit_length() if x > 1 else 1
 
@@ -839,12 +845,12 @@ class _Workspace:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_plan(num_splits, split_block, r_block, fine, value_dim, num_warps, stages) -> tuple:
+def _launch_plan(distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages) -> tuple:
     """Per kernel (distance, fine count, attend): the split-tile size of its last-program reduction, and its launch
     options (shared dicts: not to be modified)."""
     s_blocks = tuple(
-        _split_tile_size(num_splits, split_block, r_block * per_split, num_warps)
-        for per_split in (16, fine, value_dim)
+        _split_tile_size(splits, split_block, r_block * per_split, num_warps)
+        for splits, per_split in ((distance_splits, 16), (num_splits, fine), (num_splits, value_dim))
     )
     options = []
     for kernel_stages in stages:
@@ -865,12 +871,14 @@ def hamming_topk_decode(
     *,
     num_splits: int | None = None,
     programs_per_sm: int = 8,
+    distance_programs_per_sm: int | None = 4,
+    distance_splits: int | None = None,
     block_n: int | None = None,
     hist_block_elements: int = 1024,
     num_warps: int | None = None,
     num_stages: int | Sequence[int | None] | None = None,
     split_block: int = 32,
-    gather_block: int = 64,
+    gather_block: int = 32,
     single_row_dot: bool = False,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -886,6 +894,11 @@ def hamming_topk_decode(
         num_splits (`int`, *optional*): number of key splits per row; by default enough for `programs_per_sm`.
         programs_per_sm (`int`, *optional*, defaults to 8): programs per multiprocessor that the default
             `num_splits` aims at (more programs keep more loads in flight; fewer read fewer partial results).
+        distance_programs_per_sm (`int`, *optional*, defaults to 4): the same for the distance kernel, which only
+            needs its splits' histograms to add up and can use fewer, longer splits than the two kernels after it
+            (whose splits share the tie quotas); at most their split count. `None`, or `num_splits` given: the same
+            splits for all three.
+        distance_splits (`int`, *optional*): the distance kernel's split count itself (at most `num_splits`).
         block_n (`int`, *optional*): keys per iteration of the attend kernel's selection; defaults to 1024 // rows
             of a program (at least 64).
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
@@ -895,8 +908,8 @@ def hamming_topk_decode(
             three or per kernel (distance, fine count, attend; `None` entries: Triton's default, as when unset).
         split_block (`int`, *optional*, defaults to 32): most splits per tile of the last programs' reductions (a
             power of two); each kernel lowers it to the splits there are and to its register budget.
-        gather_block (`int`, *optional*, defaults to 64): kept value rows per iteration of the attend kernel's
-            gather.
+        gather_block (`int`, *optional*, defaults to 32): kept value rows per iteration of the attend kernel's
+            gather (32 was faster than 64 and 128 at every benchmarked shape: fewer registers, more programs).
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
@@ -943,15 +956,21 @@ def hamming_topk_decode(
     groups = batch * num_kv_heads * num_row_blocks
     count_block_n = max(16, min(1024, hist_block_elements // r_block))
     select_block_n = block_n or max(64, 1024 // r_block)
+    sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
+    num_splits_given = num_splits is not None
     if num_splits is None:
-        sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
         # rounded down: a last, mostly idle wave of programs would cost a whole wave's time
         num_splits = max(1, programs_per_sm * sms // groups)
     # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
     # (a margin: the split length is rounded up to 64 keys, and the distance kernel adds tail blocks over <= 64 keys)
-    num_splits = max(num_splits, _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * count_block_n))
-    split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
-    num_splits = _cdiv(n_keys, split_len)
+    fewest_splits = _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * count_block_n)
+    num_splits, split_len = _splits(n_keys, max(num_splits, fewest_splits))
+    if distance_splits is None:
+        # by default fewer programs for the distance kernel, unless the split count was given (tests, sweeps)
+        chosen = num_splits_given or distance_programs_per_sm is None
+        distance_splits = num_splits if chosen else max(1, distance_programs_per_sm * sms // groups)
+    distance_splits, distance_split_len = _splits(n_keys, min(num_splits, max(distance_splits, fewest_splits)))
+    distance_block_n = min(count_block_n, _next_power_of_2(distance_split_len))
     count_block_n = min(count_block_n, _next_power_of_2(split_len))
 
     # one byte per (row, key) holds the distance for d <= 128 (0..d, and 255 = masked); d = 256 needs int16
@@ -987,13 +1006,15 @@ def hamming_topk_decode(
         mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
         mask_strides = mask_arg.stride()
     row_fma = r_block == 1 and not single_row_dot
-    s_blocks, launch_options = _launch_plan(num_splits, split_block, r_block, fine, value_dim, num_warps, stages)
+    s_blocks, launch_options = _launch_plan(
+        distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages
+    )
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
     # from d = 64 on, the kernel reads the keys as int64 words: one load per key for d = 64, contiguous over the keys
     word_bits = 64 if dim >= 64 else 32
     kernel_words = _as_int64_words(key_words) if word_bits == 64 else key_words
-    _distance_kernel[grid](
+    _distance_kernel[(batch * num_kv_heads, num_row_blocks, distance_splits)](
         query,
         kernel_words,
         mask_arg,
@@ -1008,8 +1029,8 @@ def hamming_topk_decode(
         query_len,
         group,
         num_kv_heads,
-        split_len,
-        num_splits,
+        distance_split_len,
+        distance_splits,
         *query.stride(),
         *kernel_words.stride(),
         *mask_strides,
@@ -1017,7 +1038,7 @@ def hamming_topk_decode(
         W=dim // word_bits,
         WORD_BITS=word_bits,
         R_BLOCK=r_block,
-        BLOCK_N=count_block_n,
+        BLOCK_N=distance_block_n,
         HAS_MASK=valid_mask is not None,
         USE_POPC=query.is_cuda and not _interpreting(),
         INVALID_CODE=invalid_code,
