@@ -76,9 +76,10 @@ SMOKE_SHAPES = [Shape("smoke-mha", 2, 2, 2, 64, 300), Shape("smoke-gqa", 1, 8, 2
 KERNEL_CONFIGS = [
     {},
     dict(num_stages=1),
-    dict(distance_programs_per_sm=None),
+    dict(distance_programs_per_sm=4),
     dict(distance_programs_per_sm=2),
     dict(programs_per_sm=4),
+    dict(programs_per_sm=8),
     dict(programs_per_sm=12),
     dict(programs_per_sm=16),
     dict(gather_block=64),

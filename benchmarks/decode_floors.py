@@ -103,12 +103,12 @@ def key_stream_floors(num_keys: int, device) -> list[dict]:
         grid = (num_keys // per_program,)
         if kind == "int32x2":
 
-            def fn():
+            def fn(grid=grid, store=store, block=block, warps=warps, per_program=per_program):
                 _stream_words_kernel[grid](words, codes, per_program, 0x1234567, 0x7654321, BLOCK=block, STORE=store,
                                            num_warps=warps)  # fmt: skip
         else:
 
-            def fn():
+            def fn(grid=grid, store=store, block=block, warps=warps, per_program=per_program):
                 _stream_wide_kernel[grid](wide, codes, per_program, 0x123456787654321, BLOCK=block, STORE=store,
                                           num_warps=warps)  # fmt: skip
 
@@ -155,7 +155,8 @@ def gather_floors(shape, device) -> dict:
         for block_k, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
             grid = (index.shape[0],)
 
-            def fn():
+            def fn(grid=grid, index=index, counts=counts, out=out, capacity=capacity, block_k=block_k,
+                   stages=stages, warps=warps):  # fmt: skip
                 _gather_sum_kernel[grid](flat_value, index, counts, out, capacity, DV=d, BLOCK_K=block_k,
                                          STAGES=stages, num_warps=warps)  # fmt: skip
 

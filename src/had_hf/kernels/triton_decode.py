@@ -870,8 +870,8 @@ def hamming_topk_decode(
     alpha: float,
     *,
     num_splits: int | None = None,
-    programs_per_sm: int = 8,
-    distance_programs_per_sm: int | None = 4,
+    programs_per_sm: int | None = None,
+    distance_programs_per_sm: int | None = None,
     distance_splits: int | None = None,
     block_n: int | None = None,
     hist_block_elements: int = 1024,
@@ -892,12 +892,14 @@ def hamming_topk_decode(
         top_n (`int`): N, the number of keys each query keeps.
         alpha (`float`): softmax temperature of the kept binary scores.
         num_splits (`int`, *optional*): number of key splits per row; by default enough for `programs_per_sm`.
-        programs_per_sm (`int`, *optional*, defaults to 8): programs per multiprocessor that the default
-            `num_splits` aims at (more programs keep more loads in flight; fewer read fewer partial results).
-        distance_programs_per_sm (`int`, *optional*, defaults to 4): the same for the distance kernel, which only
-            needs its splits' histograms to add up and can use fewer, longer splits than the two kernels after it
-            (whose splits share the tie quotas); at most their split count. `None`, or `num_splits` given: the same
-            splits for all three.
+        programs_per_sm (`int`, *optional*): programs per multiprocessor that the default `num_splits` aims at
+            (more programs keep more loads in flight; fewer read fewer partial results). Defaults to 8 for programs
+            of one query row and 4 for programs of several (their `tl.dot` gather holds about twice the registers:
+            4 fit on a multiprocessor; both were the fastest of 4, 8, 12 and 16 on an H200, `decode.json`).
+        distance_programs_per_sm (`int`, *optional*): the same for the distance kernel alone, which only needs its
+            splits' histograms to add up and can use fewer, longer splits than the two kernels after it (whose
+            splits share the tie quotas); at most their split count. `None` (the default), or `num_splits` given:
+            the same splits for all three (fewer distance programs did not pay on an H200, `decode.json`).
         distance_splits (`int`, *optional*): the distance kernel's split count itself (at most `num_splits`).
         block_n (`int`, *optional*): keys per iteration of the attend kernel's selection; defaults to 1024 // rows
             of a program (at least 64).
@@ -959,6 +961,8 @@ def hamming_topk_decode(
     sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
     num_splits_given = num_splits is not None
     if num_splits is None:
+        if programs_per_sm is None:
+            programs_per_sm = 8 if r_block == 1 else 4
         # rounded down: a last, mostly idle wave of programs would cost a whole wave's time
         num_splits = max(1, programs_per_sm * sms // groups)
     # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
