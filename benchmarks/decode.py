@@ -85,7 +85,7 @@ KERNEL_CONFIGS = [
     dict(gather_block=64),
     dict(num_warps=8),
     dict(hist_block_elements=2048),
-    dict(block_n=512),
+    dict(block_n=256),
     dict(block_n=2048),
 ]
 
