@@ -129,8 +129,31 @@ def test_decode_kernel_bf16_values_and_strided_inputs():
     assert torch.allclose(out.double(), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_decode_kernel_packed_counters_at_their_limit():
-    # one split of 127 counting blocks where every key has the same distance: a 7-bit counter field reaches 127
-    case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=127 * 16, top_n=100, patterns=1)
+@pytest.mark.parametrize("extra_keys", [0, 16])
+def test_decode_kernel_packed_counters_at_their_limit(extra_keys):
+    # the longest split the host allows at 16-key counting blocks (MAX_ITERATIONS less its margin for the 64-key
+    # rounding and the distance kernel's tail blocks), every key at the same distance: each lane's 7-bit counter
+    # field reaches 121 of its 127; 16 keys more, and the host must cut the keys into two splits
+    from had_hf.kernels.triton_decode import MAX_ITERATIONS
+
+    num_keys = (MAX_ITERATIONS - 2 - 64 // 16) * 16 + extra_keys
+    case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=num_keys, top_n=100, patterns=1)
     keep = check_triton_decode(case, seed=11, num_splits=1, hist_block_elements=16)
     assert int(keep.sum()) == case.top_n
+
+
+def test_decode_kernel_reads_int32_words_it_cannot_view_as_int64():
+    """From d = 64 the kernel reads key words as int64: a view where the layout allows it, a copy where an odd offset
+    (in int32 words) does not. Both must select exactly the reference's keys."""
+    case = Case(num_heads=4, num_kv_heads=2, mask="padding", num_keys=150, head_dim=64, top_n=20, patterns=3)
+    query, key, value, valid = make_inputs(case, seed=9)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    words = pack_sign_bits(key)  # (B, Hkv, n, 2) int32
+    buffer = torch.zeros(*words.shape[:-1], 3, dtype=torch.int32)
+    buffer[..., 1:] = words
+    odd = buffer[..., 1:]  # one int32 past an 8-byte boundary: no int64 view
+    assert odd.storage_offset() % 2 == 1
+    for key_words in (words, odd):
+        out, keep = hamming_topk_decode(query, key_words, value, valid, case.top_n, case.alpha, return_keep=True)
+        assert torch.equal(keep, expected_keep)
+        assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -30,7 +30,20 @@ block (not per row) with a warp ballot per bit of the bin index and shared-memor
 version compute-bound. The loops of the first two kernels keep every
 tensor (R, BLOCK_N) in one layout (a key word per load, one int64 counter tensor per word): a tile of whole keys
 reduced over its words, or a third axis of counters, made Triton move data between threads through shared memory
-at every iteration (6 and 4 barriers per iteration; now 2 and 0, and 35-40% fewer instructions, sm_90 SASS).
+at every iteration (6 and 4 barriers per iteration; now 0 and 0, sm_90 SASS).
+
+Vectorized memory access needs masks that Triton can see are constant over 16 keys. A mask `offs < end` with an
+arbitrary `end` kept every load at one byte (codes) or one word (keys). So the codes' rows are padded with the
+invalid code up to their stride (a multiple of 64), the last two kernels run over whole, aligned splits, and the
+distance kernel's loop stops at a multiple of 16 and finishes with masked tiles. From d = 64 on the keys are read
+as int64 words: one 8-byte load per key at d = 64, contiguous over the keys. Together: distance loop -46% and fine
+count -37% instructions, loads 128- and 64-bit wide.
+
+The one-row selection works on (BLOCK_N / 8, 8) tiles, each thread's 8 keys contiguous: its prefix sums are a sum
+and a scan inside each thread plus one block-wide scan of a value per thread. A (1, BLOCK_N) tile scans 8 strided
+values per thread, each across the whole block (shuffles, shared memory, barriers): 555 -> 279 instructions per
+1,024 keys. A 3-D (R, BLOCK_N / 8, 8) tile for several rows was tried. Triton spread its rows over threads, so the
+union over the rows crossed threads (4x the instructions). Multi-row programs keep the (R, BLOCK_N) scan.
 
 Grouped-query attention: the g query heads of a kv head (times the query positions) are the rows of one program, so
 the keys are read once per group, and a value row kept by any of them is loaded once.
