@@ -9,7 +9,8 @@ The issue's byte floor divides bytes by the copy bandwidth. Two of HAD's streams
    sums the rows of given index lists (the kept sets of the real kernel, cut into one list per program, ascending as
    the kernel's are), over a sweep of tile sizes, warps, pipelining stages and programs per (batch, kv head), and
    with torch's `index_select` of the same rows.
-Then the decode kernels' own per-kernel times (torch profiler) at the same shapes, for the comparison.
+Then the decode kernels' own per-kernel times (torch profiler) at the same shapes, for the comparison. CUDA only.
+`--profile-only` makes one decode call per shape, for `ncu`.
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/decode_floors.json"))
     parser.add_argument("--profile-only", action="store_true", help="one decode call per shape (for ncu)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_floors.py measures a CUDA GPU (libdevice popcount, HBM bandwidth): none was found.")
     device = torch.device("cuda")
     if args.profile_only:
         for shape in (SHAPES[1], SHAPES[3]):
