@@ -134,6 +134,9 @@ SELECTION_CASES = [
     Case(num_keys=40, top_n=500, mask="padding", patterns=0),
     Case(num_heads=2, num_kv_heads=2, num_keys=90, top_n=10, alpha=-0.5),
     Case(batch=1, num_heads=2, num_kv_heads=1, num_keys=80, head_dim=256, value_dim=32, top_n=9, patterns=3),
+    # programs of 4 rows (the GQA shape's group), and of 3 rows in a block of 4 (an absent row)
+    Case(num_heads=8, num_kv_heads=2, mask="random", num_keys=300, head_dim=128, value_dim=64, top_n=40, patterns=2),
+    Case(batch=1, num_heads=3, num_kv_heads=1, mask="padding", num_keys=120, top_n=25, patterns=3),
 ]
 
 

@@ -502,6 +502,29 @@ def _fine_count_kernel(
 
 
 @triton.jit
+def _row_scalar(values, r_local, r: tl.constexpr):
+    """Entry r of a program's (R,) row vector, as a scalar."""
+    return tl.sum(tl.where(r_local == r, values, 0), axis=0)
+
+
+@triton.jit
+def _row_keep(code, thr, quota, seen_ties, rank_ties):
+    """Which keys of one row's (BLOCK_N // 8, 8) tile of codes (each thread's 8 keys contiguous, in index order) are
+    kept: distance below the threshold, or at it within the split's quota of ties, the lower index first; and the
+    row's running count of ties."""
+    tie = code == thr
+    if rank_ties:
+        tie_count = tie.to(tl.int32)
+        thread_ties = tl.sum(tie_count, axis=1)
+        before = seen_ties + (tl.cumsum(thread_ties, axis=0) - thread_ties)[:, None]
+        keep = (code < thr) | (tie & (before + tl.cumsum(tie_count, axis=1) <= quota))
+        seen_ties += tl.sum(thread_ties, axis=0)
+    else:
+        keep = (code < thr) | (tie & (quota > 0))
+    return keep, seen_ties
+
+
+@triton.jit
 def _kept_weights(keep, shift, code, alpha_log2, V_DTYPE: tl.constexpr, V_IS_FP32: tl.constexpr):
     """exp(alpha * (Sb - Sb_max)) of kept keys (exponent <= 0), 0 elsewhere (no overflow for masked codes when
     alpha < 0); rounded to the value dtype, as the numerator multiplies it so, unless the values are fp32."""
@@ -598,43 +621,116 @@ def _attend_kernel(
 
     # phase 1: select. Only the codes are read (one byte per key and row), and the keys kept by any row are
     # compacted into the list with their weights, so that phase 2 issues value loads that are all useful.
-    if R_BLOCK == 1:
-        # one row: the tile is (BLOCK_N // 8, 8), each thread's 8 keys contiguous (one 8-byte load), so that the
-        # prefix sums are a sum and a scan inside each thread plus one scan of a value per thread: a (1, BLOCK_N)
-        # tile scans 8 strided values per thread, each across the whole block (shuffles, shared memory, barriers)
-        code_row = code_ptr + tl.max(grow, axis=0) * code_stride
-        thr_row = tl.max(thr, axis=0)
-        quota_row = tl.max(quota, axis=0)
+    if R_BLOCK <= 4:
+        # up to 4 rows: one (BLOCK_N // 8, 8) tile per row, each thread's 8 keys contiguous (one 8-byte load), so
+        # that the union over the rows and the prefix sums stay inside the thread but for one block scan of a value
+        # per thread. A (R, BLOCK_N) tile scans 8 strided values per thread, each across the block (shuffles, shared
+        # memory, barriers); a 3-D (R, BLOCK_N // 8, 8) tile had Triton spread the rows over threads.
         keys8 = tl.arange(0, BLOCK_N // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-        seen_ties = tl.sum(tl.zeros((R_BLOCK,), dtype=tl.int32), axis=0)
-        num_listed = seen_ties
-        denominators8 = tl.zeros((BLOCK_N // 8, 8), dtype=tl.float32)
-        next_code = tl.load(code_row + start + keys8, mask=start + keys8 < end, other=INVALID_CODE)
+        row_exists = row_ok.to(tl.int32)
+        num_listed = tl.sum(tl.zeros((R_BLOCK,), dtype=tl.int32), axis=0)
+        grow0 = _row_scalar(grow, r_local, 0)
+        code_row0 = code_ptr + grow0 * code_stride
+        thr0, quota0, shift0 = (
+            _row_scalar(thr, r_local, 0),
+            _row_scalar(quota, r_local, 0),
+            _row_scalar(shift, r_local, 0),
+        )
+        end0 = end * _row_scalar(row_exists, r_local, 0)  # 0 for an absent row: nothing loaded, nothing kept
+        seen0 = num_listed
+        den0 = tl.zeros((BLOCK_N // 8,), dtype=tl.float32)  # per thread: fewer registers
+        if R_BLOCK == 1:
+            # one row: its codes a tile ahead (several rows: more registers than the prefetch is worth)
+            next0 = tl.load(code_row0 + start + keys8, mask=start + keys8 < end0, other=INVALID_CODE)
+        if R_BLOCK > 1:
+            grow1 = _row_scalar(grow, r_local, 1)
+            code_row1 = code_ptr + grow1 * code_stride
+            thr1, quota1, shift1 = (
+                _row_scalar(thr, r_local, 1),
+                _row_scalar(quota, r_local, 1),
+                _row_scalar(shift, r_local, 1),
+            )
+            end1 = end * _row_scalar(row_exists, r_local, 1)  # 0 for an absent row: nothing loaded, nothing kept
+            seen1 = num_listed
+            den1 = den0
+        if R_BLOCK > 2:
+            grow2 = _row_scalar(grow, r_local, 2)
+            code_row2 = code_ptr + grow2 * code_stride
+            thr2, quota2, shift2 = (
+                _row_scalar(thr, r_local, 2),
+                _row_scalar(quota, r_local, 2),
+                _row_scalar(shift, r_local, 2),
+            )
+            end2 = end * _row_scalar(row_exists, r_local, 2)  # 0 for an absent row: nothing loaded, nothing kept
+            seen2 = num_listed
+            den2 = den0
+            grow3 = _row_scalar(grow, r_local, 3)
+            code_row3 = code_ptr + grow3 * code_stride
+            thr3, quota3, shift3 = (
+                _row_scalar(thr, r_local, 3),
+                _row_scalar(quota, r_local, 3),
+                _row_scalar(shift, r_local, 3),
+            )
+            end3 = end * _row_scalar(row_exists, r_local, 3)  # 0 for an absent row: nothing loaded, nothing kept
+            seen3 = num_listed
+            den3 = den0
         for block_start in range(start, end, BLOCK_N):
             offs_n = block_start + keys8
-            code = next_code.to(tl.int32)
-            next_code = tl.load(code_row + offs_n + BLOCK_N, mask=offs_n + BLOCK_N < end, other=INVALID_CODE)
-            tie = code == thr_row  # masked keys carry INVALID_CODE > d >= thr: never kept
-            if rank_ties:
-                tie_count = tie.to(tl.int32)
-                thread_ties = tl.sum(tie_count, axis=1)
-                tie_rank = seen_ties + (tl.cumsum(thread_ties, axis=0) - thread_ties)[:, None]
-                keep = (code < thr_row) | (tie & (tie_rank + tl.cumsum(tie_count, axis=1) <= quota_row))
-                seen_ties += tl.sum(thread_ties, axis=0)
+            # masked keys and absent rows carry INVALID_CODE > d >= thr: never kept
+            if R_BLOCK == 1:
+                code0 = next0.to(tl.int32)
+                next0 = tl.load(code_row0 + offs_n + BLOCK_N, mask=offs_n + BLOCK_N < end0, other=INVALID_CODE)
             else:
-                keep = (code < thr_row) | (tie & (quota_row > 0))
-            listed = keep.to(tl.int32)
+                code0 = tl.load(code_row0 + offs_n, mask=offs_n < end0, other=INVALID_CODE).to(tl.int32)
+            keep0, seen0 = _row_keep(code0, thr0, quota0, seen0, rank_ties)
+            listed = keep0.to(tl.int32)
+            if R_BLOCK > 1:
+                code1 = tl.load(code_row1 + offs_n, mask=offs_n < end1, other=INVALID_CODE).to(tl.int32)
+                keep1, seen1 = _row_keep(code1, thr1, quota1, seen1, rank_ties)
+                listed = tl.maximum(listed, keep1.to(tl.int32))
+            if R_BLOCK > 2:
+                code2 = tl.load(code_row2 + offs_n, mask=offs_n < end2, other=INVALID_CODE).to(tl.int32)
+                keep2, seen2 = _row_keep(code2, thr2, quota2, seen2, rank_ties)
+                code3 = tl.load(code_row3 + offs_n, mask=offs_n < end3, other=INVALID_CODE).to(tl.int32)
+                keep3, seen3 = _row_keep(code3, thr3, quota3, seen3, rank_ties)
+                listed = tl.maximum(listed, tl.maximum(keep2.to(tl.int32), keep3.to(tl.int32)))
+            # the listed keys: kept by any row
             thread_listed = tl.sum(listed, axis=1)
             slot = num_listed + (tl.cumsum(thread_listed, axis=0) - thread_listed)[:, None] + tl.cumsum(listed, 1) - 1
-            tl.store(list_index + slot, offs_n, mask=listed > 0)
-            if not ROW_FMA:
-                p = _kept_weights(keep, tl.max(shift, axis=0), code, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
-                denominators8 += p
-                tl.store(list_weight + slot * R_BLOCK, p, mask=listed > 0)
+            listed_here = listed > 0
+            tl.store(list_index + slot, offs_n, mask=listed_here)
             num_listed += tl.sum(thread_listed, axis=0)
+            if not ROW_FMA:
+                # the rows' weights of the listed keys (0 where another row kept the key). With one row and
+                # multiply-adds, the gather computes each weight from its code instead (less work here)
+                weight_at = list_weight + slot * R_BLOCK
+                p0 = _kept_weights(keep0, shift0, code0, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
+                den0 += tl.sum(p0, axis=1)
+                tl.store(weight_at, p0, mask=listed_here)
+                if R_BLOCK > 1:
+                    p1 = _kept_weights(keep1, shift1, code1, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
+                    den1 += tl.sum(p1, axis=1)
+                    tl.store(weight_at + 1, p1, mask=listed_here)
+                if R_BLOCK > 2:
+                    p2 = _kept_weights(keep2, shift2, code2, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
+                    den2 += tl.sum(p2, axis=1)
+                    tl.store(weight_at + 2, p2, mask=listed_here)
+                    p3 = _kept_weights(keep3, shift3, code3, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
+                    den3 += tl.sum(p3, axis=1)
+                    tl.store(weight_at + 3, p3, mask=listed_here)
             if WRITE_KEEP:
-                tl.store(keep_ptr + tl.max(grow, axis=0) * code_stride + offs_n, keep.to(tl.int8), mask=offs_n < end)
-        select_totals = tl.zeros((R_BLOCK,), dtype=tl.float32) + tl.sum(tl.sum(denominators8, axis=1), axis=0)
+                tl.store(keep_ptr + grow0 * code_stride + offs_n, keep0.to(tl.int8), mask=offs_n < end0)
+                if R_BLOCK > 1:
+                    tl.store(keep_ptr + grow1 * code_stride + offs_n, keep1.to(tl.int8), mask=offs_n < end1)
+                if R_BLOCK > 2:
+                    tl.store(keep_ptr + grow2 * code_stride + offs_n, keep2.to(tl.int8), mask=offs_n < end2)
+                    tl.store(keep_ptr + grow3 * code_stride + offs_n, keep3.to(tl.int8), mask=offs_n < end3)
+        select_totals = tl.where(r_local == 0, tl.sum(den0, axis=0), 0.0)
+        if R_BLOCK > 1:
+            select_totals += tl.where(r_local == 1, tl.sum(den1, axis=0), 0.0)
+        if R_BLOCK > 2:
+            select_totals += tl.where(r_local == 2, tl.sum(den2, axis=0), 0.0)
+            select_totals += tl.where(r_local == 3, tl.sum(den3, axis=0), 0.0)
     else:
         code_rows = code_ptr + grow[:, None] * code_stride
         seen_ties = tl.zeros((R_BLOCK,), dtype=tl.int32)
@@ -972,7 +1068,7 @@ def hamming_topk_decode(
     count_block_n = max(16, min(1024, hist_block_elements // r_block))
     # keys per selection tile: 1024 for one row ((128, 8) tiles), 8192 (row, key) pairs for several (2048 keys for
     # the GQA shape's 4 rows, 10-15% faster than 256 there on an H200, decode.json)
-    select_block_n = block_n or (1024 if r_block == 1 else max(64, 8192 // r_block))
+    select_block_n = block_n or (1024 if r_block <= 4 else max(64, 8192 // r_block))
     sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
     num_splits_given = num_splits is not None
     if num_splits is None:
