@@ -508,6 +508,37 @@ def _row_scalar(values, r_local, r: tl.constexpr):
 
 
 @triton.jit
+def _block_row(grow, thr, quota, shift, row_ok, r_local, r: tl.constexpr, code_ptr, code_stride, end):
+    """Row r of a program of up to 4 rows, as scalars: its global index, its codes' row, threshold, tie quota and
+    softmax shift, and the end of its split (0 for an absent row: nothing loaded, nothing kept)."""
+    grow_r = _row_scalar(grow, r_local, r)
+    return (
+        grow_r,
+        code_ptr + grow_r * code_stride,
+        _row_scalar(thr, r_local, r),
+        _row_scalar(quota, r_local, r),
+        _row_scalar(shift, r_local, r),
+        end * _row_scalar(row_ok.to(tl.int32), r_local, r),
+    )
+
+
+@triton.jit
+def _row_codes(code_row, offs_n, row_end, INVALID_CODE: tl.constexpr):
+    """One row's (BLOCK_N // 8, 8) tile of codes as int32 (INVALID_CODE past the row's split end)."""
+    return tl.load(code_row + offs_n, mask=offs_n < row_end, other=INVALID_CODE).to(tl.int32)
+
+
+@triton.jit
+def _store_row_weights(denominator, keep, shift, code, alpha_log2, weight_at, listed, V_DTYPE: tl.constexpr,
+                       V_IS_FP32: tl.constexpr):  # fmt: skip
+    """Stores one row's weights of the listed keys (0 where another row kept the key) and returns its running
+    denominator, summed inside each thread."""
+    p = _kept_weights(keep, shift, code, alpha_log2, V_DTYPE, V_IS_FP32)
+    tl.store(weight_at, p, mask=listed)
+    return denominator + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _row_keep(code, thr, quota, seen_ties, rank_ties):
     """Which keys of one row's (BLOCK_N // 8, 8) tile of codes (each thread's 8 keys contiguous, in index order) are
     kept: distance below the threshold, or at it within the split's quota of ties, the lower index first; and the
@@ -627,51 +658,30 @@ def _attend_kernel(
         # per thread. A (R, BLOCK_N) tile scans 8 strided values per thread, each across the block (shuffles, shared
         # memory, barriers); a 3-D (R, BLOCK_N // 8, 8) tile had Triton spread the rows over threads.
         keys8 = tl.arange(0, BLOCK_N // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-        row_exists = row_ok.to(tl.int32)
         num_listed = tl.sum(tl.zeros((R_BLOCK,), dtype=tl.int32), axis=0)
-        grow0 = _row_scalar(grow, r_local, 0)
-        code_row0 = code_ptr + grow0 * code_stride
-        thr0, quota0, shift0 = (
-            _row_scalar(thr, r_local, 0),
-            _row_scalar(quota, r_local, 0),
-            _row_scalar(shift, r_local, 0),
+        grow0, code_row0, thr0, quota0, shift0, end0 = _block_row(
+            grow, thr, quota, shift, row_ok, r_local, 0, code_ptr, code_stride, end
         )
-        end0 = end * _row_scalar(row_exists, r_local, 0)  # 0 for an absent row: nothing loaded, nothing kept
         seen0 = num_listed
         den0 = tl.zeros((BLOCK_N // 8,), dtype=tl.float32)  # per thread: fewer registers
         if R_BLOCK == 1:
             # one row: its codes a tile ahead (several rows: more registers than the prefetch is worth)
             next0 = tl.load(code_row0 + start + keys8, mask=start + keys8 < end0, other=INVALID_CODE)
         if R_BLOCK > 1:
-            grow1 = _row_scalar(grow, r_local, 1)
-            code_row1 = code_ptr + grow1 * code_stride
-            thr1, quota1, shift1 = (
-                _row_scalar(thr, r_local, 1),
-                _row_scalar(quota, r_local, 1),
-                _row_scalar(shift, r_local, 1),
+            grow1, code_row1, thr1, quota1, shift1, end1 = _block_row(
+                grow, thr, quota, shift, row_ok, r_local, 1, code_ptr, code_stride, end
             )
-            end1 = end * _row_scalar(row_exists, r_local, 1)  # 0 for an absent row: nothing loaded, nothing kept
             seen1 = num_listed
             den1 = den0
         if R_BLOCK > 2:
-            grow2 = _row_scalar(grow, r_local, 2)
-            code_row2 = code_ptr + grow2 * code_stride
-            thr2, quota2, shift2 = (
-                _row_scalar(thr, r_local, 2),
-                _row_scalar(quota, r_local, 2),
-                _row_scalar(shift, r_local, 2),
+            grow2, code_row2, thr2, quota2, shift2, end2 = _block_row(
+                grow, thr, quota, shift, row_ok, r_local, 2, code_ptr, code_stride, end
             )
-            end2 = end * _row_scalar(row_exists, r_local, 2)  # 0 for an absent row: nothing loaded, nothing kept
             seen2 = num_listed
             den2 = den0
-            grow3 = _row_scalar(grow, r_local, 3)
-            code_row3 = code_ptr + grow3 * code_stride
-            thr3, quota3, shift3 = (
-                _row_scalar(thr, r_local, 3),
-                _row_scalar(quota, r_local, 3),
-                _row_scalar(shift, r_local, 3),
+            grow3, code_row3, thr3, quota3, shift3, end3 = _block_row(
+                grow, thr, quota, shift, row_ok, r_local, 3, code_ptr, code_stride, end
             )
-            end3 = end * _row_scalar(row_exists, r_local, 3)  # 0 for an absent row: nothing loaded, nothing kept
             seen3 = num_listed
             den3 = den0
         for block_start in range(start, end, BLOCK_N):
@@ -681,17 +691,17 @@ def _attend_kernel(
                 code0 = next0.to(tl.int32)
                 next0 = tl.load(code_row0 + offs_n + BLOCK_N, mask=offs_n + BLOCK_N < end0, other=INVALID_CODE)
             else:
-                code0 = tl.load(code_row0 + offs_n, mask=offs_n < end0, other=INVALID_CODE).to(tl.int32)
+                code0 = _row_codes(code_row0, offs_n, end0, INVALID_CODE)
             keep0, seen0 = _row_keep(code0, thr0, quota0, seen0, rank_ties)
             listed = keep0.to(tl.int32)
             if R_BLOCK > 1:
-                code1 = tl.load(code_row1 + offs_n, mask=offs_n < end1, other=INVALID_CODE).to(tl.int32)
+                code1 = _row_codes(code_row1, offs_n, end1, INVALID_CODE)
                 keep1, seen1 = _row_keep(code1, thr1, quota1, seen1, rank_ties)
                 listed = tl.maximum(listed, keep1.to(tl.int32))
             if R_BLOCK > 2:
-                code2 = tl.load(code_row2 + offs_n, mask=offs_n < end2, other=INVALID_CODE).to(tl.int32)
+                code2 = _row_codes(code_row2, offs_n, end2, INVALID_CODE)
                 keep2, seen2 = _row_keep(code2, thr2, quota2, seen2, rank_ties)
-                code3 = tl.load(code_row3 + offs_n, mask=offs_n < end3, other=INVALID_CODE).to(tl.int32)
+                code3 = _row_codes(code_row3, offs_n, end3, INVALID_CODE)
                 keep3, seen3 = _row_keep(code3, thr3, quota3, seen3, rank_ties)
                 listed = tl.maximum(listed, tl.maximum(keep2.to(tl.int32), keep3.to(tl.int32)))
             # the listed keys: kept by any row
@@ -704,20 +714,44 @@ def _attend_kernel(
                 # the rows' weights of the listed keys (0 where another row kept the key). With one row and
                 # multiply-adds, the gather computes each weight from its code instead (less work here)
                 weight_at = list_weight + slot * R_BLOCK
-                p0 = _kept_weights(keep0, shift0, code0, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
-                den0 += tl.sum(p0, axis=1)
-                tl.store(weight_at, p0, mask=listed_here)
+                den0 = _store_row_weights(
+                    den0, keep0, shift0, code0, alpha_log2, weight_at, listed_here, v_ptr.dtype.element_ty, V_IS_FP32
+                )
                 if R_BLOCK > 1:
-                    p1 = _kept_weights(keep1, shift1, code1, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
-                    den1 += tl.sum(p1, axis=1)
-                    tl.store(weight_at + 1, p1, mask=listed_here)
+                    den1 = _store_row_weights(
+                        den1,
+                        keep1,
+                        shift1,
+                        code1,
+                        alpha_log2,
+                        weight_at + 1,
+                        listed_here,
+                        v_ptr.dtype.element_ty,
+                        V_IS_FP32,
+                    )
                 if R_BLOCK > 2:
-                    p2 = _kept_weights(keep2, shift2, code2, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
-                    den2 += tl.sum(p2, axis=1)
-                    tl.store(weight_at + 2, p2, mask=listed_here)
-                    p3 = _kept_weights(keep3, shift3, code3, alpha_log2, v_ptr.dtype.element_ty, V_IS_FP32)
-                    den3 += tl.sum(p3, axis=1)
-                    tl.store(weight_at + 3, p3, mask=listed_here)
+                    den2 = _store_row_weights(
+                        den2,
+                        keep2,
+                        shift2,
+                        code2,
+                        alpha_log2,
+                        weight_at + 2,
+                        listed_here,
+                        v_ptr.dtype.element_ty,
+                        V_IS_FP32,
+                    )
+                    den3 = _store_row_weights(
+                        den3,
+                        keep3,
+                        shift3,
+                        code3,
+                        alpha_log2,
+                        weight_at + 3,
+                        listed_here,
+                        v_ptr.dtype.element_ty,
+                        V_IS_FP32,
+                    )
             if WRITE_KEEP:
                 tl.store(keep_ptr + grow0 * code_stride + offs_n, keep0.to(tl.int8), mask=offs_n < end0)
                 if R_BLOCK > 1:
@@ -784,9 +818,8 @@ def _attend_kernel(
     index = tl.load(list_index + slots, mask=slots < num_listed, other=0)
     if ROW_FMA:
         # one row: the weights come from the listed keys' codes (one byte each, written by the distance kernel)
-        code_row = code_ptr + tl.max(grow, axis=0) * code_stride
-        shift_row = tl.max(shift, axis=0)
-        codes = tl.load(code_row + index, mask=slots < num_listed, other=INVALID_CODE)
+        # (one row: the selection's code_row0 and shift0)
+        codes = tl.load(code_row0 + index, mask=slots < num_listed, other=INVALID_CODE)
         row_denominator = tl.zeros((BLOCK_K,), dtype=tl.float32)
     else:
         weights = _listed_weights(list_weight, slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
@@ -804,7 +837,7 @@ def _attend_kernel(
         v = _gather_rows(v_base, next_index, following < num_listed, offs_d, stride_vn, stride_vd)
         if ROW_FMA:
             tile_codes = codes
-            codes = tl.load(code_row + next_index, mask=following < num_listed, other=INVALID_CODE)
+            codes = tl.load(code_row0 + next_index, mask=following < num_listed, other=INVALID_CODE)
         else:
             tile_weights = weights
             weights = next_weights
@@ -812,7 +845,7 @@ def _attend_kernel(
         next_index = tl.load(list_index + after, mask=after < num_listed, other=0)
         if ROW_FMA:
             # INVALID_CODE marks slots past the list: weight 0
-            p = _kept_weights(tile_codes != INVALID_CODE, shift_row, tile_codes.to(tl.int32), alpha_log2,
+            p = _kept_weights(tile_codes != INVALID_CODE, shift0, tile_codes.to(tl.int32), alpha_log2,
                               v_ptr.dtype.element_ty, V_IS_FP32)  # fmt: skip
             row_denominator += p
             partial += p[:, None] * tile_v.to(tl.float32)
