@@ -39,29 +39,19 @@ from decode import SHAPES, kernel_breakdown  # noqa: E402
 
 
 @triton.jit
-def _stream_words_kernel(k_ptr, code_ptr, keys_per_program, q0, q1, BLOCK: tl.constexpr, STORE: tl.constexpr):
-    """d = 64 keys as two int32 words each: distance to a fixed query, one byte per key written (or summed)."""
+def _stream_keys_kernel(
+    k_ptr, code_ptr, keys_per_program, q0, q1, WIDE: tl.constexpr, BLOCK: tl.constexpr, STORE: tl.constexpr
+):
+    """d = 64 keys as one int64 each (WIDE; query q0) or two int32 words (queries q0, q1): distance to a fixed query,
+    one byte per key written (or summed)."""
     start = tl.program_id(0).to(tl.int64) * keys_per_program
     total = tl.zeros((BLOCK,), dtype=tl.int32)
     for block in range(0, keys_per_program, BLOCK):
         offs = start + block + tl.arange(0, BLOCK)
-        dist = libdevice.popc(tl.load(k_ptr + 2 * offs) ^ q0) + libdevice.popc(tl.load(k_ptr + 2 * offs + 1) ^ q1)
-        if STORE:
-            tl.store(code_ptr + offs, dist.to(tl.uint8))
+        if WIDE:
+            dist = libdevice.popc(tl.load(k_ptr + offs) ^ q0)
         else:
-            total += dist
-    if not STORE:
-        tl.store(code_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), total.to(tl.uint8))
-
-
-@triton.jit
-def _stream_wide_kernel(k_ptr, code_ptr, keys_per_program, q, BLOCK: tl.constexpr, STORE: tl.constexpr):
-    """d = 64 keys as one int64 each: distance to a fixed query, one byte per key written (or summed)."""
-    start = tl.program_id(0).to(tl.int64) * keys_per_program
-    total = tl.zeros((BLOCK,), dtype=tl.int32)
-    for block in range(0, keys_per_program, BLOCK):
-        offs = start + block + tl.arange(0, BLOCK)
-        dist = libdevice.popc(tl.load(k_ptr + offs) ^ q)
+            dist = libdevice.popc(tl.load(k_ptr + 2 * offs) ^ q0) + libdevice.popc(tl.load(k_ptr + 2 * offs + 1) ^ q1)
         if STORE:
             tl.store(code_ptr + offs, dist.to(tl.uint8))
         else:
@@ -95,23 +85,20 @@ def _time(fn) -> float:
 
 def key_stream_floors(num_keys: int, device) -> list[dict]:
     words = torch.randint(-(2**31), 2**31 - 1, (num_keys, 2), dtype=torch.int32, device=device)
-    wide = words.view(torch.int64).view(-1)
+    wide_words = words.view(torch.int64).view(-1)
     codes = torch.empty(num_keys, dtype=torch.uint8, device=device)
     rows = []
     for kind, store, block, warps, per_program in itertools.product(
         ("int32x2", "int64"), (True, False), (1024, 2048), (4, 8), (8192, 32768)
     ):
         grid = (num_keys // per_program,)
-        if kind == "int32x2":
+        wide = kind == "int64"
+        keys, q0, q1 = (wide_words, 0x123456787654321, 0) if wide else (words, 0x1234567, 0x7654321)
 
-            def fn(grid=grid, store=store, block=block, warps=warps, per_program=per_program):
-                _stream_words_kernel[grid](words, codes, per_program, 0x1234567, 0x7654321, BLOCK=block, STORE=store,
-                                           num_warps=warps)  # fmt: skip
-        else:
-
-            def fn(grid=grid, store=store, block=block, warps=warps, per_program=per_program):
-                _stream_wide_kernel[grid](wide, codes, per_program, 0x123456787654321, BLOCK=block, STORE=store,
-                                          num_warps=warps)  # fmt: skip
+        def fn(grid=grid, keys=keys, q0=q0, q1=q1, wide=wide, store=store, block=block, warps=warps,
+               per_program=per_program):  # fmt: skip
+            _stream_keys_kernel[grid](keys, codes, per_program, q0, q1, WIDE=wide, BLOCK=block, STORE=store,
+                                      num_warps=warps)  # fmt: skip
 
         us = _time(fn)
         moved = num_keys * 8 + (num_keys if store else 0)
