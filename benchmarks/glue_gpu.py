@@ -55,7 +55,24 @@ def prepare_carry(args) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(dest / "minilm")
 
 
-# levers the paper leaves open (issue 7), each one option of the recipe; the paper's behaviour stays the default
+def head64_teacher(teacher: str | Path, dest: Path) -> Path:
+    """A copy of `teacher` whose attention reads the same weights as heads of 64: the "h64" lever's starting point.
+    Only `num_attention_heads` changes (12 of 32 -> 6 of 64 for MiniLM); the copy is made where the runs go, since
+    at most 64 MiB travel to the GPU machine."""
+    config = json.loads((Path(teacher) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config["hidden_size"] // heads
+    if head_dim * 2 != 64:
+        raise SystemExit(f"The h64 lever halves the heads of a teacher with head dim 32; {teacher} has {head_dim}.")
+    shutil.copytree(teacher, dest, dirs_exist_ok=True)
+    config["num_attention_heads"] = heads // 2
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
+# levers the paper leaves open (issue 7), each one option of the recipe; the paper's behaviour stays the default.
+# A callable gives the flags of a task.
+PAIR_TASKS = ("mrpc", "stsb", "rte")
 LEVERS = {
     "refine_attn": ["--refinement_attention_loss_weight", "1.0"],  # keep the attention loss in stage 4
     "clip2": ["--ste_clip", "2.0"],  # STE passes gradient on |x / sigma| <= 2 instead of 1
@@ -65,7 +82,36 @@ LEVERS = {
     "no_refine": ["--refinement_steps", "0"],  # stop after the STE stage
     "n64": ["--top_n", "64"],
     "seed43": ["--seed", "43"],  # the same recipe, another student seed (same teacher): the run-to-run spread
+    # not in the paper: the other sentence-pair tasks' training texts as extra, unlabeled distillation inputs
+    "extra_pairs": lambda task: ["--distill_extra_tasks", ",".join(t for t in PAIR_TASKS if t != task)],
+    "no_dropout": ["--student_dropout", "0"],  # the student trains without dropout (the teacher's targets have none)
+    "attn_w10": ["--attention_loss_weight", "10"],  # attention loss x10 against the output loss
+    # a teacher with head dim 64: the same pretrained MiniLM read as 6 heads of 64, fine-tuned on the task itself
+    # (its own teacher, so its drop is against that teacher)
+    "h64": [],
 }
+TEACHER_LEVERS = {"h64": head64_teacher}
+
+
+def lever_flags(lever: str, task: str) -> list[str]:
+    """The recipe flags of a lever, or of levers joined by "+" (e.g. "h64+extra_pairs")."""
+    flags = []
+    for part in lever.split("+"):
+        part_flags = LEVERS[part]
+        flags += part_flags(task) if callable(part_flags) else part_flags
+    return flags
+
+
+def teacher_lever(lever: str) -> str | None:
+    """The part of `lever` that brings its own teacher, if any."""
+    own = [part for part in lever.split("+") if part in TEACHER_LEVERS]
+    if len(own) > 1:
+        raise SystemExit(f"Lever {lever!r} combines {len(own)} teacher levers; at most one can choose the teacher.")
+    return own[0] if own else None
+
+
+def is_lever(variant: str) -> bool:
+    return all(part in LEVERS for part in variant.split("+"))
 
 
 def _plan(args) -> list[tuple[str, str, list[str]]]:
@@ -77,9 +123,9 @@ def _plan(args) -> list[tuple[str, str, list[str]]]:
             plan += [(task, variant, VARIANTS[variant]) for variant in ("wo_ad", "wo_tanh")]
     for item in filter(None, args.levers.split(",")):
         task, _, lever = item.partition(":")
-        if lever not in LEVERS:
+        if not is_lever(lever):
             raise SystemExit(f"Unknown lever {lever!r} in --levers; known: {', '.join(LEVERS)}.")
-        plan.append((task, lever, LEVERS[lever]))
+        plan.append((task, lever, lever_flags(lever, task)))
     return plan
 
 
@@ -112,8 +158,10 @@ def run(args) -> None:
         print(f"{time.strftime('%H:%M:%S')} started {task} {variant}", flush=True)
 
     for task, variant, extra in _plan(args):
-        if variant == "had":
-            start(task, variant, ["--model_name_or_path", args.teacher, "--finetune_teacher_epochs",
+        own = None if variant == "had" else teacher_lever(variant)
+        if variant == "had" or own is not None:
+            teacher = args.teacher if own is None else str(TEACHER_LEVERS[own](args.teacher, out / f"teacher_{own}"))
+            start(task, variant, ["--model_name_or_path", teacher, "--finetune_teacher_epochs",
                                   str(TEACHER_EPOCHS[task])], extra)  # fmt: skip
         else:
             waiting.append((task, variant, extra))
@@ -156,6 +204,13 @@ def collect(args) -> dict:
                 for e in results["log_history"]
                 if any(k.startswith("eval_") for k in e)
             ],
+            # the training losses (mean over each logging interval): with the eval curve, shows over-fitting
+            "train_curve": [
+                {"step": e["step"], **{k: e[k] for k in ("loss_out", "loss_attn", "c") if k in e}}
+                for e in results["log_history"]
+                if "loss_out" in e
+            ],
+            "distill_examples": results["dataset"].get("distill_examples"),
             "seed": results["seed"],
             "global_step": results["global_step"],
             "schedule": results["schedule_description"],
@@ -180,12 +235,18 @@ def collect(args) -> dict:
         rows.append(row)
     levers = []
     for entry in runs.values():
-        if entry["variant"] in LEVERS and f"{entry['task']}_had" in runs:
+        if is_lever(entry["variant"]) and f"{entry['task']}_had" in runs:
             metric = entry["main_metric"]
             base = 100 * runs[f"{entry['task']}_had"]["student"][metric]
-            value = 100 * entry["student"][metric]
-            levers.append({"task": entry["task"], "lever": entry["variant"], "flags": " ".join(LEVERS[entry["variant"]]),
-                           "metric": metric, "had": base, "with_lever": value, "change": value - base})  # fmt: skip
+            value, teacher = 100 * entry["student"][metric], 100 * entry["teacher"][metric]
+            flags = " ".join(lever_flags(entry["variant"], entry["task"]))
+            if teacher_lever(entry["variant"]) is not None:
+                flags = " ".join(
+                    ["own teacher: the pretrained weights as 6 heads of 64, fine-tuned on the task", *flags]
+                )
+            levers.append({"task": entry["task"], "lever": entry["variant"], "flags": flags, "metric": metric,
+                           "had": base, "with_lever": value, "change": value - base, "teacher": teacher,
+                           "drop": teacher - value})  # fmt: skip
     gpu = None
     try:
         import torch
@@ -212,7 +273,10 @@ def collect(args) -> dict:
             f"{row['paper_drop']:>12.2f}{row.get('wo_ad', float('nan')):>9.2f}{row.get('wo_tanh', float('nan')):>10.2f}"
         )
     for row in levers:
-        print(f"lever {row['task']} {row['lever']} ({row['flags']}): {row['had']:.2f} -> {row['with_lever']:.2f}")
+        print(
+            f"lever {row['task']} {row['lever']} ({row['flags']}): {row['had']:.2f} -> {row['with_lever']:.2f} "
+            f"(its teacher {row['teacher']:.2f}, drop {row['drop']:.2f})"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2))

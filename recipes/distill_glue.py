@@ -51,7 +51,7 @@ from transformers import (
 
 import had_hf
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
-from had_hf.glue import get_task, glue_metrics, load_glue
+from had_hf.glue import extra_distillation_inputs, get_task, glue_metrics, load_glue
 
 logger = logging.getLogger("distill_glue")
 
@@ -93,8 +93,26 @@ class ScriptArguments:
     top_n_ratio: float | None = field(
         default=None, metadata={"help": "Keep ceil(ratio * n_keys) keys per query instead."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only this many training examples (and this many per extra task)."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many evaluation examples."})
+    distill_extra_tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated GLUE tasks whose training texts are added, unlabeled, to the student's "
+            "distillation data (the teacher's outputs are the targets; the teacher is fine-tuned on the task alone). "
+            "Not in the paper. Example for stsb: mrpc,rte."
+        },
+    )
+    student_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Dropout probability of every dropout layer of the student (default: the teacher's)."},
+    )
+
+    def __post_init__(self):
+        if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
+            raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
 
 
 def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArguments, str]:
@@ -168,6 +186,13 @@ def main(argv: list[str]) -> dict:
         return [{**{k: v[i] for k, v in encoded.items()}, "labels": row["label"]} for i, row in enumerate(rows)]
 
     data = {split: tokenize(rows) for split, rows in raw.items()}
+    distill_data = data["train"]
+    if script_args.distill_extra_tasks:
+        extra = extra_distillation_inputs(
+            task, script_args.distill_extra_tasks, glue_dir, script_args.max_train_samples
+        )
+        distill_data = data["train"] + tokenize(extra)
+        logger.info("Distilling on %d task + %d extra (unlabeled) examples.", len(data["train"]), len(extra))
     eval_split = task.eval_splits[0]
     collator = DataCollatorWithPadding(tokenizer)
 
@@ -229,6 +254,8 @@ def main(argv: list[str]) -> dict:
     # ---------------------------------------------------------------- student
     student = copy.deepcopy(teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)).train()
     teacher = copy.deepcopy(student).eval()
+    if script_args.student_dropout is not None:
+        set_dropout(student, script_args.student_dropout)
     # ste_clip and sigma_per_head come from training_args: HADDistillationTrainer sets them on the student's config
     had_config = HADConfig(top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio)
     had_hf.convert(student, had_config)
@@ -239,7 +266,7 @@ def main(argv: list[str]) -> dict:
         model=student,
         teacher_model=teacher,
         args=training_args,
-        train_dataset=data["train"],
+        train_dataset=distill_data,
         eval_dataset=data[eval_split],
         data_collator=collator,
         processing_class=tokenizer,
@@ -276,6 +303,8 @@ def main(argv: list[str]) -> dict:
             "config": task.name,
             "source": glue_dir or "nyu-mll/glue",
             "train_examples": len(data["train"]),
+            "distill_examples": len(distill_data),
+            "distill_extra_tasks": script_args.distill_extra_tasks,
             "eval_examples": len(data[eval_split]),
         },
         "max_seq_length": script_args.max_seq_length,
@@ -296,6 +325,15 @@ def main(argv: list[str]) -> dict:
         Path(training_args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
         print_table(results)
     return results
+
+
+def set_dropout(model: torch.nn.Module, probability: float) -> int:
+    """Sets every `torch.nn.Dropout` of `model` to `probability` (the attention-probability dropout of the
+    transformers models reads its module's `p` too); returns how many were set."""
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    for module in layers:
+        module.p = probability
+    return len(layers)
 
 
 def _strip(metrics: dict) -> dict:

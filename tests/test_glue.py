@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from had_hf.glue import TASKS, get_task, glue_metrics, matthews_correlation, read_glue_tsv
+from had_hf.glue import TASKS, extra_distillation_inputs, get_task, glue_metrics, matthews_correlation, read_glue_tsv
 from tests.conftest import GLUE_DIR, requires_glue
 
 
@@ -83,3 +83,31 @@ def test_shared_glue_files_have_the_official_dev_sizes(name, dev_rows):
 def test_missing_file_says_which_layout_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="official GLUE layout"):
         read_glue_tsv(tmp_path, get_task("rte"), "dev")
+
+
+def test_extra_distillation_inputs_take_other_tasks_texts_under_the_tasks_field_names(tmp_path):
+    files = {
+        "MRPC/train.tsv": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA b.\tA c.\n0\t3\t4\tD e.\tF g.\n",
+        "QNLI/train.tsv": "index\tquestion\tsentence\tlabel\n0\tQ?\tS.\tnot_entailment\n",
+        "SST-2/train.tsv": "sentence\tlabel\nfine .\t1\n",
+    }
+    for relative, text in files.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text, encoding="utf-8")
+    stsb, rte = get_task("stsb"), get_task("rte")
+    extra = extra_distillation_inputs(stsb, "mrpc, qnli", tmp_path)
+    # in order, renamed to STS-B's fields, with a placeholder of STS-B's label type (regression: a float)
+    assert extra == [
+        {"sentence1": "A b.", "sentence2": "A c.", "label": 0.0},
+        {"sentence1": "D e.", "sentence2": "F g.", "label": 0.0},
+        {"sentence1": "Q?", "sentence2": "S.", "label": 0.0},
+    ]
+    assert all(type(e["label"]) is float for e in extra)
+    extra = extra_distillation_inputs(rte, ["mrpc"], tmp_path, max_rows=1)
+    assert extra == [{"sentence1": "A b.", "sentence2": "A c.", "label": 0}] and type(extra[0]["label"]) is int
+    with pytest.raises(ValueError, match="the task itself"):
+        extra_distillation_inputs(stsb, "mrpc,stsb", tmp_path)
+    with pytest.raises(ValueError, match=r"1 text field\(s\).*Allowed sources: \['mnli', 'mrpc'"):
+        extra_distillation_inputs(stsb, "sst2", tmp_path)
+    with pytest.raises(ValueError, match="choose one of"):
+        extra_distillation_inputs(stsb, "squad", tmp_path)

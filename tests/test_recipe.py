@@ -84,3 +84,49 @@ def test_bad_yaml_key_is_refused_with_the_allowed_flags(tmp_path):
     result = _run([sys.executable, "recipes/distill_glue.py", str(config)], tmp_path)
     assert result.returncode != 0
     assert "Unknown keys" in result.stderr and "not_a_flag" in result.stderr
+
+
+def _recipe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_glue_recipe", REPO / "recipes" / "distill_glue.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_student_dropout_sets_every_dropout_layer_and_is_validated():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    recipe = _recipe_module()
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)  # fmt: skip
+    model = BertForSequenceClassification(config).train()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout active: two passes differ
+    assert recipe.set_dropout(model, 0.0) == sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) > 0
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match=r"student_dropout must be in \[0, 1\)"):
+        recipe.ScriptArguments(student_dropout=1.0)
+
+
+@pytest.mark.slow
+def test_extra_distillation_tasks_and_student_dropout_reach_the_run(tmp_path):
+    from tests.conftest import GLUE_DIR
+
+    if not GLUE_DIR.is_dir():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR} (the ../shared folder beside the checkout)")
+    out = tmp_path / "stsb"
+    flags = ["--task_name", "stsb", "--glue_dir", str(GLUE_DIR), "--max_train_samples", "24", "--max_eval_samples",
+             "16", "--finetune_teacher_epochs", "0.5", "--max_steps", "6", "--calibration_batches", "1",
+             "--distill_extra_tasks", "mrpc,rte", "--student_dropout", "0", "--report_to", "none",
+             "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
+    result = _run([sys.executable, "recipes/distill_glue.py", *flags], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["train_examples"] == 24
+    assert results["dataset"]["distill_examples"] == 24 + 24 + 24  # max_train_samples caps each extra task too
+    assert results["script_args"]["student_dropout"] == 0.0
+    assert results["global_step"] == 6

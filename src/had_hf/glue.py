@@ -139,6 +139,41 @@ def load_glue(
     return splits
 
 
+def extra_distillation_inputs(
+    task: GlueTask, sources: str | list[str], glue_dir: str | Path | None = None, max_rows: int | None = None
+) -> list[dict]:
+    """The training texts of other GLUE tasks as extra, unlabeled inputs for distilling a `task` student.
+
+    Distillation needs no labels: its targets are the teacher's outputs. Each source's text fields are renamed, in
+    order, to `task`'s, so a sentence-pair task takes only sentence-pair sources. The examples carry the placeholder
+    label 0 (0.0 for regression) so that they batch with the task's own examples; the distillation loss never reads
+    it. `max_rows` caps each source.
+    """
+    names = [name.strip() for name in sources.split(",")] if isinstance(sources, str) else list(sources)
+    examples: list[dict] = []
+    for name in filter(None, names):
+        source = get_task(name)
+        if source.name == task.name:
+            raise ValueError(f"{name!r} is the task itself; extra distillation inputs must come from other tasks.")
+        if len(source.text_fields) != len(task.text_fields):
+            allowed = sorted(
+                t for t, v in TASKS.items() if len(v.text_fields) == len(task.text_fields) and t != task.name
+            )
+            raise ValueError(
+                f"{name!r} has {len(source.text_fields)} text field(s) and {task.name!r} has {len(task.text_fields)}: "
+                f"its texts cannot stand in for {task.name}'s inputs. Allowed sources: {allowed}."
+            )
+        placeholder = 0.0 if task.is_regression else 0
+        if glue_dir is not None:
+            rows = read_glue_tsv(glue_dir, source, "train", max_rows)
+        else:
+            rows = load_glue(source, None, max_rows, 0)["train"]
+        for row in rows:
+            texts = {field: row[source_field] for field, source_field in zip(task.text_fields, source.text_fields)}
+            examples.append({**texts, "label": placeholder})
+    return examples
+
+
 # ------------------------------------------------------------------ metrics
 
 
