@@ -82,6 +82,7 @@ LEVERS = {
     "no_refine": ["--refinement_steps", "0"],  # stop after the STE stage
     "n64": ["--top_n", "64"],
     "seed43": ["--seed", "43"],  # the same recipe, another student seed (same teacher): the run-to-run spread
+    "seed44": ["--seed", "44"],
     # not in the paper: the other sentence-pair tasks' training texts as extra, unlabeled distillation inputs
     "extra_pairs": lambda task: ["--distill_extra_tasks", ",".join(t for t in PAIR_TASKS if t != task)],
     "no_dropout": ["--student_dropout", "0"],  # the student trains without dropout (the teacher's targets have none)
@@ -239,11 +240,10 @@ def collect(args) -> dict:
             metric = entry["main_metric"]
             base = 100 * runs[f"{entry['task']}_had"]["student"][metric]
             value, teacher = 100 * entry["student"][metric], 100 * entry["teacher"][metric]
-            flags = " ".join(lever_flags(entry["variant"], entry["task"]))
+            flags = lever_flags(entry["variant"], entry["task"])
             if teacher_lever(entry["variant"]) is not None:
-                flags = " ".join(
-                    ["own teacher: the pretrained weights as 6 heads of 64, fine-tuned on the task", *flags]
-                )
+                flags = ["own teacher: the pretrained weights as 6 heads of 64, fine-tuned on the task;", *flags]
+            flags = " ".join(flags)
             levers.append({"task": entry["task"], "lever": entry["variant"], "flags": flags, "metric": metric,
                            "had": base, "with_lever": value, "change": value - base, "teacher": teacher,
                            "drop": teacher - value})  # fmt: skip
