@@ -283,6 +283,66 @@ def collect(args) -> dict:
     return summary
 
 
+def recipe_of(variant: str) -> str:
+    """A run's recipe: its variant without the seed levers ("extra_pairs+seed43" -> "extra_pairs", "seed43" -> "had")."""
+    parts = [part for part in variant.split("+") if not (part.startswith("seed") and part[4:].isdigit())]
+    return "+".join(parts) or "had"
+
+
+def summarize(args) -> dict:
+    """Pools the runs of several collected files by (task, recipe): every seed and every repeat of a recipe counts
+    once, so a recipe is judged by its mean drop, not by its best run. Only runs with the same number of steps and
+    the same teacher (same teacher metric) are pooled; a file that differs is refused."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    teachers, steps = {}, set()
+    for path in args.files:
+        for name, entry in json.loads(Path(path).read_text())["runs"].items():
+            metric = entry["main_metric"]
+            teacher = round(100 * entry["teacher"][metric], 4)
+            recipe = recipe_of(entry["variant"])
+            if teacher_lever(recipe) is None and abs(teachers.setdefault(entry["task"], teacher) - teacher) > 0.01:
+                raise SystemExit(
+                    f"{path}: {name} has another {entry['task']} teacher ({teacher} vs {teachers[entry['task']]})."
+                )
+            steps.add(entry["global_step"])
+            groups.setdefault((entry["task"], recipe), []).append(
+                {
+                    "file": Path(path).name,
+                    "run": name,
+                    "seed": entry["seed"],
+                    "teacher": teacher,
+                    "student": 100 * entry["student"][metric],
+                    "metric": metric,
+                }  # fmt: skip
+            )
+    if len(steps) > 1:
+        raise SystemExit(f"The files mix schedules of {sorted(steps)} steps; pool runs of one length only.")
+    rows = []
+    for (task, recipe), runs in sorted(groups.items()):
+        drops = [run["teacher"] - run["student"] for run in runs]
+        rows.append({
+            "task": task, "recipe": recipe, "flags": " ".join(VARIANTS[recipe] if recipe in VARIANTS else lever_flags(recipe, task)),
+            "metric": runs[0]["metric"], "runs": len(runs), "teacher": runs[0]["teacher"],
+            "student_mean": sum(r["student"] for r in runs) / len(runs),
+            "student_min": min(r["student"] for r in runs), "student_max": max(r["student"] for r in runs),
+            "drop_mean": sum(drops) / len(drops), "paper_drop": PAPER[task]["teacher"] - PAPER[task]["had"],
+            "members": runs,
+        })  # fmt: skip
+    summary = {"steps": steps.pop() if steps else None, "files": [Path(p).name for p in args.files], "rows": rows,
+               "command": " ".join(["python", *sys.argv])}  # fmt: skip
+    print(
+        f"{'task':<6}{'recipe':<28}{'runs':>5}{'teacher':>9}{'HAD mean':>10}{'min':>8}{'max':>8}{'drop':>7}{'paper':>7}"
+    )
+    for row in rows:
+        print(
+            f"{row['task']:<6}{row['recipe']:<28}{row['runs']:>5}{row['teacher']:>9.2f}{row['student_mean']:>10.2f}"
+            f"{row['student_min']:>8.2f}{row['student_max']:>8.2f}{row['drop_mean']:>7.2f}{row['paper_drop']:>7.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +369,10 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--gpu", default=None)
     p.set_defaults(func=collect)
+    p = sub.add_parser("summarize", help="pool collected files' runs by (task, recipe), seeds and repeats together")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=summarize)
     args = parser.parse_args()
     os.chdir(REPO)
     args.func(args)

@@ -7,6 +7,17 @@
 #   TASKS=stsb ABLATION_TASKS=none LEVERS=stsb:sigma_head,stsb:no_refine,stsb:n64 bash benchmarks/glue_gpu_session.sh start
 # and the longer schedule (glue_long.json):
 #   MAX_STEPS=12000 TASKS=stsb,mrpc ABLATION_TASKS=none LEVERS=stsb:seed43 JSON=glue_long.json bash ... start|finish
+# and the levers beyond the paper (glue_levers2.json, then glue_levers3.json):
+#   TASKS=stsb,mrpc ABLATION_TASKS=none JSON=glue_levers2.json LEVERS=stsb:extra_pairs,stsb:no_dropout,stsb:attn_w10,\
+#     stsb:lr2e-5,stsb:h64,stsb:h64+extra_pairs,stsb:seed43,mrpc:extra_pairs,mrpc:h64 bash ... start|finish
+#   TASKS=stsb,mrpc,sst2 ABLATION_TASKS=none JSON=glue_levers3.json LEVERS=stsb:extra_pairs+no_dropout,\
+#     stsb:extra_pairs+no_dropout+seed43,stsb:extra_pairs+no_dropout+seed44,stsb:extra_pairs+seed43,\
+#     mrpc:extra_pairs+seed43,mrpc:extra_pairs+no_dropout,mrpc:extra_pairs+no_dropout+seed43,sst2:no_dropout bash ...
+#   (that third round ran on the machine the second had left warm, before `start` moved an earlier round aside: its
+#   lever runs read the second round's saved teachers, the same seed-42 fine-tuning the third round's HAD runs redid,
+#   with the same teacher metrics; collect then ran by hand after a finish that waited too little)
+# and the pooled table: python benchmarks/glue_gpu.py summarize benchmarks/results/{glue,glue_stsb_levers,\
+#   glue_levers2,glue_levers3}.json --json benchmarks/results/glue_summary.json
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 RUN=/tmp/glue_runs
@@ -19,6 +30,9 @@ wait_done() {  # $1: seconds at most
 }
 case "$1" in
 start)
+  if [ -e $RUN ] || [ -e $RUN.done ]; then  # a warm machine keeps an earlier round: move it aside, never mix them
+    aside=$RUN.$(date +%H%M%S); mkdir -p $aside && mv $RUN $RUN.log $RUN.done $aside/ 2>/dev/null; echo "earlier round moved to $aside"
+  fi
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
   setsid bash -c "python benchmarks/glue_gpu.py run --glue_dir .carry/glue --teacher .carry/minilm --out $RUN \

@@ -114,3 +114,38 @@ def test_glue_gpu_levers_combine_and_name_their_teacher():
     assert glue_gpu.lever_flags("no_dropout+clip2", "mrpc") == ["--student_dropout", "0", "--ste_clip", "2.0"]
     assert glue_gpu.teacher_lever("clip2+h64") == "h64" and glue_gpu.teacher_lever("clip2") is None
     assert glue_gpu.is_lever("h64+extra_pairs") and not glue_gpu.is_lever("h64+nope")
+
+
+def test_glue_gpu_summarize_pools_seeds_and_refuses_mixed_runs(tmp_path):
+    def run(task, variant, teacher, student, steps=5000, seed=42):
+        return {"task": task, "variant": variant, "main_metric": "pearson", "teacher": {"pearson": teacher},
+                "student": {"pearson": student}, "global_step": steps, "seed": seed}  # fmt: skip
+
+    first = {"runs": {"stsb_had": run("stsb", "had", 0.85, 0.81), "stsb_seed43": run("stsb", "seed43", 0.85, 0.80),
+                      "stsb_extra_pairs": run("stsb", "extra_pairs", 0.85, 0.83)}}  # fmt: skip
+    second = {"runs": {"stsb_had": run("stsb", "had", 0.85, 0.82),
+                       "stsb_extra_pairs+seed43": run("stsb", "extra_pairs+seed43", 0.85, 0.84, seed=43),
+                       "stsb_h64": run("stsb", "h64", 0.76, 0.68)}}  # fmt: skip
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, content in zip(paths, (first, second)):
+        path.write_text(json.dumps(content))
+    out = tmp_path / "summary.json"
+    command = [sys.executable, "benchmarks/glue_gpu.py", "summarize", *map(str, paths), "--json", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["recipe"]: row for row in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == ["extra_pairs", "h64", "had"]  # seed levers fold into their recipe
+    assert rows["had"]["runs"] == 3 and rows["had"]["student_mean"] == pytest.approx(81.0)
+    assert rows["had"]["drop_mean"] == pytest.approx(4.0) and rows["had"]["paper_drop"] == pytest.approx(0.17)
+    assert rows["extra_pairs"]["runs"] == 2 and rows["extra_pairs"]["drop_mean"] == pytest.approx(1.5)
+    assert rows["extra_pairs"]["flags"] == "--distill_extra_tasks mrpc,rte"
+    assert rows["h64"]["teacher"] == pytest.approx(76.0)  # its own teacher, allowed to differ
+    # another teacher for the same task, or another schedule length, is refused
+    second["runs"]["stsb_had"] = run("stsb", "had", 0.86, 0.82)
+    paths[1].write_text(json.dumps(second))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "another stsb teacher" in result.stderr
+    second["runs"]["stsb_had"] = run("stsb", "had", 0.85, 0.82, steps=12000)
+    paths[1].write_text(json.dumps(second))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "mix schedules" in result.stderr
