@@ -191,3 +191,23 @@ def test_training_curves_plot(results, tmp_path):
     with pytest.raises(ValueError, match="Nothing to plot"):
         plotting.plot_training_curves([{"step": 1, "learning_rate": 1e-5}], tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_card_names_extra_distillation_inputs(output_dir, results, card, tmp_path):
+    # the shared record has none: the card says nothing about them
+    assert "Extra distillation inputs" not in card.text and "unlabeled" not in card.text
+    extra_dir = tmp_path / "stsb-had"
+    extra_dir.mkdir()
+    for path in output_dir.iterdir():
+        if path.is_file():
+            (extra_dir / path.name).write_bytes(path.read_bytes())
+    extra = json.loads(json.dumps(results))
+    extra["dataset"].update({"distill_extra_tasks": "mrpc,rte", "train_examples": 5749, "distill_examples": 11907})
+    (extra_dir / "results.json").write_text(json.dumps(extra))
+    text = hub.render_model_card(extra_dir, REPO_ID).text
+    expected = (
+        "the training texts of `mrpc`, `rte` (6,158 examples), unlabeled (the teacher's outputs are the targets)"
+    )
+    assert f"| Extra distillation inputs | {expected} |" in text
+    assert f" and {expected} with `had_hf`." in text
+    assert "\n\n\n" not in text

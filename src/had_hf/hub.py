@@ -374,6 +374,7 @@ def _card_context(
         "task_label": f"Task `{results['task']}`" if results.get("task") else "The task",
         "dataset_label": _dataset_label(dataset) or "its training data",
         "dataset_source": dataset.get("source"),
+        "distill_extra": _distill_extra_text(dataset),
         "split": dataset.get("split"),
         "max_seq_length": results.get("max_seq_length"),
         "main_metric": results["main_metric"],
@@ -398,6 +399,18 @@ def _card_context(
         "transformers_version": results.get("transformers_version", "?"),
         "license_note": None,
     }
+
+
+def _distill_extra_text(dataset: Mapping[str, Any]) -> str | None:
+    """The recipe's `--distill_extra_tasks`, in words: other tasks' texts the student was distilled on, unlabeled."""
+    extra = dataset.get("distill_extra_tasks")
+    if not extra:
+        return None
+    tasks = ", ".join(f"`{name.strip()}`" for name in str(extra).split(",") if name.strip())
+    count = _number(dataset.get("distill_examples"))
+    own = _number(dataset.get("train_examples"))
+    size = f" ({int(count - own):,} examples)" if count is not None and own is not None else ""
+    return f"the training texts of {tasks}{size}, unlabeled (the teacher's outputs are the targets)"
 
 
 def _ordered_metrics(results: Mapping[str, Any]) -> list[tuple[str, float]]:
