@@ -13,9 +13,9 @@
 #   TASKS=stsb,mrpc,sst2 ABLATION_TASKS=none JSON=glue_levers3.json LEVERS=stsb:extra_pairs+no_dropout,\
 #     stsb:extra_pairs+no_dropout+seed43,stsb:extra_pairs+no_dropout+seed44,stsb:extra_pairs+seed43,\
 #     mrpc:extra_pairs+seed43,mrpc:extra_pairs+no_dropout,mrpc:extra_pairs+no_dropout+seed43,sst2:no_dropout bash ...
-#   (that third round ran on the machine the second had left warm, before `start` moved an earlier round aside: its
-#   lever runs read the second round's saved teachers, the same seed-42 fine-tuning the third round's HAD runs redid,
-#   with the same teacher metrics; collect then ran by hand after a finish that waited too little)
+#   (the glue_levers3 round ran on the machine the glue_levers2 round had left warm, before `start` moved an earlier
+#   round aside: its lever runs read the glue_levers2 round's saved teachers, the same seed-42 fine-tuning its own HAD
+#   runs redid, with the same teacher metrics; collect then ran by hand after a finish that waited too little)
 # and the pooled table: python benchmarks/glue_gpu.py summarize benchmarks/results/{glue,glue_stsb_levers,\
 #   glue_levers2,glue_levers3}.json --json benchmarks/results/glue_summary.json
 set -u
