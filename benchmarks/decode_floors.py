@@ -108,19 +108,26 @@ def key_stream_floors(num_keys: int, device) -> list[dict]:
     return rows
 
 
-def gather_floors(shape, device) -> dict:
-    """Kept rows of the real kernel at this shape, then the gather floor over a sweep of launch options."""
+def _decode_inputs(shape, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded bf16 query and values, and the packed sign bits of seeded bf16 keys, at `shape`."""
     generator = torch.Generator(device=device).manual_seed(0)
     b, hq, hkv, d, n = shape.batch, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.num_keys
     query = torch.randn(b, hq, 1, d, device=device, generator=generator).to(torch.bfloat16)
     key = torch.randn(b, hkv, n, d, device=device, generator=generator).to(torch.bfloat16)
     value = torch.randn(b, hkv, n, d, device=device, generator=generator).to(torch.bfloat16)
-    key_words = triton_pack_sign_bits(key)
+    return query, triton_pack_sign_bits(key), value
+
+
+def gather_floors(shape, device) -> dict:
+    """Kept rows of the real kernel at this shape, then the gather floor over a sweep of launch options."""
+    b, hkv, d, n = shape.batch, shape.num_kv_heads, shape.head_dim, shape.num_keys
+    query, key_words, value = _decode_inputs(shape, device)
     call = lambda: hamming_topk_decode(query, key_words, value, None, shape.top_n, 1.0 / math.sqrt(d))  # noqa: E731
     _, keep = hamming_topk_decode(query, key_words, value, None, shape.top_n, 1.0 / math.sqrt(d), return_keep=True)
     rows_kept = keep.view(b * hkv, shape.group, n).any(dim=1)  # (b * hkv, n): value rows a kv head loads
     kept = int(rows_kept.sum())
-    flat_index = (rows_kept.nonzero()[:, 0] * n + rows_kept.nonzero()[:, 1]).to(torch.int32)
+    kept_at = rows_kept.nonzero()
+    flat_index = (kept_at[:, 0] * n + kept_at[:, 1]).to(torch.int32)
     flat_value = value.view(b * hkv * n, d)
     gathered_bytes = kept * d * 2
     result = {"shape": shape.name, "kept_rows": kept, "kept_fraction": kept / (b * hkv * n),
@@ -184,13 +191,8 @@ def main() -> None:
     device = torch.device("cuda")
     if args.profile_only:
         for shape in (SHAPES[1], SHAPES[3]):
-            generator = torch.Generator(device=device).manual_seed(0)
-            b, hq, hkv, d, n = shape.batch, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.num_keys
-            query = torch.randn(b, hq, 1, d, device=device, generator=generator).to(torch.bfloat16)
-            key = torch.randn(b, hkv, n, d, device=device, generator=generator).to(torch.bfloat16)
-            value = torch.randn(b, hkv, n, d, device=device, generator=generator).to(torch.bfloat16)
-            key_words = triton_pack_sign_bits(key)
-            hamming_topk_decode(query, key_words, value, None, shape.top_n, 1.0 / math.sqrt(d))
+            query, key_words, value = _decode_inputs(shape, device)
+            hamming_topk_decode(query, key_words, value, None, shape.top_n, 1.0 / math.sqrt(shape.head_dim))
             torch.cuda.synchronize()
         return
     props = torch.cuda.get_device_properties(device)
