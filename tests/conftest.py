@@ -22,6 +22,18 @@ requires_glue = pytest.mark.skipif(
 VOCAB = 99
 
 
+def load_script(path: Path, name: str):
+    """A script of the repository (a recipe, a benchmark) imported as a module, so that tests can call its functions."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_bert_config(**overrides):
     from transformers import BertConfig
 

