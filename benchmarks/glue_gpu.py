@@ -124,6 +124,10 @@ LEVERS = {
     "extra_pairs": lambda task: ["--distill_extra_tasks", ",".join(t for t in PAIR_TASKS if t != task)],
     "no_dropout": ["--student_dropout", "0"],  # the student trains without dropout (the teacher's targets have none)
     "attn_w10": ["--attention_loss_weight", "10"],  # attention loss x10 against the output loss
+    # not in the paper: augmented copies of the distillation inputs (pairs swapped; unrelated pairs; words dropped)
+    "aug_swap": ["--distill_augment", "swap"],
+    "aug_swap_cross": ["--distill_augment", "swap,cross"],
+    "aug_all": ["--distill_augment", "swap,cross,word_drop"],
     # a teacher with head dim 64: the same pretrained MiniLM read as 6 heads of 64, fine-tuned on the task itself
     # (its own teacher, so its drop is against that teacher)
     "h64": [],
@@ -136,7 +140,11 @@ def lever_flags(lever: str, task: str) -> list[str]:
     flags = []
     for part in lever.split("+"):
         part_flags = LEVERS[part]
-        flags += part_flags(task) if callable(part_flags) else part_flags
+        part_flags = part_flags(task) if callable(part_flags) else part_flags
+        repeated = set(flags[::2]) & set(part_flags[::2])  # flags come as (name, value) pairs
+        if repeated:
+            raise SystemExit(f"Lever {lever!r} sets {sorted(repeated)} twice: combine levers that set different flags.")
+        flags += part_flags
     return flags
 
 

@@ -20,7 +20,8 @@ Launch commands (run from the repository root):
 
     # the paper's ablations: --attention_loss false ("w/o AD"), --skip_tanh true ("w/o tanh")
     # beyond the paper: --distill_extra_tasks mrpc,rte (other sentence-pair tasks' training texts as extra, unlabeled
-    # distillation inputs) and --student_dropout 0; on STS-B together they halve the drop (README, GLUE results)
+    # distillation inputs) and --student_dropout 0; on STS-B together they halve the drop (README, GLUE results);
+    # --distill_augment swap,cross,word_drop adds augmented copies of the distillation inputs
 
 Flag names follow transformers' `run_glue.py` (`--task_name`, `--model_name_or_path` for the teacher,
 `--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Without `--max_steps` the paper's schedule
@@ -53,7 +54,14 @@ from transformers import (
 
 import had_hf
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
-from had_hf.glue import extra_distillation_inputs, get_task, glue_metrics, load_glue
+from had_hf.glue import (
+    AUGMENTATIONS,
+    augmented_distillation_inputs,
+    extra_distillation_inputs,
+    get_task,
+    glue_metrics,
+    load_glue,
+)
 
 logger = logging.getLogger("distill_glue")
 
@@ -107,6 +115,14 @@ class ScriptArguments:
             "Not in the paper. Example for stsb: mrpc,rte."
         },
     )
+    distill_augment: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated augmented copies of the distillation inputs (task and extra texts), added "
+            "unlabeled: swap (pair order), cross (unrelated pairs), word_drop (15% of words dropped). Not in the "
+            "paper. Seeded by --seed."
+        },
+    )
     student_dropout: float | None = field(
         default=None,
         metadata={"help": "Dropout probability of every dropout layer of the student (default: the teacher's)."},
@@ -115,6 +131,10 @@ class ScriptArguments:
     def __post_init__(self):
         if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
+        kinds = [k.strip() for k in (self.distill_augment or "").split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in AUGMENTATIONS]
+        if self.distill_augment is not None and unknown:
+            raise ValueError(f"distill_augment: unknown kind(s) {unknown}; choose from {sorted(AUGMENTATIONS)}.")
 
 
 def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArguments, str]:
@@ -188,12 +208,17 @@ def main(argv: list[str]) -> dict:
         return [{**{k: v[i] for k, v in encoded.items()}, "labels": row["label"]} for i, row in enumerate(rows)]
 
     data = {split: tokenize(rows) for split, rows in raw.items()}
-    distill_data = data["train"]
+    extra = []
     if script_args.distill_extra_tasks:
         extra = extra_distillation_inputs(
             task, script_args.distill_extra_tasks, glue_dir, script_args.max_train_samples
         )
-        distill_data = data["train"] + tokenize(extra)
+    if script_args.distill_augment:
+        extra += augmented_distillation_inputs(
+            task, raw["train"] + extra, script_args.distill_augment, seed=training_args.seed
+        )
+    distill_data = data["train"] + tokenize(extra) if extra else data["train"]
+    if extra:
         logger.info("Distilling on %d task + %d extra (unlabeled) examples.", len(data["train"]), len(extra))
     eval_split = task.eval_splits[0]
     collator = DataCollatorWithPadding(tokenizer)
@@ -307,6 +332,7 @@ def main(argv: list[str]) -> dict:
             "train_examples": len(data["train"]),
             "distill_examples": len(distill_data),
             "distill_extra_tasks": script_args.distill_extra_tasks,
+            "distill_augment": script_args.distill_augment,
             "eval_examples": len(data[eval_split]),
         },
         "max_seq_length": script_args.max_seq_length,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from had_hf.glue import TASKS, extra_distillation_inputs, get_task, glue_metrics, matthews_correlation, read_glue_tsv
+from had_hf.glue import TASKS, augmented_distillation_inputs, extra_distillation_inputs, get_task, glue_metrics, matthews_correlation, read_glue_tsv
 from tests.conftest import GLUE_DIR, requires_glue
 
 
@@ -111,3 +111,36 @@ def test_extra_distillation_inputs_take_other_tasks_texts_under_the_tasks_field_
         extra_distillation_inputs(stsb, "sst2", tmp_path)
     with pytest.raises(ValueError, match="choose one of"):
         extra_distillation_inputs(stsb, "squad", tmp_path)
+
+
+def test_augmented_distillation_inputs_swap_cross_and_drop_words():
+    stsb, sst2 = get_task("stsb"), get_task("sst2")
+    rows = [{"sentence1": f"a{i} b{i} c{i}", "sentence2": f"x{i} y{i}", "label": float(i)} for i in range(7)]
+    copies = augmented_distillation_inputs(stsb, rows, "swap, cross,word_drop", seed=3)
+    assert len(copies) == 3 * len(rows) and all(c["label"] == 0.0 and type(c["label"]) is float for c in copies)
+    swap, cross, drop = copies[:7], copies[7:14], copies[14:]
+    assert swap == [{"sentence1": r["sentence2"], "sentence2": r["sentence1"], "label": 0.0} for r in rows]
+    # cross: first texts in place; the second texts are a permutation of the originals, none left with its own
+    assert [c["sentence1"] for c in cross] == [r["sentence1"] for r in rows]
+    partners = [int(c["sentence2"].split()[0][1:]) for c in cross]
+    assert sorted(partners) == list(range(7)) and all(p != i for i, p in enumerate(partners))
+    # word_drop: every text keeps its words in order, a non-empty subset of them
+    for row, copy in zip(rows, drop):
+        for field in ("sentence1", "sentence2"):
+            words, kept = row[field].split(), copy[field].split()
+            assert kept and all(w in words for w in kept)
+            assert [words.index(w) for w in kept] == sorted(words.index(w) for w in kept)
+    assert augmented_distillation_inputs(stsb, rows, "cross,word_drop", seed=3) == cross + drop  # seeded
+    assert augmented_distillation_inputs(stsb, rows, "cross", seed=4) != cross
+    many = [{"sentence": " ".join(f"w{j}" for j in range(40)), "label": 1}] * 50
+    dropped = augmented_distillation_inputs(sst2, many, ["word_drop"], seed=0)
+    share = sum(len(c["sentence"].split()) for c in dropped) / (40 * 50)
+    assert 0.8 < share < 0.9 and dropped[0]["label"] == 0  # 15% dropped on average; classification placeholder 0
+    with pytest.raises(ValueError, match=r"'swap' needs sentence pairs.*allowed: \['word_drop'\]"):
+        augmented_distillation_inputs(sst2, many, "swap")
+    with pytest.raises(ValueError, match=r"Unknown augmentation 'flip'; choose from \['cross', 'swap', 'word_drop'\]"):
+        augmented_distillation_inputs(stsb, rows, "flip")
+    with pytest.raises(ValueError, match="name each kind once"):
+        augmented_distillation_inputs(stsb, rows, "swap,swap")
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        augmented_distillation_inputs(stsb, rows[:1], "cross")

@@ -211,3 +211,11 @@ def test_card_names_extra_distillation_inputs(output_dir, results, card, tmp_pat
     assert f"| Extra distillation inputs | {expected} |" in text
     assert f" and {expected} with `had_hf`." in text
     assert "\n\n\n" not in text
+    extra["dataset"].update({"distill_augment": "swap,cross", "distill_examples": 11907 + 2 * 11907})
+    (extra_dir / "results.json").write_text(json.dumps(extra))
+    text = hub.render_model_card(extra_dir, REPO_ID).text
+    expected = (
+        "the training texts of `mrpc`, `rte` and augmented copies of the training texts (`swap`, `cross`) "
+        "(29,972 examples), unlabeled (the teacher's outputs are the targets)"
+    )
+    assert f"| Extra distillation inputs | {expected} |" in text

@@ -106,6 +106,8 @@ def test_student_dropout_sets_every_dropout_layer_and_is_validated():
     assert torch.equal(model(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match=r"student_dropout must be in \[0, 1\)"):
         recipe.ScriptArguments(student_dropout=1.0)
+    with pytest.raises(ValueError, match=r"distill_augment: unknown kind\(s\) \['flip'\]; choose from"):
+        recipe.ScriptArguments(distill_augment="swap, flip")
 
 
 @pytest.mark.slow
@@ -114,12 +116,15 @@ def test_extra_distillation_tasks_and_student_dropout_reach_the_run(tmp_path):
     out = tmp_path / "stsb"
     flags = ["--task_name", "stsb", "--glue_dir", str(GLUE_DIR), "--max_train_samples", "24", "--max_eval_samples",
              "16", "--finetune_teacher_epochs", "0.5", "--max_steps", "6", "--calibration_batches", "1",
-             "--distill_extra_tasks", "mrpc,rte", "--student_dropout", "0", "--report_to", "none",
+             "--distill_extra_tasks", "mrpc,rte", "--distill_augment", "swap,cross", "--student_dropout", "0",
+             "--report_to", "none",
              "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
     result = _run([sys.executable, "recipes/distill_glue.py", *flags], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"]["train_examples"] == 24
-    assert results["dataset"]["distill_examples"] == 24 + 24 + 24  # max_train_samples caps each extra task too
+    # max_train_samples caps each extra task too; each augmentation copies the task's and the extra texts
+    assert results["dataset"]["distill_examples"] == 3 * (24 + 24 + 24)
+    assert results["dataset"]["distill_augment"] == "swap,cross"
     assert results["script_args"]["student_dropout"] == 0.0
     assert results["global_step"] == 6

@@ -174,6 +174,72 @@ def extra_distillation_inputs(
     return examples
 
 
+# kinds of augmented copies for distillation inputs; the pair-only ones need two text fields
+AUGMENTATIONS = {
+    "swap": "each pair with its two texts in the other order",
+    "cross": "each first text with the second text of another example (unrelated pairs)",
+    "word_drop": "each text with every word dropped with probability 0.15 (at least one word kept)",
+}
+PAIR_AUGMENTATIONS = ("swap", "cross")
+
+
+def augmented_distillation_inputs(
+    task: GlueTask, examples: list[dict], kinds: str | list[str], seed: int = 0, drop_probability: float = 0.15
+) -> list[dict]:
+    """Augmented copies of `examples` as extra, unlabeled distillation inputs: one copy per kind (AUGMENTATIONS).
+
+    Distillation targets are the teacher's outputs, so a text the teacher was never trained on still teaches the
+    student to follow the teacher. Each copy is made from `examples` themselves (kinds do not compose) and carries
+    the placeholder label 0 (0.0 for regression). Seeded: the same arguments give the same copies.
+    """
+    names = [name.strip() for name in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
+    names = [name for name in names if name]
+    for name in names:
+        if name not in AUGMENTATIONS:
+            raise ValueError(f"Unknown augmentation {name!r}; choose from {sorted(AUGMENTATIONS)}.")
+        if name in PAIR_AUGMENTATIONS and len(task.text_fields) != 2:
+            allowed = sorted(set(AUGMENTATIONS) - set(PAIR_AUGMENTATIONS))
+            raise ValueError(
+                f"Augmentation {name!r} needs sentence pairs and {task.name!r} has one text field; allowed: {allowed}."
+            )
+    if len(names) != len(set(names)):
+        raise ValueError(f"Augmentations repeat in {names}: name each kind once.")
+    if names and len(examples) < 2:
+        raise ValueError(f"Augmenting needs at least 2 examples, got {len(examples)}.")
+    rng = np.random.default_rng(seed)
+    placeholder = 0.0 if task.is_regression else 0
+    fields = task.text_fields
+    copies: list[dict] = []
+    for name in names:
+        if name == "swap":
+            copies += [{fields[0]: e[fields[1]], fields[1]: e[fields[0]], "label": placeholder} for e in examples]
+        elif name == "cross":
+            # a random cycle through the examples: every example gives and takes one second text, never its own
+            order = rng.permutation(len(examples))
+            partner = np.empty_like(order)
+            partner[order] = np.roll(order, -1)
+            copies += [
+                {fields[0]: e[fields[0]], fields[1]: examples[partner[i]][fields[1]], "label": placeholder}
+                for i, e in enumerate(examples)
+            ]
+        else:
+            copies += [
+                {**{f: _drop_words(e[f], rng, drop_probability) for f in fields}, "label": placeholder}
+                for e in examples
+            ]
+    return copies
+
+
+def _drop_words(text: str, rng: np.random.Generator, probability: float) -> str:
+    words = text.split()
+    if not words:
+        return text
+    keep = rng.random(len(words)) >= probability
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return " ".join(word for word, kept in zip(words, keep) if kept)
+
+
 # ------------------------------------------------------------------ metrics
 
 

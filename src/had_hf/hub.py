@@ -402,15 +402,23 @@ def _card_context(
 
 
 def _distill_extra_text(dataset: Mapping[str, Any]) -> str | None:
-    """The recipe's `--distill_extra_tasks`, in words: other tasks' texts the student was distilled on, unlabeled."""
+    """The recipe's `--distill_extra_tasks` and `--distill_augment`, in words: the unlabeled inputs the student was
+    distilled on beyond the task's own training texts."""
     extra = dataset.get("distill_extra_tasks")
-    if not extra:
+    augment = [kind.strip() for kind in str(dataset.get("distill_augment") or "").split(",") if kind.strip()]
+    if not extra and not augment:
         return None
-    tasks = ", ".join(f"`{name.strip()}`" for name in str(extra).split(",") if name.strip())
     count = _number(dataset.get("distill_examples"))
     own = _number(dataset.get("train_examples"))
     size = f" ({int(count - own):,} examples)" if count is not None and own is not None else ""
-    return f"the training texts of {tasks}{size}, unlabeled (the teacher's outputs are the targets)"
+    parts = []
+    if extra:
+        tasks = ", ".join(f"`{name.strip()}`" for name in str(extra).split(",") if name.strip())
+        parts.append(f"the training texts of {tasks}")
+    if augment:
+        kinds = ", ".join(f"`{kind}`" for kind in augment)
+        parts.append(f"augmented copies of the training texts ({kinds})")
+    return f"{' and '.join(parts)}{size}, unlabeled (the teacher's outputs are the targets)"
 
 
 def _ordered_metrics(results: Mapping[str, Any]) -> list[tuple[str, float]]:
