@@ -120,6 +120,8 @@ LEVERS = {
     "n64": ["--top_n", "64"],
     "seed43": ["--seed", "43"],  # the same recipe, another student seed (same teacher): the run-to-run spread
     "seed44": ["--seed", "44"],
+    "seed45": ["--seed", "45"],
+    "seed46": ["--seed", "46"],
     # not in the paper: the other sentence-pair tasks' training texts as extra, unlabeled distillation inputs
     "extra_pairs": lambda task: ["--distill_extra_tasks", ",".join(t for t in PAIR_TASKS if t != task)],
     "no_dropout": ["--student_dropout", "0"],  # the student trains without dropout (the teacher's targets have none)
@@ -128,6 +130,7 @@ LEVERS = {
     "aug_swap": ["--distill_augment", "swap"],
     "aug_swap_cross": ["--distill_augment", "swap,cross"],
     "aug_all": ["--distill_augment", "swap,cross,word_drop"],
+    "aug_drop": ["--distill_augment", "word_drop"],  # the one kind a single-sentence task takes
     # a teacher with head dim 64: the same pretrained MiniLM read as 6 heads of 64, fine-tuned on the task itself
     # (its own teacher, so its drop is against that teacher)
     "h64": [],
@@ -375,12 +378,13 @@ def summarize(args) -> dict:
         })  # fmt: skip
     summary = {"steps": steps.pop() if steps else None, "files": [Path(p).name for p in args.files], "rows": rows,
                "command": " ".join(["python", *sys.argv])}  # fmt: skip
+    width = max([len(row["recipe"]) for row in rows] + [26]) + 2
     print(
-        f"{'task':<6}{'recipe':<28}{'runs':>5}{'teacher':>9}{'HAD mean':>10}{'min':>8}{'max':>8}{'drop':>7}{'paper':>7}"
+        f"{'task':<6}{'recipe':<{width}}{'runs':>5}{'teacher':>9}{'HAD mean':>10}{'min':>8}{'max':>8}{'drop':>7}{'paper':>7}"
     )
     for row in rows:
         print(
-            f"{row['task']:<6}{row['recipe']:<28}{row['runs']:>5}{row['teacher']:>9.2f}{row['student_mean']:>10.2f}"
+            f"{row['task']:<6}{row['recipe']:<{width}}{row['runs']:>5}{row['teacher']:>9.2f}{row['student_mean']:>10.2f}"
             f"{row['student_min']:>8.2f}{row['student_max']:>8.2f}{row['drop_mean']:>7.2f}{row['paper_drop']:>7.2f}"
         )
     if args.json:

@@ -16,8 +16,16 @@
 #   (the glue_levers3 round ran on the machine the glue_levers2 round had left warm, before `start` moved an earlier
 #   round aside: its lever runs read the glue_levers2 round's saved teachers, the same seed-42 fine-tuning its own HAD
 #   runs redid, with the same teacher metrics; collect then ran by hand after a finish that waited too little)
+# and the augmentations (glue_levers4.json, then glue_levers5.json, each on a fresh round: teachers fine-tuned again):
+#   TASKS=stsb,mrpc ABLATION_TASKS=none JSON=glue_levers4.json LEVERS=stsb:extra_pairs+no_dropout+aug_swap,\
+#     stsb:extra_pairs+no_dropout+aug_swap+seed43,stsb:extra_pairs+no_dropout+aug_swap_cross,\
+#     stsb:extra_pairs+no_dropout+aug_swap_cross+seed43,stsb:extra_pairs+no_dropout+aug_all,\
+#     stsb:extra_pairs+no_dropout+aug_all+seed43,mrpc:extra_pairs+aug_all,mrpc:extra_pairs+no_dropout+aug_all bash ...
+#   TASKS=stsb,mrpc,sst2 ABLATION_TASKS=none JSON=glue_levers5.json LEVERS=stsb:extra_pairs+no_dropout+aug_all+seed44,\
+#     stsb:extra_pairs+no_dropout+aug_all+seed45,stsb:extra_pairs+no_dropout+aug_all+seed46,\
+#     mrpc:extra_pairs+aug_all+seed43,mrpc:extra_pairs+no_dropout+aug_all+seed43,sst2:aug_drop,sst2:aug_drop+seed43 bash ...
 # and the pooled table: python benchmarks/glue_gpu.py summarize benchmarks/results/{glue,glue_stsb_levers,\
-#   glue_levers2,glue_levers3}.json --json benchmarks/results/glue_summary.json
+#   glue_levers2,glue_levers3,glue_levers4,glue_levers5}.json --json benchmarks/results/glue_summary.json
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 RUN=/tmp/glue_runs
