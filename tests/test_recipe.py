@@ -1,5 +1,6 @@
 """The README's main command, with a small step override, so that it cannot rot; and the same under DDP."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -128,3 +129,30 @@ def test_extra_distillation_tasks_and_student_dropout_reach_the_run(tmp_path):
     assert results["dataset"]["distill_augment"] == "swap,cross"
     assert results["script_args"]["student_dropout"] == 0.0
     assert results["global_step"] == 6
+
+
+def test_stsb_gpu_config_is_the_benchmarked_recipe():
+    """recipes/configs/stsb_minilm_gpu.yaml parses to the arguments of the committed benchmark run it names (the
+    lever run, with the teacher fine-tuning of the task's `had` run), apart from where files go."""
+    import shlex
+
+    recipe = _recipe_module()
+    runs = json.loads((REPO / "benchmarks" / "results" / "glue_levers4.json").read_text())["runs"]
+    lever, had = runs["stsb_extra_pairs+no_dropout+aug_all"], runs["stsb_had"]
+
+    def parsed(argv):
+        script_args, training_args, _ = recipe.parse_arguments(argv)
+        return dataclasses.asdict(script_args), training_args.to_dict()
+
+    config_script, config_training = parsed([str(REPO / "recipes" / "configs" / "stsb_minilm_gpu.yaml")])
+    run_script, run_training = parsed(shlex.split(lever["command"])[2:])
+    had_script, _ = parsed(shlex.split(had["command"])[2:])
+    paths = {"model_name_or_path", "glue_dir", "output_dir", "logging_dir", "run_name", "disable_tqdm"}
+    for name in sorted(set(config_script) | set(config_training)):
+        if name in paths or name == "finetune_teacher_epochs":
+            continue
+        config_value = config_script[name] if name in config_script else config_training[name]
+        run_value = run_script[name] if name in run_script else run_training[name]
+        assert config_value == run_value, name
+    assert config_script["finetune_teacher_epochs"] == had_script["finetune_teacher_epochs"] == 5
+    assert config_script["distill_augment"] == "swap,cross,word_drop" and config_script["student_dropout"] == 0.0
