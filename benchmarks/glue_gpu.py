@@ -146,7 +146,9 @@ def lever_flags(lever: str, task: str) -> list[str]:
         part_flags = part_flags(task) if callable(part_flags) else part_flags
         repeated = set(flags[::2]) & set(part_flags[::2])  # flags come as (name, value) pairs
         if repeated:
-            raise SystemExit(f"Lever {lever!r} sets {sorted(repeated)} twice: combine levers that set different flags.")
+            raise SystemExit(
+                f"Lever {lever!r} sets {sorted(repeated)} twice: combine levers that set different flags."
+            )
         flags += part_flags
     return flags
 

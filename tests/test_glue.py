@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from had_hf.glue import TASKS, augmented_distillation_inputs, extra_distillation_inputs, get_task, glue_metrics, matthews_correlation, read_glue_tsv
+from had_hf.glue import (
+    TASKS,
+    augmented_distillation_inputs,
+    extra_distillation_inputs,
+    get_task,
+    glue_metrics,
+    matthews_correlation,
+    read_glue_tsv,
+)
 from tests.conftest import GLUE_DIR, requires_glue
 
 
