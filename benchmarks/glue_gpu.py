@@ -118,10 +118,8 @@ LEVERS = {
     "sigma_head": ["--sigma_per_head", "true"],  # one sigma (softmax temperature factor) per head, not per layer
     "no_refine": ["--refinement_steps", "0"],  # stop after the STE stage
     "n64": ["--top_n", "64"],
-    "seed43": ["--seed", "43"],  # the same recipe, another student seed (same teacher): the run-to-run spread
-    "seed44": ["--seed", "44"],
-    "seed45": ["--seed", "45"],
-    "seed46": ["--seed", "46"],
+    # the same recipe, another student seed (same teacher): the run-to-run spread
+    **{f"seed{seed}": ["--seed", str(seed)] for seed in range(43, 47)},
     # not in the paper: the other sentence-pair tasks' training texts as extra, unlabeled distillation inputs
     "extra_pairs": lambda task: ["--distill_extra_tasks", ",".join(t for t in PAIR_TASKS if t != task)],
     "no_dropout": ["--student_dropout", "0"],  # the student trains without dropout (the teacher's targets have none)

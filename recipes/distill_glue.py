@@ -58,6 +58,7 @@ from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
 from had_hf.glue import (
     AUGMENTATIONS,
     augmented_distillation_inputs,
+    comma_separated,
     extra_distillation_inputs,
     get_task,
     glue_metrics,
@@ -132,9 +133,8 @@ class ScriptArguments:
     def __post_init__(self):
         if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
-        kinds = [k.strip() for k in (self.distill_augment or "").split(",") if k.strip()]
-        unknown = [k for k in kinds if k not in AUGMENTATIONS]
-        if self.distill_augment is not None and unknown:
+        unknown = [kind for kind in comma_separated(self.distill_augment) if kind not in AUGMENTATIONS]
+        if unknown:
             raise ValueError(f"distill_augment: unknown kind(s) {unknown}; choose from {sorted(AUGMENTATIONS)}.")
 
 

@@ -32,6 +32,18 @@ class GlueTask:
     def is_regression(self) -> bool:
         return self.labels is None
 
+    @property
+    def placeholder_label(self) -> float | int:
+        """The label of an unlabeled distillation input: of the task's label type, so that it batches with the
+        task's own examples; the distillation loss never reads it."""
+        return 0.0 if self.is_regression else 0
+
+
+def comma_separated(value: str | list[str] | None) -> list[str]:
+    """The names of a comma-separated option ("mrpc, rte" -> ["mrpc", "rte"]; a list passes through), blanks dropped."""
+    names = value.split(",") if isinstance(value, str) else list(value or [])
+    return [name.strip() for name in names if name.strip()]
+
 
 TASKS: dict[str, GlueTask] = {
     "cola": GlueTask("cola", "CoLA", ("sentence",), ("0", "1"), "matthews_correlation", header=False),
@@ -149,9 +161,8 @@ def extra_distillation_inputs(
     label 0 (0.0 for regression) so that they batch with the task's own examples; the distillation loss never reads
     it. `max_rows` caps each source.
     """
-    names = [name.strip() for name in sources.split(",")] if isinstance(sources, str) else list(sources)
     examples: list[dict] = []
-    for name in filter(None, names):
+    for name in comma_separated(sources):
         source = get_task(name)
         if source.name == task.name:
             raise ValueError(f"{name!r} is the task itself; extra distillation inputs must come from other tasks.")
@@ -163,14 +174,13 @@ def extra_distillation_inputs(
                 f"{name!r} has {len(source.text_fields)} text field(s) and {task.name!r} has {len(task.text_fields)}: "
                 f"its texts cannot stand in for {task.name}'s inputs. Allowed sources: {allowed}."
             )
-        placeholder = 0.0 if task.is_regression else 0
         if glue_dir is not None:
             rows = read_glue_tsv(glue_dir, source, "train", max_rows)
         else:
             rows = load_glue(source, None, max_rows, 0)["train"]
         for row in rows:
             texts = {field: row[source_field] for field, source_field in zip(task.text_fields, source.text_fields)}
-            examples.append({**texts, "label": placeholder})
+            examples.append({**texts, "label": task.placeholder_label})
     return examples
 
 
@@ -192,8 +202,7 @@ def augmented_distillation_inputs(
     student to follow the teacher. Each copy is made from `examples` themselves (kinds do not compose) and carries
     the placeholder label 0 (0.0 for regression). Seeded: the same arguments give the same copies.
     """
-    names = [name.strip() for name in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
-    names = [name for name in names if name]
+    names = comma_separated(kinds)
     for name in names:
         if name not in AUGMENTATIONS:
             raise ValueError(f"Unknown augmentation {name!r}; choose from {sorted(AUGMENTATIONS)}.")
@@ -207,7 +216,7 @@ def augmented_distillation_inputs(
     if names and len(examples) < 2:
         raise ValueError(f"Augmenting needs at least 2 examples, got {len(examples)}.")
     rng = np.random.default_rng(seed)
-    placeholder = 0.0 if task.is_regression else 0
+    placeholder = task.placeholder_label
     fields = task.text_fields
     copies: list[dict] = []
     for name in names:

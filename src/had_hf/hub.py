@@ -34,6 +34,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
 from .config import HADConfig
+from .glue import comma_separated
 from .plotting import TRAINING_CURVES_FILENAME, has_training_curves, plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -404,8 +405,8 @@ def _card_context(
 def _distill_extra_text(dataset: Mapping[str, Any]) -> str | None:
     """The recipe's `--distill_extra_tasks` and `--distill_augment`, in words: the unlabeled inputs the student was
     distilled on beyond the task's own training texts."""
-    extra = dataset.get("distill_extra_tasks")
-    augment = [kind.strip() for kind in str(dataset.get("distill_augment") or "").split(",") if kind.strip()]
+    extra = comma_separated(dataset.get("distill_extra_tasks"))
+    augment = comma_separated(dataset.get("distill_augment"))
     if not extra and not augment:
         return None
     count = _number(dataset.get("distill_examples"))
@@ -413,7 +414,7 @@ def _distill_extra_text(dataset: Mapping[str, Any]) -> str | None:
     size = f" ({int(count - own):,} examples)" if count is not None and own is not None else ""
     parts = []
     if extra:
-        tasks = ", ".join(f"`{name.strip()}`" for name in str(extra).split(",") if name.strip())
+        tasks = ", ".join(f"`{name}`" for name in extra)
         parts.append(f"the training texts of {tasks}")
     if augment:
         kinds = ", ".join(f"`{kind}`" for kind in augment)
