@@ -26,6 +26,12 @@
 #     mrpc:extra_pairs+aug_all+seed43,mrpc:extra_pairs+no_dropout+aug_all+seed43,sst2:aug_drop,sst2:aug_drop+seed43 bash ...
 # and the pooled table: python benchmarks/glue_gpu.py summarize benchmarks/results/{glue,glue_stsb_levers,\
 #   glue_levers2,glue_levers3,glue_levers4,glue_levers5}.json --json benchmarks/results/glue_summary.json
+# and STS-B's augmented recipe at the longer schedule (glue_long_aug.json, a fresh round: teacher fine-tuned again):
+#   MAX_STEPS=12000 TASKS=stsb ABLATION_TASKS=none JSON=glue_long_aug.json LEVERS=stsb:extra_pairs+no_dropout+aug_all,\
+#     stsb:extra_pairs+no_dropout+aug_all+seed43,stsb:extra_pairs+no_dropout+aug_all+seed44,\
+#     stsb:extra_pairs+no_dropout+aug_all+seed45 bash ... start|finish
+# pooled with glue_long.json (summarize refuses to mix step counts): python benchmarks/glue_gpu.py summarize \
+#   benchmarks/results/glue_long.json benchmarks/results/glue_long_aug.json --json benchmarks/results/glue_long_summary.json
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 RUN=/tmp/glue_runs
