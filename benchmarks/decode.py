@@ -85,6 +85,8 @@ KERNEL_CONFIGS = [
     dict(gather_block=64),
     dict(num_warps=8),
     dict(hist_block_elements=2048),
+    dict(count_block_elements=2048),
+    dict(count_block_elements=4096),
     dict(block_n=256),
     dict(block_n=2048),
 ]
@@ -255,6 +257,8 @@ def run_shape(shape: Shape, device: torch.device, ceiling_gbps: float, smoke: bo
     if not smoke:
         best_fn = lambda: hamming_topk_decode(query, key_words, value, None, shape.top_n, alpha, **best["options"])  # noqa: E731
         result["kernel_breakdown_us"] = kernel_breakdown(best_fn)
+        default_fn = lambda: hamming_topk_decode(query, key_words, value, None, shape.top_n, alpha)  # noqa: E731
+        result["kernel_breakdown_default_us"] = kernel_breakdown(default_fn)
         # host time per call when nothing waits for the GPU: above the GPU time, the launches are the bottleneck
         torch.cuda.synchronize()
         start = time.perf_counter()

@@ -183,9 +183,19 @@ def _query_word(q_ptr, q_base, row_ok, word, stride_qd, BITS: tl.constexpr):
 
 
 @triton.jit
-def _word_distance(q_word, k_at, n_ok, USE_POPC: tl.constexpr):
-    """(R, BLOCK_N) differing bits of one sign word: (R, 1) query words against the (1, BLOCK_N) keys' words at k_at."""
-    return _popcount(q_word ^ tl.load(k_at, mask=n_ok, other=0), USE_POPC)
+def _key_words(k_base, offs_n, n_ok, stride_kn, stride_kw, W: tl.constexpr):
+    """The (1, BLOCK_N) sign words of the keys at offs_n (W of them; the unused ones repeat word 0)."""
+    k_at = k_base + offs_n.to(tl.int64) * stride_kn
+    w0 = tl.load(k_at, mask=n_ok, other=0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if W > 1:
+        w1 = tl.load(k_at + stride_kw, mask=n_ok, other=0)
+    if W > 2:
+        w2 = tl.load(k_at + 2 * stride_kw, mask=n_ok, other=0)
+        w3 = tl.load(k_at + 3 * stride_kw, mask=n_ok, other=0)
+    return w0, w1, w2, w3
 
 
 # Split-K bookkeeping shared by the three kernels: each program is one (batch * kv head, row block, split) of the grid.
@@ -265,19 +275,18 @@ _PER_STEP = ("n_keys", "top_n")
 
 @triton.jit
 def _distance_step(
-    coarse, smallest, q0, q1, q2, q3, k_base, m_rows, code_at, offs_n, row_ok, key_ok, store_ok, stride_kn,
-    stride_kw, stride_mn, D: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr, USE_POPC: tl.constexpr,
-    INVALID_CODE: tl.constexpr,
+    coarse, smallest, q0, q1, q2, q3, k0, k1, k2, k3, m_rows, code_at, offs_n, row_ok, key_ok, store_ok, stride_mn,
+    D: tl.constexpr, W: tl.constexpr, HAS_MASK: tl.constexpr, USE_POPC: tl.constexpr, INVALID_CODE: tl.constexpr,
 ):  # fmt: skip
-    """One (R, BLOCK_N) tile of the distance kernel: the keys where `key_ok`, codes stored where `store_ok` (masked
-    and absent keys get INVALID_CODE), and the lanes' coarse counters and smallest distances updated."""
-    k_at = k_base + offs_n.to(tl.int64) * stride_kn
-    dist = _word_distance(q0, k_at, key_ok, USE_POPC)
+    """One (R, BLOCK_N) tile of the distance kernel, its keys' words k0..k3 loaded (`_key_words`): the keys where
+    `key_ok`, codes stored where `store_ok` (masked and absent keys get INVALID_CODE), and the lanes' coarse counters
+    and smallest distances updated."""
+    dist = _popcount(q0 ^ k0, USE_POPC)
     if W > 1:
-        dist += _word_distance(q1, k_at + stride_kw, key_ok, USE_POPC)
+        dist += _popcount(q1 ^ k1, USE_POPC)
     if W > 2:
-        dist += _word_distance(q2, k_at + 2 * stride_kw, key_ok, USE_POPC)
-        dist += _word_distance(q3, k_at + 3 * stride_kw, key_ok, USE_POPC)
+        dist += _popcount(q2 ^ k2, USE_POPC)
+        dist += _popcount(q3 ^ k3, USE_POPC)
     valid = row_ok[:, None] & key_ok
     if HAS_MASK:
         valid = valid & (tl.load(m_rows + offs_n * stride_mn, mask=valid, other=0) != 0)
@@ -361,18 +370,27 @@ def _distance_kernel(
     # valid distance
     coarse = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
     smallest = tl.full((R_BLOCK, BLOCK_N), D + 1, dtype=tl.int32)
+    # the keys' words a tile ahead: a split spans only a few tiles, so without the prefetch every iteration would
+    # wait for its own loads
+    offs_next = start + tl.arange(0, BLOCK_N)[None, :]
+    n0, n1, n2, n3 = _key_words(k_base, offs_next, offs_next < end16, stride_kn, stride_kw, W)
     for block_start in range(start, end16, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
         tile_ok = offs_n < end16
+        k0, k1, k2, k3 = n0, n1, n2, n3
+        offs_next = offs_n + BLOCK_N
+        n0, n1, n2, n3 = _key_words(k_base, offs_next, offs_next < end16, stride_kn, stride_kw, W)
         coarse, smallest = _distance_step(
-            coarse, smallest, q0, q1, q2, q3, k_base, m_rows, code_at, offs_n, row_ok, tile_ok, tile_ok,
-            stride_kn, stride_kw, stride_mn, D, W, HAS_MASK, USE_POPC, INVALID_CODE,
+            coarse, smallest, q0, q1, q2, q3, k0, k1, k2, k3, m_rows, code_at, offs_n, row_ok, tile_ok, tile_ok,
+            stride_mn, D, W, HAS_MASK, USE_POPC, INVALID_CODE,
         )  # fmt: skip
     for tail_start in range(end16, end_pad, BLOCK_N):
         offs_n = tail_start + tl.arange(0, BLOCK_N)[None, :]
+        key_ok = offs_n < end
+        k0, k1, k2, k3 = _key_words(k_base, offs_n, key_ok, stride_kn, stride_kw, W)
         coarse, smallest = _distance_step(
-            coarse, smallest, q0, q1, q2, q3, k_base, m_rows, code_at, offs_n, row_ok, offs_n < end,
-            offs_n < end_pad, stride_kn, stride_kw, stride_mn, D, W, HAS_MASK, USE_POPC, INVALID_CODE,
+            coarse, smallest, q0, q1, q2, q3, k0, k1, k2, k3, m_rows, code_at, offs_n, row_ok, key_ok,
+            offs_n < end_pad, stride_mn, D, W, HAS_MASK, USE_POPC, INVALID_CODE,
         )  # fmt: skip
 
     bins = tl.arange(0, 16)
@@ -424,6 +442,7 @@ def _fine_count_kernel(
     FINE: tl.constexpr,
     R_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    INVALID_CODE: tl.constexpr,
     S_BLOCK: tl.constexpr,
 ):
     row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
@@ -441,10 +460,16 @@ def _fine_count_kernel(
     fine3 = fine0
     one = tl.full((R_BLOCK, BLOCK_N), 1, dtype=tl.int64)
     code_rows = code_ptr + grow[:, None] * code_stride
+    # the codes a tile ahead: a split spans only a few tiles, so without the prefetch every iteration would wait for
+    # its own loads (a memory latency per tile, the loop's whole cost)
+    offs_next = start + tl.arange(0, BLOCK_N)[None, :]
+    next_code = tl.load(code_rows + offs_next, mask=row_ok[:, None] & (offs_next < end), other=INVALID_CODE)
     for block_start in range(start, end, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
         in_bounds = row_ok[:, None] & (offs_n < end)
-        code = tl.load(code_rows + offs_n, mask=in_bounds, other=0).to(tl.int32)
+        code = next_code.to(tl.int32)
+        offs_next = offs_n + BLOCK_N
+        next_code = tl.load(code_rows + offs_next, mask=row_ok[:, None] & (offs_next < end), other=INVALID_CODE)
         offset = code - low[:, None]  # masked keys carry INVALID_CODE > d: never in the bin
         in_bin = in_bounds & (offset >= 0) & (offset < FINE)
         field = tl.where(in_bin, one << (7 * (offset & 7)).to(tl.int64), 0)
@@ -1017,6 +1042,7 @@ def hamming_topk_decode(
     distance_splits: int | None = None,
     block_n: int | None = None,
     hist_block_elements: int = 1024,
+    count_block_elements: int | None = None,
     num_warps: int | None = None,
     num_stages: int | Sequence[int | None] | None = None,
     split_block: int = 32,
@@ -1047,6 +1073,8 @@ def hamming_topk_decode(
             programs of one row and 8192 // rows (at least 64) for programs of several.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
             counting kernels.
+        count_block_elements (`int`, *optional*): the same for the fine counting kernel alone (up to 4096 keys per
+            row); defaults to `hist_block_elements`.
         num_warps (`int`, *optional*): warps per program of the kernels (Triton's default if unset).
         num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
             three or per kernel (distance, fine count, attend; `None` entries: Triton's default, as when unset).
@@ -1082,6 +1110,12 @@ def hamming_topk_decode(
         raise TypeError(f"valid_mask must be bool (True = may attend), got {valid_mask.dtype}.")
     if not _is_power_of_two(split_block):
         raise ValueError(f"split_block must be a power of two, got {split_block}.")
+    for name, elements in (
+        ("hist_block_elements", hist_block_elements),
+        ("count_block_elements", count_block_elements),
+    ):
+        if elements is not None and not _is_power_of_two(elements):
+            raise ValueError(f"{name} must be a power of two, got {elements}.")
     stages = tuple(num_stages) if isinstance(num_stages, (tuple, list)) else (num_stages,) * 3
     if len(stages) != 3:
         raise ValueError(f"num_stages takes one value or three (distance, fine count, attend), got {num_stages}.")
@@ -1099,6 +1133,7 @@ def hamming_topk_decode(
     num_rows = batch * num_kv_heads * rows_per_group
     groups = batch * num_kv_heads * num_row_blocks
     count_block_n = max(16, min(1024, hist_block_elements // r_block))
+    fine_block_n = max(16, min(4096, (count_block_elements or hist_block_elements) // r_block))
     # keys per selection tile: 1024 for one row ((128, 8) tiles), 8192 (row, key) pairs for several (2048 keys for
     # the GQA shape's 4 rows, 10-15% faster than 256 there on an H200, decode.json)
     select_block_n = block_n or (1024 if r_block <= 4 else max(64, 8192 // r_block))
@@ -1111,7 +1146,7 @@ def hamming_topk_decode(
         num_splits = max(1, programs_per_sm * sms // groups)
     # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
     # (a margin: the split length is rounded up to 64 keys, and the distance kernel adds tail blocks over <= 64 keys)
-    fewest_splits = _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * count_block_n)
+    fewest_splits = _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * min(count_block_n, fine_block_n))
     num_splits, split_len = _splits(n_keys, max(num_splits, fewest_splits))
     if distance_splits is None:
         # by default fewer programs for the distance kernel, unless the split count was given (tests, sweeps)
@@ -1119,7 +1154,7 @@ def hamming_topk_decode(
         distance_splits = num_splits if chosen else max(1, distance_programs_per_sm * sms // groups)
     distance_splits, distance_split_len = _splits(n_keys, min(num_splits, max(distance_splits, fewest_splits)))
     distance_block_n = min(count_block_n, _next_power_of_2(distance_split_len))
-    count_block_n = min(count_block_n, _next_power_of_2(split_len))
+    fine_block_n = min(fine_block_n, _next_power_of_2(split_len))
 
     # one byte per (row, key) holds the distance for d <= 128 (0..d, and 255 = masked); d = 256 needs int16
     code_dtype, invalid_code = (torch.uint8, 255) if dim < 255 else (torch.int16, 32767)
@@ -1207,7 +1242,8 @@ def hamming_topk_decode(
         D=dim,
         FINE=fine,
         R_BLOCK=r_block,
-        BLOCK_N=count_block_n,
+        BLOCK_N=fine_block_n,
+        INVALID_CODE=invalid_code,
         S_BLOCK=s_blocks[1],
         **launch_options[1],
     )
