@@ -85,8 +85,6 @@ KERNEL_CONFIGS = [
     dict(gather_block=64),
     dict(num_warps=8),
     dict(hist_block_elements=2048),
-    dict(count_block_elements=2048),
-    dict(count_block_elements=4096),
     dict(block_n=256),
     dict(block_n=2048),
 ]

@@ -32,24 +32,22 @@ def test_pack_kernel_matches_torch(dim):
     assert torch.equal(triton_pack_sign_bits(x[0, 0]), pack_sign_bits(x[0, 0]))
 
 
-# (num_splits, block_n, hist_block_elements, count_block_elements, gather_block, single_row_dot): several splits with
-# ties across their borders, several blocks per split (the running tie count), several counting blocks (prefetched a
-# block ahead), fine counting blocks larger and smaller than the distance kernel's, several gathers of kept value
+# (num_splits, block_n, hist_block_elements, gather_block, single_row_dot): several splits with ties across their
+# borders, several blocks per split (the running tie count), several counting blocks, several gathers of kept value
 # rows, and both accumulations of one-row programs
-LAUNCHES = [(None, 256, 2048, None, 64, False), (3, 16, 32, 64, 16, True), (2, 64, 64, 16, 32, False)]
+LAUNCHES = [(None, 256, 2048, 64, False), (3, 16, 32, 16, True)]
 
 
 @pytest.mark.parametrize("case", SELECTION_CASES, ids=lambda case: case.id)
-@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda launch: f"splits{launch[0]}-block{launch[1]}-count{launch[3]}")
+@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda launch: f"splits{launch[0]}-block{launch[1]}")
 def test_decode_kernel_selects_exactly(case: Case, launch):
-    num_splits, block_n, hist_elements, count_elements, gather_block, single_row_dot = launch
+    num_splits, block_n, hist_elements, gather_block, single_row_dot = launch
     check_triton_decode(
         case,
         seed=3,
         num_splits=num_splits,
         block_n=block_n,
         hist_block_elements=hist_elements,
-        count_block_elements=count_elements,
         gather_block=gather_block,
         single_row_dot=single_row_dot,
     )
@@ -132,19 +130,15 @@ def test_decode_kernel_bf16_values_and_strided_inputs():
 
 
 @pytest.mark.parametrize("extra_keys", [0, 16])
-@pytest.mark.parametrize("hist_elements, count_elements", [(16, None), (64, 16)])
-def test_decode_kernel_packed_counters_at_their_limit(extra_keys, hist_elements, count_elements):
+def test_decode_kernel_packed_counters_at_their_limit(extra_keys):
     # the longest split the host allows at 16-key counting blocks (MAX_ITERATIONS less its margin for the 64-key
     # rounding and the distance kernel's tail blocks), every key at the same distance: each lane's 7-bit counter
-    # field reaches 121 of its 127; 16 keys more, and the host must cut the keys into two splits. The 16-key blocks
-    # are the distance kernel's and the fine count's, or the fine count's alone (its split limit then rules)
+    # field reaches 121 of its 127; 16 keys more, and the host must cut the keys into two splits
     from had_hf.kernels.triton_decode import MAX_ITERATIONS
 
     num_keys = (MAX_ITERATIONS - 2 - 64 // 16) * 16 + extra_keys
     case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=num_keys, top_n=100, patterns=1)
-    keep = check_triton_decode(
-        case, seed=11, num_splits=1, hist_block_elements=hist_elements, count_block_elements=count_elements
-    )
+    keep = check_triton_decode(case, seed=11, num_splits=1, hist_block_elements=16)
     assert int(keep.sum()) == case.top_n
 
 

@@ -442,7 +442,6 @@ def _fine_count_kernel(
     FINE: tl.constexpr,
     R_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    INVALID_CODE: tl.constexpr,
     S_BLOCK: tl.constexpr,
 ):
     row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
@@ -460,16 +459,10 @@ def _fine_count_kernel(
     fine3 = fine0
     one = tl.full((R_BLOCK, BLOCK_N), 1, dtype=tl.int64)
     code_rows = code_ptr + grow[:, None] * code_stride
-    # the codes a tile ahead: a split spans only a few tiles, so without the prefetch every iteration would wait for
-    # its own loads (a memory latency per tile, the loop's whole cost)
-    offs_next = start + tl.arange(0, BLOCK_N)[None, :]
-    next_code = tl.load(code_rows + offs_next, mask=row_ok[:, None] & (offs_next < end), other=INVALID_CODE)
     for block_start in range(start, end, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
         in_bounds = row_ok[:, None] & (offs_n < end)
-        code = next_code.to(tl.int32)
-        offs_next = offs_n + BLOCK_N
-        next_code = tl.load(code_rows + offs_next, mask=row_ok[:, None] & (offs_next < end), other=INVALID_CODE)
+        code = tl.load(code_rows + offs_n, mask=in_bounds, other=0).to(tl.int32)
         offset = code - low[:, None]  # masked keys carry INVALID_CODE > d: never in the bin
         in_bin = in_bounds & (offset >= 0) & (offset < FINE)
         field = tl.where(in_bin, one << (7 * (offset & 7)).to(tl.int64), 0)
@@ -1042,7 +1035,6 @@ def hamming_topk_decode(
     distance_splits: int | None = None,
     block_n: int | None = None,
     hist_block_elements: int = 1024,
-    count_block_elements: int | None = None,
     num_warps: int | None = None,
     num_stages: int | Sequence[int | None] | None = None,
     split_block: int = 32,
@@ -1073,8 +1065,6 @@ def hamming_topk_decode(
             programs of one row and 8192 // rows (at least 64) for programs of several.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
             counting kernels.
-        count_block_elements (`int`, *optional*): the same for the fine counting kernel alone (up to 4096 keys per
-            row); defaults to `hist_block_elements`.
         num_warps (`int`, *optional*): warps per program of the kernels (Triton's default if unset).
         num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
             three or per kernel (distance, fine count, attend; `None` entries: Triton's default, as when unset).
@@ -1110,12 +1100,8 @@ def hamming_topk_decode(
         raise TypeError(f"valid_mask must be bool (True = may attend), got {valid_mask.dtype}.")
     if not _is_power_of_two(split_block):
         raise ValueError(f"split_block must be a power of two, got {split_block}.")
-    for name, elements in (
-        ("hist_block_elements", hist_block_elements),
-        ("count_block_elements", count_block_elements),
-    ):
-        if elements is not None and not _is_power_of_two(elements):
-            raise ValueError(f"{name} must be a power of two, got {elements}.")
+    if not _is_power_of_two(hist_block_elements):
+        raise ValueError(f"hist_block_elements must be a power of two, got {hist_block_elements}.")
     stages = tuple(num_stages) if isinstance(num_stages, (tuple, list)) else (num_stages,) * 3
     if len(stages) != 3:
         raise ValueError(f"num_stages takes one value or three (distance, fine count, attend), got {num_stages}.")
@@ -1133,7 +1119,6 @@ def hamming_topk_decode(
     num_rows = batch * num_kv_heads * rows_per_group
     groups = batch * num_kv_heads * num_row_blocks
     count_block_n = max(16, min(1024, hist_block_elements // r_block))
-    fine_block_n = max(16, min(4096, (count_block_elements or hist_block_elements) // r_block))
     # keys per selection tile: 1024 for one row ((128, 8) tiles), 8192 (row, key) pairs for several (2048 keys for
     # the GQA shape's 4 rows, 10-15% faster than 256 there on an H200, decode.json)
     select_block_n = block_n or (1024 if r_block <= 4 else max(64, 8192 // r_block))
@@ -1146,7 +1131,7 @@ def hamming_topk_decode(
         num_splits = max(1, programs_per_sm * sms // groups)
     # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
     # (a margin: the split length is rounded up to 64 keys, and the distance kernel adds tail blocks over <= 64 keys)
-    fewest_splits = _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * min(count_block_n, fine_block_n))
+    fewest_splits = _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * count_block_n)
     num_splits, split_len = _splits(n_keys, max(num_splits, fewest_splits))
     if distance_splits is None:
         # by default fewer programs for the distance kernel, unless the split count was given (tests, sweeps)
@@ -1154,7 +1139,7 @@ def hamming_topk_decode(
         distance_splits = num_splits if chosen else max(1, distance_programs_per_sm * sms // groups)
     distance_splits, distance_split_len = _splits(n_keys, min(num_splits, max(distance_splits, fewest_splits)))
     distance_block_n = min(count_block_n, _next_power_of_2(distance_split_len))
-    fine_block_n = min(fine_block_n, _next_power_of_2(split_len))
+    count_block_n = min(count_block_n, _next_power_of_2(split_len))
 
     # one byte per (row, key) holds the distance for d <= 128 (0..d, and 255 = masked); d = 256 needs int16
     code_dtype, invalid_code = (torch.uint8, 255) if dim < 255 else (torch.int16, 32767)
@@ -1242,8 +1227,7 @@ def hamming_topk_decode(
         D=dim,
         FINE=fine,
         R_BLOCK=r_block,
-        BLOCK_N=fine_block_n,
-        INVALID_CODE=invalid_code,
+        BLOCK_N=count_block_n,
         S_BLOCK=s_blocks[1],
         **launch_options[1],
     )
