@@ -30,6 +30,10 @@ def test_pack_kernel_matches_torch(dim):
     strided = x.transpose(1, 2)  # (B, t, H, d) view: the kernel reads strides, no copy
     assert torch.equal(triton_pack_sign_bits(strided), pack_sign_bits(strided))
     assert torch.equal(triton_pack_sign_bits(x[0, 0]), pack_sign_bits(x[0, 0]))
+    # more than 3 leading dimensions (flattened for the kernel): the words keep the input's shape
+    x5 = torch.randn(2, 3, 2, 5, dim)
+    packed = triton_pack_sign_bits(x5)
+    assert packed.shape == (2, 3, 2, 5, dim // 32) and torch.equal(packed, pack_sign_bits(x5))
 
 
 # (num_splits, block_n, hist_block_elements, gather_block, single_row_dot): several splits with ties across their

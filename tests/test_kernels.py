@@ -166,13 +166,34 @@ def test_triton_kernels_under_interpreter():
 
 
 @requires_triton
-def test_decode_kernel_rejects_a_block_size_that_is_not_a_power_of_two():
+@pytest.mark.parametrize(
+    "option, size, message",
+    [
+        ("hist_block_elements", 48, "hist_block_elements must be a power of two, got 48"),
+        ("block_n", 48, "block_n must be a power of two >= 16, got 48"),
+        ("block_n", 8, "block_n must be a power of two >= 16, got 8"),
+        ("gather_block", 24, "gather_block must be a power of two >= 16, got 24"),
+    ],
+)
+def test_decode_kernel_rejects_bad_block_sizes(option, size, message):
     from had_hf.kernels.triton_decode import hamming_topk_decode
 
     case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=64, top_n=8)
     query, key, value, valid = make_inputs(case, seed=0)
-    with pytest.raises(ValueError, match="hist_block_elements must be a power of two, got 48"):
-        hamming_topk_decode(query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, hist_block_elements=48)
+    with pytest.raises(ValueError, match=message):
+        hamming_topk_decode(query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, **{option: size})
+
+
+@requires_triton
+def test_empty_batch_gives_empty_outputs():
+    from had_hf.kernels.triton_decode import hamming_topk_decode
+
+    case = Case(batch=1, num_heads=4, num_kv_heads=2, query_len=2, num_keys=64, top_n=8)
+    query, key, value, _ = make_inputs(case, seed=0)
+    query, key, value = query[:0], key[:0], value[:0]
+    for attend in (hamming_topk_decode, reference_hamming_topk_attention):
+        out, keep = attend(query, pack_sign_bits(key), value, None, case.top_n, case.alpha, return_keep=True)
+        assert out.shape == (0, 4, 2, value.shape[-1]) and keep.shape == (0, 4, 2, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,6 +244,30 @@ def test_gpu_kernel_small_cases(case: Case, num_splits):
     # float32 values: the same kernel in full precision
     out32 = hamming_topk_decode(query_c, key_words, value.float().to(cuda), valid_c, case.top_n, case.alpha)
     assert torch.allclose(out32.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+    # float64 values are accumulated in float32 too (programs of several rows once failed to compile for them)
+    out64 = hamming_topk_decode(query_c, key_words, value.to(cuda), valid_c, case.top_n, case.alpha)
+    assert out64.dtype == torch.float64 and torch.allclose(out64.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON) or torch.cuda.device_count() < 2, reason="needs 2 GPUs and triton")
+def test_gpu_kernel_on_a_device_that_is_not_the_current_one():
+    # a model split over GPUs: Triton launches on the current device, so the kernels must make the tensors' current
+    from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits
+
+    case = Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=700, top_n=150, patterns=2)
+    query, key, value, valid = make_inputs(case, seed=5)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    other = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    key_words = triton_pack_sign_bits(key.to(other))
+    assert key_words.device == other and torch.equal(key_words.cpu(), pack_sign_bits(key))
+    out, keep = hamming_topk_decode(
+        query.to(other), key_words, value.float().to(other), valid.to(other), case.top_n, case.alpha, return_keep=True
+    )
+    torch.cuda.synchronize(other)
+    assert out.device == other and torch.equal(keep.cpu(), expected_keep)
+    assert torch.allclose(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 # more splits than a tile of the last programs' reductions, heavy ties whose quota crosses tiles (the interpreter

@@ -108,6 +108,9 @@ def _kernel_serves(
         return False
     if valid_mask is not None and valid_mask.dtype != torch.bool:
         return False
+    # the kernels accumulate in float32: float64 values keep their precision on the reference path
+    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
     # the kernels have no backward: anything that needs gradients takes the differentiable reference
     if torch.is_grad_enabled() and (query.requires_grad or value.requires_grad):
         return False

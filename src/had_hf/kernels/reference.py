@@ -98,7 +98,7 @@ def reference_hamming_topk_attention(
         if keep_all is not None:
             keep_all[:, :, :, start:stop].scatter_(-1, kept_idx, kept_valid)
 
-    output = output.view(batch, num_heads, query_len, -1)
+    output = output.view(batch, num_heads, query_len, value.shape[-1])  # (not -1: a batch of 0 has 0 elements)
     if return_keep:
         return output, keep_all.view(batch, num_heads, query_len, key_len)
     return output

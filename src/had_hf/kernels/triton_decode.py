@@ -55,6 +55,7 @@ The kernels run on CUDA and, for tests, on the CPU through Triton's interpreter 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -74,6 +75,15 @@ __all__ = ["hamming_topk_decode", "supports_decode_shape", "triton_pack_sign_bit
 def _interpreting() -> bool:
     # Triton reads the variable once, when it is imported; so do we (an environment lookup per call costs ~5 us)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _on_device(device: torch.device):
+    """The context of a launch on `device`: Triton launches on the current CUDA device and its current stream, so
+    tensors on another GPU (a model split over GPUs) need their device made current. A no-op when it already is, and
+    on the CPU (the interpreter)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 @functools.cache
@@ -138,6 +148,7 @@ def triton_pack_sign_bits(x: torch.Tensor) -> torch.Tensor:
     if dim <= 0 or dim % WORD_BITS or dim & (dim - 1):
         raise ValueError(f"The Triton sign packer needs d a power of two >= 32, got {dim}.")
     words = dim // WORD_BITS
+    out_shape = (*x.shape[:-1], words)
     lead = list(x.shape[:-1])
     if len(lead) > 3:
         x = x.reshape(-1, *lead[-2:], dim)
@@ -147,13 +158,14 @@ def triton_pack_sign_bits(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], words, dtype=torch.int32, device=x.device)
     num_words = math.prod(sizes) * words
     if num_words == 0:
-        return out
+        return out.view(out_shape)
     block_words = 64
     grid = (_cdiv(num_words, block_words),)
-    _pack_signs_kernel[grid](
-        x, out, num_words, sizes[1], sizes[2], *strides, x.stride(-1), W=words, BLOCK_WORDS=block_words
-    )
-    return out
+    with _on_device(x.device):
+        _pack_signs_kernel[grid](
+            x, out, num_words, sizes[1], sizes[2], *strides, x.stride(-1), W=words, BLOCK_WORDS=block_words
+        )
+    return out.view(out_shape)  # more than 3 leading dimensions were flattened into the first one
 
 
 # Packed counters: 7-bit fields in an int64, 8 fields per word (9 for the coarse histogram, 63 bits). A lane adds at
@@ -1103,13 +1115,16 @@ def hamming_topk_decode(
         raise ValueError(f"split_block must be a power of two, got {split_block}.")
     if not _is_power_of_two(hist_block_elements):
         raise ValueError(f"hist_block_elements must be a power of two, got {hist_block_elements}.")
+    for name, size in (("block_n", block_n), ("gather_block", gather_block)):
+        if size is not None and not (_is_power_of_two(size) and size >= 16):
+            raise ValueError(f"{name} must be a power of two >= 16, got {size}.")
     stages = tuple(num_stages) if isinstance(num_stages, (tuple, list)) else (num_stages,) * 3
     if len(stages) != 3:
         raise ValueError(f"num_stages takes one value or three (distance, fine count, attend), got {num_stages}.")
     device = query.device
     group = num_heads // num_kv_heads
     rows_per_group = group * query_len
-    if n_keys == 0 or query_len == 0 or top_n <= 0:
+    if n_keys == 0 or query_len == 0 or batch == 0 or num_heads == 0 or top_n <= 0:
         out = torch.zeros(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
         if return_keep:
             return out, torch.zeros(batch, num_heads, query_len, n_keys, dtype=torch.bool, device=device)
@@ -1183,92 +1198,95 @@ def hamming_topk_decode(
     # from d = 64 on, the kernel reads the keys as int64 words: one load per key for d = 64, contiguous over the keys
     word_bits = 64 if dim >= 64 else 32
     kernel_words = _as_int64_words(key_words) if word_bits == 64 else key_words
-    _distance_kernel[(batch * num_kv_heads, num_row_blocks, distance_splits)](
-        query,
-        kernel_words,
-        mask_arg,
-        codes,
-        coarse_counts,
-        stats,
-        distance_tickets,
-        n_keys,
-        code_stride,
-        min(top_n, n_keys),
-        rows_per_group,
-        query_len,
-        group,
-        num_kv_heads,
-        distance_split_len,
-        distance_splits,
-        *query.stride(),
-        *kernel_words.stride(),
-        *mask_strides,
-        D=dim,
-        W=dim // word_bits,
-        WORD_BITS=word_bits,
-        R_BLOCK=r_block,
-        BLOCK_N=distance_block_n,
-        HAS_MASK=valid_mask is not None,
-        USE_POPC=query.is_cuda and not _interpreting(),
-        INVALID_CODE=invalid_code,
-        S_BLOCK=s_blocks[0],
-        **launch_options[0],
-    )
-    _fine_count_kernel[grid](
-        codes,
-        fine_counts,
-        stats,
-        quotas,
-        count_tickets,
-        n_keys,
-        code_stride,
-        rows_per_group,
-        split_len,
-        num_splits,
-        D=dim,
-        FINE=fine,
-        R_BLOCK=r_block,
-        BLOCK_N=count_block_n,
-        S_BLOCK=s_blocks[1],
-        **launch_options[1],
-    )
-    _attend_kernel[grid](
-        codes,
-        stats,
-        quotas,
-        value,
-        kept_index,
-        kept_weight,
-        denominators,
-        numerators,
-        out,
-        keep_rows,
-        attend_tickets,
-        n_keys,
-        code_stride,
-        rows_per_group,
-        query_len,
-        group,
-        num_kv_heads,
-        split_len,
-        num_splits,
-        2.0 * float(alpha) * math.log2(math.e),
-        int(alpha >= 0),
-        *value.stride(),
-        *out.stride(),
-        DV=value_dim,
-        R_BLOCK=r_block,
-        R_DOT=1 if row_fma else max(16, r_block),
-        BLOCK_N=select_block_n,
-        BLOCK_K=gather_block,
-        INVALID_CODE=invalid_code,
-        V_IS_FP32=value.dtype == torch.float32,
-        DOT_FP32=value.dtype == torch.float32 or _interpreting(),
-        ROW_FMA=row_fma,
-        WRITE_KEEP=return_keep,
-        S_BLOCK=s_blocks[2],
-        **launch_options[2],
-    )
+    with _on_device(device):
+        _distance_kernel[(batch * num_kv_heads, num_row_blocks, distance_splits)](
+            query,
+            kernel_words,
+            mask_arg,
+            codes,
+            coarse_counts,
+            stats,
+            distance_tickets,
+            n_keys,
+            code_stride,
+            min(top_n, n_keys),
+            rows_per_group,
+            query_len,
+            group,
+            num_kv_heads,
+            distance_split_len,
+            distance_splits,
+            *query.stride(),
+            *kernel_words.stride(),
+            *mask_strides,
+            D=dim,
+            W=dim // word_bits,
+            WORD_BITS=word_bits,
+            R_BLOCK=r_block,
+            BLOCK_N=distance_block_n,
+            HAS_MASK=valid_mask is not None,
+            USE_POPC=query.is_cuda and not _interpreting(),
+            INVALID_CODE=invalid_code,
+            S_BLOCK=s_blocks[0],
+            **launch_options[0],
+        )
+        _fine_count_kernel[grid](
+            codes,
+            fine_counts,
+            stats,
+            quotas,
+            count_tickets,
+            n_keys,
+            code_stride,
+            rows_per_group,
+            split_len,
+            num_splits,
+            D=dim,
+            FINE=fine,
+            R_BLOCK=r_block,
+            BLOCK_N=count_block_n,
+            S_BLOCK=s_blocks[1],
+            **launch_options[1],
+        )
+        _attend_kernel[grid](
+            codes,
+            stats,
+            quotas,
+            value,
+            kept_index,
+            kept_weight,
+            denominators,
+            numerators,
+            out,
+            keep_rows,
+            attend_tickets,
+            n_keys,
+            code_stride,
+            rows_per_group,
+            query_len,
+            group,
+            num_kv_heads,
+            split_len,
+            num_splits,
+            2.0 * float(alpha) * math.log2(math.e),
+            int(alpha >= 0),
+            *value.stride(),
+            *out.stride(),
+            DV=value_dim,
+            R_BLOCK=r_block,
+            R_DOT=1 if row_fma else max(16, r_block),
+            BLOCK_N=select_block_n,
+            BLOCK_K=gather_block,
+            INVALID_CODE=invalid_code,
+            V_IS_FP32=value.dtype == torch.float32,
+            # 16-bit values go through tensor cores; fp32 and fp64 values are accumulated in fp32 (tl.dot of fp64 gives
+            # fp64, which the fp32 accumulator cannot take)
+            DOT_FP32=value.dtype in (torch.float32, torch.float64) or _interpreting(),
+            ROW_FMA=row_fma,
+            WRITE_KEEP=return_keep,
+            S_BLOCK=s_blocks[2],
+            **launch_options[2],
+        )
     if return_keep:
         keep = keep_rows[:, :n_keys].reshape(batch, num_kv_heads, group, query_len, n_keys).bool()
         return out, keep.view(batch, num_heads, query_len, n_keys)
