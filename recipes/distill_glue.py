@@ -114,14 +114,16 @@ class ScriptArguments:
         metadata={
             "help": "Comma-separated GLUE tasks whose training texts are added, unlabeled, to the student's "
             "distillation data (the teacher's outputs are the targets; the teacher is fine-tuned on the task alone). "
-            "Not in the paper. Example for stsb: mrpc,rte."
+            "Examples that share a sentence with the task's dev or test splits are left out. Not in the paper. "
+            "Example for stsb: mrpc,rte."
         },
     )
     distill_augment: str | None = field(
         default=None,
         metadata={
             "help": "Comma-separated augmented copies of the distillation inputs (task and extra texts), added "
-            "unlabeled: swap (pair order), cross (unrelated pairs), word_drop (15% of words dropped). Not in the "
+            "unlabeled: swap (pair order), cross (unrelated pairs), word_drop (words dropped with probability 0.15). "
+            "Not in the "
             "paper. Seeded by --seed."
         },
     )
@@ -131,6 +133,10 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or unset for all examples), got {value}.")
         if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
         unknown = [kind for kind in comma_separated(self.distill_augment) if kind not in AUGMENTATIONS]
@@ -153,6 +159,11 @@ def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArgume
         if not config_path.is_file():
             raise SystemExit(f"Config file {config_path} not found.")
         values = yaml.safe_load(config_path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise SystemExit(
+                f"{config_path} must hold a mapping of flag names to values (e.g. `task_name: stsb`), "
+                f"not a {type(values).__name__}."
+            )
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:

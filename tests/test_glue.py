@@ -91,6 +91,22 @@ def test_shared_glue_files_have_the_official_dev_sizes(name, dev_rows):
 def test_missing_file_says_which_layout_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="official GLUE layout"):
         read_glue_tsv(tmp_path, get_task("rte"), "dev")
+    with pytest.raises(ValueError, match="max_rows must be at least 1"):
+        read_glue_tsv(tmp_path, get_task("rte"), "dev", max_rows=0)
+
+
+# the dev files the extra inputs are checked against (no shared sentence with the sources above)
+HELD_OUT_FILES = {
+    "STS-B/dev.tsv": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    "0\tmain\tf\t2012\t1\tnone\tnone\tA man.\tA guy.\t4.2\n",
+    "RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tX.\tY.\tentailment\n",
+}
+
+
+def _write(root, files):
+    for relative, text in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text, encoding="utf-8")
 
 
 def test_extra_distillation_inputs_take_other_tasks_texts_under_the_tasks_field_names(tmp_path):
@@ -98,10 +114,9 @@ def test_extra_distillation_inputs_take_other_tasks_texts_under_the_tasks_field_
         "MRPC/train.tsv": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA b.\tA c.\n0\t3\t4\tD e.\tF g.\n",
         "QNLI/train.tsv": "index\tquestion\tsentence\tlabel\n0\tQ?\tS.\tnot_entailment\n",
         "SST-2/train.tsv": "sentence\tlabel\nfine .\t1\n",
+        **HELD_OUT_FILES,
     }
-    for relative, text in files.items():
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_text(text, encoding="utf-8")
+    _write(tmp_path, files)
     stsb, rte = get_task("stsb"), get_task("rte")
     extra = extra_distillation_inputs(stsb, "mrpc, qnli", tmp_path)
     # in order, renamed to STS-B's fields, with a placeholder of STS-B's label type (regression: a float)
@@ -119,6 +134,65 @@ def test_extra_distillation_inputs_take_other_tasks_texts_under_the_tasks_field_
         extra_distillation_inputs(stsb, "sst2", tmp_path)
     with pytest.raises(ValueError, match="choose one of"):
         extra_distillation_inputs(stsb, "squad", tmp_path)
+
+
+def test_extra_distillation_inputs_drop_what_shares_a_sentence_with_the_tasks_dev_or_test(tmp_path, caplog):
+    # MRPC's training set holds STS-B dev and test sentences, spaced differently ("Mr So ." / "Mr. So.")
+    files = {
+        "MRPC/train.tsv": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        "1\t1\t2\tThe man , who ran .\tOther text .\n"  # first sentence: an STS-B dev sentence
+        "0\t3\t4\tUnrelated one .\tUnrelated two .\n"
+        "1\t5\t6\tSomething else .\tA TEST sentence !\n",  # second sentence: an STS-B test sentence
+        "STS-B/dev.tsv": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tnews\tf\t2012\t1\tnone\tnone\tThe man, who ran.\tA guy.\t4.2\n",
+        "STS-B/test.tsv": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\n"
+        "0\tnews\tf\t2012\t1\tnone\tnone\tSome other.\ta test sentence\n",
+    }
+    _write(tmp_path, files)
+    stsb = get_task("stsb")
+    with caplog.at_level("INFO", logger="had_hf.glue"):
+        extra = extra_distillation_inputs(stsb, "mrpc", tmp_path)
+    assert extra == [{"sentence1": "Unrelated one .", "sentence2": "Unrelated two .", "label": 0.0}]
+    assert "1 kept, 2 dropped" in caplog.text
+    # without a test file, only the dev split is checked (with a warning); without a dev file, an error
+    (tmp_path / "STS-B" / "test.tsv").unlink()
+    with caplog.at_level("WARNING", logger="had_hf.glue"):
+        assert len(extra_distillation_inputs(stsb, "mrpc", tmp_path)) == 2
+    assert "checked against the dev split only" in caplog.text
+    (tmp_path / "STS-B" / "dev.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match="checked against the task's dev sentences"):
+        extra_distillation_inputs(stsb, "mrpc", tmp_path)
+
+
+def _plain_normalized(text):
+    return "".join(ch for ch in text.lower() if ch.isascii() and ch.isalnum())
+
+
+@requires_glue
+@pytest.mark.parametrize("name, sources", [("stsb", "mrpc,rte"), ("mrpc", "stsb,rte")])
+def test_extra_inputs_from_the_shared_glue_files_never_hold_a_dev_or_test_sentence(name, sources):
+    task = get_task(name)
+    held_out = set()
+    for split in ("dev", "test"):
+        with open(GLUE_DIR / task.folder / f"{split}.tsv", encoding="utf-8-sig") as file:
+            header = file.readline().rstrip("\n").split("\t")
+            columns = [
+                header.index(c) for c in (("#1 String", "#2 String") if name == "mrpc" else ("sentence1", "sentence2"))
+            ]
+            for line in file:
+                fields = line.rstrip("\n").split("\t")
+                held_out.update(_plain_normalized(fields[c]) for c in columns if c < len(fields))
+    sources_rows = []
+    for source in sources.split(","):
+        source_task = get_task(source)
+        sources_rows += [
+            [r[f] for f in source_task.text_fields] for r in read_glue_tsv(GLUE_DIR, source_task, "train")
+        ]
+    shared = [texts for texts in sources_rows if any(_plain_normalized(t) in held_out for t in texts)]
+    extra = extra_distillation_inputs(task, sources, GLUE_DIR)
+    assert len(shared) > 0  # the overlap is real: MRPC and STS-B share sentences
+    assert len(extra) == len(sources_rows) - len(shared)
+    assert not any(_plain_normalized(e[f]) in held_out for e in extra for f in task.text_fields)
 
 
 def test_augmented_distillation_inputs_swap_cross_and_drop_words():

@@ -89,8 +89,31 @@ def test_bad_yaml_key_is_refused_with_the_allowed_flags(tmp_path):
     assert "Unknown keys" in result.stderr and "not_a_flag" in result.stderr
 
 
+def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
+    config = tmp_path / "list.yaml"
+    config.write_text("- task_name: sst2\n")
+    result = _run([sys.executable, "recipes/distill_glue.py", str(config)], tmp_path)
+    assert result.returncode != 0
+    assert "must hold a mapping of flag names to values" in result.stderr and "not a list" in result.stderr
+
+
+def test_help_prints_every_recipe_flag(tmp_path):
+    # argparse formats help texts with %: a bare "%" in one of them used to crash --help
+    result = _run([sys.executable, "recipes/distill_glue.py", "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--distill_extra_tasks", "--distill_augment", "--student_dropout", "--top_n", "--max_train_samples"):
+        assert flag in result.stdout
+
+
 def _recipe_module():
     return load_script(REPO / "recipes" / "distill_glue.py", "distill_glue_recipe")
+
+
+@pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])
+def test_sample_limits_below_one_are_refused(name):
+    recipe = _recipe_module()
+    with pytest.raises(ValueError, match=f"{name} must be at least 1"):
+        recipe.ScriptArguments(**{name: 0})
 
 
 def test_student_dropout_sets_every_dropout_layer_and_is_validated():
@@ -124,8 +147,21 @@ def test_extra_distillation_tasks_and_student_dropout_reach_the_run(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"]["train_examples"] == 24
-    # max_train_samples caps each extra task too; each augmentation copies the task's and the extra texts
-    assert results["dataset"]["distill_examples"] == 3 * (24 + 24 + 24)
+
+    # max_train_samples caps each extra task too, before the MRPC rows that share a sentence with STS-B's dev or test
+    # splits are dropped (2 of the first 24, counted here by a plain loop); each augmentation copies the task's and
+    # the extra texts
+    def normalized(text):
+        return "".join(ch for ch in text.lower() if ch.isascii() and ch.isalnum())
+
+    held_out = set()
+    for split in ("dev", "test"):
+        lines = (GLUE_DIR / "STS-B" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        held_out.update(normalized(text) for line in lines[1:] for text in line.split("\t")[7:9])
+    mrpc_rows = (GLUE_DIR / "MRPC" / "train.tsv").read_text(encoding="utf-8-sig").splitlines()[1:25]
+    shared = sum(any(normalized(text) in held_out for text in row.split("\t")[3:5]) for row in mrpc_rows)
+    assert shared == 2
+    assert results["dataset"]["distill_examples"] == 3 * (24 + (24 - shared) + 24)
     assert results["dataset"]["distill_augment"] == "swap,cross"
     assert results["script_args"]["student_dropout"] == 0.0
     assert results["global_step"] == 6

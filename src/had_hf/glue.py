@@ -6,12 +6,16 @@ Columns and label encodings follow the Hub dataset `nyu-mll/glue`, so both sourc
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ _TSV_COLUMNS: dict[str, tuple[tuple[str | int, ...], str | int]] = {
     "wnli": (("sentence1", "sentence2"), "label"),
 }
 
+# Text columns of test files that differ from the training file's (CoLA's test file: index, sentence).
+_TSV_TEST_TEXT_COLUMNS: dict[str, tuple[str | int, ...]] = {"cola": (1,)}
+
 # Hub dataset split names of the evaluation splits.
 _HUB_SPLITS = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
 
@@ -94,6 +101,8 @@ def read_glue_tsv(glue_dir: str | Path, task: GlueTask, split: str, max_rows: in
     Returns dicts with the task's text fields and an integer `label` (a float for STS-B), encoded as in the Hub
     dataset. Rows with the wrong number of fields (a few in QQP) or without a label are skipped.
     """
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1 (or None for all rows), got {max_rows}.")
     path = Path(glue_dir) / task.folder / f"{split}.tsv"
     if not path.is_file():
         raise FileNotFoundError(
@@ -135,11 +144,7 @@ def load_glue(
         for split in task.eval_splits:
             splits[split] = read_glue_tsv(glue_dir, task, split, max_eval)
         return splits
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("Loading GLUE from the Hub needs `pip install datasets` (or pass --glue_dir).") from error
-    hub = datasets.load_dataset("nyu-mll/glue", task.name)
+    hub = _hub_dataset(task)
     splits = {}
     for split, source, limit in [("train", "train", max_train)] + [
         (split, _HUB_SPLITS[split], max_eval) for split in task.eval_splits
@@ -151,6 +156,59 @@ def load_glue(
     return splits
 
 
+def _hub_dataset(task: GlueTask):
+    """The task's Hub dataset (`nyu-mll/glue`), all splits."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("Loading GLUE from the Hub needs `pip install datasets` (or pass --glue_dir).") from error
+    return datasets.load_dataset("nyu-mll/glue", task.name)
+
+
+def normalized_text(text: str) -> str:
+    """A sentence reduced to its lowercase letters and digits: GLUE tasks that share sentences (MRPC and STS-B's
+    MSRpar pairs) write them with different spacing around punctuation."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def held_out_sentences(task: GlueTask, glue_dir: str | Path | None = None) -> set[str]:
+    """The normalized sentences of `task`'s evaluation and test splits (`normalized_text`): texts that must not
+    reach its distillation as extra inputs, since its student is measured on them."""
+    splits = [*task.eval_splits, *(("test_matched", "test_mismatched") if task.name == "mnli" else ("test",))]
+    if glue_dir is None:
+        hub = _hub_dataset(task)
+        texts = (text for split in splits for field in task.text_fields for text in hub[_HUB_SPLITS.get(split, split)][field])  # fmt: skip
+    else:
+        texts = _tsv_texts(glue_dir, task, splits)
+    sentences = {normalized_text(text) for text in texts}
+    sentences.discard("")  # a sentence of punctuation alone would match every other one
+    return sentences
+
+
+def _tsv_texts(glue_dir: str | Path, task: GlueTask, splits: list[str]):
+    """The texts of `splits` of the official GLUE files, labelled or not (test files have no labels); a missing test
+    file is skipped with a warning, a missing dev file is an error."""
+    for split in splits:
+        path = Path(glue_dir) / task.folder / f"{split}.tsv"
+        if not path.is_file():
+            if split.startswith("test"):  # only for GLUE-server submissions: checked when present
+                logger.warning("%s not found: extra distillation inputs are checked against the dev split only.", path)
+                continue
+            raise FileNotFoundError(
+                f"{path} not found: --glue_dir must hold the official GLUE layout (extra distillation inputs are "
+                "checked against the task's dev sentences)."
+            )
+        columns = _TSV_COLUMNS[task.name][0]
+        if split.startswith("test"):
+            columns = _TSV_TEST_TEXT_COLUMNS.get(task.name, columns)
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader) if task.header else None
+            for row in reader:
+                record = dict(zip(header, row)) if header is not None else dict(enumerate(row))
+                yield from (record[column] for column in columns if record.get(column))
+
+
 def extra_distillation_inputs(
     task: GlueTask, sources: str | list[str], glue_dir: str | Path | None = None, max_rows: int | None = None
 ) -> list[dict]:
@@ -160,7 +218,12 @@ def extra_distillation_inputs(
     order, to `task`'s, so a sentence-pair task takes only sentence-pair sources. The examples carry the placeholder
     label 0 (0.0 for regression) so that they batch with the task's own examples; the distillation loss never reads
     it. `max_rows` caps each source.
+
+    GLUE tasks share sentences: STS-B's MSRpar pairs come from the MRPC corpus, so MRPC's training set holds some of
+    STS-B's dev pairs and the other way round. Any source example with a sentence of `task`'s dev or test splits
+    (`held_out_sentences`) is dropped, so that the student is never distilled on what it is measured on.
     """
+    held_out = held_out_sentences(task, glue_dir) if sources else set()
     examples: list[dict] = []
     for name in comma_separated(sources):
         source = get_task(name)
@@ -178,9 +241,17 @@ def extra_distillation_inputs(
             rows = read_glue_tsv(glue_dir, source, "train", max_rows)
         else:
             rows = load_glue(source, None, max_rows, 0)["train"]
+        dropped = 0
         for row in rows:
             texts = {field: row[source_field] for field, source_field in zip(task.text_fields, source.text_fields)}
+            if any(normalized_text(text) in held_out for text in texts.values()):
+                dropped += 1
+                continue
             examples.append({**texts, "label": task.placeholder_label})
+        logger.info(
+            "Extra distillation inputs from %s: %d kept, %d dropped for sharing a sentence with %s's dev or test "
+            "splits.", source.name, len(rows) - dropped, dropped, task.name,
+        )  # fmt: skip
     return examples
 
 
