@@ -177,7 +177,8 @@ def held_out_sentences(task: GlueTask, glue_dir: str | Path | None = None) -> se
     splits = [*task.eval_splits, *(("test_matched", "test_mismatched") if task.name == "mnli" else ("test",))]
     if glue_dir is None:
         hub = _hub_dataset(task)
-        texts = (text for split in splits for field in task.text_fields for text in hub[_HUB_SPLITS.get(split, split)][field])  # fmt: skip
+        columns = [hub[_HUB_SPLITS.get(split, split)][field] for split in splits for field in task.text_fields]
+        texts = (text for column in columns for text in column)
     else:
         texts = _tsv_texts(glue_dir, task, splits)
     sentences = {normalized_text(text) for text in texts}
