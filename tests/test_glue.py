@@ -130,6 +130,8 @@ def test_extra_distillation_inputs_take_other_tasks_texts_under_the_tasks_field_
     assert extra == [{"sentence1": "A b.", "sentence2": "A c.", "label": 0}] and type(extra[0]["label"]) is int
     with pytest.raises(ValueError, match="the task itself"):
         extra_distillation_inputs(stsb, "mrpc,stsb", tmp_path)
+    with pytest.raises(ValueError, match=r"repeat in \['mrpc', 'qnli', 'mrpc'\] \(\['mrpc'\]\): name each task once"):
+        extra_distillation_inputs(stsb, "mrpc,qnli,mrpc", tmp_path)
     with pytest.raises(ValueError, match=r"1 text field\(s\).*Allowed sources: \['mnli', 'mrpc'"):
         extra_distillation_inputs(stsb, "sst2", tmp_path)
     with pytest.raises(ValueError, match="choose one of"):
@@ -224,5 +226,9 @@ def test_augmented_distillation_inputs_swap_cross_and_drop_words():
         augmented_distillation_inputs(stsb, rows, "flip")
     with pytest.raises(ValueError, match="name each kind once"):
         augmented_distillation_inputs(stsb, rows, "swap,swap")
-    with pytest.raises(ValueError, match="at least 2 examples"):
+    with pytest.raises(ValueError, match="'cross' pairs each example with another one: it needs at least 2 examples"):
         augmented_distillation_inputs(stsb, rows[:1], "cross")
+    # the other kinds take a single example
+    assert augmented_distillation_inputs(stsb, rows[:1], "swap") == [
+        {"sentence1": rows[0]["sentence2"], "sentence2": rows[0]["sentence1"], "label": 0.0}
+    ]

@@ -224,9 +224,13 @@ def extra_distillation_inputs(
     STS-B's dev pairs and the other way round. Any source example with a sentence of `task`'s dev or test splits
     (`held_out_sentences`) is dropped, so that the student is never distilled on what it is measured on.
     """
-    held_out = held_out_sentences(task, glue_dir) if sources else set()
+    names = comma_separated(sources)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Extra distillation tasks repeat in {names} ({repeated}): name each task once.")
+    held_out = held_out_sentences(task, glue_dir) if names else set()
     examples: list[dict] = []
-    for name in comma_separated(sources):
+    for name in names:
         source = get_task(name)
         if source.name == task.name:
             raise ValueError(f"{name!r} is the task itself; extra distillation inputs must come from other tasks.")
@@ -285,8 +289,10 @@ def augmented_distillation_inputs(
             )
     if len(names) != len(set(names)):
         raise ValueError(f"Augmentations repeat in {names}: name each kind once.")
-    if names and len(examples) < 2:
-        raise ValueError(f"Augmenting needs at least 2 examples, got {len(examples)}.")
+    if "cross" in names and len(examples) < 2:
+        raise ValueError(
+            f"'cross' pairs each example with another one: it needs at least 2 examples, got {len(examples)}."
+        )
     rng = np.random.default_rng(seed)
     placeholder = task.placeholder_label
     fields = task.text_fields
