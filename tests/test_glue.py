@@ -132,6 +132,8 @@ def test_extra_distillation_inputs_take_other_tasks_texts_under_the_tasks_field_
         extra_distillation_inputs(stsb, "mrpc,stsb", tmp_path)
     with pytest.raises(ValueError, match=r"repeat in \['mrpc', 'qnli', 'mrpc'\] \(\['mrpc'\]\): name each task once"):
         extra_distillation_inputs(stsb, "mrpc,qnli,mrpc", tmp_path)
+    with pytest.raises(ValueError, match=r"\(\['mrpc'\]\): name each task once"):
+        extra_distillation_inputs(stsb, "MRPC,mrpc", tmp_path)
     with pytest.raises(ValueError, match=r"1 text field\(s\).*Allowed sources: \['mnli', 'mrpc'"):
         extra_distillation_inputs(stsb, "sst2", tmp_path)
     with pytest.raises(ValueError, match="choose one of"):

@@ -225,13 +225,12 @@ def extra_distillation_inputs(
     (`held_out_sentences`) is dropped, so that the student is never distilled on what it is measured on.
     """
     names = comma_separated(sources)
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    source_tasks = [get_task(name) for name in names]
+    chosen = [source.name for source in source_tasks]
+    repeated = sorted({name for name in chosen if chosen.count(name) > 1})
     if repeated:
         raise ValueError(f"Extra distillation tasks repeat in {names} ({repeated}): name each task once.")
-    held_out = held_out_sentences(task, glue_dir) if names else set()
-    examples: list[dict] = []
-    for name in names:
-        source = get_task(name)
+    for name, source in zip(names, source_tasks):
         if source.name == task.name:
             raise ValueError(f"{name!r} is the task itself; extra distillation inputs must come from other tasks.")
         if len(source.text_fields) != len(task.text_fields):
@@ -242,6 +241,9 @@ def extra_distillation_inputs(
                 f"{name!r} has {len(source.text_fields)} text field(s) and {task.name!r} has {len(task.text_fields)}: "
                 f"its texts cannot stand in for {task.name}'s inputs. Allowed sources: {allowed}."
             )
+    held_out = held_out_sentences(task, glue_dir) if names else set()  # read once every name is known to be usable
+    examples: list[dict] = []
+    for source in source_tasks:
         if glue_dir is not None:
             rows = read_glue_tsv(glue_dir, source, "train", max_rows)
         else:
