@@ -20,6 +20,7 @@ def test_defaults_and_exactly_one_n_rule():
         ({"top_n": 2.5}, "top_n must be a positive integer"),
         ({"top_n_ratio": 0.0}, r"top_n_ratio must be a number in \(0, 1\]"),
         ({"top_n_ratio": 1.5}, r"top_n_ratio must be a number in \(0, 1\]"),
+        ({"top_n_ratio": True}, r"top_n_ratio must be a number in \(0, 1\]"),
         ({"stage": "fp16"}, "stage must be one of"),
         ({"c": 0.0}, "c must be a finite number > 0"),
         ({"ste_clip": -1}, "ste_clip must be a finite number > 0"),
@@ -34,6 +35,18 @@ def test_defaults_and_exactly_one_n_rule():
 def test_invalid_values_say_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HADConfig(**kwargs)
+
+
+def test_a_value_set_after_construction_is_checked_when_saved():
+    # otherwise the checkpoint saves and then fails to load
+    config = HADConfig(top_n=3)
+    config.stage = "Binary"
+    with pytest.raises(ValueError, match="stage must be one of"):
+        config.to_dict()
+    config = HADConfig(top_n=3)
+    config.top_n_ratio = 0.1
+    with pytest.raises(ValueError, match="Set exactly one of top_n and top_n_ratio"):
+        config.to_json_string()
 
 
 def test_num_kept_ratio_rule_is_ceiling():

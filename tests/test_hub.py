@@ -163,6 +163,12 @@ def test_partial_commit_is_not_reported_as_success(fake_hub, output_dir):
 
     assert failure.value.retry_command == f"had-hf push {output_dir} --repo-id {REPO_ID}"
     hub.push_to_hub(output_dir, REPO_ID)
+    # the retry command repeats every option of the push (the token excepted)
+    retry = hub.retry_command(output_dir, REPO_ID, private=True, revision="dev", license="mit", commit_message="v 2")
+    assert (
+        retry
+        == f"had-hf push {output_dir} --repo-id {REPO_ID} --private --revision dev --license mit --commit-message 'v 2'"
+    )
     assert set(fake_hub.files(REPO_ID)) == EXPECTED_FILES
 
 

@@ -49,6 +49,21 @@ def test_fresh_process_without_had_hf_refuses_to_load(tmp_path):
     assert 'attn_implementation="hamming_topk"' in result.stderr
 
 
+def test_from_config_of_a_saved_had_config_uses_its_settings(tmp_path):
+    # AutoConfig leaves the saved HADConfig a dict (no quantizer runs): the attention must still use its top_n
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _save_had_bert(tmp_path)
+    saved = torch.load(tmp_path / "expected.pt")
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config.quantization_config, dict) and config.quantization_config["top_n"] == 3
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="hamming_topk").eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    model.load_state_dict(reloaded.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(**saved["inputs"]).logits, saved["logits"])
+
+
 def test_asking_for_dense_attention_still_gives_had(tmp_path):
     from transformers import AutoModelForSequenceClassification
 

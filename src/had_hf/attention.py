@@ -41,6 +41,10 @@ def resolve_config(module: torch.nn.Module) -> HADConfig:
     config = getattr(module, "_had_config", None)
     if config is None:
         config = getattr(getattr(module, "config", None), "quantization_config", None)
+        if isinstance(config, dict) and config.get("quant_method") == "had":
+            # a saved config read without the quantizer (AutoConfig.from_pretrained, then from_config): the dict
+            config = HADConfig.from_dict(config)
+            module._had_config = config
     if isinstance(config, HADConfig):
         return config
     _warn_once(

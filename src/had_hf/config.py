@@ -84,7 +84,9 @@ class HADConfig(QuantizationConfigMixin):
         ):
             raise ValueError(f"top_n must be a positive integer, got {self.top_n!r}.")
         if self.top_n_ratio is not None and not (
-            isinstance(self.top_n_ratio, (int, float)) and 0.0 < self.top_n_ratio <= 1.0
+            not isinstance(self.top_n_ratio, bool)
+            and isinstance(self.top_n_ratio, (int, float))
+            and 0.0 < self.top_n_ratio <= 1.0
         ):
             raise ValueError(f"top_n_ratio must be a number in (0, 1], got {self.top_n_ratio!r}.")
         if self.stage not in STAGES:
@@ -133,6 +135,9 @@ class HADConfig(QuantizationConfigMixin):
         return self.binarize_cross_attention if is_cross_attention else self.binarize_self_attention
 
     def to_dict(self) -> dict[str, Any]:
+        # fields set after construction skipped the checks: check again, so that a bad value fails when it is saved,
+        # not when the checkpoint is loaded
+        self.__post_init__()
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_diff_dict(self) -> dict[str, Any]:

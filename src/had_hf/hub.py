@@ -554,13 +554,26 @@ def _format_duration(seconds: Any) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def retry_command(output_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None) -> str:
-    """The `had-hf push` command that redoes a push (the token is left out: it is read from the environment)."""
+def retry_command(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    license: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """The `had-hf push` command that redoes a push with the same options (the token is left out: it is read from the
+    environment)."""
     parts = ["had-hf", "push", str(output_dir), "--repo-id", repo_id]
     if private:
         parts.append("--private")
     if revision is not None:
         parts += ["--revision", revision]
+    if license is not None:
+        parts += ["--license", license]
+    if commit_message is not None:
+        parts += ["--commit-message", commit_message]
     return shlex.join(parts)
 
 
@@ -602,7 +615,9 @@ def push_to_hub(
             incomplete. The message says which, and gives the command that retries.
     """
     output_dir = Path(output_dir)
-    retry = retry_command(output_dir, repo_id, private=private, revision=revision)
+    retry = retry_command(
+        output_dir, repo_id, private=private, revision=revision, license=license, commit_message=commit_message
+    )
     if not _REPO_ID.fullmatch(repo_id or ""):
         raise OutputDirError(f"--repo-id must be ORG/NAME (a user or organization, a slash, a name), got {repo_id!r}.")
     files = check_output_dir(output_dir)
