@@ -146,6 +146,50 @@ def test_resume_mid_stage_two_ends_with_identical_weights(tmp_path):
         assert torch.equal(tensor, expected[name]), name
 
 
+def _tiny_t5(seed):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=1, num_decoder_layers=1, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+def test_seq2seq_student_distills_from_labels_with_the_decoders_own_mask(tmp_path):
+    from had_hf.capture import forward_inputs
+    from had_hf.trainer import _query_mask
+
+    # a seq2seq batch has labels, not decoder inputs: they are built from the labels before the labels are dropped
+    labels = torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])
+    encoder_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    inputs = forward_inputs(_tiny_t5(0), {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": encoder_mask,
+                                          "labels": labels})  # fmt: skip
+    assert "labels" not in inputs
+    assert inputs["decoder_input_ids"].tolist() == [[0, 5, 6, 7], [0, 8, 9, 0]]  # shifted right, -100 -> pad
+    assert inputs["decoder_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    # decoder queries take the decoder's mask, encoder queries the encoder's, even when both have the same length
+    assert torch.equal(_query_mask(inputs, 4, decoder=True), inputs["decoder_attention_mask"])
+    assert torch.equal(_query_mask(inputs, 4, decoder=False), encoder_mask)
+    assert _query_mask({"attention_mask": encoder_mask}, 4, decoder=True) is None
+
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, 99, (8,), generator=generator), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": torch.randint(3, 99, (5,), generator=generator)} for _ in range(16)]  # fmt: skip
+    trainer = HADDistillationTrainer(
+        model=_tiny_t5(0),
+        teacher_model=_tiny_t5(0),
+        args=_args(tmp_path, max_steps=6, calibration_batches=2),
+        had_config=HADConfig(top_n=3),
+        train_dataset=data,
+    )
+    trainer.train()
+    sigma_q = trainer.had_config.sigma_q
+    assert {"decoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.1.EncDecAttention"} <= set(sigma_q)
+    losses = [(entry["loss_out"], entry["loss_attn"]) for entry in trainer.state.log_history if "loss_attn" in entry]
+    assert len(losses) == 6 and all(math.isfinite(a) and math.isfinite(b) for a, b in losses)
+    assert any(b > 0 for _, b in losses)  # the attention loss reached the student
+
+
 def test_deepspeed_or_reentrant_checkpointing_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="use_reentrant"):
         _trainer(

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .attention import DENSE_CAPTURE_NAME
-from .capture import STORE_KWARG, HADCaptureStore
+from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
 from .config import HADConfig
 from .integration import set_attention
 
@@ -54,7 +54,7 @@ def calibrate(
         for batch in dataloader:
             if seen == num_batches:
                 break
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+            inputs = forward_inputs(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
             store.clear()
             model(**inputs, **{STORE_KWARG: store})
             for name, (std_q, std_k) in store.qk_std.items():

@@ -66,3 +66,27 @@ class HADCaptureStore:
     def record_details(self, name: str, **tensors: torch.Tensor) -> None:
         if self.capture_details:
             self.details[name] = {key: value.detach() for key, value in tensors.items()}
+
+
+def forward_inputs(model: torch.nn.Module, inputs: dict) -> dict:
+    """A batch's model inputs without `labels`: distillation's targets are the teacher's outputs, and a model given
+    labels would also compute its own loss.
+
+    An encoder-decoder model builds its decoder inputs from the labels, so they are built here first (the labels
+    shifted right, `prepare_decoder_input_ids_from_labels`), with a decoder mask of the labelled positions.
+    """
+    inputs = dict(inputs)
+    labels = inputs.pop("labels", None)
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    config = getattr(model, "config", None)
+    needs_decoder_inputs = "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs
+    if labels is not None and getattr(config, "is_encoder_decoder", False) and needs_decoder_inputs:
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            raise ValueError(
+                f"{type(model).__name__} is an encoder-decoder model without `prepare_decoder_input_ids_from_labels`: "
+                "give the batches `decoder_input_ids` (and `decoder_attention_mask`)."
+            )
+        inputs["decoder_input_ids"] = prepare(labels=labels)
+        inputs.setdefault("decoder_attention_mask", (labels != -100).long())
+    return inputs

@@ -15,7 +15,7 @@ from transformers.utils import is_datasets_available
 
 from .calibration import calibrate
 from .callbacks import HADStageCallback
-from .capture import STORE_KWARG, HADCaptureStore
+from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import attention_kl, output_kl, output_mse
@@ -124,7 +124,7 @@ class HADDistillationTrainer(Trainer):
         return self.args.refinement_attention_loss_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        inputs = forward_inputs(model, inputs)
         weight = self.attention_loss_weight(self.state.global_step)
         teacher_store = HADCaptureStore(capture_logits=weight > 0)
         student_store = HADCaptureStore(capture_logits=weight > 0)
@@ -132,14 +132,18 @@ class HADDistillationTrainer(Trainer):
             teacher_outputs = self.teacher(**inputs, **{STORE_KWARG: teacher_store})
         student_outputs = model(**inputs, **{STORE_KWARG: student_store})
 
+        encoder_decoder = bool(getattr(getattr(model, "module", model).config, "is_encoder_decoder", False))
         if self.is_regression:
             loss_out = output_mse(teacher_outputs.logits, student_outputs.logits)
         else:
-            loss_out = output_kl(teacher_outputs.logits, student_outputs.logits, _token_mask(inputs, student_outputs))
+            loss_out = output_kl(
+                teacher_outputs.logits, student_outputs.logits, _token_mask(inputs, student_outputs, encoder_decoder)
+            )
         loss = loss_out
         if weight > 0:
             query_masks = {
-                name: _query_mask(inputs, logits.shape[-2]) for name, logits in student_store.logits.items()
+                name: _query_mask(inputs, logits.shape[-2], encoder_decoder and _is_decoder_layer(name))
+                for name, logits in student_store.logits.items()
             }
             loss_attn = attention_kl(teacher_store.logits, student_store.logits, student_store.valid, query_masks)
             loss = loss + weight * loss_attn
@@ -155,7 +159,7 @@ class HADDistillationTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
         with torch.no_grad():
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            outputs = model(**forward_inputs(model, inputs))
         if prediction_loss_only:
             return None, None, None
         return None, outputs.logits.detach(), labels
@@ -262,18 +266,25 @@ class HADDistillationTrainer(Trainer):
         return True
 
 
-def _query_mask(inputs: dict, query_len: int) -> torch.Tensor | None:
-    """Real (non-padding) query rows of a layer: the encoder mask or the decoder mask, whichever fits."""
-    for key in ("attention_mask", "decoder_attention_mask"):
-        mask = inputs.get(key)
-        if mask is not None and mask.dim() == 2 and mask.shape[-1] == query_len:
-            return mask
+def _is_decoder_layer(name: str) -> bool:
+    """Whether an attention layer of an encoder-decoder model takes its queries from the decoder (its self- and
+    cross-attention), by its module name."""
+    return name.startswith("decoder.") or ".decoder." in name
+
+
+def _query_mask(inputs: dict, query_len: int, decoder: bool = False) -> torch.Tensor | None:
+    """Real (non-padding) query rows of a layer: the decoder's mask for decoder queries, else the encoder's (by side,
+    not by length: an encoder mask as long as the decoder sequence would mask the wrong positions)."""
+    mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] == query_len:
+        return mask
     return None
 
 
-def _token_mask(inputs: dict, outputs) -> torch.Tensor | None:
-    """For token-level outputs (B, T, C): count only real tokens in the output KL."""
+def _token_mask(inputs: dict, outputs, encoder_decoder: bool = False) -> torch.Tensor | None:
+    """For token-level outputs (B, T, C): count only real tokens in the output KL (the decoder's, for an
+    encoder-decoder model)."""
     logits = outputs.logits
     if logits.dim() != 3:
         return None
-    return _query_mask(inputs, logits.shape[1])
+    return _query_mask(inputs, logits.shape[1], encoder_decoder)
