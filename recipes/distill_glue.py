@@ -296,7 +296,10 @@ def main(argv: list[str]) -> dict:
     if script_args.student_dropout is not None:
         set_dropout(student, script_args.student_dropout)
     # ste_clip and sigma_per_head come from training_args: HADDistillationTrainer sets them on the student's config
-    had_config = HADConfig(top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio)
+    # (and warns where a HADConfig's ste_clip differs: the same value is given here)
+    had_config = HADConfig(
+        top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio, ste_clip=training_args.ste_clip
+    )
     had_hf.convert(student, had_config)
     schedule = training_args.schedule()
     if schedule.scale != 1.0:

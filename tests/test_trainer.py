@@ -146,6 +146,19 @@ def test_resume_mid_stage_two_ends_with_identical_weights(tmp_path):
         assert torch.equal(tensor, expected[name]), name
 
 
+def test_a_had_config_ste_clip_that_the_training_arguments_override_is_reported(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="had_hf.trainer"):
+        trainer = HADDistillationTrainer(
+            model=build_model("bert", seed=0),
+            teacher_model=build_model("bert", seed=0),
+            args=_args(tmp_path),
+            had_config=HADConfig(top_n=3, ste_clip=2.0),
+            train_dataset=TinyDataset(),
+        )
+    assert trainer.had_config.ste_clip == 1.0
+    assert "ste_clip=2.0 is replaced by the training argument ste_clip=1.0" in caplog.text
+
+
 def _tiny_t5(seed):
     from transformers import T5Config, T5ForConditionalGeneration
 

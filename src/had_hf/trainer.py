@@ -68,6 +68,13 @@ class HADDistillationTrainer(Trainer):
                 )
             convert(model, had_config)
         self.had_config: HADConfig = model.config.quantization_config
+        if self.had_config.ste_clip != args.ste_clip:
+            logger.warning(
+                "The HADConfig's ste_clip=%s is replaced by the training argument ste_clip=%s: the STE clip is a "
+                "training setting (set it with HADTrainingArguments(ste_clip=...) or --ste_clip).",
+                self.had_config.ste_clip,
+                args.ste_clip,
+            )
         self.had_config.ste_clip = args.ste_clip
         if args.sigma_per_head:
             self.had_config.sigma_per_head = True
