@@ -109,26 +109,32 @@ def read_glue_tsv(glue_dir: str | Path, task: GlueTask, split: str, max_rows: in
             f"{path} not found: --glue_dir must hold the official GLUE layout (<TASK>/{split}.tsv)."
         )
     text_columns, label_column = _TSV_COLUMNS[task.name]
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     examples = []
+    for record in _tsv_records(path, task, whole_rows=True):
+        label = record.get(label_column)
+        if label in (None, "", "-"):
+            continue
+        example = {field: record[column] for field, column in zip(task.text_fields, text_columns)}
+        example["label"] = float(label) if task.is_regression else task.labels.index(label)
+        examples.append(example)
+        if max_rows is not None and len(examples) >= max_rows:
+            break
+    if not examples:
+        raise ValueError(f"No labelled examples read from {path}.")
+    return examples
+
+
+def _tsv_records(path: Path, task: GlueTask, whole_rows: bool):
+    """The rows of an official GLUE TSV file as dicts keyed by its header's column names (by column index for
+    CoLA's headerless files); `whole_rows` skips the rows whose field count differs from the header's."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader) if task.header else None
         for row in reader:
-            if header is not None and len(row) != len(header):
+            if whole_rows and header is not None and len(row) != len(header):
                 continue
-            record = dict(zip(header, row)) if header is not None else dict(enumerate(row))
-            label = record.get(label_column)
-            if label in (None, "", "-"):
-                continue
-            example = {field: record[column] for field, column in zip(task.text_fields, text_columns)}
-            example["label"] = float(label) if task.is_regression else task.labels.index(label)
-            examples.append(example)
-            if max_rows is not None and len(examples) >= max_rows:
-                break
-    if not examples:
-        raise ValueError(f"No labelled examples read from {path}.")
-    return examples
+            yield dict(zip(header, row)) if header is not None else dict(enumerate(row))
 
 
 def load_glue(
@@ -202,12 +208,9 @@ def _tsv_texts(glue_dir: str | Path, task: GlueTask, splits: list[str]):
         columns = _TSV_COLUMNS[task.name][0]
         if split.startswith("test"):
             columns = _TSV_TEST_TEXT_COLUMNS.get(task.name, columns)
-        with path.open(encoding="utf-8-sig", newline="") as file:
-            reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader) if task.header else None
-            for row in reader:
-                record = dict(zip(header, row)) if header is not None else dict(enumerate(row))
-                yield from (record[column] for column in columns if record.get(column))
+        # every row, even a short one: a held-out sentence must not slip through a malformed line
+        for record in _tsv_records(path, task, whole_rows=False):
+            yield from (record[column] for column in columns if record.get(column))
 
 
 def extra_distillation_inputs(
