@@ -114,6 +114,8 @@ class HADDistillationTrainer(Trainer):
         self.is_regression = getattr(config, "problem_type", None) == "regression" or (
             getattr(config, "num_labels", 2) == 1
         )
+        # decoder queries and tokens are masked with the decoder's mask (see _query_mask)
+        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
             raise ValueError(
                 "Reentrant gradient checkpointing runs the forward without gradients, so the attention loss would "
@@ -139,17 +141,18 @@ class HADDistillationTrainer(Trainer):
             teacher_outputs = self.teacher(**inputs, **{STORE_KWARG: teacher_store})
         student_outputs = model(**inputs, **{STORE_KWARG: student_store})
 
-        encoder_decoder = bool(getattr(getattr(model, "module", model).config, "is_encoder_decoder", False))
         if self.is_regression:
             loss_out = output_mse(teacher_outputs.logits, student_outputs.logits)
         else:
             loss_out = output_kl(
-                teacher_outputs.logits, student_outputs.logits, _token_mask(inputs, student_outputs, encoder_decoder)
+                teacher_outputs.logits,
+                student_outputs.logits,
+                _token_mask(inputs, student_outputs, self.is_encoder_decoder),
             )
         loss = loss_out
         if weight > 0:
             query_masks = {
-                name: _query_mask(inputs, logits.shape[-2], encoder_decoder and _is_decoder_layer(name))
+                name: _query_mask(inputs, logits.shape[-2], self.is_encoder_decoder and _is_decoder_layer(name))
                 for name, logits in student_store.logits.items()
             }
             loss_attn = attention_kl(teacher_store.logits, student_store.logits, student_store.valid, query_masks)
