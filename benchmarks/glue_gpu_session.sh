@@ -32,6 +32,15 @@
 #     stsb:extra_pairs+no_dropout+aug_all+seed45 bash ... start|finish
 # pooled with glue_long.json (summarize refuses to mix step counts): python benchmarks/glue_gpu.py summarize \
 #   benchmarks/results/glue_long.json benchmarks/results/glue_long_aug.json --json benchmarks/results/glue_long_summary.json
+# (the --distill_extra_tasks runs of glue_levers2-5 and glue_long_aug held dev inputs: README, the dagger rows) and,
+# with extra inputs that share a sentence with the task's dev or test split left out, on nvidia-h200-x2 (the runs
+# spread over both GPUs, 5 each; glue_clean.json, a fresh round: teachers fine-tuned again, same teacher metrics):
+#   MAX_STEPS=12000 TASKS=stsb,mrpc ABLATION_TASKS=none JSON=glue_clean.json LEVERS=stsb:extra_pairs+no_dropout+aug_all,\
+#     stsb:extra_pairs+no_dropout+aug_all+seed43,stsb:extra_pairs+no_dropout+aug_all+seed44,\
+#     stsb:extra_pairs+no_dropout+aug_all+seed45,stsb:no_dropout+aug_all,stsb:no_dropout+aug_all+seed43,\
+#     mrpc:extra_pairs+no_dropout+aug_all,mrpc:extra_pairs+no_dropout+aug_all+seed43 bash ... start|finish
+# pooled with glue_long.json (the paper's recipe at 12,000 steps): python benchmarks/glue_gpu.py summarize \
+#   benchmarks/results/glue_long.json benchmarks/results/glue_clean.json --json benchmarks/results/glue_clean_summary.json
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 RUN=/tmp/glue_runs

@@ -173,7 +173,7 @@ def test_stsb_gpu_config_is_the_benchmarked_recipe():
     import shlex
 
     recipe = _recipe_module()
-    runs = json.loads((REPO / "benchmarks" / "results" / "glue_long_aug.json").read_text())["runs"]
+    runs = json.loads((REPO / "benchmarks" / "results" / "glue_clean.json").read_text())["runs"]
     lever, had = runs["stsb_extra_pairs+no_dropout+aug_all"], runs["stsb_had"]
 
     def parsed(argv):
