@@ -119,6 +119,10 @@ LEVERS = {
     "sigma_head": ["--sigma_per_head", "true"],  # one sigma (softmax temperature factor) per head, not per layer
     "no_refine": ["--refinement_steps", "0"],  # stop after the STE stage
     "n64": ["--top_n", "64"],
+    # the decay factor of c (the paper's 0.9995): with --max_steps fixed, a faster decay shortens the tanh and sign
+    # stages and leaves more of the steps to the STE and refinement stages, a slower one the reverse
+    "decay0.999": ["--c_decay", "0.999"],
+    "decay0.9998": ["--c_decay", "0.9998"],
     # the same recipe, another student seed (same teacher): the run-to-run spread
     **{f"seed{seed}": ["--seed", str(seed)] for seed in range(43, 47)},
     # not in the paper: the other sentence-pair tasks' training texts as extra, unlabeled distillation inputs

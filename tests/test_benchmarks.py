@@ -115,6 +115,7 @@ def test_glue_gpu_levers_combine_and_name_their_teacher():
     assert glue_gpu.teacher_lever("clip2+h64") == "h64" and glue_gpu.teacher_lever("clip2") is None
     assert glue_gpu.is_lever("h64+extra_pairs") and not glue_gpu.is_lever("h64+nope")
     assert glue_gpu.lever_flags("extra_pairs+aug_all", "stsb")[2:] == ["--distill_augment", "swap,cross,word_drop"]
+    assert glue_gpu.lever_flags("decay0.999+no_dropout", "stsb") == ["--c_decay", "0.999", "--student_dropout", "0"]
     with pytest.raises(SystemExit, match=r"sets \['--distill_augment'\] twice"):  # argparse would keep the last
         glue_gpu.lever_flags("aug_swap+aug_all", "stsb")
 
