@@ -41,6 +41,9 @@
 #     mrpc:extra_pairs+no_dropout+aug_all,mrpc:extra_pairs+no_dropout+aug_all+seed43 bash ... start|finish
 # pooled with glue_long.json (the paper's recipe at 12,000 steps): python benchmarks/glue_gpu.py summarize \
 #   benchmarks/results/glue_long.json benchmarks/results/glue_clean.json --json benchmarks/results/glue_clean_summary.json
+# and the decay factor of c on the paper's recipe (glue_decay.json, one H200, a fresh round; start, then finish, in one
+# call), after which glue_summary.json was summarized again with glue_decay.json added to the files above:
+#   TASKS=stsb ABLATION_TASKS=none JSON=glue_decay.json LEVERS=stsb:decay0.999,stsb:decay0.9998 bash ... start|finish
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 RUN=/tmp/glue_runs

@@ -174,3 +174,70 @@ def test_glue_gpu_lengths_counts_keys_and_the_share_top_n_keeps(tmp_path):
     assert dev["mean_tokens"] == pytest.approx(7.0) and dev["median_tokens"] == 6
     assert dev["mean_kept_fraction"] == pytest.approx((5 / 6 + 1 + 5 / 10) / 3)
     assert dev["dense_fraction"] == pytest.approx(1 / 3)
+
+
+def _readme_table(header_start: str) -> list[dict]:
+    """The rows of the README table whose header line starts with `header_start`, as {column: cell}."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    columns = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(columns, (cell.strip() for cell in line.strip().strip("|").split("|")))))
+    return rows
+
+
+def _flag_set(text: str) -> frozenset:
+    """Flags as a set of (name, value) pairs, in any order: "`--a 1 --b x`" -> {("--a", "1"), ("--b", "x")}."""
+    words = text.replace("`", "").split()
+    words = words[next((i for i, word in enumerate(words) if word.startswith("--")), len(words)) :]
+    return frozenset(zip(words[::2], words[1::2]))
+
+
+def _summary_row(summary: dict, task: str, flags: frozenset, teacher: float) -> dict:
+    found = [
+        row
+        for row in summary["rows"]
+        if row["task"] == task and _flag_set(row["flags"]) == flags and abs(row["teacher"] - teacher) < 0.006
+    ]
+    assert len(found) == 1, (task, sorted(flags), teacher, len(found))
+    return found[0]
+
+
+@pytest.mark.parametrize("table", ["compact", "levers"])
+def test_readme_glue_tables_come_from_the_committed_summaries(table):
+    """Every row of the README's GLUE tables (the goal table and the levers table) is a row of the committed summary
+    of its step count: same runs, teacher, mean, range and drop, to the two decimals shown."""
+    results = REPO / "benchmarks" / "results"
+    summaries = {
+        5000: json.loads((results / "glue_summary.json").read_text()),
+        12000: json.loads((results / "glue_clean_summary.json").read_text()),
+    }
+    assert summaries[5000]["steps"] == 5000 and summaries[12000]["steps"] == 12000
+    tasks = {"SST-2": "sst2", "MRPC": "mrpc", "STS-B": "stsb", "RTE": "rte"}
+    header = "| task | teacher | HAD: mean" if table == "compact" else "| task | recipe | flags |"
+    rows = _readme_table(header)
+    assert len(rows) >= 5
+    for row in rows:
+        task = tasks[row["task"].rstrip(" †")]
+        steps = int(row["steps"].replace(",", "")) if table == "compact" else 5000
+        flags = _flag_set(row["options"] if table == "compact" else row["flags"])
+        teacher = float(row["teacher"])
+        summary = _summary_row(summaries[steps], task, flags, teacher)
+        runs = int(row["seeds"] if table == "compact" else row["runs"])
+        assert summary["runs"] == runs, row
+        mean, _, spread = row["HAD: mean (min-max)"].partition(" ")
+        assert float(mean) == pytest.approx(summary["student_mean"], abs=0.006), row
+        if spread:
+            low, high = spread.strip("()").split("-")
+            assert float(low) == pytest.approx(summary["student_min"], abs=0.006), row
+            assert float(high) == pytest.approx(summary["student_max"], abs=0.006), row
+        else:
+            assert runs == 1
+        assert float(row["drop"]) == pytest.approx(summary["drop_mean"], abs=0.006), row
+        assert float(row["paper's drop"]) == pytest.approx(summary["paper_drop"], abs=0.006), row
+        # the leaked runs (extra inputs before the dev/test filter) are exactly the 5,000-step ones with extra tasks
+        leaked = steps == 5000 and any(name == "--distill_extra_tasks" for name, _ in flags)
+        assert row["task"].endswith("†") == leaked, row
