@@ -183,11 +183,14 @@ def _plan(args) -> list[tuple[str, str, list[str]]]:
     return plan
 
 
-def _gpu_count() -> int:
-    """The GPUs this process may use (CUDA_VISIBLE_DEVICES applies), without creating a CUDA context here."""
+def _visible_gpus() -> list[str]:
+    """The CUDA_VISIBLE_DEVICES entries of the GPUs this process may use (indices when it is unset), without creating
+    a CUDA context here."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return visible[:count] if "CUDA_VISIBLE_DEVICES" in os.environ else [str(index) for index in range(count)]
 
 
 def run(args) -> None:
@@ -207,7 +210,7 @@ def run(args) -> None:
     if args.eval_steps:
         common += ["--eval_strategy", "steps", "--eval_steps", str(args.eval_steps)]
     waiting, running = [], []
-    gpus = _gpu_count()
+    gpus = _visible_gpus()
 
     def start(task, variant, teacher_flags, extra):
         run_dir = out / f"{task}_{variant}"
@@ -216,11 +219,10 @@ def run(args) -> None:
             "--output_dir", str(run_dir), *extra,
         ]  # fmt: skip
         log = open(out / f"{task}_{variant}.log", "w")
-        env = dict(os.environ)
-        where = ""
-        if gpus > 1:  # round-robin over the GPUs in start order: each process sees one
-            env["CUDA_VISIBLE_DEVICES"] = where = str(len(running) % gpus)
-            where = f" on GPU {where}"
+        env, where = dict(os.environ), ""
+        if len(gpus) > 1:  # round-robin over the GPUs in start order: each process sees one
+            env["CUDA_VISIBLE_DEVICES"] = gpus[len(running) % len(gpus)]
+            where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}"
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         running.append((task, variant, process, time.time()))
         print(f"{time.strftime('%H:%M:%S')} started {task} {variant}{where}", flush=True)

@@ -241,3 +241,21 @@ def test_readme_glue_tables_come_from_the_committed_summaries(table):
         # the leaked runs (extra inputs before the dev/test filter) are exactly the 5,000-step ones with extra tasks
         leaked = steps == 5000 and any(name == "--distill_extra_tasks" for name, _ in flags)
         assert row["task"].endswith("†") == leaked, row
+
+
+@pytest.mark.parametrize(
+    ("visible", "count", "expected"),
+    [(None, 0, []), (None, 2, ["0", "1"]), ("2,3", 2, ["2", "3"]), ("GPU-a, GPU-b", 2, ["GPU-a", "GPU-b"])],
+)
+def test_glue_gpu_spreads_runs_over_the_visible_gpus(monkeypatch, visible, count, expected):
+    """The runs' GPUs are the parent's visible ones (a CUDA_VISIBLE_DEVICES of "2,3" gives "2" and "3", not 0 and 1)."""
+    import torch
+
+    glue_gpu = load_script(REPO / "benchmarks" / "glue_gpu.py", "glue_gpu")
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert glue_gpu._visible_gpus() == expected
