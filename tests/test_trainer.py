@@ -98,6 +98,37 @@ def test_four_stages_in_log_history(tmp_path):
     assert evals == []  # no eval dataset: nothing to evaluate at the stage ends
 
 
+@pytest.mark.parametrize("max_steps", [None, 4, 97, 5000, 40000])
+@pytest.mark.parametrize(
+    ("ste_steps", "refinement_steps"), [(10_000, 10_000), (0, 10_000), (10_000, 0), (0, 0), (3, 1)]
+)
+def test_schedule_keeps_zero_length_stages_and_every_other_stage(max_steps, ste_steps, refinement_steps):
+    """A stage asked for with 0 steps has 0 steps, stretched or not; every other stage keeps at least one step, and
+    the stretched schedule totals max_steps."""
+    from had_hf.schedule import StageSchedule
+
+    schedule = StageSchedule.build(ste_steps=ste_steps, refinement_steps=refinement_steps, max_steps=max_steps)
+    lengths = {entry["stage"]: entry["end_step"] - entry["start_step"] for entry in schedule.timeline()}
+    assert schedule.total == (max_steps or 9209 + ste_steps + refinement_steps)
+    assert lengths["tanh"] >= 1 and lengths["sign"] >= 1
+    assert (lengths["ste"] == 0) == (ste_steps == 0) and (lengths["refinement"] == 0) == (refinement_steps == 0)
+    assert sum(lengths.values()) == schedule.total
+    if max_steps and max_steps >= 97:  # long enough for the proportions to show: within rounding of the scale (the
+        # refinement stage takes the few steps by which the scaled c decay's stage ends round away)
+        slack = 2 + 1e-4 * max_steps
+        assert lengths["ste"] == pytest.approx(ste_steps * schedule.scale, abs=slack)
+        assert lengths["refinement"] == pytest.approx(refinement_steps * schedule.scale, abs=slack)
+
+
+def test_no_refinement_stage_trains_without_one(tmp_path):
+    trainer = _trainer(tmp_path, refinement_steps=0, max_steps=8)
+    assert trainer.schedule.stage3_end == trainer.schedule.total == 8
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss_out" in entry]
+    assert len(logs) == 8 and {entry["stage"] for entry in logs} == {1, 2, 3}
+    assert all(entry["learning_rate"] == pytest.approx(1e-3) for entry in logs)  # never the refinement rate
+
+
 def test_sigma_per_head_lever_calibrates_and_trains_per_head(tmp_path):
     trainer = _trainer(tmp_path, sigma_per_head=True, max_steps=4)
     trainer.train()

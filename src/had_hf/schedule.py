@@ -64,25 +64,28 @@ class StageSchedule:
         if max_steps < 4:
             raise ValueError(f"max_steps={max_steps} cannot hold the four stages; use at least 4 steps.")
         scale = max_steps / full.total
-        # gamma ** (1 / scale) makes c cover the same range in `scale` times the steps
+        # gamma ** (1 / scale) makes c cover the same range in `scale` times the steps. A stage asked for with 0 steps
+        # keeps 0; any other keeps at least 1, so rounding never removes a stage.
         scaled = cls._from_gamma(
             c_start,
             c_switch,
             c_end,
             gamma ** (1.0 / scale),
-            max(1, round(ste_steps * scale)),
+            max(1, round(ste_steps * scale)) if ste_steps else 0,
             0,
             skip_tanh,
             scale,
         )
-        stage3_end = min(scaled.stage3_end, max_steps - 1)
+        # without a refinement stage the STE stage (or, without both, the sign stage) ends the schedule
+        stage3_end = min(scaled.stage3_end, max_steps - 1) if refinement_steps else max_steps
+        stage2_end = min(scaled.stage2_end, stage3_end - 1) if ste_steps else stage3_end
         return cls(
             c_start,
             c_switch,
             c_end,
             scaled.gamma,
-            min(scaled.stage1_end, stage3_end - 2),
-            min(scaled.stage2_end, stage3_end - 1),
+            min(scaled.stage1_end, stage2_end - 1),
+            stage2_end,
             stage3_end,
             max_steps,
             skip_tanh,

@@ -36,8 +36,10 @@ class HADTrainingArguments(TrainingArguments):
         c_switch (`float`, *optional*, defaults to 1.0): c at which stage 1 (tanh) hands over to stage 2 (sign).
         c_end (`float`, *optional*, defaults to 0.05): c at which stage 2 ends and the STE stage starts.
         c_decay (`float`, *optional*, defaults to 0.9995): c is multiplied by this after every optimizer step.
-        ste_steps (`int`, *optional*, defaults to 10000): length of stage 3 (straight-through estimator).
-        refinement_steps (`int`, *optional*, defaults to 10000): length of stage 4 (refinement).
+        ste_steps (`int`, *optional*, defaults to 10000): length of stage 3 (straight-through estimator). 0 leaves the
+            stage out, also when `max_steps` stretches the schedule.
+        refinement_steps (`int`, *optional*, defaults to 10000): length of stage 4 (refinement). 0 leaves the stage
+            out, also when `max_steps` stretches the schedule.
         refinement_learning_rate (`float`, *optional*, defaults to 2e-6): the learning rate of stage 4.
         ste_clip (`float`, *optional*, defaults to 1.0): the STE passes gradient where |x / sigma| <= ste_clip.
         attention_loss (`bool`, *optional*, defaults to `True`): use the attention-map loss in stages 1-3 (False
