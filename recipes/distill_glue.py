@@ -385,7 +385,10 @@ def _strip(metrics: dict) -> dict:
 
 
 def _metrics_per_stage(trainer, schedule) -> list[dict]:
-    ends = {entry["end_step"]: entry["stage"] for entry in schedule.timeline()}
+    # a stage left out (0 steps) ends where the one before it ends: that step keeps the earlier stage's name
+    ends = {
+        entry["end_step"]: entry["stage"] for entry in schedule.timeline() if entry["end_step"] > entry["start_step"]
+    }
     rows = []
     for entry in trainer.state.log_history:
         if entry.get("step") in ends and any(k.startswith("eval_") for k in entry):

@@ -192,3 +192,19 @@ def test_stsb_gpu_config_is_the_benchmarked_recipe():
         assert config_value == run_value, name
     assert config_script["finetune_teacher_epochs"] == had_script["finetune_teacher_epochs"] == 5
     assert config_script["distill_augment"] == "swap,cross,word_drop" and config_script["student_dropout"] == 0.0
+
+
+def test_metrics_per_stage_names_the_stage_that_ended():
+    """Without a refinement stage (0 steps) the last evaluation ends the STE stage; it is not named "refinement"."""
+    from types import SimpleNamespace
+
+    from had_hf.schedule import StageSchedule
+
+    recipe = _recipe_module()
+    schedule = StageSchedule.build(refinement_steps=0, max_steps=40)
+    ends = [entry["end_step"] for entry in schedule.timeline()]
+    assert ends[2] == ends[3] == 40
+    history = [{"step": step, "eval_pearson": step / 100} for step in sorted(set(ends))] + [{"step": 40, "loss": 1.0}]
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=history))
+    rows = recipe._metrics_per_stage(trainer, schedule)
+    assert [(row["stage"], row["step"]) for row in rows] == [("tanh", ends[0]), ("sign", ends[1]), ("ste", 40)]
