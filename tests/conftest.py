@@ -22,6 +22,23 @@ requires_glue = pytest.mark.skipif(
 VOCAB = 99
 
 
+def markdown_table(markdown: str, header_start: str) -> tuple[list[str], list[list[str]]]:
+    """The header cells and the body rows (lists of cells) of the first markdown table whose header row starts with
+    `header_start` (e.g. "| Metric")."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return cells(lines[start]), rows
+
+
 def load_script(path: Path, name: str):
     """A script of the repository (a recipe, a benchmark) imported as a module, so that tests can call its functions."""
     import importlib.util

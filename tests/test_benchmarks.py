@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GLUE_DIR, load_script, requires_glue
+from tests.conftest import GLUE_DIR, load_script, markdown_table, requires_glue
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,15 +178,8 @@ def test_glue_gpu_lengths_counts_keys_and_the_share_top_n_keeps(tmp_path):
 
 def _readme_table(header_start: str) -> list[dict]:
     """The rows of the README table whose header line starts with `header_start`, as {column: cell}."""
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    columns = [cell.strip() for cell in lines[start].strip("|").split("|")]
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(columns, (cell.strip() for cell in line.strip().strip("|").split("|")))))
-    return rows
+    columns, rows = markdown_table((REPO / "README.md").read_text(encoding="utf-8"), header_start)
+    return [dict(zip(columns, row)) for row in rows]
 
 
 def _flag_set(text: str) -> frozenset:

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from had_hf import hub, plotting
+from tests.conftest import markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "had-org/tiny-had"
@@ -48,14 +49,7 @@ def section(card: ModelCard, title: str) -> str:
 
 def table_rows(markdown: str, header_start: str) -> list[list[str]]:
     """The body rows of the first markdown table whose header row starts with `header_start`."""
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start}"))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
+    return markdown_table(markdown, f"| {header_start}")[1]
 
 
 def test_template_ships_in_the_package_identical_to_hub_cards():
