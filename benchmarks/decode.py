@@ -405,7 +405,7 @@ def run_e2e(context: int, new_tokens: int, batch: int, device: torch.device, tin
     result["sdpa_static"]["forward_ms"] = forward_ms(static_copy)
     static_prefill = None  # free it before the HAD run
     print(f"sdpa + StaticCache: {result['sdpa_static']}", flush=True)
-    had_hf.convert(model, had_hf.HADConfig(top_n_ratio=TOP_N_RATIO, stage="binary"))
+    had_hf.convert(model, had_hf.HADConfig(top_n_ratio=TOP_N_RATIO))
     result["had"] = timed_generate(packed_copy)
     result["had"]["forward_ms"] = forward_ms(packed_copy)
     print(f"had:  {result['had']}", flush=True)

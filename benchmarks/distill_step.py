@@ -115,7 +115,8 @@ def main(argv=None) -> dict:
         return {}
 
     teacher = use_dense_capture(copy.deepcopy(base)).eval().requires_grad_(False)
-    student = had_hf.convert(copy.deepcopy(base), HADConfig(top_n=args.top_n, stage="sign", c=0.5)).train()
+    student = had_hf.convert(copy.deepcopy(base), HADConfig(top_n=args.top_n)).train()
+    had_hf.set_stage(student, "sign", c=0.5)
     optimizer = torch.optim.AdamW(student.parameters(), lr=2e-5, weight_decay=0.0)
 
     def distill_step(batch):

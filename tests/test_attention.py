@@ -5,17 +5,35 @@ import math
 import pytest
 import torch
 
-from had_hf import HADConfig
-from had_hf.attention import hamming_topk_attention_forward, select_top_n
+from had_hf import HADConfig, HADRuntimeState
+from had_hf.attention import had_attention
+from had_hf.capture import STORE_KWARG, HADCaptureStore
+from had_hf.modes import HAD
+from had_hf.selection import select_top_n
 
 
 class _Module(torch.nn.Module):
-    def __init__(self, config: HADConfig, name: str = "layer", is_causal: bool = False):
+    def __init__(self, config: HADConfig, name: str = "layer", is_causal: bool = False, stage="inference", c=1.0):
         super().__init__()
         self._had_config = config
         self._had_name = name
+        self._had_is_cross = False
+        self._had_state = HADRuntimeState(stage, c)
         self.is_causal = is_causal
         self.eval()
+
+
+def hamming_topk_attention_forward(module, *args, **kwargs):
+    """The `hamming_topk` attention function on its differentiable PyTorch path (a capture store forces it): returns
+    the attention weights, which the op path does not."""
+    return had_attention(module, *args, mode=HAD, **kwargs, **{STORE_KWARG: HADCaptureStore(capture_logits=False)})
+
+
+def hamming_topk_op_forward(module, *args, **kwargs):
+    """The `hamming_topk` attention function as inference runs it (the `had::hamming_topk_attention` op)."""
+    output, weights = had_attention(module, *args, mode=HAD, **kwargs)
+    assert weights is None, "the inference stage should have run the op"
+    return output
 
 
 def naive_hamming_attention(query, key, value, valid, top_n, sigma_q, sigma_k, scaling):
@@ -79,6 +97,8 @@ def test_binary_stage_matches_naive_loop(seed, top_n):
     torch.testing.assert_close(output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(output).all()
     assert (output[0, 2] == 0).all()  # the fully masked row gives zeros
+    op_output = hamming_topk_op_forward(_Module(config), query, key, value, valid, scaling=scaling)
+    torch.testing.assert_close(op_output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_exactly_n_kept_lower_index_wins_ties():
@@ -117,6 +137,7 @@ def test_float_additive_masks_are_understood():
     out_bool, _ = hamming_topk_attention_forward(module, query, key, value, bool_mask)
     out_float, _ = hamming_topk_attention_forward(module, query, key, value, float_mask)
     torch.testing.assert_close(out_bool, out_float)
+    torch.testing.assert_close(hamming_topk_op_forward(module, query, key, value, float_mask), out_bool)
 
 
 def test_position_bias_ranks_and_normalizes_biased_logits():
@@ -124,19 +145,21 @@ def test_position_bias_ranks_and_normalizes_biased_logits():
     query, key, value = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)
     bias = torch.tensor([[[[0.0, 100.0, 0.0, 0.0, 0.0, 50.0]]]])
     module = _Module(HADConfig(top_n=2))
-    _, weights = hamming_topk_attention_forward(module, query, key, value, None, scaling=1.0, position_bias=bias)
+    output, weights = hamming_topk_attention_forward(module, query, key, value, None, scaling=1.0, position_bias=bias)
     assert torch.nonzero(weights.flatten()).flatten().tolist() == [1, 5]
+    op_output = hamming_topk_op_forward(module, query, key, value, None, scaling=1.0, position_bias=bias)
+    torch.testing.assert_close(op_output, output)
 
 
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     query, key, value = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     module = _Module(HADConfig(top_n=6)).eval()
-    out_eval, _ = hamming_topk_attention_forward(module, query, key, value, None, dropout=0.5)
-    out_eval2, _ = hamming_topk_attention_forward(module, query, key, value, None, dropout=0.5)
+    out_eval = hamming_topk_op_forward(module, query, key, value, None, dropout=0.5)
+    out_eval2 = hamming_topk_op_forward(module, query, key, value, None, dropout=0.5)
     assert torch.equal(out_eval, out_eval2)
     module.train()
-    out_train, _ = hamming_topk_attention_forward(module, query, key, value, None, dropout=0.5)
+    out_train, _ = had_attention(module, query, key, value, None, dropout=0.5, mode=HAD)
     assert not torch.allclose(out_train, out_eval)
 
 
@@ -148,7 +171,7 @@ def test_training_stages_give_finite_gradients_without_nan_on_masked_rows(stage)
     value = torch.randn(2, 2, 4, 8, requires_grad=True)
     valid = torch.ones(2, 1, 4, 4, dtype=torch.bool)
     valid[1, :, 0, :] = False
-    module = _Module(HADConfig(top_n=2, stage=stage, c=0.5)).train()
+    module = _Module(HADConfig(top_n=2), stage=stage, c=0.5).train()
     output, _ = hamming_topk_attention_forward(module, query, key, value, valid)
     output.square().sum().backward()
     for tensor in (query, key, value):
@@ -181,8 +204,8 @@ def test_per_head_sigma_gives_each_head_its_per_layer_result(stage):
 
     def run(sq, sk):
         q = query.clone().requires_grad_(True)
-        config = HADConfig(top_n=5, stage=stage, c=0.7, sigma_q={"layer": sq}, sigma_k={"layer": sk})
-        module = _Module(config)
+        config = HADConfig(top_n=5, sigma_q={"layer": sq}, sigma_k={"layer": sk})
+        module = _Module(config, stage=stage, c=0.7)
         module.train()
         output, _ = hamming_topk_attention_forward(module, q, key, value, valid, scaling=0.35)
         output.square().sum().backward()
@@ -203,4 +226,4 @@ def test_per_head_sigma_with_the_wrong_number_of_heads_is_refused():
     packed = torch.zeros(2, 2, 11, 1, dtype=torch.int32)
     config = HADConfig(top_n=4, sigma_q={"layer": [1.0] * 4}, sigma_k={"layer": [1.0] * 2})
     with pytest.raises(ValueError, match="one sigma per head"):
-        hamming_topk_attention_forward(_Module(config), query, packed, value, valid)
+        hamming_topk_op_forward(_Module(config), query, packed, value, valid)

@@ -29,7 +29,7 @@ def test_calibration_equals_direct_std_of_queries_and_keys():
                 hidden = reference.bert(**inputs, output_hidden_states=True).hidden_states[layer_index]
             stds_q.append(attention.query(hidden).std().item())
             stds_k.append(attention.key(hidden).std().item())
-        name = f"bert.encoder.layer.{layer_index}.attention.self"
+        name = f"encoder.layer.{layer_index}.attention.self"  # relative to the base model
         assert config.sigma_q[name] == pytest.approx(sum(stds_q) / 3, rel=1e-5)
         assert config.sigma_k[name] == pytest.approx(sum(stds_k) / 3, rel=1e-5)
 
@@ -51,7 +51,7 @@ def test_per_head_calibration_equals_direct_std_of_each_head():
                 states = projection(hidden).detach().double()  # (B, T, H * dh)
                 states = states.view(*states.shape[:2], heads, -1)
                 out.append([states[:, :, h].std().item() for h in range(heads)])
-        name = f"bert.encoder.layer.{layer_index}.attention.self"
+        name = f"encoder.layer.{layer_index}.attention.self"
         assert len(config.sigma_q[name]) == heads
         for h in range(heads):
             assert config.sigma_q[name][h] == pytest.approx((per_batch_q[0][h] + per_batch_q[1][h]) / 2, rel=1e-5)

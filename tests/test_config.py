@@ -21,8 +21,8 @@ def test_defaults_and_exactly_one_n_rule():
         ({"top_n_ratio": 0.0}, r"top_n_ratio must be a number in \(0, 1\]"),
         ({"top_n_ratio": 1.5}, r"top_n_ratio must be a number in \(0, 1\]"),
         ({"top_n_ratio": True}, r"top_n_ratio must be a number in \(0, 1\]"),
-        ({"stage": "fp16"}, "stage must be one of"),
-        ({"c": 0.0}, "c must be a finite number > 0"),
+        ({"target_modules": "self_attn"}, "target_modules must be a non-empty list"),
+        ({"target_modules": ["(unclosed"]}, "is not a regular expression"),
         ({"ste_clip": -1}, "ste_clip must be a finite number > 0"),
         ({"sigma_q": [1.0]}, "sigma_q must be a dict"),
         ({"sigma_k": {"layer": -2.0}}, r"sigma_k\['layer'\] must be a finite number > 0"),
@@ -40,8 +40,8 @@ def test_invalid_values_say_what_is_allowed(kwargs, message):
 def test_a_value_set_after_construction_is_checked_when_saved():
     # otherwise the checkpoint saves and then fails to load
     config = HADConfig(top_n=3)
-    config.stage = "Binary"
-    with pytest.raises(ValueError, match="stage must be one of"):
+    config.ste_clip = 0
+    with pytest.raises(ValueError, match="ste_clip must be a finite number > 0"):
         config.to_dict()
     config = HADConfig(top_n=3)
     config.top_n_ratio = 0.1
@@ -73,9 +73,10 @@ def test_per_head_sigmas_are_tuples_and_flagged():
 
 
 def test_json_round_trip_and_unknown_keys_dropped_with_warning():
-    config = HADConfig(top_n_ratio=0.25, sigma_q={"x": 1.5}, sigma_k={"x": 0.5}, stage="ste", c=0.3)
+    config = HADConfig(top_n_ratio=0.25, sigma_q={"x": 1.5}, sigma_k={"x": 0.5}, target_modules=["attn"])
     data = json.loads(config.to_json_string())
     assert data["quant_method"] == "had"
+    assert "stage" not in data and "c" not in data  # runtime state, never saved
     assert HADConfig.from_dict(data) == config
     data["a_field_from_the_future"] = 1
     with pytest.warns(UserWarning, match="a_field_from_the_future"):
@@ -95,3 +96,20 @@ def test_saved_in_model_config_json(tmp_path):
     assert saved["quantization_config"]["top_n"] == 5
     assert saved["quantization_config"]["sigma_q"] == {"q": 1.25}
     assert saved["attn_implementation"] == "hamming_topk"
+
+
+def test_training_stage_of_an_old_checkpoint_is_dropped():
+    """Configs saved by had_hf 0.1 carried `stage` and `c`: the inference stage is dropped silently, any other with
+    a warning (a loaded model is always in the inference stage)."""
+    saved = HADConfig(top_n=4).to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert HADConfig.from_dict({**saved, "stage": "binary", "c": 0.05}) == HADConfig(top_n=4)
+    with pytest.warns(UserWarning, match="Ignoring the saved training stage 'ste'"):
+        assert HADConfig.from_dict({**saved, "stage": "ste", "c": 0.05}) == HADConfig(top_n=4)
+
+
+def test_config_reads_like_a_dict_for_transformers():
+    config = HADConfig(top_n=4)
+    assert config.get("quant_method") == "had" and config.get("top_n") == 4
+    assert config.get("no_such_field", "fallback") == "fallback"

@@ -109,14 +109,16 @@ def test_export_keeps_eval_mode_with_dropout_and_restores_the_callers_mode(tmp_p
 
 
 def test_export_fails_when_the_graph_breaks_the_tie_rule(tmp_path, monkeypatch):
-    from had_hf.export import onnx as onnx_module
+    # the traced attention (had_hf.attention's binding of the selection) breaks the rule; the PyTorch model it is
+    # validated against runs the op, whose reference keeps the correct rule
+    from had_hf import attention as attention_module
 
-    correct = onnx_module.select_top_n_traceable
+    correct = attention_module.select_top_n
 
-    def higher_index_wins(scores, valid, top_n):
-        return correct(scores.flip(-1), valid.expand_as(scores).flip(-1), top_n).flip(-1)
+    def higher_index_wins(scores, valid, **num_kept):
+        return correct(scores.flip(-1), valid.expand_as(scores).flip(-1), **num_kept).flip(-1)
 
-    monkeypatch.setattr(onnx_module, "select_top_n_traceable", higher_index_wins)
+    monkeypatch.setattr(attention_module, "select_top_n", higher_index_wins)
     with pytest.raises(OnnxValidationError, match=r"differ by up to \d.*all 5 independent draws"):
         # tiny random models have tiny logits: a tolerance far above their parity (~1e-8) still sees the tie rule
         export_had(had_model("bert"), tmp_path / "out", context_length=16, atol=1e-6)
@@ -275,11 +277,11 @@ def test_refuses_uncalibrated_and_training_stage_models(tmp_path):
     with pytest.raises(HADExportError, match="not calibrated"):
         export_had(had_model("bert", calibrate=False), tmp_path / "out")
     partial = had_model("bert")
-    partial.config.quantization_config.sigma_k.pop("bert.encoder.layer.1.attention.self")
-    with pytest.raises(HADExportError, match=r"missing for 1 of 2 layers: bert.encoder.layer.1.attention.self"):
+    partial.config.quantization_config.sigma_k.pop("encoder.layer.1.attention.self")
+    with pytest.raises(HADExportError, match=r"missing for 1 of 2 layers: encoder.layer.1.attention.self"):
         export_had(partial, tmp_path / "out")
     training = had_model("bert")
-    training.config.quantization_config.stage = "tanh"
+    had_hf.set_stage(training, "tanh", c=2.0)
     with pytest.raises(HADExportError, match="training stage 'tanh'"):
         export_had(training, tmp_path / "out")
     per_head = had_model("bert")

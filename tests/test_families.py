@@ -65,7 +65,8 @@ def test_large_c_tanh_with_all_keys_equals_eager(family):
     model = build_model(family)
     inputs = model_inputs(family)
     expected = _outputs(model, inputs)
-    had_hf.convert(model, HADConfig(top_n=1000, stage="tanh", c=1e6))
+    had_hf.convert(model, HADConfig(top_n=1000))
+    had_hf.set_stage(model, "tanh", c=1e6)
     got = _outputs(model, inputs)
     if family == "llama":
         # left-padded positions attend to no valid key: HAD gives zeros there where eager averages the padding
@@ -80,12 +81,16 @@ def test_binary_stage_matches_naive_loop_in_the_model(family):
     names = None
     config = HADConfig(top_n=3)
     had_hf.convert(model, config)
-    names = had_hf.integration.attention_module_names(model)
+    names = [model.get_submodule(n)._had_name for n in had_hf.integration.attention_module_names(model)]
     config.sigma_q = {name: 0.5 + 0.1 * i for i, name in enumerate(names)}
     config.sigma_k = {name: 1.5 - 0.1 * i for i, name in enumerate(names)}
-    calls_before = had_hf.attention.call_count
-    got = _outputs(model, inputs)
-    assert had_hf.attention.call_count > calls_before, "the model did not call hamming_topk"
+    probe = had_hf.attention.CALL_PROBE
+    probe.active, calls_before = True, probe.calls
+    try:
+        got = _outputs(model, inputs)
+    finally:
+        probe.active = False
+    assert probe.calls > calls_before, "the model did not call hamming_topk"
     had_hf.integration.set_attention(model, "naive_had_test")  # also into T5's stacks on transformers 5.17
     expected = _outputs(model, inputs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -156,7 +161,7 @@ def test_save_and_reload_gives_identical_outputs(tmp_path, family_name):
     model = build_model(family_name)
     config = HADConfig(top_n=3)
     had_hf.convert(model, config)
-    names = had_hf.integration.attention_module_names(model)
+    names = [model.get_submodule(n)._had_name for n in had_hf.integration.attention_module_names(model)]
     config.sigma_q = {n: 0.9 for n in names}
     config.sigma_k = {n: 1.1 for n in names}
     inputs = model_inputs(family_name)
@@ -219,6 +224,6 @@ def test_forward_that_never_calls_the_function_fails_loudly():
         def forward(self, hidden, **kwargs):
             return self.mixer(hidden)
 
-    model = had_hf.convert(ToyModel(PretrainedConfig(hidden_size=8)), HADConfig(top_n=3))
+    model = had_hf.convert(ToyModel(PretrainedConfig(hidden_size=8)), HADConfig(top_n=3, target_modules=["mixer"]))
     with pytest.raises(had_hf.UnsupportedModelError, match="ToyModel ran a forward pass"):
         model(torch.randn(1, 4, 8))

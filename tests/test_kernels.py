@@ -19,7 +19,6 @@ from kernel_helpers import SELECTION_CASES, Case, check_triton_decode, loop_refe
 
 from had_hf.kernels import (
     hamming_scores_packed,
-    hamming_topk_attention,
     pack_sign_bits,
     popcount32,
     reference_hamming_topk_attention,
@@ -30,6 +29,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+def hamming_topk_attention(query, key, value, mask, top_n, alpha):
+    """The `had::hamming_topk_attention` op (what inference runs) with a fixed N, no bias, no causal flag."""
+    return torch.ops.had.hamming_topk_attention(query, key, value, mask, None, False, top_n, None, alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ def test_reference_chunks_long_queries(monkeypatch):
     assert torch.allclose(out, whole, atol=1e-6, rtol=1e-6)
 
 
-def test_dispatch_on_cpu_uses_reference():
+def test_op_on_cpu_runs_the_reference():
     case = Case(mask="padding", num_keys=64, top_n=9)
     query, key, value, valid = make_inputs(case)
     expected = reference_hamming_topk_attention(query, key, value, valid, case.top_n, case.alpha)

@@ -112,7 +112,7 @@ def test_generate_with_packed_cache_matches_float_keys():
         eos_token_id=2,
     )
     model = LlamaForCausalLM(config).eval()
-    had_hf.convert(model, HADConfig(top_n=5, stage="binary"))
+    had_hf.convert(model, HADConfig(top_n=5))
     inputs = model_inputs("llama", batch=3, length=9)
     outputs = {}
     for name, cache in (("float", DynamicCache()), ("packed", HADPackedCache(config=model.config))):

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
+from had_hf.state import runtime_state
 from tests.conftest import build_model
 
 
@@ -93,7 +94,8 @@ def test_four_stages_in_log_history(tmp_path):
     assert all(by_step[s]["learning_rate"] == pytest.approx(1e-3) for s in range(1, 12))
     assert all(by_step[s]["learning_rate"] == pytest.approx(1e-4) for s in range(12, 17))
     assert trainer.had_config.is_calibrated
-    assert trainer.had_config.stage == "binary"  # ready for inference after training
+    assert runtime_state(trainer.model).stage == "inference"  # ready for inference after training
+    assert "stage" not in trainer.had_config.to_dict()  # the training stage is runtime state, never saved
     evals = [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert evals == []  # no eval dataset: nothing to evaluate at the stage ends
 
@@ -144,7 +146,8 @@ def test_ablations_switch_the_attention_loss_and_tanh(tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss_out" in entry]
     assert all(entry["loss_attn"] == 0 for entry in logs)
-    assert {trainer.schedule.stage(s) for s in range(8)} == {"ste"}
+    assert {trainer.schedule.stage(s) for s in range(trainer.schedule.stage3_end)} == {"ste"}
+    assert trainer.schedule.stage(trainer.schedule.stage3_end) == "refinement"
 
 
 class _StopAt(TrainerCallback):

@@ -15,6 +15,7 @@ from .capture import HADCaptureStore
 from .config import HADConfig
 from .integration import UnsupportedModelError, convert, register, revert
 from .schedule import StageSchedule
+from .state import STAGES, HADRuntimeState, set_stage
 
 try:
     __version__ = version("had-hf")
@@ -40,9 +41,11 @@ def __getattr__(name: str):
 __all__ = [
     "HADCaptureStore",
     "HADConfig",
+    "HADRuntimeState",
     "HADDistillationTrainer",
     "HADStageCallback",
     "HADTrainingArguments",
+    "STAGES",
     "StageSchedule",
     "UnsupportedModelError",
     "__version__",
@@ -50,4 +53,5 @@ __all__ = [
     "convert",
     "register",
     "revert",
+    "set_stage",
 ]

@@ -6,10 +6,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .attention import DENSE_CAPTURE_NAME
 from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
 from .config import HADConfig
 from .integration import set_attention
+from .modes import DENSE_CAPTURE
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def calibrate(
     seen = 0
     device = next(model.parameters()).device
     model.eval()
-    set_attention(model, DENSE_CAPTURE_NAME)
+    set_attention(model, DENSE_CAPTURE.name)
     try:
         for batch in dataloader:
             if seen == num_batches:

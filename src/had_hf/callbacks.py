@@ -6,14 +6,15 @@ import logging
 
 from transformers import TrainerCallback
 
-from .config import HADConfig
 from .schedule import StageSchedule
+from .state import INFERENCE, HADRuntimeState
 
 logger = logging.getLogger(__name__)
 
 
 class HADStageCallback(TrainerCallback):
-    """Sets the student's stage and c before every optimizer step, and lowers the learning rate at stage 4.
+    """Moves the student's runtime state (`had_hf.state`) through the stages before every optimizer step, and lowers
+    the learning rate at stage 4.
 
     All of it is a function of `state.global_step` (see `StageSchedule`), so resuming from a checkpoint restores it
     exactly. The learning-rate scheduler recomputes `param_groups[i]["lr"]` from its `base_lrs` at every step, so
@@ -22,12 +23,12 @@ class HADStageCallback(TrainerCallback):
 
     def __init__(
         self,
-        had_config: HADConfig,
+        state: HADRuntimeState,
         schedule: StageSchedule,
         refinement_learning_rate: float,
         evaluate_at_stage_ends: bool = True,
     ):
-        self.had_config = had_config
+        self.state = state
         self.schedule = schedule
         self.refinement_learning_rate = refinement_learning_rate
         self.evaluate_at_stage_ends = evaluate_at_stage_ends
@@ -35,10 +36,9 @@ class HADStageCallback(TrainerCallback):
 
     def _apply(self, step: int, optimizer=None, lr_scheduler=None) -> None:
         phase = self.schedule.phase(step)
-        self.had_config.stage = self.schedule.stage(step)
-        self.had_config.c = self.schedule.c(step)
+        self.state.set(self.schedule.stage(step), self.schedule.c(step))
         if phase != self.current_phase:
-            logger.info("HAD: step %d starts stage %d (%s).", step, phase, self.had_config.stage)
+            logger.info("HAD: step %d starts stage %d (%s).", step, phase, self.state.stage)
             self.current_phase = phase
         if phase == 4 and optimizer is not None:
             if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
@@ -67,8 +67,7 @@ class HADStageCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         # The trained student is used for inference: sign forward, no straight-through gradient.
-        self.had_config.stage = "binary"
-        self.had_config.c = self.schedule.c_end
+        self.state.set(INFERENCE, self.schedule.c_end)
 
 
 def _scheduler_factor(lr_scheduler) -> float:

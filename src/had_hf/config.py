@@ -1,21 +1,21 @@
 """`HADConfig`: what a Hamming-attention model needs to know about its attention.
 
 The config travels inside the model's `config.json` as its `quantization_config` (with `quant_method="had"`), so
-that transformers hands it back to had_hf's quantizer on every `from_pretrained` (see `integration.py` for why).
+that transformers hands it back to had_hf's quantizer on every `from_pretrained` (see `integration.py` for why). It
+describes the saved model only; the training stage of a distillation run is runtime state (`had_hf.state`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
-
-STAGES = ("tanh", "sign", "ste", "binary")
-"""The binarization stages of METHOD.md section 2, in training order; `binary` is inference."""
 
 DEFAULT_TOP_N = 30
 
@@ -43,12 +43,6 @@ class HADConfig(QuantizationConfigMixin):
             Not in the paper: a lever of our own, which gives each head its own softmax temperature
             `alpha = sigma_q * sigma_k * s` in the binary stage. The Triton decode kernels and the exporter take
             per-layer sigma only.
-        stage (`str`, *optional*, defaults to `"binary"`):
-            The transform applied to queries and keys: `"tanh"` (stage 1, `sigma*c*tanh(x/(c*sigma))`), `"sign"`
-            (stage 2, `sigma*tanh(x/(c*sigma))`), `"ste"` (stages 3-4, `sigma*sign(x)` with a clipped
-            straight-through gradient) or `"binary"` (inference, `sigma*sign(x)`).
-        c (`float`, *optional*, defaults to 1.0):
-            The temperature of the tanh stages; ignored by `"ste"` and `"binary"`.
         ste_clip (`float`, *optional*, defaults to 1.0):
             The straight-through estimator passes gradient where `|x / sigma| <= ste_clip`.
         binarize_self_attention (`bool`, *optional*, defaults to `True`):
@@ -56,6 +50,9 @@ class HADConfig(QuantizationConfigMixin):
         binarize_cross_attention (`bool`, *optional*, defaults to `True`):
             Whether cross-attention layers (encoder-decoder models) use Hamming attention; when `False` they stay
             dense (standard softmax attention).
+        target_modules (`list[str]`, *optional*):
+            Regular expressions matching the end of the names of the attention modules HAD replaces (e.g.
+            `["self_attn"]`), instead of had_hf's table for the model type (`had_hf.targets.TARGET_MODULES`).
     """
 
     quant_method: str = field(default="had", metadata={"help": "Fixed to `had`: the key transformers dispatches on."})
@@ -64,11 +61,12 @@ class HADConfig(QuantizationConfigMixin):
     sigma_q: dict[str, float] | None = field(default=None, metadata={"help": "Per-layer query std (calibrated)."})
     sigma_k: dict[str, float] | None = field(default=None, metadata={"help": "Per-layer key std (calibrated)."})
     sigma_per_head: bool = field(default=False, metadata={"help": "Calibrate sigma per head, not per layer."})
-    stage: str = field(default="binary", metadata={"help": f"One of {STAGES}."})
-    c: float = field(default=1.0, metadata={"help": "Temperature of the tanh stages."})
     ste_clip: float = field(default=1.0, metadata={"help": "STE passes gradient where |x/sigma| <= ste_clip."})
     binarize_self_attention: bool = field(default=True, metadata={"help": "Binarize self-attention layers."})
     binarize_cross_attention: bool = field(default=True, metadata={"help": "Binarize cross-attention layers."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Name patterns of the attention modules to replace (default: per model type)."}
+    )
 
     def __post_init__(self):
         if self.quant_method != "had":
@@ -89,17 +87,13 @@ class HADConfig(QuantizationConfigMixin):
             and 0.0 < self.top_n_ratio <= 1.0
         ):
             raise ValueError(f"top_n_ratio must be a number in (0, 1], got {self.top_n_ratio!r}.")
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
-        for name in ("c", "ste_clip"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        if (
+            isinstance(self.ste_clip, bool)
+            or not isinstance(self.ste_clip, (int, float))
+            or not (math.isfinite(self.ste_clip) and self.ste_clip > 0)
+        ):
+            raise ValueError(f"ste_clip must be a finite number > 0, got {self.ste_clip!r}.")
+        self.target_modules = _validate_target_modules(self.target_modules)
         for name in ("sigma_q", "sigma_k"):
             setattr(self, name, _validate_sigma(name, getattr(self, name)))
         for name in ("binarize_self_attention", "binarize_cross_attention", "sigma_per_head"):
@@ -107,19 +101,33 @@ class HADConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
     def num_kept(self, num_keys: int) -> int:
-        """N for a row of `num_keys` keys: `top_n`, or `ceil(top_n_ratio * num_keys)` (at least 1)."""
-        if self.top_n is not None:
-            return self.top_n
-        return max(1, math.ceil(self.top_n_ratio * num_keys))
+        """N for a row that may attend to `num_keys` keys (see `had_hf.selection.kept_counts`, the rule itself)."""
+        from .selection import kept_counts
 
-    def sigmas(self, layer_name: str | None) -> tuple[float | tuple[float, ...], float | tuple[float, ...]]:
+        return int(kept_counts(torch.tensor(num_keys), self.top_n, self.top_n_ratio))
+
+    @property
+    def num_kept_args(self) -> dict[str, int | float | None]:
+        """`top_n` and `top_n_ratio`, as the selection functions and the attention op take them."""
+        return {"top_n": self.top_n, "top_n_ratio": self.top_n_ratio}
+
+    def sigmas(
+        self, layer_name: str | None, aliases: tuple[str, ...] = ()
+    ) -> tuple[float | tuple[float, ...], float | tuple[float, ...]]:
         """The (sigma_q, sigma_k) of a layer: floats, or tuples (one per head) where calibrated per head; 1.0 where
-        the layer is not calibrated."""
+        the layer is not calibrated. `aliases` are other names the layer may be stored under (checkpoints written
+        before names were made relative to the base model)."""
         values = []
         for table in (self.sigma_q, self.sigma_k):
-            value = (table or {}).get(layer_name, 1.0) if layer_name is not None else 1.0
+            table = table or {}
+            value = next((table[n] for n in (layer_name, *aliases) if n is not None and n in table), 1.0)
             values.append(tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value))
         return values[0], values[1]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style read of a field (transformers reads `quantization_config.get("quant_method")` when a model is
+        reloaded with `config=model.config`)."""
+        return getattr(self, key, default) if key in {f.name for f in dataclasses.fields(self)} else default
 
     @property
     def has_per_head_sigma(self) -> bool:
@@ -145,7 +153,20 @@ class HADConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Builds a config from a dict, dropping (with a warning) keys written by a newer had_hf."""
+        """Builds a config from a dict, dropping (with a warning) keys written by a newer had_hf.
+
+        `stage` and `c`, which configs saved by had_hf 0.1 carried, are runtime state now: dropped, with a warning
+        unless the stage was the inference one (`"binary"`) every saved model had.
+        """
+        config_dict = dict(config_dict)
+        legacy_stage, _ = config_dict.pop("stage", "binary"), config_dict.pop("c", None)
+        if legacy_stage != "binary":
+            warnings.warn(
+                f"Ignoring the saved training stage {legacy_stage!r}: a loaded HAD model is in the inference stage "
+                "(use `had_hf.set_stage` to train it further).",
+                UserWarning,
+                stacklevel=2,
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config_dict) - known)
         if unknown:
@@ -193,5 +214,20 @@ def _validate_sigma(name: str, value: Any) -> dict[str, float | list[float]] | N
     return checked
 
 
+def _validate_target_modules(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"target_modules must be a non-empty list of regular expressions, or None; got {value!r}.")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"target_modules entry {pattern!r} is not a regular expression: {error}.") from None
+    return list(value)
+
+
 def _plain(value: Any) -> Any:
-    return dict(value) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return dict(value)
+    return list(value) if isinstance(value, tuple) else value

@@ -11,21 +11,22 @@ precision, so once loaded the model is made an ordinary, trainable, castable mod
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import attention
+from .attention import CALL_PROBE
 from .config import HADConfig
+from .modes import DENSE_CAPTURE, HAD, register_builtin_modes
+from .state import STATE_ATTRIBUTE, HADRuntimeState, attach_state
+from .targets import find_targets
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "had"
-_CROSS_ATTENTION_NAME = re.compile(r"cross|encdec|encoder_attn", re.IGNORECASE)
+_MODULE_ATTRIBUTES = ("_had_config", "_had_name", "_had_is_cross", "_had_aliases", "_had_dense", STATE_ATTRIBUTE)
 
 
 class UnsupportedModelError(ValueError):
@@ -39,12 +40,12 @@ class HADQuantizer(HfQuantizer):
 
     def update_attn_implementation(self, config):  # transformers >= 5.2x calls this before building the model
         requested = getattr(config, "_attn_implementation_internal", None)
-        if requested not in (None, attention.ATTENTION_NAME):
+        if requested not in (None, HAD.name):
             logger.warning(
                 "This checkpoint was distilled for HAD attention; loading it with attn_implementation=%r is "
                 "overridden to %r. Use `had_hf.revert(model)` after loading for dense attention.",
                 requested,
-                attention.ATTENTION_NAME,
+                HAD.name,
             )
         return config
 
@@ -77,16 +78,10 @@ class HADQuantizer(HfQuantizer):
 def register() -> None:
     """Registers had_hf with transformers. Additive and idempotent: adds entries, never wraps existing ones.
 
-    - `"hamming_topk"`: the HAD attention function, with a boolean mask function.
-    - `"had_eager"`: eager softmax attention that records logits (teacher side of distillation, calibration).
+    - the attention modes of `had_hf.modes` (`hamming_topk`, `had_eager`, ...), each with a boolean mask function;
     - the quantization config and quantizer for `quant_method="had"` (reloading HAD checkpoints as HAD).
     """
-    for name, function in (
-        (attention.ATTENTION_NAME, attention.hamming_topk_attention_forward),
-        (attention.DENSE_CAPTURE_NAME, attention.dense_capture_attention_forward),
-    ):
-        AttentionInterface.register(name, function)
-        AttentionMaskInterface.register(name, attention.boolean_mask_function)
+    register_builtin_modes()
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HADConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = HADConfig
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HADQuantizer:
@@ -106,20 +101,54 @@ def check_supported(model: PreTrainedModel) -> None:
 
 
 def attach(model: torch.nn.Module, had_config: HADConfig) -> None:
-    """Tags every attention module with its name, whether it is cross-attention, and the shared HADConfig.
+    """Tags HAD's attention modules (`had_hf.targets`) with their name, cross-attention flag, the shared HADConfig
+    and the model's runtime state; every other module is tagged to run dense attention if it calls the interface.
 
-    The attention function receives only the module, so these attributes are how it finds its layer's sigma. They
-    are plain attributes, so they survive `copy.deepcopy` (the student is a copy of the teacher).
+    The attention function receives only the module, so these attributes are how it finds its layer's settings.
+    They are plain attributes, so they survive `copy.deepcopy` (the student is a copy of the teacher).
     """
+    targets = find_targets(model, had_config.target_modules)
+    prefix = getattr(model, "base_model_prefix", "")
+    state = getattr(model, STATE_ATTRIBUTE, None) or HADRuntimeState()
     for name, module in model.named_modules():
-        if "Attention" in type(module).__name__ or hasattr(module, "is_causal"):
-            module._had_name = name
-            module._had_is_cross = bool(_CROSS_ATTENTION_NAME.search(name))
-            module._had_config = had_config
+        for attribute in _MODULE_ATTRIBUTES:
+            module.__dict__.pop(attribute, None)
+        target = targets.get(name)
+        if target is None:
+            module._had_dense = True
+            continue
+        module._had_name = target.name
+        module._had_is_cross = target.is_cross
+        # names of checkpoints calibrated before names were made relative to the base model
+        module._had_aliases = (f"{prefix}.{target.name}",) if prefix else ()
+        module._had_config = had_config
+    attach_state(model, state)
+    _warn_on_uncalibrated_layers(model, had_config)
+
+
+def _warn_on_uncalibrated_layers(model: torch.nn.Module, had_config: HADConfig) -> None:
+    if not had_config.is_calibrated:
+        return
+    missing = [
+        module._had_name
+        for module in model.modules()
+        if getattr(module, "_had_config", None) is had_config
+        and had_config.binarizes(module._had_is_cross)
+        and not any(n in (had_config.sigma_q or {}) for n in (module._had_name, *module._had_aliases))
+    ]
+    if missing:
+        logger.warning(
+            "The HADConfig holds no calibrated sigma for %d HAD layers (%s), which use sigma = 1.0; it has sigmas for "
+            "%s. Was it calibrated on another model (or another transformers version's module names)?",
+            len(missing),
+            ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""),
+            ", ".join(list(had_config.sigma_q)[:3]),
+        )
 
 
 def attention_module_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if getattr(module, "_had_name", None) == name]
+    """The names (in `model`) of its HAD attention modules."""
+    return [name for name, module in model.named_modules() if getattr(module, "_had_config", None) is not None]
 
 
 def set_attention(model: PreTrainedModel, name: str) -> None:
@@ -140,9 +169,9 @@ def _switch_to_had(model: PreTrainedModel, had_config: HADConfig) -> None:
     model.config.quantization_config = had_config
     # Saved into config.json: transformers without had_hf imported then refuses to build the model ("hamming_topk
     # is not supported") instead of loading it as dense attention; with had_hf imported it selects HAD directly.
-    model.config.attn_implementation = attention.ATTENTION_NAME
+    model.config.attn_implementation = HAD.name
     attach(model, had_config)
-    set_attention(model, attention.ATTENTION_NAME)
+    set_attention(model, HAD.name)
 
 
 def convert(model: PreTrainedModel, had_config: HADConfig | None = None) -> PreTrainedModel:
@@ -150,14 +179,16 @@ def convert(model: PreTrainedModel, had_config: HADConfig | None = None) -> PreT
 
     Args:
         model (`PreTrainedModel`): a transformers model whose attention goes through the attention interface.
-        had_config (`HADConfig`, *optional*): defaults to `HADConfig()` (top_n=30, stage="binary", uncalibrated).
+        had_config (`HADConfig`, *optional*): defaults to the HADConfig in `model.config` (a model built with
+            `from_config` of a HAD config), else `HADConfig()` (top_n=30, uncalibrated).
 
     Raises:
         `UnsupportedModelError`: the model's attention does not use the interface (it would silently stay dense).
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model).__name__}.")
-    had_config = had_config if had_config is not None else HADConfig()
+    if had_config is None:
+        had_config = _saved_had_config(model) or HADConfig()
     if not isinstance(had_config, HADConfig):
         raise TypeError(f"had_config must be a HADConfig, got {type(had_config).__name__}.")
     _switch_to_had(model, had_config)
@@ -170,20 +201,27 @@ def revert(model: PreTrainedModel, attn_implementation: str = "sdpa") -> PreTrai
     model.config.__dict__.pop("quantization_config", None)
     model.config.__dict__.pop("attn_implementation", None)
     for module in model.modules():
-        for attribute in ("_had_config", "_had_name", "_had_is_cross"):
+        for attribute in _MODULE_ATTRIBUTES:
             module.__dict__.pop(attribute, None)
     set_attention(model, attn_implementation)
     return model
 
 
-def use_dense_capture(model: PreTrainedModel) -> PreTrainedModel:
-    """Names the attention modules and switches to `had_eager` (dense, records logits): the teacher's setting."""
+def use_dense_capture(model: PreTrainedModel, had_config: HADConfig | None = None) -> PreTrainedModel:
+    """Names the attention modules (those `had_config` targets) and switches to `had_eager` (dense softmax that
+    records logits): the teacher's setting. `had_config` defaults to the model's own, else `HADConfig()`."""
     check_supported(model)
-    attach(model, getattr(model.config, "quantization_config", None) or HADConfig())
-    for module in model.modules():
-        module.__dict__.pop("_had_config", None)
-    set_attention(model, attention.DENSE_CAPTURE_NAME)
+    attach(model, had_config or _saved_had_config(model) or HADConfig())
+    set_attention(model, DENSE_CAPTURE.name)
     return model
+
+
+def _saved_had_config(model: PreTrainedModel) -> HADConfig | None:
+    """The HADConfig in `model.config` (an object, or the dict of a config read without the quantizer)."""
+    config = getattr(model.config, "quantization_config", None)
+    if isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD:
+        config = HADConfig.from_dict(config)
+    return config if isinstance(config, HADConfig) else None
 
 
 def _verify_on_first_forward(model: PreTrainedModel) -> None:
@@ -191,12 +229,14 @@ def _verify_on_first_forward(model: PreTrainedModel) -> None:
     state = {}
 
     def before(module, args, kwargs):
-        state["calls"] = attention.call_count
+        state["calls"], state["was_active"] = CALL_PROBE.calls, CALL_PROBE.active
+        CALL_PROBE.active = True
 
     def after(module, args, kwargs, output):
         pre_handle.remove()
         post_handle.remove()
-        if attention.call_count == state.get("calls", attention.call_count) and _uses_had(module):
+        CALL_PROBE.active = state["was_active"]
+        if CALL_PROBE.calls == state["calls"] and _uses_had(module):
             raise UnsupportedModelError(
                 f"{type(module).__name__} ran a forward pass with attn_implementation='hamming_topk' without calling "
                 "it: its attention does not go through transformers' AttentionInterface, so it stayed dense."
@@ -207,4 +247,4 @@ def _verify_on_first_forward(model: PreTrainedModel) -> None:
 
 
 def _uses_had(model: PreTrainedModel) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == attention.ATTENTION_NAME
+    return getattr(model.config, "_attn_implementation", None) == HAD.name

@@ -113,11 +113,10 @@ class StageSchedule:
         return 4
 
     def stage(self, step: int) -> str:
-        """The HADConfig stage that the student uses at `step`."""
+        """The runtime stage (`had_hf.state.STAGES`) of the student at `step`: the phase's name, but `ste` in phases
+        1-2 of the "w/o tanh" ablation."""
         phase = self.phase(step)
-        if phase <= 2 and not self.skip_tanh:
-            return PHASE_NAMES[phase]
-        return "ste"
+        return "ste" if phase <= 2 and self.skip_tanh else PHASE_NAMES[phase]
 
     def c(self, step: int) -> float:
         """c before the update of `step`: c_start * gamma**step, held at c_end once stage 2 is over."""

@@ -19,6 +19,7 @@ from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import attention_kl, output_kl, output_mse
+from .state import runtime_state
 from .training_args import HADTrainingArguments
 
 if is_datasets_available():
@@ -79,7 +80,7 @@ class HADDistillationTrainer(Trainer):
         if args.sigma_per_head:
             self.had_config.sigma_per_head = True
 
-        use_dense_capture(teacher_model)
+        use_dense_capture(teacher_model, self.had_config)
         teacher_layers, student_layers = attention_module_names(teacher_model), attention_module_names(model)
         if teacher_layers != student_layers:
             raise ValueError(
@@ -91,7 +92,7 @@ class HADDistillationTrainer(Trainer):
 
         self.schedule = args.schedule()
         self.stage_callback = HADStageCallback(
-            self.had_config,
+            runtime_state(model),
             self.schedule,
             args.refinement_learning_rate,
             evaluate_at_stage_ends=kwargs.get("eval_dataset") is not None,

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..attention import ATTENTION_NAME
-from ..capture import STORE_KWARG, HADCaptureStore
 from ..config import HADConfig
 from ..integration import UnsupportedModelError, check_supported
+from ..modes import HAD
+from ..state import runtime_state
 from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients, write_cam_report
 from .golden import GOLDEN_DIRNAME, collect_golden, write_golden
 from .onnx import (
@@ -479,15 +479,16 @@ def _check_had_model(model: Any) -> HADConfig:
     except UnsupportedModelError as error:
         raise HADExportError(f"{type(model).__name__} is not HAD-capable: {error}") from error
     implementation = model.config._attn_implementation
-    if implementation != ATTENTION_NAME:
+    if implementation != HAD.name:
         raise HADExportError(
-            f"{type(model).__name__} uses attention {implementation!r}, not {ATTENTION_NAME!r} (was `had_hf.revert` "
+            f"{type(model).__name__} uses attention {implementation!r}, not {HAD.name!r} (was `had_hf.revert` "
             "called?). Export needs the model with HAD attention."
         )
-    if had_config.stage not in ("binary", "ste"):
+    stage = runtime_state(model).stage
+    if stage in ("tanh", "sign"):
         raise HADExportError(
-            f"The HADConfig is in training stage {had_config.stage!r}; export needs the inference stage: set "
-            "`model.config.quantization_config.stage = 'binary'` once distillation is done."
+            f"The model is in training stage {stage!r}, whose attention is not binary; export needs the binary "
+            "attention of the inference stage: `had_hf.set_stage(model, 'inference')` once distillation is done."
         )
     if not had_config.is_calibrated:
         raise HADExportError(f"{_NOT_CALIBRATED} (the HADConfig has no sigma_q / sigma_k at all).")
@@ -506,21 +507,15 @@ _NOT_CALIBRATED = (
 
 
 def _check_every_layer_calibrated(model: PreTrainedModel, had_config: HADConfig, sample: dict) -> None:
-    """Fails unless every layer that runs HAD attention has both sigmas (an uncalibrated layer would use 1.0).
-
-    The layers are found by running one sample: only the modules that call the attention function are attention
-    layers (their wrappers, e.g. BertAttention around BertSelfAttention, carry the same tags but never call it).
-    """
-    store = HADCaptureStore(capture_logits=False, capture_qk_std=True)
-    model(**sample, **export_forward_kwargs(model), **{STORE_KWARG: store})
-    layers = [
-        name
-        for name in store.qk_std
-        if had_config.binarizes(bool(getattr(model.get_submodule(name), "_had_is_cross", False)))
-    ]
+    """Fails unless every layer that runs HAD attention has both sigmas (an uncalibrated layer would use 1.0)."""
+    layers = {}
+    for module in model.modules():
+        if getattr(module, "_had_config", None) is not None and had_config.binarizes(module._had_is_cross):
+            layers[module._had_name] = (module._had_name, *module._had_aliases)
     if not layers:
-        raise HADExportError(f"{type(model).__name__} ran no attention layer that HAD binarizes.")
-    missing = [name for name in layers if name not in had_config.sigma_q or name not in had_config.sigma_k]
+        raise HADExportError(f"{type(model).__name__} has no attention layer that HAD binarizes.")
+    tables = (had_config.sigma_q or {}, had_config.sigma_k or {})
+    missing = [name for name, names in layers.items() if not all(any(n in t for n in names) for t in tables)]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise HADExportError(f"{_NOT_CALIBRATED}; missing for {len(missing)} of {len(layers)} layers: {shown}.")

@@ -5,8 +5,8 @@ into uint64 words (see `packing.py`), the mask of valid keys, the kept key indic
 value rows and the attention output; plus the model inputs and outputs. `write_golden` stores them in
 `golden/golden.safetensors` with a `manifest.json` and a `README.md`; `load_golden` reads them back as numpy arrays.
 
-The recording runs the reference attention function itself (`hamming_topk_attention_forward`), wrapped only to also
-keep the value rows that the capture store does not hold.
+The recording runs the attention function in the `hamming_topk_golden` mode (`had_hf.modes.GOLDEN`): the binary
+attention with the one selection rule, recording its signs, kept keys, weights and value rows in the capture store.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
-from ..attention import boolean_mask_function, hamming_topk_attention_forward, repeat_kv, resolve_config
+from ..attention import layer_settings
 from ..capture import STORE_KWARG, HADCaptureStore
 from ..integration import attention_module_names
+from ..modes import GOLDEN
+from ..selection import kept_indices
 from .packing import WORD_BITS, num_words, pack_signs
 
-GOLDEN_ATTENTION_NAME = "hamming_topk_golden"
+GOLDEN_ATTENTION_NAME = GOLDEN.name
 GOLDEN_DIRNAME = "golden"
 GOLDEN_FILENAME = "golden.safetensors"
 MANIFEST_FILENAME = "manifest.json"
@@ -35,22 +35,6 @@ README_FILENAME = "README.md"
 GOLDEN_FORMAT = "had_hf.golden"
 
 LAYER_ARRAYS = ("query_bits", "key_bits", "valid", "kept_indices", "kept_weights", "value", "attention_output")
-
-
-def _golden_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """The reference HAD attention, which also leaves the (head-expanded) value rows in the capture store."""
-    output, weights = hamming_topk_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    store = kwargs.get(STORE_KWARG)
-    name = getattr(module, "_had_name", None)
-    if store is not None and name in store.details:
-        store.details[name]["value"] = repeat_kv(value, query.shape[1]).detach()
-    return output, weights
-
-
-def register_golden_attention() -> None:
-    """Registers `hamming_topk_golden` (and its boolean mask) with transformers; idempotent and additive."""
-    AttentionInterface.register(GOLDEN_ATTENTION_NAME, _golden_attention_forward)
-    AttentionMaskInterface.register(GOLDEN_ATTENTION_NAME, boolean_mask_function)
 
 
 @dataclass
@@ -127,16 +111,12 @@ class GoldenData:
 
 def kept_indices_and_weights(keep: torch.Tensor, weights: torch.Tensor, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     """The kept key indices of every row in increasing order (-1 where a row keeps fewer than N) and their weights."""
-    num_keys = keep.shape[-1]
-    slots = min(top_n, num_keys)
+    slots = min(top_n, keep.shape[-1])
     if int(keep.sum(dim=-1).max()) > slots:
         raise ValueError(f"A row keeps more than N = {slots} keys; the attention selection is inconsistent.")
-    # rank kept keys by n - index (distinct, > 0): the N largest are the kept keys in increasing index order
-    rank = keep.to(torch.int64) * (num_keys - torch.arange(num_keys, device=keep.device))
-    ranked = rank.topk(slots, dim=-1)
-    present = ranked.values > 0
-    indices = torch.where(present, ranked.indices, torch.full_like(ranked.indices, -1))
-    kept_weights = weights.gather(-1, ranked.indices) * present.to(weights.dtype)
+    indices, present = kept_indices(keep, slots)
+    kept_weights = weights.gather(-1, indices) * present.to(weights.dtype)
+    indices = torch.where(present, indices, torch.full_like(indices, -1))
     return indices.to(torch.int32).cpu().numpy(), kept_weights.float().cpu().numpy()
 
 
@@ -154,8 +134,8 @@ def collect_golden(
     Returns:
         `(layers, outputs)`: the `GoldenLayer`s in module order, and the model's tensor outputs stacked over samples.
     """
-    register_golden_attention()
-    names = attention_module_names(model)
+    modules = {model.get_submodule(n)._had_name: model.get_submodule(n) for n in attention_module_names(model)}
+    names = list(modules)
     per_layer: dict[str, dict[str, list[np.ndarray]]] = {}
     meta: dict[str, dict[str, Any]] = {}
     outputs: dict[str, list[np.ndarray]] = {}
@@ -171,12 +151,12 @@ def collect_golden(
             for name in names:
                 if name not in store.details:
                     continue  # a layer that HAD leaves dense (cross-attention with binarize_cross_attention=False)
-                details, module = store.details[name], model.get_submodule(name)
-                config = resolve_config(module)
+                details = store.details[name]
+                settings = layer_settings(modules[name])
                 num_keys = details["key_sign"].shape[-2]
-                top_n = config.num_kept(num_keys)
+                top_n = settings.config.num_kept(num_keys)
                 indices, kept_weights = kept_indices_and_weights(details["keep"], details["weights"], top_n)
-                sigma_q, sigma_k = config.sigmas(name)
+                sigma_q, sigma_k = settings.config.sigmas(name, settings.aliases)
                 meta[name] = {
                     "num_heads": details["query_sign"].shape[1],
                     "head_dim": details["query_sign"].shape[-1],

@@ -1,11 +1,9 @@
 """ONNX export of a HAD model through `torch.onnx.export`, and its validation in ONNX Runtime.
 
-Why a separate attention function for the export: `had_hf.attention.hamming_topk_attention_forward` is the readable
-PyTorch reference, and two of its steps do not survive the TorchScript tracer that `torch.onnx.export(dynamo=False)`
-uses: the top-N count `min(top_n, n_keys)` becomes a constant of the traced length, and the tie rule's cumulative sum
-runs on a bool tensor, which ONNX's CumSum refuses. `hamming_topk_onnx` computes the same selection with graph-friendly
-operations (a constant TopK on scores padded with -inf, integer CumSum) and does the A.V as the hardware does, by
-gathering the N kept rows of V. The exporter checks the result against the reference on sample inputs.
+The model is traced in the `hamming_topk_onnx` attention mode (`had_hf.modes.ONNX`): the binary attention in plain
+operations (the custom op would be an unknown node), with the one selection function of `had_hf.selection`, which
+traces to a graph independent of the number of keys, and an A.V that gathers the N kept rows of V as the hardware
+does. The exporter checks the result against PyTorch on sample inputs.
 
 The legacy exporter is used because the dynamo exporter needs `onnxscript`, which the `export` extra does not pull in,
 and because the traced graph is plain opset-17 ONNX that any runtime reads.
@@ -21,23 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
-from ..attention import (
-    boolean_mask_function,
-    dense_capture_attention_forward,
-    masked_softmax,
-    repeat_kv,
-    resolve_config,
-    valid_keys_and_bias,
-)
-from ..binarize import sign
+from ..modes import ONNX
 
 logger = logging.getLogger(__name__)
 
-ONNX_ATTENTION_NAME = "hamming_topk_onnx"
+ONNX_ATTENTION_NAME = ONNX.name
 ONNX_FILENAME = "model.onnx"
 
 
@@ -47,115 +34,6 @@ class OnnxValidationError(ValueError):
 
 class OnnxShapeError(OnnxValidationError):
     """An ONNX output has another shape than PyTorch's: a conversion error that no input draw can excuse."""
-
-
-def select_top_n_traceable(scores: torch.Tensor, valid: torch.Tensor, top_n: int) -> torch.Tensor:
-    """`had_hf.attention.select_top_n` for a fixed N, in operations that trace to a shape-independent ONNX graph.
-
-    The scores are padded with N columns of -inf, so that one constant `TopK(k=N)` serves any number of keys: with
-    fewer than N valid keys the threshold is -inf and every valid key is kept, as in the reference. Ties at the
-    threshold are filled in key order by an int32 cumulative sum (lower index wins).
-    """
-    valid = valid.expand_as(scores)
-    masked = scores.masked_fill(~valid, float("-inf"))
-    padded = F.pad(masked, (0, top_n), value=float("-inf"))
-    threshold = padded.topk(top_n, dim=-1).values[..., top_n - 1 :]
-    above = (masked > threshold) & valid
-    tied = (masked == threshold) & valid
-    quota = top_n - above.to(torch.int32).sum(dim=-1, keepdim=True, dtype=torch.int32)
-    return above | (tied & (tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= quota))
-
-
-def kept_rows(keep: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The key indices of the (at most N) kept keys of every row, in increasing key order.
-
-    Returns `(indices, present)`, both (..., N): `indices` is 0 where a slot is empty (rows with fewer than N valid
-    keys), and `present` says which slots hold a kept key. Works by ranking kept keys by `n_keys - index` (all
-    distinct, all > 0) and taking the N largest, so a constant TopK suffices here too.
-    """
-    num_keys = keep.shape[-1]
-    positions = torch.arange(num_keys, device=keep.device, dtype=torch.int32)
-    rank = keep.to(torch.int32) * (num_keys - positions)
-    ranked = F.pad(rank, (0, top_n)).topk(top_n, dim=-1)
-    present = ranked.values > 0
-    return torch.where(present, ranked.indices, torch.zeros_like(ranked.indices)), present
-
-
-def sparse_attention_values(
-    weights: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, top_n: int
-) -> torch.Tensor:
-    """A.V reading only the kept rows of V: gather N weights and N value rows per query, weighted sum."""
-    indices, present = kept_rows(keep, top_n)  # (B, H, q, N)
-    kept_weights = weights.gather(-1, indices) * present.to(weights.dtype)
-    batch_heads, head_dim = indices.shape[:2], value.shape[-1]
-    flat = indices.flatten(2).unsqueeze(-1).expand(*batch_heads, -1, head_dim)  # (B, H, q*N, d)
-    rows = value.gather(2, flat).view(*indices.shape, head_dim)  # (B, H, q, N, d)
-    return (kept_weights.unsqueeze(-1).to(value.dtype) * rows).sum(dim=-2)
-
-
-def onnx_hamming_topk_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    position_bias: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """HAD attention of the binary stage, traceable to ONNX; selects exactly the keys of `hamming_topk`."""
-    config = resolve_config(module)
-    if not config.binarizes(bool(getattr(module, "_had_is_cross", False))):
-        return dense_capture_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, position_bias=position_bias
-        )
-    if config.stage not in ("binary", "ste"):
-        raise ValueError(f"ONNX export needs the inference stage 'binary', but this HADConfig has {config.stage!r}.")
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    is_causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    valid, mask_bias = valid_keys_and_bias(attention_mask, query.shape[-2], key.shape[-2], is_causal, query.device)
-    sigma_q, sigma_k = config.sigmas(getattr(module, "_had_name", None))
-    key = repeat_kv(key, query.shape[1])
-    value = repeat_kv(value, query.shape[1])
-
-    # the ±1 product is the binary dot product d - 2 * hamming, exact in float; alpha scales it afterwards
-    logits = torch.matmul(sign(query), sign(key).transpose(-1, -2)) * (sigma_q * sigma_k * scaling)
-    for bias in (position_bias, mask_bias):
-        if bias is not None:
-            logits = logits + bias
-
-    if config.top_n is not None:
-        keep = select_top_n_traceable(logits, valid, config.top_n)
-        weights = masked_softmax(logits, keep)
-        output = sparse_attention_values(weights, value, keep, config.top_n)
-    else:
-        # N = ceil(ratio * n_keys) has no constant bound: threshold from a full sort, dense A.V with zero weights
-        keep = _select_top_ratio_traceable(logits, valid, config.top_n_ratio)
-        weights = masked_softmax(logits, keep)
-        output = torch.matmul(weights.to(value.dtype), value)
-    return output.transpose(1, 2).contiguous(), weights
-
-
-def _select_top_ratio_traceable(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    valid = valid.expand_as(scores)
-    masked = scores.masked_fill(~valid, float("-inf"))
-    num_keys = torch._shape_as_tensor(scores)[-1]  # a graph value, not a constant of the traced length
-    kept = torch.clamp(torch.ceil(num_keys.to(torch.float64) * ratio), min=1).to(torch.int64)
-    kept = torch.minimum(kept, num_keys)
-    ordered = masked.sort(dim=-1, descending=True).values
-    threshold = ordered.gather(-1, (kept - 1).expand(*scores.shape[:-1], 1))
-    above = (masked > threshold) & valid
-    tied = (masked == threshold) & valid
-    quota = kept.to(torch.int32) - above.to(torch.int32).sum(dim=-1, keepdim=True, dtype=torch.int32)
-    return above | (tied & (tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= quota))
-
-
-def register_onnx_attention() -> None:
-    """Registers `hamming_topk_onnx` (and the boolean mask it needs) with transformers; idempotent and additive."""
-    AttentionInterface.register(ONNX_ATTENTION_NAME, onnx_hamming_topk_attention_forward)
-    AttentionMaskInterface.register(ONNX_ATTENTION_NAME, boolean_mask_function)
 
 
 @dataclass
@@ -269,7 +147,6 @@ def export_onnx(
     probe_outputs = model_outputs(model, probe_inputs)
     dynamic_axes = dynamic_axes_from_probe(inputs, outputs, probe_inputs, probe_outputs)
     input_names, output_names = list(inputs), list(outputs)
-    register_onnx_attention()
     previous, was_training = model.config._attn_implementation, model.training
     # the exporter restores the *wrapper's* mode afterwards, recursively: a fresh nn.Module is in training mode,
     # which would leave the model with dropout on for the validation that follows

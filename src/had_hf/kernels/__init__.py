@@ -1,9 +1,9 @@
-"""HAD attention of the binary stage over packed sign bits: the dispatch between Triton kernels and PyTorch.
+"""HAD attention of the binary stage over packed sign bits: the PyTorch reference and the Triton kernels.
 
-`hamming_topk_attention` is what the `hamming_topk` attention function calls in inference. It runs the Triton decode
-kernel (`triton_decode.py`) when the tensors are on CUDA, Triton is importable and there are few query positions
-(decode); otherwise the plain-PyTorch reference (`reference.py`), which selects exactly the same keys. Keys may be
-floats (their signs are packed first) or already packed int32 words, as `had_hf.cache.HADPackedCache` stores them.
+`had_hf.ops.hamming_topk_attention` (the `had::hamming_topk_attention` op) runs the plain-PyTorch reference
+(`reference.py`) on every device, and on CUDA the Triton kernel that `triton_kernel_for` names, when one serves the
+call. Keys may be floats (their signs are packed first) or already packed int32 words, as
+`had_hf.cache.HADPackedCache` stores them.
 
 Set `HAD_HF_DISABLE_TRITON=1` to force the PyTorch path.
 """
@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
+from ..selection import causal_valid, kept_counts
 from .packing import (
     WORD_BITS,
     as_int32_words,
@@ -31,12 +33,12 @@ __all__ = [
     "WORD_BITS",
     "as_int32_words",
     "hamming_scores_packed",
-    "hamming_topk_attention",
     "is_triton_available",
     "pack_sign_bits",
     "pack_signs",
     "popcount32",
     "reference_hamming_topk_attention",
+    "triton_kernel_for",
     "unpack_sign_bits",
 ]
 
@@ -70,50 +72,49 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     return pack_sign_bits(x)
 
 
-def hamming_topk_attention(
+KernelFunction = Callable[..., torch.Tensor]
+
+
+def triton_kernel_for(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    valid_mask: torch.Tensor | None,
-    top_n: int,
-    alpha: float,
-) -> torch.Tensor:
-    """HAD attention of the binary stage: exact top-N of the Hamming scores, softmax(alpha * Sb) over the kept keys.
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> KernelFunction | None:
+    """The Triton kernel that serves this call of `had::hamming_topk_attention`, or `None` for the PyTorch reference.
 
-    Args:
-        query (`torch.Tensor`): (B, Hq, q, d) floating queries; only their signs are used.
-        key (`torch.Tensor`): (B, Hkv, n, d) floating keys, or their packed signs (B, Hkv, n, d // 32) int32 (or
-            int64 words of 64 dimensions). Hq must be a multiple of Hkv (grouped-query attention, no repeat needed).
-        value (`torch.Tensor`): (B, Hkv, n, dv).
-        valid_mask (`torch.Tensor`, *optional*): bool, broadcastable to (B, Hq, q, n); True marks keys a query may
-            attend to (padding and causal masks). `None` means all keys are valid.
-        top_n (`int`): N, the number of keys each query keeps (all valid keys where fewer are valid).
-        alpha (`float`): sigma_q * sigma_k * scaling, the softmax temperature of the kept scores.
-
-    Returns:
-        `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value`; zeros for a query with no valid key.
+    The one place that decides: CUDA tensors with Triton available, no additive bias (the kernels select on the
+    binary scores alone), a boolean mask, 16/32-bit values (float64 keeps its precision on the reference path), no
+    gradient needed (the kernels have no backward), and a shape the kernel takes. The returned function has the
+    op's arguments less `bias`.
     """
-    if _kernel_serves(query, key, value, valid_mask):
-        from .triton_decode import hamming_topk_decode
-
-        key_words = pack_signs(key) if key.is_floating_point() else as_int32_words(key)
-        return hamming_topk_decode(query, key_words, value, valid_mask, top_n, alpha)
-    return reference_hamming_topk_attention(query, key, value, valid_mask, top_n, alpha)
-
-
-def _kernel_serves(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid_mask: torch.Tensor | None
-) -> bool:
-    if not (_use_triton(query) and key.is_cuda and value.is_cuda) or query.shape[-2] > MAX_DECODE_QUERY_LEN:
-        return False
-    if valid_mask is not None and valid_mask.dtype != torch.bool:
-        return False
-    # the kernels accumulate in float32: float64 values keep their precision on the reference path
+    if not (_use_triton(query) and key.is_cuda and value.is_cuda) or bias is not None:
+        return None
+    if mask is not None and mask.dtype != torch.bool:
+        return None
     if value.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    # the kernels have no backward: anything that needs gradients takes the differentiable reference
+        return None
     if torch.is_grad_enabled() and (query.requires_grad or value.requires_grad):
-        return False
+        return None
+    if query.shape[-2] > MAX_DECODE_QUERY_LEN:
+        return None
     from .triton_decode import supports_decode_shape
 
-    return supports_decode_shape(query.shape[-1], value.shape[-1])
+    return _decode if supports_decode_shape(query.shape[-1], value.shape[-1]) else None
+
+
+def _decode(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> torch.Tensor:
+    from .triton_decode import hamming_topk_decode
+
+    query_len, key_len = query.shape[-2], key.shape[-2]
+    if is_causal and query_len > 1:
+        causal = causal_valid(query_len, key_len, query.device)
+        mask = causal if mask is None else mask & causal
+    if top_n_ratio is None:
+        rows_n = top_n  # the kernel keeps min(N, valid keys) of each row itself
+    else:
+        counts = torch.full((1, 1, query_len), key_len, device=query.device) if mask is None else mask.sum(dim=-1)
+        rows_n = kept_counts(counts, top_n, top_n_ratio)
+    key_words = pack_signs(key) if key.is_floating_point() else as_int32_words(key)
+    return hamming_topk_decode(query, key_words, value, mask, rows_n, alpha)

@@ -1,17 +1,19 @@
-"""Plain-PyTorch HAD attention over float or packed keys: the reference every kernel must match.
+"""Plain-PyTorch HAD attention of the binary stage over float or packed keys: the op's implementation on every
+device, and the reference every kernel must match.
 
-Selection follows METHOD.md section 1 exactly: per query row, keep N = min(top_n, valid keys) keys with the largest
-binary scores Sb, the lower key index first among equal scores; masked keys are never kept; the kept keys get
-softmax(alpha * Sb) weights and a row with no valid key outputs zeros.
+The scores are the exact integers Sb = Qb . Kb (±1 products summed in float32), scaled by alpha, plus the bias if
+any; the kept keys come from `had_hf.selection.select_top_n` (the one statement of the top-N rule), their weights
+are softmax over the kept logits, and a row with no valid key outputs zeros.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..selection import causal_valid, select_top_n
 from .packing import WORD_BITS, as_int32_words, unpack_sign_bits
 
-# Entries of (query x key) work per chunk: the reference holds a few int64/float tensors of this many entries at once,
+# Entries of (query x key) work per chunk: the reference holds a few float/bool tensors of this many entries at once,
 # so long prefills run in query chunks (exact, as rows are independent) instead of allocating (q x n) for all heads.
 _CHUNK_ELEMENTS = 2**25
 
@@ -27,14 +29,24 @@ def _head_dim(key: torch.Tensor) -> int:
     return key.shape[-1] if key.is_floating_point() else as_int32_words(key).shape[-1] * WORD_BITS
 
 
+def _grouped(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor broadcastable to (B, Hq, q, n) as (B, Hkv, g, q, n)."""
+    batch, num_kv_heads, group, query_len, key_len = shape
+    return tensor.expand(batch, num_kv_heads * group, query_len, key_len).reshape(shape)
+
+
 def reference_hamming_topk_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     valid_mask: torch.Tensor | None,
-    top_n: int,
+    top_n: int | None,
     alpha: float,
     return_keep: bool = False,
+    *,
+    top_n_ratio: float | None = None,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HAD attention of the binary stage in plain PyTorch.
 
@@ -44,9 +56,14 @@ def reference_hamming_topk_attention(
         value (`torch.Tensor`): (B, Hkv, n, dv); Hq must be a multiple of Hkv (grouped-query attention).
         valid_mask (`torch.Tensor`, *optional*): bool, broadcastable to (B, Hq, q, n); True marks keys a query may
             attend to. `None` means all keys are valid.
-        top_n (`int`): N, the number of keys each query keeps (fewer where fewer are valid).
-        alpha (`float`): softmax temperature of the kept scores, sigma_q * sigma_k * scaling.
+        top_n (`int`, *optional*): N, the number of keys each query keeps (fewer where fewer are valid); `None` when
+            `top_n_ratio` is given.
+        alpha (`float`): the scale of the binary scores, sigma_q * sigma_k * scaling (> 0).
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of kept keys.
+        top_n_ratio (`float`, *optional*): N = ceil(ratio * valid keys of the row) instead of `top_n`.
+        bias (`torch.Tensor`, *optional*): additive logits broadcastable to (B, Hq, q, n).
+        is_causal (`bool`, *optional*, defaults to `False`): also mask keys after each query (queries are the last q
+            of the n positions).
 
     Returns:
         `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value` (and the keep mask if `return_keep`). The weights are
@@ -58,47 +75,49 @@ def reference_hamming_topk_attention(
         raise ValueError(f"Queries have dimension {dim} and keys {_head_dim(key)}.")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads evenly.")
+    if valid_mask is not None and valid_mask.dtype != torch.bool:
+        raise TypeError(f"valid_mask must be bool (True = may attend), got {valid_mask.dtype}.")
     group = num_heads // num_kv_heads
     compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     device = query.device
 
     # (B, Hkv, g, q, .) views put the g query heads of a key/value head next to it: no repeat of keys or values
     unit_q = torch.where(query >= 0, 1.0, -1.0).to(torch.float32).view(batch, num_kv_heads, group, query_len, dim)
-    unit_k = unit_keys(key, torch.float32)
+    unit_k = unit_keys(key, torch.float32).unsqueeze(2)
+    value_c = value.to(compute_dtype).unsqueeze(2)  # converted once, shared by all chunks and all g query heads
+    if is_causal:
+        causal = causal_valid(query_len, key_len, device)
+        valid_mask = causal if valid_mask is None else valid_mask & causal
     if valid_mask is None:
         valid_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-    elif valid_mask.dtype != torch.bool:
-        raise TypeError(f"valid_mask must be bool (True = may attend), got {valid_mask.dtype}.")
-    valid_mask = valid_mask.expand(batch, num_heads, query_len, key_len).view(
-        batch, num_kv_heads, group, query_len, key_len
-    )
 
-    output = torch.zeros(batch, num_kv_heads, group, query_len, value.shape[-1], dtype=value.dtype, device=device)
-    keep_all = torch.zeros(valid_mask.shape, dtype=torch.bool, device=device) if return_keep else None
-    num_kept = max(0, min(top_n, key_len))
+    outputs, keeps = [], []
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * num_heads * key_len))
-    # lower index wins a tie: rank (score, -index) lexicographically through one int64 key per entry
-    tie_break = (key_len - 1 - torch.arange(key_len, device=device, dtype=torch.int64)).view(1, 1, 1, 1, key_len)
-    value_c = value.to(compute_dtype).unsqueeze(2)  # converted once, shared by all chunks and all g query heads
-
-    for start in range(0, query_len, rows_per_chunk) if num_kept > 0 else ():
+    for start in range(0, query_len, rows_per_chunk):
         stop = min(start + rows_per_chunk, query_len)
+        shape = (batch, num_kv_heads, group, stop - start, key_len)
         # ±1 products summed in float32 are exact integers (|Sb| <= d <= 2**24)
-        scores = torch.matmul(unit_q[:, :, :, start:stop], unit_k.unsqueeze(2).transpose(-1, -2)).to(torch.int64)
-        valid = valid_mask[:, :, :, start:stop]
-        rank = torch.where(valid, (scores + dim) * key_len + tie_break, -1)
-        kept_idx = rank.topk(num_kept, dim=-1).indices  # (B, Hkv, g, rows, N)
-        kept_valid = valid.gather(-1, kept_idx)  # invalid keys rank last: they fill in only where too few are valid
-        kept_scores = scores.gather(-1, kept_idx).to(compute_dtype)
-        logits = (alpha * kept_scores).masked_fill(~kept_valid, float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0) * kept_valid  # all -inf (no valid key): zeros
-        # a dense (rows x n) weight matrix costs less memory than gathering N value rows per query (N * dv > n)
-        dense = torch.zeros(scores.shape, dtype=compute_dtype, device=device).scatter_(-1, kept_idx, weights)
-        output[:, :, :, start:stop] = torch.matmul(dense, value_c).to(value.dtype)
-        if keep_all is not None:
-            keep_all[:, :, :, start:stop].scatter_(-1, kept_idx, kept_valid)
+        scores = torch.matmul(unit_q[:, :, :, start:stop], unit_k.transpose(-1, -2)).to(compute_dtype)
+        logits = scores * alpha
+        if bias is not None:
+            logits = logits + _grouped(bias[..., start:stop, :] if bias.shape[-2] > 1 else bias, shape).to(logits)
+        mask = valid_mask[..., start:stop, :] if valid_mask.shape[-2] > 1 else valid_mask
+        valid = _grouped(mask, shape)
+        # METHOD.md: the N largest binary scores (alpha only sets the softmax temperature), or with a bias the N
+        # largest biased logits
+        keep = select_top_n(scores if bias is None else logits, valid, top_n, top_n_ratio)
+        weights = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0) * keep
+        outputs.append(torch.matmul(weights, value_c).to(value.dtype))
+        if return_keep:
+            keeps.append(keep)
 
-    output = output.view(batch, num_heads, query_len, value.shape[-1])  # (not -1: a batch of 0 has 0 elements)
+    if outputs:
+        output = torch.cat(outputs, dim=3).view(batch, num_heads, query_len, value.shape[-1])
+    else:  # no query position
+        output = value.new_zeros(batch, num_heads, query_len, value.shape[-1])
     if return_keep:
-        return output, keep_all.view(batch, num_heads, query_len, key_len)
+        keep = (
+            torch.cat(keeps, dim=3) if keeps else torch.zeros(batch, num_kv_heads, group, 0, key_len, dtype=torch.bool)
+        )
+        return output, keep.reshape(batch, num_heads, query_len, key_len)
     return output

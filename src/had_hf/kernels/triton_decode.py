@@ -322,6 +322,10 @@ def _distance_kernel(
     n_keys,
     code_stride,
     top_n,
+    n_keep_ptr,
+    stride_nb,
+    stride_nh,
+    stride_ni,
     rows_per_group,
     query_len,
     group,
@@ -349,6 +353,7 @@ def _distance_kernel(
     USE_POPC: tl.constexpr,
     INVALID_CODE: tl.constexpr,
     S_BLOCK: tl.constexpr,
+    PER_ROW_N: tl.constexpr,
 ):
     b, hk = _batch_and_kv_head(num_kv_heads)
     row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
@@ -428,7 +433,10 @@ def _distance_kernel(
             tile = tl.where(is_min, tl.minimum(tile, split_counts), tile + split_counts)
         total = tl.where(bins[None, :] < 9, tl.sum(tile, axis=1), 0)
         smallest_row = tl.min(tl.where(bins[None, :] == 15, tl.min(tile, axis=1), D + 1), axis=1)
-        num_kept = tl.minimum(tl.sum(total, axis=1), top_n)
+        wanted = top_n
+        if PER_ROW_N:  # N of each row given by the caller (the ratio rule counts each row's valid keys)
+            wanted = tl.load(n_keep_ptr + b * stride_nb + head * stride_nh + qi * stride_ni, mask=row_ok, other=0)
+        num_kept = tl.minimum(tl.sum(total, axis=1), wanted)
         # the coarse bin of the N-th smallest distance (bin 0 and nothing below when N = 0)
         cumulative = tl.cumsum(total, axis=1)
         coarse_bin = tl.min(tl.where(cumulative >= num_kept[:, None], bins[None, :], 16), axis=1)
@@ -1039,7 +1047,7 @@ def hamming_topk_decode(
     key_words: torch.Tensor,
     value: torch.Tensor,
     valid_mask: torch.Tensor | None,
-    top_n: int,
+    top_n: int | torch.Tensor,
     alpha: float,
     *,
     num_splits: int | None = None,
@@ -1062,7 +1070,8 @@ def hamming_topk_decode(
         key_words (`torch.Tensor`): (B, Hkv, n, d // 32) int32 (or (B, Hkv, n, d // 64) int64) packed key signs.
         value (`torch.Tensor`): (B, Hkv, n, dv) values; Hq must be a multiple of Hkv.
         valid_mask (`torch.Tensor`, *optional*): bool broadcastable to (B, Hq, q, n), True = may attend.
-        top_n (`int`): N, the number of keys each query keeps.
+        top_n (`int` or `torch.Tensor`): N, the number of keys each query keeps: one number, or an int32 tensor
+            broadcastable to (B, Hq, q) with each row's N (never more than its valid keys are kept).
         alpha (`float`): softmax temperature of the kept binary scores.
         num_splits (`int`, *optional*): number of key splits per row; by default enough for `programs_per_sm`.
         programs_per_sm (`int`, *optional*): programs per multiprocessor that the default `num_splits` aims at
@@ -1124,7 +1133,8 @@ def hamming_topk_decode(
     device = query.device
     group = num_heads // num_kv_heads
     rows_per_group = group * query_len
-    if n_keys == 0 or query_len == 0 or batch == 0 or num_heads == 0 or top_n <= 0:
+    per_row_n = isinstance(top_n, torch.Tensor)
+    if n_keys == 0 or query_len == 0 or batch == 0 or num_heads == 0 or (not per_row_n and top_n <= 0):
         out = torch.zeros(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
         if return_keep:
             return out, torch.zeros(batch, num_heads, query_len, n_keys, dtype=torch.bool, device=device)
@@ -1189,6 +1199,11 @@ def hamming_topk_decode(
     else:
         mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
         mask_strides = mask_arg.stride()
+    if per_row_n:
+        n_keep = top_n.to(device=device, dtype=torch.int32).expand(batch, num_heads, query_len)
+        n_keep_args = (n_keep, *n_keep.stride())
+    else:
+        n_keep_args = (codes, 0, 0, 0)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
         distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages
@@ -1209,7 +1224,8 @@ def hamming_topk_decode(
             distance_tickets,
             n_keys,
             code_stride,
-            min(top_n, n_keys),
+            0 if per_row_n else min(top_n, n_keys),
+            *n_keep_args,
             rows_per_group,
             query_len,
             group,
@@ -1228,6 +1244,7 @@ def hamming_topk_decode(
             USE_POPC=query.is_cuda and not _interpreting(),
             INVALID_CODE=invalid_code,
             S_BLOCK=s_blocks[0],
+            PER_ROW_N=per_row_n,
             **launch_options[0],
         )
         _fine_count_kernel[grid](

@@ -1,0 +1,88 @@
+"""The top-N rule of METHOD.md section 1, written once: which keys a query keeps.
+
+Per query row: N is `top_n`, or `ceil(top_n_ratio * v)` (at least 1) where v is the number of keys that row may
+attend to (padding, causal future positions and unfilled cache slots do not count), and never more than v. The row
+keeps the N keys with the largest logits; among keys whose logit equals the N-th largest (the threshold), the lower
+key indices are kept first. Masked keys are never kept; a row with no valid key keeps nothing.
+
+Every implementation selects through these functions or is tested against them: the eager attention of every
+stage, the `had::hamming_topk_attention` op's PyTorch implementation, the ONNX graph and the golden vectors. The
+Triton kernels implement the same rule (histogram threshold, ties filled in index order) and are tested for equal
+kept sets. The functions trace under `torch.compile` without graph breaks and under the TorchScript ONNX tracer with
+the number of keys as a graph value (no Python int taken from a tensor, no bool cumulative sum).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kept_counts(valid_counts: torch.Tensor, top_n: int | None, top_n_ratio: float | None) -> torch.Tensor:
+    """N of each row from its number of valid keys: `min(top_n, v)` or `min(max(1, ceil(ratio * v)), v)`.
+
+    Args:
+        valid_counts (`torch.Tensor`): integer tensor of per-row valid-key counts v, any shape.
+        top_n (`int`, *optional*): a fixed N. Exactly one of `top_n` and `top_n_ratio` is given.
+        top_n_ratio (`float`, *optional*): N = ceil(ratio * v), computed in float64.
+
+    Returns:
+        `torch.Tensor`: int32 tensor shaped like `valid_counts`.
+    """
+    if (top_n is None) == (top_n_ratio is None):
+        raise ValueError(f"Give exactly one of top_n and top_n_ratio, got top_n={top_n}, top_n_ratio={top_n_ratio}.")
+    counts = valid_counts.to(torch.int32)
+    if top_n is not None:
+        wanted = torch.full_like(counts, top_n)
+    else:
+        wanted = torch.ceil(counts.to(torch.float64) * top_n_ratio).to(torch.int32).clamp(min=1)
+    return torch.minimum(wanted, counts)
+
+
+def select_top_n(
+    scores: torch.Tensor, valid: torch.Tensor, top_n: int | None = None, top_n_ratio: float | None = None
+) -> torch.Tensor:
+    """The keys each query keeps (see the module docstring for the rule).
+
+    Args:
+        scores (`torch.Tensor`): (..., k) logits as the softmax sees them (any real values, biases included).
+        valid (`torch.Tensor`): bool, broadcastable to `scores`; False keys are never kept.
+        top_n (`int`, *optional*), top_n_ratio (`float`, *optional*): the rule for N, exactly one of them.
+
+    Returns:
+        `torch.Tensor`: bool mask of the kept keys, shaped like `scores`.
+    """
+    valid = valid.expand_as(scores)
+    masked = scores.masked_fill(~valid, float("-inf"))
+    num_kept = kept_counts(valid.sum(dim=-1, keepdim=True, dtype=torch.int32), top_n, top_n_ratio)
+    if top_n is not None:
+        # a constant TopK over scores padded with N columns of -inf serves any number of keys
+        ordered = F.pad(masked, (0, top_n), value=float("-inf")).topk(top_n, dim=-1).values
+    else:
+        ordered = masked.sort(dim=-1, descending=True).values
+    threshold = ordered.gather(-1, (num_kept.to(torch.int64) - 1).clamp(min=0))
+    above = (masked > threshold) & valid
+    tied = (masked == threshold) & valid
+    quota = num_kept - above.to(torch.int32).sum(dim=-1, keepdim=True, dtype=torch.int32)
+    return above | (tied & (tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= quota))
+
+
+def kept_indices(keep: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices of each row's kept keys in increasing key order, in `slots` columns.
+
+    Returns `(indices, present)`, both (..., slots) int64 / bool: `indices` is 0 where a slot is empty (rows keeping
+    fewer than `slots` keys) and `present` says which slots hold a kept key. Kept keys are ranked by
+    `n_keys - index` (distinct, > 0), so one constant TopK lists them in order.
+    """
+    num_keys = keep.shape[-1]
+    positions = torch.arange(num_keys, device=keep.device, dtype=torch.int32)
+    rank = keep.to(torch.int32) * (num_keys - positions)
+    ranked = F.pad(rank, (0, slots)).topk(slots, dim=-1)
+    present = ranked.values > 0
+    return torch.where(present, ranked.indices, torch.zeros_like(ranked.indices)), present
+
+
+def causal_valid(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, q, k) bool: query i (the last q positions of the keys) may attend to keys j <= i + (k - q)."""
+    rows = torch.arange(query_len, device=device)[:, None] + (key_len - query_len)
+    return (torch.arange(key_len, device=device)[None, :] <= rows)[None, None]
