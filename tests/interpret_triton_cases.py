@@ -161,3 +161,17 @@ def test_decode_kernel_reads_int32_words_it_cannot_view_as_int64():
         out, keep = hamming_topk_decode(query, key_words, value, valid, case.top_n, case.alpha, return_keep=True)
         assert torch.equal(keep, expected_keep)
         assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [SELECTION_CASES[2], SELECTION_CASES[4], SELECTION_CASES[6]], ids=lambda c: c.id)
+def test_decode_kernel_takes_each_rows_n(case: Case):
+    """The ratio rule's N per row (its valid keys counted), handed to the kernel as a tensor."""
+    from had_hf.selection import kept_counts
+
+    query, key, value, valid = make_inputs(case, seed=5)
+    counts = torch.full((1, 1, case.query_len), case.num_keys) if valid is None else valid.sum(-1)
+    rows_n = kept_counts(counts, None, 0.3)
+    expected, expected_keep = loop_reference(query, key, value, valid, rows_n, case.alpha)
+    out, keep = hamming_topk_decode(query, pack_sign_bits(key), value, valid, rows_n, case.alpha, return_keep=True)
+    assert torch.equal(keep, expected_keep)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

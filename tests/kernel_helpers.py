@@ -84,10 +84,11 @@ def loop_reference(
     key: torch.Tensor,
     value: torch.Tensor,
     valid_mask: torch.Tensor | None,
-    top_n: int,
+    top_n: int | torch.Tensor,
     alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """METHOD.md section 1 row by row in float64: sort the valid keys by (-Sb, index), keep the first N."""
+    """METHOD.md section 1 row by row in float64: sort the valid keys by (-Sb, index), keep the first N (one N, or
+    each row's from a tensor broadcastable to (B, Hq, q))."""
     b_size, hq, q_len, _ = query.shape
     hkv, n = key.shape[1], key.shape[2]
     group = hq // hkv
@@ -108,7 +109,8 @@ def loop_reference(
                 scores = (unit_k[b, kv] @ unit_q[b, h, i]).tolist()
                 candidates = [j for j in range(n) if valid[b, h, i, j]]
                 candidates.sort(key=lambda j: (-scores[j], j))
-                kept = candidates[: max(0, top_n)]
+                row_n = top_n if isinstance(top_n, int) else int(top_n.expand(b_size, hq, q_len)[b, h, i])
+                kept = candidates[: max(0, row_n)]
                 if not kept:
                     continue
                 logits = [alpha * scores[j] for j in kept]

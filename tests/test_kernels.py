@@ -319,3 +319,17 @@ def test_gpu_kernel_benchmark_shapes(shape):
         # the dispatcher (float keys: packs them first) takes the same path
         assert torch.equal(hamming_topk_attention(query, key, value, mask, top_n, alpha), out)
         del keep, ref_keep, ref64
+
+
+@pytest.mark.parametrize("case", SELECTION_CASES, ids=lambda case: case.id)
+def test_op_with_the_ratio_rule_keeps_each_rows_n(case: Case):
+    """N = ceil(ratio * the row's valid keys), against the float64 loop given those N."""
+    query, key, value, valid = make_inputs(case, seed=7)
+    counts = torch.full((1, 1, case.query_len), case.num_keys) if valid is None else valid.sum(-1)
+    rows_n = torch.ceil(counts.double() * 0.3).clamp(min=1).to(torch.int32)  # the rule, written out independently
+    expected, expected_keep = loop_reference(query, key, value, valid, rows_n, case.alpha)
+    out, keep = reference_hamming_topk_attention(query, key, value, valid, None, case.alpha, True, top_n_ratio=0.3)
+    assert torch.equal(keep, expected_keep)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    op_out = torch.ops.had.hamming_topk_attention(query, key, value, valid, None, False, None, 0.3, case.alpha)
+    assert torch.equal(op_out, out)

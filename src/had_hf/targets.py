@@ -53,6 +53,7 @@ TARGET_MODULES: dict[str, dict[str, str]] = {
         _DECODER_LIKE,
     ),  # fmt: skip
     "gpt2": {"self": r"attn", "cross": r"crossattention"},
+    "distilbert": {"self": r"layer\.\d+\.attention"},
 }
 """Per `config.model_type`: regular expressions matching the end of a module name (after a dot or at the start),
 for its self-attention (`"self"`) and cross-attention (`"cross"`) modules."""
