@@ -333,3 +333,21 @@ def test_op_with_the_ratio_rule_keeps_each_rows_n(case: Case):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     op_out = torch.ops.had.hamming_topk_attention(query, key, value, valid, None, False, None, 0.3, case.alpha)
     assert torch.equal(op_out, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("case", SELECTION_CASES[:9], ids=lambda case: case.id)
+def test_gpu_op_runs_the_kernel_and_keeps_the_references_outputs(case: Case):
+    """On CUDA the op takes the Triton kernel (fixed N and the ratio rule, causal flag included); opcheck passes."""
+    query, key, value, valid = (None if x is None else x.cuda() for x in make_inputs(case, seed=11))
+    op = torch.ops.had.hamming_topk_attention
+    for top_n, ratio in ((case.top_n, None), (None, 0.3)):
+        expected = reference_hamming_topk_attention(query, key, value, valid, top_n, case.alpha, top_n_ratio=ratio)
+        got = op(query, key, value, valid, None, False, top_n, ratio, case.alpha)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        causal = op(query, key, value, None, None, True, top_n, ratio, case.alpha)
+        expected = reference_hamming_topk_attention(query, key, value, None, top_n, case.alpha, top_n_ratio=ratio,
+                                                    is_causal=True)  # fmt: skip
+        torch.testing.assert_close(causal, expected, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(op.default, (query, key, value, valid, None, False, None, 0.3, case.alpha))

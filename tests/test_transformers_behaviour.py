@@ -154,9 +154,13 @@ def test_compile_fullgraph_without_recompilation(family_name):
     assert counter.op_count > 0
 
 
-def test_compile_fullgraph_decode_step_with_the_packed_cache():
-    model = had_hf.convert(_llama(head_dim=32), HADConfig(top_n=3))
-    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize(
+    "device, backend",
+    [("cpu", "aot_eager"), pytest.param("cuda", "inductor", marks=pytest.mark.gpu)],
+)
+def test_compile_fullgraph_decode_step_with_the_packed_cache(device, backend):
+    model = had_hf.convert(_llama(head_dim=32), HADConfig(top_n=3)).to(device)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3)).to(device)
 
     def step(token, cache, position):
         return model(input_ids=token, use_cache=True, cache_position=position, **{_cache_kwarg(model): cache}).logits
@@ -167,13 +171,13 @@ def test_compile_fullgraph_decode_step_with_the_packed_cache():
             token = model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache}).logits[:, -1:].argmax(-1)
             logits = []
             for i in range(4):
-                logits.append(step_function(token, cache, torch.tensor([7 + i])))
+                logits.append(step_function(token, cache, torch.tensor([7 + i], device=device)))
                 token = logits[-1][:, -1:].argmax(-1)
         return torch.cat(logits, 1)
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(decode(compiled), decode(step), atol=1e-6, rtol=1e-6)
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    torch.testing.assert_close(decode(compiled), decode(step), atol=1e-5, rtol=1e-5)
 
 
 def test_packed_cache_keeps_t5_position_bias_exact():
