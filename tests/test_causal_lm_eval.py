@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, build_model, model_inputs
 
+from had_hf import HADConfig
+from had_hf.attention import had_attention
 from had_hf.evaluation import (
     MultipleChoiceQuestion,
     multiple_choice_accuracy,
@@ -22,8 +24,9 @@ from had_hf.evaluation import (
     top1_agreement,
     topn_dense_reference,
 )
-from had_hf.evaluation.dense_topn import SETTING_ATTRIBUTE, TopNSetting, dense_topn_attention_forward, select_top_n
 from had_hf.evaluation.passkey import greedy_continuations
+from had_hf.modes import DENSE_TOP_N
+from had_hf.selection import select_top_n
 from recipes.common import quality, smollm2, text_data
 
 QUALITY_FILE = SHARED_DATA / "quality" / "quality.jsonl"
@@ -238,8 +241,8 @@ def test_dense_topn_attention_matches_a_float64_loop_with_ties(selection):
     valid = torch.ones(length, length).tril().bool().expand(batch, 1, length, length).clone()
     valid[1, :, :, :3] = False  # left padding of the second row: its first three queries have no valid key
     module = torch.nn.Module()
-    setattr(module, SETTING_ATTRIBUTE, TopNSetting(**selection))
-    output, _ = dense_topn_attention_forward(module, query, key, value, valid, scaling=0.5)
+    module._had_config, module._had_name, module._had_is_cross = HADConfig(**selection), "layer", False
+    output, _ = had_attention(module, query, key, value, valid, scaling=0.5, mode=DENSE_TOP_N)
     expected, kept_sets = plain_topn_attention(query, key, value, valid, 0.5, **selection)
     torch.testing.assert_close(output.transpose(1, 2).double(), expected, atol=1e-6, rtol=1e-6)
     logits = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5
@@ -250,7 +253,7 @@ def test_dense_topn_attention_matches_a_float64_loop_with_ties(selection):
     )
     assert ties > 10  # the tie rule is really exercised
     module.is_causal = True  # no mask: causal from the module
-    output_causal, _ = dense_topn_attention_forward(module, query[:1], key[:1], value[:1], None, scaling=0.5)
+    output_causal, _ = had_attention(module, query[:1], key[:1], value[:1], None, scaling=0.5, mode=DENSE_TOP_N)
     torch.testing.assert_close(output_causal, output[:1])
 
 
@@ -268,7 +271,7 @@ def test_dense_topn_with_every_key_kept_is_eager_attention(llama, selection):
     torch.testing.assert_close(dense_topn[real], eager[real], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(sparse[real], eager[real], atol=1e-3)
     assert llama.config._attn_implementation == "eager"
-    assert not any(SETTING_ATTRIBUTE in module.__dict__ for module in llama.modules())
+    assert not any("_had_config" in module.__dict__ for module in llama.modules())
 
 
 @requires_quality

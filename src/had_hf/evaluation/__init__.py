@@ -10,7 +10,7 @@ from .causal_lm import (
     perplexity,
     top1_agreement,
 )
-from .dense_topn import DENSE_TOPN_NAME, register_dense_topn, topn_dense_reference
+from .dense_topn import DENSE_TOPN_NAME, topn_dense_reference
 from .passkey import PasskeyPrompt, PasskeyRecord, PasskeyResult, passkey_accuracy, passkey_prompt
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "passkey_accuracy",
     "passkey_prompt",
     "perplexity",
-    "register_dense_topn",
     "top1_agreement",
     "topn_dense_reference",
 ]
