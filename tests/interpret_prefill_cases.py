@@ -169,3 +169,17 @@ def test_prefill_scalar_num_kept_and_empty_shapes():
     out, keep = hamming_topk_prefill(query, key[:, :, :0], value[:, :, :0], None, False, 0, case.alpha,
                                      return_keep=True)  # fmt: skip
     assert bool((out == 0).all()) and keep.shape == (1, 2, 20, 0)
+
+
+def test_prefill_strided_inputs():
+    """Transposed views (a (B, t, H, d) projection seen as (B, H, t, d), values with a non-unit last stride)."""
+    case = PrefillCase(batch=1, num_heads=2, num_kv_heads=1, query_len=20, num_keys=40, head_dim=64, causal=True,
+                       patterns=3, top_n=6)  # fmt: skip
+    query, key, value, mask, full, num_kept = make_prefill_inputs(case, seed=10)
+    expected, expected_keep = plain_reference(query, key, value, full, num_kept, case.alpha)
+    query_t = query.transpose(1, 2).contiguous().transpose(1, 2)
+    key_t = key.transpose(1, 2).contiguous().transpose(1, 2)
+    value_t = value.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out, keep = hamming_topk_prefill(query_t, key_t, value_t, mask, True, num_kept, case.alpha, return_keep=True)
+    assert torch.equal(keep, expected_keep)
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -13,25 +13,34 @@ each one pass over the keys per round:
    [A, B] of levels that holds t (count(u >= A) >= N > count(u >= B + 1)); the row is resolved when A == B, and
    then count(u > t) and the tie quota N - count(u > t) are known exactly. Rounds repeat over the whole row block
    until all its rows are resolved (an interval of at most 4 levels is resolved in one round, a wider one shrinks
-   about 5x per round). To make one round enough, the first round's cuts are a window of 4 consecutive levels around
-   an estimate of t: the same rounds run first on a sample of SAMPLE_TILES key tiles spread evenly over the row
-   block's key range, with the target scaled to the sample, N * sample / range. At the benchmark shapes the sample's
-   quantile is within one level of t for (nearly) every row, so a row block usually costs the sample rounds (a few
-   sweeps over 512 keys) plus one sweep over all keys. The sweep also records each row's largest valid score, the
-   shift of the softmax in the second kernel. A block whose rows span more than the sample is sampled; a smaller
-   range is counted whole (no sample: 2 to 4 rounds over a few tiles).
+   about 5x per round). To make one round enough, the first round's cuts are a window of 4 consecutive levels
+   (resolving t in g - 1 .. g + 1) around an estimate g: the same rounds run first on a sample of SAMPLE_TILES key
+   tiles spread evenly over the row block's key range (n / 16 keys, 256 to 1024, by default), with the target scaled
+   to the sample, N * sample / range. For random keys the sample's quantile is then within a level of t for nearly
+   every row (its standard error is 0.2 to 0.4 levels), so a row block usually costs 3 or 4 sweeps over the sample
+   plus one over all keys. A block whose key range is no longer than the sample is counted whole (2 to 4 rounds
+   over a few tiles). The sweep over all keys also takes each row's largest valid score, the softmax shift of the
+   second kernel. The counts live in per-lane fp32 counters, (BLOCK_M, BLOCK_N) per cut, summed over the keys once
+   per sweep: a compare that writes 1.0 or 0.0 and an add per cut and key (370 instructions per 128 x 64 tile and
+   thread at 8 warps in sm_90 SASS, against 568 for a row sum of integer indicators per tile).
 2. `_attend_kernel` streams the key and value tiles again, in increasing key order, and accumulates
    exp(alpha * (Sb - Sb_max)) V over the kept keys: Sb > t, or Sb == t among the first `quota` ties of the row. The
-   row's largest score is known, so the softmax needs no running maximum and no rescaling. Rows whose quota is
-   smaller than their number of ties (the usual case) carry a running count of the ties seen so far; only a tile
-   where some row's count crosses its quota needs the ties' ranks inside the tile, an inclusive prefix count along
-   the keys computed on the tensor cores as a product with a (BLOCK_N x BLOCK_N) upper-triangular matrix of ones
-   (exact: integers below 2^11 in fp16 products with fp32 accumulation).
+   row's largest score is known, so the softmax needs no running maximum and no rescaling. Per tile each row has a
+   cut: t where the tile's ties are all within its quota, t + 1 where none is (scores step by 2). Rows whose quota is
+   smaller than their number of ties (the usual case) count the ties seen so far; only a tile where some row's count
+   crosses its quota needs a cut per key, from the ties' ranks inside the tile: an inclusive prefix count along the
+   keys, computed on the tensor cores as a product with a (BLOCK_N x BLOCK_N) upper-triangular matrix of ones (exact:
+   integers below 2^11 in fp16 products with fp32 accumulation). The weights are one expression,
+   exp2(alpha' * (Sb - Sb_max) + min(1e4 * (Sb - cut), 0)), with no (BLOCK_M, BLOCK_N) boolean tensors: those live
+   in predicate registers, 7 per thread, and spilling them into general registers made the loop ~2x longer.
 
 Scores: the signs of queries and keys as ±1 fp16 tiles and `tl.dot` with fp32 accumulation (exact: |Sb| <= d <=
 128), by default. The threshold kernel can also compute them as int8 ±1 dots (int32 accumulation) or as XOR/popcount
-of packed sign words, to measure which is faster (`score_mode`); the attend kernel takes fp16 or int8 dots. The keys'
-signs are converted once per call into a (B, Hkv, n, d) ±1 tensor (fp16 or int8) that the kernels read as tiles.
+of packed sign words, to measure which is faster (`score_mode`; popcount needs d / 32 POPC per score, which run at 16
+per clock and multiprocessor against 128 fp32 operations: more time than the tensor-core dot and the counting
+together); the attend kernel takes fp16 or int8 dots.
+The keys' signs are converted once per call into a (B, Hkv, n, d) ±1 tensor (fp16 or int8) that the kernels read as
+tiles.
 
 Masks: the keys past the causal limit (query i of the last q positions attends keys j <= i + n - q) are skipped
 tile by tile and masked inside the diagonal tiles; a padding mask is read per key when it does not vary over the
@@ -184,10 +193,10 @@ def _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3):
     The counters are (BLOCK_M, BLOCK_N) fp32 tensors, one value per lane position, summed over the keys once after
     the sweep: a compare that writes 1.0 or 0.0 (FSET) and an add per cut and key, half the instructions of a
     per-tile row sum of integer indicators."""
-    c0 += tl.where(s >= v0[:, None], 1.0, 0.0)
-    c1 += tl.where(s >= v1[:, None], 1.0, 0.0)
-    c2 += tl.where(s >= v2[:, None], 1.0, 0.0)
-    c3 += tl.where(s >= v3[:, None], 1.0, 0.0)
+    c0 += tl.where(s >= v0.to(s.dtype)[:, None], 1.0, 0.0)
+    c1 += tl.where(s >= v1.to(s.dtype)[:, None], 1.0, 0.0)
+    c2 += tl.where(s >= v2.to(s.dtype)[:, None], 1.0, 0.0)
+    c3 += tl.where(s >= v3.to(s.dtype)[:, None], 1.0, 0.0)
     return c0, c1, c2, c3
 
 
@@ -206,10 +215,6 @@ def _count_sweep(q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, 
     c1 = c0
     c2 = c0
     c3 = c0
-    v0 = v0.to(tl.float32)
-    v1 = v1.to(tl.float32)
-    v2 = v2.to(tl.float32)
-    v3 = v3.to(tl.float32)
     low = -D - 4  # below every cut (cuts are scores >= 2 - D) and every valid score
     if SAMPLE:
         for i in range(0, SAMPLE_TILES):
@@ -777,6 +782,11 @@ def prepare_prefill(
             raise ValueError(f"{name} must be a power of two (>= 16 for blocks), got {size}.")
     if config.score_mode not in SCORE_MODES or config.attend_mode not in ("dot16", "dot8"):
         raise ValueError(f"Unknown score modes {config.score_mode!r} / {config.attend_mode!r}.")
+    # the kernels' loads are vectorized only along a dimension of stride 1 (Triton specializes strides equal to 1)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
     dtypes = {"dot16": torch.float16, "dot8": torch.int8}
     attend_keys = _unit_keys(key, dim, dtypes[config.attend_mode])
     query_words = None
