@@ -42,8 +42,8 @@ __all__ = [
     "unpack_sign_bits",
 ]
 
-# Query positions up to which the decode kernel serves a call. Its scratch holds one byte per (query row, key), and
-# it spends no work on causal structure, so prefills of many positions go to the PyTorch path (tensor-core matmul).
+# Query positions up to which the decode kernel serves a call (its scratch holds one byte per (query row, key), and it
+# spends no work on causal structure); longer calls go to the prefill kernel (`triton_prefill.py`).
 MAX_DECODE_QUERY_LEN = 16
 
 
@@ -98,10 +98,32 @@ def triton_kernel_for(
     if torch.is_grad_enabled() and (query.requires_grad or value.requires_grad):
         return None
     if query.shape[-2] > MAX_DECODE_QUERY_LEN:
-        return None
+        from .triton_prefill import supports_prefill
+
+        return _prefill if supports_prefill(query, key, value) else None
     from .triton_decode import supports_decode_shape
 
     return _decode if supports_decode_shape(query.shape[-1], value.shape[-1]) else None
+
+
+def _row_counts(mask: torch.Tensor | None, is_causal: bool, query_len: int, key_len: int, device) -> torch.Tensor:
+    """How many keys each query row may attend to, broadcastable to (B, Hq, q), without a (q x n) tensor when there
+    is no mask."""
+    if mask is None:
+        if is_causal:
+            return (torch.arange(query_len, device=device) + (key_len - query_len + 1)).clamp(0, key_len)[None, None]
+        return torch.full((1, 1, 1), key_len, device=device)
+    if is_causal:
+        mask = mask & causal_valid(query_len, key_len, mask.device)
+    return mask.sum(dim=-1)
+
+
+def _prefill(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> torch.Tensor:
+    from .triton_prefill import hamming_topk_prefill
+
+    counts = _row_counts(mask, is_causal, query.shape[-2], key.shape[-2], query.device)
+    rows_n = kept_counts(counts, top_n, top_n_ratio)
+    return hamming_topk_prefill(query, key, value, mask, is_causal, rows_n, alpha)
 
 
 def _decode(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> torch.Tensor:
@@ -114,7 +136,6 @@ def _decode(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> to
     if top_n_ratio is None:
         rows_n = top_n  # the kernel keeps min(N, valid keys) of each row itself
     else:
-        counts = torch.full((1, 1, query_len), key_len, device=query.device) if mask is None else mask.sum(dim=-1)
-        rows_n = kept_counts(counts, top_n, top_n_ratio)
+        rows_n = kept_counts(_row_counts(mask, False, query_len, key_len, query.device), top_n, top_n_ratio)
     key_words = pack_signs(key) if key.is_floating_point() else as_int32_words(key)
     return hamming_topk_decode(query, key_words, value, mask, rows_n, alpha)
