@@ -31,6 +31,27 @@ def test_decode_benchmark_smoke(tmp_path):
         assert entry["had"]["cache_gib"] < entry["sdpa"]["cache_gib"]  # packed sign bits for the keys
 
 
+def test_generate_benchmark_smoke(tmp_path):
+    """`benchmarks/generate.py --smoke`: the three variants on a tiny model, the compiled ones through generate()'s own
+    compilation, HAD's compiled tokens equal to its eager ones, and `--merge` keeping the rows of an earlier run."""
+    out = tmp_path / "generate.json"
+    out.write_text(json.dumps({"command": "earlier", "rows": [{"model": "other", "batch": 1, "n": 5}]}))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    command = [sys.executable, "benchmarks/generate.py", "--smoke", "--merge", "--new-tokens", "4", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["versions"]["torch"] and report["machine"]["device"] and "generate.py" in report["command"]
+    assert report["previous_commands"] == ["earlier"] and report["rows"][0]["model"] == "other"
+    row = report["rows"][1]
+    assert (row["model"], row["batch"], row["n"]) == ("tiny-random", 1, 32)
+    for variant in ("sdpa_eager", "sdpa_static", "had"):
+        assert "error" not in row[variant], row[variant]
+        assert row[variant]["new_tokens"] == 4 and row[variant]["ms_per_token"] > 0
+    assert row["had"]["tokens_equal_eager"] and row["speedup"] > 0
+    assert row["had"]["cache_gib"] < row["sdpa_static"]["cache_gib"]  # packed sign bits for the keys
+
+
 @pytest.mark.slow
 @requires_glue
 def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):

@@ -17,6 +17,17 @@ Example:
 Unlike `DynamicLayer`, which concatenates (copies) the whole cache at every step, a `HADPackedLayer` writes into
 buffers that grow geometrically, and returns views of their filled part: a decode step then costs the attention's
 reads, not a copy of every cached value.
+
+`HADStaticPackedCache` is the compilable twin (a `StaticCache`): packed-key and value buffers of `max_cache_len`
+tokens allocated once, written in place, the length a device tensor; `torch.compile` of the decode step (CUDA graphs
+included) then sees fixed shapes and addresses. transformers >= 5.x has no registry of `cache_implementation` names
+(its static names map to `StaticCache` in `generate`), so it is passed as a cache object:
+
+```python
+>>> from had_hf.cache import HADStaticPackedCache
+>>> cache = HADStaticPackedCache(config=model.config, max_cache_len=prompt_len + 64)
+>>> model.generate(**inputs, cache=cache, max_new_tokens=64)  # `past_key_values=` before transformers 5.2x
+```
 """
 
 from __future__ import annotations
@@ -24,12 +35,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
 
 from .kernels import pack_signs
-from .kernels.packing import WORD_BITS
+from .kernels.packing import WORD_BITS, pack_sign_bits
 
-__all__ = ["HADPackedCache", "HADPackedLayer"]
+__all__ = ["HADPackedCache", "HADPackedLayer", "HADStaticPackedCache", "HADStaticPackedLayer"]
 
 
 class HADPackedLayer(DynamicLayer):
@@ -176,6 +187,19 @@ class HADPackedLayer(DynamicLayer):
             self._map_batch(lambda buffer: buffer.to(self.device, non_blocking=True))
 
 
+def _num_full_attention_layers(config, cache_name: str) -> int:
+    """The decoder's number of layers, refusing models with sliding-window layers (a packed cache keeps no window)."""
+    decoder_config = config.get_text_config(decoder=True)
+    layer_types = getattr(decoder_config, "layer_types", None)
+    if layer_types is not None:
+        unsupported = sorted(set(layer_types) - {"full_attention"})
+    else:
+        unsupported = ["sliding_attention"] if getattr(decoder_config, "sliding_window", None) else []
+    if unsupported:
+        raise ValueError(f"{cache_name} needs full-attention layers only; this model also has {unsupported}.")
+    return decoder_config.num_hidden_layers
+
+
 class HADPackedCache(Cache):
     """
     A cache for `generate()` with HAD attention (`attn_implementation="hamming_topk"`, binary stage): keys stored as
@@ -197,16 +221,104 @@ class HADPackedCache(Cache):
         if config is None:
             super().__init__(layer_class_to_replicate=new_layer, offloading=offloading)
             return
-        decoder_config = config.get_text_config(decoder=True)
-        layer_types = getattr(decoder_config, "layer_types", None)
-        if layer_types is not None:
-            unsupported = sorted(set(layer_types) - {"full_attention"})
-        else:
-            unsupported = ["sliding_attention"] if getattr(decoder_config, "sliding_window", None) else []
-        if unsupported:
-            raise ValueError(f"HADPackedCache needs full-attention layers only; this model also has {unsupported}.")
-        super().__init__(layers=[new_layer() for _ in range(decoder_config.num_hidden_layers)], offloading=offloading)
+        num_layers = _num_full_attention_layers(config, type(self).__name__)
+        super().__init__(layers=[new_layer() for _ in range(num_layers)], offloading=offloading)
 
     def key_memory_bytes(self) -> int:
         """Bytes of all cached keys (filled parts of the buffers)."""
+        return sum(layer.key_memory_bytes() for layer in self.layers)
+
+
+class HADStaticPackedLayer(StaticLayer):
+    """
+    One layer of `HADStaticPackedCache`: a `StaticLayer` whose keys are packed sign bits, preallocated as
+    `[batch_size, num_heads, max_cache_len, head_dim // 32]` int32, values as `[..., max_cache_len, head_dim]`.
+
+    `update` writes the new tokens in place after the `cumulative_length` already cached (a device tensor, so a
+    compiled step has no Python int that changes) and returns the whole buffers; the slots not yet written are masked
+    by the attention mask (of length `max_cache_len`, as for `StaticLayer`), and the top-N rule counts only valid
+    keys, so they never count.
+
+    Args:
+        max_cache_len (`int`):
+            Maximum number of tokens that can be stored, used for preallocation.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[-1] % WORD_BITS:
+            raise ValueError(
+                f"HADStaticPackedCache packs head dims that are multiples of 32, got {key_states.shape[-1]}."
+            )
+        self.device = key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        self.keys = torch.zeros(
+            self.batch_size, self.num_heads, self.max_cache_len, self.k_head_dim // WORD_BITS,
+            dtype=torch.int32, device=self.device,
+        )  # fmt: skip
+        self.values = torch.zeros(
+            self.batch_size, value_states.shape[1], self.max_cache_len, self.v_head_dim,
+            dtype=value_states.dtype, device=self.device,
+        )  # fmt: skip
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        # fixed addresses let a compiled step mutate the buffers without a recompile or a CUDA-graph skip (as
+        # StaticLayer; not allowed while tracing, i.e. when the prefill itself is compiled)
+        if not torch.compiler.is_compiling():
+            for tensor in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Packs the signs of the new key states and writes them and the new value states in place.
+
+        Args:
+            key_states (`torch.Tensor`): The new key states, `[batch_size, num_heads, new_tokens, head_dim]`.
+            value_states (`torch.Tensor`): The new value states, `[batch_size, num_heads, new_tokens, head_dim]`.
+
+        Returns:
+            tuple[`torch.Tensor`, `torch.Tensor`]: The packed int32 keys `[..., max_cache_len, head_dim // 32]` and the
+            values `[..., max_cache_len, head_dim]`, filled up to the cached length.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # traced code packs in PyTorch (inductor fuses it with the projection); eager code may use the Triton packer
+        words = pack_sign_bits(key_states) if torch.compiler.is_compiling() else pack_signs(key_states)
+        new_tokens = key_states.shape[-2]
+        positions = torch.arange(new_tokens, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(new_tokens)
+        self.keys.index_copy_(2, positions, words)
+        self.values.index_copy_(2, positions, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+    def key_memory_bytes(self) -> int:
+        """Bytes of the key buffer (all `max_cache_len` slots): d/8 per token and head."""
+        return self.keys.numel() * self.keys.element_size() if self.is_initialized else 0
+
+
+class HADStaticPackedCache(StaticCache):
+    """
+    A compilable cache for HAD attention (`attn_implementation="hamming_topk"`, binary stage): keys stored as packed
+    sign bits in preallocated buffers, values in the model dtype; see `HADStaticPackedLayer`. `is_compileable` is
+    True, so `generate()` compiles its decode step as it does for `StaticCache` (on CUDA by default; elsewhere with
+    `compile_config=CompileConfig(...)` whose `_compile_all_devices` is set).
+
+    Args:
+        config (`PreTrainedConfig`):
+            The model's config: one layer per decoder layer, all full attention.
+        max_cache_len (`int`):
+            The most tokens (prompt and generated) the cache holds.
+        offloading (`bool`, *optional*, defaults to `False`):
+            Whether to offload the layers to the CPU between uses, as transformers' `StaticCache` can.
+    """
+
+    def __init__(self, config, max_cache_len: int, offloading: bool = False, **kwargs):
+        num_layers = _num_full_attention_layers(config, type(self).__name__)
+        layers = [HADStaticPackedLayer(max_cache_len=max_cache_len) for _ in range(num_layers)]
+        Cache.__init__(self, layers=layers, offloading=offloading)
+
+    def key_memory_bytes(self) -> int:
+        """Bytes of all key buffers."""
         return sum(layer.key_memory_bytes() for layer in self.layers)
