@@ -64,7 +64,10 @@ def _use_triton(tensor: torch.Tensor) -> bool:
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """Packs the signs of the last dimension into int32 words: the Triton kernel on CUDA, PyTorch elsewhere."""
+    """Packs the signs of the last dimension into int32 words: the Triton kernel on CUDA, PyTorch elsewhere and
+    under `torch.compile` (which fuses the PyTorch packing of a decode step's few new keys)."""
+    if torch.compiler.is_compiling():
+        return pack_sign_bits(x)
     if _use_triton(x) and x.shape[-1] & (x.shape[-1] - 1) == 0:
         from .triton_decode import triton_pack_sign_bits
 

@@ -1001,6 +1001,10 @@ class _Workspace:
 
     @classmethod
     def get(cls, device: torch.device) -> _Workspace:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a CUDA graph being recorded owns its memory: scratch allocated there lives in the graph's pool, and a
+            # cached buffer would outlive the recording (CUDA-graph trees refuse untracked live allocations)
+            return cls(device)
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         key = (device.type, device.index, stream)
         if key not in cls._instances:
