@@ -1001,9 +1001,13 @@ class _Workspace:
 
     @classmethod
     def get(cls, device: torch.device) -> _Workspace:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # a CUDA graph being recorded owns its memory: scratch allocated there lives in the graph's pool, and a
-            # cached buffer would outlive the recording (CUDA-graph trees refuse untracked live allocations)
+        if device.type == "cuda" and (
+            torch.cuda.is_current_stream_capturing()
+            or torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
+        ):
+            # CUDA graphs (recorded, and warmed up by torch.compile's CUDA-graph trees) run on a side stream and own
+            # their memory: scratch allocated there lives in the graph's pool, and a cached buffer would outlive the
+            # recording (CUDA-graph trees refuse untracked live allocations). Off the default stream: no cache.
             return cls(device)
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         key = (device.type, device.index, stream)
