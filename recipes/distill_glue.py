@@ -329,6 +329,8 @@ def main(argv: list[str]) -> dict:
 
         peft_args = asdict(script_args.peft)
         student = make_peft_student(student, **{k: v for k, v in peft_args.items() if k != "use_peft"})
+        if script_args.finetune_teacher_epochs > 0:  # the adapter's base is the fine-tuned teacher saved above
+            student.peft_config["default"].base_model_name_or_path = os.path.abspath(teacher_args.output_dir)
     schedule = training_args.schedule()
     if schedule.scale != 1.0:
         logger.warning("Shortened schedule: %s.", schedule.describe())

