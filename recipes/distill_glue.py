@@ -9,6 +9,10 @@ Launch commands (run from the repository root):
     # a YAML config (any field of ScriptArguments and HADTrainingArguments)
     python recipes/distill_glue.py recipes/configs/sst2_minilm_cpu.yaml
 
+    # the embedded default distilled through a LoRA adapter on the query/key projections (peft; trl's flags
+    # --lora_r --lora_alpha --lora_dropout --lora_target_modules): the output folder holds the adapter
+    python recipes/distill_glue.py recipes/configs/sst2_minilm_cpu.yaml --use_peft
+
     # one process under Accelerate, or data-parallel over 2 processes (DDP)
     accelerate launch --config_file recipes/accelerate_configs/single.yaml recipes/distill_glue.py \
         --task_name mrpc --glue_dir ../shared/data/glue --model_name_or_path path/to/bert --output_dir out/mrpc \
@@ -32,6 +36,7 @@ runs in full (about 29,200 steps); a `--max_steps` stretches every stage in prop
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -144,10 +149,23 @@ class ScriptArguments:
             raise ValueError(f"distill_augment: unknown kind(s) {unknown}; choose from {sorted(AUGMENTATIONS)}.")
 
 
+@dataclass
+class PeftArguments:
+    """Distill through a LoRA adapter (peft; trl's flag names). The teacher is then the base without the adapter."""
+
+    use_peft: bool = field(default=False, metadata={"help": "Distill through a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules the adapter wraps. Default: the family's query and key projections."}
+    )
+
+
 def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArguments, str]:
     """No arguments: the embedded default. A YAML file first: its values, then any flags after it override them.
     Otherwise flags alone, on the library defaults."""
-    parser = HfArgumentParser((ScriptArguments, HADTrainingArguments))
+    parser = HfArgumentParser((ScriptArguments, HADTrainingArguments, PeftArguments))
     command = " ".join(["python recipes/distill_glue.py", *argv])
     if not argv:
         print(f"No arguments: running the embedded default {DEFAULT_CONFIG.relative_to(RECIPES.parent)}.")
@@ -173,7 +191,8 @@ def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArgume
         if "output_dir" in values and "--output_dir" not in argv:
             argv = ["--output_dir", str(values["output_dir"]), *argv]
     # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
-    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args, peft_args = parser.parse_args_into_dataclasses(argv)
+    script_args.peft = peft_args
     return script_args, training_args, command
 
 
@@ -291,8 +310,12 @@ def main(argv: list[str]) -> dict:
         teacher_trainer.save_model()
 
     # ---------------------------------------------------------------- student
-    student = copy.deepcopy(teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)).train()
-    teacher = copy.deepcopy(student).eval()
+    student = teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)
+    if script_args.peft.use_peft:  # no copy: the base with its adapter disabled is the teacher
+        student, teacher = student.train(), None
+    else:
+        student = copy.deepcopy(student).train()
+        teacher = copy.deepcopy(student).eval()
     if script_args.student_dropout is not None:
         set_dropout(student, script_args.student_dropout)
     # ste_clip and sigma_per_head come from training_args: HADDistillationTrainer sets them on the student's config
@@ -301,6 +324,13 @@ def main(argv: list[str]) -> dict:
         top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio, ste_clip=training_args.ste_clip
     )
     had_hf.convert(student, had_config)
+    if script_args.peft.use_peft:
+        from had_hf.peft_student import make_peft_student
+
+        peft_args = asdict(script_args.peft)
+        student = make_peft_student(student, **{k: v for k, v in peft_args.items() if k != "use_peft"})
+        if script_args.finetune_teacher_epochs > 0:  # the adapter's base is the fine-tuned teacher saved above
+            student.peft_config["default"].base_model_name_or_path = os.path.abspath(teacher_args.output_dir)
     schedule = training_args.schedule()
     if schedule.scale != 1.0:
         logger.warning("Shortened schedule: %s.", schedule.describe())
@@ -321,7 +351,8 @@ def main(argv: list[str]) -> dict:
         student_metrics.update(metrics if split == eval_split else {f"{split}_{k}": v for k, v in metrics.items()})
     if len(task.eval_splits) > 1:
         for split in task.eval_splits[1:]:
-            extra = _strip(teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
+            with _teacher_view(trainer):
+                extra = _strip(teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
             teacher_metrics.update({f"{split}_{k}": v for k, v in extra.items()})
 
     results = {
@@ -358,6 +389,7 @@ def main(argv: list[str]) -> dict:
         "world_size": training_args.world_size,
         "command": command,
         "script_args": asdict(script_args),
+        "peft_args": asdict(script_args.peft),
         "training_args": json.loads(training_args.to_json_string()),
         "had_hf_version": had_hf.__version__,
         "transformers_version": transformers.__version__,
@@ -368,6 +400,15 @@ def main(argv: list[str]) -> dict:
         Path(training_args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
         print_table(results)
     return results
+
+
+def _teacher_view(trainer):
+    """A peft student shares the teacher's modules: evaluate the teacher with the adapter off and dense attention."""
+    if not trainer.is_peft_student:
+        return contextlib.nullcontext()
+    from had_hf.peft_student import dense_teacher
+
+    return dense_teacher(trainer.accelerator.unwrap_model(trainer.model))
 
 
 def set_dropout(model: torch.nn.Module, probability: float) -> int:

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 RESULTS_FILENAME = "results.json"
 CARD_FILENAME = "README.md"
 TEMPLATE_FILENAME = "model_card.md"
+ADAPTER_CONFIG_FILENAME = "adapter_config.json"
 ATTN_IMPLEMENTATION = "hamming_topk"
 
 # Files of an output folder that belong on the Hub. Everything else (checkpoints, logs, optimizer states) stays local.
@@ -49,6 +50,7 @@ UPLOAD_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
     "config.json",
+    "adapter_config.json",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -399,6 +401,8 @@ def _card_context(
         "had_hf_version": results.get("had_hf_version", "?"),
         "transformers_version": results.get("transformers_version", "?"),
         "license_note": None,
+        # a LoRA adapter (peft) output: its base is the teacher, distilled with the adapter disabled
+        "adapter_base": teacher if (output_dir / ADAPTER_CONFIG_FILENAME).is_file() else None,
     }
 
 

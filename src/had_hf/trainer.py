@@ -19,6 +19,7 @@ from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import attention_kl, output_kl, output_mse
+from .peft_student import convert_peft_student, dense_teacher, is_peft_model, write_had_config
 from .state import runtime_state
 from .training_args import HADTrainingArguments
 
@@ -36,8 +37,10 @@ class HADDistillationTrainer(Trainer):
     Args:
         model (`PreTrainedModel`): the student, normally a copy of the teacher. If it is not a HAD model yet it is
             converted with `had_config`.
-        teacher_model (`PreTrainedModel`): the task-trained teacher; frozen, in eval mode, placed on the device by
-            Accelerate (not wrapped for data parallelism: it is never trained).
+        teacher_model (`PreTrainedModel`, *optional*): the task-trained teacher; frozen, in eval mode, placed on the
+            device by Accelerate (not wrapped for data parallelism: it is never trained). `None` for a peft student
+            (a `PeftModel`, e.g. from `had_hf.peft_student.make_peft_student`): the teacher is then the student's
+            own base with the adapter disabled and dense attention, so no second copy of the base weights is held.
         args (`HADTrainingArguments`): the training arguments, with the stage schedule.
         had_config (`HADConfig`, *optional*): used to convert a student that is not a HAD model.
         **kwargs: the other arguments of [`~transformers.Trainer`] (datasets, collator, processing class, ...).
@@ -52,7 +55,7 @@ class HADDistillationTrainer(Trainer):
     def __init__(
         self,
         model: PreTrainedModel,
-        teacher_model: PreTrainedModel,
+        teacher_model: PreTrainedModel | None = None,
         args: HADTrainingArguments | None = None,
         had_config: HADConfig | None = None,
         **kwargs,
@@ -61,14 +64,24 @@ class HADDistillationTrainer(Trainer):
             args = HADTrainingArguments(output_dir="had-distillation")
         if not isinstance(args, HADTrainingArguments):
             raise TypeError(f"args must be HADTrainingArguments, got {type(args).__name__}.")
-        student_config = getattr(model.config, "quantization_config", None)
-        if not isinstance(student_config, HADConfig):
-            if had_config is None:
+        self.is_peft_student = is_peft_model(model)
+        if self.is_peft_student:
+            self.had_config: HADConfig = convert_peft_student(model, had_config)
+        else:
+            if teacher_model is None:
                 raise ValueError(
-                    "The student is not a HAD model: pass `had_config=HADConfig(...)` or call `had_hf.convert` first."
+                    "teacher_model is required, unless the student is a peft model (whose teacher is its own base "
+                    "with the adapter disabled)."
                 )
-            convert(model, had_config)
-        self.had_config: HADConfig = model.config.quantization_config
+            student_config = getattr(model.config, "quantization_config", None)
+            if not isinstance(student_config, HADConfig):
+                if had_config is None:
+                    raise ValueError(
+                        "The student is not a HAD model: pass `had_config=HADConfig(...)` or call `had_hf.convert` "
+                        "first."
+                    )
+                convert(model, had_config)
+            self.had_config = model.config.quantization_config
         if self.had_config.ste_clip != args.ste_clip:
             logger.warning(
                 "The HADConfig's ste_clip=%s is replaced by the training argument ste_clip=%s: the STE clip is a "
@@ -80,19 +93,20 @@ class HADDistillationTrainer(Trainer):
         if args.sigma_per_head:
             self.had_config.sigma_per_head = True
 
-        use_dense_capture(teacher_model, self.had_config)
-        teacher_layers, student_layers = attention_module_names(teacher_model), attention_module_names(model)
-        if teacher_layers != student_layers:
-            raise ValueError(
-                "The student's attention layers must match the teacher's (start the student as a copy of the "
-                f"teacher): teacher {teacher_layers[:3]}..., student {student_layers[:3]}..."
-            )
-        teacher_model.eval()
-        teacher_model.requires_grad_(False)
+        if teacher_model is not None:
+            use_dense_capture(teacher_model, self.had_config)
+            teacher_layers, student_layers = attention_module_names(teacher_model), attention_module_names(model)
+            if teacher_layers != student_layers:
+                raise ValueError(
+                    "The student's attention layers must match the teacher's (start the student as a copy of the "
+                    f"teacher): teacher {teacher_layers[:3]}..., student {student_layers[:3]}..."
+                )
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
 
         self.schedule = args.schedule()
         self.stage_callback = HADStageCallback(
-            runtime_state(model),
+            runtime_state(model.get_base_model() if self.is_peft_student else model),
             self.schedule,
             args.refinement_learning_rate,
             evaluate_at_stage_ends=kwargs.get("eval_dataset") is not None,
@@ -106,7 +120,7 @@ class HADDistillationTrainer(Trainer):
                 "are not supported yet (the frozen teacher is not sharded). Launch with "
                 "`accelerate launch --num_processes N` and no DeepSpeed/FSDP config."
             )
-        self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher = teacher_model and self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         # compute_loss returns a per-micro-batch mean: let the Trainer divide it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -139,7 +153,7 @@ class HADDistillationTrainer(Trainer):
         teacher_store = HADCaptureStore(capture_logits=weight > 0)
         student_store = HADCaptureStore(capture_logits=weight > 0)
         with torch.no_grad():
-            teacher_outputs = self.teacher(**inputs, **{STORE_KWARG: teacher_store})
+            teacher_outputs = self.teacher_forward(model, inputs, teacher_store)
         student_outputs = model(**inputs, **{STORE_KWARG: student_store})
 
         if self.is_regression:
@@ -165,6 +179,14 @@ class HADDistillationTrainer(Trainer):
             self._had_metrics["loss_out"].append(loss_out.detach().item())
         return (loss, student_outputs) if return_outputs else loss
 
+    def teacher_forward(self, model, inputs: dict, store: HADCaptureStore):
+        """The teacher's outputs: the teacher model's, or a peft student's with its adapter disabled."""
+        if self.teacher is not None:
+            return self.teacher(**inputs, **{STORE_KWARG: store})
+        student = self.accelerator.unwrap_model(model)
+        with dense_teacher(student):
+            return student(**inputs, **{STORE_KWARG: store})
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation runs the student alone (no teacher, no logit capture): the metrics are the student's."""
         inputs = self._prepare_inputs(inputs)
@@ -186,6 +208,12 @@ class HADDistillationTrainer(Trainer):
             logs["stage"] = self.schedule.phase(step)
             logs["c"] = self.schedule.c(step)
         super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        if self.is_peft_student:
+            # the adapter folder also holds the base's config with the HADConfig (see had_hf.peft_student)
+            write_had_config(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
     # ---------------------------------------------------------------- model card and Hub
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
@@ -252,7 +280,11 @@ class HADDistillationTrainer(Trainer):
             collate_fn=collator,
         )
         model = self.accelerator.unwrap_model(self.model)
-        calibrate(model, loader, num_batches=self.args.calibration_batches)
+        if self.is_peft_student:
+            with model.disable_adapter():  # calibrated on the teacher, as for a copied student
+                calibrate(model.get_base_model(), loader, num_batches=self.args.calibration_batches)
+        else:
+            calibrate(model, loader, num_batches=self.args.calibration_batches)
         self._broadcast_sigma()
         logger.info("HAD: calibrated sigma on %d batches.", self.args.calibration_batches)
         return self.had_config
