@@ -6,7 +6,10 @@ Launch commands (run from the repository root):
     # shipped SST-2 sample, then distills it with a shortened schedule (sized for 2 CPU cores)
     python recipes/distill_glue.py
 
-    # a YAML config (any field of ScriptArguments and HADTrainingArguments)
+    # the embedded default with one change: flags alone apply to it
+    python recipes/distill_glue.py --max_steps 60 --output_dir outputs/sst2-60
+
+    # a YAML config (any field of ScriptArguments and HADTrainingArguments), flags after it override it
     python recipes/distill_glue.py recipes/configs/sst2_minilm_cpu.yaml
 
     # one process under Accelerate, or data-parallel over 2 processes (DDP)
@@ -26,8 +29,10 @@ Launch commands (run from the repository root):
     # share a sentence with the task's dev or test split are left out.
 
 Flag names follow transformers' `run_glue.py` (`--task_name`, `--model_name_or_path` for the teacher,
-`--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Without `--max_steps` the paper's schedule
-runs in full (about 29,200 steps); a `--max_steps` stretches every stage in proportion and the output says so.
+`--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Flags alone apply to the embedded default,
+unless one of them names the data or the teacher (`--task_name`, `--glue_dir`, `--model_name_or_path`): such a run
+starts from the library defaults, where without `--max_steps` the paper's schedule runs in full (about 29,200 steps);
+a `--max_steps` stretches every stage in proportion and the output says so.
 """
 
 from __future__ import annotations
@@ -48,7 +53,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -65,11 +69,14 @@ from had_hf.glue import (
     glue_metrics,
     load_glue,
 )
+from had_hf.recipe_parser import RecipeArgumentParser
 
 logger = logging.getLogger("distill_glue")
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "sst2_minilm_cpu.yaml"
+# flags that choose the data or the teacher: flags alone that include one start from the library defaults
+SELECTION_FLAGS = ("task_name", "glue_dir", "model_name_or_path")
 
 
 @dataclass
@@ -146,34 +153,14 @@ class ScriptArguments:
 
 def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArguments, str]:
     """No arguments: the embedded default. A YAML file first: its values, then any flags after it override them.
-    Otherwise flags alone, on the library defaults."""
-    parser = HfArgumentParser((ScriptArguments, HADTrainingArguments))
+    Flags alone: the embedded default with the flags applied, unless one of them names the data or the teacher
+    (`SELECTION_FLAGS`): then the library defaults with the flags."""
+    parser = RecipeArgumentParser(
+        (ScriptArguments, HADTrainingArguments), default_config=DEFAULT_CONFIG, selection_flags=SELECTION_FLAGS
+    )
     command = " ".join(["python recipes/distill_glue.py", *argv])
-    if not argv:
-        print(f"No arguments: running the embedded default {DEFAULT_CONFIG.relative_to(RECIPES.parent)}.")
-        argv = [str(DEFAULT_CONFIG)]
-    if argv[0].endswith((".yaml", ".yml")):
-        import yaml
-
-        config_path = Path(argv[0])
-        if not config_path.is_file():
-            raise SystemExit(f"Config file {config_path} not found.")
-        values = yaml.safe_load(config_path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise SystemExit(
-                f"{config_path} must hold a mapping of flag names to values (e.g. `task_name: stsb`), "
-                f"not a {type(values).__name__}."
-            )
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"Unknown keys in {config_path}: {unknown}. Allowed: the flags of --help.")
-        parser.set_defaults(**values)
-        argv = argv[1:]
-        if "output_dir" in values and "--output_dir" not in argv:
-            argv = ["--output_dir", str(values["output_dir"]), *argv]
     # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
-    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args = parser.parse(argv)
     return script_args, training_args, command
 
 

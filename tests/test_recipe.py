@@ -109,6 +109,36 @@ def _recipe_module():
     return load_script(REPO / "recipes" / "distill_glue.py", "distill_glue_recipe")
 
 
+EMBEDDED_DEFAULT = REPO / "recipes" / "configs" / "sst2_minilm_cpu.yaml"
+
+
+def _parsed_values(recipe, argv) -> dict:
+    script_args, training_args, _ = recipe.parse_arguments(argv)
+    return {**training_args.to_dict(), **dataclasses.asdict(script_args), "max_steps": training_args.user_max_steps}
+
+
+@pytest.mark.parametrize("spelling", [["--max_steps", "60"], ["--max-steps=60"]], ids=["underscore", "dash"])
+def test_flags_alone_apply_to_the_embedded_default(spelling, tmp_path):
+    import yaml
+
+    recipe = _recipe_module()
+    embedded = yaml.safe_load(EMBEDDED_DEFAULT.read_text())
+    values = _parsed_values(recipe, [*spelling, "--output_dir", str(tmp_path / "out")])
+    assert values["max_steps"] == 60
+    for name in ("glue_dir", "finetune_teacher_epochs", "learning_rate", "refinement_learning_rate", "save_strategy"):
+        assert values[name] == embedded[name], name
+    assert values == {**_parsed_values(recipe, []), "max_steps": 60, "output_dir": str(tmp_path / "out")}
+
+
+def test_naming_the_data_or_the_teacher_starts_from_the_library_defaults(tmp_path, capsys):
+    recipe = _recipe_module()
+    sample = str(REPO / "recipes" / "data" / "sst2_sample")
+    values = _parsed_values(recipe, ["--glue_dir", sample, "--output_dir", str(tmp_path / "out")])
+    assert "--glue_dir given: starting from the library defaults" in capsys.readouterr().out
+    assert values["finetune_teacher_epochs"] == 0 and values["max_steps"] is None  # the paper's full schedule
+    assert values["learning_rate"] == 2e-5 and values["glue_dir"] == sample
+
+
 @pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])
 def test_sample_limits_below_one_are_refused(name):
     recipe = _recipe_module()
