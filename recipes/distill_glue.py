@@ -61,13 +61,14 @@ from transformers import (
 import had_hf
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
 from had_hf.glue import (
-    AUGMENTATIONS,
+    augmentation_kinds,
     augmented_distillation_inputs,
-    comma_separated,
     extra_distillation_inputs,
+    extra_task_sources,
     get_task,
     glue_metrics,
     load_glue,
+    missing_glue_files,
 )
 from had_hf.recipe_parser import RecipeArgumentParser
 
@@ -140,28 +141,68 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
-        for name in ("max_train_samples", "max_eval_samples"):
+        task = get_task(self.task_name)
+        HADConfig(top_n=self.top_n, top_n_ratio=self.top_n_ratio)  # the rule for N: one of them, in range
+        extra_task_sources(task, self.distill_extra_tasks)
+        augmentation_kinds(task, self.distill_augment)
+        for name in ("max_seq_length", "teacher_batch_size", "max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1 (or unset for all examples), got {value}.")
+                raise ValueError(f"{name} must be at least 1 (or unset where it has no default), got {value}.")
+        if not self.teacher_learning_rate > 0 or not math.isfinite(self.teacher_learning_rate):
+            raise ValueError(f"teacher_learning_rate must be a finite number > 0, got {self.teacher_learning_rate}.")
+        if not self.finetune_teacher_epochs >= 0 or not math.isfinite(self.finetune_teacher_epochs):
+            raise ValueError(
+                f"finetune_teacher_epochs must be >= 0 (0: the teacher is already trained on the task), got "
+                f"{self.finetune_teacher_epochs}."
+            )
         if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
-        unknown = [kind for kind in comma_separated(self.distill_augment) if kind not in AUGMENTATIONS]
-        if unknown:
-            raise ValueError(f"distill_augment: unknown kind(s) {unknown}; choose from {sorted(AUGMENTATIONS)}.")
 
 
-def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArguments, str]:
+def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptArguments, HADTrainingArguments, str]:
     """No arguments: the embedded default. A YAML file first: its values, then any flags after it override them.
     Flags alone: the embedded default with the flags applied, unless one of them names the data or the teacher
-    (`SELECTION_FLAGS`): then the library defaults with the flags."""
+    (`SELECTION_FLAGS`): then the library defaults with the flags. Values are validated, and with `check_paths`
+    the folders the run reads and writes (`check_run_paths`): a bad one exits with a usage error."""
     parser = RecipeArgumentParser(
         (ScriptArguments, HADTrainingArguments), default_config=DEFAULT_CONFIG, selection_flags=SELECTION_FLAGS
     )
     command = " ".join(["python recipes/distill_glue.py", *argv])
     # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
     script_args, training_args = parser.parse(argv)
+    if check_paths:
+        try:
+            check_run_paths(script_args, training_args)
+        except ValueError as error:
+            parser.error(str(error))
     return script_args, training_args, command
+
+
+def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
+    """Fails on a folder the run would read and cannot, before any model is loaded."""
+    _check_glue_dir(script_args)
+    _check_resume_from_checkpoint(training_args.resume_from_checkpoint)
+
+
+def _check_glue_dir(script_args: ScriptArguments) -> None:
+    if script_args.glue_dir is None:
+        return  # the Hub dataset
+    glue_dir = resolve_path(script_args.glue_dir)
+    if not os.path.isdir(glue_dir):
+        raise ValueError(f"--glue_dir {script_args.glue_dir}: no such folder.")
+    task = get_task(script_args.task_name)
+    missing = missing_glue_files(glue_dir, task, extra_task_sources(task, script_args.distill_extra_tasks))
+    if missing:
+        raise ValueError(
+            f"--glue_dir {script_args.glue_dir} lacks {', '.join(map(str, missing))}: it must hold the official GLUE "
+            "layout (<TASK>/train.tsv, dev.tsv, for the task and every --distill_extra_tasks task)."
+        )
+
+
+def _check_resume_from_checkpoint(checkpoint: str | None) -> None:
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
 
 
 def default_teacher() -> str:

@@ -7,6 +7,9 @@ config, so that the command that worked keeps working with one flag added:
 - a YAML file first: its values, with any flags after it applied on top;
 - flags alone: the embedded default with the flags applied, unless a flag names the data or the model
   (`selection_flags`, e.g. `--task_name`): a run on other data starts from the library defaults.
+
+A value that the dataclasses' validation refuses is a usage error (exit code 2, the message, no traceback), found
+before any model is loaded.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ class RecipeArgumentParser(HfArgumentParser):
         config, argv = self._base_config(list(argv))
         if config is not None:
             argv = self._apply_config(config, argv)
-        return self.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        try:
+            return self.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        except ValueError as error:  # a dataclass's validation: a usage error, reported before any work starts
+            self.error(str(error))
 
     def given_flags(self, argv: list[str]) -> set[str]:
         """The fields that `argv` sets, however spelled (`--max_steps 60`, `--max-steps=60`, an abbreviation)."""
