@@ -33,6 +33,10 @@ Flag names follow transformers' `run_glue.py` (`--task_name`, `--model_name_or_p
 unless one of them names the data or the teacher (`--task_name`, `--glue_dir`, `--model_name_or_path`): such a run
 starts from the library defaults, where without `--max_steps` the paper's schedule runs in full (about 29,200 steps);
 a `--max_steps` stretches every stage in proportion and the output says so.
+
+A non-empty `--output_dir` is refused unless `--overwrite_output_dir` (the earlier run's files are removed first) or
+`--resume_from_checkpoint` is given; at most one checkpoint is kept (`--save_total_limit 1` unless given), and the
+embedded default saves none, only the final model.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from had_hf.glue import (
     load_glue,
     missing_glue_files,
 )
+from had_hf.paths import check_run_output_dir, remove_previous_run
 from had_hf.recipe_parser import RecipeArgumentParser
 
 logger = logging.getLogger("distill_glue")
@@ -139,6 +144,14 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Dropout probability of every dropout layer of the student (default: the teacher's)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the earlier run in a non-empty --output_dir (its files are removed first; a folder "
+            "that holds other files is refused). Without it, or --resume_from_checkpoint, a non-empty "
+            "--output_dir is refused."
+        },
+    )
 
     def __post_init__(self):
         task = get_task(self.task_name)
@@ -168,6 +181,8 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
     parser = RecipeArgumentParser(
         (ScriptArguments, HADTrainingArguments), default_config=DEFAULT_CONFIG, selection_flags=SELECTION_FLAGS
     )
+    # a checkpoint holds the model and the optimizer state (about 3x the model): keep only the latest for resuming
+    parser.set_defaults(save_total_limit=1)
     command = " ".join(["python recipes/distill_glue.py", *argv])
     # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
     script_args, training_args = parser.parse(argv)
@@ -183,6 +198,9 @@ def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArgu
     """Fails on a folder the run would read and cannot, before any model is loaded."""
     _check_glue_dir(script_args)
     _check_resume_from_checkpoint(training_args.resume_from_checkpoint)
+    check_run_output_dir(
+        training_args.output_dir, script_args.overwrite_output_dir, training_args.resume_from_checkpoint
+    )
 
 
 def _check_glue_dir(script_args: ScriptArguments) -> None:
@@ -228,6 +246,10 @@ def main(argv: list[str]) -> dict:
     script_args, training_args, command = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
+    if script_args.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
+        removed = remove_previous_run(training_args.output_dir)
+        if removed:
+            logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(removed))
     task = get_task(script_args.task_name)
     set_seed(training_args.seed)
     start = time.time()

@@ -196,6 +196,75 @@ def test_a_glue_dir_without_the_tasks_files_is_refused_before_any_model_is_loade
     )
 
 
+def _snapshot(folder: Path) -> dict:
+    return {
+        str(path.relative_to(folder)): (path.read_bytes() if path.is_file() else None, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def _earlier_run(folder: Path) -> Path:
+    (folder / "teacher").mkdir(parents=True)
+    (folder / "teacher" / "model.safetensors").write_bytes(b"old teacher")
+    (folder / "checkpoint-60").mkdir()
+    (folder / "checkpoint-60" / "optimizer.pt").write_bytes(b"old optimizer")
+    for name in ("model.safetensors", "results.json", "config.json"):
+        (folder / name).write_text(f"old {name}")
+    return folder
+
+
+def test_a_non_empty_output_dir_is_refused_with_nothing_changed(recipe_without_loading, tmp_path, capsys):
+    out = _earlier_run(tmp_path / "out")
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_without_loading.main(["--max_steps", "60", "--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--output_dir {out} exists and is not empty" in error and "--overwrite_output_dir" in error
+    assert f"--resume_from_checkpoint {out / 'checkpoint-60'}" in error
+    assert _snapshot(out) == before
+
+
+def test_overwrite_output_dir_removes_the_earlier_run_before_loading(recipe_without_loading, tmp_path):
+    out = _earlier_run(tmp_path / "out")
+    with pytest.raises(AssertionError, match="loaded"):  # past the checks: the loader refuses
+        recipe_without_loading.main(["--overwrite_output_dir", "--output_dir", str(out)])
+    assert list(out.iterdir()) == []  # no old teacher/ or checkpoint left beside the new run's files
+
+
+def test_overwrite_output_dir_refuses_a_folder_with_other_files(recipe_without_loading, tmp_path, capsys):
+    out = _earlier_run(tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    with pytest.raises(SystemExit):
+        recipe_without_loading.main(["--overwrite_output_dir", "--output_dir", str(out)])
+    assert "also holds ['notes.txt'], which no run writes" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_resuming_in_a_non_empty_output_dir_is_allowed(tmp_path):
+    recipe = _recipe_module()
+    out = _earlier_run(tmp_path / "out")
+    checkpoint = str(out / "checkpoint-60")
+    _, training_args, _ = recipe.parse_arguments(["--output_dir", str(out), "--resume_from_checkpoint", checkpoint])
+    assert training_args.resume_from_checkpoint == checkpoint
+    with pytest.raises(SystemExit):
+        recipe.parse_arguments(
+            ["--output_dir", str(out), "--resume_from_checkpoint", checkpoint, "--overwrite_output_dir"]
+        )
+
+
+def test_runs_keep_at_most_one_checkpoint(tmp_path):
+    recipe = _recipe_module()
+    _, embedded, _ = recipe.parse_arguments(["--output_dir", str(tmp_path / "a")])
+    assert embedded.save_strategy == "no"  # the embedded default saves the final model alone
+    sample = str(REPO / "recipes" / "data" / "sst2_sample")
+    _, library, _ = recipe.parse_arguments(["--glue_dir", sample, "--output_dir", str(tmp_path / "b")])
+    assert library.save_strategy == "steps" and library.save_total_limit == 1
+    _, chosen, _ = recipe.parse_arguments(["--save_total_limit", "3", "--output_dir", str(tmp_path / "c")])
+    assert chosen.save_total_limit == 3
+
+
 @pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])
 def test_sample_limits_below_one_are_refused(name):
     recipe = _recipe_module()
