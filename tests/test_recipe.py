@@ -172,6 +172,8 @@ BAD_ARGUMENTS = {
     "task name": (["--task_name", "sst3"], "Unknown GLUE task 'sst3'"),
     "glue_dir": (["--glue_dir", "/no/such/glue"], "--glue_dir /no/such/glue: no such folder"),
     "resume": (["--resume_from_checkpoint", "/no/such/checkpoint-8"], "no such checkpoint folder"),
+    "teacher path": (["--model_name_or_path", "./no-such-teacher"], "./no-such-teacher: no such local folder ("),
+    "teacher neither": (["--model_name_or_path", "no teacher!"], "no such local folder, and not a Hub repo id"),
 }
 
 
@@ -182,6 +184,20 @@ def test_bad_arguments_are_refused_before_any_model_is_loaded(recipe_without_loa
     assert exit_info.value.code == 2  # argparse's usage error: the message, no traceback
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_typo_of_a_teacher_folder_is_not_tried_on_the_hub(
+    recipe_without_loading, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "sst2-teacher").mkdir(parents=True)
+    with pytest.raises(SystemExit):  # "outputs/sst2-teachr" is also a valid Hub repo id
+        recipe_without_loading.main(["--model_name_or_path", "outputs/sst2-teachr", "--output_dir", "out"])
+    error = capsys.readouterr().err
+    assert (
+        f"outputs/sst2-teachr: no such local folder ({tmp_path / 'outputs' / 'sst2-teachr'} does not exist)" in error
+    )
+    assert "Repo id" not in error
 
 
 def test_a_glue_dir_without_the_tasks_files_is_refused_before_any_model_is_loaded(

@@ -1,5 +1,7 @@
 """Checks of the folders a command reads and writes, made before any model is loaded.
 
+- `local_folder_or_hub_id`: a model argument names an existing folder or a Hub repo id; a missing local path is
+  reported as one, not as a bad Hub id, and is never looked up on the Hub.
 - `check_run_output_dir`: a training run writes into an empty or new folder, unless the user asks to overwrite an
   earlier run (`--overwrite_output_dir`) or resumes one (`--resume_from_checkpoint`), as transformers' example
   scripts do.
@@ -45,6 +47,36 @@ RUN_OUTPUT_PATTERNS = (
     "runs",
 )
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def local_folder_or_hub_id(value: str, flag: str) -> str:
+    """`value` as a model location: an existing local folder (with `~` expanded), or else a Hub repo id.
+
+    Raises `ValueError` naming `flag` when `value` is a file, a local path that does not exist (it starts with `./`,
+    `../`, `/` or `~`, or its first component exists here, as in a typo of `outputs/run`), or neither an existing
+    folder nor a valid Hub repo id.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ValueError(f"{flag} {value}: is a file; a model is a folder (with config.json) or a Hub repo id.")
+    if _looks_like_local_path(value):
+        raise ValueError(f"{flag} {value}: no such local folder ({path.absolute()} does not exist).")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(f"{flag} {value}: no such local folder, and not a Hub repo id (NAME or ORG/NAME).") from None
+    return value
+
+
+def _looks_like_local_path(value: str) -> bool:
+    if value in (".", "..") or value.startswith(("./", "../", "/", "~")):
+        return True
+    first, separator, _ = value.partition(os.sep)
+    return bool(separator) and Path(first).exists()
 
 
 def check_run_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume_from_checkpoint: str | None) -> None:

@@ -102,10 +102,11 @@ def register_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Argu
 def run_export_command(args: argparse.Namespace) -> int:
     """Runs the export described by parsed arguments; prints a summary and returns 0, or the error and returns 1."""
     try:
+        from ..paths import local_folder_or_hub_id
         from .exporter import export_had
 
         result = export_had(
-            args.model,
+            local_folder_or_hub_id(str(args.model), "--model"),
             args.output_dir,
             samples=args.samples,
             context_length=args.context_length,
