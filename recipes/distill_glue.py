@@ -18,8 +18,11 @@ Launch commands (run from the repository root):
         --finetune_teacher_epochs 3
     accelerate launch --config_file recipes/accelerate_configs/ddp_2proc.yaml recipes/distill_glue.py \
         --task_name stsb --glue_dir ../shared/data/glue --model_name_or_path path/to/bert --output_dir out/stsb
-    # the same on a machine without a GPU (CPU DDP over gloo; plain `torchrun --nproc_per_node 2` works too)
+    # the same on a machine without a GPU (CPU DDP over gloo; plain `torchrun --nproc_per_node 2` works too), and one
+    # process on a CPU: the CPU configs (use_cpu: true) give each process its cores as threads, where accelerate's
+    # default is one thread (launched without them, the recipe raises torch's thread count itself)
     accelerate launch --config_file recipes/accelerate_configs/ddp_2proc_cpu.yaml recipes/distill_glue.py ...
+    accelerate launch --config_file recipes/accelerate_configs/single_cpu.yaml recipes/distill_glue.py --max_steps 60
 
     # the paper's ablations: --attention_loss false ("w/o AD"), --skip_tanh true ("w/o tanh")
     # beyond the paper: --distill_extra_tasks mrpc,rte (other sentence-pair tasks' training texts as extra, unlabeled
@@ -74,6 +77,7 @@ from had_hf.glue import (
     load_glue,
     missing_glue_files,
 )
+from had_hf.launch import use_cpu_cores
 from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
 from had_hf.recipe_parser import RecipeArgumentParser
 
@@ -251,6 +255,7 @@ def main(argv: list[str]) -> dict:
     script_args, training_args, command = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
+    use_cpu_cores()  # accelerate launch without a CPU config leaves one thread per process
     if script_args.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
         removed = remove_previous_run(training_args.output_dir)
         if removed:
