@@ -51,7 +51,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -190,7 +190,12 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
     (`SELECTION_FLAGS`): then the library defaults with the flags. Values are validated, and with `check_paths`
     the folders the run reads and writes (`check_run_paths`): a bad one exits with a usage error."""
     parser = RecipeArgumentParser(
-        (ScriptArguments, HADTrainingArguments), default_config=DEFAULT_CONFIG, selection_flags=SELECTION_FLAGS
+        (ScriptArguments, HADTrainingArguments),
+        default_config=DEFAULT_CONFIG,
+        selection_flags=SELECTION_FLAGS,
+        help_groups=help_groups(),
+        description=__doc__,
+        usage="%(prog)s [CONFIG.yaml] [--flag VALUE ...]",
     )
     # a checkpoint holds the model and the optimizer state (about 3x the model): keep only the latest for resuming
     parser.set_defaults(save_total_limit=1)
@@ -203,6 +208,39 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
         except ValueError as error:
             parser.error(str(error))
     return script_args, training_args, command
+
+
+# the TrainingArguments flags that --help shows beside the recipe's and the HAD schedule's own (--help_all: all)
+COMMON_TRAINING_FLAGS = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "max_steps",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "eval_strategy",
+    "eval_steps",
+    "logging_steps",
+    "save_strategy",
+    "save_total_limit",
+    "seed",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "dataloader_num_workers",
+    "report_to",
+    "disable_tqdm",
+)
+
+
+def help_groups() -> dict[str, list[str]]:
+    """The sections of --help: the recipe's flags, the HAD schedule's (HADTrainingArguments' own), common ones."""
+    inherited = {f.name for f in fields(TrainingArguments)}
+    return {
+        "recipe arguments": [f.name for f in fields(ScriptArguments)],
+        "HAD schedule and losses": [f.name for f in fields(HADTrainingArguments) if f.name not in inherited],
+        "common training arguments": list(COMMON_TRAINING_FLAGS),
+    }
 
 
 def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:

@@ -103,6 +103,24 @@ def test_help_prints_every_recipe_flag(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--distill_extra_tasks", "--distill_augment", "--student_dropout", "--top_n", "--max_train_samples"):
         assert flag in result.stdout
+    # the launch commands, the HAD schedule and the common training flags, and a pointer to the other ones
+    assert "accelerate launch --config_file recipes/accelerate_configs/single_cpu.yaml" in result.stdout
+    for flag in ("--c_decay", "--refinement_learning_rate", "--max_steps", "--learning_rate", "--output_dir"):
+        assert flag in result.stdout
+    assert "--adam_beta1" not in result.stdout and "see --help_all" in result.stdout
+    assert "embedded default recipes/configs/sst2_minilm_cpu.yaml instead, which sets task_name sst2" in (
+        " ".join(result.stdout.split())
+    )
+    assert len(result.stdout.splitlines()) < 250
+
+
+def test_help_all_prints_every_training_flag(capsys):
+    recipe = _recipe_module()
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_arguments(["--help_all"])
+    assert exit_info.value.code == 0
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full and "--distill_augment" in full and "--c_decay" in full
 
 
 def _recipe_module():

@@ -10,12 +10,17 @@ config, so that the command that worked keeps working with one flag added:
 
 A value that the dataclasses' validation refuses is a usage error (exit code 2, the message, no traceback), found
 before any model is loaded.
+
+`--help` shows the description (the launch commands) and the flags of `help_groups` alone (the recipe's own and the
+common training ones); `--help_all` shows every flag (`TrainingArguments` has more than a hundred).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,15 +36,69 @@ class RecipeArgumentParser(HfArgumentParser):
         default_config (`Path`): the YAML file run when no config file is given (see the module docstring).
         selection_flags (`Iterable[str]`): field names that choose the data or the model; flags alone that include
             one of them start from the library defaults instead of `default_config`.
-        **kwargs: passed to `argparse.ArgumentParser` (`description`, `epilog`, ...).
+        help_groups (`dict[str, list[str]]`, *optional*): the sections of `--help` (title: field names); without
+            it, `--help` shows every flag.
+        **kwargs: passed to `argparse.ArgumentParser` (`description`, `usage`, ...); the description is printed as
+            written.
     """
 
     def __init__(
-        self, dataclass_types, *, default_config: str | os.PathLike, selection_flags: Iterable[str] = (), **kwargs
+        self,
+        dataclass_types,
+        *,
+        default_config: str | os.PathLike,
+        selection_flags: Iterable[str] = (),
+        help_groups: dict[str, list[str]] | None = None,
+        **kwargs,
     ):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(dataclass_types, **kwargs)
         self.default_config = Path(default_config)
         self.selection_flags = frozenset(selection_flags)
+        self.help_groups = help_groups
+        if help_groups is not None:
+            self.add_argument(
+                "--help_all", action=_FullHelpAction, help="show every flag (all of TrainingArguments) and exit"
+            )
+
+    def format_help(self) -> str:
+        """The help of the flags in `help_groups`, with a pointer to `--help_all` (every flag)."""
+        if self.help_groups is None:
+            return super().format_help()
+        flags = [action for action in self._actions if not isinstance(action, _HELP_ACTIONS)]
+        actions = {}
+        for action in flags:
+            actions.setdefault(action.dest, action)  # a bool field's `--no_<name>` comes second
+        shown = {name for names in self.help_groups.values() for name in names}
+        hidden = len(set(actions) - shown)
+        formatter = self._get_formatter()
+        formatter.add_usage(self.usage, self._actions, [])
+        formatter.add_text(self.description)
+        sections = {"help": [action for action in self._actions if isinstance(action, _HELP_ACTIONS)]}
+        sections.update({title: [actions[name] for name in names] for title, names in self.help_groups.items()})
+        for title, section_actions in sections.items():
+            formatter.start_section(title)
+            formatter.add_arguments(section_actions)
+            formatter.end_section()
+        formatter.add_text(f"{hidden} more flags (every TrainingArguments field) are accepted: see --help_all.")
+        formatter.add_text(textwrap.fill(self._default_config_text(), width=100))
+        return formatter.format_help()
+
+    def _default_config_text(self) -> str:
+        """What the embedded default sets: the values that flags alone start from, where (default: ...) is the
+        library's."""
+        import yaml
+
+        values = yaml.safe_load(self.default_config.read_text()) or {}
+        settings = ", ".join(f"{name} {value}" for name, value in values.items())
+        return (
+            f"The (default: ...) values are the library's. Flags alone start from the embedded default "
+            f"{_shown(self.default_config)} instead, which sets {settings}."
+        )
+
+    def format_full_help(self) -> str:
+        """The help of every flag."""
+        return super().format_help()
 
     def parse(self, argv: list[str]) -> tuple[Any, ...]:
         """The dataclass instances for `argv` (the command line without the program name)."""
@@ -107,3 +166,32 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (it holds commands); each flag once (not its `--dash-spelled` alias), with its
+    default where it has one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+    def _format_action_invocation(self, action):
+        spellings = {}
+        for option in action.option_strings:
+            spellings.setdefault(option.replace("-", "_"), option)
+        if len(spellings) < len(action.option_strings):
+            action = copy.copy(action)
+            action.option_strings = list(spellings.values())
+        return super()._format_action_invocation(action)
+
+
+class _FullHelpAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(parser.format_full_help())
+        parser.exit()
+
+
+_HELP_ACTIONS = (argparse._HelpAction, _FullHelpAction)
