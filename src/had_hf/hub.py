@@ -6,7 +6,8 @@
   temporary staging folder, and uploads everything in a single commit. The output folder is only read, never
   written, so it is byte-identical after a failed push; a push that did not fully land raises `HubPushError` with
   the command that retries it.
-- `register_subcommand(subparsers)` adds `had-hf push OUTPUT_DIR --repo-id ORG/NAME`.
+- `run_push_command(args)` runs `had-hf push OUTPUT_DIR --repo-id ORG/NAME` (its arguments are declared in
+  `had_hf_cli`).
 
 Loading needs nothing from this module: a pushed checkpoint carries its HADConfig as `quantization_config`, which
 `import had_hf` teaches transformers to restore (see `had_hf.integration`).
@@ -781,28 +782,6 @@ def _failure_reason(error: BaseException, status: int | None, endpoint: str, rep
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def register_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds `had-hf push OUTPUT_DIR --repo-id ORG/NAME [--private] [--token] [--commit-message] [--revision]`."""
-    parser = subparsers.add_parser(
-        "push",
-        help="push a distillation output folder to the Hugging Face Hub, with its model card",
-        description=(
-            "Push a HAD distillation output folder (safetensors weights, config with HADConfig, tokenizer or image "
-            "processor, results.json) to the Hub in one commit, with a generated model card and training curves. "
-            "The folder itself is never modified."
-        ),
-    )
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="the output folder of a distillation run")
-    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub repo (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or login)")
-    parser.add_argument("--commit-message", default=None, help="title of the commit")
-    parser.add_argument("--revision", default=None, help="branch to commit to, created if missing (default: main)")
-    parser.add_argument("--license", default=None, help="license of the model for the card (default: results.json)")
-    parser.set_defaults(func=run_push_command)
-    return parser
 
 
 def run_push_command(args: argparse.Namespace) -> int:
