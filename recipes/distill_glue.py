@@ -169,10 +169,13 @@ class ScriptArguments:
         HADConfig(top_n=self.top_n, top_n_ratio=self.top_n_ratio)  # the rule for N: one of them, in range
         extra_task_sources(task, self.distill_extra_tasks)
         augmentation_kinds(task, self.distill_augment)
-        for name in ("max_seq_length", "teacher_batch_size", "max_train_samples", "max_eval_samples"):
+        for name in ("max_seq_length", "teacher_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1 (or unset where it has no default), got {value}.")
+                raise ValueError(f"{name} must be at least 1 (or unset for all examples), got {value}.")
         if not self.teacher_learning_rate > 0 or not math.isfinite(self.teacher_learning_rate):
             raise ValueError(f"teacher_learning_rate must be a finite number > 0, got {self.teacher_learning_rate}.")
         if not self.finetune_teacher_epochs >= 0 or not math.isfinite(self.finetune_teacher_epochs):
@@ -244,7 +247,7 @@ def help_groups() -> dict[str, list[str]]:
 
 
 def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
-    """Fails on a folder the run would read and cannot, before any model is loaded."""
+    """Fails on a folder the run would read and cannot, or would write over, before any model is loaded."""
     teacher_location(script_args)
     _check_glue_dir(script_args)
     _check_resume_from_checkpoint(training_args.resume_from_checkpoint)
