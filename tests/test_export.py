@@ -44,6 +44,15 @@ def exported(request, tmp_path_factory):
     return request.param, model, output_dir, result
 
 
+def tiny_bert_tokenizer():
+    """A WordPiece tokenizer over the tiny models' vocabulary: special tokens, then the words w0, w1, ..."""
+    import transformers
+
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    vocab.update({f"w{index}": len(vocab) for index in range(VOCAB - len(vocab))})
+    return transformers.BertTokenizer(vocab=vocab)
+
+
 def _onnx_session(path):
     import onnxruntime
 
@@ -82,6 +91,8 @@ def test_onnx_matches_pytorch_on_new_shapes(exported):
     shapes = [(1, 16), (4, 3)] if family == "bert" else [(1, None), (5, None)]
     for batch, length in shapes:
         inputs = model_inputs(family, batch=batch, length=length or 16, seed=batch + 10)
+        if family == "bert":  # a single sentence: segment 0 everywhere, as BERT's tokenizer gives
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
         with torch.no_grad():
             expected = model(**inputs).logits.numpy()
         received = session.run(["logits"], {name: value.numpy() for name, value in inputs.items()})[0]
@@ -91,6 +102,49 @@ def test_onnx_matches_pytorch_on_new_shapes(exported):
 
     operators = {node.op_type for node in onnx.load(str(output_dir / "model.onnx")).graph.node}
     assert {"TopK", "CumSum", "GatherElements", "Softmax"} <= operators  # tie rule and sparse A.V in the graph
+
+
+def test_onnx_takes_the_tokenizers_segment_ids_of_sentence_pairs(tmp_path):
+    model = had_model("bert")
+    result = export_had(model, tmp_path / "out", context_length=16)
+    assert result.manifest["onnx"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    golden = load_golden(tmp_path / "out")  # the golden samples are pairs: both segments occur
+    assert set(np.unique(golden.inputs["token_type_ids"])) == {0, 1}
+    session = _onnx_session(tmp_path / "out" / "model.onnx")
+    tokenizer = tiny_bert_tokenizer()
+
+    pairs = tokenizer(["w1 w2 w3", "w4 w5"], ["w6 w7 w8 w9 w10", "w11"], padding=True, return_tensors="pt")
+    assert {node.name for node in session.get_inputs()} == set(pairs)  # the tokenizer's full output feeds the graph
+    with torch.no_grad():
+        expected = model(**pairs).logits.numpy()
+        as_one_segment = model(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"]).logits.numpy()
+    assert np.abs(expected - as_one_segment).max() > 1e-4  # the segments change the output, visibly above atol
+    received = session.run(["logits"], {name: value.numpy() for name, value in pairs.items()})[0]
+    assert np.abs(received - expected).max() < 1e-5
+
+    # no segment ids given to PyTorch: its default, segment 0, is the tokenizer's output for single sentences
+    single = tokenizer(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")
+    assert not single["token_type_ids"].any()
+    with torch.no_grad():
+        expected = model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits.numpy()
+    received = session.run(["logits"], {name: value.numpy() for name, value in single.items()})[0]
+    assert np.abs(received - expected).max() < 1e-5
+
+
+def test_sample_inputs_have_segment_ids_only_for_models_with_several_types():
+    from tests.conftest import tiny_bert_config
+
+    bert = exporter_module.make_sample_inputs(build_model("bert"), 3, 10, seed=0)
+    assert list(bert) == ["input_ids", "attention_mask", "token_type_ids"]
+    segments, mask = bert["token_type_ids"], bert["attention_mask"]
+    assert (segments[:, 0] == 0).all() and (segments.amax(dim=1) == 1).all()  # every row a pair
+    assert not segments[mask == 0].any()  # padding stays segment 0
+    assert (segments.diff(dim=1) >= 0)[mask[:, 1:] == 1].all()  # one switch, from the first segment to the second
+    import transformers
+
+    one_type = transformers.BertForSequenceClassification(tiny_bert_config(type_vocab_size=1)).eval()
+    assert "token_type_ids" not in exporter_module.make_sample_inputs(one_type, 2, 10, seed=0)
+    assert "token_type_ids" not in exporter_module.make_sample_inputs(build_model("llama"), 2, 10, seed=0)
 
 
 def test_export_keeps_eval_mode_with_dropout_and_restores_the_callers_mode(tmp_path):
@@ -345,13 +399,9 @@ def test_refuses_to_replace_the_model_being_exported(tmp_path):
 @pytest.fixture(scope="module")
 def saved_had_checkpoint(tmp_path_factory):
     """A calibrated tiny HAD BERT saved with a tokenizer, as a user would have it after distillation."""
-    import transformers
-
     path = tmp_path_factory.mktemp("checkpoint") / "had-bert"
     had_model("bert").save_pretrained(path)
-    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
-    vocab.update({f"w{index}": len(vocab) for index in range(VOCAB - len(vocab))})
-    transformers.BertTokenizer(vocab=vocab).save_pretrained(path)
+    tiny_bert_tokenizer().save_pretrained(path)
     return path
 
 
@@ -396,6 +446,18 @@ def test_cli_parser_and_error_exit_codes(saved_had_checkpoint, tmp_path, capsys)
     assert code == 1
     assert "'coefficients' object" in capsys.readouterr().err
     assert main(["export", "--model", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+
+
+@pytest.mark.parametrize("model", ["./missing-model", "outputs/missing-model", "not a model!"])
+def test_export_command_says_a_missing_model_folder_does_not_exist(model, tmp_path, monkeypatch, capsys):
+    from had_hf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # "outputs/missing-model" is a typo of a local path, not a Hub repo id
+    assert main(["export", "--model", model, str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert f"had-hf export: error: --model {model}: no such local folder" in error
+    assert "Repo id" not in error and not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(

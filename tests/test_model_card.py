@@ -123,6 +123,53 @@ def test_had_configuration_section(card, output_dir, results):
     ]
 
 
+def test_schedule_table_gives_each_stage_its_range_of_c(card, results):
+    # c decays c_start -> c_switch in the tanh stage and c_switch -> c_end in the sign stage; the later stages use
+    # sign(x), where c plays no part
+    c_column = {row[0]: row[4] for row in table_rows(section(card, "HAD configuration"), "Stage | Start")}
+    assert c_column == {"tanh": "5 → 1", "sign": "1 → 0.05", "ste": "– (sign)", "binary": "– (sign)"}
+
+
+def test_how_to_use_says_how_to_install_and_to_import_had_hf_first(card):
+    usage = " ".join(section(card, "How to use").split())  # markdown line breaks within a paragraph do not count
+    assert "pip install had-hf" not in usage  # had-hf is on no package index
+    assert "Install `had_hf` from its source checkout" in usage and "`pip install -e .` in the repository" in usage
+    assert "`import had_hf` before loading" in usage and "do not mention had_hf" in usage
+
+
+def test_teacher_row_names_the_base_model_and_the_fine_tuning_of_the_run(card, results):
+    teacher = dict((row[0], row[1]) for row in markdown_table(section(card, "Training"), "| | |")[1])["Teacher"]
+    base = results["teacher"]["model_name_or_path"]
+    accuracy = results["teacher"]["metrics"]["accuracy"]
+    assert teacher == (
+        f"[`{base}`](https://huggingface.co/{base}) (base model), fine-tuned on `sst2` in this run (120 steps); "
+        f"accuracy {accuracy:.4f}"
+    )
+    assert f"student of [`{base}`](https://huggingface.co/{base}) fine-tuned on `sst2` in this run" in card.text
+
+
+@pytest.mark.parametrize(
+    "recorded, argument, expected",
+    [({}, None, "other"), ({"teacher": "apache-2.0"}, None, "apache-2.0"), ({"teacher": "apache-2.0"}, "mit", "mit"),
+     ({"teacher": "apache-2.0", "run": "cc-by-4.0"}, None, "cc-by-4.0")],
+    ids=["unknown", "teacher's", "argument", "recipe's --license"],
+)  # fmt: skip
+def test_license_is_the_teachers_unless_set(output_dir, tmp_path, recorded, argument, expected):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for path in output_dir.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    results = json.loads((folder / "results.json").read_text())
+    results["teacher"]["license"] = recorded.get("teacher")
+    results["license"] = recorded.get("run")
+    (folder / "results.json").write_text(json.dumps(results))
+    card = hub.render_model_card(folder, REPO_ID, license=argument)
+    assert metadata_of(card)["license"] == expected
+    if expected == recorded.get("teacher") and argument is None and "run" not in recorded:
+        assert "the license of the teacher" in card.text
+
+
 def test_usage_training_and_citation_sections(card, results):
     assert "![Training curves: loss terms and eval accuracy" in section(card, "Training curves")
     assert "(training_curves.png)" in section(card, "Training curves")

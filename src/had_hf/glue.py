@@ -213,20 +213,9 @@ def _tsv_texts(glue_dir: str | Path, task: GlueTask, splits: list[str]):
             yield from (record[column] for column in columns if record.get(column))
 
 
-def extra_distillation_inputs(
-    task: GlueTask, sources: str | list[str], glue_dir: str | Path | None = None, max_rows: int | None = None
-) -> list[dict]:
-    """The training texts of other GLUE tasks as extra, unlabeled inputs for distilling a `task` student.
-
-    Distillation needs no labels: its targets are the teacher's outputs. Each source's text fields are renamed, in
-    order, to `task`'s, so a sentence-pair task takes only sentence-pair sources. The examples carry the placeholder
-    label 0 (0.0 for regression) so that they batch with the task's own examples; the distillation loss never reads
-    it. `max_rows` caps each source.
-
-    GLUE tasks share sentences: STS-B's MSRpar pairs come from the MRPC corpus, so MRPC's training set holds some of
-    STS-B's dev pairs and the other way round. Any source example with a sentence of `task`'s dev or test splits
-    (`held_out_sentences`) is dropped, so that the student is never distilled on what it is measured on.
-    """
+def extra_task_sources(task: GlueTask, sources: str | list[str] | None) -> list[GlueTask]:
+    """The GLUE tasks named in `sources` (comma-separated) whose training texts can be extra distillation inputs of
+    `task`: other tasks, each named once, with as many text fields as `task`. Raises `ValueError` otherwise."""
     names = comma_separated(sources)
     source_tasks = [get_task(name) for name in names]
     chosen = [source.name for source in source_tasks]
@@ -244,6 +233,33 @@ def extra_distillation_inputs(
                 f"{name!r} has {len(source.text_fields)} text field(s) and {task.name!r} has {len(task.text_fields)}: "
                 f"its texts cannot stand in for {task.name}'s inputs. Allowed sources: {allowed}."
             )
+    return source_tasks
+
+
+def missing_glue_files(glue_dir: str | Path, task: GlueTask, extra_tasks: list[GlueTask] = ()) -> list[Path]:
+    """The files of the official GLUE layout that a run on `task` reads and `glue_dir` lacks: the task's training
+    and evaluation splits, and the training split of every extra task."""
+    needed = [(task, split) for split in ("train", *task.eval_splits)] + [(extra, "train") for extra in extra_tasks]
+    paths = [Path(glue_dir) / source.folder / f"{split}.tsv" for source, split in needed]
+    return [path for path in paths if not path.is_file()]
+
+
+def extra_distillation_inputs(
+    task: GlueTask, sources: str | list[str], glue_dir: str | Path | None = None, max_rows: int | None = None
+) -> list[dict]:
+    """The training texts of other GLUE tasks as extra, unlabeled inputs for distilling a `task` student.
+
+    Distillation needs no labels: its targets are the teacher's outputs. Each source's text fields are renamed, in
+    order, to `task`'s, so a sentence-pair task takes only sentence-pair sources. The examples carry the placeholder
+    label 0 (0.0 for regression) so that they batch with the task's own examples; the distillation loss never reads
+    it. `max_rows` caps each source.
+
+    GLUE tasks share sentences: STS-B's MSRpar pairs come from the MRPC corpus, so MRPC's training set holds some of
+    STS-B's dev pairs and the other way round. Any source example with a sentence of `task`'s dev or test splits
+    (`held_out_sentences`) is dropped, so that the student is never distilled on what it is measured on.
+    """
+    names = comma_separated(sources)
+    source_tasks = extra_task_sources(task, names)
     held_out = held_out_sentences(task, glue_dir) if names else set()  # read once every name is known to be usable
     examples: list[dict] = []
     for source in source_tasks:
@@ -274,15 +290,9 @@ AUGMENTATIONS = {
 PAIR_AUGMENTATIONS = ("swap", "cross")
 
 
-def augmented_distillation_inputs(
-    task: GlueTask, examples: list[dict], kinds: str | list[str], seed: int = 0, drop_probability: float = 0.15
-) -> list[dict]:
-    """Augmented copies of `examples` as extra, unlabeled distillation inputs: one copy per kind (AUGMENTATIONS).
-
-    Distillation targets are the teacher's outputs, so a text the teacher was never trained on still teaches the
-    student to follow the teacher. Each copy is made from `examples` themselves (kinds do not compose) and carries
-    the placeholder label 0 (0.0 for regression). Seeded: the same arguments give the same copies.
-    """
+def augmentation_kinds(task: GlueTask, kinds: str | list[str] | None) -> list[str]:
+    """The augmentation kinds named in `kinds` (comma-separated): known ones (AUGMENTATIONS), each named once, the
+    pair-only ones for sentence-pair tasks alone. Raises `ValueError` otherwise."""
     names = comma_separated(kinds)
     for name in names:
         if name not in AUGMENTATIONS:
@@ -294,6 +304,19 @@ def augmented_distillation_inputs(
             )
     if len(names) != len(set(names)):
         raise ValueError(f"Augmentations repeat in {names}: name each kind once.")
+    return names
+
+
+def augmented_distillation_inputs(
+    task: GlueTask, examples: list[dict], kinds: str | list[str], seed: int = 0, drop_probability: float = 0.15
+) -> list[dict]:
+    """Augmented copies of `examples` as extra, unlabeled distillation inputs: one copy per kind (AUGMENTATIONS).
+
+    Distillation targets are the teacher's outputs, so a text the teacher was never trained on still teaches the
+    student to follow the teacher. Each copy is made from `examples` themselves (kinds do not compose) and carries
+    the placeholder label 0 (0.0 for regression). Seeded: the same arguments give the same copies.
+    """
+    names = augmentation_kinds(task, kinds)
     if "cross" in names and len(examples) < 2:
         raise ValueError(
             f"'cross' pairs each example with another one: it needs at least 2 examples, got {len(examples)}."

@@ -6,7 +6,8 @@
   temporary staging folder, and uploads everything in a single commit. The output folder is only read, never
   written, so it is byte-identical after a failed push; a push that did not fully land raises `HubPushError` with
   the command that retries it.
-- `register_subcommand(subparsers)` adds `had-hf push OUTPUT_DIR --repo-id ORG/NAME`.
+- `run_push_command(args)` runs `had-hf push OUTPUT_DIR --repo-id ORG/NAME` (its arguments are declared in
+  `had_hf_cli`).
 
 Loading needs nothing from this module: a pushed checkpoint carries its HADConfig as `quantization_config`, which
 `import had_hf` teaches transformers to restore (see `had_hf.integration`).
@@ -268,8 +269,9 @@ def render_model_card(
             The Hub repo the card is for (`ORG/NAME`); names the model and goes in the loading snippet. Defaults to
             the folder, loaded by path.
         license (`str`, *optional*):
-            The model's license. Defaults to `results.json`'s `license`, else `"other"` with a note that the
-            teacher's license applies: a distilled model inherits its teacher's terms, which had_hf cannot know.
+            The model's license. Defaults to `results.json`'s `license` (the recipe's `--license`), else the
+            teacher's license recorded there (`teacher.license`, read from the teacher's model card), which a
+            distilled model inherits, else `"other"` with a note that the teacher's license applies.
         template_path (`str` or `Path`, *optional*):
             A custom Jinja template (same variables as `hub_cards/model_card.md`).
 
@@ -282,7 +284,8 @@ def render_model_card(
     _warn_on_config_mismatch(results, had_config)
     model_ref = repo_id or str(output_dir)
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
-    license = license or results.get("license")
+    teacher_license = results["teacher"].get("license")
+    license = license or results.get("license") or teacher_license
     auto_class, pipeline_tag = _auto_class(config)
     card_data = _card_data(results, model_name, pipeline_tag, license or "other")
     context = _card_context(output_dir, results, had_config, model_ref, model_name, auto_class)
@@ -290,6 +293,11 @@ def render_model_card(
         context["license_note"] = (
             f"License: this card says `other` because the run did not record one; the model is derived from "
             f"{context['teacher_link']} and its license applies."
+        )
+    elif license == teacher_license:
+        context["license_note"] = (
+            f"License: `{license}`, the license of the teacher {context['teacher_link']}, which the distilled model "
+            "inherits (`had-hf push --license` sets another)."
         )
     template = Path(template_path).read_text(encoding="utf-8") if template_path is not None else card_template()
     return ModelCard.from_template(card_data, template_str=template, **context)
@@ -370,10 +378,18 @@ def _card_context(
     teacher_id = _hub_id(teacher)
     uses_tokenizer = any((output_dir / name).is_file() for name in TOKENIZER_FILES)
     timeline = list(results.get("stage_timeline") or [])
+    teacher_link = f"[`{teacher}`](https://huggingface.co/{teacher})" if teacher_id else f"`{teacher}`"
+    fine_tuned = _number(results["teacher"].get("finetune_steps"))
     return {
         "model_name": model_name,
         "model_ref": model_ref,
-        "teacher_link": f"[`{teacher}`](https://huggingface.co/{teacher})" if teacher_id else f"`{teacher}`",
+        "teacher_link": teacher_link,
+        "teacher_summary": (
+            f"{teacher_link} fine-tuned on `{results.get('task', 'the task')}` in this run"
+            if fine_tuned
+            else teacher_link
+        ),
+        "teacher_row": _teacher_row(results, teacher_link),
         "task_label": f"Task `{results['task']}`" if results.get("task") else "The task",
         "dataset_label": _dataset_label(dataset) or "its training data",
         "dataset_source": dataset.get("source"),
@@ -387,7 +403,7 @@ def _card_context(
         "top_n_text": _top_n_text(had_config),
         "attn_implementation": ATTN_IMPLEMENTATION,
         "sigma_rows": _sigma_rows(had_config),
-        "timeline_rows": _timeline_rows(timeline, results.get("log_history") or []),
+        "timeline_rows": _timeline_rows(timeline, results.get("schedule")),
         "total_steps": max((int(s.get("end_step", 0)) for s in timeline), default="not recorded"),
         "has_curves": has_training_curves(results.get("log_history"), results["main_metric"]),
         "curves_filename": TRAINING_CURVES_FILENAME,
@@ -404,6 +420,21 @@ def _card_context(
         # a LoRA adapter (peft) output: its base is the teacher, distilled with the adapter disabled
         "adapter_base": teacher if (output_dir / ADAPTER_CONFIG_FILENAME).is_file() else None,
     }
+
+
+def _teacher_row(results: Mapping[str, Any], teacher_link: str) -> str:
+    """The teacher of the run: the base model, and whether and how long the run fine-tuned it, with its metric."""
+    teacher = results["teacher"]
+    steps = _number(teacher.get("finetune_steps"))
+    main = results["main_metric"]
+    value = _number((teacher.get("metrics") or {}).get(main))
+    score = f"; {main} {value:.4f}" if value is not None else ""
+    if steps is None:
+        return f"{teacher_link}{score}"
+    if steps == 0:
+        return f"{teacher_link}, used as given (not fine-tuned in this run){score}"
+    task = f"`{results['task']}`" if results.get("task") else "the task"
+    return f"{teacher_link} (base model), fine-tuned on {task} in this run ({int(steps):,} steps){score}"
 
 
 def _distill_extra_text(dataset: Mapping[str, Any]) -> str | None:
@@ -468,21 +499,27 @@ def _sigma_rows(had_config: HADConfig) -> list[dict[str, str]]:
     ]
 
 
-def _timeline_rows(timeline: list[Mapping[str, Any]], log_history: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _timeline_rows(timeline: list[Mapping[str, Any]], schedule: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The stages with their steps and the range of c: the schedule's c_start -> c_switch in the tanh stage and
+    c_switch -> c_end in the sign stage; the STE and refinement stages binarize with sign(x), where c plays no
+    part (as do the first two stages of the "w/o tanh" ablation, `skip_tanh`)."""
+    schedule = schedule or {}
+    ranges = {}
+    if all(_number(schedule.get(key)) is not None for key in ("c_start", "c_switch", "c_end")):
+        ranges = {
+            "tanh": f"{schedule['c_start']:g} → {schedule['c_switch']:g}",
+            "sign": f"{schedule['c_switch']:g} → {schedule['c_end']:g}",
+        }
     rows = []
     for stage in timeline:
+        name = stage.get("stage", "?")
         start, end = stage.get("start_step"), stage.get("end_step")
-        known_span = _number(start) is not None and _number(end) is not None
-        temperatures = [
-            entry["c"]
-            for entry in log_history
-            if known_span and _number(entry.get("c")) is not None and start < entry.get("step", -1) <= end
-        ]
-        c_range = f"{temperatures[0]:.3g} → {temperatures[-1]:.3g}" if temperatures else "–"
-        if stage.get("stage") in ("ste", "binary"):
-            c_range = "– (sign)"  # these stages binarize with sign(x): c plays no part
-        steps = end - start if known_span else "?"
-        rows.append({"stage": stage.get("stage", "?"), "start": start, "end": end, "steps": steps, "c": c_range})
+        if name in ("ste", "refinement", "binary") or schedule.get("skip_tanh"):
+            c_range = "– (sign)"
+        else:
+            c_range = ranges.get(name, "not recorded")
+        steps = end - start if _number(start) is not None and _number(end) is not None else "?"
+        rows.append({"stage": name, "start": start, "end": end, "steps": steps, "c": c_range})
     return rows
 
 
@@ -749,28 +786,6 @@ def _failure_reason(error: BaseException, status: int | None, endpoint: str, rep
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def register_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds `had-hf push OUTPUT_DIR --repo-id ORG/NAME [--private] [--token] [--commit-message] [--revision]`."""
-    parser = subparsers.add_parser(
-        "push",
-        help="push a distillation output folder to the Hugging Face Hub, with its model card",
-        description=(
-            "Push a HAD distillation output folder (safetensors weights, config with HADConfig, tokenizer or image "
-            "processor, results.json) to the Hub in one commit, with a generated model card and training curves. "
-            "The folder itself is never modified."
-        ),
-    )
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="the output folder of a distillation run")
-    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub repo (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or login)")
-    parser.add_argument("--commit-message", default=None, help="title of the commit")
-    parser.add_argument("--revision", default=None, help="branch to commit to, created if missing (default: main)")
-    parser.add_argument("--license", default=None, help="license of the model for the card (default: results.json)")
-    parser.set_defaults(func=run_push_command)
-    return parser
 
 
 def run_push_command(args: argparse.Namespace) -> int:

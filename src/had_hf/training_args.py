@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -86,12 +87,24 @@ class HADTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "LR scheduler; stage 4 lowers its base."})
 
     def __post_init__(self):
-        for name in ("refinement_learning_rate", "ste_clip", "calibration_batches", "calibration_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("learning_rate", "refinement_learning_rate", "ste_clip"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+        for name in (
+            "calibration_batches",
+            "calibration_batch_size",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("attention_loss_weight", "refinement_attention_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"max_steps must be -1 (the length of the schedule) or a number of steps >= 4, got {self.max_steps}."
+            )
         self.user_max_steps = self.max_steps if self.max_steps > 0 else None
         schedule = self.schedule()  # validates the c range, decay and stage lengths
         if self.max_steps <= 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -93,7 +94,8 @@ class ExportResult:
             [
                 f"Exported the HAD model to {self.output_dir}",
                 "  model.safetensors + config.json" + (" + tokenizer/processor" if self.manifest["processor"] else ""),
-                f"  {ONNX_FILENAME}: opset {onnx_info['opset']}, ONNX Runtime vs PyTorch max abs diff {diffs}, "
+                f"  {ONNX_FILENAME}: inputs {', '.join(onnx_info['inputs'])}; opset {onnx_info['opset']}, "
+                f"ONNX Runtime vs PyTorch max abs diff {diffs}, "
                 f"atol {onnx_info['validation']['atol']:g}",
                 f"  {GOLDEN_DIRNAME}/: {golden['samples']} sample(s), {golden['layers']} attention layer(s)",
                 f"  cam_report.*: n = {point['context_length']}, N = {point['top_n']}: HAD-CAM uses "
@@ -305,7 +307,8 @@ def _sample_length(model: PreTrainedModel, context_length: int | None) -> int | 
 
 def make_sample_inputs(model: PreTrainedModel, samples: int, length: int | None, seed: int) -> dict[str, torch.Tensor]:
     """Seeded random inputs of `samples` examples: token ids (samples after the first right-padded to varying
-    lengths) or images, plus decoder ids for encoder-decoder models."""
+    lengths) or images, plus segment ids of sentence pairs for models that read them (`takes_token_type_ids`) and
+    decoder ids for encoder-decoder models."""
     generator = torch.Generator().manual_seed(seed)
     config = model.config
     if model.main_input_name == "pixel_values":
@@ -331,9 +334,29 @@ def make_sample_inputs(model: PreTrainedModel, samples: int, length: int | None,
     if pad_token_id is not None:
         input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if takes_token_type_ids(model):
+        inputs["token_type_ids"] = _pair_segment_ids(attention_mask, generator)
     if config.is_encoder_decoder:
         inputs["decoder_input_ids"] = torch.randint(0, vocab_size, (samples, max(2, length // 2)), generator=generator)
     return inputs
+
+
+def takes_token_type_ids(model: PreTrainedModel) -> bool:
+    """Whether the model reads segment ids: its forward takes `token_type_ids` and its type vocabulary has more
+    than one entry (BERT-style sentence pairs). A tokenizer gives them for such models, so the ONNX graph takes them
+    too; models with one type (RoBERTa) get only zeros from any caller and leave the input out."""
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    return (getattr(model.config.get_text_config(), "type_vocab_size", None) or 0) > 1
+
+
+def _pair_segment_ids(attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Segment ids of sentence pairs: 0 on a first part of every row's real tokens, 1 on the rest, 0 on padding."""
+    lengths = attention_mask.sum(dim=-1)
+    # the second segment starts after at least one token of the first (a row of one token is a single sentence)
+    starts = 1 + (torch.rand(lengths.shape, generator=generator) * (lengths - 1).clamp(min=1)).long()
+    positions = torch.arange(attention_mask.shape[1])
+    return ((positions >= starts[:, None]) & (attention_mask == 1)).long()
 
 
 def make_probe_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

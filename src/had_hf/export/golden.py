@@ -290,7 +290,7 @@ For this model d = {first["head_dim"]}, so W = {first["words_per_vector"]}.
 
 | key | shape | dtype | meaning |
 |---|---|---|---|
-| `inputs.<name>` | (S, ...) | model input | the sample inputs (`attention_mask`: 1 = real token, 0 = padding) |
+| `inputs.<name>` | (S, ...) | model input | the sample inputs (`attention_mask`: 1 = real token, 0 = padding; `token_type_ids`, for models that read segments: 0 = first sentence, 1 = second) |
 | `outputs.<name>` | (S, ...) | float32 | the model's outputs on them (e.g. `logits`) |
 | `layers.<l>.query_bits` | (S, H, q, W) | uint64 | packed signs of the queries |
 | `layers.<l>.key_bits` | (S, H, k, W) | uint64 | packed signs of the keys (key/value heads repeated per query head) |

@@ -23,7 +23,7 @@ class HADExportCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser):
-        from had_hf.export.command import add_export_arguments
+        from had_hf_cli import add_export_arguments
 
         parser.description = "Export a distilled HAD (Hamming Attention Distillation) model; same as `had-hf export`."
         add_export_arguments(parser)

@@ -1,0 +1,27 @@
+"""What the README promises a first-time user: `import had_hf` before loading, and the default run's figure as the
+spread between machines, holding the committed measurement."""
+
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _readme() -> str:
+    return " ".join((REPO / "README.md").read_text(encoding="utf-8").split())  # line breaks do not count
+
+
+def test_readme_says_to_import_had_hf_before_loading():
+    text = _readme()
+    assert "`import had_hf` before loading a HAD folder" in text
+    assert "which do not mention had_hf" in text
+
+
+def test_default_run_figure_is_a_spread_holding_the_committed_measurement():
+    recorded = json.loads((REPO / "benchmarks" / "results" / "default_run_cpu.json").read_text())
+    match = re.search(r"SST-2 dev accuracy (\d+\.\d\d) -> (\d+\.\d\d)-(\d+\.\d\d)", _readme())
+    assert match, "the README states the default run's student accuracy as a range (low-high), not one number"
+    teacher, low, high = (float(value) for value in match.groups())
+    assert teacher == round(100 * recorded["teacher"], 2)
+    assert low < high and low <= round(100 * recorded["had"], 2) <= high
