@@ -77,9 +77,10 @@ def test_update_writes_packed_keys_in_place():
     assert cached_values.dtype == torch.bfloat16 and torch.equal(cached_values[:, :, :7], values)
     assert int(layer.get_seq_length()) == 7 and layer.get_mask_sizes(1) == (16, 0)
     assert layer.key_memory_bytes() == 2 * 3 * 16 * 8  # d/8 bytes per slot and head
-    layer.crop(-2)
-    packed, _ = layer.update(keys[:, :, :1], values[:, :, :1])
-    assert int(layer.get_seq_length()) == 6 and torch.equal(packed[:, :, 5], pack_sign_bits(keys[:, :, 0]))
+    if hasattr(layer, "crop"):  # transformers' StaticLayer has crop from 5.2x on
+        layer.crop(-2)
+        packed, _ = layer.update(keys[:, :, :1], values[:, :, :1])
+        assert int(layer.get_seq_length()) == 6 and torch.equal(packed[:, :, 5], pack_sign_bits(keys[:, :, 0]))
     layer.reset()
     assert int(layer.get_seq_length()) == 0 and not layer.keys.any()
     with pytest.raises(ValueError, match="multiples of 32"):
