@@ -36,6 +36,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 
 from .config import HADConfig
 from .glue import comma_separated
+from .paths import MODEL_FILE_PATTERNS
 from .plotting import TRAINING_CURVES_FILENAME, has_training_curves, plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -47,28 +48,7 @@ ADAPTER_CONFIG_FILENAME = "adapter_config.json"
 ATTN_IMPLEMENTATION = "hamming_topk"
 
 # Files of an output folder that belong on the Hub. Everything else (checkpoints, logs, optimizer states) stays local.
-UPLOAD_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "adapter_config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "tokenizer.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    RESULTS_FILENAME,
-)
+UPLOAD_PATTERNS = (*MODEL_FILE_PATTERNS, RESULTS_FILENAME)
 TOKENIZER_FILES = frozenset(
     {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model"}
 )

@@ -16,12 +16,13 @@ import re
 import shutil
 from pathlib import Path
 
-# What a distillation run writes into its output folder: the model and tokenizer (`save_model`), the Trainer's
-# checkpoints, arguments, state and logs, the recipe's results and teacher, and the model card with its plot.
-RUN_OUTPUT_PATTERNS = (
+# The files of a saved model (weights, configs, adapter, tokenizer, processor): what `had-hf push` uploads, and part
+# of what a run writes.
+MODEL_FILE_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
     "config.json",
+    "adapter_config.json",
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -37,6 +38,11 @@ RUN_OUTPUT_PATTERNS = (
     "chat_template.json",
     "preprocessor_config.json",
     "processor_config.json",
+)
+# What a distillation run writes into its output folder: the model and tokenizer (`save_model`), the Trainer's
+# checkpoints, arguments, state and logs, the recipe's results and teacher, and the model card with its plot.
+RUN_OUTPUT_PATTERNS = (
+    *MODEL_FILE_PATTERNS,
     "training_args.bin",
     "trainer_state.json",
     "*results.json",

@@ -39,43 +39,13 @@ from transformers import PreTrainedModel
 from .config import HADConfig
 from .integration import QUANT_METHOD, _saved_had_config, convert, set_attention
 from .modes import DENSE_CAPTURE
-
-_BERT_LIKE = ["query", "key"]
-_DECODER_LIKE = ["q_proj", "k_proj"]
+from .targets import TARGET_MODULES
 
 LORA_TARGET_MODULES: dict[str, list[str]] = {
-    **dict.fromkeys(
-        ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text", "megatron-bert"),
-        _BERT_LIKE,
-    ),
-    **dict.fromkeys(("vit", "deit", "dinov2", "vit_mae", "vit_msn"), _BERT_LIKE),
-    **dict.fromkeys(("t5", "mt5"), ["q", "k"]),
-    **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "m2m_100", "whisper"), _DECODER_LIKE),
-    **dict.fromkeys(
-        (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "phi3",
-            "olmo",
-            "olmo2",
-            "granite",
-            "smollm3",
-            "starcoder2",
-            "opt",
-        ),
-        _DECODER_LIKE,
-    ),  # fmt: skip
-    "gpt2": ["c_attn"],  # one fused query/key/value projection
-    "distilbert": ["q_lin", "k_lin"],
+    model_type: family["projections"] for model_type, family in TARGET_MODULES.items()
 }
-"""Per `config.model_type`: the query and key projections that the LoRA adapter targets by default."""
+"""Per `config.model_type`: the query and key projections that the LoRA adapter targets by default (from
+`had_hf.targets.TARGET_MODULES`)."""
 
 
 @functools.cache

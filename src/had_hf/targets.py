@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-_BERT_LIKE = {"self": r"attention\.self", "cross": r"crossattention\.self"}
-_VIT_LIKE = {"self": r"layers?\.\d+\.attention(?:\.attention)?"}
-_T5_LIKE = {"self": r"SelfAttention", "cross": r"EncDecAttention"}
-_BART_LIKE = {"self": r"self_attn", "cross": r"encoder_attn"}
-_DECODER_LIKE = {"self": r"self_attn"}
+_BERT_LIKE = {"self": r"attention\.self", "cross": r"crossattention\.self", "projections": ["query", "key"]}
+_VIT_LIKE = {"self": r"layers?\.\d+\.attention(?:\.attention)?", "projections": ["query", "key"]}
+_T5_LIKE = {"self": r"SelfAttention", "cross": r"EncDecAttention", "projections": ["q", "k"]}
+_BART_LIKE = {"self": r"self_attn", "cross": r"encoder_attn", "projections": ["q_proj", "k_proj"]}
+_DECODER_LIKE = {"self": r"self_attn", "projections": ["q_proj", "k_proj"]}
 
-TARGET_MODULES: dict[str, dict[str, str]] = {
+TARGET_MODULES: dict[str, dict] = {
     **dict.fromkeys(
         ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text", "megatron-bert"),
         _BERT_LIKE,
@@ -52,11 +52,13 @@ TARGET_MODULES: dict[str, dict[str, str]] = {
         ),
         _DECODER_LIKE,
     ),  # fmt: skip
-    "gpt2": {"self": r"attn", "cross": r"crossattention"},
-    "distilbert": {"self": r"layer\.\d+\.attention"},
+    # GPT-2 projects queries, keys and values with one fused layer
+    "gpt2": {"self": r"attn", "cross": r"crossattention", "projections": ["c_attn"]},
+    "distilbert": {"self": r"layer\.\d+\.attention", "projections": ["q_lin", "k_lin"]},
 }
 """Per `config.model_type`: regular expressions matching the end of a module name (after a dot or at the start),
-for its self-attention (`"self"`) and cross-attention (`"cross"`) modules."""
+for its self-attention (`"self"`) and cross-attention (`"cross"`) modules, and the names of its query and key
+projections (`"projections"`, what a LoRA adapter of `had_hf.peft_student` targets by default)."""
 
 
 @dataclass(frozen=True)
