@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from had_hf.recipe_parser import comma_separated
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,12 +43,6 @@ class GlueTask:
         """The label of an unlabeled distillation input: of the task's label type, so that it batches with the
         task's own examples; the distillation loss never reads it."""
         return 0.0 if self.is_regression else 0
-
-
-def comma_separated(value: str | list[str] | None) -> list[str]:
-    """The names of a comma-separated option ("mrpc, rte" -> ["mrpc", "rte"]; a list passes through), blanks dropped."""
-    names = value.split(",") if isinstance(value, str) else list(value or [])
-    return [name.strip() for name in names if name.strip()]
 
 
 TASKS: dict[str, GlueTask] = {
