@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from had_hf.glue import (
+from recipes.common.glue import (
     TASKS,
     augmented_distillation_inputs,
     extra_distillation_inputs,
@@ -154,13 +154,13 @@ def test_extra_distillation_inputs_drop_what_shares_a_sentence_with_the_tasks_de
     }
     _write(tmp_path, files)
     stsb = get_task("stsb")
-    with caplog.at_level("INFO", logger="had_hf.glue"):
+    with caplog.at_level("INFO", logger="recipes.common.glue"):
         extra = extra_distillation_inputs(stsb, "mrpc", tmp_path)
     assert extra == [{"sentence1": "Unrelated one .", "sentence2": "Unrelated two .", "label": 0.0}]
     assert "1 kept, 2 dropped" in caplog.text
     # without a test file, only the dev split is checked (with a warning); without a dev file, an error
     (tmp_path / "STS-B" / "test.tsv").unlink()
-    with caplog.at_level("WARNING", logger="had_hf.glue"):
+    with caplog.at_level("WARNING", logger="recipes.common.glue"):
         assert len(extra_distillation_inputs(stsb, "mrpc", tmp_path)) == 2
     assert "checked against the dev split only" in caplog.text
     (tmp_path / "STS-B" / "dev.tsv").unlink()
