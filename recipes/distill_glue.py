@@ -83,10 +83,10 @@ from recipes.common.glue import (  # noqa: E402
     extra_distillation_inputs,
     extra_task_sources,
     get_task,
-    glue_metrics,
     load_glue,
     missing_glue_files,
 )
+from recipes.common.glue_metrics import glue_metrics  # noqa: E402
 
 logger = logging.getLogger("distill_glue")
 

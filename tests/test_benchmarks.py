@@ -99,7 +99,7 @@ def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
     had, lever = report["runs"]["stsb_had"], report["runs"]["stsb_clip2"]
     # the lever run was distilled from the HAD run's saved teacher: the same teacher metrics
     assert lever["teacher"]["pearson"] == pytest.approx(had["teacher"]["pearson"], abs=1e-6)
-    assert lever["teacher"]["spearman"] == pytest.approx(had["teacher"]["spearman"], abs=1e-6)
+    assert lever["teacher"]["spearmanr"] == pytest.approx(had["teacher"]["spearmanr"], abs=1e-6)
     assert "--finetune_teacher_epochs 0" in lever["command"] and str(out / "stsb_had" / "teacher") in lever["command"]
     # h64: its own teacher, fine-tuned from the 6-head copy; its drop is against that teacher
     h64 = report["runs"]["stsb_h64"]
