@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -37,6 +36,8 @@ from ..integration import UnsupportedModelError, check_supported
 from ..modes import HAD
 from ..state import runtime_state
 from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients, write_cam_report
+from .errors import HADExportError
+from .export_config import HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
 from .golden import GOLDEN_DIRNAME, collect_golden, write_golden
 from .onnx import (
     ONNX_FILENAME,
@@ -52,15 +53,9 @@ logger = logging.getLogger(__name__)
 
 EXPORT_MANIFEST = "had_export.json"
 EXPORT_FORMAT = "had_hf.export"
-MAX_SAMPLE_LENGTH = 512
-MIN_SAMPLE_LENGTH = 4
 MIN_OPSET = 11  # CumSum and TopK with a K input
 VALIDATION_LENGTH = 64  # tokens of the enforced ONNX check (see `_validate_onnx`)
 VALIDATION_DRAWS = 5
-
-
-class HADExportError(ValueError):
-    """The export cannot proceed: the model is not a calibrated HAD model, or an argument or OUTPUT_DIR is bad."""
 
 
 @dataclass
@@ -170,7 +165,7 @@ def export_had(
     try:
         with _top_n_rule(had_config, top_n), torch.no_grad():
             model.eval()
-            inputs = make_sample_inputs(model, samples, _sample_length(model, context_length), seed)
+            inputs = make_sample_inputs(model, samples, sample_length(model, context_length), seed)
             _check_every_layer_calibrated(model, had_config, {name: tensor[:1] for name, tensor in inputs.items()})
             manifest, report = _write_bundle(
                 model, processor, had_config, staging, inputs, context_length, coefficients, opset, atol, seed
@@ -224,6 +219,7 @@ def _write_bundle(model, processor, had_config, staging, inputs, context_length,
         "version": 1,
         "versions": {name: _version(name) for name in ("had-hf", "torch", "transformers", "onnx", "onnxruntime")},
         "model_class": type(model).__name__,
+        "task": HADExportConfig.from_model(model).task,
         "had_config": had_config.to_dict(),
         "processor": type(processor).__name__ if processor is not None else None,
         "onnx": {**info.to_dict(), "validation": {**info.to_dict()["validation"], **validation}},
@@ -292,91 +288,14 @@ def _validate_onnx(info, model, inputs, atol: float, seed: int) -> dict[str, Any
     }
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-def _sample_length(model: PreTrainedModel, context_length: int | None) -> int | None:
-    """Tokens per text sample: min(n, 512, maximum positions), at least 4; None for image inputs."""
-    if model.main_input_name != "input_ids":
-        return None
-    text_config = model.config.get_text_config()
-    maximum = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
-    length = min(context_length or MAX_SAMPLE_LENGTH, MAX_SAMPLE_LENGTH, maximum or MAX_SAMPLE_LENGTH)
-    return max(length, min(MIN_SAMPLE_LENGTH, maximum or MIN_SAMPLE_LENGTH))
-
-
-def make_sample_inputs(model: PreTrainedModel, samples: int, length: int | None, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random inputs of `samples` examples: token ids (samples after the first right-padded to varying
-    lengths) or images, plus segment ids of sentence pairs for models that read them (`takes_token_type_ids`) and
-    decoder ids for encoder-decoder models."""
-    generator = torch.Generator().manual_seed(seed)
-    config = model.config
-    if model.main_input_name == "pixel_values":
-        image_size = getattr(config, "image_size", None)
-        if image_size is None:
-            raise HADExportError(f"{type(model).__name__} has no config.image_size to build sample images from.")
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(samples, channels, height, width, generator=generator)}
-    if model.main_input_name != "input_ids":
-        raise HADExportError(
-            f"Cannot build sample inputs for {type(model).__name__}: its main input is {model.main_input_name!r} "
-            "(supported: input_ids, pixel_values)."
-        )
-    vocab_size = model.config.get_text_config().vocab_size
-    input_ids = torch.randint(0, vocab_size, (samples, length), generator=generator)
-    attention_mask = torch.ones(samples, length, dtype=torch.long)
-    for index in range(1, samples):
-        padding = (index * length) // (2 * samples)
-        if padding:
-            attention_mask[index, length - padding :] = 0
-    pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None)
-    if pad_token_id is not None:
-        input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if takes_token_type_ids(model):
-        inputs["token_type_ids"] = _pair_segment_ids(attention_mask, generator)
-    if config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = torch.randint(0, vocab_size, (samples, max(2, length // 2)), generator=generator)
-    return inputs
-
-
-def takes_token_type_ids(model: PreTrainedModel) -> bool:
-    """Whether the model reads segment ids: its forward takes `token_type_ids` and its type vocabulary has more
-    than one entry (BERT-style sentence pairs). A tokenizer gives them for such models, so the ONNX graph takes them
-    too; models with one type (RoBERTa) get only zeros from any caller and leave the input out."""
-    if "token_type_ids" not in inspect.signature(model.forward).parameters:
-        return False
-    return (getattr(model.config.get_text_config(), "type_vocab_size", None) or 0) > 1
-
-
-def _pair_segment_ids(attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Segment ids of sentence pairs: 0 on a first part of every row's real tokens, 1 on the rest, 0 on padding."""
-    lengths = attention_mask.sum(dim=-1)
-    # the second segment starts after at least one token of the first (a row of one token is a single sentence)
-    starts = 1 + (torch.rand(lengths.shape, generator=generator) * (lengths - 1).clamp(min=1)).long()
-    positions = torch.arange(attention_mask.shape[1])
-    return ((positions >= starts[:, None]) & (attention_mask == 1)).long()
-
-
-def make_probe_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Inputs of another batch size and other lengths: they reveal the dynamic axes and validate them in ONNX."""
-    batch = next(iter(inputs.values())).shape[0] + 1
-    if "pixel_values" in inputs:
-        return make_sample_inputs(model, batch, None, seed)
-    length = inputs["input_ids"].shape[1]
-    probe = make_sample_inputs(model, batch, length // 2 if length >= 2 else length + 1, seed)
-    if "decoder_input_ids" in inputs:
-        probe["decoder_input_ids"] = probe["decoder_input_ids"][:, : inputs["decoder_input_ids"].shape[1] - 1]
-    return probe
-
-
 # ------------------------------------------------------------------------------------------------ checks
 
 
 def _check_export_extra() -> None:
     """Fails before any work when a package of the `export` extra is missing (they are imported where used)."""
-    missing = [name for name in ("onnx", "onnxruntime", "matplotlib") if importlib.util.find_spec(name) is None]
+    missing = [
+        name for name in ("onnx", "onnxruntime", "matplotlib", "optimum") if importlib.util.find_spec(name) is None
+    ]
     if missing:
         raise ImportError(f"had_hf export needs {', '.join(missing)}: pip install 'had-hf[export]'")
 
