@@ -9,7 +9,7 @@ import torch
 
 from had_hf.export import cam
 from had_hf.export.cam import AttentionGeometry, CoefficientError, cam_cost_report, load_coefficients
-from had_hf.export.packing import binary_scores, hamming_distance, pack_signs, popcount, unpack_signs
+from had_hf.export.uint64_words import binary_scores, hamming_distance, pack_signs, popcount, unpack_signs
 
 # The HAD paper's table: component -> (area BF16, area HAD, power BF16, power HAD)
 PAPER_TABLE = {

@@ -295,7 +295,7 @@ def _check_layer_sample(layer, index, model_keep):
 
 def _boundary_ties(layer) -> int:
     """Rows where the N-th and (N+1)-th best valid scores are equal (where the lower-index rule decides)."""
-    from had_hf.export.packing import binary_scores
+    from had_hf.export.uint64_words import binary_scores
 
     scores = binary_scores(layer.query_bits, layer.key_bits, layer.head_dim)
     scores = np.where(np.broadcast_to(layer.valid.astype(bool), scores.shape), scores, -layer.head_dim - 1)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..selection import causal_valid, kept_counts
-from .packing import (
+from .int32_words import (
     WORD_BITS,
     as_int32_words,
     hamming_scores_packed,
