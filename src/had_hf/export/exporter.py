@@ -14,15 +14,12 @@ so a failed or interrupted export never leaves a folder that looks complete, and
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,11 +28,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..config import HADConfig
-from ..integration import UnsupportedModelError, check_supported
-from ..modes import HAD
-from ..state import runtime_state
-from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients, write_cam_report
+from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients
+from .cam_report import write_cam_report
 from .errors import HADExportError
 from .export_config import HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
 from .golden import GOLDEN_DIRNAME, collect_golden, write_golden
@@ -48,6 +42,7 @@ from .onnx import (
     export_onnx,
     validate_onnx,
 )
+from .source_model import as_float32_cpu, check_every_layer_calibrated, check_had_model, load_source_model, top_n_rule
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +148,9 @@ def export_had(
     source_dir = Path(model_or_path).resolve() if _is_local_path(model_or_path) else None
     _check_output_dir(output_dir, overwrite, source_dir)
 
-    model, processor, source = _load(model_or_path, processor)
-    had_config = _check_had_model(model)
-    model = _as_float32_cpu(model)
+    model, processor, source = load_source_model(model_or_path, processor)
+    had_config = check_had_model(model)
+    model = as_float32_cpu(model)
     was_training = model.training
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -163,10 +158,10 @@ def export_had(
     staging = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        with _top_n_rule(had_config, top_n), torch.no_grad():
+        with top_n_rule(had_config, top_n), torch.no_grad():
             model.eval()
             inputs = make_sample_inputs(model, samples, sample_length(model, context_length), seed)
-            _check_every_layer_calibrated(model, had_config, {name: tensor[:1] for name, tensor in inputs.items()})
+            check_every_layer_calibrated(model, had_config, {name: tensor[:1] for name, tensor in inputs.items()})
             manifest, report = _write_bundle(
                 model, processor, had_config, staging, inputs, context_length, coefficients, opset, atol, seed
             )
@@ -335,155 +330,6 @@ def _check_output_dir(output_dir: Path, overwrite: bool, source_dir: Path | None
         raise HADExportError(f"Refusing to replace {output_dir}: it is the current directory or one of its parents.")
     if source_dir is not None and (resolved == source_dir or resolved in source_dir.parents):
         raise HADExportError(f"Refusing to replace {output_dir}: it holds the model being exported ({source_dir}).")
-
-
-def _load(model_or_path: Any, processor: Any) -> tuple[PreTrainedModel, Any, str]:
-    """The model (and its tokenizer or processor when loading from a path), and a description of the source."""
-    if isinstance(model_or_path, PreTrainedModel):
-        return model_or_path, processor, f"in-memory {type(model_or_path).__name__}"
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise HADExportError(
-            f"export_had expects a transformers PreTrainedModel or a checkpoint path / Hub id, got "
-            f"{type(model_or_path).__name__}."
-        )
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    source = str(model_or_path)
-    config = AutoConfig.from_pretrained(source)
-    quantization = getattr(config, "quantization_config", None)
-    method = (
-        quantization.get("quant_method")
-        if isinstance(quantization, dict)
-        else getattr(quantization, "quant_method", None)
-    )
-    if method != "had":
-        raise HADExportError(
-            f"{source} is not a HAD checkpoint: its config has no HADConfig (quantization_config with quant_method "
-            "'had'). Convert the model with `had_hf.convert(model, HADConfig(...))`, calibrate and distill it, and "
-            "save it with `save_pretrained` before exporting."
-        )
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    try:
-        model = (model_class or AutoModel).from_pretrained(source, dtype=torch.float32)
-    except UnsupportedModelError as error:
-        raise HADExportError(f"{source} cannot run HAD attention: {error}") from error
-    return model, processor if processor is not None else _load_processor(source), source
-
-
-# Files that mark a processor (multimodal), a tokenizer, or an image/feature processor in a checkpoint
-_PROCESSOR_FILES = (
-    ("processor_config.json", "AutoProcessor"),
-    ("tokenizer_config.json", "AutoTokenizer"),
-    ("tokenizer.json", "AutoTokenizer"),
-    ("preprocessor_config.json", "AutoProcessor"),
-)
-
-
-def _load_processor(source: str) -> Any:
-    """The checkpoint's processor, tokenizer or image processor, whichever it ships (None if none).
-
-    Only components whose files exist are loaded: transformers would otherwise build an empty tokenizer from the
-    model config alone, and the export would ship it as if it were the model's.
-    """
-    import transformers
-    from transformers.utils import cached_file
-
-    for filename, auto_class in _PROCESSOR_FILES:
-        try:
-            found = cached_file(
-                source,
-                filename,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-            )
-        except OSError:
-            found = None
-        if found is not None:
-            return getattr(transformers, auto_class).from_pretrained(source)
-    logger.info("%s has no tokenizer or processor; exporting the model alone", source)
-    return None
-
-
-def _check_had_model(model: Any) -> HADConfig:
-    """The model's HADConfig, after checking that it is a calibrated HAD model in the inference stage."""
-    if not isinstance(model, PreTrainedModel):
-        raise HADExportError(f"export_had expects a transformers PreTrainedModel, got {type(model).__name__}.")
-    had_config = getattr(model.config, "quantization_config", None)
-    if not isinstance(had_config, HADConfig):
-        raise HADExportError(
-            f"{type(model).__name__} is not a HAD model: its config has no HADConfig. Convert it with "
-            "`had_hf.convert(model, HADConfig(...))` and calibrate it with `had_hf.calibrate` first."
-        )
-    try:
-        check_supported(model)
-    except UnsupportedModelError as error:
-        raise HADExportError(f"{type(model).__name__} is not HAD-capable: {error}") from error
-    implementation = model.config._attn_implementation
-    if implementation != HAD.name:
-        raise HADExportError(
-            f"{type(model).__name__} uses attention {implementation!r}, not {HAD.name!r} (was `had_hf.revert` "
-            "called?). Export needs the model with HAD attention."
-        )
-    stage = runtime_state(model).stage
-    if stage in ("tanh", "sign"):
-        raise HADExportError(
-            f"The model is in training stage {stage!r}, whose attention is not binary; export needs the binary "
-            "attention of the inference stage: `had_hf.set_stage(model, 'inference')` once distillation is done."
-        )
-    if not had_config.is_calibrated:
-        raise HADExportError(f"{_NOT_CALIBRATED} (the HADConfig has no sigma_q / sigma_k at all).")
-    if had_config.has_per_head_sigma:
-        raise HADExportError(
-            "The model has one sigma per head (HADConfig.sigma_per_head); the exporter, its ONNX graph and the CAM "
-            "datapath take one sigma_q and one sigma_k per layer. Distill with per-layer sigma to export."
-        )
-    return had_config
-
-
-_NOT_CALIBRATED = (
-    "The model is not calibrated: run `had_hf.calibrate(model, dataloader)` (and distill) before exporting, so "
-    "that every attention layer has its sigma_q and sigma_k"
-)
-
-
-def _check_every_layer_calibrated(model: PreTrainedModel, had_config: HADConfig, sample: dict) -> None:
-    """Fails unless every layer that runs HAD attention has both sigmas (an uncalibrated layer would use 1.0)."""
-    layers = {}
-    for module in model.modules():
-        if getattr(module, "_had_config", None) is not None and had_config.binarizes(module._had_is_cross):
-            layers[module._had_name] = (module._had_name, *module._had_aliases)
-    if not layers:
-        raise HADExportError(f"{type(model).__name__} has no attention layer that HAD binarizes.")
-    tables = (had_config.sigma_q or {}, had_config.sigma_k or {})
-    missing = [name for name, names in layers.items() if not all(any(n in t for n in names) for t in tables)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise HADExportError(f"{_NOT_CALIBRATED}; missing for {len(missing)} of {len(layers)} layers: {shown}.")
-
-
-def _as_float32_cpu(model: PreTrainedModel) -> PreTrainedModel:
-    """The model in float32 on CPU: a copy if it is elsewhere, so that the caller's model is not moved or cast."""
-    parameter = next(model.parameters(), None)
-    if parameter is not None and (parameter.dtype != torch.float32 or parameter.device.type != "cpu"):
-        logger.info("Exporting a float32 CPU copy of the model (it is %s on %s)", parameter.dtype, parameter.device)
-        model = copy.deepcopy(model).to("cpu", torch.float32)
-    return model
-
-
-@contextmanager
-def _top_n_rule(had_config: HADConfig, top_n: int | None) -> Iterator[None]:
-    """Temporarily sets a fixed N on the (shared) HADConfig, restoring the model's own rule afterwards."""
-    if top_n is None:
-        yield
-        return
-    saved = had_config.top_n, had_config.top_n_ratio
-    had_config.top_n, had_config.top_n_ratio = top_n, None
-    try:
-        yield
-    finally:
-        had_config.top_n, had_config.top_n_ratio = saved
 
 
 def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:
