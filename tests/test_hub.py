@@ -269,7 +269,7 @@ def test_a_trainer_run_without_a_recipe_pushes_a_full_card(fake_hub, tmp_path):
     trainer = had_hf.HADDistillationTrainer(
         model=student,
         teacher_model=teacher,
-        args=_args(output_dir, eval_strategy="no", hub_model_id=REPO_ID),
+        args=_args(output_dir, eval_strategy="no", push_to_hub=True, hub_model_id=REPO_ID),
         had_config=had_hf.HADConfig(top_n=3),
         train_dataset=TinyDataset(),
         eval_dataset=eval_set,
@@ -278,9 +278,10 @@ def test_a_trainer_run_without_a_recipe_pushes_a_full_card(fake_hub, tmp_path):
     )
     trainer.train()
     student_metrics = trainer.evaluate()
-    url = trainer.push_to_hub()
+    url = trainer.push_to_hub()  # with args.push_to_hub, as the Trainer's own: one commit, no push from save_model
 
     assert url == f"{fake_hub.url}/{REPO_ID}/commit/{fake_hub.head(REPO_ID)}"
+    assert fake_hub.commit_count(REPO_ID) == 2, "the repo's initial commit plus exactly one upload commit"
     remote = fake_hub.files(REPO_ID)
     assert {"README.md", "results.json", "training_curves.png", "model.safetensors"} <= set(remote)
     record = json.loads(remote["results.json"])

@@ -279,7 +279,7 @@ class HADDistillationTrainer(Trainer):
         `had_hf.hub.push_to_hub`). Returns the commit URL (`None` on other processes than the main one)."""
         from .hub import push_to_hub
 
-        self.save_model()
+        self.save_model(_internal_call=True)  # not `save_model()`: with args.push_to_hub it would push again
         if not self.is_world_process_zero():
             return None
         self.save_run_record()
