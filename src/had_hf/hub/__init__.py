@@ -3,7 +3,8 @@
 - `output_dir`: what a distillation output folder holds (the run record `results.json`, the HADConfig in
   `config.json`) and which of its files go to the Hub.
 - `record`: the run record of a `HADDistillationTrainer` run, taken from the trainer alone.
-- `card`: the model card (`huggingface_hub.ModelCard` from the `hub_cards/model_card.md` template).
+- `card`: the model card (`huggingface_hub.ModelCard` from the `hub_cards/model_card.md` template), with its
+  tables in `card_rows`.
 - `push`: the one-commit push and the `had-hf push` command.
 
 Loading needs nothing from this package: a pushed checkpoint carries its HADConfig as `quantization_config`, which

@@ -11,7 +11,6 @@ The Jinja template is `hub_cards/model_card.md` at the root of the repository; t
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -22,7 +21,18 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..config import HADConfig
 from ..plotting import TRAINING_CURVES_FILENAME, has_training_curves, plot_training_curves
-from ..recipe_parser import comma_separated
+from .card_rows import (
+    distill_extra_text,
+    format_duration,
+    number,
+    ordered_metrics,
+    results_rows,
+    sigma_rows,
+    stage_rows,
+    teacher_row,
+    timeline_rows,
+    top_n_text,
+)
 from .output_dir import CARD_FILENAME, TOKENIZER_FILES, check_results, load_had_config, load_results
 
 logger = logging.getLogger(__name__)
@@ -137,7 +147,7 @@ def write_card_files(
                 target_dir / TRAINING_CURVES_FILENAME,
                 metric=metric,
                 stage_timeline=results.get("stage_timeline"),
-                teacher_metric=_number(results["teacher"].get("metrics", {}).get(metric)),
+                teacher_metric=number(results["teacher"].get("metrics", {}).get(metric)),
                 title=f"HAD distillation: {results.get('task', '')} ({metric})",
             )
         )
@@ -162,7 +172,7 @@ def _card_data(results: Mapping[str, Any], model_name: str, pipeline_tag: str | 
                 metric_type=metric,
                 metric_value=value,
             )
-            for metric, value in _ordered_metrics(results)
+            for metric, value in ordered_metrics(results)
         ]
     return ModelCardData(
         library_name="had_hf",
@@ -190,7 +200,7 @@ def _card_context(
     uses_tokenizer = any((output_dir / name).is_file() for name in TOKENIZER_FILES)
     timeline = list(results.get("stage_timeline") or [])
     teacher_link = f"[`{teacher}`](https://huggingface.co/{teacher})" if teacher_id else f"`{teacher}`"
-    fine_tuned = _number(results["teacher"].get("finetune_steps"))
+    fine_tuned = number(results["teacher"].get("finetune_steps"))
     return {
         "model_name": model_name,
         "model_ref": model_ref,
@@ -200,21 +210,21 @@ def _card_context(
             if fine_tuned
             else teacher_link
         ),
-        "teacher_row": _teacher_row(results, teacher_link),
+        "teacher_row": teacher_row(results, teacher_link),
         "task_label": f"Task `{results['task']}`" if results.get("task") else "The task",
         "dataset_label": _dataset_label(dataset) or "its training data",
         "dataset_source": dataset.get("source"),
-        "distill_extra": _distill_extra_text(dataset),
+        "distill_extra": distill_extra_text(dataset),
         "split": dataset.get("split"),
         "max_seq_length": results.get("max_seq_length"),
         "main_metric": results["main_metric"],
-        "results_rows": _results_rows(results),
-        "stage_rows": _stage_rows(results),
+        "results_rows": results_rows(results),
+        "stage_rows": stage_rows(results),
         "had_config": had_config,
-        "top_n_text": _top_n_text(had_config),
+        "top_n_text": top_n_text(had_config),
         "attn_implementation": ATTN_IMPLEMENTATION,
-        "sigma_rows": _sigma_rows(had_config),
-        "timeline_rows": _timeline_rows(timeline, results.get("schedule")),
+        "sigma_rows": sigma_rows(had_config),
+        "timeline_rows": timeline_rows(timeline, results.get("schedule")),
         "total_steps": max((int(s.get("end_step", 0)) for s in timeline), default="not recorded"),
         "has_curves": has_training_curves(results.get("log_history"), results["main_metric"]),
         "curves_filename": TRAINING_CURVES_FILENAME,
@@ -223,115 +233,14 @@ def _card_context(
         "preprocessor_var": "tokenizer" if uses_tokenizer else "image_processor",
         "command": results.get("command") or "# the command was not recorded in results.json",
         "seed": results.get("seed", "not recorded"),
-        "wall_time": _format_duration(results.get("wall_time_s")),
-        "peak_memory": f"{results['peak_memory_mb']:.0f} MB" if _number(results.get("peak_memory_mb")) else "n/a",
+        "wall_time": format_duration(results.get("wall_time_s")),
+        "peak_memory": f"{results['peak_memory_mb']:.0f} MB" if number(results.get("peak_memory_mb")) else "n/a",
         "had_hf_version": results.get("had_hf_version", "?"),
         "transformers_version": results.get("transformers_version", "?"),
         "license_note": None,
         # a LoRA adapter (peft) output: its base is the teacher, distilled with the adapter disabled
         "adapter_base": teacher if (output_dir / ADAPTER_CONFIG_FILENAME).is_file() else None,
     }
-
-
-def _teacher_row(results: Mapping[str, Any], teacher_link: str) -> str:
-    """The teacher of the run: the base model, and whether and how long the run fine-tuned it, with its metric."""
-    teacher = results["teacher"]
-    steps = _number(teacher.get("finetune_steps"))
-    main = results["main_metric"]
-    value = _number((teacher.get("metrics") or {}).get(main))
-    score = f"; {main} {value:.4f}" if value is not None else ""
-    if steps is None:
-        return f"{teacher_link}{score}"
-    if steps == 0:
-        return f"{teacher_link}, used as given (not fine-tuned in this run){score}"
-    task = f"`{results['task']}`" if results.get("task") else "the task"
-    return f"{teacher_link} (base model), fine-tuned on {task} in this run ({int(steps):,} steps){score}"
-
-
-def _distill_extra_text(dataset: Mapping[str, Any]) -> str | None:
-    """The recipe's `--distill_extra_tasks` and `--distill_augment`, in words: the unlabeled inputs the student was
-    distilled on beyond the task's own training texts."""
-    extra = comma_separated(dataset.get("distill_extra_tasks"))
-    augment = comma_separated(dataset.get("distill_augment"))
-    if not extra and not augment:
-        return None
-    count = _number(dataset.get("distill_examples"))
-    own = _number(dataset.get("train_examples"))
-    size = f" ({int(count - own):,} examples)" if count is not None and own is not None else ""
-    parts = []
-    if extra:
-        tasks = ", ".join(f"`{name}`" for name in extra)
-        parts.append(f"the training texts of {tasks}")
-    if augment:
-        kinds = ", ".join(f"`{kind}`" for kind in augment)
-        parts.append(f"augmented copies of the training texts ({kinds})")
-    return f"{' and '.join(parts)}{size}, unlabeled (the teacher's outputs are the targets)"
-
-
-def _ordered_metrics(results: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """The student's numeric metrics, main metric first."""
-    metrics = results["student"]["metrics"]
-    main = results["main_metric"]
-    names = [main] + sorted(name for name in metrics if name != main)
-    return [(name, float(metrics[name])) for name in names if _number(metrics[name]) is not None]
-
-
-def _results_rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
-    teacher_metrics = results["teacher"].get("metrics") or {}
-    rows = []
-    for metric, student in _ordered_metrics(results):
-        teacher = _number(teacher_metrics.get(metric))
-        rows.append(
-            {
-                "metric": metric,
-                "teacher": _format_value(teacher),
-                "student": _format_value(student),
-                "delta": f"{student - teacher:+.4f}" if teacher is not None else "–",
-            }
-        )
-    return rows
-
-
-def _stage_rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
-    main = results["main_metric"]
-    return [
-        {"stage": entry.get("stage", "?"), "step": entry.get("step", "?"), "value": _format_value(value)}
-        for entry in results.get("metrics_per_stage") or []
-        if (value := _number((entry.get("metrics") or {}).get(main))) is not None
-    ]
-
-
-def _sigma_rows(had_config: HADConfig) -> list[dict[str, str]]:
-    sigma_q, sigma_k = had_config.sigma_q or {}, had_config.sigma_k or {}
-    layers = sorted(set(sigma_q) | set(sigma_k), key=_natural_key)
-    return [
-        {"layer": layer, "sigma_q": _format_value(sigma_q.get(layer)), "sigma_k": _format_value(sigma_k.get(layer))}
-        for layer in layers
-    ]
-
-
-def _timeline_rows(timeline: list[Mapping[str, Any]], schedule: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The stages with their steps and the range of c: the schedule's c_start -> c_switch in the tanh stage and
-    c_switch -> c_end in the sign stage; the STE and refinement stages binarize with sign(x), where c plays no
-    part (as do the first two stages of the "w/o tanh" ablation, `skip_tanh`)."""
-    schedule = schedule or {}
-    ranges = {}
-    if all(_number(schedule.get(key)) is not None for key in ("c_start", "c_switch", "c_end")):
-        ranges = {
-            "tanh": f"{schedule['c_start']:g} → {schedule['c_switch']:g}",
-            "sign": f"{schedule['c_switch']:g} → {schedule['c_end']:g}",
-        }
-    rows = []
-    for stage in timeline:
-        name = stage.get("stage", "?")
-        start, end = stage.get("start_step"), stage.get("end_step")
-        if name in ("ste", "refinement", "binary") or schedule.get("skip_tanh"):
-            c_range = "– (sign)"
-        else:
-            c_range = ranges.get(name, "not recorded")
-        steps = end - start if _number(start) is not None and _number(end) is not None else "?"
-        rows.append({"stage": name, "start": start, "end": end, "steps": steps, "c": c_range})
-    return rows
 
 
 def _warn_on_config_mismatch(results: Mapping[str, Any], had_config: HADConfig) -> None:
@@ -374,32 +283,3 @@ def _dataset_label(dataset: Mapping[str, Any]) -> str:
     if not name:
         return ""
     return f"{name} ({config})" if config else str(name)
-
-
-def _top_n_text(had_config: HADConfig) -> str:
-    if had_config.top_n is not None:
-        return str(had_config.top_n)
-    return f"ceil({had_config.top_n_ratio} × number of keys)"
-
-
-def _natural_key(text: str) -> list[Any]:
-    """Sorts `layer.2` before `layer.10`."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _format_value(value: float | list[float] | None) -> str:
-    if isinstance(value, (list, tuple)):
-        return f"{min(value):.4f}–{max(value):.4f} ({len(value)} heads)"
-    return f"{value:.4f}" if value is not None else "–"
-
-
-def _format_duration(seconds: Any) -> str:
-    if _number(seconds) is None:
-        return "n/a"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
