@@ -240,6 +240,12 @@ class HADDistillationTrainer(Trainer):
         self.teacher_metrics = model_metrics(metrics)
         return self.teacher_metrics
 
+    def _evaluate_teacher_once(self) -> None:
+        """The teacher's metrics for the run record, on every process: evaluation gathers across processes, so it
+        cannot wait for the main process's card."""
+        if self.teacher_metrics is None and self.eval_dataset is not None and self.compute_metrics is not None:
+            self.evaluate_teacher()
+
     def run_record(self, **kwargs) -> dict:
         """The record of this run for its model card (see `had_hf.hub.run_record`)."""
         from .hub import run_record
@@ -267,6 +273,7 @@ class HADDistillationTrainer(Trainer):
         """Writes the HAD model card (results table, HADConfig, stage schedule, training curves) into `output_dir`,
         from its `results.json` (a recipe's, or the trainer's run record, written here when there is none). Call it
         after `save_model`: the card describes the saved `config.json`."""
+        self._evaluate_teacher_once()
         if not self.is_world_process_zero():
             return
         from .hub import write_card_files
@@ -280,6 +287,7 @@ class HADDistillationTrainer(Trainer):
         from .hub import push_to_hub
 
         self.save_model(_internal_call=True)  # not `save_model()`: with args.push_to_hub it would push again
+        self._evaluate_teacher_once()
         if not self.is_world_process_zero():
             return None
         self.save_run_record()
