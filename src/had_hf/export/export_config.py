@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from had_hf_cli import DEFAULT_ATOL
+
 try:
     from optimum.exporters.base import ExporterConfig
     from optimum.exporters.tasks import TasksManager
@@ -88,7 +90,7 @@ class HADExportConfig(ExporterConfig):
         token_type_ids (`bool`): whether the model reads segment ids (`takes_token_type_ids`).
     """
 
-    ATOL_FOR_VALIDATION = 1e-3
+    ATOL_FOR_VALIDATION = DEFAULT_ATOL
 
     def __init__(self, config, task: str, main_input_name: str, token_type_ids: bool = False):
         # optimum builds every generator of the tuple: only those whose config attributes the model has

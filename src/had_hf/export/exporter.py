@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from had_hf_cli import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_SAMPLES  # the command line's defaults are the API's
+
 from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients
 from .cam_report import write_cam_report
 from .errors import HADExportError
@@ -99,13 +101,13 @@ def export_had(
     model_or_path: PreTrainedModel | str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    samples: int = 2,
+    samples: int = DEFAULT_SAMPLES,
     context_length: int | None = None,
     top_n: int | None = None,
     coefficients: str | os.PathLike | CAMCoefficients | None = None,
     overwrite: bool = False,
-    opset: int = 17,
-    atol: float = 1e-3,
+    opset: int = DEFAULT_OPSET,
+    atol: float = DEFAULT_ATOL,
     processor: Any = None,
     seed: int = 0,
 ) -> ExportResult:
