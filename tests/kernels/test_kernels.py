@@ -153,7 +153,7 @@ def test_op_on_cpu_runs_the_reference():
 @requires_triton
 def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    source = str(TESTS_DIR.parent / "src")
+    source = str(TESTS_DIR.parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
     command = [
         sys.executable,
@@ -164,7 +164,7 @@ def test_triton_kernels_under_interpreter():
         "no:cacheprovider",
         str(TESTS_DIR / "interpret_triton_cases.py"),
     ]
-    result = subprocess.run(command, env=env, cwd=TESTS_DIR.parent, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, cwd=TESTS_DIR.parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
 

@@ -25,7 +25,7 @@ requires_onnxruntime = pytest.mark.skipif(
 )
 pytestmark = requires_onnxruntime
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOP_N = 5  # of 16 tokens (17 for the ViT): ties at the N-th Hamming score are frequent with head_dim 8
 
 
