@@ -63,7 +63,8 @@ def lengths(args) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from had_hf.glue import get_task, read_glue_tsv
+    sys.path.insert(0, str(REPO))  # run as a script: recipes.common from the repository
+    from recipes.common.glue import get_task, read_glue_tsv
 
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     report = {"top_n": args.top_n, "max_seq_length": args.max_seq_length, "teacher": args.teacher, "tasks": {},

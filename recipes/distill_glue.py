@@ -72,19 +72,21 @@ from transformers import (
 
 import had_hf
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
-from had_hf.glue import (
+from had_hf.launch import use_cpu_cores
+from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
+from had_hf.recipe_parser import RecipeArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: recipes.common
+from recipes.common.glue import (  # noqa: E402
     augmentation_kinds,
     augmented_distillation_inputs,
     extra_distillation_inputs,
     extra_task_sources,
     get_task,
-    glue_metrics,
     load_glue,
     missing_glue_files,
 )
-from had_hf.launch import use_cpu_cores
-from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
-from had_hf.recipe_parser import RecipeArgumentParser
+from recipes.common.glue_metrics import glue_metrics  # noqa: E402
 
 logger = logging.getLogger("distill_glue")
 

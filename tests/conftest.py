@@ -23,7 +23,7 @@ VOCAB = 99
 
 
 def plain_normalized(text: str) -> str:
-    """An independent reference for `had_hf.glue.normalized_text` (a loop, no regex): lowercase ASCII letters and
+    """An independent reference for `recipes.common.glue.normalized_text` (a loop, no regex): lowercase ASCII letters and
     digits alone."""
     return "".join(ch for ch in text.lower() if ch.isascii() and ch.isalnum())
 

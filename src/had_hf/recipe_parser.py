@@ -28,6 +28,12 @@ from typing import Any
 from transformers import HfArgumentParser
 
 
+def comma_separated(value: str | list[str] | None) -> list[str]:
+    """The names of a comma-separated option ("mrpc, rte" -> ["mrpc", "rte"]; a list passes through), blanks dropped."""
+    names = value.split(",") if isinstance(value, str) else list(value or [])
+    return [name.strip() for name in names if name.strip()]
+
+
 class RecipeArgumentParser(HfArgumentParser):
     """`HfArgumentParser` with an embedded default config and YAML config files.
 

@@ -5,8 +5,8 @@
     export_had("path/to/had-model", "had-export")   # or: had-hf export --model path/to/had-model had-export
     golden = load_golden("had-export")
 
-The modules, one idea each: `packing` (the uint64 sign-bit layout), `cam` (the CAM cost model and its coefficients),
-`golden` (golden vectors), `onnx` (the traceable attention and ONNX Runtime validation), `exporter` (the bundle) and
+The modules, one idea each: `uint64_words` (the uint64 sign-bit layout), `cam` (the CAM cost model), `cam_coefficients` (its coefficient files), `cam_report` (the report files),
+`golden` (golden vectors), `onnx` (the traceable attention and ONNX Runtime validation), `export_config` (the optimum exporter configuration and sample inputs), `exporter` (the bundle) and
 `command` (the `had-hf export` subcommand). onnx, onnxruntime and matplotlib (the `export` extra) are imported only
 where they are used.
 """
@@ -17,12 +17,12 @@ from .cam import (
     CoefficientError,
     cam_cost_report,
     load_coefficients,
-    write_cam_report,
 )
+from .cam_report import write_cam_report
 from .exporter import ExportResult, HADExportError, export_had
 from .golden import GoldenData, GoldenLayer, load_golden
 from .onnx import OnnxValidationError
-from .packing import binary_scores, hamming_distance, pack_signs, unpack_signs
+from .uint64_words import binary_scores, hamming_distance, pack_signs, unpack_signs
 
 __all__ = [
     "AttentionGeometry",

@@ -14,16 +14,12 @@ so a failed or interrupted export never leaves a folder that looks complete, and
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import inspect
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,11 +28,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..config import HADConfig
-from ..integration import UnsupportedModelError, check_supported
-from ..modes import HAD
-from ..state import runtime_state
-from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients, write_cam_report
+from had_hf_cli import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_SAMPLES  # the command line's defaults are the API's
+
+from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients
+from .cam_report import write_cam_report
+from .errors import HADExportError
+from .export_config import HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
 from .golden import GOLDEN_DIRNAME, collect_golden, write_golden
 from .onnx import (
     ONNX_FILENAME,
@@ -47,20 +44,15 @@ from .onnx import (
     export_onnx,
     validate_onnx,
 )
+from .source_model import as_float32_cpu, check_every_layer_calibrated, check_had_model, load_source_model, top_n_rule
 
 logger = logging.getLogger(__name__)
 
 EXPORT_MANIFEST = "had_export.json"
 EXPORT_FORMAT = "had_hf.export"
-MAX_SAMPLE_LENGTH = 512
-MIN_SAMPLE_LENGTH = 4
 MIN_OPSET = 11  # CumSum and TopK with a K input
 VALIDATION_LENGTH = 64  # tokens of the enforced ONNX check (see `_validate_onnx`)
 VALIDATION_DRAWS = 5
-
-
-class HADExportError(ValueError):
-    """The export cannot proceed: the model is not a calibrated HAD model, or an argument or OUTPUT_DIR is bad."""
 
 
 @dataclass
@@ -109,13 +101,13 @@ def export_had(
     model_or_path: PreTrainedModel | str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    samples: int = 2,
+    samples: int = DEFAULT_SAMPLES,
     context_length: int | None = None,
     top_n: int | None = None,
     coefficients: str | os.PathLike | CAMCoefficients | None = None,
     overwrite: bool = False,
-    opset: int = 17,
-    atol: float = 1e-3,
+    opset: int = DEFAULT_OPSET,
+    atol: float = DEFAULT_ATOL,
     processor: Any = None,
     seed: int = 0,
 ) -> ExportResult:
@@ -158,9 +150,9 @@ def export_had(
     source_dir = Path(model_or_path).resolve() if _is_local_path(model_or_path) else None
     _check_output_dir(output_dir, overwrite, source_dir)
 
-    model, processor, source = _load(model_or_path, processor)
-    had_config = _check_had_model(model)
-    model = _as_float32_cpu(model)
+    model, processor, source = load_source_model(model_or_path, processor)
+    had_config = check_had_model(model)
+    model = as_float32_cpu(model)
     was_training = model.training
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -168,10 +160,10 @@ def export_had(
     staging = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        with _top_n_rule(had_config, top_n), torch.no_grad():
+        with top_n_rule(had_config, top_n), torch.no_grad():
             model.eval()
-            inputs = make_sample_inputs(model, samples, _sample_length(model, context_length), seed)
-            _check_every_layer_calibrated(model, had_config, {name: tensor[:1] for name, tensor in inputs.items()})
+            inputs = make_sample_inputs(model, samples, sample_length(model, context_length), seed)
+            check_every_layer_calibrated(model, had_config, {name: tensor[:1] for name, tensor in inputs.items()})
             manifest, report = _write_bundle(
                 model, processor, had_config, staging, inputs, context_length, coefficients, opset, atol, seed
             )
@@ -224,6 +216,7 @@ def _write_bundle(model, processor, had_config, staging, inputs, context_length,
         "version": 1,
         "versions": {name: _version(name) for name in ("had-hf", "torch", "transformers", "onnx", "onnxruntime")},
         "model_class": type(model).__name__,
+        "task": HADExportConfig.from_model(model).task,
         "had_config": had_config.to_dict(),
         "processor": type(processor).__name__ if processor is not None else None,
         "onnx": {**info.to_dict(), "validation": {**info.to_dict()["validation"], **validation}},
@@ -292,91 +285,14 @@ def _validate_onnx(info, model, inputs, atol: float, seed: int) -> dict[str, Any
     }
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-def _sample_length(model: PreTrainedModel, context_length: int | None) -> int | None:
-    """Tokens per text sample: min(n, 512, maximum positions), at least 4; None for image inputs."""
-    if model.main_input_name != "input_ids":
-        return None
-    text_config = model.config.get_text_config()
-    maximum = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
-    length = min(context_length or MAX_SAMPLE_LENGTH, MAX_SAMPLE_LENGTH, maximum or MAX_SAMPLE_LENGTH)
-    return max(length, min(MIN_SAMPLE_LENGTH, maximum or MIN_SAMPLE_LENGTH))
-
-
-def make_sample_inputs(model: PreTrainedModel, samples: int, length: int | None, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random inputs of `samples` examples: token ids (samples after the first right-padded to varying
-    lengths) or images, plus segment ids of sentence pairs for models that read them (`takes_token_type_ids`) and
-    decoder ids for encoder-decoder models."""
-    generator = torch.Generator().manual_seed(seed)
-    config = model.config
-    if model.main_input_name == "pixel_values":
-        image_size = getattr(config, "image_size", None)
-        if image_size is None:
-            raise HADExportError(f"{type(model).__name__} has no config.image_size to build sample images from.")
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(samples, channels, height, width, generator=generator)}
-    if model.main_input_name != "input_ids":
-        raise HADExportError(
-            f"Cannot build sample inputs for {type(model).__name__}: its main input is {model.main_input_name!r} "
-            "(supported: input_ids, pixel_values)."
-        )
-    vocab_size = model.config.get_text_config().vocab_size
-    input_ids = torch.randint(0, vocab_size, (samples, length), generator=generator)
-    attention_mask = torch.ones(samples, length, dtype=torch.long)
-    for index in range(1, samples):
-        padding = (index * length) // (2 * samples)
-        if padding:
-            attention_mask[index, length - padding :] = 0
-    pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None)
-    if pad_token_id is not None:
-        input_ids = input_ids.masked_fill(attention_mask == 0, pad_token_id)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if takes_token_type_ids(model):
-        inputs["token_type_ids"] = _pair_segment_ids(attention_mask, generator)
-    if config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = torch.randint(0, vocab_size, (samples, max(2, length // 2)), generator=generator)
-    return inputs
-
-
-def takes_token_type_ids(model: PreTrainedModel) -> bool:
-    """Whether the model reads segment ids: its forward takes `token_type_ids` and its type vocabulary has more
-    than one entry (BERT-style sentence pairs). A tokenizer gives them for such models, so the ONNX graph takes them
-    too; models with one type (RoBERTa) get only zeros from any caller and leave the input out."""
-    if "token_type_ids" not in inspect.signature(model.forward).parameters:
-        return False
-    return (getattr(model.config.get_text_config(), "type_vocab_size", None) or 0) > 1
-
-
-def _pair_segment_ids(attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Segment ids of sentence pairs: 0 on a first part of every row's real tokens, 1 on the rest, 0 on padding."""
-    lengths = attention_mask.sum(dim=-1)
-    # the second segment starts after at least one token of the first (a row of one token is a single sentence)
-    starts = 1 + (torch.rand(lengths.shape, generator=generator) * (lengths - 1).clamp(min=1)).long()
-    positions = torch.arange(attention_mask.shape[1])
-    return ((positions >= starts[:, None]) & (attention_mask == 1)).long()
-
-
-def make_probe_inputs(model: PreTrainedModel, inputs: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Inputs of another batch size and other lengths: they reveal the dynamic axes and validate them in ONNX."""
-    batch = next(iter(inputs.values())).shape[0] + 1
-    if "pixel_values" in inputs:
-        return make_sample_inputs(model, batch, None, seed)
-    length = inputs["input_ids"].shape[1]
-    probe = make_sample_inputs(model, batch, length // 2 if length >= 2 else length + 1, seed)
-    if "decoder_input_ids" in inputs:
-        probe["decoder_input_ids"] = probe["decoder_input_ids"][:, : inputs["decoder_input_ids"].shape[1] - 1]
-    return probe
-
-
 # ------------------------------------------------------------------------------------------------ checks
 
 
 def _check_export_extra() -> None:
     """Fails before any work when a package of the `export` extra is missing (they are imported where used)."""
-    missing = [name for name in ("onnx", "onnxruntime", "matplotlib") if importlib.util.find_spec(name) is None]
+    missing = [
+        name for name in ("onnx", "onnxruntime", "matplotlib", "optimum") if importlib.util.find_spec(name) is None
+    ]
     if missing:
         raise ImportError(f"had_hf export needs {', '.join(missing)}: pip install 'had-hf[export]'")
 
@@ -416,155 +332,6 @@ def _check_output_dir(output_dir: Path, overwrite: bool, source_dir: Path | None
         raise HADExportError(f"Refusing to replace {output_dir}: it is the current directory or one of its parents.")
     if source_dir is not None and (resolved == source_dir or resolved in source_dir.parents):
         raise HADExportError(f"Refusing to replace {output_dir}: it holds the model being exported ({source_dir}).")
-
-
-def _load(model_or_path: Any, processor: Any) -> tuple[PreTrainedModel, Any, str]:
-    """The model (and its tokenizer or processor when loading from a path), and a description of the source."""
-    if isinstance(model_or_path, PreTrainedModel):
-        return model_or_path, processor, f"in-memory {type(model_or_path).__name__}"
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise HADExportError(
-            f"export_had expects a transformers PreTrainedModel or a checkpoint path / Hub id, got "
-            f"{type(model_or_path).__name__}."
-        )
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    source = str(model_or_path)
-    config = AutoConfig.from_pretrained(source)
-    quantization = getattr(config, "quantization_config", None)
-    method = (
-        quantization.get("quant_method")
-        if isinstance(quantization, dict)
-        else getattr(quantization, "quant_method", None)
-    )
-    if method != "had":
-        raise HADExportError(
-            f"{source} is not a HAD checkpoint: its config has no HADConfig (quantization_config with quant_method "
-            "'had'). Convert the model with `had_hf.convert(model, HADConfig(...))`, calibrate and distill it, and "
-            "save it with `save_pretrained` before exporting."
-        )
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    try:
-        model = (model_class or AutoModel).from_pretrained(source, dtype=torch.float32)
-    except UnsupportedModelError as error:
-        raise HADExportError(f"{source} cannot run HAD attention: {error}") from error
-    return model, processor if processor is not None else _load_processor(source), source
-
-
-# Files that mark a processor (multimodal), a tokenizer, or an image/feature processor in a checkpoint
-_PROCESSOR_FILES = (
-    ("processor_config.json", "AutoProcessor"),
-    ("tokenizer_config.json", "AutoTokenizer"),
-    ("tokenizer.json", "AutoTokenizer"),
-    ("preprocessor_config.json", "AutoProcessor"),
-)
-
-
-def _load_processor(source: str) -> Any:
-    """The checkpoint's processor, tokenizer or image processor, whichever it ships (None if none).
-
-    Only components whose files exist are loaded: transformers would otherwise build an empty tokenizer from the
-    model config alone, and the export would ship it as if it were the model's.
-    """
-    import transformers
-    from transformers.utils import cached_file
-
-    for filename, auto_class in _PROCESSOR_FILES:
-        try:
-            found = cached_file(
-                source,
-                filename,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-            )
-        except OSError:
-            found = None
-        if found is not None:
-            return getattr(transformers, auto_class).from_pretrained(source)
-    logger.info("%s has no tokenizer or processor; exporting the model alone", source)
-    return None
-
-
-def _check_had_model(model: Any) -> HADConfig:
-    """The model's HADConfig, after checking that it is a calibrated HAD model in the inference stage."""
-    if not isinstance(model, PreTrainedModel):
-        raise HADExportError(f"export_had expects a transformers PreTrainedModel, got {type(model).__name__}.")
-    had_config = getattr(model.config, "quantization_config", None)
-    if not isinstance(had_config, HADConfig):
-        raise HADExportError(
-            f"{type(model).__name__} is not a HAD model: its config has no HADConfig. Convert it with "
-            "`had_hf.convert(model, HADConfig(...))` and calibrate it with `had_hf.calibrate` first."
-        )
-    try:
-        check_supported(model)
-    except UnsupportedModelError as error:
-        raise HADExportError(f"{type(model).__name__} is not HAD-capable: {error}") from error
-    implementation = model.config._attn_implementation
-    if implementation != HAD.name:
-        raise HADExportError(
-            f"{type(model).__name__} uses attention {implementation!r}, not {HAD.name!r} (was `had_hf.revert` "
-            "called?). Export needs the model with HAD attention."
-        )
-    stage = runtime_state(model).stage
-    if stage in ("tanh", "sign"):
-        raise HADExportError(
-            f"The model is in training stage {stage!r}, whose attention is not binary; export needs the binary "
-            "attention of the inference stage: `had_hf.set_stage(model, 'inference')` once distillation is done."
-        )
-    if not had_config.is_calibrated:
-        raise HADExportError(f"{_NOT_CALIBRATED} (the HADConfig has no sigma_q / sigma_k at all).")
-    if had_config.has_per_head_sigma:
-        raise HADExportError(
-            "The model has one sigma per head (HADConfig.sigma_per_head); the exporter, its ONNX graph and the CAM "
-            "datapath take one sigma_q and one sigma_k per layer. Distill with per-layer sigma to export."
-        )
-    return had_config
-
-
-_NOT_CALIBRATED = (
-    "The model is not calibrated: run `had_hf.calibrate(model, dataloader)` (and distill) before exporting, so "
-    "that every attention layer has its sigma_q and sigma_k"
-)
-
-
-def _check_every_layer_calibrated(model: PreTrainedModel, had_config: HADConfig, sample: dict) -> None:
-    """Fails unless every layer that runs HAD attention has both sigmas (an uncalibrated layer would use 1.0)."""
-    layers = {}
-    for module in model.modules():
-        if getattr(module, "_had_config", None) is not None and had_config.binarizes(module._had_is_cross):
-            layers[module._had_name] = (module._had_name, *module._had_aliases)
-    if not layers:
-        raise HADExportError(f"{type(model).__name__} has no attention layer that HAD binarizes.")
-    tables = (had_config.sigma_q or {}, had_config.sigma_k or {})
-    missing = [name for name, names in layers.items() if not all(any(n in t for n in names) for t in tables)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise HADExportError(f"{_NOT_CALIBRATED}; missing for {len(missing)} of {len(layers)} layers: {shown}.")
-
-
-def _as_float32_cpu(model: PreTrainedModel) -> PreTrainedModel:
-    """The model in float32 on CPU: a copy if it is elsewhere, so that the caller's model is not moved or cast."""
-    parameter = next(model.parameters(), None)
-    if parameter is not None and (parameter.dtype != torch.float32 or parameter.device.type != "cpu"):
-        logger.info("Exporting a float32 CPU copy of the model (it is %s on %s)", parameter.dtype, parameter.device)
-        model = copy.deepcopy(model).to("cpu", torch.float32)
-    return model
-
-
-@contextmanager
-def _top_n_rule(had_config: HADConfig, top_n: int | None) -> Iterator[None]:
-    """Temporarily sets a fixed N on the (shared) HADConfig, restoring the model's own rule afterwards."""
-    if top_n is None:
-        yield
-        return
-    saved = had_config.top_n, had_config.top_n_ratio
-    had_config.top_n, had_config.top_n_ratio = top_n, None
-    try:
-        yield
-    finally:
-        had_config.top_n, had_config.top_n_ratio = saved
 
 
 def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:

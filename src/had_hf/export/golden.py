@@ -1,7 +1,7 @@
 """Golden vectors: what HAD attention computes on sample inputs, in the bit layout a CAM stores.
 
 For every binarized attention layer and every sample, the exporter records the signs of the queries and keys packed
-into uint64 words (see `packing.py`), the mask of valid keys, the kept key indices and their attention weights, the
+into uint64 words (see `uint64_words.py`), the mask of valid keys, the kept key indices and their attention weights, the
 value rows and the attention output; plus the model inputs and outputs. `write_golden` stores them in
 `golden/golden.safetensors` with a `manifest.json` and a `README.md`; `load_golden` reads them back as numpy arrays.
 
@@ -25,7 +25,7 @@ from ..capture import STORE_KWARG, HADCaptureStore
 from ..integration import attention_module_names
 from ..modes import GOLDEN
 from ..selection import kept_indices
-from .packing import WORD_BITS, num_words, pack_signs
+from .uint64_words import WORD_BITS, num_words, pack_signs
 
 GOLDEN_ATTENTION_NAME = GOLDEN.name
 GOLDEN_DIRNAME = "golden"
@@ -322,7 +322,7 @@ for them the kept set cannot be recomputed from the bits alone.
 ```python
 import numpy as np
 from had_hf.export import load_golden
-from had_hf.export.packing import binary_scores
+from had_hf.export.uint64_words import binary_scores
 
 golden = load_golden("{GOLDEN_DIRNAME}")
 layer = golden.layers[0]

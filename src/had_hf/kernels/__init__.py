@@ -6,6 +6,12 @@ call. Keys may be floats (their signs are packed first) or already packed int32 
 `had_hf.cache.HADPackedCache` stores them.
 
 Set `HAD_HF_DISABLE_TRITON=1` to force the PyTorch path.
+
+The modules: `int32_words` (the int32 sign-word layout, in PyTorch), `reference` (the PyTorch attention),
+`triton_common` (what the Triton kernels share), `sign_pack_kernel`; decode: `triton_decode` (the entry point),
+`decode_launch` (launch settings and scratch memory), `decode_split_k`, `decode_distance_kernel`,
+`decode_fine_count_kernel`, `decode_attend_kernel`; prefill: `triton_prefill` (the entry point), `prefill_launch`,
+`prefill_tiles`, `prefill_threshold_kernel`, `prefill_attend_kernel`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from ..selection import causal_valid, kept_counts
-from .packing import (
+from .int32_words import (
     WORD_BITS,
     as_int32_words,
     hamming_scores_packed,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..selection import causal_valid, select_top_n
-from .packing import WORD_BITS, as_int32_words, unpack_sign_bits
+from .int32_words import WORD_BITS, as_int32_words, unpack_sign_bits
 
 # Entries of (query x key) work per chunk: the reference holds a few float/bool tensors of this many entries at once,
 # so long prefills run in query chunks (exact, as rows are independent) instead of allocating (q x n) for all heads.

@@ -2,8 +2,8 @@
 
 optimum-cli imports every module of the `optimum.commands.register` namespace package and registers the commands in
 its `REGISTER_COMMANDS` (optimum >= 2.x; see `optimum/commands/register/README.md` in optimum). This file is that
-module for had_hf: it is only imported by optimum-cli, so optimum is present here, while had_hf itself never imports
-optimum (it stays an optional extra). The arguments and behaviour are those of `had-hf export`.
+module for had_hf; the exporter itself is configured through optimum (`had_hf.export.export_config`, the `export`
+extra). The arguments and behaviour are those of `had-hf export`.
 
 No `__init__.py` may sit beside this file or in `optimum/` and `optimum/commands/`: they are namespace packages
 shared with optimum and its subpackages (PEP 420).

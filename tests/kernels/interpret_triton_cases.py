@@ -3,7 +3,7 @@
 Run by `test_kernels.py::test_triton_kernels_under_interpreter` in a subprocess with `TRITON_INTERPRET=1` (the
 variable must be set before triton is imported, so it cannot share a process with GPU tests). Directly:
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python -m pytest -q tests/interpret_triton_cases.py
+    TRITON_INTERPRET=1 PYTHONPATH=src python -m pytest -q tests/kernels/interpret_triton_cases.py
 """
 
 from __future__ import annotations

@@ -1,40 +1,15 @@
-"""GLUE readers and metrics against independent references."""
+"""GLUE readers against independent references."""
 
-import numpy as np
 import pytest
-from scipy import stats
 
-from had_hf.glue import (
+from recipes.common.glue import (
     TASKS,
     augmented_distillation_inputs,
     extra_distillation_inputs,
     get_task,
-    glue_metrics,
-    matthews_correlation,
     read_glue_tsv,
 )
 from tests.conftest import GLUE_DIR, plain_normalized, requires_glue
-
-
-def test_metrics_against_scipy_and_hand_counts():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=50), rng.normal(size=50)
-    y[:10] = y[0]  # ties for the rank correlation
-    metrics = glue_metrics(get_task("stsb"), x[:, None], y)
-    assert metrics["pearson"] == pytest.approx(stats.pearsonr(x, y)[0], rel=1e-10)
-    assert metrics["spearman"] == pytest.approx(stats.spearmanr(x, y)[0], rel=1e-10)
-
-    labels = np.array([1, 1, 1, 0, 0, 0, 1, 0])
-    predictions = np.array([1, 0, 1, 0, 1, 0, 1, 1])
-    logits = np.eye(2)[predictions]
-    # tp=3 fn=1 fp=2 tn=2
-    mrpc = glue_metrics(get_task("mrpc"), logits, labels)
-    assert mrpc["accuracy"] == pytest.approx(5 / 8)
-    assert mrpc["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
-    expected_mcc = (3 * 2 - 2 * 1) / np.sqrt((3 + 2) * (3 + 1) * (2 + 2) * (2 + 1))
-    assert glue_metrics(get_task("cola"), logits, labels)["matthews_correlation"] == pytest.approx(expected_mcc)
-    assert matthews_correlation(np.zeros(4), np.array([0, 1, 0, 1])) == 0.0
-    assert set(glue_metrics(get_task("qnli"), logits, labels)) == {"accuracy"}
 
 
 def test_unknown_task_lists_the_allowed_ones():
@@ -154,13 +129,13 @@ def test_extra_distillation_inputs_drop_what_shares_a_sentence_with_the_tasks_de
     }
     _write(tmp_path, files)
     stsb = get_task("stsb")
-    with caplog.at_level("INFO", logger="had_hf.glue"):
+    with caplog.at_level("INFO", logger="recipes.common.glue"):
         extra = extra_distillation_inputs(stsb, "mrpc", tmp_path)
     assert extra == [{"sentence1": "Unrelated one .", "sentence2": "Unrelated two .", "label": 0.0}]
     assert "1 kept, 2 dropped" in caplog.text
     # without a test file, only the dev split is checked (with a warning); without a dev file, an error
     (tmp_path / "STS-B" / "test.tsv").unlink()
-    with caplog.at_level("WARNING", logger="had_hf.glue"):
+    with caplog.at_level("WARNING", logger="recipes.common.glue"):
         assert len(extra_distillation_inputs(stsb, "mrpc", tmp_path)) == 2
     assert "checked against the dev split only" in caplog.text
     (tmp_path / "STS-B" / "dev.tsv").unlink()

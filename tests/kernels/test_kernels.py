@@ -153,7 +153,7 @@ def test_op_on_cpu_runs_the_reference():
 @requires_triton
 def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    source = str(TESTS_DIR.parent / "src")
+    source = str(TESTS_DIR.parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
     command = [
         sys.executable,
@@ -164,7 +164,7 @@ def test_triton_kernels_under_interpreter():
         "no:cacheprovider",
         str(TESTS_DIR / "interpret_triton_cases.py"),
     ]
-    result = subprocess.run(command, env=env, cwd=TESTS_DIR.parent, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, cwd=TESTS_DIR.parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
 
@@ -351,3 +351,35 @@ def test_gpu_op_runs_the_kernel_and_keeps_the_references_outputs(case: Case):
                                                     is_causal=True)  # fmt: skip
         torch.testing.assert_close(causal, expected, atol=1e-5, rtol=1e-5)
     torch.library.opcheck(op.default, (query, key, value, valid, None, False, None, 0.3, case.alpha))
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("n_keys", "rows_per_group", "kv_groups", "sms"),
+    [(16384, 1, 128, 132), (131072, 4, 8, 132), (1000, 16, 2, 1), (100, 1, 1, 1), (65536, 32, 1, 132)],
+)
+def test_decode_launch_heuristic_covers_every_key_within_the_counter_limit(n_keys, rows_per_group, kv_groups, sms):
+    from had_hf.kernels.decode_launch import decode_launch
+    from had_hf.kernels.decode_split_k import MAX_ITERATIONS
+
+    launch = decode_launch(n_keys, rows_per_group, kv_groups, sms)
+    assert launch.r_block == min(16, 1 << (rows_per_group - 1).bit_length())
+    assert launch.num_row_blocks * launch.r_block >= rows_per_group
+    for splits, length, block in (
+        (launch.num_splits, launch.split_len, launch.count_block_n),
+        (launch.distance_splits, launch.distance_split_len, launch.distance_block_n),
+    ):
+        assert length % 64 == 0 and (splits - 1) * length < n_keys <= splits * length  # every key, no empty split
+        assert math.ceil(length / block) + 64 // block <= MAX_ITERATIONS  # the packed 7-bit counters do not overflow
+    assert launch.distance_splits <= launch.num_splits
+    # programs per multiprocessor: 8 for one-row programs, 4 for several, unless the counters need more splits
+    groups = kv_groups * launch.num_row_blocks
+    first_block = max(16, min(1024, 1024 // launch.r_block))
+    fewest = math.ceil(n_keys / ((MAX_ITERATIONS - 2 - 64 // first_block) * first_block))
+    target = max((8 if launch.r_block == 1 else 4) * sms // groups, 1, fewest)
+    assert launch.split_len == 64 * math.ceil(math.ceil(n_keys / target) / 64)
+    # each knob overrides its choice
+    assert decode_launch(n_keys, rows_per_group, kv_groups, sms, block_n=256).select_block_n == 256
+    forced = decode_launch(n_keys, rows_per_group, kv_groups, sms, num_splits=max(3, fewest))
+    assert forced.split_len == 64 * math.ceil(math.ceil(n_keys / max(3, fewest)) / 64)
+    assert forced.distance_splits == forced.num_splits  # a given split count is every kernel's

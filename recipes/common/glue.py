@@ -1,4 +1,5 @@
-"""GLUE tasks for the distillation recipe: the official TSV layout or the Hub dataset, and GLUE's own metrics.
+"""GLUE tasks for the distillation recipe: the official TSV layout or the Hub dataset, extra distillation inputs and
+augmentations (the metrics are in `recipes.common.glue_metrics`).
 
 Columns and label encodings follow the Hub dataset `nyu-mll/glue`, so both sources give identical examples.
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from had_hf.recipe_parser import comma_separated
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +43,6 @@ class GlueTask:
         """The label of an unlabeled distillation input: of the task's label type, so that it batches with the
         task's own examples; the distillation loss never reads it."""
         return 0.0 if self.is_regression else 0
-
-
-def comma_separated(value: str | list[str] | None) -> list[str]:
-    """The names of a comma-separated option ("mrpc, rte" -> ["mrpc", "rte"]; a list passes through), blanks dropped."""
-    names = value.split(",") if isinstance(value, str) else list(value or [])
-    return [name.strip() for name in names if name.strip()]
 
 
 TASKS: dict[str, GlueTask] = {
@@ -353,69 +349,3 @@ def _drop_words(text: str, rng: np.random.Generator, probability: float) -> str:
     if not keep.any():
         keep[rng.integers(len(words))] = True
     return " ".join(word for word, kept in zip(words, keep) if kept)
-
-
-# ------------------------------------------------------------------ metrics
-
-
-def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return float((predictions == labels).mean())
-
-
-def f1_binary(predictions: np.ndarray, labels: np.ndarray) -> float:
-    true_positive = float(((predictions == 1) & (labels == 1)).sum())
-    predicted, actual = float((predictions == 1).sum()), float((labels == 1).sum())
-    if true_positive == 0:
-        return 0.0
-    precision, recall = true_positive / predicted, true_positive / actual
-    return 2 * precision * recall / (precision + recall)
-
-
-def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
-    tp = float(((predictions == 1) & (labels == 1)).sum())
-    tn = float(((predictions == 0) & (labels == 0)).sum())
-    fp = float(((predictions == 1) & (labels == 0)).sum())
-    fn = float(((predictions == 0) & (labels == 1)).sum())
-    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float((xc**2).sum() * (yc**2).sum()))
-    return 0.0 if denominator == 0 else float((xc * yc).sum() / denominator)
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1
-        start = end + 1
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return pearson(_average_ranks(np.asarray(x, dtype=np.float64)), _average_ranks(np.asarray(y, dtype=np.float64)))
-
-
-def glue_metrics(task: GlueTask, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """GLUE's official metrics of `task` from model outputs: CoLA Matthews correlation; STS-B Pearson and
-    Spearman; MRPC and QQP F1 and accuracy; accuracy for the rest."""
-    if task.is_regression:
-        scores = np.asarray(logits).reshape(-1)
-        return {"pearson": pearson(scores, labels), "spearman": spearman(scores, labels)}
-    predictions = np.asarray(logits).argmax(axis=-1)
-    labels = np.asarray(labels)
-    if task.name == "cola":
-        return {"matthews_correlation": matthews_correlation(predictions, labels)}
-    metrics = {"accuracy": accuracy(predictions, labels)}
-    if task.name in ("mrpc", "qqp"):
-        metrics["f1"] = f1_binary(predictions, labels)
-    return metrics

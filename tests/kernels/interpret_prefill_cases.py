@@ -3,7 +3,7 @@
 Run by `test_prefill_kernel.py::test_prefill_kernels_under_interpreter` in a subprocess with `TRITON_INTERPRET=1`
 (the variable must be set before triton is imported). Directly:
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python -m pytest -q tests/interpret_prefill_cases.py
+    TRITON_INTERPRET=1 PYTHONPATH=src python -m pytest -q tests/kernels/interpret_prefill_cases.py
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The exporter: ONNX parity, golden bits against the model's own selection, bad inputs, and both command lines."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 
 import had_hf
 from had_hf import HADCaptureStore, HADConfig
-from had_hf.export import HADExportError, OnnxValidationError, export_had, load_golden
+from had_hf.export import HADExportError, OnnxValidationError, export_config, export_had, load_golden
 from had_hf.export import exporter as exporter_module
 from had_hf.export.cam import CoefficientError
 from had_hf.export.onnx import export_onnx, validate_onnx
@@ -24,7 +25,7 @@ requires_onnxruntime = pytest.mark.skipif(
 )
 pytestmark = requires_onnxruntime
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOP_N = 5  # of 16 tokens (17 for the ViT): ties at the N-th Hamming score are frequent with head_dim 8
 
 
@@ -131,10 +132,48 @@ def test_onnx_takes_the_tokenizers_segment_ids_of_sentence_pairs(tmp_path):
     assert np.abs(received - expected).max() < 1e-5
 
 
+def test_the_export_config_is_an_optimum_exporter_config_with_optimums_task_and_inputs():
+    from optimum.exporters.base import ExporterConfig
+    from optimum.exporters.tasks import TasksManager
+
+    from had_hf.export.export_config import HADExportConfig
+
+    for family in ("bert", "t5", "vit", "llama"):
+        model = build_model(family)
+        config = HADExportConfig.from_model(model)
+        assert isinstance(config, ExporterConfig)
+        assert config.task == TasksManager.infer_task_from_model(type(model))
+        torch.manual_seed(123)
+        before = torch.rand(3)
+        torch.manual_seed(123)
+        inputs = config.sample_inputs(3, None if family == "vit" else 10, seed=5)
+        assert torch.equal(torch.rand(3), before), "sample inputs must leave the caller's random state alone"
+        assert list(inputs) == list(config.inputs)
+        again = config.sample_inputs(3, None if family == "vit" else 10, seed=5)
+        assert all(torch.equal(inputs[name], again[name]) for name in inputs), "same seed, same inputs"
+        if family != "vit":
+            mask = inputs["attention_mask"]
+            assert mask[0].all() and (mask.sum(dim=1).diff() <= 0).all() and not mask[-1].all()
+            assert int(inputs["input_ids"].max()) < model.config.vocab_size
+    assert HADExportConfig.from_model(build_model("llama")).outputs == ["logits"]
+
+
+def test_the_projects_optimum_namespace_folder_does_not_shadow_optimum():
+    """`src/optimum/` holds only the command registration (PEP 420 namespace portions): no `__init__.py` may make
+    it a regular package that hides the installed optimum."""
+    import optimum.exporters.tasks
+
+    assert not list((REPO_ROOT / "src" / "optimum").rglob("__init__.py"))
+    assert Path(optimum.exporters.tasks.__file__).resolve().parents[2] != (REPO_ROOT / "src").resolve()
+    assert str(REPO_ROOT / "src" / "optimum" / "commands" / "register") in [
+        str(Path(p)) for p in importlib.import_module("optimum.commands.register").__path__
+    ]
+
+
 def test_sample_inputs_have_segment_ids_only_for_models_with_several_types():
     from tests.conftest import tiny_bert_config
 
-    bert = exporter_module.make_sample_inputs(build_model("bert"), 3, 10, seed=0)
+    bert = export_config.make_sample_inputs(build_model("bert"), 3, 10, seed=0)
     assert list(bert) == ["input_ids", "attention_mask", "token_type_ids"]
     segments, mask = bert["token_type_ids"], bert["attention_mask"]
     assert (segments[:, 0] == 0).all() and (segments.amax(dim=1) == 1).all()  # every row a pair
@@ -143,8 +182,8 @@ def test_sample_inputs_have_segment_ids_only_for_models_with_several_types():
     import transformers
 
     one_type = transformers.BertForSequenceClassification(tiny_bert_config(type_vocab_size=1)).eval()
-    assert "token_type_ids" not in exporter_module.make_sample_inputs(one_type, 2, 10, seed=0)
-    assert "token_type_ids" not in exporter_module.make_sample_inputs(build_model("llama"), 2, 10, seed=0)
+    assert "token_type_ids" not in export_config.make_sample_inputs(one_type, 2, 10, seed=0)
+    assert "token_type_ids" not in export_config.make_sample_inputs(build_model("llama"), 2, 10, seed=0)
 
 
 def test_export_keeps_eval_mode_with_dropout_and_restores_the_callers_mode(tmp_path):
@@ -256,7 +295,7 @@ def _check_layer_sample(layer, index, model_keep):
 
 def _boundary_ties(layer) -> int:
     """Rows where the N-th and (N+1)-th best valid scores are equal (where the lower-index rule decides)."""
-    from had_hf.export.packing import binary_scores
+    from had_hf.export.uint64_words import binary_scores
 
     scores = binary_scores(layer.query_bits, layer.key_bits, layer.head_dim)
     scores = np.where(np.broadcast_to(layer.valid.astype(bool), scores.shape), scores, -layer.head_dim - 1)
@@ -460,18 +499,27 @@ def test_export_command_says_a_missing_model_folder_does_not_exist(model, tmp_pa
     assert "Repo id" not in error and not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("optimum.commands.optimum_cli") is None, reason="optimum is not installed"
-)
+def _optimum_cli(*args: str) -> subprocess.CompletedProcess:
+    """`optimum-cli ARGS` with this checkout's registration only: the editable install of another checkout (a git
+    worktree) would put a second `optimum/commands/register/had_hf_export.py` on the path, registering `had` twice."""
+    source = str(REPO_ROOT / "src")
+    script = (
+        "import runpy, sys; "
+        f"sys.path[:] = [p for p in sys.path if p == {source!r} or not p.rstrip('/').endswith('/src')]; "
+        "sys.argv[0] = 'optimum-cli'; "
+        "runpy.run_module('optimum.commands.optimum_cli', run_name='__main__')"
+    )
+    return _run("-c", script, *args)
+
+
 def test_optimum_cli_export_had(saved_had_checkpoint, tmp_path):
     output_dir = tmp_path / "bundle"
-    done = _run(
-        "-m", "optimum.commands.optimum_cli", "export", "had", "--model", str(saved_had_checkpoint),
-        str(output_dir), "--context-length", "12",
-    )  # fmt: skip
+    done = _optimum_cli(
+        "export", "had", "--model", str(saved_had_checkpoint), str(output_dir), "--context-length", "12"
+    )
     assert done.returncode == 0, done.stderr
     assert (output_dir / "model.onnx").is_file() and (output_dir / "cam_report.md").is_file()
-    refused = _run(
-        "-m", "optimum.commands.optimum_cli", "export", "had", "--model", str(saved_had_checkpoint), str(output_dir)
-    )
+    manifest = json.loads((output_dir / "had_export.json").read_text())
+    assert manifest["task"] == "text-classification"
+    refused = _optimum_cli("export", "had", "--model", str(saved_had_checkpoint), str(output_dir))
     assert refused.returncode == 1 and "exists and is not empty" in refused.stderr

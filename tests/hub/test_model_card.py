@@ -16,7 +16,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from had_hf import hub, plotting
 from tests.conftest import markdown_table
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_ID = "had-org/tiny-had"
 
 
@@ -52,11 +52,11 @@ def table_rows(markdown: str, header_start: str) -> list[list[str]]:
     return markdown_table(markdown, f"| {header_start}")[1]
 
 
-def test_template_ships_in_the_package_identical_to_hub_cards():
+def test_template_ships_in_the_package_as_a_link_to_hub_cards():
     canonical = REPO_ROOT / "hub_cards" / hub.TEMPLATE_FILENAME
     packaged = REPO_ROOT / "src" / "had_hf" / "data" / hub.TEMPLATE_FILENAME
-    assert packaged.read_bytes() == canonical.read_bytes(), (
-        f"{packaged} must be a copy of {canonical}: cp {canonical} {packaged}"
+    assert packaged.is_symlink() and packaged.resolve() == canonical.resolve(), (
+        f"{packaged} must be a symbolic link to {canonical} (one source for the template)"
     )
     assert hub.card_template() == canonical.read_text(encoding="utf-8")
     tomllib = pytest.importorskip("tomllib")

@@ -25,7 +25,7 @@ HAS_CUDA = torch.cuda.is_available()
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 requires_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 TESTS_DIR = Path(__file__).resolve().parent
-REPO = TESTS_DIR.parent
+REPO = TESTS_DIR.parents[1]
 
 
 def _interpreter_env() -> dict:

@@ -247,3 +247,55 @@ def test_had_checkpoint_round_trip_through_the_hub(fake_hub, tmp_path):
     assert loaded["had_config"] == had_config.to_dict()
     # float32 -> Python float -> JSON is exact, so "identical" means bit-identical here.
     assert torch.equal(torch.tensor(loaded["logits"], dtype=torch.float32), expected)
+
+
+def test_a_trainer_run_without_a_recipe_pushes_a_full_card(fake_hub, tmp_path):
+    """`HADDistillationTrainer.push_to_hub` alone: the run record, the card with teacher and student metrics and
+    the stage schedule, and the curves, in one commit; no recipe or hand-written results.json involved."""
+    from fake_hub import save_tiny_tokenizer, validate_card_metadata
+    from transformers import BertTokenizer
+
+    from tests.test_trainer import TinyDataset, _args
+
+    output_dir = tmp_path / "trainer-run"
+    (tmp_path / "tokenizer").mkdir()
+    save_tiny_tokenizer(tmp_path / "tokenizer")
+    teacher, student = tiny_bert(seed=0), tiny_bert(seed=0)
+    eval_set = TinyDataset(size=16, seed=1)
+
+    def accuracy(prediction):
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = had_hf.HADDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=_args(output_dir, eval_strategy="no", push_to_hub=True, hub_model_id=REPO_ID),
+        had_config=had_hf.HADConfig(top_n=3),
+        train_dataset=TinyDataset(),
+        eval_dataset=eval_set,
+        processing_class=BertTokenizer.from_pretrained(tmp_path / "tokenizer"),
+        compute_metrics=accuracy,
+    )
+    trainer.train()
+    student_metrics = trainer.evaluate()
+    url = trainer.push_to_hub()  # with args.push_to_hub, as the Trainer's own: one commit, no push from save_model
+
+    assert url == f"{fake_hub.url}/{REPO_ID}/commit/{fake_hub.head(REPO_ID)}"
+    assert fake_hub.commit_count(REPO_ID) == 2, "the repo's initial commit plus exactly one upload commit"
+    remote = fake_hub.files(REPO_ID)
+    assert {"README.md", "results.json", "training_curves.png", "model.safetensors"} <= set(remote)
+    record = json.loads(remote["results.json"])
+    assert record["recorded_by"] == "HADDistillationTrainer" and record["main_metric"] == "accuracy"
+    assert record["student"]["metrics"]["accuracy"] == student_metrics["eval_accuracy"]
+    assert [stage["stage"] for stage in record["stage_timeline"]] == ["tanh", "sign", "ste", "refinement"]
+    # the teacher's metric, computed independently of the trainer
+    with torch.no_grad():
+        logits = teacher(input_ids=eval_set.ids, attention_mask=eval_set.mask).logits
+    teacher_accuracy = float((logits.argmax(-1) == eval_set.labels).float().mean())
+    assert record["teacher"]["metrics"]["accuracy"] == pytest.approx(teacher_accuracy)
+
+    card = remote["README.md"].decode()
+    assert validate_card_metadata(card) == ([], [])
+    assert card == str(hub.render_model_card(output_dir, REPO_ID))
+    assert f"| accuracy | {teacher_accuracy:.4f} | {student_metrics['eval_accuracy']:.4f} |" in card
+    assert "against steps, stage boundaries marked](training_curves.png)" in card

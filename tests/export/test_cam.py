@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from had_hf.export import cam
+from had_hf.export import cam, cam_report
 from had_hf.export.cam import AttentionGeometry, CoefficientError, cam_cost_report, load_coefficients
-from had_hf.export.packing import binary_scores, hamming_distance, pack_signs, popcount, unpack_signs
+from had_hf.export.uint64_words import binary_scores, hamming_distance, pack_signs, popcount, unpack_signs
 
 # The HAD paper's table: component -> (area BF16, area HAD, power BF16, power HAD)
 PAPER_TABLE = {
@@ -202,8 +202,8 @@ def test_unreadable_coefficient_files(tmp_path):
 
 def test_write_report_files(tmp_path):
     report = cam_cost_report(PAPER_POINT, 256, top_n=30)
-    written = cam.write_cam_report(report, tmp_path)
-    assert [path.name for path in written] == list(cam.REPORT_FILENAMES)
+    written = cam_report.write_cam_report(report, tmp_path)
+    assert [path.name for path in written] == list(cam_report.REPORT_FILENAMES)
     assert json.loads((tmp_path / "cam_report.json").read_text())["per_layer"]["had"]["total"]["area_mm2"] == 6.724
     markdown = (tmp_path / "cam_report.md").read_text()
     assert "78.85% less area" in markdown and "87.05% less power" in markdown

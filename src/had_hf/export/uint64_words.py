@@ -11,7 +11,7 @@ Two packed vectors then have the binary dot product
     Sb = d - 2 * popcount(q_words XOR k_words),
 
 the integer logit of HAD attention before it is scaled by alpha. Everything here is plain numpy: a hardware engineer
-reading the golden files needs nothing else. (`had_hf.kernels.packing` is the int32, torch-side layout of the GPU
+reading the golden files needs nothing else. (`had_hf.kernels.int32_words` is the int32, torch-side layout of the GPU
 kernels and the packed KV cache; this module is the export format.)
 """
 

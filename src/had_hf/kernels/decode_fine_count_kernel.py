@@ -1,0 +1,109 @@
+"""Decode kernel 2 of 3: the fine count of the distances in each row's coarse bin, the threshold distance and the
+tie quota of every split (handed out in index order)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .decode_split_k import (
+    _last_split,
+    _load_split_tile,
+    _padded_end,
+    _place_fields,
+    _program_rows,
+    _split_tile,
+)
+
+
+@triton.jit(do_not_specialize=("n_keys",))
+def _fine_count_kernel(
+    code_ptr,
+    fine_ptr,
+    stats_ptr,
+    quota_ptr,
+    ticket_ptr,
+    n_keys,
+    code_stride,
+    rows_per_group,
+    split_len,
+    num_splits,
+    D: tl.constexpr,
+    FINE: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    S_BLOCK: tl.constexpr,
+):
+    row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
+    coarse_bin = tl.load(stats_ptr + grow * 8, mask=row_ok, other=0)
+    low = coarse_bin * FINE  # the FINE distances of the coarse bin: low .. low + FINE - 1
+
+    # the split with its padding: codes past n_keys are INVALID_CODE (whole tiles constant over 16 keys: vectorized)
+    start = tl.program_id(2) * split_len
+    end = _padded_end(split_len, code_stride)
+    # packed counters of the FINE distances, 8 per int64 word (up to 4 words, d = 256), one tensor per word: every
+    # tensor of the loop is (R, BLOCK_N) in one layout (no data moved between threads per iteration)
+    fine0 = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
+    fine1 = fine0
+    fine2 = fine0
+    fine3 = fine0
+    one = tl.full((R_BLOCK, BLOCK_N), 1, dtype=tl.int64)
+    code_rows = code_ptr + grow[:, None] * code_stride
+    for block_start in range(start, end, BLOCK_N):
+        offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
+        in_bounds = row_ok[:, None] & (offs_n < end)
+        code = tl.load(code_rows + offs_n, mask=in_bounds, other=0).to(tl.int32)
+        offset = code - low[:, None]  # masked keys carry INVALID_CODE > d: never in the bin
+        in_bin = in_bounds & (offset >= 0) & (offset < FINE)
+        field = tl.where(in_bin, one << (7 * (offset & 7)).to(tl.int64), 0)
+        fine0 += tl.where(offset < 8, field, 0)
+        if FINE > 8:
+            fine1 += tl.where((offset >> 3) == 1, field, 0)
+        if FINE > 16:
+            fine2 += tl.where((offset >> 3) == 2, field, 0)
+            fine3 += tl.where((offset >> 3) == 3, field, 0)
+
+    counts = _place_fields(tl.zeros((R_BLOCK, FINE), dtype=tl.int32), fine0, 0, 8)
+    if FINE > 8:
+        counts = _place_fields(counts, fine1, 8, 8)
+    if FINE > 16:
+        counts = _place_fields(counts, fine2, 16, 8)
+        counts = _place_fields(counts, fine3, 24, 8)
+    cols = tl.arange(0, FINE)
+    fine_rows = fine_ptr + (grow * num_splits + tl.program_id(2)) * FINE
+    tl.store(fine_rows[:, None] + cols[None, :], counts, mask=row_ok[:, None])
+
+    if _last_split(ticket_ptr, num_splits):
+        # the splits' fine histograms, a tile of S_BLOCK splits per load (one tile ahead), summed over the splits once,
+        # after the loop
+        tile = tl.zeros((R_BLOCK, S_BLOCK, FINE), dtype=tl.int32)
+        next_counts, next_at, next_ok = _load_split_tile(fine_ptr, grow, row_ok, 0, num_splits, FINE, S_BLOCK)
+        for first in range(0, num_splits, S_BLOCK):
+            split_counts = next_counts
+            next_counts, next_at, next_ok = _load_split_tile(
+                fine_ptr, grow, row_ok, first + S_BLOCK, num_splits, FINE, S_BLOCK
+            )
+            tile += split_counts
+        total = tl.sum(tile, axis=1)
+        below = tl.load(stats_ptr + grow * 8 + 1, mask=row_ok, other=0)
+        num_kept = tl.load(stats_ptr + grow * 8 + 3, mask=row_ok, other=0)
+        # threshold t: the smallest h with count(dist <= h) >= N (t = 0 and a zero quota when N = 0)
+        needed = num_kept - below
+        cumulative = tl.cumsum(total, axis=1)
+        step = tl.min(tl.where(cumulative >= needed[:, None], cols[None, :], FINE - 1), axis=1)
+        quota = needed - tl.sum(tl.where(cols[None, :] < step[:, None], total, 0), axis=1)
+        tl.store(stats_ptr + grow * 8 + 4, low + step, mask=row_ok)
+        # the ties to keep go to the splits in index order: a split's share is what the quota leaves after the ties
+        # of the splits before it (an exclusive prefix sum over the tile, plus the ties of the tiles before it)
+        carried = tl.zeros((R_BLOCK,), dtype=tl.int32)
+        next_at, next_ok = _split_tile(grow, row_ok, 0, num_splits, S_BLOCK)
+        next_ties = tl.load(fine_ptr + next_at * FINE + step[:, None], mask=next_ok, other=0)
+        for first in range(0, num_splits, S_BLOCK):
+            ties, at, ok = next_ties, next_at, next_ok
+            next_at, next_ok = _split_tile(grow, row_ok, first + S_BLOCK, num_splits, S_BLOCK)
+            next_ties = tl.load(fine_ptr + next_at * FINE + step[:, None], mask=next_ok, other=0)
+            before = carried[:, None] + tl.cumsum(ties, axis=1) - ties
+            share = tl.minimum(tl.maximum(quota[:, None] - before, 0), ties)
+            tl.store(quota_ptr + at * 2, share, mask=ok)
+            tl.store(quota_ptr + at * 2 + 1, ties, mask=ok)
+            carried += tl.sum(ties, axis=1)

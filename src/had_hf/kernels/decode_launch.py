@@ -1,0 +1,176 @@
+"""Host side of the decode kernels: launch settings, scratch memory and per-kernel launch options."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .decode_split_k import MAX_ITERATIONS
+from .triton_common import _cdiv, _next_power_of_2
+
+
+def _splits(n_keys: int, num_splits: int) -> tuple[int, int]:
+    """At most `num_splits` splits of whole 64-key blocks over n keys: their number and length."""
+    split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
+    return _cdiv(n_keys, split_len), split_len
+
+
+# The last program of a row block reduces the splits' results a tile of splits at a time, in registers: the tile being
+# added, the next one (loaded one iteration ahead) and their running sum hold at most this many values per thread each.
+_TILE_VALUES_PER_THREAD = 32
+
+
+def _split_tile_size(num_splits: int, split_block: int, per_split: int, num_warps: int | None) -> int:
+    """Splits per tile of a last-program reduction whose splits wrote `per_split` values each (a power of two)."""
+    budget = _TILE_VALUES_PER_THREAD * 32 * (num_warps or 4)  # Triton's default: 4 warps
+    fits = max(1, budget // per_split)
+    return min(split_block, _next_power_of_2(num_splits), 1 << (fits.bit_length() - 1))
+
+
+def _as_int64_words(words: torch.Tensor) -> torch.Tensor:
+    """(..., W) int32 words as (..., W // 2) int64 words (two dimensions' words per int64, little-endian), a view
+    where the layout allows it (a packed key cache's is), a copy otherwise."""
+    try:
+        return words.view(torch.int64)
+    except RuntimeError:  # an odd stride or offset in int32 units
+        return words.clone(memory_format=torch.contiguous_format).view(torch.int64)
+
+
+class _Workspace:
+    """Scratch memory of the decode kernels, kept per (device, stream) and grown as needed.
+
+    Allocating a dozen small tensors per call costs more CPU time than a decode step's kernels take on the GPU. The
+    tickets of the last-program reductions must start at zero: the kernels reset them after use.
+    """
+
+    _instances: dict[tuple, _Workspace] = {}
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.layouts: dict[tuple, tuple] = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> _Workspace:
+        if device.type == "cuda" and (
+            torch.cuda.is_current_stream_capturing()
+            or torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
+        ):
+            # CUDA graphs (recorded, and warmed up by torch.compile's CUDA-graph trees) run on a side stream and own
+            # their memory: scratch allocated there lives in the graph's pool, and a cached buffer would outlive the
+            # recording (CUDA-graph trees refuse untracked live allocations). Off the default stream: no cache.
+            return cls(device)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device.type, device.index, stream)
+        if key not in cls._instances:
+            cls._instances[key] = cls(device)
+        return cls._instances[key]
+
+    def take(self, name: str, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            size = max(numel, int(numel * 1.25))
+            buffer = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=self.device)
+            self.buffers[name] = buffer
+            self.layouts.clear()  # their views hold the old buffers
+        return buffer
+
+    def layout(self, key: tuple, build) -> tuple:
+        """The views of one call layout, built once: a generation keeps its layout (which changes with the number
+        of splits, the split length and the codes' row stride) for many steps, and a dozen slices cost ~40 us."""
+        views = self.layouts.get(key)
+        if views is None:
+            views = self.layouts[key] = build()
+        return views
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages) -> tuple:
+    """Per kernel (distance, fine count, attend): the split-tile size of its last-program reduction, and its launch
+    options (shared dicts: not to be modified)."""
+    s_blocks = tuple(
+        _split_tile_size(splits, split_block, r_block * per_split, num_warps)
+        for splits, per_split in ((distance_splits, 16), (num_splits, fine), (num_splits, value_dim))
+    )
+    options = []
+    for kernel_stages in stages:
+        option = {} if num_warps is None else {"num_warps": num_warps}
+        if kernel_stages is not None:
+            option["num_stages"] = kernel_stages
+        options.append(option)
+    return s_blocks, tuple(options)
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """The launch settings of one decode call: rows per program, key splits and tile sizes."""
+
+    r_block: int  # query rows per program (a power of two, at most 16)
+    num_row_blocks: int
+    num_splits: int  # key splits of the fine-count and attend kernels
+    split_len: int
+    distance_splits: int  # key splits of the distance kernel (at most num_splits)
+    distance_split_len: int
+    distance_block_n: int  # keys per iteration of the distance kernel
+    count_block_n: int  # keys per iteration of the fine count
+    select_block_n: int  # keys per iteration of the attend kernel's selection
+
+
+def decode_launch(
+    n_keys: int,
+    rows_per_group: int,
+    kv_groups: int,
+    multiprocessors: int,
+    *,
+    num_splits: int | None = None,
+    programs_per_sm: int | None = None,
+    distance_programs_per_sm: int | None = None,
+    distance_splits: int | None = None,
+    block_n: int | None = None,
+    hist_block_elements: int = 1024,
+) -> DecodeLaunch:
+    """The launch settings of a decode call from its shape, by a heuristic; each keyword overrides one choice (the
+    benchmark sweeps of `benchmarks/decode.py` and the tests set them).
+
+    Args:
+        n_keys (`int`): keys per row.
+        rows_per_group (`int`): query rows per kv head (query heads of the group times query positions).
+        kv_groups (`int`): batch times kv heads.
+        multiprocessors (`int`): multiprocessors of the GPU (1 in the interpreter).
+        num_splits, programs_per_sm, distance_programs_per_sm, distance_splits, block_n, hist_block_elements:
+            see `hamming_topk_decode`.
+    """
+    r_block = min(16, _next_power_of_2(rows_per_group))
+    num_row_blocks = _cdiv(rows_per_group, r_block)
+    groups = kv_groups * num_row_blocks
+    count_block_n = max(16, min(1024, hist_block_elements // r_block))
+    # keys per selection tile: 1024 for one row ((128, 8) tiles), 8192 (row, key) pairs for several
+    select_block_n = block_n or (1024 if r_block <= 4 else max(64, 8192 // r_block))
+    num_splits_given = num_splits is not None
+    if num_splits is None:
+        if programs_per_sm is None:
+            programs_per_sm = 8 if r_block == 1 else 4
+        # rounded down: a last, mostly idle wave of programs would cost a whole wave's time
+        num_splits = max(1, programs_per_sm * multiprocessors // groups)
+    # whole 64-key blocks, and at most MAX_ITERATIONS counting blocks per split (the packed 7-bit counters)
+    # (a margin: the split length is rounded up to 64 keys, and the distance kernel adds tail blocks over <= 64 keys)
+    fewest_splits = _cdiv(n_keys, (MAX_ITERATIONS - 2 - 64 // count_block_n) * count_block_n)
+    num_splits, split_len = _splits(n_keys, max(num_splits, fewest_splits))
+    if distance_splits is None:
+        # the distance kernel shares the splits unless its own programs per multiprocessor are asked for
+        chosen = num_splits_given or distance_programs_per_sm is None
+        distance_splits = num_splits if chosen else max(1, distance_programs_per_sm * multiprocessors // groups)
+    distance_splits, distance_split_len = _splits(n_keys, min(num_splits, max(distance_splits, fewest_splits)))
+    return DecodeLaunch(
+        r_block=r_block,
+        num_row_blocks=num_row_blocks,
+        num_splits=num_splits,
+        split_len=split_len,
+        distance_splits=distance_splits,
+        distance_split_len=distance_split_len,
+        distance_block_n=min(count_block_n, _next_power_of_2(distance_split_len)),
+        count_block_n=min(count_block_n, _next_power_of_2(split_len)),
+        select_block_n=select_block_n,
+    )

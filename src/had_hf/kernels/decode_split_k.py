@@ -1,0 +1,125 @@
+"""Building blocks of the three decode kernels: packed 7-bit counters, sign words of queries and keys, and the
+split-K bookkeeping (each program is one (batch * kv head, row block, split) of the grid; the last split of a row block
+to finish reduces what all splits wrote, a tile of splits at a time)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Packed counters: 7-bit fields in an int64, 8 fields per word (9 for the coarse histogram, 63 bits). A lane adds at
+# most one per counting block, so a split may span at most 127 of them.
+MAX_ITERATIONS = 127
+
+
+@triton.jit
+def _place_fields(counts, acc, FIRST: tl.constexpr, NUM_FIELDS: tl.constexpr):
+    """Writes the totals over the lanes of the first NUM_FIELDS 7-bit fields of (R, X) int64 packed counters into
+    columns FIRST .. FIRST + NUM_FIELDS - 1 of the (R, C) int32 `counts` (fields past C are dropped)."""
+    cols = tl.arange(0, counts.shape[1])
+    for field in tl.static_range(NUM_FIELDS):
+        if FIRST + field < counts.shape[1]:
+            count = tl.sum(((acc >> (7 * field)) & 127).to(tl.int32), axis=1)
+            counts = tl.where(cols[None, :] == FIRST + field, count[:, None], counts)
+    return counts
+
+
+@triton.jit
+def _query_word(q_ptr, q_base, row_ok, word, stride_qd, BITS: tl.constexpr):
+    """(R, 1) int32 (BITS 32) or int64 (BITS 64): the sign bits of dimensions BITS * word .. BITS * word + BITS - 1 of
+    the rows' queries (dimension j on bit j, little-endian: two int32 words viewed as one int64)."""
+    offs_b = tl.arange(0, BITS)
+    q = tl.load(q_ptr + q_base[:, None] + (word * BITS + offs_b[None, :]) * stride_qd, mask=row_ok[:, None], other=0.0)
+    word_type = tl.int64 if BITS == 64 else tl.int32
+    return tl.sum((q >= 0).to(word_type) << offs_b[None, :].to(word_type), axis=1)[:, None]
+
+
+@triton.jit
+def _key_words(k_base, offs_n, n_ok, stride_kn, stride_kw, W: tl.constexpr):
+    """The (1, BLOCK_N) sign words of the keys at offs_n (W of them; the unused ones repeat word 0)."""
+    k_at = k_base + offs_n.to(tl.int64) * stride_kn
+    w0 = tl.load(k_at, mask=n_ok, other=0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if W > 1:
+        w1 = tl.load(k_at + stride_kw, mask=n_ok, other=0)
+    if W > 2:
+        w2 = tl.load(k_at + 2 * stride_kw, mask=n_ok, other=0)
+        w3 = tl.load(k_at + 3 * stride_kw, mask=n_ok, other=0)
+    return w0, w1, w2, w3
+
+
+# Split-K bookkeeping shared by the three kernels: each program is one (batch * kv head, row block, split) of the grid.
+
+
+@triton.jit
+def _program_rows(rows_per_group, R_BLOCK: tl.constexpr):
+    """This program's rows: their index in the kv head's group (query head hk*g + row // q, position row % q), whether
+    they exist, and their global index (b, hk, row) flattened (int64)."""
+    row = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
+    row_ok = row < rows_per_group
+    grow = tl.program_id(0).to(tl.int64) * rows_per_group + row
+    return row, row_ok, grow
+
+
+@triton.jit
+def _batch_and_kv_head(num_kv_heads):
+    """The batch entry and kv head of this program (int64: they enter addresses)."""
+    pid_bh = tl.program_id(0)
+    return (pid_bh // num_kv_heads).to(tl.int64), (pid_bh % num_kv_heads).to(tl.int64)
+
+
+@triton.jit
+def _split_keys(n_keys, split_len):
+    """The keys [start, end) of this program's split."""
+    start = tl.program_id(2) * split_len
+    return start, tl.minimum(start + split_len, n_keys)
+
+
+@triton.jit
+def _padded_end(split_len, code_stride):
+    """The end of this program's split in the codes' rows, padding included: a multiple of 16 that Triton can see
+    (both arguments are specialized as multiples of 16), so that masks built from it let loads be vectorized."""
+    return tl.minimum(tl.program_id(2) * split_len + split_len, code_stride)
+
+
+@triton.jit
+def _last_split(ticket_ptr, num_splits):
+    """Whether this program is the last split of its row block to finish: it then reduces what all splits wrote.
+
+    The barrier orders every thread's stores before the ticket, whose acq_rel semantics publish them to, and fetch the
+    others' for, the last program. Every split has taken its ticket when the last one does: it resets the ticket at
+    once, ready for the next call.
+    """
+    tl.debug_barrier()
+    ticket_at = ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    last = tl.atomic_add(ticket_at, 1, sem="acq_rel") == num_splits - 1
+    if last:
+        tl.atomic_xchg(ticket_at, 0)
+    return last
+
+
+@triton.jit
+def _split_tile(grow, row_ok, first, num_splits, S_BLOCK: tl.constexpr):
+    """(R, S_BLOCK) indices grow * num_splits + s of the per-(row, split) results of splits first .. first + S_BLOCK - 1,
+    and which of them exist: the last program reduces the splits a tile at a time."""
+    split = first + tl.arange(0, S_BLOCK)
+    at = grow[:, None] * num_splits + split[None, :]
+    return at, row_ok[:, None] & (split < num_splits)[None, :]
+
+
+@triton.jit
+def _load_split_tile(ptr, grow, row_ok, first, num_splits, WIDTH: tl.constexpr, S_BLOCK: tl.constexpr):
+    """The (R, S_BLOCK, WIDTH) records of WIDTH values per (row, split) of a tile of splits (zeros where the row or the
+    split does not exist), and the tile's indices and mask (`_split_tile`)."""
+    at, ok = _split_tile(grow, row_ok, first, num_splits, S_BLOCK)
+    cols = tl.arange(0, WIDTH)
+    records = tl.load(ptr + at[:, :, None] * WIDTH + cols[None, None, :], mask=ok[:, :, None], other=0)
+    return records, at, ok
+
+
+# Integers that change at every decode step and only bound loops: not specialized, so that their divisibility by 16
+# changing from one step to the next compiles nothing. Everything that enters an address (the row stride of the codes
+# is padded to a multiple of 64 for this) stays specialized: Triton vectorizes loads only when it knows alignment.
+_PER_STEP = ("n_keys", "top_n")

@@ -1,0 +1,188 @@
+"""Prefill kernel 2 of 2: the softmax of the kept scores times V, streaming the keys in index order with each row's
+threshold, tie quota and shift from the threshold kernel."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .prefill_tiles import _block_ranges, _query_operand, _score_tile, _tile_valid
+
+
+@triton.jit
+def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows, start, offs_m, row_ok, limit,
+                 n_keys, threshold, quota, shift, any_partial, upper, alpha_log2,
+                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mi, stride_mn,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, MODE: tl.constexpr, SELECT: tl.constexpr,
+                 DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_KEEP: tl.constexpr,
+                 MASKED: tl.constexpr):  # fmt: skip
+    """One key tile of the attend kernel: the kept keys' weights exp(alpha * (Sb - Sb_max)) added to the rows'
+    denominators and, times the tile's values, to their accumulators.
+
+    A key is kept when its score reaches the row's threshold for this tile, `threshold` (ties kept) or
+    `threshold + 1` (ties dropped), and a tile where some row's quota runs out in the middle gets a threshold per
+    key. The weights come from one expression, exp2(alpha' * (Sb - Sb_max) + min(BIG * (Sb - cut), 0)), without
+    boolean tensors: (BLOCK_M, BLOCK_N) masks live in predicate registers, of which a thread has 7 (they spilled
+    into general registers, ~2x the instructions of the loop)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = start + offs_n0
+    s = _score_tile(q_op, 0, 0, k_base, start, offs_n0, tl.arange(0, D), n_keys, stride_kn, stride_kd,
+                    D, 1, MODE, False, MASKED)  # fmt: skip
+    s = s.to(tl.float32)
+    if MASKED or HAS_MASK:
+        valid = _tile_valid(offs_m, offs_n, row_ok, limit, n_keys, m_base, stride_mi, stride_mn,
+                            CAUSAL, HAS_MASK, MASK_ROWS, MASKED)  # fmt: skip
+        s = tl.where(valid, s, -D - 4.0)  # below every threshold: never kept, never a tie
+    exponent = (s - shift[:, None]) * alpha_log2
+    if WRITE_KEEP:
+        kept = tl.zeros(s.shape, dtype=tl.int8)
+    if SELECT:
+        if any_partial:
+            # the ties of the threshold score are kept up to each row's quota, in key order (seen: the row's ties in
+            # earlier tiles)
+            tie = s == threshold[:, None]
+            tie_count = tl.sum(tl.where(tie, 1.0, 0.0), axis=1).to(tl.int32)
+            crossing = (seen < quota) & (seen + tie_count > quota)
+            # rows whose quota does not run out inside the tile keep all their ties here, or none
+            row_cut = tl.where(seen + tie_count <= quota, threshold, threshold + 1.0)
+            if tl.max(crossing.to(tl.int32), axis=0) > 0:
+                # inclusive rank of each tie inside the tile: a prefix count along the keys on the tensor cores
+                rank = tl.dot(tie.to(tl.float16), upper)
+                room = tl.where(crossing, quota - seen, -1).to(tl.float32)
+                cut = tl.where(tie & (rank <= room[:, None]), threshold[:, None], row_cut[:, None])
+                p = tl.exp2(exponent + tl.minimum((s - cut) * 1e4, 0.0))
+                if WRITE_KEEP:
+                    kept = (s >= cut).to(tl.int8)
+            else:
+                p = tl.exp2(exponent + tl.minimum((s - row_cut[:, None]) * 1e4, 0.0))
+                if WRITE_KEEP:
+                    kept = (s >= row_cut[:, None]).to(tl.int8)
+            seen += tie_count
+        else:
+            p = tl.exp2(exponent + tl.minimum((s - threshold[:, None]) * 1e4, 0.0))
+            if WRITE_KEEP:
+                kept = (s >= threshold[:, None]).to(tl.int8)
+    else:
+        # floor measurement: every valid key (a dense softmax with a known maximum)
+        p = tl.exp2(exponent + tl.minimum((s + D + 3.0) * 1e4, 0.0))
+        if WRITE_KEEP:
+            kept = (s > -D - 4.0).to(tl.int8)
+    denominator += tl.sum(p, axis=1)
+    v_at = v_base + offs_n.to(tl.int64)[:, None] * stride_vn + tl.arange(0, DV)[None, :] * stride_vd
+    if MASKED:
+        v = tl.load(v_at, mask=(offs_n < n_keys)[:, None], other=0.0)
+    else:
+        v = tl.load(v_at)
+    if DOT_FP32:
+        acc += tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        acc += tl.dot(p.to(v.dtype), v)
+    if WRITE_KEEP:
+        at = keep_rows[:, None] + offs_n[None, :]
+        tl.store(at, kept, mask=row_ok[:, None] & (offs_n < n_keys)[None, :])
+    return acc, denominator, seen
+
+
+@triton.jit
+def _attend_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    stats_ptr,
+    out_ptr,
+    keep_ptr,
+    q_len,
+    n_keys,
+    causal_off,
+    group,
+    num_heads,
+    alpha_log2,
+    stride_qb,
+    stride_qh,
+    stride_qi,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_oi,
+    stride_od,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    MODE: tl.constexpr,
+    SELECT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WRITE_KEEP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    limit = offs_m + causal_off
+    offs_d = tl.arange(0, D)
+
+    q_op = _query_operand(q_ptr, q_ptr + b * stride_qb + h * stride_qh, offs_m, row_ok, offs_d, stride_qi, stride_qd,
+                          MODE)  # fmt: skip
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    m_base = mask_ptr + b * stride_mb + h * stride_mh
+    grow = pid_bh.to(tl.int64) * q_len + offs_m
+    stats = stats_ptr + grow * 4
+    threshold = tl.load(stats, mask=row_ok, other=D + 2).to(tl.float32)
+    quota = tl.load(stats + 1, mask=row_ok, other=0)
+    shift = tl.load(stats + 2, mask=row_ok, other=0).to(tl.float32)
+    partial = tl.load(stats + 3, mask=row_ok, other=0)
+    any_partial = tl.max(partial, axis=0) > 0
+    keep_rows = keep_ptr + grow * n_keys
+    # upper[a, b] = 1 where a <= b: (ties) @ upper counts the ties at or before each key of a tile
+    ar = tl.arange(0, BLOCK_N)
+    upper = (ar[:, None] <= ar[None, :]).to(tl.float16)
+
+    acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
+    denominator = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    seen = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    full_end, kv_end = _block_ranges(pid_m, q_len, n_keys, causal_off, BLOCK_M, BLOCK_N, CAUSAL)
+    for start in range(0, full_end, BLOCK_N):
+        acc, denominator, seen = _attend_tile(
+            acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows, start, offs_m, row_ok, limit, n_keys,
+            threshold, quota, shift, any_partial, upper, alpha_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_mi, stride_mn, D, DV, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, SELECT, DOT_FP32, DOT_PRECISION,
+            WRITE_KEEP,
+            False,
+        )  # fmt: skip
+    for start in range(full_end, kv_end, BLOCK_N):
+        acc, denominator, seen = _attend_tile(
+            acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows, start, offs_m, row_ok, limit, n_keys,
+            threshold, quota, shift, any_partial, upper, alpha_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_mi, stride_mn, D, DV, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, SELECT, DOT_FP32, DOT_PRECISION,
+            WRITE_KEEP,
+            True,
+        )  # fmt: skip
+
+    # a row that keeps nothing (no valid key, N = 0) has a zero denominator: zeros, never NaN
+    out = tl.where(denominator[:, None] > 0, acc / tl.maximum(denominator, 1e-30)[:, None], 0.0)
+    out_at = out_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_oi
+    tl.store(out_at + tl.arange(0, DV)[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -1,0 +1,68 @@
+"""What the Triton kernels share: the interpreter switch, the launch device, popcount and host integer helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@functools.cache
+def _interpreting() -> bool:
+    # Triton reads the variable once, when it is imported; so do we (an environment lookup per call costs ~5 us)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _on_device(device: torch.device):
+    """The context of a launch on `device`: Triton launches on the current CUDA device and its current stream, so
+    tensors on another GPU (a model split over GPUs) need their device made current. A no-op when it already is, and
+    on the CPU (the interpreter)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@triton.jit
+def _popcount(x, USE_POPC: tl.constexpr):
+    """Set bits of each int32 or int64 word (libdevice on the GPU; SWAR bit arithmetic in the interpreter)."""
+    if USE_POPC:
+        return libdevice.popc(x)  # __nv_popc, or __nv_popcll for int64 words
+    elif x.dtype == tl.int64:
+        return _popcount((x & 0xFFFFFFFF).to(tl.int32), False) + _popcount((x >> 32).to(tl.int32), False)
+    else:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        u = (u * 0x01010101) >> 24
+        return u.to(tl.int32)
+
+
+# Host-side integer helpers: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in recent Triton,
+# whose host calls are slow (see benchmarks/README.md, decode kernel design notes).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _splits(n_keys: int, num_splits: int) -> tuple[int, int]:
+    """At most `num_splits` splits of whole 64-key blocks over n keys: their number and length."""
+    split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
+    return _cdiv(n_keys, split_len), split_len
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << (x - 1).bit_length() if x > 1 else 1
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
