@@ -47,8 +47,10 @@ def teacher_training_arguments(script_args, training_args, **overrides) -> Train
 
 def check_task_head(loading_info: dict, teacher_path: str, script_args, task: str) -> None:
     """Exits when the teacher's task head was newly initialised (`from_pretrained(..., output_loading_info=True)`'s
-    missing keys) and no fine-tuning of the teacher was asked for."""
-    new_head = [k for k in loading_info["missing_keys"] if "classifier" in k or "score" in k]
+    missing keys, or its mismatched ones under `ignore_mismatched_sizes`) and no fine-tuning of the teacher was asked
+    for."""
+    mismatched = [k if isinstance(k, str) else k[0] for k in loading_info.get("mismatched_keys", [])]
+    new_head = [k for k in [*loading_info["missing_keys"], *mismatched] if "classifier" in k or "score" in k]
     if new_head and script_args.finetune_teacher_epochs <= 0:
         raise SystemExit(
             f"The teacher {teacher_path} has no task head ({new_head[:2]} newly initialised): it is not trained on "
