@@ -38,6 +38,7 @@ names the data or the teacher; the output folder is laid out as the GLUE recipe'
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -206,6 +207,17 @@ def load_question_splits(script_args: ScriptArguments, seed: int) -> tuple[list,
     return pick(train_names), pick(held_out), source
 
 
+def is_leval_layout(path: str) -> bool:
+    """Whether the first record of a JSON-lines file is in L-Eval's layout (`input`, `instructions`)."""
+    with open(path, encoding="utf-8") as file:
+        first = file.readline()
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # one JSON value over several lines: an official QuALITY or RACE file
+    return isinstance(record, dict) and "instructions" in record and "input" in record
+
+
 def main(argv: list[str]) -> dict:
     script_args, training_args, command = parse_arguments(argv)
     start = begin_run(script_args, training_args, logger)
@@ -215,6 +227,13 @@ def main(argv: list[str]) -> dict:
             "here first; its accuracies show that the pipeline works, not what HAD keeps on a real T5."
         )
     train_questions, eval_questions, eval_source = load_question_splits(script_args, training_args.seed)
+    for flag in ("train_file", "eval_file"):
+        if getattr(script_args, flag) and is_leval_layout(resolve_path(getattr(script_args, flag))):
+            print(
+                f"--{flag} {getattr(script_args, flag)} is in L-Eval's layout: L-Eval's QuALITY file is a SUBSET of "
+                "QuALITY (15 articles, 202 questions; the dev split has 2,086), so its accuracies are not comparable "
+                "to published QuALITY numbers and have a wide confidence interval."
+            )
     train_questions = train_questions[: script_args.max_train_samples]
     eval_questions = eval_questions[: script_args.max_eval_samples]
     teacher, tokenizer, teacher_path = load_teacher(script_args)
