@@ -59,10 +59,9 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
 )
 
-from had_hf import HADDistillationTrainer, HADTrainingArguments
+from had_hf import HADTrainingArguments
 from had_hf.glue import (
     augmentation_kinds,
     augmented_distillation_inputs,
@@ -76,13 +75,11 @@ from had_hf.glue import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: recipes.common
 from recipes.common.arguments import DistillationArguments, parse_recipe_arguments  # noqa: E402
-from recipes.common.run_paths import check_output_paths, model_location, resolve_path, teacher_license  # noqa: E402
+from recipes.common.distillation import distill  # noqa: E402
+from recipes.common.run_paths import check_output_paths, model_location, resolve_path  # noqa: E402
 from recipes.common.run_record import begin_run, run_record, save_run, strip_metrics  # noqa: E402
 from recipes.common.student import (  # noqa: E402
     check_task_head,
-    finetune_teacher,
-    make_student,
-    teacher_training_arguments,
     teacher_view,
 )
 
@@ -245,30 +242,19 @@ def main(argv: list[str]) -> dict:
         output_loading_info=True,
     )
     check_task_head(loading_info, teacher_path, script_args, task.name)
-    teacher_trainer = Trainer(
-        model=teacher,
-        args=teacher_training_arguments(script_args, training_args),
+    run = distill(
+        teacher,
+        script_args,
+        training_args,
+        task=task.name,
         train_dataset=data["train"],
         eval_dataset=data[eval_split],
+        distill_dataset=distill_data,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
-    teacher_steps, teacher_metrics = finetune_teacher(teacher_trainer, script_args, task.name)
-
-    # ---------------------------------------------------------------- student
-    student, teacher, had_config = make_student(teacher_trainer, script_args, training_args)
-    trainer = HADDistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=training_args,
-        train_dataset=distill_data,
-        eval_dataset=data[eval_split],
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-    )
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer, teacher_metrics = run.trainer, run.teacher_metrics
     student_metrics = {}
     for split in task.eval_splits:
         metrics = strip_metrics(trainer.evaluate(data[split], metric_key_prefix="eval"))
@@ -276,19 +262,13 @@ def main(argv: list[str]) -> dict:
     if len(task.eval_splits) > 1:
         for split in task.eval_splits[1:]:
             with teacher_view(trainer):
-                extra = strip_metrics(teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
+                extra = strip_metrics(run.teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
             teacher_metrics.update({f"{split}_{k}": v for k, v in extra.items()})
 
     results = {
         "task": task.name,
         "main_metric": task.main_metric,
-        "teacher": {
-            "model_name_or_path": script_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
-            "path": teacher_path,
-            "finetune_steps": teacher_steps,
-            "metrics": teacher_metrics,
-            "license": teacher_license(teacher_path),
-        },
+        "teacher": run.teacher_record(script_args, teacher_path, "sentence-transformers/all-MiniLM-L6-v2"),
         "license": script_args.license,
         "student": {"metrics": student_metrics},
         "dataset": {
@@ -302,7 +282,7 @@ def main(argv: list[str]) -> dict:
             "eval_examples": len(data[eval_split]),
         },
         "max_seq_length": script_args.max_seq_length,
-        **run_record(trainer, had_config, script_args, training_args, train_output, command=command, start_time=start),
+        **run_record(run, script_args, training_args, command=command, start_time=start),
     }
     title = f"GLUE {results['task']} (dev, {results['dataset']['eval_examples']} examples)"
     save_run(trainer, results, title)

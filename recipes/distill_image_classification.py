@@ -43,16 +43,16 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     PreTrainedModel,
-    Trainer,
     ViTConfig,
     ViTImageProcessor,
     default_data_collator,
 )
 
-from had_hf import HADDistillationTrainer, HADTrainingArguments
+from had_hf import HADTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: recipes.common
 from recipes.common.arguments import DistillationArguments, parse_recipe_arguments  # noqa: E402
+from recipes.common.distillation import distill  # noqa: E402
 from recipes.common.image_data import (  # noqa: E402
     class_names,
     limit,
@@ -61,13 +61,10 @@ from recipes.common.image_data import (  # noqa: E402
     with_processor_transform,
     write_synthetic_image_folder,
 )
-from recipes.common.run_paths import check_output_paths, model_location, resolve_path, teacher_license  # noqa: E402
+from recipes.common.run_paths import check_output_paths, model_location, resolve_path  # noqa: E402
 from recipes.common.run_record import begin_run, run_record, save_run, strip_metrics  # noqa: E402
 from recipes.common.student import (  # noqa: E402
     check_task_head,
-    finetune_teacher,
-    make_student,
-    teacher_training_arguments,
 )
 
 logger = logging.getLogger("distill_image_classification")
@@ -244,31 +241,19 @@ def _run(script_args, training_args, command: str, start: float, scratch: str) -
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return top_k_accuracies(logits, prediction.label_ids)
 
-    # ---------------------------------------------------------------- teacher
-    teacher_trainer = Trainer(
-        model=teacher,
-        args=teacher_training_arguments(script_args, training_args, remove_unused_columns=False),
+    run = distill(
+        teacher,
+        script_args,
+        training_args,
+        task="the images",
         train_dataset=data["train"],
         eval_dataset=data["eval"],
+        teacher_overrides={"remove_unused_columns": False},
         data_collator=default_data_collator,
         processing_class=processor,
         compute_metrics=compute_metrics,
     )
-    teacher_steps, teacher_metrics = finetune_teacher(teacher_trainer, script_args, "the images")
-
-    # ---------------------------------------------------------------- student
-    student, teacher, had_config = make_student(teacher_trainer, script_args, training_args)
-    trainer = HADDistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data["eval"],
-        data_collator=default_data_collator,
-        processing_class=processor,
-        compute_metrics=compute_metrics,
-    )
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer = run.trainer
     student_metrics = strip_metrics(trainer.evaluate())
 
     config = trainer.accelerator.unwrap_model(trainer.model).config
@@ -278,13 +263,7 @@ def _run(script_args, training_args, command: str, start: float, scratch: str) -
     results = {
         "task": "image-classification",
         "main_metric": "accuracy",
-        "teacher": {
-            "model_name_or_path": script_args.model_name_or_path or TINY_TEACHER,
-            "path": teacher_path,
-            "finetune_steps": teacher_steps,
-            "metrics": teacher_metrics,
-            "license": teacher_license(teacher_path),
-        },
+        "teacher": run.teacher_record(script_args, teacher_path, TINY_TEACHER),
         "license": script_args.license,
         "student": {"metrics": student_metrics},
         "dataset": {
@@ -298,7 +277,7 @@ def _run(script_args, training_args, command: str, start: float, scratch: str) -
         },
         "image_size": getattr(config, "image_size", None),
         "tokens_per_image": _tokens_per_image(config),
-        **run_record(trainer, had_config, script_args, training_args, train_output, command=command, start_time=start),
+        **run_record(run, script_args, training_args, command=command, start_time=start),
     }
     save_run(trainer, results, f"Image classification ({source}, {eval_split}: {len(evaluation)} images)")
     return results

@@ -51,16 +51,16 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     T5Config,
-    Trainer,
     default_data_collator,
 )
 
-from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
+from had_hf import HADConfig, HADTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: recipes.common
 from recipes.common.arguments import DistillationArguments, parse_recipe_arguments  # noqa: E402
+from recipes.common.distillation import distill  # noqa: E402
 from recipes.common.quality import read_questions  # noqa: E402
-from recipes.common.run_paths import check_output_paths, model_location, resolve_path, teacher_license  # noqa: E402
+from recipes.common.run_paths import check_output_paths, model_location, resolve_path  # noqa: E402
 from recipes.common.run_record import begin_run, run_record, save_run, strip_metrics  # noqa: E402
 from recipes.common.seq2seq_choice import (  # noqa: E402
     choice_accuracies,
@@ -68,7 +68,6 @@ from recipes.common.seq2seq_choice import (  # noqa: E402
     scoring_rows,
     training_rows,
 )
-from recipes.common.student import finetune_teacher, make_student, teacher_training_arguments  # noqa: E402
 from recipes.common.text_data import split_documents  # noqa: E402
 
 logger = logging.getLogger("distill_quality")
@@ -250,44 +249,25 @@ def main(argv: list[str]) -> dict:
     def compute_metrics(prediction):
         return choice_accuracies(prediction.predictions, groups)
 
-    scoring = dict(compute_metrics=compute_metrics, preprocess_logits_for_metrics=option_log_likelihoods)
-    # ---------------------------------------------------------------- teacher
-    teacher_trainer = Trainer(
-        model=teacher,
-        args=teacher_training_arguments(script_args, training_args),
+    run = distill(
+        teacher,
+        script_args,
+        training_args,
+        task="the questions",
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        **scoring,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=option_log_likelihoods,
     )
-    teacher_steps, teacher_metrics = finetune_teacher(teacher_trainer, script_args, "the questions")
-
-    # ---------------------------------------------------------------- student
-    student, teacher, had_config = make_student(teacher_trainer, script_args, training_args)
-    trainer = HADDistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=training_args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        **scoring,
-    )
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer = run.trainer
     student_metrics = strip_metrics(trainer.evaluate())
 
     results = {
         "task": "multiple-choice QA",
         "main_metric": "accuracy",
-        "teacher": {
-            "model_name_or_path": script_args.model_name_or_path or TINY_TEACHER,
-            "path": teacher_path,
-            "finetune_steps": teacher_steps,
-            "metrics": teacher_metrics,
-            "license": teacher_license(teacher_path),
-        },
+        "teacher": run.teacher_record(script_args, teacher_path, TINY_TEACHER),
         "license": script_args.license,
         "student": {"metrics": student_metrics},
         "dataset": {
@@ -299,8 +279,8 @@ def main(argv: list[str]) -> dict:
             "eval_questions_with_article_cut": truncated,
         },
         "max_context_length": n,
-        "num_kept_keys": had_config.num_kept(n),
-        **run_record(trainer, had_config, script_args, training_args, train_output, command=command, start_time=start),
+        "num_kept_keys": run.had_config.num_kept(n),
+        **run_record(run, script_args, training_args, command=command, start_time=start),
     }
     save_run(trainer, results, f"QuALITY-style QA ({len(groups)} questions, {n} tokens)")
     return results

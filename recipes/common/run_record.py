@@ -69,20 +69,20 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kilobytes
 
 
-def run_record(
-    trainer, had_config, script_args, training_args, train_output, *, command: str, start_time: float
-) -> dict:
-    """The part of `results.json` every recipe writes alike (see the module docstring)."""
+def run_record(run, script_args, training_args, *, command: str, start_time: float) -> dict:
+    """The part of `results.json` every recipe writes alike (see the module docstring), from a finished
+    `recipes.common.distillation.DistillationRun`."""
+    trainer = run.trainer
     schedule = trainer.schedule
     return {
         "metrics_per_stage": metrics_per_stage(trainer, schedule),
-        "had_config": had_config.to_dict(),
+        "had_config": run.had_config.to_dict(),
         "schedule": schedule.to_dict(),
         "schedule_description": schedule.describe(),
         "stage_timeline": schedule.timeline(),
         "log_history": trainer.state.log_history,
         "seed": training_args.seed,
-        "global_step": train_output.global_step,
+        "global_step": run.train_output.global_step,
         "wall_time_s": round(time.time() - start_time, 1),
         "peak_memory_mb": peak_memory_mb(),
         "world_size": training_args.world_size,
