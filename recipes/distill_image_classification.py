@@ -61,7 +61,12 @@ from recipes.common.image_data import (  # noqa: E402
     with_processor_transform,
     write_synthetic_image_folder,
 )
-from recipes.common.run_paths import check_output_paths, model_location, resolve_path  # noqa: E402
+from recipes.common.run_paths import (  # noqa: E402
+    check_output_paths,
+    check_teacher_or_tiny,
+    model_location,
+    resolve_path,
+)
 from recipes.common.run_record import begin_run, run_record, save_run, strip_metrics  # noqa: E402
 from recipes.common.student import (  # noqa: E402
     check_task_head,
@@ -135,13 +140,7 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
 def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
     """Fails on a folder the run would read and cannot, or would write over, and on settings that cannot run,
     before any model is loaded."""
-    if script_args.model_name_or_path is not None:
-        model_location(script_args.model_name_or_path)
-    elif script_args.finetune_teacher_epochs <= 0:
-        raise ValueError(
-            f"Without --model_name_or_path the teacher is a {TINY_TEACHER}: pass --finetune_teacher_epochs N to "
-            "train it first, or a trained teacher."
-        )
+    check_teacher_or_tiny(script_args, TINY_TEACHER)
     for flag in ("train_dir", "validation_dir"):
         value = getattr(script_args, flag)
         if value is not None and not os.path.isdir(resolve_path(value)):

@@ -60,7 +60,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from recipes.common.arguments import DistillationArguments, parse_recipe_arguments  # noqa: E402
 from recipes.common.distillation import distill  # noqa: E402
 from recipes.common.quality import read_questions  # noqa: E402
-from recipes.common.run_paths import check_output_paths, model_location, resolve_path  # noqa: E402
+from recipes.common.run_paths import (  # noqa: E402
+    check_output_paths,
+    check_teacher_or_tiny,
+    model_location,
+    resolve_path,
+)
 from recipes.common.run_record import begin_run, run_record, save_run, strip_metrics  # noqa: E402
 from recipes.common.seq2seq_choice import (  # noqa: E402
     choice_accuracies,
@@ -133,13 +138,7 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
 
 def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
     """Fails on a file or folder the run would read and cannot, or would write over, before any model is loaded."""
-    if script_args.model_name_or_path is not None:
-        model_location(script_args.model_name_or_path)
-    elif script_args.finetune_teacher_epochs <= 0:
-        raise ValueError(
-            f"Without --model_name_or_path the teacher is a {TINY_TEACHER}: pass --finetune_teacher_epochs N to "
-            "train it first, or a trained teacher."
-        )
+    check_teacher_or_tiny(script_args, TINY_TEACHER)
     if script_args.train_file is None:
         raise ValueError("--train_file is required: QuALITY (official or L-Eval layout) or RACE questions.")
     for flag in ("train_file", "eval_file"):
@@ -201,9 +200,9 @@ def load_question_splits(script_args: ScriptArguments, seed: int) -> tuple[list,
     for question in questions:
         articles.setdefault(hashlib.sha1(question.context.encode()).hexdigest(), []).append(question)
     train_names, held_out = split_documents(list(articles), num_held_out=script_args.eval_held_out_articles, seed=seed)
-    pick = lambda names: [question for name in names for question in articles[name]]  # noqa: E731
     source = f"{script_args.eval_held_out_articles} of the {len(articles)} articles of {script_args.train_file}"
-    return pick(train_names), pick(held_out), source
+    train = [question for name in train_names for question in articles[name]]
+    return train, [question for name in held_out for question in articles[name]], source
 
 
 def is_leval_layout(path: str) -> bool:

@@ -26,6 +26,18 @@ def model_location(value: str, flag: str = "--model_name_or_path") -> str:
     return local_folder_or_hub_id(resolve_path(value), flag)
 
 
+def check_teacher_or_tiny(script_args, tiny_teacher: str) -> None:
+    """A given teacher must be found; without one, the recipe's tiny model built from a config (random init) is the
+    teacher, which must be trained first (--finetune_teacher_epochs)."""
+    if script_args.model_name_or_path is not None:
+        model_location(script_args.model_name_or_path)
+    elif script_args.finetune_teacher_epochs <= 0:
+        raise ValueError(
+            f"Without --model_name_or_path the teacher is a {tiny_teacher}: pass --finetune_teacher_epochs N to "
+            "train it first, or a trained teacher."
+        )
+
+
 def check_output_paths(script_args, training_args) -> None:
     """Fails on a checkpoint to resume that does not exist, or an output folder the run would write over."""
     checkpoint = training_args.resume_from_checkpoint
