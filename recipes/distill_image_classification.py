@@ -9,11 +9,12 @@ Launch commands (run from the repository root):
     # and a shortened schedule: minutes on a CPU. It shows the pipeline end to end, not the accuracy of a real ViT.
     python recipes/distill_image_classification.py
 
-    # a real teacher on an image folder (<dir>/<class>/*.jpg) or a Hub dataset, on a GPU
+    # a real teacher on an image folder (<dir>/<class>/*.jpg) or a Hub dataset, on a GPU. The paper's setting: DeiT-B
+    # on ImageNet, here as folders of its 1000 synsets (sorted, they are the checkpoint's class order: its head is kept)
     python recipes/distill_image_classification.py --model_name_or_path facebook/deit-base-patch16-224 \
-        --train_dir data/train --validation_dir data/val --output_dir out/deit-had --bf16 true
+        --train_dir imagenet/train --validation_dir imagenet/val --output_dir out/deit-had --bf16 true
     python recipes/distill_image_classification.py --model_name_or_path google/vit-base-patch16-224-in21k \
-        --dataset_name cifar10 --finetune_teacher_epochs 3 --output_dir out/vit-cifar10-had
+        --dataset_name cifar10 --image_column_name img --finetune_teacher_epochs 3 --output_dir out/vit-cifar10-had
 
     # a YAML config (any flag below), flags after it override it; under Accelerate, as the GLUE recipe
     python recipes/distill_image_classification.py recipes/configs/image_tiny_vit_cpu.yaml --max_steps 60

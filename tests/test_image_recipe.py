@@ -115,3 +115,19 @@ def test_flags_alone_apply_to_the_embedded_default_and_the_data_flags_do_not(tmp
     assert "--train_dir given: starting from the library defaults" in capsys.readouterr().out
     assert training_args.user_max_steps is None and script_args.top_n is None  # the paper's schedule, N = 30
     assert training_args.remove_unused_columns is False
+
+
+def test_use_peft_wraps_the_vit_query_and_key_projections_of_this_transformers_version():
+    """`--use_peft` on a ViT: the adapter wraps each attention layer's query and key projections, whichever name this
+    transformers version gives them (`query`/`key` or `q_proj`/`k_proj`), and nothing else."""
+    pytest.importorskip("peft")
+    import had_hf
+    from had_hf import HADConfig
+    from had_hf.peft_student import make_peft_student
+
+    model, _ = _recipe().tiny_vit(3, {0: "a", 1: "b", 2: "c"})
+    student = make_peft_student(had_hf.convert(model, HADConfig(top_n=30)), lora_r=2)
+    wrapped = sorted({name.rsplit(".", 2)[-2] for name, _ in student.named_modules() if name.endswith(".lora_A")})
+    assert wrapped in (["key", "query"], ["k_proj", "q_proj"])
+    layers = {name.split(".attention")[0] for name, _ in student.named_modules() if name.endswith(".lora_A")}
+    assert len(layers) == model.config.num_hidden_layers
