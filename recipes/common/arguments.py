@@ -35,7 +35,7 @@ class DistillationArguments:
         default=None, metadata={"help": "Keep ceil(ratio * n_keys) keys per query instead."}
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many training examples (and this many per extra task)."}
+        default=None, metadata={"help": "Use only this many training examples (GLUE: also this many per extra task)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many evaluation examples."})
     student_dropout: float | None = field(
