@@ -31,6 +31,7 @@ card. Flags alone apply to the embedded default unless one names the teacher or 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -251,7 +252,13 @@ def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArgu
     )
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
+    """Runs the recipe with the command line `argv`; returns what it writes to results.json.
+
+    `loaded_teacher`: a `(model, tokenizer, info)` triple from `recipes.common.lm_distillation.load_teacher` of the
+    same arguments, used instead of loading the teacher again (the benchmark loads it once for several
+    measurements); the model is changed by the run.
+    """
     script_args, training_args, command = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
@@ -268,7 +275,7 @@ def main(argv: list[str]) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     # ---------------------------------------------------------------- teacher and text
-    teacher, tokenizer, teacher_info = distill.load_teacher(script_args)
+    teacher, tokenizer, teacher_info = loaded_teacher or distill.load_teacher(script_args)
     teacher.to(training_args.device)
     loaded_s = round(time.time() - start, 1)
     text = distill.load_text(script_args, tokenizer, training_args.seed)
@@ -304,7 +311,7 @@ def main(argv: list[str]) -> dict:
         final_eval_s = (columns.get("converted") or {}).get("seconds", 0.0) if "student" in wanted else 0.0
         budget = distill.steps_for_budget(trainer, script_args.time_budget_s - (time.time() - start), final_eval_s,
                                           stage_eval_s)  # fmt: skip
-        training_args.max_steps = budget["max_steps"]
+        training_args = dataclasses.replace(training_args, max_steps=budget["max_steps"])
         trainer = distill.build_trainer(student, teacher_model, training_args, train_data, stage_data, tokenizer)
     schedule = training_args.schedule()
     if schedule.scale != 1.0:
@@ -379,7 +386,10 @@ def main(argv: list[str]) -> dict:
         results["generation"] = distill.generation_check(trainer, output_dir, tokenizer, stage_data, script_args)
         results["wall_time_s"] = round(time.time() - start, 1)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        trainer.create_model_card()
+        try:
+            trainer.create_model_card()
+        except ImportError as error:  # the card's extras (jinja2, matplotlib: pip install had-hf[hub])
+            logger.warning("No model card written: %s", error)
         print_table(results)
     return results
 

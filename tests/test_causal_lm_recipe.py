@@ -178,3 +178,29 @@ def test_smollm2_loads_offline_as_the_default_teacher_and_its_had_copy_runs(tmp_
     assert torch.isfinite(had).all() and not torch.allclose(had, dense)
     # the dense view is the teacher itself: its next-token choice on plain text is mostly the natural one
     assert (dense[0, 8:-1].argmax(-1) == ids[0, 9:]).float().mean() > 0.5
+
+
+def test_causal_lm_benchmark_smoke_merges_into_an_earlier_report(data_dir, tmp_path):
+    """`benchmarks/causal_lm.py --smoke`: the recipe's run summarized (table, ratios, goals, where it loses), the step
+    memory measured, the time budget applied, and `--merge` keeping the other mode's run."""
+    benchmark = load_script(RECIPE.parents[1] / "benchmarks" / "causal_lm.py", "causal_lm_benchmark")
+    out = tmp_path / "causal_lm.json"
+    out.write_text(json.dumps({"runs": {"lora": {"marker": 1}}, "step_memory": {"lora": {"seq_len": 64}}}))
+    argv = ["--smoke", "--merge", "--text_dir", str(data_dir / "text"), "--quality_file", str(data_dir / "quality.jsonl"),
+            "--out", str(out), "--output_dir", str(tmp_path / "run"), "--memory_modes", "full"]  # fmt: skip
+    benchmark.main(argv)
+    report = json.loads(out.read_text())
+    assert report["runs"]["lora"] == {"marker": 1} and report["step_memory"]["lora"] == {"seq_len": 64}
+    assert report["versions"]["torch"] and report["machine"]["device"] and report["seed"] == 42
+    assert "causal_lm.py --smoke" in report["command"]
+    run = report["runs"]["full"]
+    assert list(run["columns"]) == ["teacher", "dense_topn", "converted", "student"]
+    assert set(run["ppl_ratio"]["student"]) == {"64", "320"}
+    assert set(run["goals"]["student_perplexity_at_most_dense_topn"]) == {"64", "320"}
+    assert run["goals"]["student_within_5_percent_of_teacher_at_4096"] is None  # no 4k window at smoke size
+    assert [row["after"] for row in run["stage_perplexity"]][:2] == ["converted", "tanh"]
+    assert run["stage_raising_perplexity_most"] in ("tanh", "sign", "ste", "refinement")
+    assert len(run["layers_by_attention_kl"]) == 2 and run["training_curve"]
+    assert run["time_budget"]["max_steps"] >= 8 and run["global_step"] == run["time_budget"]["max_steps"]
+    memory = report["step_memory"]["full"]
+    assert memory["seq_len"] == 64 and memory["peak_mb"] > 0 and memory["trainable_parameters"] > 0
