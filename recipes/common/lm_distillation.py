@@ -252,7 +252,8 @@ def time_distillation_step(trainer, repeats: int = 3) -> float:
         for _ in range(repeats):
             _synchronize()
             started = time.perf_counter()
-            with trainer.compute_loss_context_manager():
+            # the mixed precision that accelerate gives the prepared student during training
+            with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
                 loss = trainer.compute_loss(model, batch)
             trainer.accelerator.backward(loss)
             _synchronize()
