@@ -333,9 +333,15 @@ def main(argv: list[str] | None = None) -> dict:
     memory = {}
     memory_len = 64 if args.smoke else args.memory_seq_len
     for memory_mode in [name for name in args.memory_modes.split(",") if name.strip()]:
-        memory[memory_mode.strip()] = step_memory(
-            teacher, tokenizer, memory_mode.strip(), memory_len, training_args.bf16, device, args.seed
-        )
+        try:
+            memory[memory_mode.strip()] = step_memory(
+                teacher, tokenizer, memory_mode.strip(), memory_len, training_args.bf16, device, args.seed
+            )
+        except Exception as error:  # an OOM is a result too; the distillation run goes on
+            memory[memory_mode.strip()] = {"mode": memory_mode.strip(), "seq_len": memory_len, "error": repr(error)}
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     budget = args.time_budget_s if args.time_budget_s is not None else (20.0 if args.smoke else 480.0)
     remaining = budget - (time.time() - started) - 15.0
