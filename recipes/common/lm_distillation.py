@@ -90,11 +90,28 @@ def load_teacher(args) -> tuple[torch.nn.Module, object, dict]:
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    if gguf_file:
+        dequantized_gguf_as_plain_model(model)
     logger.info("Loaded the teacher %s in %.1f s.", gguf_file or folder, time.perf_counter() - started)
     path = str(Path(folder) / gguf_file) if gguf_file else folder
     description = "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized" if "SmolLM2" in (gguf_file or "") else None
     return model, tokenizer, {"model_name_or_path": path, "path": path, "license": teacher_license(folder),
                               "description": description}  # fmt: skip
+
+
+def dequantized_gguf_as_plain_model(model) -> None:
+    """Makes a model loaded from a GGUF file an ordinary trainable model.
+
+    transformers (>= 5.2x) loads GGUF through its GGUF quantizer, which dequantizes the weights to float tensors but
+    leaves the model marked as quantized; the Trainer then refuses to train it ("cannot perform fine-tuning on purely
+    quantized models"). The markers go, as had_hf's own loading hook drops them after loading a HAD checkpoint.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.__dict__.pop("quantization_config", None)
 
 
 def load_text(args, tokenizer, seed: int) -> TextSplits:
