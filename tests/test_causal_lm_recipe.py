@@ -167,7 +167,7 @@ def test_smollm2_loads_offline_as_the_default_teacher_and_its_had_copy_runs(tmp_
     config = teacher.config
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads) == ("llama", 30, 9)
     assert (config.num_key_value_heads, config.head_dim, config.max_position_embeddings) == (3, 64, 8192)
-    assert info["path"].endswith(".gguf")
+    assert info["path"].endswith(".gguf") and info["model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     # dequantized weights, no quantizer markers left: the Trainer trains it like any model
     assert not getattr(teacher, "is_quantized", False) and getattr(teacher, "hf_quantizer", None) is None
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")["input_ids"][:, :64]

@@ -33,6 +33,8 @@ from .text_data import TextSplits, load_text_splits, pack_windows
 logger = logging.getLogger(__name__)
 
 GGUF_HINT = "pip install gguf   (transformers reads GGUF files with it)"
+SMOLLM2_GGUF_PREFIX = "SmolLM2-135M-Instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 # ---------------------------------------------------------------------------------------------------- teacher and text
@@ -94,8 +96,10 @@ def load_teacher(args) -> tuple[torch.nn.Module, object, dict]:
         dequantized_gguf_as_plain_model(model)
     logger.info("Loaded the teacher %s in %.1f s.", gguf_file or folder, time.perf_counter() - started)
     path = str(Path(folder) / gguf_file) if gguf_file else folder
-    description = "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized" if "SmolLM2" in (gguf_file or "") else None
-    return model, tokenizer, {"model_name_or_path": path, "path": path, "license": teacher_license(folder),
+    name, description = path, None
+    if (gguf_file or "").startswith(SMOLLM2_GGUF_PREFIX):  # named by the model it quantizes (for the card)
+        name, description = SMOLLM2_HUB_ID, f"{SMOLLM2_HUB_ID} as the GGUF file {gguf_file}, dequantized to float32"
+    return model, tokenizer, {"model_name_or_path": name, "path": path, "license": teacher_license(folder),
                               "description": description}  # fmt: skip
 
 
