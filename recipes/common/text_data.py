@@ -90,10 +90,18 @@ class TextSplits:
 
 
 def load_text_splits(
-    folder: str | Path, tokenizer, num_held_out: int | None = None, held_out_fraction: float = 0.1, seed: int = 0
+    folder: str | Path,
+    tokenizer,
+    num_held_out: int | None = None,
+    held_out_fraction: float = 0.1,
+    seed: int = 0,
+    max_documents: int | None = None,
 ) -> TextSplits:
-    """Reads, splits (by document, seeded) and tokenizes the `.txt` documents of `folder`."""
+    """Reads, splits (by document, seeded) and tokenizes the `.txt` documents of `folder` (only the first
+    `max_documents` in name order, when given)."""
     documents = read_documents(folder)
+    if max_documents is not None:
+        documents = dict(list(documents.items())[:max_documents])
     train_names, held_out_names = split_documents(list(documents), num_held_out, held_out_fraction, seed)
     return TextSplits(
         train=tokenize_documents(tokenizer, {name: documents[name] for name in train_names}),

@@ -21,6 +21,7 @@ from . import ops
 from .binarize import sign, transform
 from .capture import STORE_KWARG
 from .config import HADConfig
+from .losses import chunked_attention_kl_terms
 from .selection import causal_valid, kept_indices, select_top_n
 from .state import INFERENCE, STATE_ATTRIBUTE, HADRuntimeState, stage_transform
 
@@ -191,15 +192,30 @@ def had_attention(
     if store is not None:
         store.record_qk(settings.name, query, key)
     num_kv_heads = key.shape[1]
+    if store is not None and store.capture_scores:
+        if had_scores:
+            raise ValueError(
+                f"capture_scores records dense logits' inputs, but layer {settings.name!r} runs HAD scores: the "
+                "teacher's store needs a dense teacher (attn_implementation 'had_eager')."
+            )
+        store.record_scores(settings.name, query, key, scaling, position_bias)
     key = repeat_kv(key, query.shape[1])
     value = repeat_kv(value, query.shape[1])
-    if had_scores:
-        logits, unit_q, unit_k, alpha = _had_logits(query, key, num_kv_heads, settings, stage, scaling)
-    else:
-        logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    logits = _add_biases(logits, position_bias, mask_bias)
+    query_len = query.shape[-2]
+
+    def scores(query_rows: torch.Tensor, rows: slice = slice(None)):
+        biases = (_query_rows(position_bias, rows, query_len), _query_rows(mask_bias, rows, query_len))
+        if had_scores:
+            logits, *binary = _had_logits(query_rows, key, num_kv_heads, settings, stage, scaling)
+        else:
+            logits, binary = torch.matmul(query_rows, key.transpose(-1, -2)) * scaling, (None, None, None)
+        return _add_biases(logits, *biases), *binary
+
+    logits, unit_q, unit_k, alpha = scores(query)
     if store is not None:
         store.record_logits(settings.name, logits, valid)
+        if store.distill_from is not None:
+            _record_attention_kl(store, settings.name, query, key, valid, mask_bias, scores)
 
     sparse = mode.top_n and settings.binarized
     keep = select_top_n(logits, valid, **settings.config.num_kept_args) if sparse else valid.expand_as(logits)
@@ -215,6 +231,36 @@ def had_attention(
             weights=weights, output=output, alpha=torch.as_tensor(alpha), value=value,
         )  # fmt: skip
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _query_rows(tensor: torch.Tensor | None, rows: slice, query_len: int) -> torch.Tensor | None:
+    """The query rows `rows` of a (..., q, k) mask or bias; one broadcast over the queries (q = 1) as it is."""
+    if tensor is None or tensor.shape[-2] != query_len:
+        return tensor
+    return tensor[..., rows, :]
+
+
+def _record_attention_kl(store, name: str, query, key, valid, mask_bias, student_scores) -> None:
+    """This layer's KL(teacher || student) over its query rows, in chunks (`losses.chunked_attention_kl_terms`),
+    against the teacher's `DenseScores` of the same layer. `student_scores(query_rows, rows)` makes the student's
+    logits as its softmax sees them; the teacher's get the same mask bias, and each side its own position bias."""
+    teacher = store.teacher_scores(name)
+    teacher_key = repeat_kv(teacher.key, query.shape[1]).transpose(-1, -2)
+    query_len = query.shape[-2]
+
+    def teacher_rows(rows: slice) -> torch.Tensor:
+        logits = torch.matmul(teacher.query[..., rows, :], teacher_key) * teacher.scaling
+        position_bias = _query_rows(teacher.position_bias, rows, query_len)
+        return _add_biases(logits, position_bias, _query_rows(mask_bias, rows, query_len))
+
+    def student_rows(rows: slice) -> torch.Tensor:
+        return student_scores(query[..., rows, :], rows)[0]
+
+    query_mask = store.query_mask(name, query_len) if store.query_mask is not None else None
+    kl_sum, count = chunked_attention_kl_terms(
+        teacher_rows, student_rows, valid, query_len, query_mask, store.kl_chunk_rows
+    )
+    store.record_kl_terms(name, kl_sum, count)
 
 
 def _runs_op(mode, store, module, query: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:

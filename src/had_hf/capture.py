@@ -4,15 +4,39 @@ transformers forwards unknown keyword arguments of a model's `forward` down to t
 passed as `model(**batch, had_store=store)` reaches every attention layer without forking model code. Entries are
 keyed by the attention module's name: a layer that runs twice in one step (gradient checkpointing recomputes it in
 the backward pass) overwrites its entry instead of adding a second one.
+
+Two ways to get the attention-map loss (METHOD.md section 4):
+
+- `capture_logits`: each side keeps every layer's dense (B, H, q, k) logits; `had_hf.losses.attention_kl` compares
+  them afterwards. Memory: layers x heads x q x k logits per side.
+- `capture_scores` on the teacher's store and `distill_from=teacher_store` on the student's: the teacher keeps only
+  each layer's queries and keys (linear in the length), and the student's attention call computes its layer's KL
+  right where its logits are made, in chunks of query rows (`had_hf.losses.chunked_attention_kl_terms`), keeping a
+  (sum, count) pair per layer. `attention_kl()` gives the loss. This is what the distillation trainer uses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from .losses import mean_attention_kl
+
 STORE_KWARG = "had_store"
+
+
+@dataclass
+class DenseScores:
+    """What a dense layer's logits are made of: `scaling * query @ key^T + position_bias` (the mask's part is the
+    student's to add, see `HADCaptureStore`). Queries (B, Hq, q, d) and keys (B, Hkv, k, d) as the attention
+    function received them (after rotary embeddings, before grouped-query expansion)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    scaling: float
+    position_bias: torch.Tensor | None
 
 
 @dataclass
@@ -30,22 +54,75 @@ class HADCaptureStore:
         capture_details (`bool`, *optional*, defaults to `False`):
             Record the binarized queries and keys (±1 int8), the kept-key mask, the attention weights and the
             attention output per layer (golden vectors for the exporter).
+        capture_scores (`bool`, *optional*, defaults to `False`):
+            Record, per dense layer, its queries, keys, logit scale and position bias (`DenseScores`): the teacher's
+            side of the chunked attention KL, linear in the sequence length.
+        distill_from (`HADCaptureStore`, *optional*):
+            The teacher's store (filled with `capture_scores` by the same inputs). Each attention layer then computes
+            its KL(teacher || student) over its rows as it runs, in chunks of query rows, and records it in
+            `kl_terms`; the same valid-key mask and mask bias serve both sides.
+        query_mask (`Callable[[str, int], torch.Tensor | None]`, *optional*):
+            With `distill_from`: given a layer name and its number of query rows, the (B, q) mask of real (non-padding)
+            query rows, or None to count every row.
+        kl_chunk_rows (`int`, *optional*):
+            With `distill_from`: query rows per chunk (default: chunks of about `had_hf.losses.KL_CHUNK_ELEMENTS`).
     """
 
     capture_logits: bool = True
     capture_qk_std: bool = False
     capture_details: bool = False
     qk_std_per_head: bool = False
+    capture_scores: bool = False
+    distill_from: HADCaptureStore | None = None
+    query_mask: Callable[[str, int], torch.Tensor | None] | None = None
+    kl_chunk_rows: int | None = None
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
     valid: dict[str, torch.Tensor] = field(default_factory=dict)
     qk_std: dict[str, tuple[float, float]] = field(default_factory=dict)
     details: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    scores: dict[str, DenseScores] = field(default_factory=dict)
+    kl_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.logits.clear()
         self.valid.clear()
         self.qk_std.clear()
         self.details.clear()
+        self.scores.clear()
+        self.kl_terms.clear()
+
+    def record_scores(
+        self, name: str, query: torch.Tensor, key: torch.Tensor, scaling: float, position_bias: torch.Tensor | None
+    ) -> None:
+        if self.capture_scores:
+            self.scores[name] = DenseScores(query.detach(), key.detach(), scaling, position_bias)
+
+    def teacher_scores(self, name: str) -> DenseScores:
+        """The teacher's `DenseScores` of layer `name` (from `distill_from`)."""
+        scores = self.distill_from.scores.get(name)
+        if scores is None:
+            raise ValueError(
+                f"The teacher recorded no queries and keys for attention layer {name!r} (it has "
+                f"{sorted(self.distill_from.scores)[:3]}...): the student must be a copy of the teacher, run on the "
+                "same inputs, and the teacher's store needs capture_scores=True."
+            )
+        return scores
+
+    def record_kl_terms(self, name: str, kl_sum: torch.Tensor, rows: torch.Tensor) -> None:
+        self.kl_terms[name] = (kl_sum, rows)
+
+    def attention_kl(self) -> torch.Tensor:
+        """L_attn: the KL summed over every layer's counted rows, over their number (as `losses.attention_kl`)."""
+        missing = sorted(set(self.kl_terms) ^ set(self.distill_from.scores if self.distill_from else ()))
+        if missing:
+            raise ValueError(
+                f"Teacher and student attention layers differ: {missing}. The student must be a copy of the teacher."
+            )
+        return mean_attention_kl(self.kl_terms)
+
+    def attention_kl_per_layer(self) -> dict[str, float]:
+        """Each layer's mean row KL (its KL sum over its counted rows), as numbers."""
+        return {name: float(total) / max(int(count), 1) for name, (total, count) in self.kl_terms.items()}
 
     def record_qk(self, name: str, query: torch.Tensor, key: torch.Tensor) -> None:
         if self.capture_qk_std:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+KL_CHUNK_ELEMENTS = 2**24
+"""Logits per chunk of the chunked attention KL (rows x heads x batch x keys) when no row count is given: each of the
+chunk's few float32 intermediates then takes 64 MB."""
 
 
 def attention_kl_terms(
@@ -27,14 +32,70 @@ def attention_kl_terms(
     """
     valid = valid.expand_as(teacher_logits)
     floor = torch.finfo(torch.float32).min
-    log_p_teacher = torch.log_softmax(teacher_logits.float().masked_fill(~valid, floor), dim=-1)
-    log_p_student = torch.log_softmax(student_logits.float().masked_fill(~valid, floor), dim=-1)
+    log_p_teacher = torch.log_softmax(_at_least_float32(teacher_logits).masked_fill(~valid, floor), dim=-1)
+    log_p_student = torch.log_softmax(_at_least_float32(student_logits).masked_fill(~valid, floor), dim=-1)
     pointwise = torch.where(valid, log_p_teacher.exp() * (log_p_teacher - log_p_student), 0.0)
     row_kl = pointwise.sum(dim=-1)  # (B, H, q)
     rows = valid.any(dim=-1)
     if query_mask is not None:
         rows = rows & query_mask.bool()[:, None, :]
     return (row_kl * rows).sum(), rows.sum()
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision logits; float64 stays float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def chunked_attention_kl_terms(
+    teacher_rows: Callable[[slice], torch.Tensor],
+    student_rows: Callable[[slice], torch.Tensor],
+    valid: torch.Tensor,
+    query_len: int,
+    query_mask: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_kl_terms` of one layer computed in chunks of query rows, never holding the layer's (q, k) maps.
+
+    Each chunk's logits are made by `teacher_rows(rows)` / `student_rows(rows)` ((B, H, len(rows), k) for the query
+    rows `rows`, a slice) and reduced to a KL sum at once. Where gradients are recorded, each chunk runs under
+    non-reentrant activation checkpointing: only the chunk functions' inputs (the queries and keys) stay alive until
+    the backward pass, which recomputes the chunk's logits. Peak memory is then one chunk's logits and their few
+    intermediates, whatever the sequence length; the result equals `attention_kl_terms` of the full maps up to the
+    order of the sums.
+
+    Args:
+        teacher_rows, student_rows: the two sides' logits for a slice of query rows, as each side's softmax sees them.
+        valid (`torch.Tensor`): bool, broadcastable to (B, H, q, k), as for `attention_kl_terms`.
+        query_len (`int`): q, the number of query rows.
+        query_mask (`torch.Tensor`, *optional*): (B, q) real (non-padding) query rows.
+        chunk_rows (`int`, *optional*): query rows per chunk; default: as many as keep a chunk at `KL_CHUNK_ELEMENTS`
+            logits.
+
+    Returns:
+        `(sum of the KL over counted rows, number of counted rows)`.
+    """
+    if chunk_rows is None:
+        first = teacher_rows(slice(0, 1))
+        chunk_rows = max(1, KL_CHUNK_ELEMENTS // max(1, first.numel()))
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}.")
+    total, count = None, None
+    for start in range(0, query_len, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, query_len))
+        valid_rows = valid[..., rows, :] if valid.shape[-2] == query_len else valid
+        mask_rows = query_mask[:, rows] if query_mask is not None else None
+
+        def chunk(rows=rows, valid_rows=valid_rows, mask_rows=mask_rows):
+            return attention_kl_terms(teacher_rows(rows), student_rows(rows), valid_rows, mask_rows)
+
+        if torch.is_grad_enabled():
+            chunk_sum, chunk_count = checkpoint(chunk, use_reentrant=False, preserve_rng_state=False)
+        else:
+            chunk_sum, chunk_count = chunk()
+        total = chunk_sum if total is None else total + chunk_sum
+        count = chunk_count if count is None else count + chunk_count
+    return total, count
 
 
 def attention_kl(
@@ -55,13 +116,19 @@ def attention_kl(
         raise ValueError(
             f"Teacher and student attention layers differ: {missing}. The student must be a copy of the teacher."
         )
-    total = torch.zeros((), dtype=torch.float32, device=next(iter(student_logits.values())).device)
-    count = torch.zeros((), dtype=torch.long, device=total.device)
-    for name, student in student_logits.items():
-        query_mask = (query_masks or {}).get(name)
-        layer_sum, layer_count = attention_kl_terms(teacher_logits[name], student, valid[name], query_mask)
-        total = total + layer_sum
-        count = count + layer_count
+    terms = {
+        name: attention_kl_terms(teacher_logits[name], student, valid[name], (query_masks or {}).get(name))
+        for name, student in student_logits.items()
+    }
+    return mean_attention_kl(terms)
+
+
+def mean_attention_kl(terms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """L_attn from per-layer `(KL sum, counted rows)`: the total KL over the total number of counted rows."""
+    if not terms:
+        raise ValueError("No attention layer recorded an attention KL.")
+    total = sum(layer_sum for layer_sum, _ in terms.values())
+    count = sum(layer_count for _, layer_count in terms.values())
     return total / count.clamp(min=1)
 
 

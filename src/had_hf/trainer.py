@@ -18,7 +18,7 @@ from .callbacks import HADStageCallback
 from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
-from .losses import attention_kl, output_kl, output_mse
+from .losses import output_kl, output_mse
 from .peft_student import convert_peft_student, dense_teacher, is_peft_model, write_had_config
 from .state import runtime_state
 from .training_args import HADTrainingArguments
@@ -152,8 +152,16 @@ class HADDistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = forward_inputs(model, inputs)
         weight = self.attention_loss_weight(self.state.global_step)
-        teacher_store = HADCaptureStore(capture_logits=weight > 0)
-        student_store = HADCaptureStore(capture_logits=weight > 0)
+        # the attention KL is computed inside the student's attention calls, layer by layer in chunks of query rows,
+        # against the teacher's queries and keys (see had_hf.capture): no layer's full map is kept
+        teacher_store = HADCaptureStore(capture_logits=False, capture_scores=weight > 0)
+        student_store = HADCaptureStore(
+            capture_logits=False,
+            distill_from=teacher_store if weight > 0 else None,
+            query_mask=lambda name, length: _query_mask(
+                inputs, length, self.is_encoder_decoder and _is_decoder_layer(name)
+            ),
+        )
         with torch.no_grad():
             teacher_outputs = self.teacher_forward(model, inputs, teacher_store)
         student_outputs = model(**inputs, **{STORE_KWARG: student_store})
@@ -168,11 +176,7 @@ class HADDistillationTrainer(Trainer):
             )
         loss = loss_out
         if weight > 0:
-            query_masks = {
-                name: _query_mask(inputs, logits.shape[-2], self.is_encoder_decoder and _is_decoder_layer(name))
-                for name, logits in student_store.logits.items()
-            }
-            loss_attn = attention_kl(teacher_store.logits, student_store.logits, student_store.valid, query_masks)
+            loss_attn = student_store.attention_kl()
             loss = loss + weight * loss_attn
         else:
             loss_attn = torch.zeros((), device=loss_out.device)
