@@ -8,14 +8,11 @@ the backward pass) overwrites its entry instead of adding a second one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 STORE_KWARG = "had_store"
 
 
-@dataclass
 class HADCaptureStore:
     """Per-layer tensors collected inside the attention functions.
 
@@ -30,16 +27,27 @@ class HADCaptureStore:
         capture_details (`bool`, *optional*, defaults to `False`):
             Record the binarized queries and keys (±1 int8), the kept-key mask, the attention weights and the
             attention output per layer (golden vectors for the exporter).
+
+    A plain class, not a dataclass: FSDP2 casts the forward kwargs of every sharded module under mixed precision
+    (`torch.distributed.utils._apply_to_tensors`), which rebuilds dataclasses and dicts, so a dataclass store would
+    be replaced by a copy before the attention functions fill it.
     """
 
-    capture_logits: bool = True
-    capture_qk_std: bool = False
-    capture_details: bool = False
-    qk_std_per_head: bool = False
-    logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    valid: dict[str, torch.Tensor] = field(default_factory=dict)
-    qk_std: dict[str, tuple[float, float]] = field(default_factory=dict)
-    details: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    def __init__(
+        self,
+        capture_logits: bool = True,
+        capture_qk_std: bool = False,
+        capture_details: bool = False,
+        qk_std_per_head: bool = False,
+    ):
+        self.capture_logits = capture_logits
+        self.capture_qk_std = capture_qk_std
+        self.capture_details = capture_details
+        self.qk_std_per_head = qk_std_per_head
+        self.logits: dict[str, torch.Tensor] = {}
+        self.valid: dict[str, torch.Tensor] = {}
+        self.qk_std: dict[str, tuple[float, float]] = {}
+        self.details: dict[str, dict[str, torch.Tensor]] = {}
 
     def clear(self) -> None:
         self.logits.clear()

@@ -38,14 +38,16 @@ class HADDistillationTrainer(Trainer):
         model (`PreTrainedModel`): the student, normally a copy of the teacher. If it is not a HAD model yet it is
             converted with `had_config`.
         teacher_model (`PreTrainedModel`, *optional*): the task-trained teacher; frozen, in eval mode, placed on the
-            device by Accelerate (not wrapped for data parallelism: it is never trained). `None` for a peft student
-            (a `PeftModel`, e.g. from `had_hf.peft_student.make_peft_student`): the teacher is then the student's
-            own base with the adapter disabled and dense attention, so no second copy of the base weights is held.
+            device by Accelerate (not wrapped for data parallelism: it is never trained; sharded like the student
+            under FSDP2). `None` for a peft student (a `PeftModel`, e.g. from
+            `had_hf.peft_student.make_peft_student`): the teacher is then the student's own base with the adapter
+            disabled and dense attention, so no second copy of the base weights is held.
         args (`HADTrainingArguments`): the training arguments, with the stage schedule.
         had_config (`HADConfig`, *optional*): used to convert a student that is not a HAD model.
         **kwargs: the other arguments of [`~transformers.Trainer`] (datasets, collator, processing class, ...).
 
-    The student's sigma is calibrated on the training set before stage 1 when it is not set yet.
+    The student's sigma is calibrated on the training set before stage 1 when it is not set yet (under FSDP2, on
+    the student before it is sharded: on the device where it was loaded).
     """
 
     _tag_names = ["had", "had_hf", "binary-attention", "distillation"]
@@ -114,13 +116,8 @@ class HADDistillationTrainer(Trainer):
         callbacks = [self.stage_callback, *(kwargs.pop("callbacks", None) or [])]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "HADDistillationTrainer supports single-device and data-parallel (DDP) training; DeepSpeed and FSDP "
-                "are not supported yet (the frozen teacher is not sharded). Launch with "
-                "`accelerate launch --num_processes N` and no DeepSpeed/FSDP config."
-            )
-        self.teacher = teacher_model and self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        check_parallelism(self)
+        self.teacher = teacher_model and prepare_teacher(self.accelerator, teacher_model)
         # compute_loss returns a per-micro-batch mean: let the Trainer divide it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -307,6 +304,34 @@ class HADDistillationTrainer(Trainer):
             return False
         self.had_config.sigma_q, self.had_config.sigma_k = saved["sigma_q"], saved["sigma_k"]
         return True
+
+
+def check_parallelism(trainer: Trainer) -> None:
+    """Refuses the parallelisms whose sharding of the frozen teacher is not handled: DeepSpeed and FSDP version 1."""
+    if trainer.is_deepspeed_enabled:
+        raise ValueError(
+            "HADDistillationTrainer supports single-device, data-parallel (DDP) and FSDP2 training; DeepSpeed is not "
+            "supported (the frozen teacher is not sharded by it). Launch with `accelerate launch --num_processes N` "
+            "and no DeepSpeed config, or with an FSDP2 config (recipes/accelerate_configs/fsdp2_2proc.yaml)."
+        )
+    fsdp_plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
+    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            "HADDistillationTrainer supports FSDP version 2 only (Accelerate's FSDP2 plugin, `fsdp_version: 2` in the "
+            "accelerate config; see recipes/accelerate_configs/fsdp2_2proc.yaml), got FSDP version "
+            f"{fsdp_plugin.fsdp_version}."
+        )
+
+
+def prepare_teacher(accelerator, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The frozen teacher on the training devices: sharded like the student under FSDP2 (its decoder/encoder layers
+    each a `fully_shard` unit, so a teacher larger than one device fits), else placed whole on each device (no DDP
+    wrapper: it is never trained). Its attention modules keep their names, so the capture store fills as before."""
+    if accelerator.is_fsdp2:
+        from accelerate.utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, teacher).eval()
+    return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
 def _is_decoder_layer(name: str) -> bool:

@@ -1,0 +1,123 @@
+"""FSDP2 (Accelerate's plugin) for student and teacher, on 2 CPU processes (gloo): the attention maps are captured
+inside the sharded layers, and the run is the single-process run of the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+FSDP_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, os.environ["REPO_ROOT"])
+from pathlib import Path
+from torch.distributed.fsdp import FSDPModule
+from had_hf import HADConfig, HADDistillationTrainer
+from tests.conftest import build_model
+from tests.fsdp_cpu import force_fsdp2_on_cpu
+from tests.test_trainer import TinyDataset, _args
+
+out, sharded, precision = Path(sys.argv[1]), sys.argv[2] == "fsdp", sys.argv[3]
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+args = _args(out, max_steps=6, per_device_train_batch_size=4 // world_size, bf16=precision == "bf16")
+args.device  # sets up the process group (TrainingArguments reset Accelerate's state here)
+if sharded:
+    force_fsdp2_on_cpu(mixed_precision=precision)
+data = TinyDataset(size=24)
+data.mask[:] = 1  # no padding: the mean of the ranks' losses is then the loss of their joint batch
+trainer = HADDistillationTrainer(
+    model=build_model("llama", seed=0), teacher_model=build_model("llama", seed=0), args=args,
+    had_config=HADConfig(top_n=3), train_dataset=data,
+)
+trainer.train()
+trainer.save_model()  # under FSDP: the full state dict gathered from the shards, written by rank 0
+logs = [entry for entry in trainer.state.log_history if "loss_attn" in entry]
+record = {
+    "sharded": [isinstance(trainer.model, FSDPModule), isinstance(trainer.teacher, FSDPModule)],
+    "world_size": trainer.args.world_size,
+    "loss": [entry["loss"] for entry in logs],
+    "loss_attn": [entry["loss_attn"] for entry in logs],
+    "stage": [entry["stage"] for entry in logs],
+}
+Path(out, f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
+"""
+
+
+def _run(tmp_path, name, sharded, precision="no"):
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(FSDP_SCRIPT)
+    out = tmp_path / name
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547"]
+    command = [*(launcher if sharded else [sys.executable]), str(script), str(out), "fsdp" if sharded else "single"]
+    env = dict(os.environ, REPO_ROOT=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([*command, precision], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
+    return out, records
+
+
+@pytest.mark.slow
+def test_fsdp2_distillation_matches_one_process_on_the_joint_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.conftest import build_model
+
+    fsdp_out, fsdp_records = _run(tmp_path, "fsdp", sharded=True)
+    single_out, (single,) = _run(tmp_path, "single", sharded=False)
+    assert len(fsdp_records) == 2
+    for record in fsdp_records:
+        assert record["sharded"] == [True, True] and record["world_size"] == 2
+        assert any(value > 0 for value in record["loss_attn"])  # the sharded layers' attention maps were captured
+    assert single["sharded"] == [False, False]
+    # the logged loss is the mean over the ranks; each rank's attention loss is its half-batch's
+    assert fsdp_records[0]["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    mean_attn = [(a + b) / 2 for a, b in zip(fsdp_records[0]["loss_attn"], fsdp_records[1]["loss_attn"])]
+    assert mean_attn == pytest.approx(single["loss_attn"], rel=1e-3, abs=1e-12)
+
+    gathered, reference = load_file(fsdp_out / "model.safetensors"), load_file(single_out / "model.safetensors")
+    initial = build_model("llama", seed=0).state_dict()
+    assert sorted(gathered) == sorted(reference)
+    moved = max((reference[name] - initial[name]).abs().max().item() for name in reference)
+    assert moved > 1e-3  # training changed the weights far more than the tolerance below
+    for name in reference:
+        torch.testing.assert_close(gathered[name], reference[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_mixed_precision_keeps_the_capture_store(tmp_path):
+    # FSDP2 casts the forward kwargs of every sharded layer under mixed precision (rebuilding dataclasses and
+    # dicts): the store must reach the attention functions as the object the trainer reads
+    _, records = _run(tmp_path, "bf16", sharded=True, precision="bf16")
+    for record in records:
+        assert record["sharded"] == [True, True]
+        attention_stages = [loss for loss, stage in zip(record["loss_attn"], record["stage"]) if stage <= 3]
+        assert attention_stages and all(0 < loss < 1 for loss in attention_stages)
+
+
+def test_fsdp_version_1_is_refused_clearly(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from had_hf import HADConfig, HADDistillationTrainer
+    from tests.conftest import build_model
+    from tests.fsdp_cpu import force_fsdp2_on_cpu
+    from tests.test_trainer import TinyDataset, _args
+
+    args = _args(tmp_path)
+    assert args.device.type == "cpu"  # sets up the device (TrainingArguments reset Accelerate's state here)
+    try:
+        force_fsdp2_on_cpu().fsdp_plugin.fsdp_version = 1
+        with pytest.raises(ValueError, match="FSDP version 2 only .* got FSDP version 1"):
+            HADDistillationTrainer(
+                model=build_model("llama"),
+                teacher_model=build_model("llama"),
+                args=args,
+                had_config=HADConfig(top_n=3),
+                train_dataset=TinyDataset(),
+            )
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
