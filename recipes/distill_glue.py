@@ -85,6 +85,7 @@ from had_hf.glue import (
 from had_hf.launch import use_cpu_cores
 from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
 from had_hf.recipe_parser import RecipeArgumentParser
+from had_hf.replicas import per_process, replica_weight_digests
 
 logger = logging.getLogger("distill_glue")
 
@@ -426,8 +427,8 @@ def main(argv: list[str]) -> dict:
         teacher_trainer.train()
         teacher_steps = teacher_trainer.state.global_step
     teacher_metrics = _strip(teacher_trainer.evaluate())
-    if script_args.finetune_teacher_epochs > 0 and teacher_trainer.is_world_process_zero():
-        teacher_trainer.save_model()
+    if script_args.finetune_teacher_epochs > 0:
+        teacher_trainer.save_model()  # every process (FSDP gathers the shards); the main process writes
 
     # ---------------------------------------------------------------- student
     student = teacher_trainer.accelerator.unwrap_model(teacher_trainer.model)
@@ -508,7 +509,9 @@ def main(argv: list[str]) -> dict:
         "global_step": train_output.global_step,
         "wall_time_s": round(time.time() - start, 1),
         "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb_per_process": per_process(trainer.accelerator, _peak_memory_mb()),
         "world_size": training_args.world_size,
+        "replica_weight_digests": replica_weight_digests(trainer),
         "command": command,
         "script_args": asdict(script_args),
         "peft_args": asdict(script_args.peft),
@@ -517,9 +520,10 @@ def main(argv: list[str]) -> dict:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
+    trainer.save_model()  # every process (FSDP gathers the shards); the main process writes
     if trainer.is_world_process_zero():
-        trainer.save_model()
         Path(training_args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
+        trainer.create_model_card()  # README.md and training_curves.png, rendered from results.json
         print_table(results)
     return results
 

@@ -197,14 +197,25 @@ class HADDistillationTrainer(Trainer):
     # ---------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(key.startswith("eval_") for key in logs):
-            for key, values in self._had_metrics.items():
-                if values:
-                    logs[key] = sum(values) / len(values)
+            logs.update(self._mean_over_processes(self._had_metrics))
             self._had_metrics.clear()
             step = max(self.state.global_step - 1, 0)  # the step whose update was just made
             logs["stage"] = self.schedule.phase(step)
             logs["c"] = self.schedule.c(step)
         super().log(logs, start_time)
+
+    def _mean_over_processes(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        """Each metric's mean since the last log, averaged over the processes (each saw its own part of the batch),
+        as the Trainer logs its loss. Collective: every process logs at the same steps."""
+        names = sorted(name for name, values in metrics.items() if values)
+        if not names:
+            return {}
+        means = torch.tensor(
+            [sum(metrics[name]) / len(metrics[name]) for name in names], dtype=torch.float64, device=self.args.device
+        )
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means, reduction="mean")
+        return dict(zip(names, means.tolist()))
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
