@@ -114,6 +114,12 @@ class HADDistillationTrainer(Trainer):
             evaluate_at_stage_ends=kwargs.get("eval_dataset") is not None,
         )
         callbacks = [self.stage_callback, *(kwargs.pop("callbacks", None) or [])]
+        for module in (model, teacher_model):
+            # Accelerate marks a model it prepared without a wrapper (a Trainer's evaluation) `_is_accelerate_prepared`,
+            # and copies keep the mark: this trainer's Accelerator would then not wrap the student for DDP (each
+            # process training alone) nor place the teacher
+            if module is not None:
+                module.__dict__.pop("_is_accelerate_prepared", None)
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         check_parallelism(self)
