@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
@@ -46,8 +46,8 @@ class HADDistillationTrainer(Trainer):
         had_config (`HADConfig`, *optional*): used to convert a student that is not a HAD model.
         **kwargs: the other arguments of [`~transformers.Trainer`] (datasets, collator, processing class, ...).
 
-    The student's sigma is calibrated on the training set before stage 1 when it is not set yet (under FSDP2, on
-    the student before it is sharded: on the device where it was loaded).
+    The student's sigma is calibrated on the training set before stage 1 when it is not set yet (under FSDP2, on the
+    sharded student at the start of training).
     """
 
     _tag_names = ["had", "had_hf", "binary-attention", "distillation"]
@@ -273,8 +273,20 @@ class HADDistillationTrainer(Trainer):
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             if not (checkpoint and self._load_sigma(checkpoint)):
+                if self.is_fsdp_enabled:  # the Trainer shards the student inside train(): calibrate it there
+                    return self._train_calibrating_at_begin(resume_from_checkpoint, **kwargs)
                 self.calibrate()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _train_calibrating_at_begin(self, resume_from_checkpoint, **kwargs):
+        """Trains with the calibration at `on_train_begin`, on the sharded student on the devices (before sharding it
+        is whole, where it was loaded: on the CPU, for a model that no single device holds)."""
+        calibration = _CalibrationAtTrainBegin(self)
+        self.add_callback(calibration)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.remove_callback(calibration)
 
     def calibrate(self) -> HADConfig:
         """Measures sigma on `calibration_batches` random training batches (the same on every process)."""
@@ -321,6 +333,16 @@ class HADDistillationTrainer(Trainer):
             return False
         self.had_config.sigma_q, self.had_config.sigma_k = saved["sigma_q"], saved["sigma_k"]
         return True
+
+
+class _CalibrationAtTrainBegin(TrainerCallback):
+    """Calibrates the trainer's student once training has prepared it (every process runs the same batches)."""
+
+    def __init__(self, trainer: HADDistillationTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.calibrate()
 
 
 def check_parallelism(trainer: Trainer) -> None:
