@@ -150,27 +150,30 @@ def part_flags(part: str, args: argparse.Namespace, teacher: str | None) -> tupl
     raise ValueError(f"Unknown part {part!r}: allowed are glue, causal_lm.")
 
 
-def run_part(part: str, args: argparse.Namespace, work_dir: Path, teacher: str | None) -> dict:
+def run_plan(part: str, args: argparse.Namespace, teacher: str | None) -> dict[str, tuple[str, Path, list[str]]]:
+    """The accelerate config, recipe and flags of the one-process and the two-process run of `part`."""
     recipe, config, flags, batch = part_flags(part, args, teacher)
 
     def teacher_batch(processes: int) -> list[str]:  # the GLUE teacher's fine-tuning keeps its global batch
         return ["--teacher_batch_size", str(args.teacher_batch // processes)] if part == "glue" else []
 
-    one = run_recipe(
-        "single_cpu.yaml" if args.smoke else "single.yaml",
-        recipe,
-        [*flags, *teacher_batch(1), "--per_device_train_batch_size", str(batch),
-         "--gradient_accumulation_steps", str(PROCESSES)],
-        work_dir / f"{part}-1",
-    )  # fmt: skip
-    two = run_recipe(
-        config,
-        recipe,
-        [*flags, *teacher_batch(PROCESSES), "--per_device_train_batch_size", str(batch)],
-        work_dir / f"{part}-{PROCESSES}",
-    )
-    return {"recipe": str(recipe.relative_to(REPO)), "config": config, "per_device_batch": batch,
-            "one_process": one, "two_processes": two, **compare(one, two)}  # fmt: skip
+    one = [*flags, *teacher_batch(1), "--per_device_train_batch_size", str(batch),
+           "--gradient_accumulation_steps", str(PROCESSES)]  # fmt: skip
+    two = [*flags, *teacher_batch(PROCESSES), "--per_device_train_batch_size", str(batch)]
+    single = "single_cpu.yaml" if args.smoke else "single.yaml"
+    return {"one_process": (single, recipe, one), "two_processes": (config, recipe, two)}
+
+
+def run_part(part: str, args: argparse.Namespace, work_dir: Path, teacher: str | None) -> dict:
+    plan = run_plan(part, args, teacher)
+    runs = {
+        name: run_recipe(config, recipe, flags, work_dir / f"{part}-{name}")
+        for name, (config, recipe, flags) in plan.items()
+    }
+    _, recipe, _ = plan["two_processes"]
+    return {"recipe": str(recipe.relative_to(REPO)), "config": plan["two_processes"][0],
+            "per_device_batch": args.per_device_batch or (4 if args.smoke else 32), **runs,
+            **compare(runs["one_process"], runs["two_processes"])}  # fmt: skip
 
 
 def machine() -> dict:

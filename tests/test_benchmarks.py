@@ -307,3 +307,20 @@ def test_multi_gpu_benchmark_refuses_a_part_that_cannot_run(tmp_path):
     command = [sys.executable, "benchmarks/multi_gpu.py", "--parts", "glue,bert"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Unknown part 'bert': allowed are glue, causal_lm." in result.stderr
+
+
+def test_multi_gpu_benchmark_glue_flags_parse_for_both_runs():
+    """The GPU part's flags are valid recipe flags, and the two runs see the same examples per optimizer step."""
+    bench = load_script(REPO / "benchmarks" / "multi_gpu.py", "multi_gpu_bench")
+    recipe = load_script(REPO / "recipes" / "distill_glue.py", "distill_glue_recipe")
+    args = bench.parse_arguments(["--glue_dir", "glue", "--teacher", "teacher"])
+    plan = bench.run_plan("glue", args, "teacher")
+    assert plan["one_process"][0] == "single.yaml" and plan["two_processes"][0] == "ddp_2proc.yaml"
+    one, two = plan["one_process"][2], plan["two_processes"][2]
+    parsed = [recipe.parse_arguments([*argv, "--output_dir", "out"], check_paths=False) for argv in (one, two)]
+    (script_one, training_one, _), (script_two, training_two, _) = parsed
+    assert training_one.per_device_train_batch_size * training_one.gradient_accumulation_steps == 2 * 32
+    assert training_two.per_device_train_batch_size == 32 and training_two.gradient_accumulation_steps == 1
+    assert script_one.teacher_batch_size == 2 * script_two.teacher_batch_size == 32
+    assert training_one.max_steps == training_two.max_steps == 1000 and script_one.task_name == "mrpc"
+    assert script_one.model_name_or_path == script_two.model_name_or_path == "teacher"
