@@ -274,3 +274,54 @@ def test_glue_gpu_spreads_runs_over_the_visible_gpus(monkeypatch, visible, count
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     assert glue_gpu._visible_gpus() == expected
+
+
+@pytest.mark.slow
+def test_multi_gpu_benchmark_smoke(tmp_path):
+    """`benchmarks/multi_gpu.py --smoke`: the GLUE recipe on one CPU process (gradient accumulation 2) and on two (DDP,
+    gloo), on the same data and steps: the same final metric, identical replicas, a memory figure per process, and
+    the parts merged into an existing results file."""
+    out = tmp_path / "multi_gpu.json"
+    out.write_text(json.dumps({"parts": {"causal_lm": {"kept": True}}}))
+    command = [sys.executable, "benchmarks/multi_gpu.py", "--smoke", "--out", str(out), "--work_dir", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] and report["versions"]["accelerate"] and "multi_gpu.py --smoke" in report["command"]
+    assert report["parts"]["causal_lm"] == {"kept": True}
+    glue = report["parts"]["glue"]
+    one, two = glue["one_process"], glue["two_processes"]
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["global_step"] == two["global_step"] == 8
+    assert len(one["peak_memory_mb_per_process"]) == 1 and len(two["peak_memory_mb_per_process"]) == 2
+    assert two["replica_weights_identical"] is True
+    assert "--gradient_accumulation_steps 2" in one["command"] and "ddp_2proc_cpu.yaml" in two["command"]
+    # the same examples per optimizer step: the students end (up to rounding) equal, and so do their metrics
+    assert glue["student_difference"] == 0 and glue["teacher_difference"] == 0
+    assert glue["throughput_ratio"] == pytest.approx(one["train_runtime_s"] / two["train_runtime_s"], rel=1e-2)
+
+
+def test_multi_gpu_benchmark_refuses_a_part_that_cannot_run(tmp_path):
+    command = [sys.executable, "benchmarks/multi_gpu.py", "--smoke", "--parts", "glue,causal_lm"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "multi_gpu.py: the causal_lm part" in result.stderr
+    command = [sys.executable, "benchmarks/multi_gpu.py", "--parts", "glue,bert"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Unknown part 'bert': allowed are glue, causal_lm." in result.stderr
+
+
+def test_multi_gpu_benchmark_glue_flags_parse_for_both_runs():
+    """The GPU part's flags are valid recipe flags, and the two runs see the same examples per optimizer step."""
+    bench = load_script(REPO / "benchmarks" / "multi_gpu.py", "multi_gpu_bench")
+    recipe = load_script(REPO / "recipes" / "distill_glue.py", "distill_glue_recipe")
+    args = bench.parse_arguments(["--glue_dir", "glue", "--teacher", "teacher"])
+    plan = bench.run_plan("glue", args, "teacher")
+    assert plan["one_process"][0] == "single.yaml" and plan["two_processes"][0] == "ddp_2proc.yaml"
+    one, two = plan["one_process"][2], plan["two_processes"][2]
+    parsed = [recipe.parse_arguments([*argv, "--output_dir", "out"], check_paths=False) for argv in (one, two)]
+    (script_one, training_one, _), (script_two, training_two, _) = parsed
+    assert training_one.per_device_train_batch_size * training_one.gradient_accumulation_steps == 2 * 32
+    assert training_two.per_device_train_batch_size == 32 and training_two.gradient_accumulation_steps == 1
+    assert script_one.teacher_batch_size == 2 * script_two.teacher_batch_size == 32
+    assert training_one.max_steps == training_two.max_steps == 1000 and script_one.task_name == "mrpc"
+    assert script_one.model_name_or_path == script_two.model_name_or_path == "teacher"

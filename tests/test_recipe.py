@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,17 +70,42 @@ LAUNCHERS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_recipe_under_ddp_two_processes(tmp_path, launcher):
-    # on a machine without a GPU: the recipe must switch to CPU data parallelism (gloo) by itself; without it
-    # transformers builds a non-distributed state and each process trained alone (world_size 1)
+@pytest.mark.parametrize(
+    "launcher, teacher_epochs", [("accelerate", "0.34"), ("torchrun", "0")], ids=["accelerate", "torchrun-no-finetune"]
+)
+def test_recipe_under_ddp_two_processes(tmp_path, launcher, teacher_epochs):
+    """On a machine without a GPU the recipe switches to CPU data parallelism (gloo) by itself (without it
+    transformers builds a non-distributed state and each process trains alone: world size 1). Each process trains on
+    its half of every batch, the replicas end with identical weights, and the main process alone writes the run.
+    With a teacher used as it is (no fine-tuning) the student is a copy of a model that the teacher's evaluation
+    prepared, which Accelerate then left unwrapped: no DDP, each process training alone."""
+    from transformers import AutoModelForSequenceClassification
+
+    from had_hf.replicas import weights_digest
+    from recipes.common.tiny_teacher import save_tiny_glue_teacher
+
+    teacher = save_tiny_glue_teacher(tmp_path / "tiny-teacher")
     out = tmp_path / "ddp"
-    command = [*LAUNCHERS[launcher], "recipes/distill_glue.py", *SMOKE, "--output_dir", str(out)]
-    result = _run(command, tmp_path)
+    flags = [*SMOKE, "--finetune_teacher_epochs", teacher_epochs, "--model_name_or_path", str(teacher)]
+    flags += ["--output_dir", str(out)]
+    result = _run([*LAUNCHERS[launcher], "recipes/distill_glue.py", *flags], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2
-    assert results["global_step"] == 8
+    assert results["world_size"] == 2 and results["global_step"] == 8
+    # data sharding: a global batch is 2 x per_device_train_batch_size examples, so an epoch has half the steps
+    global_batch = 2 * results["training_args"]["per_device_train_batch_size"]
+    steps_per_epoch = math.ceil(results["dataset"]["distill_examples"] / global_batch)
+    assert results["log_history"][-1]["epoch"] == pytest.approx(8 / steps_per_epoch)
+    # the same final weights on both processes, and they are the weights saved
+    rank0, rank1 = results["replica_weight_digests"]
+    assert rank0 == rank1
+    saved = AutoModelForSequenceClassification.from_pretrained(out)
+    assert weights_digest(saved) == rank0
+    # one run record and one card (README.md, rendered from this run's results), written by the main process
+    assert sorted(path.name for path in out.glob("*results*.json")) == ["results.json"]
+    card = (out / "README.md").read_text()
+    assert f"{results['teacher']['metrics']['accuracy']:.4f}" in card and "hamming_topk" in card
+    assert result.stdout.count("wall time") == 1  # the results table, printed once
 
 
 @pytest.mark.parametrize(

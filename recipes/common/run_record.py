@@ -21,6 +21,7 @@ from transformers import set_seed
 
 import had_hf
 from had_hf.launch import use_cpu_cores
+from had_hf.replicas import per_process, replica_weight_digests
 
 from .run_paths import clear_earlier_run
 
@@ -85,7 +86,9 @@ def run_record(run, script_args, training_args, *, command: str, start_time: flo
         "global_step": run.train_output.global_step,
         "wall_time_s": round(time.time() - start_time, 1),
         "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb_per_process": per_process(trainer.accelerator, peak_memory_mb()),
         "world_size": training_args.world_size,
+        "replica_weight_digests": replica_weight_digests(trainer),
         "command": command,
         "script_args": asdict(script_args),
         "peft_args": asdict(script_args.peft),
@@ -97,12 +100,14 @@ def run_record(run, script_args, training_args, *, command: str, start_time: flo
 
 
 def save_run(trainer, results: dict, title: str) -> None:
-    """On the main process: the student (and its tokenizer or processor), `results.json`, and the printed table."""
-    if not trainer.is_world_process_zero():
-        return
+    """The student (and its tokenizer or processor), saved by every process (FSDP gathers the shards); then, on the
+    main process, `results.json`, the model card (README.md, training curves) and the printed table."""
     trainer.save_model()
-    Path(trainer.args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print_comparison(results, title)
+    if trainer.is_world_process_zero():
+        Path(trainer.args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
+    trainer.create_model_card()  # every process: the teacher's evaluation, where it runs, is collective
+    if trainer.is_world_process_zero():
+        print_comparison(results, title)
 
 
 def print_comparison(results: dict, title: str) -> None:

@@ -67,8 +67,8 @@ def finetune_teacher(teacher_trainer, script_args, task: str) -> tuple[int, dict
         teacher_trainer.train()
         steps = teacher_trainer.state.global_step
     metrics = strip_metrics(teacher_trainer.evaluate())
-    if script_args.finetune_teacher_epochs > 0 and teacher_trainer.is_world_process_zero():
-        teacher_trainer.save_model()
+    if script_args.finetune_teacher_epochs > 0:
+        teacher_trainer.save_model()  # every process (FSDP gathers the shards); the main process writes
     return steps, metrics
 
 

@@ -18,7 +18,7 @@ Two ways to get the attention-map loss (METHOD.md section 4):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class DenseScores:
     position_bias: torch.Tensor | None
 
 
-@dataclass
 class HADCaptureStore:
     """Per-layer tensors collected inside the attention functions.
 
@@ -66,22 +65,37 @@ class HADCaptureStore:
             query rows, or None to count every row.
         kl_chunk_rows (`int`, *optional*):
             With `distill_from`: query rows per chunk (default: chunks of about `had_hf.losses.KL_CHUNK_ELEMENTS`).
+
+    A plain class, not a dataclass: FSDP2 casts the forward kwargs of every sharded module under mixed precision
+    (`torch.distributed.utils._apply_to_tensors`), which rebuilds dataclasses and dicts, so a dataclass store would
+    be replaced by a copy before the attention functions fill it.
     """
 
-    capture_logits: bool = True
-    capture_qk_std: bool = False
-    capture_details: bool = False
-    qk_std_per_head: bool = False
-    capture_scores: bool = False
-    distill_from: HADCaptureStore | None = None
-    query_mask: Callable[[str, int], torch.Tensor | None] | None = None
-    kl_chunk_rows: int | None = None
-    logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    valid: dict[str, torch.Tensor] = field(default_factory=dict)
-    qk_std: dict[str, tuple[float, float]] = field(default_factory=dict)
-    details: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    scores: dict[str, DenseScores] = field(default_factory=dict)
-    kl_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    def __init__(
+        self,
+        capture_logits: bool = True,
+        capture_qk_std: bool = False,
+        capture_details: bool = False,
+        qk_std_per_head: bool = False,
+        capture_scores: bool = False,
+        distill_from: HADCaptureStore | None = None,
+        query_mask: Callable[[str, int], torch.Tensor | None] | None = None,
+        kl_chunk_rows: int | None = None,
+    ):
+        self.capture_logits = capture_logits
+        self.capture_qk_std = capture_qk_std
+        self.capture_details = capture_details
+        self.qk_std_per_head = qk_std_per_head
+        self.capture_scores = capture_scores
+        self.distill_from = distill_from
+        self.query_mask = query_mask
+        self.kl_chunk_rows = kl_chunk_rows
+        self.logits: dict[str, torch.Tensor] = {}
+        self.valid: dict[str, torch.Tensor] = {}
+        self.qk_std: dict[str, tuple[float, float]] = {}
+        self.details: dict[str, dict[str, torch.Tensor]] = {}
+        self.scores: dict[str, DenseScores] = {}
+        self.kl_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
         self.logits.clear()

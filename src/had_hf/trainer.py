@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
@@ -38,14 +38,16 @@ class HADDistillationTrainer(Trainer):
         model (`PreTrainedModel`): the student, normally a copy of the teacher. If it is not a HAD model yet it is
             converted with `had_config`.
         teacher_model (`PreTrainedModel`, *optional*): the task-trained teacher; frozen, in eval mode, placed on the
-            device by Accelerate (not wrapped for data parallelism: it is never trained). `None` for a peft student
-            (a `PeftModel`, e.g. from `had_hf.peft_student.make_peft_student`): the teacher is then the student's
-            own base with the adapter disabled and dense attention, so no second copy of the base weights is held.
+            device by Accelerate (not wrapped for data parallelism: it is never trained; sharded like the student
+            under FSDP2). `None` for a peft student (a `PeftModel`, e.g. from
+            `had_hf.peft_student.make_peft_student`): the teacher is then the student's own base with the adapter
+            disabled and dense attention, so no second copy of the base weights is held.
         args (`HADTrainingArguments`): the training arguments, with the stage schedule.
         had_config (`HADConfig`, *optional*): used to convert a student that is not a HAD model.
         **kwargs: the other arguments of [`~transformers.Trainer`] (datasets, collator, processing class, ...).
 
-    The student's sigma is calibrated on the training set before stage 1 when it is not set yet.
+    The student's sigma is calibrated on the training set before stage 1 when it is not set yet (under FSDP2, on the
+    sharded student at the start of training).
     """
 
     _tag_names = ["had", "had_hf", "binary-attention", "distillation"]
@@ -112,15 +114,16 @@ class HADDistillationTrainer(Trainer):
             evaluate_at_stage_ends=kwargs.get("eval_dataset") is not None,
         )
         callbacks = [self.stage_callback, *(kwargs.pop("callbacks", None) or [])]
+        for module in (model, teacher_model):
+            # Accelerate marks a model it prepared without a wrapper (a Trainer's evaluation) `_is_accelerate_prepared`,
+            # and copies keep the mark: this trainer's Accelerator would then not wrap the student for DDP (each
+            # process training alone) nor place the teacher
+            if module is not None:
+                module.__dict__.pop("_is_accelerate_prepared", None)
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "HADDistillationTrainer supports single-device and data-parallel (DDP) training; DeepSpeed and FSDP "
-                "are not supported yet (the frozen teacher is not sharded). Launch with "
-                "`accelerate launch --num_processes N` and no DeepSpeed/FSDP config."
-            )
-        self.teacher = teacher_model and self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        check_parallelism(self)
+        self.teacher = teacher_model and prepare_teacher(self.accelerator, teacher_model)
         # compute_loss returns a per-micro-batch mean: let the Trainer divide it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -212,14 +215,25 @@ class HADDistillationTrainer(Trainer):
     # ---------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(key.startswith("eval_") for key in logs):
-            for key, values in self._had_metrics.items():
-                if values:
-                    logs[key] = sum(values) / len(values)
+            logs.update(self._mean_over_processes(self._had_metrics))
             self._had_metrics.clear()
             step = max(self.state.global_step - 1, 0)  # the step whose update was just made
             logs["stage"] = self.schedule.phase(step)
             logs["c"] = self.schedule.c(step)
         super().log(logs, start_time)
+
+    def _mean_over_processes(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        """Each metric's mean since the last log, averaged over the processes (each saw its own part of the batch),
+        as the Trainer logs its loss. Collective: every process logs at the same steps."""
+        names = sorted(name for name, values in metrics.items() if values)
+        if not names:
+            return {}
+        means = torch.tensor(
+            [sum(metrics[name]) / len(metrics[name]) for name in names], dtype=torch.float64, device=self.args.device
+        )
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means, reduction="mean")
+        return dict(zip(names, means.tolist()))
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
@@ -313,8 +327,20 @@ class HADDistillationTrainer(Trainer):
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             if not (checkpoint and self._load_sigma(checkpoint)):
+                if self.is_fsdp_enabled:  # the Trainer shards the student inside train(): calibrate it there
+                    return self._train_calibrating_at_begin(resume_from_checkpoint, **kwargs)
                 self.calibrate()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _train_calibrating_at_begin(self, resume_from_checkpoint, **kwargs):
+        """Trains with the calibration at `on_train_begin`, on the sharded student on the devices (before sharding it
+        is whole, where it was loaded: on the CPU, for a model that no single device holds)."""
+        calibration = _CalibrationAtTrainBegin(self)
+        self.add_callback(calibration)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.remove_callback(calibration)
 
     def calibrate(self) -> HADConfig:
         """Measures sigma on `calibration_batches` random training batches (the same on every process)."""
@@ -361,6 +387,44 @@ class HADDistillationTrainer(Trainer):
             return False
         self.had_config.sigma_q, self.had_config.sigma_k = saved["sigma_q"], saved["sigma_k"]
         return True
+
+
+class _CalibrationAtTrainBegin(TrainerCallback):
+    """Calibrates the trainer's student once training has prepared it (every process runs the same batches)."""
+
+    def __init__(self, trainer: HADDistillationTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.calibrate()
+
+
+def check_parallelism(trainer: Trainer) -> None:
+    """Refuses the parallelisms whose sharding of the frozen teacher is not handled: DeepSpeed and FSDP version 1."""
+    if trainer.is_deepspeed_enabled:
+        raise ValueError(
+            "HADDistillationTrainer supports single-device, data-parallel (DDP) and FSDP2 training; DeepSpeed is not "
+            "supported (the frozen teacher is not sharded by it). Launch with `accelerate launch --num_processes N` "
+            "and no DeepSpeed config, or with an FSDP2 config (recipes/accelerate_configs/fsdp2_2proc.yaml)."
+        )
+    fsdp_plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
+    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            "HADDistillationTrainer supports FSDP version 2 only (Accelerate's FSDP2 plugin, `fsdp_version: 2` in the "
+            "accelerate config; see recipes/accelerate_configs/fsdp2_2proc.yaml), got FSDP version "
+            f"{fsdp_plugin.fsdp_version}."
+        )
+
+
+def prepare_teacher(accelerator, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The frozen teacher on the training devices: sharded like the student under FSDP2 (its decoder/encoder layers
+    each a `fully_shard` unit, so a teacher larger than one device fits), else placed whole on each device (no DDP
+    wrapper: it is never trained). Its attention modules keep their names, so the capture store fills as before."""
+    if accelerator.is_fsdp2:
+        from accelerate.utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, teacher).eval()
+    return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
 def _is_decoder_layer(name: str) -> bool:
