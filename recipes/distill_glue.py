@@ -72,6 +72,7 @@ from transformers import (
 
 import had_hf
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
+from had_hf.callbacks import BestDeployableCallback
 from had_hf.glue import (
     augmentation_kinds,
     augmented_distillation_inputs,
@@ -85,8 +86,18 @@ from had_hf.glue import (
 from had_hf.launch import use_cpu_cores
 from had_hf.paths import check_run_output_dir, local_folder_or_hub_id, remove_previous_run
 from had_hf.recipe_parser import RecipeArgumentParser
+from had_hf.trainer import DEPLOYABLE_PREFIX
+
+# run as a script, the recipe's folder is on the path, not the repository root that `recipes.common` is found from
+REPOSITORY = str(Path(__file__).resolve().parents[1])
+if REPOSITORY not in sys.path:
+    sys.path.insert(0, REPOSITORY)
+from recipes.common.holdout import drop_shared_sentences, split_validation  # noqa: E402
 
 logger = logging.getLogger("distill_glue")
+
+# the split carved from the training split by --validation_holdout_fraction
+VALIDATION = "validation"
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "sst2_minilm_cpu.yaml"
@@ -160,6 +171,19 @@ class ScriptArguments:
             "teacher's, when its README.md names one."
         },
     )
+    validation_holdout_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of the training split (by --seed) for every evaluation during the run; "
+            "dev is evaluated at the end only. 0: none, evaluate on dev."
+        },
+    )
+    keep_best_deployable: bool = field(
+        default=False,
+        metadata={
+            "help": "Save the stage end whose deployable model is best on the held-out split, not the last one."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -190,6 +214,16 @@ class ScriptArguments:
             )
         if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
+        if not 0.0 <= self.validation_holdout_fraction < 1.0:
+            raise ValueError(
+                f"validation_holdout_fraction must be in [0, 1) (0: no held-out part), got "
+                f"{self.validation_holdout_fraction}."
+            )
+        if self.keep_best_deployable and self.validation_holdout_fraction == 0:
+            raise ValueError(
+                "keep_best_deployable chooses among the stage ends on a held-out part of the training split: set "
+                "--validation_holdout_fraction too (e.g. 0.1); choosing on dev would report a figure selected on dev."
+            )
 
 
 @dataclass
@@ -348,6 +382,11 @@ def main(argv: list[str]) -> dict:
     teacher_path = teacher_location(script_args)
     glue_dir = resolve_path(script_args.glue_dir)
     raw = load_glue(task, glue_dir, script_args.max_train_samples, script_args.max_eval_samples)
+    if script_args.validation_holdout_fraction > 0:
+        raw["train"], raw[VALIDATION] = split_validation(
+            task, raw["train"], script_args.validation_holdout_fraction, training_args.seed
+        )
+        logger.info("Held out %d of the training examples as the validation split.", len(raw[VALIDATION]))
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
 
     def tokenize(rows: list[dict]) -> list[dict]:
@@ -364,6 +403,8 @@ def main(argv: list[str]) -> dict:
         extra = extra_distillation_inputs(
             task, script_args.distill_extra_tasks, glue_dir, script_args.max_train_samples
         )
+        if VALIDATION in raw:
+            extra = drop_shared_sentences(task, extra, raw[VALIDATION])
     if script_args.distill_augment:
         extra += augmented_distillation_inputs(
             task, raw["train"] + extra, script_args.distill_augment, seed=training_args.seed
@@ -372,6 +413,8 @@ def main(argv: list[str]) -> dict:
     if extra:
         logger.info("Distilling on %d task + %d extra (unlabeled) examples.", len(data["train"]), len(extra))
     eval_split = task.eval_splits[0]
+    # the split of every evaluation during the run and of any choice among stage ends
+    selection_split = VALIDATION if VALIDATION in data else eval_split
     collator = DataCollatorWithPadding(tokenizer)
 
     def compute_metrics(prediction):
@@ -415,7 +458,7 @@ def main(argv: list[str]) -> dict:
         model=teacher,
         args=teacher_args,
         train_dataset=data["train"],
-        eval_dataset=data[eval_split],
+        eval_dataset=data[selection_split],
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
@@ -425,7 +468,10 @@ def main(argv: list[str]) -> dict:
         logger.info("Fine-tuning the teacher on %s for %s epochs.", task.name, script_args.finetune_teacher_epochs)
         teacher_trainer.train()
         teacher_steps = teacher_trainer.state.global_step
-    teacher_metrics = _strip(teacher_trainer.evaluate())
+    teacher_metrics = _strip(teacher_trainer.evaluate(data[eval_split], metric_key_prefix=eval_split), eval_split)
+    teacher_validation = None
+    if selection_split == VALIDATION:
+        teacher_validation = _strip(teacher_trainer.evaluate(metric_key_prefix=VALIDATION), VALIDATION)
     if script_args.finetune_teacher_epochs > 0 and teacher_trainer.is_world_process_zero():
         teacher_trainer.save_model()
 
@@ -459,21 +505,34 @@ def main(argv: list[str]) -> dict:
         teacher_model=teacher,
         args=training_args,
         train_dataset=distill_data,
-        eval_dataset=data[eval_split],
+        eval_dataset=data[selection_split],
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
+    keeper = None
+    if script_args.keep_best_deployable:
+        keeper = BestDeployableCallback(f"{DEPLOYABLE_PREFIX}_{task.main_metric}", trainer.had_config)
+        trainer.add_callback(keeper)
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # after training: the student as saved (the inference stage), each split evaluated once under its own name
     student_metrics = {}
     for split in task.eval_splits:
-        metrics = _strip(trainer.evaluate(data[split], metric_key_prefix="eval"))
+        metrics = _strip(trainer.evaluate(data[split], metric_key_prefix=split), split)
         student_metrics.update(metrics if split == eval_split else {f"{split}_{k}": v for k, v in metrics.items()})
     if len(task.eval_splits) > 1:
         for split in task.eval_splits[1:]:
             with _teacher_view(trainer):
-                extra = _strip(teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
+                extra = _strip(teacher_trainer.evaluate(data[split], metric_key_prefix=split), split)
             teacher_metrics.update({f"{split}_{k}": v for k, v in extra.items()})
+    validation = None
+    if selection_split == VALIDATION:
+        validation = {
+            "examples": len(data[VALIDATION]),
+            "fraction": script_args.validation_holdout_fraction,
+            "teacher_metrics": teacher_validation,
+            "student_metrics": _strip(trainer.evaluate(data[VALIDATION], metric_key_prefix=VALIDATION), VALIDATION),
+        }
 
     results = {
         "task": task.name,
@@ -487,6 +546,10 @@ def main(argv: list[str]) -> dict:
         },
         "license": script_args.license,
         "student": {"metrics": student_metrics},
+        # the held-out part of the training split: the evaluations during the run, and any choice among stage ends
+        "validation": validation,
+        "model_selection": keeper.summary() if keeper else None,
+        "evaluation_split": selection_split,
         "metrics_per_stage": _metrics_per_stage(trainer, schedule),
         "had_config": had_config.to_dict(),
         "schedule": schedule.to_dict(),
@@ -542,21 +605,32 @@ def set_dropout(model: torch.nn.Module, probability: float) -> int:
     return len(layers)
 
 
-def _strip(metrics: dict) -> dict:
+def _strip(metrics: dict, prefix: str = "eval") -> dict:
+    """The metrics named `{prefix}_*`, without the prefix, and without timings and the step/epoch counters."""
     drop = ("runtime", "samples_per_second", "steps_per_second", "epoch", "loss")
-    return {k.removeprefix("eval_"): v for k, v in metrics.items() if not k.removeprefix("eval_").startswith(drop)}
+    start = f"{prefix}_"
+    return {
+        k.removeprefix(start): v
+        for k, v in metrics.items()
+        if k.startswith(start) and not k.removeprefix(start).startswith(drop)
+    }
 
 
 def _metrics_per_stage(trainer, schedule) -> list[dict]:
-    # a stage left out (0 steps) ends where the one before it ends: that step keeps the earlier stage's name
-    ends = {
-        entry["end_step"]: entry["stage"] for entry in schedule.timeline() if entry["end_step"] > entry["start_step"]
-    }
-    rows = []
+    """One row per stage end: the evaluation during training in the stage's own transform (`metrics`) and the
+    deployable one, of the model as it would be saved (`deployable_metrics`). Evaluations after training (their own
+    prefixes) and any repeated evaluation of a step are not stage ends: the first of each kind counts."""
+    ends = schedule.stage_ends()
+    rows: dict[int, dict] = {}
     for entry in trainer.state.log_history:
-        if entry.get("step") in ends and any(k.startswith("eval_") for k in entry):
-            rows.append({"stage": ends[entry["step"]], "step": entry["step"], "metrics": _strip(entry)})
-    return rows
+        step = entry.get("step")
+        if step not in ends:
+            continue
+        row = rows.setdefault(step, {"stage": ends[step], "step": step, "metrics": {}, "deployable_metrics": {}})
+        for key, prefix in (("metrics", "eval"), ("deployable_metrics", DEPLOYABLE_PREFIX)):
+            if not row[key] and any(k.startswith(f"{prefix}_") for k in entry):
+                row[key] = _strip(entry, prefix)
+    return [row for _, row in sorted(rows.items()) if row["metrics"] or row["deployable_metrics"]]
 
 
 def _peak_memory_mb() -> float:
@@ -578,13 +652,21 @@ def print_table(results: dict) -> None:
     for name in names:
         t, s = 100 * teacher[name], 100 * student[name]
         print(f"{name:<24}{t:>10.2f}{s:>10.2f}{t - s:>10.2f}")
-    stages = results["metrics_per_stage"]
-    if stages:
-        main = results["main_metric"]
-        curve = ", ".join(
-            f"{row['stage']}@{row['step']}: {100 * row['metrics'].get(main, math.nan):.2f}" for row in stages
+    stages, main = results["metrics_per_stage"], results["main_metric"]
+    for key, what in (("metrics", "in the stage's own forward"), ("deployable_metrics", "deployable (as saved)")):
+        if any(row[key] for row in stages):
+            curve = ", ".join(
+                f"{row['stage']}@{row['step']}: {100 * row[key].get(main, math.nan):.2f}" for row in stages
+            )
+            print(f"{main} on {results['evaluation_split']} after each stage, {what}: {curve}")
+    if results["validation"]:
+        validation = results["validation"]
+        print(
+            f"{main} on the held-out validation split ({validation['examples']} examples): teacher "
+            f"{100 * validation['teacher_metrics'][main]:.2f}, HAD {100 * validation['student_metrics'][main]:.2f}"
         )
-        print(f"{main} after each stage: {curve}")
+    if results["model_selection"] and results["model_selection"]["restored"]:
+        print(f"kept the best deployable stage end: step {results['model_selection']['best_step']}")
     print(
         f"wall time {results['wall_time_s']} s, peak memory {results['peak_memory_mb']} MB; "
         f"outputs in {results['training_args']['output_dir']}"

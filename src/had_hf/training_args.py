@@ -50,6 +50,8 @@ class HADTrainingArguments(TrainingArguments):
             stage 4 (the paper removes it: 0).
         skip_tanh (`bool`, *optional*, defaults to `False`): replace stages 1-2 by as many STE steps (the paper's
             "w/o tanh" ablation).
+        recalibrate_sigma (`bool`, *optional*, defaults to `False`): calibrate sigma again, on the student, before
+            the first step of the STE stage, where the forward becomes exactly binary (not in the paper).
         calibration_batches (`int`, *optional*, defaults to 100): minibatches for sigma calibration.
         calibration_batch_size (`int`, *optional*, defaults to 16): their size.
         sigma_per_head (`bool`, *optional*, defaults to `False`): calibrate one sigma per head instead of one per
@@ -73,6 +75,10 @@ class HADTrainingArguments(TrainingArguments):
     )
     skip_tanh: bool = field(
         default=False, metadata={"help": "Replace stages 1-2 by as many STE steps (the 'w/o tanh' ablation)."}
+    )
+    recalibrate_sigma: bool = field(
+        default=False,
+        metadata={"help": "Calibrate sigma again, on the student, where the STE stage starts (not in the paper)."},
     )
     calibration_batches: int = field(default=100, metadata={"help": "Minibatches for sigma calibration."})
     calibration_batch_size: int = field(default=16, metadata={"help": "Batch size of the calibration minibatches."})
