@@ -74,6 +74,8 @@ import had_hf
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
 from had_hf.callbacks import BestDeployableCallback
 from had_hf.glue import (
+    AUGMENTATIONS,
+    PAIR_AUGMENTATIONS,
     augmentation_kinds,
     augmented_distillation_inputs,
     extra_distillation_inputs,
@@ -157,7 +159,7 @@ class ScriptArguments:
         metadata={
             "help": "Comma-separated augmented copies of the distillation inputs (task and extra texts), added "
             "unlabeled: swap (pair order), cross (unrelated pairs), word_drop (words dropped with probability 0.15). "
-            "Not in the paper. Seeded by --seed."
+            "all: every kind the task takes. Not in the paper. Seeded by --seed."
         },
     )
     student_dropout: float | None = field(
@@ -197,6 +199,8 @@ class ScriptArguments:
         task = get_task(self.task_name)
         HADConfig(top_n=self.top_n, top_n_ratio=self.top_n_ratio)  # the rule for N: one of them, in range
         extra_task_sources(task, self.distill_extra_tasks)
+        if self.distill_augment == "all":
+            self.distill_augment = ",".join(task_augmentations(task))
         augmentation_kinds(task, self.distill_augment)
         for name in ("max_seq_length", "teacher_batch_size"):
             if getattr(self, name) < 1:
@@ -224,6 +228,11 @@ class ScriptArguments:
                 "keep_best_deployable chooses among the stage ends on a held-out part of the training split: set "
                 "--validation_holdout_fraction too (e.g. 0.1); choosing on dev would report a figure selected on dev."
             )
+
+
+def task_augmentations(task) -> list[str]:
+    """Every augmentation kind `task` takes (`--distill_augment all`): the pair-only ones for sentence-pair tasks."""
+    return [kind for kind in AUGMENTATIONS if len(task.text_fields) == 2 or kind not in PAIR_AUGMENTATIONS]
 
 
 @dataclass

@@ -116,3 +116,9 @@ def test_a_run_with_a_held_out_split_reports_dev_only_at_the_end(tmp_path):
     )
     assert results["validation"]["student_metrics"]["accuracy"] == pytest.approx(selection["best"])
     assert "--keep_best_deployable true" in results["command"]  # the model card shows the command
+
+
+def test_distill_augment_all_is_every_kind_the_task_takes():
+    recipe = _recipe()
+    assert recipe.ScriptArguments(task_name="stsb", distill_augment="all").distill_augment == "swap,cross,word_drop"
+    assert recipe.ScriptArguments(task_name="sst2", distill_augment="all").distill_augment == "word_drop"

@@ -119,3 +119,21 @@ def test_without_recalibrate_sigma_sigma_stays_as_first_calibrated(tmp_path):
     first = dict(trainer.had_config.sigma_q)
     trainer.train()
     assert trainer.had_config.sigma_q == first
+
+
+def test_ste_learning_rate_sets_stage_3_only(tmp_path):
+    seen = {}
+
+    class Rates(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen[state.global_step] = optimizer.param_groups[0]["lr"]
+
+    trainer = _trainer(tmp_path, callbacks=[Rates()], ste_learning_rate=3e-4)
+    trainer.train()
+    logged = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "loss_out" in entry}
+    # step k is the update of phase(k - 1): phases 1-2 at the optimizer's rate, 3 at the STE rate, 4 at refinement's
+    for step in range(1, 17):
+        expected = {1: 1e-3, 2: 1e-3, 3: 3e-4, 4: 1e-4}[trainer.schedule.phase(step - 1)]
+        assert seen[step] == pytest.approx(expected) and logged[step] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="ste_learning_rate"):
+        _args(tmp_path, ste_learning_rate=0.0)

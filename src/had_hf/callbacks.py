@@ -17,15 +17,15 @@ logger = logging.getLogger(__name__)
 
 
 class HADStageCallback(TrainerCallback):
-    """Moves the student's runtime state (`had_hf.state`) through the stages before every optimizer step, and lowers
-    the learning rate at stage 4.
+    """Moves the student's runtime state (`had_hf.state`) through the stages before every optimizer step, and sets
+    the learning rate of stage 4 (and of stage 3, when `ste_learning_rate` is given).
 
     With an evaluation set it asks for an evaluation at the end of every stage (the last step included), and calls
     `on_binary_start` (if given) before the first step of the STE stage, where the forward becomes exactly binary.
 
     All of it is a function of `state.global_step` (see `StageSchedule`), so resuming from a checkpoint restores it
     exactly. The learning-rate scheduler recomputes `param_groups[i]["lr"]` from its `base_lrs` at every step, so
-    the stage-4 rate is written into `base_lrs` (what the scheduler reads) as well as into the param groups.
+    a stage's rate is written into `base_lrs` (what the scheduler reads) as well as into the param groups.
     """
 
     def __init__(
@@ -35,10 +35,15 @@ class HADStageCallback(TrainerCallback):
         refinement_learning_rate: float,
         evaluate_at_stage_ends: bool = True,
         on_binary_start: Callable[[], None] | None = None,
+        ste_learning_rate: float | None = None,
     ):
         self.state = state
         self.schedule = schedule
         self.refinement_learning_rate = refinement_learning_rate
+        # the stages whose rate differs from the optimizer's own (stages 1-2 keep it)
+        self.stage_learning_rates = {4: refinement_learning_rate}
+        if ste_learning_rate is not None:
+            self.stage_learning_rates[3] = ste_learning_rate
         self.evaluate_at_stage_ends = evaluate_at_stage_ends
         self.on_binary_start = on_binary_start
         self.current_phase: int | None = None
@@ -51,13 +56,14 @@ class HADStageCallback(TrainerCallback):
             self.current_phase = phase
             if phase == 3 and step == self.schedule.stage2_end and self.on_binary_start is not None:
                 self.on_binary_start()
-        if phase == 4 and optimizer is not None:
+        base = self.stage_learning_rates.get(phase)
+        if base is not None and optimizer is not None:
             if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
-                lr_scheduler.base_lrs = [self.refinement_learning_rate] * len(lr_scheduler.base_lrs)
-            rate = self.refinement_learning_rate * _scheduler_factor(lr_scheduler)
+                lr_scheduler.base_lrs = [base] * len(lr_scheduler.base_lrs)
+            rate = base * _scheduler_factor(lr_scheduler)
             for group in optimizer.param_groups:
                 if group.get("initial_lr") is not None:
-                    group["initial_lr"] = self.refinement_learning_rate
+                    group["initial_lr"] = base
                 group["lr"] = rate
             if lr_scheduler is not None and hasattr(lr_scheduler, "_last_lr"):
                 # the Trainer logs get_last_lr() of the step being taken: make it report the rate really used

@@ -116,6 +116,7 @@ class HADDistillationTrainer(Trainer):
             args.refinement_learning_rate,
             evaluate_at_stage_ends=kwargs.get("eval_dataset") is not None,
             on_binary_start=self.recalibrate_on_student if args.recalibrate_sigma else None,
+            ste_learning_rate=args.ste_learning_rate,
         )
         callbacks = [self.stage_callback, *(kwargs.pop("callbacks", None) or [])]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)

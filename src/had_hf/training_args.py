@@ -42,6 +42,7 @@ class HADTrainingArguments(TrainingArguments):
         refinement_steps (`int`, *optional*, defaults to 10000): length of stage 4 (refinement). 0 leaves the stage
             out, also when `max_steps` stretches the schedule.
         refinement_learning_rate (`float`, *optional*, defaults to 2e-6): the learning rate of stage 4.
+        ste_learning_rate (`float`, *optional*): the learning rate of stage 3 (STE); unset: `learning_rate`.
         ste_clip (`float`, *optional*, defaults to 1.0): the STE passes gradient where |x / sigma| <= ste_clip.
         attention_loss (`bool`, *optional*, defaults to `True`): use the attention-map loss in stages 1-3 (False
             is the paper's "w/o AD" ablation).
@@ -65,6 +66,9 @@ class HADTrainingArguments(TrainingArguments):
     ste_steps: int = field(default=10_000, metadata={"help": "Length of stage 3 (straight-through estimator)."})
     refinement_steps: int = field(default=10_000, metadata={"help": "Length of stage 4 (refinement)."})
     refinement_learning_rate: float = field(default=2e-6, metadata={"help": "Learning rate of stage 4."})
+    ste_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of stage 3 (STE); default: --learning_rate."}
+    )
     ste_clip: float = field(default=1.0, metadata={"help": "STE passes gradient where |x/sigma| <= ste_clip."})
     attention_loss: bool = field(
         default=True, metadata={"help": "Use the attention-map loss in stages 1-3 (False: the 'w/o AD' ablation)."}
@@ -93,9 +97,12 @@ class HADTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "LR scheduler; stage 4 lowers its base."})
 
     def __post_init__(self):
-        for name in ("learning_rate", "refinement_learning_rate", "ste_clip"):
-            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+        for name in ("learning_rate", "refinement_learning_rate", "ste_clip", "ste_learning_rate"):
+            value = getattr(self, name)
+            if name == "ste_learning_rate" and value is None:
+                continue
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}.")
         for name in (
             "calibration_batches",
             "calibration_batch_size",
