@@ -68,6 +68,13 @@ BASE_S, PER_RUN_S, SST2_TEACHER_S, STARTUP_S = 100.0, 45.0, 60.0, 40.0
 CALL_BUDGET_S = 480.0  # of a device call's 9 minutes (the rest: the machine's start, transfers, margin)
 
 
+NOTE = (
+    "teacher: all-MiniLM-L6-v2 (head dim 32) fine-tuned per run (its seed) on the training split less the held-out "
+    "part; the recipe's defaults apart from the flags shown; stage-end curves on the held-out part, dev evaluated "
+    "once at the end"
+)
+
+
 def run_steps(variant: str, task: str, max_steps: int) -> int:
     """The optimizer steps of a run: the lever's --max_steps if it sets one (-1: the paper's 29,209)."""
     flags = lever_flags(variant, task, LEVERS)
@@ -326,9 +333,7 @@ def collect(args) -> dict:
         "host": platform.node(),
         "run_command": commands,
         "command": " ".join(["python", *sys.argv]),
-        "note": "teacher: all-MiniLM-L6-v2 (head dim 32) fine-tuned per run (its seed) on the training split less the "
-        "held-out part; the recipe's defaults apart from the flags shown; stage-end curves on the held-out part, "
-        "dev evaluated once at the end",
+        "note": args.note,
     }
     print(f"{'task':<6}{'variant':<20}{'seeds':>6}{'teacher':>9}{'HAD':>8}{'drop':>7}{'paper':>7}{'val drop':>9}"
           f"{'final-best':>11}")  # fmt: skip
@@ -383,6 +388,7 @@ def main() -> None:
     p.add_argument("--out", required=True, nargs="+", help="the out folders of the parts")
     p.add_argument("--json", default=None)
     p.add_argument("--gpu", default=None)
+    p.add_argument("--note", default=NOTE)
     p.set_defaults(func=collect)
     args = parser.parse_args()
     os.chdir(REPO)

@@ -574,6 +574,7 @@ def main(argv: list[str]) -> dict:
             "distill_extra_tasks": script_args.distill_extra_tasks,
             "distill_augment": script_args.distill_augment,
             "eval_examples": len(data[eval_split]),
+            "split": eval_split,  # of the student's and teacher's metrics (the held-out part: "validation")
         },
         "max_seq_length": script_args.max_seq_length,
         "seed": training_args.seed,
