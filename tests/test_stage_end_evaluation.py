@@ -137,3 +137,26 @@ def test_ste_learning_rate_sets_stage_3_only(tmp_path):
         assert seen[step] == pytest.approx(expected) and logged[step] == pytest.approx(expected)
     with pytest.raises(ValueError, match="ste_learning_rate"):
         _args(tmp_path, ste_learning_rate=0.0)
+
+
+def test_a_peft_student_is_recalibrated_with_its_adapter_on(tmp_path):
+    pytest.importorskip("peft")
+    from had_hf.peft_student import make_peft_student
+
+    student = make_peft_student(build_model("bert", seed=0), HADConfig(top_n=3), lora_r=4, lora_dropout=0.0)
+    trainer = HADDistillationTrainer(model=student, args=_args(tmp_path, max_steps=8), train_dataset=TinyDataset())
+    trainer.calibrate()
+    on_teacher = dict(trainer.had_config.sigma_q)
+    with torch.no_grad():  # an adapter that moves the queries: the student's sigma differs from the teacher's
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    trainer.calibrate(on_student=True)
+    generator = torch.Generator().manual_seed(trainer.args.seed)
+    loader = torch.utils.data.DataLoader(TinyDataset(), batch_size=4, shuffle=True, generator=generator)
+    reference = calibrate(
+        copy.deepcopy(student.get_base_model()), loader, num_batches=trainer.args.calibration_batches
+    )
+    assert trainer.had_config.sigma_q != on_teacher
+    for name, value in reference.sigma_q.items():
+        assert trainer.had_config.sigma_q[name] == pytest.approx(value, rel=1e-6)

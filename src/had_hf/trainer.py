@@ -319,8 +319,8 @@ class HADDistillationTrainer(Trainer):
             with model.disable_adapter():  # calibrated on the teacher, as for a copied student
                 calibrate(model.get_base_model(), loader, num_batches=self.args.calibration_batches)
         else:
-            calibrate(model.get_base_model() if self.is_peft_student else model, loader,
-                      num_batches=self.args.calibration_batches)  # fmt: skip
+            student = model.get_base_model() if self.is_peft_student else model  # a peft student's adapter on
+            calibrate(student, loader, num_batches=self.args.calibration_batches)
         self._broadcast_sigma()
         logger.info(
             "HAD: calibrated sigma on %d batches%s.",
