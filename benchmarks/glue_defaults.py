@@ -38,7 +38,7 @@ from statistics import mean
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from glue_gpu import PAPER, TEACHER_EPOCHS, _visible_gpus, gpu_name, lever_flags, run_entry  # noqa: E402
+from glue_gpu import PAPER, TEACHER_EPOCHS, _visible_gpus, gpu_name, lever_flags, recipe_of, run_entry  # noqa: E402
 
 TASKS = ("sst2", "mrpc", "stsb", "rte")
 SEEDS = (42, 43)
@@ -350,6 +350,46 @@ def collect(args) -> dict:
     return summary
 
 
+def stage_losses(args) -> dict:
+    """Where collected runs (glue_gpu.py's or this script's files) gain and lose: per (task, recipe, steps), the mean
+    stage-end evaluation after the tanh, sign and STE stages and the final one, and the final minus the sign stage's
+    end and minus the best stage end. The earlier rounds' stage ends were evaluated on dev in the stage's own forward
+    (the refinement stage's end is the deployable model): a diagnosis of those runs, not a choice."""
+    groups: dict[tuple[str, str, int], list[list[float]]] = {}
+    for path in args.files:
+        for entry in json.loads(Path(path).read_text())["runs"].values():
+            metric = entry["main_metric"]
+            ends: dict[str, float] = {}
+            for row in entry["metrics_per_stage"]:
+                ends.setdefault(row["stage"], 100 * row["metrics"][metric])  # the first of a repeated stage end
+            if not {"tanh", "sign", "ste"} <= ends.keys():
+                continue
+            final = 100 * entry["student"][metric]
+            values = [ends["tanh"], ends["sign"], ends["ste"], final, 100 * entry["teacher"][metric]]
+            groups.setdefault((entry["task"], recipe_of(entry["variant"]), entry["global_step"]), []).append(values)
+    rows = []
+    for (task, recipe, steps), runs in sorted(groups.items()):
+        means = [mean(run[i] for run in runs) for i in range(5)]
+        rows.append({
+            "task": task, "recipe": recipe, "steps": steps, "runs": len(runs), "teacher": means[4],
+            "tanh_end": means[0], "sign_end": means[1], "ste_end": means[2], "final": means[3],
+            "final_minus_sign_end": mean(run[3] - run[1] for run in runs),
+            "final_minus_best_stage_end": mean(run[3] - max(run[:4]) for run in runs),
+        })  # fmt: skip
+    print(f"{'task':<6}{'recipe':<40}{'steps':>6}{'runs':>5}{'tanh':>7}{'sign':>7}{'ste':>7}{'final':>7}"
+          f"{'f-sign':>8}{'f-best':>8}")  # fmt: skip
+    for row in rows:
+        print(
+            f"{row['task']:<6}{row['recipe']:<40}{row['steps']:>6}{row['runs']:>5}{row['tanh_end']:>7.2f}"
+            f"{row['sign_end']:>7.2f}{row['ste_end']:>7.2f}{row['final']:>7.2f}{row['final_minus_sign_end']:>8.2f}"
+            f"{row['final_minus_best_stage_end']:>8.2f}"
+        )
+    summary = {"rows": rows, "files": [Path(p).name for p in args.files], "command": " ".join(["python", *sys.argv])}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _add_selection(parser) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
@@ -384,6 +424,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=540)
     p.set_defaults(func=wait)
+    p = sub.add_parser("stage_losses", help="where collected runs gain and lose, stage end by stage end")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=stage_losses)
     p = sub.add_parser("collect")
     p.add_argument("--out", required=True, nargs="+", help="the out folders of the parts")
     p.add_argument("--json", default=None)

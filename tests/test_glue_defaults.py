@@ -124,3 +124,19 @@ def test_smoke_runs_the_whole_path_on_a_cpu(tmp_path):
     assert entry["model_selection"]["metric"] == "deployable_accuracy" and entry["evaluation_split"] == "validation"
     assert "--keep_best_deployable true" in entry["command"] and report["run_command"][0].endswith("--max_parallel 1")
     assert (out / "sst2_defaults_seed42.exit").read_text() == "0"
+
+
+def test_stage_losses_pool_a_recipes_seeds_and_take_each_stage_end_once(bench, tmp_path):
+    def entry(variant, seed, ends, final):
+        stages = [("tanh", 1), ("sign", 2), ("ste", 3), ("refinement", 4), ("refinement", 4)]
+        rows = [{"stage": s, "step": k, "metrics": {"f1": v}} for (s, k), v in zip(stages, [*ends, final, 0.0])]
+        return {"task": "mrpc", "variant": variant, "main_metric": "f1", "teacher": {"f1": 0.9},
+                "student": {"f1": final}, "metrics_per_stage": rows, "global_step": 4, "seed": seed}  # fmt: skip
+
+    runs = {"a": entry("had", 42, [0.80, 0.84, 0.82], 0.83), "b": entry("seed43", 43, [0.82, 0.80, 0.81], 0.81)}
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"runs": runs}))
+    (row,) = bench.stage_losses(Namespace(files=[str(path)], json=None))["rows"]
+    assert row["recipe"] == "had" and row["runs"] == 2 and row["sign_end"] == pytest.approx(82.0)
+    assert row["final_minus_sign_end"] == pytest.approx(((83 - 84) + (81 - 80)) / 2)
+    assert row["final_minus_best_stage_end"] == pytest.approx(((83 - 84) + (81 - 82)) / 2)
