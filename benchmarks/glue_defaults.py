@@ -265,10 +265,15 @@ def defaults_entry(results: dict) -> dict:
 
 
 def collect(args) -> dict:
-    """Gathers every run's results.json under the --out folders into one file in the layout of glue_clean.json:
-    `table` (each task and variant: means over seeds, dev and held-out), `levers` (each lever against the defaults of
-    the same task), `runs`, and the goal of issue 23 for the defaults."""
-    runs = {}
+    """Gathers every run's results.json under the --out folders, and the runs of the --merge files (collected by
+    earlier calls), into one file in the layout of glue_clean.json: `table` (each task and variant: means over seeds,
+    dev and held-out), `levers` (each lever against the defaults of the same task), `runs`, and the goal of issue 23
+    for the defaults."""
+    runs, commands = {}, []
+    for path in args.merge:  # the runs of earlier calls, collected there
+        earlier = json.loads(Path(path).read_text())
+        runs.update(earlier["runs"])
+        commands += earlier["run_command"]
     for folder in args.out:
         for path in sorted(Path(folder).glob("*/results.json")):
             task, rest = path.parent.name.split("_", 1)
@@ -320,7 +325,7 @@ def collect(args) -> dict:
                 task: row.get("validation", {}).get("final_minus_best_deployable") for task, row in defaults.items()
             },
         }
-    commands = [
+    commands += [
         line for folder in args.out if (Path(folder) / "run_commands.txt").exists()
         for line in (Path(folder) / "run_commands.txt").read_text().splitlines()
     ]  # fmt: skip
@@ -429,7 +434,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.set_defaults(func=stage_losses)
     p = sub.add_parser("collect")
-    p.add_argument("--out", required=True, nargs="+", help="the out folders of the parts")
+    p.add_argument("--out", nargs="*", default=[], help="the out folders of the parts")
+    p.add_argument("--merge", nargs="*", default=[], help="files collected by earlier calls: their runs join")
     p.add_argument("--json", default=None)
     p.add_argument("--gpu", default=None)
     p.add_argument("--note", default=NOTE)

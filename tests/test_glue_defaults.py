@@ -86,11 +86,17 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
         "mrpc_defaults_seed42": _results("mrpc", 42, 0.84, 0.82, [0.8, 0.8, 0.8, 0.8], 0.8, "f1"),
         "stsb_defaults_seed42": _results("stsb", 42, 0.85, 0.848, [0.8, 0.8, 0.8, 0.8], 0.8, "pearson"),
     }
-    for name, results in runs.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(results))
-    args = Namespace(out=[str(tmp_path)], json=str(tmp_path / "sum.json"), gpu="test")
+    for index, (name, results) in enumerate(runs.items()):  # two calls: the first's runs collected, then merged
+        folder = tmp_path / ("first" if index < 2 else "second") / name
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(results))
+    (tmp_path / "first" / "run_commands.txt").write_text("python benchmarks/glue_defaults.py run --part 1/2\n")
+    first = Namespace(out=[str(tmp_path / "first")], merge=[], json=str(tmp_path / "first.json"), gpu="t", note="")
+    assert len(bench.collect(first)["runs"]) == 2
+    args = Namespace(out=[str(tmp_path / "second")], merge=[first.json], json=str(tmp_path / "sum.json"), gpu="t",
+                     note="")  # fmt: skip
     summary = bench.collect(args)
+    assert summary["run_command"] == ["python benchmarks/glue_defaults.py run --part 1/2"]
     rows = {(row["task"], row["variant"]): row for row in summary["table"]}
     sst2 = rows[("sst2", "defaults")]
     assert sst2["seeds"] == [42, 43] and sst2["had"] == pytest.approx(89.25) and sst2["drop"] == pytest.approx(0.75)
