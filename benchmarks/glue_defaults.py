@@ -11,15 +11,19 @@ rounds' timings, see `estimate_seconds`).
     # here, once: the data and an fp16 MiniLM into the ignored folder .carry/ (it travels to the GPU machine)
     python benchmarks/glue_gpu.py prepare_carry --glue_dir ../shared/data/glue --dest .carry
     python benchmarks/glue_defaults.py plan                                  # the parts and their estimates
-    # on the GPU machine, one call per part, then collect (from the out folders of all parts)
-    python benchmarks/glue_defaults.py run --out $OUT/defaults --part 1/2
-    python benchmarks/glue_defaults.py run --out $OUT/defaults --part 2/2
-    python benchmarks/glue_defaults.py collect --out $OUT/defaults --json $OUT/glue_defaults.json
+    # on the GPU machine (PYTHONPATH=src), one call per part; runs in /tmp, the collected file in $OUT; a later call
+    # adds its runs to an earlier call's file with --merge
+    python benchmarks/glue_defaults.py run --out /tmp/d --part 1/2
+    python benchmarks/glue_defaults.py collect --out /tmp/d --json $OUT/glue_defaults.json
+    python benchmarks/glue_defaults.py run --out /tmp/d --part 2/2
+    python benchmarks/glue_defaults.py collect --out /tmp/d --merge benchmarks/results/glue_defaults.json --json $OUT/...
     # an experiment: levers (comma-separated; "+" combines) against the defaults, e.g. the STE clip on STS-B
-    python benchmarks/glue_defaults.py run --variants defaults,clip2 --tasks stsb --out $OUT/clip --part 1/1
-    # a run longer than one call: start it detached, come back in the next call
-    python benchmarks/glue_defaults.py run --variants full_schedule --tasks stsb --seeds 42 --out $OUT/full --detach
-    python benchmarks/glue_defaults.py wait --out $OUT/full --timeout 540
+    python benchmarks/glue_defaults.py run --variants defaults,clip2 --tasks stsb --out /tmp/clip
+    # a run longer than one call: start it detached, come back in the next calls (the machine kept warm)
+    python benchmarks/glue_defaults.py run --variants full_schedule --tasks stsb --seeds 42 --out /tmp/f --detach
+    python benchmarks/glue_defaults.py wait --out /tmp/f --timeout 500
+    # where the earlier rounds' runs gain and lose, stage end by stage end
+    python benchmarks/glue_defaults.py stage_losses benchmarks/results/glue*.json --json ...
     # on a CPU: the whole path on tiny slices (8 steps)
     python benchmarks/glue_defaults.py run --smoke --out /tmp/defaults_smoke --tasks sst2 --glue_dir recipes/data/sst2_sample
 """
