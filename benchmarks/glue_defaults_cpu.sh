@@ -2,8 +2,7 @@
 # Small-scale CPU look at the levers of the defaults (issue 23), on the held-out split only: the embedded default
 # (all-MiniLM-L6-v2 on the shipped SST-2 sample, 240 steps) with a tenth of the training sample held out, one seed,
 # each lever once; the later runs reuse the first run's teacher (fine-tuned on the same training part). A hint for the
-# GPU runs of benchmarks/glue_defaults.py, not a result: one seed, 240 steps, 3,600 training examples. In the session
-# that made results/glue_defaults_cpu.json only the first two runs (defaults, recalibrate) were made (shared CPU).
+# GPU runs of benchmarks/glue_defaults.py, not a result: one seed, 240 steps, 3,600 training examples.
 #   bash benchmarks/glue_defaults_cpu.sh OUT_DIR    (then: python benchmarks/glue_defaults.py collect --out OUT_DIR ...)
 set -eu
 OUT=${1:?usage: glue_defaults_cpu.sh OUT_DIR}
