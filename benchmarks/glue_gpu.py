@@ -142,11 +142,13 @@ LEVERS = {
 TEACHER_LEVERS = {"h64": head64_teacher}
 
 
-def lever_flags(lever: str, task: str) -> list[str]:
-    """The recipe flags of a lever, or of levers joined by "+" (e.g. "h64+extra_pairs")."""
+def lever_flags(lever: str, task: str, levers: dict | None = None) -> list[str]:
+    """The recipe flags of a lever, or of levers joined by "+" (e.g. "h64+extra_pairs"), from `levers` (default:
+    `LEVERS`)."""
+    levers = LEVERS if levers is None else levers
     flags = []
     for part in lever.split("+"):
-        part_flags = LEVERS[part]
+        part_flags = levers[part]
         part_flags = part_flags(task) if callable(part_flags) else part_flags
         repeated = set(flags[::2]) & set(part_flags[::2])  # flags come as (name, value) pairs
         if repeated:
@@ -256,42 +258,57 @@ def run(args) -> None:
         print(f"{task} {variant}: exit {code} after {time.time() - started:.0f} s", flush=True)
 
 
+def run_entry(results: dict) -> dict:
+    """A run's entry in a collected file: its metrics, stage-end rows, curves, settings and command, from the
+    recipe's `results.json`."""
+    return {
+        "main_metric": results["main_metric"],
+        "teacher": results["teacher"]["metrics"],
+        "student": results["student"]["metrics"],
+        "metrics_per_stage": results["metrics_per_stage"],
+        "eval_curve": [
+            {"step": e["step"], **{k: v for k, v in e.items() if k.startswith("eval_")}}
+            for e in results["log_history"]
+            if any(k.startswith("eval_") for k in e)
+        ],
+        # the training losses (mean over each logging interval): with the eval curve, shows over-fitting
+        "train_curve": [
+            {"step": e["step"], **{k: e[k] for k in ("loss_out", "loss_attn", "c") if k in e}}
+            for e in results["log_history"]
+            if "loss_out" in e
+        ],
+        "distill_examples": results["dataset"].get("distill_examples"),
+        "seed": results["seed"],
+        "global_step": results["global_step"],
+        "schedule": results["schedule_description"],
+        "top_n": results["had_config"]["top_n"],
+        "max_seq_length": results["max_seq_length"],
+        "wall_time_s": results["wall_time_s"],
+        "peak_memory_mb": results["peak_memory_mb"],
+        "command": results["command"],
+        "versions": {k: results[k] for k in ("had_hf_version", "transformers_version", "torch_version")},
+    }
+
+
+def gpu_name() -> str | None:
+    """The GPUs of this machine ("NVIDIA H200", "2x NVIDIA H200"), or None without one: runs spread over all of them."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count()
+    return torch.cuda.get_device_name() if count == 1 else f"{count}x {torch.cuda.get_device_name()}"
+
+
 def collect(args) -> dict:
     out = Path(args.out)
     rows, runs = [], {}
     for results_path in sorted(out.glob("*/results.json")):
         run_name = results_path.parent.name
         task, variant = run_name.split("_", 1)
-        results = json.loads(results_path.read_text())
-        runs[run_name] = {
-            "task": task,
-            "variant": variant,
-            "main_metric": results["main_metric"],
-            "teacher": results["teacher"]["metrics"],
-            "student": results["student"]["metrics"],
-            "metrics_per_stage": results["metrics_per_stage"],
-            "eval_curve": [
-                {"step": e["step"], **{k: v for k, v in e.items() if k.startswith("eval_")}}
-                for e in results["log_history"]
-                if any(k.startswith("eval_") for k in e)
-            ],
-            # the training losses (mean over each logging interval): with the eval curve, shows over-fitting
-            "train_curve": [
-                {"step": e["step"], **{k: e[k] for k in ("loss_out", "loss_attn", "c") if k in e}}
-                for e in results["log_history"]
-                if "loss_out" in e
-            ],
-            "distill_examples": results["dataset"].get("distill_examples"),
-            "seed": results["seed"],
-            "global_step": results["global_step"],
-            "schedule": results["schedule_description"],
-            "top_n": results["had_config"]["top_n"],
-            "max_seq_length": results["max_seq_length"],
-            "wall_time_s": results["wall_time_s"],
-            "peak_memory_mb": results["peak_memory_mb"],
-            "command": results["command"],
-            "versions": {k: results[k] for k in ("had_hf_version", "transformers_version", "torch_version")},
-        }
+        runs[run_name] = {"task": task, "variant": variant, **run_entry(json.loads(results_path.read_text()))}
     for task in PAPER:
         had = runs.get(f"{task}_had")
         if had is None:
@@ -317,20 +334,11 @@ def collect(args) -> dict:
             levers.append({"task": entry["task"], "lever": entry["variant"], "flags": flags, "metric": metric,
                            "had": base, "with_lever": value, "change": value - base, "teacher": teacher,
                            "drop": teacher - value})  # fmt: skip
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            count = torch.cuda.device_count()  # the runs were spread over all of them
-            gpu = torch.cuda.get_device_name() if count == 1 else f"{count}x {torch.cuda.get_device_name()}"
-    except ImportError:
-        pass
     summary = {
         "table": rows,
         "levers": levers,
         "runs": runs,
-        "gpu": gpu or args.gpu,
+        "gpu": gpu_name() or args.gpu,
         "host": platform.node(),
         "run_command": (out / "run_command.txt").read_text().strip() if (out / "run_command.txt").exists() else None,
         "command": " ".join(["python", *sys.argv]),

@@ -130,6 +130,13 @@ class StageSchedule:
             for p in (1, 2, 3, 4)
         ]
 
+    def stage_ends(self) -> dict[int, str]:
+        """{step: name of the stage that ends there} for the stages that have steps. A stage left out (0 steps) ends
+        where the one before it ends: that step keeps the earlier stage's name."""
+        return {
+            entry["end_step"]: entry["stage"] for entry in self.timeline() if entry["end_step"] > entry["start_step"]
+        }
+
     def describe(self) -> str:
         lengths = ", ".join(f"{e['stage']} {e['end_step'] - e['start_step']}" for e in self.timeline())
         text = f"{self.total} steps ({lengths}; c {self.c_start} -> {self.c_switch} -> {self.c_end}, gamma {self.gamma:.6g})"

@@ -20,7 +20,7 @@ from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import output_kl, output_mse
 from .peft_student import convert_peft_student, dense_teacher, is_peft_model, write_had_config
-from .state import runtime_state
+from .state import INFERENCE, runtime_state
 from .training_args import HADTrainingArguments
 
 if is_datasets_available():
@@ -28,6 +28,8 @@ if is_datasets_available():
 
 logger = logging.getLogger(__name__)
 
+# the metric prefix of `evaluate_deployable`
+DEPLOYABLE_PREFIX = "deployable"
 PAPER_TITLE = "Hamming Attention Distillation: Binarizing Keys and Queries for Efficient Long-Context Transformers"
 
 
@@ -47,7 +49,9 @@ class HADDistillationTrainer(Trainer):
         **kwargs: the other arguments of [`~transformers.Trainer`] (datasets, collator, processing class, ...).
 
     The student's sigma is calibrated on the training set before stage 1 when it is not set yet (under FSDP2, on the
-    sharded student at the start of training).
+    sharded student at the start of training; with `args.recalibrate_sigma`, again on the student before the STE
+    stage). With an evaluation set, every stage end is evaluated twice: in the stage's own transform (`eval_*` in the
+    log) and as the model would be saved (`evaluate_deployable`, `deployable_*` in the log).
     """
 
     _tag_names = ["had", "had_hf", "binary-attention", "distillation"]
@@ -112,6 +116,8 @@ class HADDistillationTrainer(Trainer):
             self.schedule,
             args.refinement_learning_rate,
             evaluate_at_stage_ends=kwargs.get("eval_dataset") is not None,
+            on_binary_start=self.recalibrate_on_student if args.recalibrate_sigma else None,
+            ste_learning_rate=args.ste_learning_rate,
         )
         callbacks = [self.stage_callback, *(kwargs.pop("callbacks", None) or [])]
         for module in (model, teacher_model):
@@ -212,9 +218,35 @@ class HADDistillationTrainer(Trainer):
             return None, None, None
         return None, outputs.logits.detach(), labels
 
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The Trainer's evaluation; at a stage end during training, followed by `evaluate_deployable` on the same
+        data (its metrics are logged on their own and added to the returned ones)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        training = self.stage_callback.state.stage != INFERENCE
+        if training and not isinstance(dataset, dict) and self.state.global_step in self.schedule.stage_ends():
+            prefix = DEPLOYABLE_PREFIX + metric_key_prefix.removeprefix("eval")
+            metrics.update(self.evaluate_deployable(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix))
+        return metrics
+
+    def evaluate_deployable(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = DEPLOYABLE_PREFIX
+    ) -> dict[str, float]:
+        """Evaluates the student as it would be saved, whatever stage training is in: the inference stage (exact
+        binary queries and keys, top-N; what `save_pretrained` and reloading give), then back to the training stage.
+        Metrics are named `deployable_*` by default."""
+        state = self.stage_callback.state
+        stage, c = state.stage, state.c
+        state.set(INFERENCE)
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            state.set(stage, c)
+
     # ---------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if not any(key.startswith("eval_") for key in logs):
+        if not any(key.startswith(("eval_", DEPLOYABLE_PREFIX + "_")) for key in logs):
             logs.update(self._mean_over_processes(self._had_metrics))
             self._had_metrics.clear()
             step = max(self.state.global_step - 1, 0)  # the step whose update was just made
@@ -342,8 +374,10 @@ class HADDistillationTrainer(Trainer):
         finally:
             self.remove_callback(calibration)
 
-    def calibrate(self) -> HADConfig:
-        """Measures sigma on `calibration_batches` random training batches (the same on every process)."""
+    def calibrate(self, on_student: bool = False) -> HADConfig:
+        """Measures sigma on `calibration_batches` random training batches (the same on every process): on the teacher
+        (the student before training; a peft student's base with the adapter off), or with `on_student` on the
+        student as it is now (a peft student's adapter on)."""
         if self.train_dataset is None:
             raise ValueError("Calibration needs a train_dataset (or set sigma_q/sigma_k in the HADConfig).")
         dataset, collator = self.train_dataset, self.data_collator
@@ -360,14 +394,23 @@ class HADDistillationTrainer(Trainer):
             collate_fn=collator,
         )
         model = self.accelerator.unwrap_model(self.model)
-        if self.is_peft_student:
+        if self.is_peft_student and not on_student:
             with model.disable_adapter():  # calibrated on the teacher, as for a copied student
                 calibrate(model.get_base_model(), loader, num_batches=self.args.calibration_batches)
         else:
-            calibrate(model, loader, num_batches=self.args.calibration_batches)
+            student = model.get_base_model() if self.is_peft_student else model  # a peft student's adapter on
+            calibrate(student, loader, num_batches=self.args.calibration_batches)
         self._broadcast_sigma()
-        logger.info("HAD: calibrated sigma on %d batches.", self.args.calibration_batches)
+        logger.info(
+            "HAD: calibrated sigma on %d batches%s.",
+            self.args.calibration_batches,
+            " of the student" if on_student else "",
+        )
         return self.had_config
+
+    def recalibrate_on_student(self) -> None:
+        """Calibrates sigma again, on the student as trained so far (`recalibrate_sigma`: before the STE stage)."""
+        self.calibrate(on_student=True)
 
     def _broadcast_sigma(self) -> None:
         if self.accelerator.num_processes > 1:

@@ -42,6 +42,7 @@ class HADTrainingArguments(TrainingArguments):
         refinement_steps (`int`, *optional*, defaults to 10000): length of stage 4 (refinement). 0 leaves the stage
             out, also when `max_steps` stretches the schedule.
         refinement_learning_rate (`float`, *optional*, defaults to 2e-6): the learning rate of stage 4.
+        ste_learning_rate (`float`, *optional*): the learning rate of stage 3 (STE); unset: `learning_rate`.
         ste_clip (`float`, *optional*, defaults to 1.0): the STE passes gradient where |x / sigma| <= ste_clip.
         attention_loss (`bool`, *optional*, defaults to `True`): use the attention-map loss in stages 1-3 (False
             is the paper's "w/o AD" ablation).
@@ -50,6 +51,8 @@ class HADTrainingArguments(TrainingArguments):
             stage 4 (the paper removes it: 0).
         skip_tanh (`bool`, *optional*, defaults to `False`): replace stages 1-2 by as many STE steps (the paper's
             "w/o tanh" ablation).
+        recalibrate_sigma (`bool`, *optional*, defaults to `False`): calibrate sigma again, on the student, before
+            the first step of the STE stage, where the forward becomes exactly binary (not in the paper).
         calibration_batches (`int`, *optional*, defaults to 100): minibatches for sigma calibration.
         calibration_batch_size (`int`, *optional*, defaults to 16): their size.
         sigma_per_head (`bool`, *optional*, defaults to `False`): calibrate one sigma per head instead of one per
@@ -63,6 +66,9 @@ class HADTrainingArguments(TrainingArguments):
     ste_steps: int = field(default=10_000, metadata={"help": "Length of stage 3 (straight-through estimator)."})
     refinement_steps: int = field(default=10_000, metadata={"help": "Length of stage 4 (refinement)."})
     refinement_learning_rate: float = field(default=2e-6, metadata={"help": "Learning rate of stage 4."})
+    ste_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of stage 3 (STE); default: --learning_rate."}
+    )
     ste_clip: float = field(default=1.0, metadata={"help": "STE passes gradient where |x/sigma| <= ste_clip."})
     attention_loss: bool = field(
         default=True, metadata={"help": "Use the attention-map loss in stages 1-3 (False: the 'w/o AD' ablation)."}
@@ -73,6 +79,10 @@ class HADTrainingArguments(TrainingArguments):
     )
     skip_tanh: bool = field(
         default=False, metadata={"help": "Replace stages 1-2 by as many STE steps (the 'w/o tanh' ablation)."}
+    )
+    recalibrate_sigma: bool = field(
+        default=False,
+        metadata={"help": "Calibrate sigma again, on the student, where the STE stage starts (not in the paper)."},
     )
     calibration_batches: int = field(default=100, metadata={"help": "Minibatches for sigma calibration."})
     calibration_batch_size: int = field(default=16, metadata={"help": "Batch size of the calibration minibatches."})
@@ -87,9 +97,12 @@ class HADTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "LR scheduler; stage 4 lowers its base."})
 
     def __post_init__(self):
-        for name in ("learning_rate", "refinement_learning_rate", "ste_clip"):
-            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+        for name in ("learning_rate", "refinement_learning_rate", "ste_clip", "ste_learning_rate"):
+            value = getattr(self, name)
+            if name == "ste_learning_rate" and value is None:
+                continue
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}.")
         for name in (
             "calibration_batches",
             "calibration_batch_size",

