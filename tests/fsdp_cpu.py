@@ -4,7 +4,7 @@ With `use_cpu` Accelerate's state is `MULTI_CPU` and its FSDP plugin is dropped 
 only from `MULTI_GPU` and the other accelerator types), so `accelerate launch` with an FSDP config trains a CPU run
 with DDP. torch's `fully_shard` itself works on CPU tensors over gloo: `force_fsdp2_on_cpu` puts Accelerate's shared
 state into FSDP2, so that a Trainer built afterwards takes the same FSDP2 path as on GPUs (the student prepared by
-`Accelerator.prepare`, the teacher by `had_hf.trainer.prepare_teacher`, a full state dict gathered to save).
+`Accelerator.prepare`, the teacher by `had_hf.parallel.prepare_teacher`, a full state dict gathered to save).
 """
 
 from __future__ import annotations

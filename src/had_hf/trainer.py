@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
@@ -19,8 +19,10 @@ from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import output_kl, output_mse
+from .parallel import CalibrationAtTrainBegin, check_parallelism, prepare_teacher
 from .peft_student import convert_peft_student, dense_teacher, is_peft_model, write_had_config
 from .state import INFERENCE, runtime_state
+from .trainer_card import TrainerCardMixin
 from .training_args import HADTrainingArguments
 
 if is_datasets_available():
@@ -33,7 +35,7 @@ DEPLOYABLE_PREFIX = "deployable"
 PAPER_TITLE = "Hamming Attention Distillation: Binarizing Keys and Queries for Efficient Long-Context Transformers"
 
 
-class HADDistillationTrainer(Trainer):
+class HADDistillationTrainer(TrainerCardMixin, Trainer):
     """Trains a HAD student to match a frozen dense teacher: attention-map KL plus output KL, in four stages.
 
     Args:
@@ -273,85 +275,6 @@ class HADDistillationTrainer(Trainer):
             # the adapter folder also holds the base's config with the HADConfig (see had_hf.peft_student)
             write_had_config(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
-    # ---------------------------------------------------------------- run record, model card and Hub
-    def evaluate_teacher(self, eval_dataset=None) -> dict[str, float]:
-        """The teacher's metrics on the eval set with the trainer's `compute_metrics` (not logged), kept in
-        `teacher_metrics` for the run record and the model card."""
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if isinstance(dataset, dict):  # several eval sets: the first one, as the card has one results table
-            dataset = next(iter(dataset.values()))
-        self._predict_with_teacher = True
-        try:
-            metrics = self.predict(dataset, metric_key_prefix="eval").metrics
-        finally:
-            self._predict_with_teacher = False
-        from .hub import model_metrics
-
-        self.teacher_metrics = model_metrics(metrics)
-        return self.teacher_metrics
-
-    def _evaluate_teacher_once(self) -> None:
-        """The teacher's metrics for the run record, on every process: evaluation gathers across processes, so it
-        cannot wait for the main process's card."""
-        if self.teacher_metrics is None and self.eval_dataset is not None and self.compute_metrics is not None:
-            self.evaluate_teacher()
-
-    def run_record(self, **kwargs) -> dict:
-        """The record of this run for its model card (see `had_hf.hub.run_record`)."""
-        from .hub import run_record
-
-        return run_record(self, **kwargs)
-
-    def save_run_record(self, **kwargs) -> str | None:
-        """Writes the run record to `output_dir/results.json`, unless a recipe wrote its own record there (the
-        trainer replaces only a record it wrote itself). Returns the path written, or `None`."""
-        from .hub import RESULTS_FILENAME
-        from .hub.record import RECORDED_BY
-
-        path = os.path.join(self.args.output_dir, RESULTS_FILENAME)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as file:
-                if json.load(file).get("recorded_by") != RECORDED_BY:
-                    return None
-        record = self.run_record(**kwargs)
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(record, file, indent=2, default=str)
-        return path
-
-    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
-        """Writes the HAD model card (results table, HADConfig, stage schedule, training curves) into `output_dir`,
-        from its `results.json` (a recipe's, or the trainer's run record, written here when there is none). Call it
-        after `save_model`: the card describes the saved `config.json`."""
-        self._evaluate_teacher_once()
-        if not self.is_world_process_zero():
-            return
-        from .hub import write_card_files
-
-        self.save_run_record()
-        write_card_files(self.args.output_dir, self.args.output_dir, repo_id=self.args.hub_model_id)
-
-    def push_to_hub(self, commit_message: str | None = "End of training", **kwargs) -> str | None:
-        """Saves the student and its run record, and pushes `output_dir` in one commit with the HAD card (see
-        `had_hf.hub.push_to_hub`). Returns the commit URL (`None` on other processes than the main one)."""
-        from .hub import push_to_hub
-
-        self.save_model(_internal_call=True)  # not `save_model()`: with args.push_to_hub it would push again
-        self._evaluate_teacher_once()
-        if not self.is_world_process_zero():
-            return None
-        self.save_run_record()
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        return push_to_hub(
-            self.args.output_dir,
-            repo_id,
-            token=self.args.hub_token,
-            private=bool(self.args.hub_private_repo),
-            commit_message=commit_message,
-            revision=kwargs.get("revision"),
-            license=kwargs.get("license"),
-        )
-
     # ---------------------------------------------------------------- calibration
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if not self.had_config.is_calibrated:
@@ -367,7 +290,7 @@ class HADDistillationTrainer(Trainer):
     def _train_calibrating_at_begin(self, resume_from_checkpoint, **kwargs):
         """Trains with the calibration at `on_train_begin`, on the sharded student on the devices (before sharding it
         is whole, where it was loaded: on the CPU, for a model that no single device holds)."""
-        calibration = _CalibrationAtTrainBegin(self)
+        calibration = CalibrationAtTrainBegin(self)
         self.add_callback(calibration)
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -430,44 +353,6 @@ class HADDistillationTrainer(Trainer):
             return False
         self.had_config.sigma_q, self.had_config.sigma_k = saved["sigma_q"], saved["sigma_k"]
         return True
-
-
-class _CalibrationAtTrainBegin(TrainerCallback):
-    """Calibrates the trainer's student once training has prepared it (every process runs the same batches)."""
-
-    def __init__(self, trainer: HADDistillationTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.calibrate()
-
-
-def check_parallelism(trainer: Trainer) -> None:
-    """Refuses the parallelisms whose sharding of the frozen teacher is not handled: DeepSpeed and FSDP version 1."""
-    if trainer.is_deepspeed_enabled:
-        raise ValueError(
-            "HADDistillationTrainer supports single-device, data-parallel (DDP) and FSDP2 training; DeepSpeed is not "
-            "supported (the frozen teacher is not sharded by it). Launch with `accelerate launch --num_processes N` "
-            "and no DeepSpeed config, or with an FSDP2 config (recipes/accelerate_configs/fsdp2_2proc.yaml)."
-        )
-    fsdp_plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
-    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
-        raise ValueError(
-            "HADDistillationTrainer supports FSDP version 2 only (Accelerate's FSDP2 plugin, `fsdp_version: 2` in the "
-            "accelerate config; see recipes/accelerate_configs/fsdp2_2proc.yaml), got FSDP version "
-            f"{fsdp_plugin.fsdp_version}."
-        )
-
-
-def prepare_teacher(accelerator, teacher: torch.nn.Module) -> torch.nn.Module:
-    """The frozen teacher on the training devices: sharded like the student under FSDP2 (its decoder/encoder layers
-    each a `fully_shard` unit, so a teacher larger than one device fits), else placed whole on each device (no DDP
-    wrapper: it is never trained). Its attention modules keep their names, so the capture store fills as before."""
-    if accelerator.is_fsdp2:
-        from accelerate.utils import fsdp2_prepare_model
-
-        return fsdp2_prepare_model(accelerator, teacher).eval()
-    return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
 def _is_decoder_layer(name: str) -> bool:
