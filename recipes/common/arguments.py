@@ -87,7 +87,7 @@ class HoldoutArguments(DistillationArguments):
         default=0.0,
         metadata={
             "help": "Hold out this fraction of the training split (by --seed) for every evaluation during the run; "
-            "dev is evaluated at the end only. 0: none, evaluate on dev."
+            "the evaluation split (dev) is evaluated at the end only. 0: none."
         },
     )
     keep_best_deployable: bool = field(
