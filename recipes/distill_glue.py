@@ -64,8 +64,8 @@ from transformers import (
 from had_hf import HADTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: recipes.common
-from recipes.common.arguments import DistillationArguments, parse_recipe_arguments  # noqa: E402
-from recipes.common.distillation import distill  # noqa: E402
+from recipes.common.arguments import HoldoutArguments, parse_recipe_arguments  # noqa: E402
+from recipes.common.distillation import VALIDATION, distill  # noqa: E402
 from recipes.common.glue import (  # noqa: E402
     augmentation_kinds,
     augmented_distillation_inputs,
@@ -74,8 +74,10 @@ from recipes.common.glue import (  # noqa: E402
     get_task,
     load_glue,
     missing_glue_files,
+    task_augmentations,
 )
 from recipes.common.glue_metrics import glue_metrics  # noqa: E402
+from recipes.common.holdout import drop_shared_sentences, split_validation  # noqa: E402
 from recipes.common.run_paths import check_output_paths, model_location, resolve_path  # noqa: E402
 from recipes.common.run_record import begin_run, run_record, save_run, strip_metrics  # noqa: E402
 from recipes.common.student import (  # noqa: E402
@@ -92,9 +94,9 @@ SELECTION_FLAGS = ("task_name", "glue_dir", "model_name_or_path")
 
 
 @dataclass
-class ScriptArguments(DistillationArguments):
-    """Arguments of the recipe beyond the training arguments: the shared teacher, student and run flags
-    (`recipes.common.arguments.DistillationArguments`) and the GLUE data's."""
+class ScriptArguments(HoldoutArguments):
+    """Arguments of the recipe beyond the training arguments: the shared teacher, student, run and held-out split
+    flags (`recipes.common.arguments.HoldoutArguments`) and the GLUE data's."""
 
     task_name: str = field(
         default="sst2", metadata={"help": "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli."}
@@ -128,7 +130,7 @@ class ScriptArguments(DistillationArguments):
         metadata={
             "help": "Comma-separated augmented copies of the distillation inputs (task and extra texts), added "
             "unlabeled: swap (pair order), cross (unrelated pairs), word_drop (words dropped with probability 0.15). "
-            "Not in the paper. Seeded by --seed."
+            "all: every kind the task takes. Not in the paper. Seeded by --seed."
         },
     )
 
@@ -136,6 +138,8 @@ class ScriptArguments(DistillationArguments):
         task = get_task(self.task_name)
         super().__post_init__()
         extra_task_sources(task, self.distill_extra_tasks)
+        if self.distill_augment == "all":
+            self.distill_augment = ",".join(task_augmentations(task))
         augmentation_kinds(task, self.distill_augment)
         if self.max_seq_length < 1:
             raise ValueError(f"max_seq_length must be at least 1, got {self.max_seq_length}.")
@@ -202,6 +206,11 @@ def main(argv: list[str]) -> dict:
     teacher_path = teacher_location(script_args)
     glue_dir = resolve_path(script_args.glue_dir)
     raw = load_glue(task, glue_dir, script_args.max_train_samples, script_args.max_eval_samples)
+    if script_args.validation_holdout_fraction > 0:
+        raw["train"], raw[VALIDATION] = split_validation(
+            task, raw["train"], script_args.validation_holdout_fraction, training_args.seed
+        )
+        logger.info("Held out %d of the training examples as the validation split.", len(raw[VALIDATION]))
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
 
     def tokenize(rows: list[dict]) -> list[dict]:
@@ -218,6 +227,8 @@ def main(argv: list[str]) -> dict:
         extra = extra_distillation_inputs(
             task, script_args.distill_extra_tasks, glue_dir, script_args.max_train_samples
         )
+        if VALIDATION in raw:
+            extra = drop_shared_sentences(task, extra, raw[VALIDATION])
     if script_args.distill_augment:
         extra += augmented_distillation_inputs(
             task, raw["train"] + extra, script_args.distill_augment, seed=training_args.seed
@@ -250,20 +261,23 @@ def main(argv: list[str]) -> dict:
         train_dataset=data["train"],
         eval_dataset=data[eval_split],
         distill_dataset=distill_data,
+        validation_dataset=data.get(VALIDATION),
+        eval_split=eval_split,
+        main_metric=task.main_metric,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
     trainer, teacher_metrics = run.trainer, run.teacher_metrics
+    # after training: the student as saved (the inference stage), each split evaluated once under its own name
     student_metrics = {}
     for split in task.eval_splits:
-        metrics = strip_metrics(trainer.evaluate(data[split], metric_key_prefix="eval"))
+        metrics = strip_metrics(trainer.evaluate(data[split], metric_key_prefix=split), split)
         student_metrics.update(metrics if split == eval_split else {f"{split}_{k}": v for k, v in metrics.items()})
-    if len(task.eval_splits) > 1:
-        for split in task.eval_splits[1:]:
-            with teacher_view(trainer):
-                extra = strip_metrics(run.teacher_trainer.evaluate(data[split], metric_key_prefix="eval"))
-            teacher_metrics.update({f"{split}_{k}": v for k, v in extra.items()})
+    for split in task.eval_splits[1:]:
+        with teacher_view(trainer):
+            extra = strip_metrics(run.teacher_trainer.evaluate(data[split], metric_key_prefix=split), split)
+        teacher_metrics.update({f"{split}_{k}": v for k, v in extra.items()})
 
     results = {
         "task": task.name,
@@ -280,11 +294,12 @@ def main(argv: list[str]) -> dict:
             "distill_extra_tasks": script_args.distill_extra_tasks,
             "distill_augment": script_args.distill_augment,
             "eval_examples": len(data[eval_split]),
+            "split": eval_split,  # of the student's and teacher's metrics (the held-out part: "validation")
         },
         "max_seq_length": script_args.max_seq_length,
         **run_record(run, script_args, training_args, command=command, start_time=start),
     }
-    title = f"GLUE {results['task']} (dev, {results['dataset']['eval_examples']} examples)"
+    title = f"GLUE {results['task']} ({eval_split}, {results['dataset']['eval_examples']} examples)"
     save_run(trainer, results, title)
     return results
 

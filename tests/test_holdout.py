@@ -1,4 +1,5 @@
-"""The GLUE recipe's held-out validation split, its stage-end rows, and --keep_best_deployable."""
+"""The GLUE recipe's held-out validation split, the stage-end rows of every recipe's record, and
+--keep_best_deployable."""
 
 import json
 import subprocess
@@ -8,8 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from had_hf.glue import get_task, normalized_text, read_glue_tsv
+from recipes.common.glue import get_task, normalized_text, read_glue_tsv
 from recipes.common.holdout import drop_shared_sentences, split_validation
+from recipes.common.run_record import metrics_per_stage
 from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def test_each_stage_end_is_one_row_with_its_training_time_and_deployable_metrics
     # evaluations after training, under the splits' own names, and a repeated one: none is a stage end
     history += [{"step": 40, "dev_pearson": 0.9}, {"step": 40, "validation_pearson": 0.8}]
     history += [{"step": 40, "eval_pearson": 0.7}]
-    rows = _recipe()._metrics_per_stage(SimpleNamespace(state=SimpleNamespace(log_history=history)), schedule)
+    rows = metrics_per_stage(SimpleNamespace(state=SimpleNamespace(log_history=history)), schedule)
     assert [(row["stage"], row["step"]) for row in rows] == list(zip(["tanh", "sign", "ste", "refinement"], ends))
     assert [row["metrics"] for row in rows] == [{"pearson": step / 100} for step in ends]
     assert [row["deployable_metrics"] for row in rows] == [{"pearson": step / 200} for step in ends]

@@ -1,4 +1,5 @@
-"""The command line the distillation recipes share: teacher, HAD student and run flags, LoRA flags, and the parser.
+"""The command line the distillation recipes share: teacher, HAD student and run flags (and a held-out validation
+split's, for recipes that carve one), LoRA flags, and the parser.
 
 A recipe's `ScriptArguments` subclasses `DistillationArguments` with its data flags (and its own help text for
 `--model_name_or_path`, whose default teacher differs per recipe), then calls `parse_recipe_arguments`.
@@ -75,6 +76,39 @@ class DistillationArguments:
             )
         if self.student_dropout is not None and not 0.0 <= self.student_dropout < 1.0:
             raise ValueError(f"student_dropout must be in [0, 1), got {self.student_dropout}.")
+
+
+@dataclass
+class HoldoutArguments(DistillationArguments):
+    """`DistillationArguments` with a validation split held out of the training data, for a recipe that can carve one
+    (`recipes.common.distillation.distill`'s `validation_dataset`): every evaluation during the run is made on it."""
+
+    validation_holdout_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of the training split (by --seed) for every evaluation during the run; "
+            "the evaluation split (dev) is evaluated at the end only. 0: none."
+        },
+    )
+    keep_best_deployable: bool = field(
+        default=False,
+        metadata={
+            "help": "Save the stage end whose deployable model is best on the held-out split, not the last one."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.validation_holdout_fraction < 1.0:
+            raise ValueError(
+                f"validation_holdout_fraction must be in [0, 1) (0: no held-out part), got "
+                f"{self.validation_holdout_fraction}."
+            )
+        if self.keep_best_deployable and self.validation_holdout_fraction == 0:
+            raise ValueError(
+                "keep_best_deployable chooses among the stage ends on a held-out part of the training split: set "
+                "--validation_holdout_fraction too (e.g. 0.1); choosing on dev would report a figure selected on dev."
+            )
 
 
 @dataclass

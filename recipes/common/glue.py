@@ -286,6 +286,11 @@ AUGMENTATIONS = {
 PAIR_AUGMENTATIONS = ("swap", "cross")
 
 
+def task_augmentations(task: GlueTask) -> list[str]:
+    """Every augmentation kind `task` takes (`--distill_augment all`): the pair-only ones for sentence-pair tasks."""
+    return [kind for kind in AUGMENTATIONS if len(task.text_fields) == 2 or kind not in PAIR_AUGMENTATIONS]
+
+
 def augmentation_kinds(task: GlueTask, kinds: str | list[str] | None) -> list[str]:
     """The augmentation kinds named in `kinds` (comma-separated): known ones (AUGMENTATIONS), each named once, the
     pair-only ones for sentence-pair tasks alone. Raises `ValueError` otherwise."""

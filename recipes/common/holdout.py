@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 
-from had_hf.glue import GlueTask, normalized_text
+from .glue import GlueTask, normalized_text
 
 logger = logging.getLogger(__name__)
 

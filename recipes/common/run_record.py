@@ -2,8 +2,9 @@
 `had_hf.hub` renders the model card from) and the teacher-against-student table it prints.
 
 `results.json` holds the recipe's own part (task, main metric, teacher and student metrics, dataset) and the part
-every recipe writes alike (`run_record`): HADConfig, schedule, stage timeline and metrics per stage, log history,
-seed, steps, wall time, peak memory, world size, command, arguments and versions.
+every recipe writes alike (`run_record`): the evaluation split, held-out validation figures and stage end kept,
+HADConfig, schedule, stage timeline and metrics per stage (in the stage's forward and deployable), log history, seed,
+steps, wall time, peak memory, world size, command, arguments and versions.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import transformers
 from transformers import set_seed
 
 import had_hf
+from had_hf.hub import model_metrics
 from had_hf.launch import use_cpu_cores
 from had_hf.replicas import per_process, replica_weight_digests
+from had_hf.trainer import DEPLOYABLE_PREFIX
 
 from .run_paths import clear_earlier_run
 
@@ -42,23 +45,27 @@ def begin_run(script_args, training_args, logger: logging.Logger) -> float:
     return time.time()
 
 
-def strip_metrics(metrics: dict) -> dict:
-    """Evaluation metrics without the `eval_` prefix, timings, epoch and loss."""
-    drop = ("runtime", "samples_per_second", "steps_per_second", "epoch", "loss")
-    return {k.removeprefix("eval_"): v for k, v in metrics.items() if not k.removeprefix("eval_").startswith(drop)}
+def strip_metrics(metrics: dict, prefix: str = "eval") -> dict:
+    """The metrics named `{prefix}_*`, without the prefix, and without timings, the epoch and the loss."""
+    return model_metrics(metrics, f"{prefix}_")
 
 
 def metrics_per_stage(trainer, schedule) -> list[dict]:
-    """The evaluation at the end of each stage, named by the stage that ended."""
-    # a stage left out (0 steps) ends where the one before it ends: that step keeps the earlier stage's name
-    ends = {
-        entry["end_step"]: entry["stage"] for entry in schedule.timeline() if entry["end_step"] > entry["start_step"]
-    }
-    rows = []
+    """One row per stage end, named by the stage that ended: the evaluation during training in the stage's own
+    forward (`metrics`) and the deployable one, of the model as it would be saved (`deployable_metrics`, logged under
+    `had_hf.trainer.DEPLOYABLE_PREFIX`). Evaluations after training (under their splits' own prefixes) and a repeated
+    evaluation of a step are not stage ends: the first of each kind at a step counts."""
+    ends = schedule.stage_ends()
+    rows: dict[int, dict] = {}
     for entry in trainer.state.log_history:
-        if entry.get("step") in ends and any(k.startswith("eval_") for k in entry):
-            rows.append({"stage": ends[entry["step"]], "step": entry["step"], "metrics": strip_metrics(entry)})
-    return rows
+        step = entry.get("step")
+        if step not in ends:
+            continue
+        row = rows.setdefault(step, {"stage": ends[step], "step": step, "metrics": {}, "deployable_metrics": {}})
+        for key, prefix in (("metrics", "eval"), ("deployable_metrics", DEPLOYABLE_PREFIX)):
+            if not row[key] and any(k.startswith(f"{prefix}_") for k in entry):
+                row[key] = strip_metrics(entry, prefix)
+    return [row for _, row in sorted(rows.items()) if row["metrics"] or row["deployable_metrics"]]
 
 
 def peak_memory_mb() -> float:
@@ -76,6 +83,11 @@ def run_record(run, script_args, training_args, *, command: str, start_time: flo
     trainer = run.trainer
     schedule = trainer.schedule
     return {
+        # the split of every evaluation during the run and of any choice among stage ends; the held-out part of the
+        # training split where the recipe holds one out (`validation`), and the stage end kept (`model_selection`)
+        "evaluation_split": run.evaluation_split,
+        "validation": run.validation,
+        "model_selection": run.model_selection,
         "metrics_per_stage": metrics_per_stage(trainer, schedule),
         "had_config": run.had_config.to_dict(),
         "schedule": schedule.to_dict(),
@@ -111,7 +123,8 @@ def save_run(trainer, results: dict, title: str) -> None:
 
 
 def print_comparison(results: dict, title: str) -> None:
-    """Teacher against HAD student per metric (in percent), the main metric after each stage, time and memory."""
+    """Teacher against HAD student per metric (in percent); the main metric after each stage, in the stage's own
+    forward and deployable; the held-out split's figures and the stage end kept, where there are; time and memory."""
     teacher, student = results["teacher"]["metrics"], results["student"]["metrics"]
     names = [k for k in teacher if k in student and isinstance(teacher[k], (int, float))]
     print()
@@ -120,13 +133,21 @@ def print_comparison(results: dict, title: str) -> None:
     for name in names:
         t, s = 100 * teacher[name], 100 * student[name]
         print(f"{name:<24}{t:>10.2f}{s:>10.2f}{t - s:>10.2f}")
-    stages = results["metrics_per_stage"]
-    if stages:
-        main = results["main_metric"]
-        curve = ", ".join(
-            f"{row['stage']}@{row['step']}: {100 * row['metrics'].get(main, math.nan):.2f}" for row in stages
+    stages, main = results["metrics_per_stage"], results["main_metric"]
+    for key, what in (("metrics", "in the stage's own forward"), ("deployable_metrics", "deployable (as saved)")):
+        if any(row[key] for row in stages):
+            curve = ", ".join(
+                f"{row['stage']}@{row['step']}: {100 * row[key].get(main, math.nan):.2f}" for row in stages
+            )
+            print(f"{main} on {results['evaluation_split']} after each stage, {what}: {curve}")
+    validation = results["validation"]
+    if validation:
+        print(
+            f"{main} on the held-out validation split ({validation['examples']} examples): teacher "
+            f"{100 * validation['teacher_metrics'][main]:.2f}, HAD {100 * validation['student_metrics'][main]:.2f}"
         )
-        print(f"{main} after each stage: {curve}")
+    if results["model_selection"] and results["model_selection"]["restored"]:
+        print(f"kept the best deployable stage end: step {results['model_selection']['best_step']}")
     print(
         f"wall time {results['wall_time_s']} s, peak memory {results['peak_memory_mb']} MB; "
         f"outputs in {results['training_args']['output_dir']}"

@@ -58,15 +58,15 @@ def check_task_head(loading_info: dict, teacher_path: str, script_args, task: st
         )
 
 
-def finetune_teacher(teacher_trainer, script_args, task: str) -> tuple[int, dict]:
+def finetune_teacher(teacher_trainer, script_args, task: str, eval_dataset=None) -> tuple[int, dict]:
     """(fine-tuning steps, evaluation metrics) of the teacher: fine-tuned first when --finetune_teacher_epochs > 0
-    (and then saved to its output folder), evaluated either way."""
+    (and then saved to its output folder), evaluated either way, on `eval_dataset` (default: its Trainer's)."""
     steps = 0
     if script_args.finetune_teacher_epochs > 0:
         logger.info("Fine-tuning the teacher on %s for %s epochs.", task, script_args.finetune_teacher_epochs)
         teacher_trainer.train()
         steps = teacher_trainer.state.global_step
-    metrics = strip_metrics(teacher_trainer.evaluate())
+    metrics = strip_metrics(teacher_trainer.evaluate(eval_dataset))
     if script_args.finetune_teacher_epochs > 0:
         teacher_trainer.save_model()  # every process (FSDP gathers the shards); the main process writes
     return steps, metrics
