@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticCache, StaticLayer
 
 from .kernels import pack_signs
-from .kernels.packing import WORD_BITS, pack_sign_bits
+from .kernels.int32_words import WORD_BITS, pack_sign_bits
 
 __all__ = ["HADPackedCache", "HADPackedLayer", "HADStaticPackedCache", "HADStaticPackedLayer"]
 
