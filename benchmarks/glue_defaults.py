@@ -57,9 +57,11 @@ LEVERS = {
     "attn_w0.1": ["--attention_loss_weight", "0.1"],
     "refine_attn": ["--refinement_attention_loss_weight", "1.0"],  # the attention loss kept in stage 4
     "recalibrate": ["--recalibrate_sigma", "true"],  # sigma measured again on the student where the STE stage starts
-    "keep_best": ["--keep_best_deployable", "true"],  # the best deployable stage end on the held-out split
+    "last_stage_end": ["--keep_best_deployable", "false"],  # the last stage end kept, not the best held-out one
     "decay0.9998": ["--c_decay", "0.9998"],  # slower binarization: longer tanh and sign stages
-    "aug_all": ["--distill_augment", "all"],  # augmented copies of the inputs, every kind the task takes
+    "no_aug": ["--distill_augment", "none"],  # no augmented copies of the distillation inputs
+    # the recipe's defaults before this benchmark chose the present ones (results/glue_defaults.json)
+    "previous_defaults": ["--distill_augment", "none", "--keep_best_deployable", "false"],
     "no_dropout": ["--student_dropout", "0"],
     "steps12000": ["--max_steps", "12000"],
     "full_schedule": ["--max_steps", "-1"],  # the paper's 29,209 steps
@@ -67,8 +69,10 @@ LEVERS = {
 SMOKE = ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "64", "--calibration_batches",
          "2", "--per_device_train_batch_size", "8", "--teacher_batch_size", "16"]  # fmt: skip
 # the earlier rounds on one H200 (benchmarks/results/glue*.json: wall_time_s of MiniLM runs at 5,000 steps, all
-# running at once): 3 runs took ~250 s, 4 ~330 s, 11-12 ~600-690 s; 3 runs of 12,000 steps ~610 s
+# running at once): 3 runs took ~250 s, 4 ~330 s, 11-12 ~600-690 s, 16 ~1,240 s (the machine's 16 cores shared by
+# more processes than that: each run past the 12th costs CROWDED_RUN_S more); 3 runs of 12,000 steps ~610 s
 BASE_S, PER_RUN_S, SST2_TEACHER_S, STARTUP_S = 100.0, 45.0, 60.0, 40.0
+UNCROWDED_RUNS, CROWDED_RUN_S = 12, 90.0
 CALL_BUDGET_S = 480.0  # of a device call's 9 minutes (the rest: the machine's start, transfers, margin)
 
 
@@ -97,7 +101,8 @@ def estimate_seconds(runs: list[dict], gpus: int = 1) -> float:
     per_gpu = -(-len(runs) // max(gpus, 1))
     longest = max(run["steps"] for run in runs)
     teacher = SST2_TEACHER_S if any(run["task"] == "sst2" for run in runs) else 0.0
-    return STARTUP_S + teacher + (BASE_S + PER_RUN_S * per_gpu) * longest / 5000
+    crowded = CROWDED_RUN_S * max(0, per_gpu - UNCROWDED_RUNS)
+    return STARTUP_S + teacher + (BASE_S + PER_RUN_S * per_gpu + crowded) * longest / 5000
 
 
 def planned_runs(args) -> list[dict]:
@@ -268,6 +273,23 @@ def defaults_entry(results: dict) -> dict:
     return entry
 
 
+def relabeled(runs: dict, relabel: str | None) -> dict:
+    """`runs` with their variants renamed by `relabel` ("old=new,..."): runs made before the recipe's defaults
+    changed, named by what they are against the present defaults (each run keeps its command as run)."""
+    names = dict(pair.split("=", 1) for pair in relabel.split(",")) if relabel else {}
+    for old, new in names.items():
+        if new not in LEVERS and not all(part in LEVERS for part in new.split("+")):
+            raise SystemExit(f"--relabel {old}={new}: {new!r} is not a variant; the variants: {', '.join(LEVERS)}.")
+    renamed = {}
+    for entry in runs.values():
+        run_as = entry.get("run_as", entry["variant"])  # a run relabeled before keeps the name it ran under
+        variant = names.get(run_as, entry["variant"])
+        renamed[f"{entry['task']}_{variant}_seed{entry['seed']}"] = {
+            **entry, "variant": variant, **({"run_as": run_as} if variant != run_as else {})
+        }  # fmt: skip
+    return renamed
+
+
 def collect(args) -> dict:
     """Gathers every run's results.json under the --out folders, and the runs of the --merge files (collected by
     earlier calls), into one file in the layout of glue_clean.json: `table` (each task and variant: means over seeds,
@@ -283,6 +305,7 @@ def collect(args) -> dict:
             task, rest = path.parent.name.split("_", 1)
             variant, _, seed = rest.rpartition("_seed")
             runs[path.parent.name] = {"task": task, "variant": variant, **defaults_entry(json.loads(path.read_text()))}
+    runs = relabeled(runs, args.relabel)
     groups: dict[tuple[str, str], list[dict]] = {}
     for entry in runs.values():
         groups.setdefault((entry["task"], entry["variant"]), []).append(entry)
@@ -304,6 +327,8 @@ def collect(args) -> dict:
                 "teacher": mean(100 * m["validation"]["teacher_metrics"][metric] for m in held),
                 "had": mean(100 * m["validation"]["student_metrics"][metric] for m in held),
                 "final_minus_best_deployable": mean(m["final_minus_best_deployable"] for m in held),
+                # the last stage end's deployable model, whichever stage end the run kept
+                "last_stage_end": mean(m["stage_end_curve"][-1]["deployable"] for m in held),
             }
             row["validation"]["drop"] = row["validation"]["teacher"] - row["validation"]["had"]
         table.append(row)
@@ -440,6 +465,8 @@ def main() -> None:
     p = sub.add_parser("collect")
     p.add_argument("--out", nargs="*", default=[], help="the out folders of the parts")
     p.add_argument("--merge", nargs="*", default=[], help="files collected by earlier calls: their runs join")
+    p.add_argument("--relabel", default=None,
+                   help="old=new,...: rename variants of runs made before the recipe's defaults changed")  # fmt: skip
     p.add_argument("--json", default=None)
     p.add_argument("--gpu", default=None)
     p.add_argument("--note", default=NOTE)

@@ -209,6 +209,8 @@ def run(args) -> None:
         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
         "--dataloader_num_workers", str(args.dataloader_num_workers),
         "--learning_rate", str(args.learning_rate), "--refinement_learning_rate", str(args.refinement_learning_rate),
+        # the rounds' base recipe is the paper's, whatever the recipe's defaults: no copies, nothing held out
+        "--distill_augment", "none", "--validation_holdout_fraction", "0",
     ]  # fmt: skip
     if args.eval_steps:
         common += ["--eval_strategy", "steps", "--eval_steps", str(args.eval_steps)]

@@ -64,7 +64,11 @@ def _recipe():
 def test_keep_best_deployable_needs_the_held_out_split(tmp_path):
     recipe = _recipe()
     with pytest.raises(ValueError, match="validation_holdout_fraction"):
-        recipe.ScriptArguments(keep_best_deployable=True)
+        recipe.ScriptArguments(keep_best_deployable=True, validation_holdout_fraction=0.0)
+    # the recipe's defaults: a held-out tenth, its best deployable stage end kept; without a held-out split, the last
+    defaults = recipe.ScriptArguments()
+    assert defaults.validation_holdout_fraction == 0.1 and defaults.keep_best_deployable is True
+    assert recipe.ScriptArguments(validation_holdout_fraction=0.0).keep_best_deployable is False
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         recipe.ScriptArguments(validation_holdout_fraction=1.0)
     assert recipe.ScriptArguments(keep_best_deployable=True, validation_holdout_fraction=0.1).keep_best_deployable

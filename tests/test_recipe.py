@@ -360,7 +360,7 @@ def test_extra_distillation_tasks_and_student_dropout_reach_the_run(tmp_path):
     flags = ["--task_name", "stsb", "--glue_dir", str(GLUE_DIR), "--max_train_samples", "24", "--max_eval_samples",
              "16", "--finetune_teacher_epochs", "0.5", "--max_steps", "6", "--calibration_batches", "1",
              "--distill_extra_tasks", "mrpc,rte", "--distill_augment", "swap,cross", "--student_dropout", "0",
-             "--report_to", "none",
+             "--validation_holdout_fraction", "0", "--report_to", "none",
              "--disable_tqdm", "true", "--output_dir", str(out)]  # fmt: skip
     result = _run([sys.executable, "recipes/distill_glue.py", *flags], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

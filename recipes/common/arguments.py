@@ -90,10 +90,11 @@ class HoldoutArguments(DistillationArguments):
             "the evaluation split (dev) is evaluated at the end only. 0: none."
         },
     )
-    keep_best_deployable: bool = field(
-        default=False,
+    keep_best_deployable: bool | None = field(
+        default=None,
         metadata={
-            "help": "Save the stage end whose deployable model is best on the held-out split, not the last one."
+            "help": "Save the stage end whose deployable model is best on the held-out split, not the last one. "
+            "Default: on when a held-out split is set (--validation_holdout_fraction > 0)."
         },
     )
 
@@ -104,7 +105,9 @@ class HoldoutArguments(DistillationArguments):
                 f"validation_holdout_fraction must be in [0, 1) (0: no held-out part), got "
                 f"{self.validation_holdout_fraction}."
             )
-        if self.keep_best_deployable and self.validation_holdout_fraction == 0:
+        if self.keep_best_deployable is None:
+            self.keep_best_deployable = self.validation_holdout_fraction > 0
+        elif self.keep_best_deployable and self.validation_holdout_fraction == 0:
             raise ValueError(
                 "keep_best_deployable chooses among the stage ends on a held-out part of the training split: set "
                 "--validation_holdout_fraction too (e.g. 0.1); choosing on dev would report a figure selected on dev."

@@ -260,3 +260,27 @@ def test_card_names_extra_distillation_inputs(output_dir, results, card, tmp_pat
         "(29,972 examples), unlabeled (the teacher's outputs are the targets)"
     )
     assert f"| Extra distillation inputs | {expected} |" in text
+
+
+def test_the_card_names_the_held_out_split_and_the_stage_end_kept(tmp_path, output_dir, card):
+    assert "Model selection" not in str(card)  # a run that held nothing out: no row
+    folder = tmp_path / "selected"
+    folder.mkdir()
+    for path in output_dir.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    results = json.loads((folder / "results.json").read_text())
+    results["validation"] = {"examples": 400, "fraction": 0.1}
+    results["model_selection"] = {"metric": "deployable_accuracy", "best": 0.84, "best_step": 76, "restored": True}
+    (folder / "results.json").write_text(json.dumps(results))
+
+    text = str(hub.render_model_card(folder, REPO_ID))
+    row = next(line for line in text.splitlines() if line.startswith("| Model selection |"))
+    assert "10% of the training split (400 examples)" in row and "step 76" in row
+    assert "`--keep_best_deployable`" in row and "an earlier stage end than the last" in row
+    assert "at the end of each distillation stage, on the held-out part of the training split" in text
+
+    results["model_selection"] = None
+    (folder / "results.json").write_text(json.dumps(results))
+    text = str(hub.render_model_card(folder, REPO_ID))
+    assert "the last stage end is the model" in text and "keep_best_deployable" not in text

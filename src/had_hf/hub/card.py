@@ -24,6 +24,7 @@ from ..plotting import TRAINING_CURVES_FILENAME, has_training_curves, plot_train
 from .card_rows import (
     distill_extra_text,
     format_duration,
+    model_selection_text,
     number,
     ordered_metrics,
     results_rows,
@@ -220,6 +221,7 @@ def _card_context(
         "main_metric": results["main_metric"],
         "results_rows": results_rows(results),
         "stage_rows": stage_rows(results),
+        "model_selection": model_selection_text(results),
         "had_config": had_config,
         "top_n_text": top_n_text(had_config),
         "attn_implementation": ATTN_IMPLEMENTATION,

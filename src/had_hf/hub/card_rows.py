@@ -79,6 +79,26 @@ def stage_rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
     ]
 
 
+def model_selection_text(results: Mapping[str, Any]) -> str | None:
+    """The held-out part of the training split the run evaluated its stage ends on, and the stage end it kept (the
+    best deployable one with `--keep_best_deployable`, else the last); None for a run that held nothing out."""
+    validation = results.get("validation")
+    if not validation:
+        return None
+    text = (
+        f"{number(validation.get('fraction')) or 0:.0%} of the training split ({validation.get('examples', '?')} "
+        "examples) held out for every evaluation during the run, the stage ends' included"
+    )
+    selection = results.get("model_selection")
+    if not selection:
+        return text + "; the last stage end is the model"
+    which = "an earlier stage end than the last" if selection.get("restored") else "the last stage end"
+    return (
+        f"{text}; the model is the stage end whose deployable {selection.get('metric', '?')} is best there "
+        f"(`--keep_best_deployable`): step {selection.get('best_step', '?')}, {which}"
+    )
+
+
 def sigma_rows(had_config: HADConfig) -> list[dict[str, str]]:
     sigma_q, sigma_k = had_config.sigma_q or {}, had_config.sigma_k or {}
     layers = sorted(set(sigma_q) | set(sigma_k), key=_natural_key)
