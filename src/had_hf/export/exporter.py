@@ -5,7 +5,8 @@ OUTPUT_DIR receives
 - `model.safetensors`, `config.json` (with its HADConfig) and the tokenizer or processor: `from_pretrained`-loadable;
 - `model.onnx`: the HAD model in standard ONNX operations, checked in ONNX Runtime against PyTorch;
 - `golden/`: bit-packed binary queries and keys, kept indices, weights, values and outputs of sample inputs;
-- `cam_report.json`, `cam_report.md`, `cam_report.png`: the CAM cost estimate against BF16 attention;
+- `cam_report.json`, `cam_report.md`, `cam_report.png`: the CAM cost estimate against BF16 attention (for a
+  decoder-only model also per generated token at several context lengths);
 - `had_export.json`: what was exported, with which versions, and the validation figures.
 
 Everything is written into a hidden sibling folder that is renamed to OUTPUT_DIR only once every step has succeeded,
@@ -20,6 +21,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,6 +33,7 @@ from transformers import PreTrainedModel
 from had_hf_cli import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_SAMPLES  # the command line's defaults are the API's
 
 from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients
+from .cam_generation import DEFAULT_GENERATION_LENGTHS, check_generation_lengths, generation_costs
 from .cam_report import write_cam_report
 from .errors import HADExportError
 from .export_config import HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
@@ -93,8 +96,18 @@ class ExportResult:
                 f"  cam_report.*: n = {point['context_length']}, N = {point['top_n']}: HAD-CAM uses "
                 f"{reduction['area_mm2']:.1f}% less area and {reduction['energy_per_token_nj']:.1f}% less energy "
                 "per token than BF16 attention",
+                *self._generation_summary(),
             ]
         )
+
+    def _generation_summary(self) -> list[str]:
+        rows = self.cam_report.get("per_generated_token")
+        if not rows:
+            return []
+        ratios = ", ".join(
+            f"{row['ratio_had_over_bf16']['energy_per_token_nj']:.3f} at n = {row['context_length']}" for row in rows
+        )
+        return [f"    per generated token (decoder), HAD / BF16 energy: {ratios}"]
 
 
 def export_had(
@@ -104,6 +117,7 @@ def export_had(
     samples: int = DEFAULT_SAMPLES,
     context_length: int | None = None,
     top_n: int | None = None,
+    generation_lengths: Sequence[int] | None = None,
     coefficients: str | os.PathLike | CAMCoefficients | None = None,
     overwrite: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -125,6 +139,9 @@ def export_had(
             or the image patches + 1 of a vision model).
         top_n (`int`, *optional*): N for the exported model, golden data and report, replacing the model's HADConfig
             rule in the export (the model passed in keeps its own). Defaults to the model's HADConfig.
+        generation_lengths (`Sequence[int]`, *optional*): for a decoder-only model (a text-generation task), the
+            context lengths n of the report's cost per generated token (one new query per head against n cached
+            keys in every layer). Defaults to 1024, 2048, 4096 and 8192 for such models; refused for others.
         coefficients (`str`, `os.PathLike` or `CAMCoefficients`, *optional*): CAM cost coefficients; defaults to
             the packaged ones.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir` (only after the new
@@ -144,6 +161,11 @@ def export_had(
     """
     _check_export_extra()
     _check_arguments(samples, context_length, top_n, opset, atol)
+    if generation_lengths is not None:
+        try:
+            generation_lengths = check_generation_lengths(generation_lengths)
+        except ValueError as error:
+            raise HADExportError(str(error)) from error
     if not isinstance(coefficients, CAMCoefficients):
         coefficients = load_coefficients(coefficients)  # fail on a bad file before any heavy work
     output_dir = Path(output_dir).absolute()
@@ -152,6 +174,7 @@ def export_had(
 
     model, processor, source = load_source_model(model_or_path, processor)
     had_config = check_had_model(model)
+    generation_lengths = _generation_lengths(model, generation_lengths)
     model = as_float32_cpu(model)
     was_training = model.training
 
@@ -165,8 +188,9 @@ def export_had(
             inputs = make_sample_inputs(model, samples, sample_length(model, context_length), seed)
             check_every_layer_calibrated(model, had_config, {name: tensor[:1] for name, tensor in inputs.items()})
             manifest, report = _write_bundle(
-                model, processor, had_config, staging, inputs, context_length, coefficients, opset, atol, seed
-            )
+                model, processor, had_config, staging, inputs, context_length, generation_lengths, coefficients, opset,
+                atol, seed,
+            )  # fmt: skip
             manifest["source"] = source
             (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, output_dir, overwrite)
@@ -180,7 +204,9 @@ def export_had(
     return ExportResult(output_dir=output_dir, files=files, manifest=manifest, cam_report=report)
 
 
-def _write_bundle(model, processor, had_config, staging, inputs, context_length, coefficients, opset, atol, seed):
+def _write_bundle(
+    model, processor, had_config, staging, inputs, context_length, generation_lengths, coefficients, opset, atol, seed
+):
     """Every file of the bundle, written into `staging`; returns the export manifest and the CAM report."""
     samples = next(iter(inputs.values())).shape[0]
     model.save_pretrained(staging)
@@ -209,6 +235,10 @@ def _write_bundle(model, processor, had_config, staging, inputs, context_length,
     rule = {"top_n": had_config.top_n} if had_config.top_n is not None else {"top_n_ratio": had_config.top_n_ratio}
     geometry = AttentionGeometry.from_config(model.config)
     report = cam_cost_report(geometry, report_length, coefficients=coefficients, **rule)
+    if generation_lengths is not None:
+        report["per_generated_token"] = generation_costs(
+            geometry, generation_lengths, coefficients=coefficients, **rule
+        )
     write_cam_report(report, staging)
 
     manifest = {
@@ -226,6 +256,7 @@ def _write_bundle(model, processor, had_config, staging, inputs, context_length,
             "top_n": report["operating_point"]["top_n"],
             "coefficients_file": report["coefficients_file"],
             "reduction_percent_model_total": report["model_total"]["reduction_percent"]["total"],
+            "generation_lengths": generation_lengths,
         },
     }
     return manifest, report
@@ -311,6 +342,19 @@ def _check_arguments(samples, context_length, top_n, opset, atol) -> None:
         raise HADExportError(f"opset must be an integer >= {MIN_OPSET} (CumSum, TopK with a K input), got {opset!r}.")
     if not isinstance(atol, (int, float)) or not atol > 0:
         raise HADExportError(f"atol must be a number > 0, got {atol!r}.")
+
+
+def _generation_lengths(model: PreTrainedModel, generation_lengths: list[int] | None) -> list[int] | None:
+    """The context lengths of the per-generated-token costs: the given or default ones for a decoder-only model."""
+    task = HADExportConfig.from_model(model).task
+    if task.startswith("text-generation"):
+        return generation_lengths if generation_lengths is not None else list(DEFAULT_GENERATION_LENGTHS)
+    if generation_lengths is not None:
+        raise HADExportError(
+            f"generation_lengths (--generation-lengths) applies to decoder-only models (a text-generation task); "
+            f"{type(model).__name__} has the task {task!r}."
+        )
+    return None
 
 
 def _is_local_path(model_or_path: Any) -> bool:
