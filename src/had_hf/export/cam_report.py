@@ -60,7 +60,7 @@ def _cost_tables(section: Mapping[str, Any]) -> list[str]:
     return values + [""] + ratios
 
 
-def _generation_table(report: Mapping[str, Any]) -> list[str]:
+def render_generation_table(report: Mapping[str, Any]) -> list[str]:
     """The section of a decoder's cost per generated token: one row per context length, both designs and HAD / BF16."""
     rows, model = report.get("per_generated_token"), report["model"]
     if not rows:
@@ -111,7 +111,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{_format(reduction['power_w'], 2)}% less power and {_format(reduction['energy_per_token_nj'], 2)}% less energy "
         "per token than BF16 attention.**",
         "",
-        *_generation_table(report),
+        *render_generation_table(report),
         "## Per layer",
         "",
         *_cost_tables(per_layer),
