@@ -2,6 +2,7 @@
 with causal validity, and the CAM report's cost per generated token at several context lengths."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -182,9 +183,11 @@ def test_cam_report_gives_the_cost_per_generated_token_at_1k_to_8k(exported):
     assert "per generated token (decoder)" in result.summary()
 
 
-def test_chosen_generation_lengths(tmp_path):
-    result = export_had(had_llama(), tmp_path / "out", context_length=8, generation_lengths=[300, 100, 300])
+def test_chosen_generation_lengths(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="had_hf.export.exporter"):
+        result = export_had(had_llama(), tmp_path / "out", context_length=8, generation_lengths=[300, 100, 300])
     assert [row["context_length"] for row in result.cam_report["per_generated_token"]] == [100, 300]
+    assert "up to n = 300, beyond the model's 128 positions" in caplog.text
     assert result.cam_report["per_generated_token"][0]["had"]["energy_per_token_nj"] == pytest.approx(
         _hand_costs(100)["had"]["energy_per_token_nj"], rel=1e-12
     )

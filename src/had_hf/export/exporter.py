@@ -348,7 +348,16 @@ def _generation_lengths(model: PreTrainedModel, generation_lengths: list[int] | 
     """The context lengths of the per-generated-token costs: the given or default ones for a decoder-only model."""
     task = HADExportConfig.from_model(model).task
     if task.startswith("text-generation"):
-        return generation_lengths if generation_lengths is not None else list(DEFAULT_GENERATION_LENGTHS)
+        lengths = generation_lengths if generation_lengths is not None else list(DEFAULT_GENERATION_LENGTHS)
+        maximum = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if maximum and lengths[-1] > maximum:
+            logger.warning(
+                "Per-generated-token costs up to n = %d, beyond the model's %d positions: those rows extrapolate its "
+                "attention geometry.",
+                lengths[-1],
+                maximum,
+            )
+        return lengths
     if generation_lengths is not None:
         raise HADExportError(
             f"generation_lengths (--generation-lengths) applies to decoder-only models (a text-generation task); "
