@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .cam import AttentionGeometry, _layer_costs, _times, kept_keys
+from .cam import AttentionGeometry, _layer_costs, _ratios, _times, kept_keys
 from .cam_coefficients import DESIGNS, CAMCoefficients, load_coefficients
 
 DEFAULT_GENERATION_LENGTHS = (1024, 2048, 4096, 8192)
@@ -58,16 +58,14 @@ def generation_costs(
         totals = {design: dict(model[design]["total"]) for design in DESIGNS}
         for design in DESIGNS:
             totals[design]["latency_us"] = totals[design]["latency_cycles"] / coefficients["clock_mhz"]
+        ratio = _ratios(model)[0]["total"]
         key_bits = n * geometry.key_width * geometry.num_layers
         rows.append(
             {
                 "context_length": n,
                 "top_n": kept,
                 **totals,
-                "ratio_had_over_bf16": {
-                    metric: totals["had"][metric] / totals["bf16"][metric] if totals["bf16"][metric] > 0 else None
-                    for metric in totals["bf16"]
-                },
+                "ratio_had_over_bf16": {**ratio, "latency_us": ratio["latency_cycles"]},
                 "cam_key_bits": key_bits,
                 "bf16_key_bits": key_bits * int(coefficients["bf16.bits_per_element"]),
             }
