@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = generation_costs(geometry, lengths, coefficients=coefficients, **top_n_rule)
     report = {
         "benchmark": "CAM cost model per generated token (decoder), from the model config alone",
-        "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"device": platform.processor() or "cpu", "cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {
+            "device": platform.processor() or "cpu", "cpu_count": os.cpu_count(), "platform": platform.platform()
+        },
         "versions": {
             "had_hf": had_hf.__version__,
             "transformers": transformers.__version__,

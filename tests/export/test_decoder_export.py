@@ -23,7 +23,7 @@ HEAD_DIM = 32
 
 
 def had_llama():
-    """A tiny Llama (2 layers, 4 query heads sharing 2 key/value heads, head_dim 32: the packed cache's word) as HAD."""
+    """A tiny Llama as HAD: 2 layers, 4 query heads sharing 2 key/value heads, head_dim 32 (the packed cache word)."""
     import transformers
 
     torch.manual_seed(0)
@@ -232,3 +232,18 @@ def test_cli_generation_lengths(exported, tmp_path):
                        "--generation-lengths", flag)  # fmt: skip
         assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr
         assert not (tmp_path / "no").exists()
+
+
+def test_deeper_models_are_validated_on_proportionally_fewer_tokens(exported):
+    """A sign flip of a near-zero query or key element between runtimes cascades through the later layers, so the
+    enforced ONNX check keeps the layers x tokens of a draw near BERT-base's (12 layers x 64 tokens)."""
+    from transformers import BertConfig, LlamaConfig
+
+    from had_hf.export.exporter import validation_length
+
+    smollm2 = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+    assert validation_length(smollm2, 512) == 64 * 12 // 30 == 25
+    assert validation_length(BertConfig(num_hidden_layers=12), 512) == 64
+    assert validation_length(BertConfig(num_hidden_layers=2), 16) == 16
+    assert validation_length(LlamaConfig(num_hidden_layers=400), 512) == 4  # never below the shortest sample
+    assert exported[3].manifest["onnx"]["validation"]["length"] == 16  # the tiny model: its whole sample length

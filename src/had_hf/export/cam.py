@@ -262,10 +262,10 @@ def _assumptions(coefficients: CAMCoefficients) -> list[str]:
         f"HAD A.V scales as BF16 A.V times the kept fraction (N / n_keys) / ({top0} / {n0}): only N rows of V are read.",
         "The softmax cost follows n_keys in both designs (as the paper's natural scaling states), although HAD "
         "normalizes only N entries; this overstates HAD's softmax.",
-        "Grouped-query attention: the CAM stores each key/value head's keys once (HAD Q.K^T area and CAM bits follow "
-        "n_keys x key/value heads x head_dim); the query heads of a group search it one after another (HAD Q.K^T power "
-        "and energy follow the query heads, its latency has one search per query head of the group). BF16 Q.K^T and "
-        "A.V compute per query head.",
+        "Grouped-query attention: the CAM stores each key/value head's keys once (HAD Q.K^T area and CAM bits "
+        "follow n_keys x key/value heads x head_dim); the query heads of a group search it one after another (HAD "
+        "Q.K^T power and energy follow the query heads, its latency has one search per query head of the group). "
+        "BF16 Q.K^T and A.V compute per query head.",
         "Energy per token = power x initiation interval / clock: both designs are pipelined and accept one query "
         f"vector per {coefficients['initiation_interval_cycles']:g} cycle(s) at {coefficients['clock_mhz']:g} MHz "
         "(the CAM's single-cycle search rate). Energy ratios therefore equal power ratios.",

@@ -36,7 +36,7 @@ from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coeff
 from .cam_generation import DEFAULT_GENERATION_LENGTHS, check_generation_lengths, generation_costs
 from .cam_report import write_cam_report
 from .errors import HADExportError
-from .export_config import HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
+from .export_config import MIN_SAMPLE_LENGTH, HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
 from .golden import GOLDEN_DIRNAME, collect_golden, write_golden
 from .onnx import (
     ONNX_FILENAME,
@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 EXPORT_MANIFEST = "had_export.json"
 EXPORT_FORMAT = "had_hf.export"
 MIN_OPSET = 11  # CumSum and TopK with a K input
-VALIDATION_LENGTH = 64  # tokens of the enforced ONNX check (see `_validate_onnx`)
+VALIDATION_LENGTH = 64  # tokens of the enforced ONNX check for models of up to VALIDATION_DEPTH attention layers
+VALIDATION_DEPTH = 12  # (BERT-base); deeper models are checked on proportionally fewer tokens (`validation_length`)
 VALIDATION_DRAWS = 5
 
 
@@ -268,18 +269,17 @@ def _validate_onnx(info, model, inputs, atol: float, seed: int) -> dict[str, Any
     Binarization makes the model discontinuous: a query or key element within float32 rounding distance of zero can
     take another sign in ONNX Runtime than in PyTorch (their matrix products round differently), change a top-N
     selection and cascade through the later layers. At BERT-base size this happens about once per few hundred
-    tokens. So the check that must pass runs on short inputs (at most 64 tokens, another batch size and length for
-    the second set), and on failure on new random draws: a sign flip does not repeat, a conversion error does. The
-    full-length samples are compared and reported, with a warning above `atol`, not a failure.
+    tokens, and the odds grow with the number of layers a flip can happen in. So the check that must pass runs on
+    short inputs (`validation_length`: at most 64 tokens for 12 layers, fewer for deeper models; another batch size
+    and length for the second set), and on failure on new random draws: a sign flip does not repeat, a conversion
+    error does. The full-length samples are compared and reported, with a warning above `atol`, not a failure.
     """
     comparison = OnnxComparison(info, model)
     samples = next(iter(inputs.values())).shape[0]
-    length = inputs["input_ids"].shape[1] if "input_ids" in inputs else None
+    length = validation_length(model.config, inputs["input_ids"].shape[1]) if "input_ids" in inputs else None
     failures = []
     for draw in range(VALIDATION_DRAWS):
-        short = make_sample_inputs(
-            model, samples, None if length is None else min(length, VALIDATION_LENGTH), seed + 1000 * (draw + 1)
-        )
+        short = make_sample_inputs(model, samples, length, seed + 1000 * (draw + 1))
         sets = {"sample": short, "probe": make_probe_inputs(model, short, seed + 1000 * (draw + 1) + 1)}
         try:
             validate_onnx(info, model, sets, atol, comparison)
@@ -307,13 +307,23 @@ def _validate_onnx(info, model, inputs, atol: float, seed: int) -> dict[str, Any
         )
     return {
         "draws": len(failures) + 1,
+        "length": length,
         "full_length_samples_max_abs_diff": full_length,
         "notes": (
-            "max_abs_diff is enforced on short fresh inputs (up to 64 tokens), retried on new draws because a sign "
+            "max_abs_diff is enforced on short fresh inputs (`length` tokens), retried on new draws because a sign "
             "flip of a near-zero query/key element between runtimes changes top-N selections and does not repeat; "
             "full_length_samples_max_abs_diff is measured on the golden samples and only reported."
         ),
     }
+
+
+def validation_length(config: Any, length: int) -> int:
+    """Tokens of the enforced ONNX check of a model with `config`: `length` capped at 64 for up to 12 attention
+    layers, and at 64 x 12 / layers for deeper models (25 for a 30-layer LLM), so that a draw holds about as many
+    query and key elements that a rounding difference can flip as at BERT-base size; at least 4."""
+    layers = AttentionGeometry.from_config(config).num_layers
+    cap = VALIDATION_LENGTH * VALIDATION_DEPTH // max(layers, VALIDATION_DEPTH)
+    return min(length, max(cap, MIN_SAMPLE_LENGTH))
 
 
 # ------------------------------------------------------------------------------------------------ checks
