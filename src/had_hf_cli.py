@@ -124,6 +124,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="keys kept per query in the exported model, golden data and report (default: the model's HADConfig)",
     )
     optional.add_argument(
+        "--generation-lengths",
+        type=_integer_list,
+        default=None,
+        metavar="n,n,...",
+        help="decoder-only models: context lengths of the CAM report's cost per generated token, comma-separated "
+        "(default: 1024,2048,4096,8192)",
+    )
+    optional.add_argument(
         "--coefficients",
         type=Path,
         default=None,
@@ -145,6 +153,16 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_ATOL,
         help=f"largest absolute difference allowed between ONNX Runtime and PyTorch outputs (default: {DEFAULT_ATOL})",
     )
+
+
+def _integer_list(text: str) -> list[int]:
+    """Comma-separated integers (the exporter checks their range and says what is allowed)."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1024,2048, got {text!r}"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -325,3 +325,27 @@ def test_multi_gpu_benchmark_glue_flags_parse_for_both_runs():
     assert script_one.teacher_batch_size == 2 * script_two.teacher_batch_size == 32
     assert training_one.max_steps == training_two.max_steps == 1000 and script_one.task_name == "mrpc"
     assert script_one.model_name_or_path == script_two.model_name_or_path == "teacher"
+
+
+def test_cam_decoder_benchmark_from_a_config_alone(tmp_path):
+    """`benchmarks/cam_decoder.py --config`: SmolLM2's geometry from a config.json (no weights) gives the cost model's
+    per-token rows at the chosen lengths, with the machine, versions and command."""
+    from transformers import LlamaConfig
+
+    from had_hf.export.cam import AttentionGeometry
+    from had_hf.export.cam_generation import generation_costs
+
+    config = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+    config.save_pretrained(tmp_path / "smollm2-shape")
+    out = tmp_path / "cam_decoder.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    command = [sys.executable, "benchmarks/cam_decoder.py", "--config", str(tmp_path / "smollm2-shape" / "config.json"),
+               "--lengths", "1024,8192", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["versions"]["transformers"] and report["machine"]["cpu_count"] and "--lengths" in report["command"]
+    assert (report["model"]["num_heads"], report["model"]["num_kv_heads"], report["model"]["head_dim"]) == (9, 3, 64)
+    expected = generation_costs(AttentionGeometry.from_config(config), [1024, 8192], top_n_ratio=0.117)
+    assert report["per_generated_token"] == json.loads(json.dumps(expected))
+    assert "| 8,192 | 959 |" in result.stdout

@@ -126,6 +126,48 @@ def test_ratio_rule_and_grouped_query_attention():
         cam_cost_report(geometry, 0, top_n=3)
 
 
+def test_grouped_query_attention_stores_keys_per_kv_head_and_searches_per_query_head():
+    grouped = AttentionGeometry(num_layers=1, num_heads=9, head_dim=64, num_kv_heads=3)
+    full = AttentionGeometry(num_layers=1, num_heads=9, head_dim=64)
+    n, kept = 2048, 240
+    grouped_layer = cam_cost_report(grouped, n, top_n=kept)["per_layer"]
+    full_layer = cam_cost_report(full, n, top_n=kept)["per_layer"]
+    # the CAM holds n x 3 x 64 key bits and is searched by 9 query heads
+    assert grouped_layer["had"]["qk"]["area_mm2"] == pytest.approx(1.108 * n * 3 * 64 / (256 * 1024), rel=1e-12)
+    assert grouped_layer["had"]["qk"]["power_w"] == pytest.approx(0.127 * n * 9 * 64 / (256 * 1024), rel=1e-12)
+    assert grouped_layer["had"]["qk"]["area_mm2"] == pytest.approx(full_layer["had"]["qk"]["area_mm2"] / 3)
+    assert grouped_layer["had"]["qk"]["latency_cycles"] == 3 * 1 + 2  # three searches of one CAM, one ADC
+    for design, component in (("bf16", "qk"), ("bf16", "av"), ("had", "av"), ("had", "topn"), ("had", "softmax")):
+        for metric in ("area_mm2", "power_w"):  # everything else computes per query head, as without GQA
+            assert grouped_layer[design][component][metric] == full_layer[design][component][metric]
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        AttentionGeometry(num_layers=1, num_heads=9, head_dim=64, num_kv_heads=2)
+
+
+def test_generation_costs_of_smollm2s_geometry_from_its_config_alone():
+    from transformers import LlamaConfig
+
+    from had_hf.export.cam_generation import DEFAULT_GENERATION_LENGTHS, check_generation_lengths, generation_costs
+
+    config = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+    geometry = AttentionGeometry.from_config(config)
+    assert (geometry.num_layers, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim) == (30, 9, 3, 64)
+    rows = generation_costs(geometry, top_n_ratio=0.117)
+    assert [row["context_length"] for row in rows] == list(DEFAULT_GENERATION_LENGTHS) == [1024, 2048, 4096, 8192]
+    for row in rows:  # each row is the whole model's cost model at (n, N)
+        n = row["context_length"]
+        assert row["top_n"] == math.ceil(0.117 * n)
+        model = cam_cost_report(geometry, n, top_n_ratio=0.117)["model_total"]
+        for design in ("bf16", "had"):
+            for metric in ("area_mm2", "power_w", "energy_per_token_nj", "latency_cycles"):
+                assert row[design][metric] == pytest.approx(model[design]["total"][metric], rel=1e-12)
+        assert row["cam_key_bits"] == n * 3 * 64 * 30
+    assert check_generation_lengths((4096, 1024, 1024)) == [1024, 4096]
+    for bad in ([], [0], [1024, -1], [True], [1.5], "1024", 1024, None):
+        with pytest.raises(ValueError, match="generation_lengths must be"):
+            check_generation_lengths(bad)
+
+
 def test_geometry_from_transformers_configs():
     from transformers import BertConfig, LlamaConfig, T5Config
 

@@ -5,7 +5,7 @@
     export_had("path/to/had-model", "had-export")   # or: had-hf export --model path/to/had-model had-export
     golden = load_golden("had-export")
 
-The modules, one idea each: `uint64_words` (the uint64 sign-bit layout), `cam` (the CAM cost model), `cam_coefficients` (its coefficient files), `cam_report` (the report files),
+The modules, one idea each: `uint64_words` (the uint64 sign-bit layout), `cam` (the CAM cost model), `cam_coefficients` (its coefficient files), `cam_generation` (a decoder's cost per generated token at several context lengths), `cam_report` (the report files),
 `golden` (golden vectors), `onnx` (the traceable attention and ONNX Runtime validation), `export_config` (the optimum exporter configuration and sample inputs), `exporter` (the bundle) and
 `command` (the `had-hf export` subcommand). onnx, onnxruntime and matplotlib (the `export` extra) are imported only
 where they are used.
@@ -18,6 +18,7 @@ from .cam import (
     cam_cost_report,
     load_coefficients,
 )
+from .cam_generation import DEFAULT_GENERATION_LENGTHS, generation_costs
 from .cam_report import write_cam_report
 from .exporter import ExportResult, HADExportError, export_had
 from .golden import GoldenData, GoldenLayer, load_golden
@@ -25,6 +26,7 @@ from .onnx import OnnxValidationError
 from .uint64_words import binary_scores, hamming_distance, pack_signs, unpack_signs
 
 __all__ = [
+    "DEFAULT_GENERATION_LENGTHS",
     "AttentionGeometry",
     "CAMCoefficients",
     "CoefficientError",
@@ -36,6 +38,7 @@ __all__ = [
     "binary_scores",
     "cam_cost_report",
     "export_had",
+    "generation_costs",
     "hamming_distance",
     "load_coefficients",
     "load_golden",

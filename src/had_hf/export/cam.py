@@ -61,6 +61,11 @@ class AttentionGeometry:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AttentionGeometry.{name} must be a positive integer, got {value!r}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"AttentionGeometry.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}): each key/value head serves an equal group of query heads."
+            )
 
     @property
     def query_width(self) -> int:
@@ -71,6 +76,11 @@ class AttentionGeometry:
     def key_width(self) -> int:
         """Dimensions a token's key stores per layer (key/value heads times head dim)."""
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one key/value head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
 
     @classmethod
     def from_config(cls, config: Any) -> AttentionGeometry:
@@ -130,19 +140,25 @@ def _ceil_log2(x: int) -> int:
 
 
 def scale_factors(geometry: AttentionGeometry, n_keys: int, kept: int, coefficients: CAMCoefficients) -> dict:
-    """The factor by which each component's area and power at the paper's reference point is multiplied.
+    """The factors by which each component's area and power at the paper's reference point are multiplied.
 
     The reference point is one query (one head) of width `reference.width` against `reference.n_keys` keys keeping
     `reference.top_n`. A layer runs one query per head: Q.K^T and BF16 A.V scale with n_keys x (heads x head_dim);
     top-N and softmax with n_keys per head (top-N also with log2 N, the depth of a sorter); HAD A.V additionally
-    with the kept fraction N / n_keys relative to the paper's.
+    with the kept fraction N / n_keys relative to the paper's. The HAD Q.K^T is a CAM that stores the keys and
+    computes with them: its area follows the keys it holds, n_keys x (key/value heads x head_dim), while its power
+    (one search per query head) follows the query heads; without grouped-query attention the two are equal.
+
+    Returns:
+        `dict`: `{"area" | "power": {"bf16" | "had": {component: factor}}}`.
     """
     n0, w0, top0 = coefficients["reference.n_keys"], coefficients["reference.width"], coefficients["reference.top_n"]
     keys_times_width = n_keys * geometry.query_width / (n0 * w0)
+    stored_keys_times_width = n_keys * geometry.key_width / (n0 * w0)
     per_head_keys = geometry.num_heads * n_keys / n0
     kept_fraction_ratio = (kept / n_keys) / (top0 / n0)
     sorter_depth_ratio = math.log2(max(kept, 2)) / math.log2(max(top0, 2))
-    return {
+    power = {
         "bf16": {"qk": keys_times_width, "topn": per_head_keys, "softmax": per_head_keys, "av": keys_times_width},
         "had": {
             "qk": keys_times_width,
@@ -151,6 +167,9 @@ def scale_factors(geometry: AttentionGeometry, n_keys: int, kept: int, coefficie
             "av": keys_times_width * kept_fraction_ratio,
         },
     }
+    area = {design: dict(factors) for design, factors in power.items()}
+    area["had"]["qk"] = stored_keys_times_width
+    return {"area": area, "power": power}
 
 
 def latency_cycles(geometry: AttentionGeometry, n_keys: int, kept: int, coefficients: CAMCoefficients) -> dict:
@@ -158,7 +177,8 @@ def latency_cycles(geometry: AttentionGeometry, n_keys: int, kept: int, coeffici
 
     Built from CAMformer's module delays: a dot product of length L is one BF16 multiply followed by an adder tree of
     ceil(log2 L) levels, each a MAC delay; the CAM returns every key's Hamming distance in one search plus an ADC
-    conversion; the top-N is a tree of halving stages (CAMformer's 64->32 unit) from n_keys down to N; the softmax is
+    conversion (with grouped-query attention the query heads of a group search their shared CAM one after another);
+    the top-N is a tree of halving stages (CAMformer's 64->32 unit) from n_keys down to N; the softmax is
     scaler, exponent LUT, an accumulator tree over the entries it normalizes, and a divider.
     """
     c = coefficients
@@ -173,7 +193,7 @@ def latency_cycles(geometry: AttentionGeometry, n_keys: int, kept: int, coeffici
             "av": mac * (1 + _ceil_log2(n_keys)),
         },
         "had": {
-            "qk": c["cycles.cam_search"] + c["cycles.adc"],
+            "qk": c["cycles.cam_search"] * geometry.group_size + c["cycles.adc"],
             "topn": c["cycles.topn_merge"] * halving_stages,
             "softmax": softmax_fixed + acc * _ceil_log2(kept),
             "av": mac * (1 + _ceil_log2(kept)),
@@ -191,9 +211,9 @@ def _layer_costs(geometry: AttentionGeometry, n_keys: int, kept: int, coefficien
     for design in DESIGNS:
         costs[design] = {}
         for component in COMPONENTS:
-            power = coefficients[f"{design}.{component}.power_w"] * scales[design][component]
+            power = coefficients[f"{design}.{component}.power_w"] * scales["power"][design][component]
             costs[design][component] = {
-                "area_mm2": coefficients[f"{design}.{component}.area_mm2"] * scales[design][component],
+                "area_mm2": coefficients[f"{design}.{component}.area_mm2"] * scales["area"][design][component],
                 "power_w": power,
                 "energy_per_token_nj": power * seconds_per_token_ns,
                 "latency_cycles": float(latencies[design][component]),
@@ -242,8 +262,10 @@ def _assumptions(coefficients: CAMCoefficients) -> list[str]:
         f"HAD A.V scales as BF16 A.V times the kept fraction (N / n_keys) / ({top0} / {n0}): only N rows of V are read.",
         "The softmax cost follows n_keys in both designs (as the paper's natural scaling states), although HAD "
         "normalizes only N entries; this overstates HAD's softmax.",
-        "Grouped-query attention: Q.K^T is costed per query head (a CAM replica per query head, an upper bound); the "
-        "CAM bits count each key/value head once.",
+        "Grouped-query attention: the CAM stores each key/value head's keys once (HAD Q.K^T area and CAM bits "
+        "follow n_keys x key/value heads x head_dim); the query heads of a group search it one after another (HAD "
+        "Q.K^T power and energy follow the query heads, its latency has one search per query head of the group). "
+        "BF16 Q.K^T and A.V compute per query head.",
         "Energy per token = power x initiation interval / clock: both designs are pipelined and accept one query "
         f"vector per {coefficients['initiation_interval_cycles']:g} cycle(s) at {coefficients['clock_mhz']:g} MHz "
         "(the CAM's single-cycle search rate). Energy ratios therefore equal power ratios.",
@@ -278,7 +300,8 @@ def cam_cost_report(
     Returns:
         `dict`: `per_layer` and `model_total` (each `{"bf16"|"had": {component|"total": {metric: value}},
         "ratio_had_over_bf16": ..., "reduction_percent": ...}`), `cam_bits`, `cell_model`, `scale_factors`,
-        `assumptions`, `coefficients` (every figure with unit and source) and `sources`.
+        `assumptions`, `coefficients` (every figure with unit and source) and `sources`. A decoder's cost per
+        generated token at several context lengths is `cam_generation.generation_costs`.
     """
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
         raise ValueError(f"context_length must be a positive integer, got {context_length!r}.")

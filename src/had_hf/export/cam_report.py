@@ -18,6 +18,7 @@ from .cam_coefficients import (
     CAMCoefficients,
     parse_coefficients,
 )
+from .cam_generation import GENERATION_METRICS
 
 REPORT_FILENAMES = ("cam_report.json", "cam_report.md", "cam_report.png")
 
@@ -59,6 +60,39 @@ def _cost_tables(section: Mapping[str, Any]) -> list[str]:
     return values + [""] + ratios
 
 
+def render_generation_table(report: Mapping[str, Any]) -> list[str]:
+    """The section of a decoder's cost per generated token: one row per context length, both designs and HAD / BF16."""
+    rows, model = report.get("per_generated_token"), report["model"]
+    if not rows:
+        return []
+    group = model["num_heads"] // model["num_kv_heads"]
+    short = {"energy_per_token_nj": "energy nJ", "latency_cycles": "latency cycles", "area_mm2": "area mm2"}
+    header = " | ".join(f"{short[m]} {label}" for m in GENERATION_METRICS for label in ("BF16", "HAD", "HAD/BF16"))
+    lines = [
+        "## Per generated token (decoder)",
+        "",
+        f"Generating one token: in each of the {model['num_layers']} layers, one new query per head "
+        f"({model['num_heads']} query heads) against the n cached keys, N kept. The keys are stored once per "
+        f"key/value head ({model['num_kv_heads']}, each shared by {group} query head(s)). Whole-model attention; "
+        "area is the hardware that holds and searches a context of n keys.",
+        "",
+        f"| n | N | {header} | CAM key bits | BF16 key bits |",
+        "|---" * (3 + 3 * len(GENERATION_METRICS) + 1) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for metric in GENERATION_METRICS:
+            digits = 0 if metric == "latency_cycles" else 3
+            cells += [_format(row["bf16"][metric], digits), _format(row["had"][metric], digits)]
+            cells.append(_format(row["ratio_had_over_bf16"][metric], 3))
+        lines.append(
+            f"| {row['context_length']:,} | {row['top_n']:,} | "
+            + " | ".join(cells)
+            + f" | {row['cam_key_bits']:,} | {row['bf16_key_bits']:,} |"
+        )
+    return lines + [""]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as a Markdown document: operating point, cost tables, CAM bits, assumptions, coefficients."""
     model, point = report["model"], report["operating_point"]
@@ -77,6 +111,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{_format(reduction['power_w'], 2)}% less power and {_format(reduction['energy_per_token_nj'], 2)}% less energy "
         "per token than BF16 attention.**",
         "",
+        *render_generation_table(report),
         "## Per layer",
         "",
         *_cost_tables(per_layer),

@@ -1,7 +1,7 @@
 """What `had-hf export` (and `optimum-cli export had`) runs once its arguments are parsed.
 
     had-hf export --model PATH_OR_ID OUTPUT_DIR [--samples N] [--context-length n] [--top-n N]
-                  [--coefficients FILE] [--overwrite] [--opset OPSET] [--atol ATOL]
+                  [--generation-lengths n,n,...] [--coefficients FILE] [--overwrite] [--opset OPSET] [--atol ATOL]
 
 The arguments are declared in `had_hf_cli.add_export_arguments`, outside this package, so that parsing them imports
 neither torch nor transformers. The exporter (onnx, onnxruntime, matplotlib) is imported only when the command
@@ -26,6 +26,7 @@ def run_export_command(args: argparse.Namespace) -> int:
             samples=args.samples,
             context_length=args.context_length,
             top_n=args.top_n,
+            generation_lengths=args.generation_lengths,
             coefficients=args.coefficients,
             overwrite=args.overwrite,
             opset=args.opset,

@@ -5,7 +5,8 @@ OUTPUT_DIR receives
 - `model.safetensors`, `config.json` (with its HADConfig) and the tokenizer or processor: `from_pretrained`-loadable;
 - `model.onnx`: the HAD model in standard ONNX operations, checked in ONNX Runtime against PyTorch;
 - `golden/`: bit-packed binary queries and keys, kept indices, weights, values and outputs of sample inputs;
-- `cam_report.json`, `cam_report.md`, `cam_report.png`: the CAM cost estimate against BF16 attention;
+- `cam_report.json`, `cam_report.md`, `cam_report.png`: the CAM cost estimate against BF16 attention (for a
+  decoder-only model also per generated token at several context lengths);
 - `had_export.json`: what was exported, with which versions, and the validation figures.
 
 Everything is written into a hidden sibling folder that is renamed to OUTPUT_DIR only once every step has succeeded,
@@ -20,6 +21,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,9 +33,10 @@ from transformers import PreTrainedModel
 from had_hf_cli import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_SAMPLES  # the command line's defaults are the API's
 
 from .cam import AttentionGeometry, CAMCoefficients, cam_cost_report, load_coefficients
+from .cam_generation import DEFAULT_GENERATION_LENGTHS, check_generation_lengths, generation_costs
 from .cam_report import write_cam_report
 from .errors import HADExportError
-from .export_config import HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
+from .export_config import MIN_SAMPLE_LENGTH, HADExportConfig, make_probe_inputs, make_sample_inputs, sample_length
 from .golden import GOLDEN_DIRNAME, collect_golden, write_golden
 from .onnx import (
     ONNX_FILENAME,
@@ -51,7 +54,8 @@ logger = logging.getLogger(__name__)
 EXPORT_MANIFEST = "had_export.json"
 EXPORT_FORMAT = "had_hf.export"
 MIN_OPSET = 11  # CumSum and TopK with a K input
-VALIDATION_LENGTH = 64  # tokens of the enforced ONNX check (see `_validate_onnx`)
+VALIDATION_LENGTH = 64  # tokens of the enforced ONNX check for models of up to VALIDATION_DEPTH attention layers
+VALIDATION_DEPTH = 12  # (BERT-base); deeper models are checked on proportionally fewer tokens (`validation_length`)
 VALIDATION_DRAWS = 5
 
 
@@ -93,8 +97,18 @@ class ExportResult:
                 f"  cam_report.*: n = {point['context_length']}, N = {point['top_n']}: HAD-CAM uses "
                 f"{reduction['area_mm2']:.1f}% less area and {reduction['energy_per_token_nj']:.1f}% less energy "
                 "per token than BF16 attention",
+                *self._generation_summary(),
             ]
         )
+
+    def _generation_summary(self) -> list[str]:
+        rows = self.cam_report.get("per_generated_token")
+        if not rows:
+            return []
+        ratios = ", ".join(
+            f"{row['ratio_had_over_bf16']['energy_per_token_nj']:.3f} at n = {row['context_length']}" for row in rows
+        )
+        return [f"    per generated token (decoder), HAD / BF16 energy: {ratios}"]
 
 
 def export_had(
@@ -104,6 +118,7 @@ def export_had(
     samples: int = DEFAULT_SAMPLES,
     context_length: int | None = None,
     top_n: int | None = None,
+    generation_lengths: Sequence[int] | None = None,
     coefficients: str | os.PathLike | CAMCoefficients | None = None,
     overwrite: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -125,6 +140,9 @@ def export_had(
             or the image patches + 1 of a vision model).
         top_n (`int`, *optional*): N for the exported model, golden data and report, replacing the model's HADConfig
             rule in the export (the model passed in keeps its own). Defaults to the model's HADConfig.
+        generation_lengths (`Sequence[int]`, *optional*): for a decoder-only model (a text-generation task), the
+            context lengths n of the report's cost per generated token (one new query per head against n cached
+            keys in every layer). Defaults to 1024, 2048, 4096 and 8192 for such models; refused for others.
         coefficients (`str`, `os.PathLike` or `CAMCoefficients`, *optional*): CAM cost coefficients; defaults to
             the packaged ones.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir` (only after the new
@@ -144,6 +162,11 @@ def export_had(
     """
     _check_export_extra()
     _check_arguments(samples, context_length, top_n, opset, atol)
+    if generation_lengths is not None:
+        try:
+            generation_lengths = check_generation_lengths(generation_lengths)
+        except ValueError as error:
+            raise HADExportError(str(error)) from error
     if not isinstance(coefficients, CAMCoefficients):
         coefficients = load_coefficients(coefficients)  # fail on a bad file before any heavy work
     output_dir = Path(output_dir).absolute()
@@ -152,6 +175,7 @@ def export_had(
 
     model, processor, source = load_source_model(model_or_path, processor)
     had_config = check_had_model(model)
+    generation_lengths = _generation_lengths(model, generation_lengths)
     model = as_float32_cpu(model)
     was_training = model.training
 
@@ -165,8 +189,9 @@ def export_had(
             inputs = make_sample_inputs(model, samples, sample_length(model, context_length), seed)
             check_every_layer_calibrated(model, had_config, {name: tensor[:1] for name, tensor in inputs.items()})
             manifest, report = _write_bundle(
-                model, processor, had_config, staging, inputs, context_length, coefficients, opset, atol, seed
-            )
+                model, processor, had_config, staging, inputs, context_length, generation_lengths, coefficients, opset,
+                atol, seed,
+            )  # fmt: skip
             manifest["source"] = source
             (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, output_dir, overwrite)
@@ -180,7 +205,9 @@ def export_had(
     return ExportResult(output_dir=output_dir, files=files, manifest=manifest, cam_report=report)
 
 
-def _write_bundle(model, processor, had_config, staging, inputs, context_length, coefficients, opset, atol, seed):
+def _write_bundle(
+    model, processor, had_config, staging, inputs, context_length, generation_lengths, coefficients, opset, atol, seed
+):
     """Every file of the bundle, written into `staging`; returns the export manifest and the CAM report."""
     samples = next(iter(inputs.values())).shape[0]
     model.save_pretrained(staging)
@@ -209,6 +236,10 @@ def _write_bundle(model, processor, had_config, staging, inputs, context_length,
     rule = {"top_n": had_config.top_n} if had_config.top_n is not None else {"top_n_ratio": had_config.top_n_ratio}
     geometry = AttentionGeometry.from_config(model.config)
     report = cam_cost_report(geometry, report_length, coefficients=coefficients, **rule)
+    if generation_lengths is not None:
+        report["per_generated_token"] = generation_costs(
+            geometry, generation_lengths, coefficients=coefficients, **rule
+        )
     write_cam_report(report, staging)
 
     manifest = {
@@ -226,6 +257,7 @@ def _write_bundle(model, processor, had_config, staging, inputs, context_length,
             "top_n": report["operating_point"]["top_n"],
             "coefficients_file": report["coefficients_file"],
             "reduction_percent_model_total": report["model_total"]["reduction_percent"]["total"],
+            "generation_lengths": generation_lengths,
         },
     }
     return manifest, report
@@ -237,18 +269,17 @@ def _validate_onnx(info, model, inputs, atol: float, seed: int) -> dict[str, Any
     Binarization makes the model discontinuous: a query or key element within float32 rounding distance of zero can
     take another sign in ONNX Runtime than in PyTorch (their matrix products round differently), change a top-N
     selection and cascade through the later layers. At BERT-base size this happens about once per few hundred
-    tokens. So the check that must pass runs on short inputs (at most 64 tokens, another batch size and length for
-    the second set), and on failure on new random draws: a sign flip does not repeat, a conversion error does. The
-    full-length samples are compared and reported, with a warning above `atol`, not a failure.
+    tokens, and the odds grow with the number of layers a flip can happen in. So the check that must pass runs on
+    short inputs (`validation_length`: at most 64 tokens for 12 layers, fewer for deeper models; another batch size
+    and length for the second set), and on failure on new random draws: a sign flip does not repeat, a conversion
+    error does. The full-length samples are compared and reported, with a warning above `atol`, not a failure.
     """
     comparison = OnnxComparison(info, model)
     samples = next(iter(inputs.values())).shape[0]
-    length = inputs["input_ids"].shape[1] if "input_ids" in inputs else None
+    length = validation_length(model.config, inputs["input_ids"].shape[1]) if "input_ids" in inputs else None
     failures = []
     for draw in range(VALIDATION_DRAWS):
-        short = make_sample_inputs(
-            model, samples, None if length is None else min(length, VALIDATION_LENGTH), seed + 1000 * (draw + 1)
-        )
+        short = make_sample_inputs(model, samples, length, seed + 1000 * (draw + 1))
         sets = {"sample": short, "probe": make_probe_inputs(model, short, seed + 1000 * (draw + 1) + 1)}
         try:
             validate_onnx(info, model, sets, atol, comparison)
@@ -276,13 +307,23 @@ def _validate_onnx(info, model, inputs, atol: float, seed: int) -> dict[str, Any
         )
     return {
         "draws": len(failures) + 1,
+        "length": length,
         "full_length_samples_max_abs_diff": full_length,
         "notes": (
-            "max_abs_diff is enforced on short fresh inputs (up to 64 tokens), retried on new draws because a sign "
+            "max_abs_diff is enforced on short fresh inputs (`length` tokens), retried on new draws because a sign "
             "flip of a near-zero query/key element between runtimes changes top-N selections and does not repeat; "
             "full_length_samples_max_abs_diff is measured on the golden samples and only reported."
         ),
     }
+
+
+def validation_length(config: Any, length: int) -> int:
+    """Tokens of the enforced ONNX check of a model with `config`: `length` capped at 64 for up to 12 attention
+    layers, and at 64 x 12 / layers for deeper models (25 for a 30-layer LLM), so that a draw holds about as many
+    query and key elements that a rounding difference can flip as at BERT-base size; at least 4."""
+    layers = AttentionGeometry.from_config(config).num_layers
+    cap = VALIDATION_LENGTH * VALIDATION_DEPTH // max(layers, VALIDATION_DEPTH)
+    return min(length, max(cap, MIN_SAMPLE_LENGTH))
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -311,6 +352,28 @@ def _check_arguments(samples, context_length, top_n, opset, atol) -> None:
         raise HADExportError(f"opset must be an integer >= {MIN_OPSET} (CumSum, TopK with a K input), got {opset!r}.")
     if not isinstance(atol, (int, float)) or not atol > 0:
         raise HADExportError(f"atol must be a number > 0, got {atol!r}.")
+
+
+def _generation_lengths(model: PreTrainedModel, generation_lengths: list[int] | None) -> list[int] | None:
+    """The context lengths of the per-generated-token costs: the given or default ones for a decoder-only model."""
+    task = HADExportConfig.from_model(model).task
+    if task.startswith("text-generation"):
+        lengths = generation_lengths if generation_lengths is not None else list(DEFAULT_GENERATION_LENGTHS)
+        maximum = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if maximum and lengths[-1] > maximum:
+            logger.warning(
+                "Per-generated-token costs up to n = %d, beyond the model's %d positions: those rows extrapolate its "
+                "attention geometry.",
+                lengths[-1],
+                maximum,
+            )
+        return lengths
+    if generation_lengths is not None:
+        raise HADExportError(
+            f"generation_lengths (--generation-lengths) applies to decoder-only models (a text-generation task); "
+            f"{type(model).__name__} has the task {task!r}."
+        )
+    return None
 
 
 def _is_local_path(model_or_path: Any) -> bool:

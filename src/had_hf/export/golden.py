@@ -49,6 +49,8 @@ class GoldenLayer:
         top_n (`int`): N at this layer's number of keys.
         sigma_q (`float`), sigma_k (`float`): the layer's standardization coefficients.
         scaling (`float`): the model's logit scale s; alpha = sigma_q * sigma_k * s.
+        num_kv_heads (`int`, *optional*): key/value heads; query head h reads key/value head
+            `h // (num_heads // num_kv_heads)` (grouped-query attention). Defaults to `num_heads`.
         arrays (`dict[str, np.ndarray]`): `query_bits` (S, H, q, W) uint64, `key_bits` (S, H, k, W) uint64,
             `valid` (S, 1, q, k) uint8 (broadcast over heads), `kept_indices` (S, H, q, N) int32 (-1 = empty slot), `kept_weights`
             (S, H, q, N) float32, `value` (S, H, k, d) float32, `attention_output` (S, H, q, d) float32.
@@ -62,7 +64,12 @@ class GoldenLayer:
     sigma_q: float
     sigma_k: float
     scaling: float
+    num_kv_heads: int | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
 
     @property
     def alpha(self) -> float:
@@ -80,6 +87,7 @@ class GoldenLayer:
             "index": self.index,
             "name": self.name,
             "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "words_per_vector": num_words(self.head_dim),
             "top_n": self.top_n,
@@ -159,6 +167,8 @@ def collect_golden(
                 sigma_q, sigma_k = settings.config.sigmas(name, settings.aliases)
                 meta[name] = {
                     "num_heads": details["query_sign"].shape[1],
+                    "num_kv_heads": details["query_sign"].shape[1]
+                    // getattr(modules[name], "num_key_value_groups", 1),
                     "head_dim": details["query_sign"].shape[-1],
                     "top_n": min(top_n, num_keys),
                     "sigma_q": sigma_q,
@@ -253,6 +263,7 @@ def load_golden(path: str | Path) -> GoldenData:
         fields = {
             k: entry[k] for k in ("index", "name", "num_heads", "head_dim", "top_n", "sigma_q", "sigma_k", "scaling")
         }
+        fields["num_kv_heads"] = entry.get("num_kv_heads")
         layers.append(GoldenLayer(**fields, arrays=arrays))
     return GoldenData(inputs=inputs, outputs=outputs, layers=layers, manifest=manifest)
 
@@ -261,7 +272,7 @@ def render_readme(manifest: Mapping[str, Any]) -> str:
     """The README of a golden folder: bit layout, arrays, formulas, and how to check a design against them."""
     first = manifest["layers"][0]
     layer_rows = "\n".join(
-        f"| {entry['index']} | `{entry['name']}` | {entry['num_heads']} | {entry['head_dim']} | {entry['top_n']} | "
+        f"| {entry['index']} | `{entry['name']}` | {entry['num_heads']} | {entry.get('num_kv_heads', entry['num_heads'])} | {entry['head_dim']} | {entry['top_n']} | "
         f"{entry['sigma_q']:.6g} | {entry['sigma_k']:.6g} | {entry['alpha']:.6g} |"
         for entry in manifest["layers"]
     )
@@ -293,11 +304,11 @@ For this model d = {first["head_dim"]}, so W = {first["words_per_vector"]}.
 | `inputs.<name>` | (S, ...) | model input | the sample inputs (`attention_mask`: 1 = real token, 0 = padding; `token_type_ids`, for models that read segments: 0 = first sentence, 1 = second) |
 | `outputs.<name>` | (S, ...) | float32 | the model's outputs on them (e.g. `logits`) |
 | `layers.<l>.query_bits` | (S, H, q, W) | uint64 | packed signs of the queries |
-| `layers.<l>.key_bits` | (S, H, k, W) | uint64 | packed signs of the keys (key/value heads repeated per query head) |
+| `layers.<l>.key_bits` | (S, H, k, W) | uint64 | packed signs of the keys (key/value heads repeated per query head: query head h reads key/value head h // (H / H_kv), H_kv in the table below) |
 | `layers.<l>.valid` | (S, 1, q, k) | uint8 | 1 where query q may attend key k (padding, causality); broadcast over heads |
 | `layers.<l>.kept_indices` | (S, H, q, N) | int32 | the kept keys of each query, increasing; -1 = empty slot |
 | `layers.<l>.kept_weights` | (S, H, q, N) | float32 | their attention weights (0 in empty slots; each row sums to 1) |
-| `layers.<l>.value` | (S, H, k, d) | float32 | the value rows the weights multiply |
+| `layers.<l>.value` | (S, H, k, d) | float32 | the value rows the weights multiply (repeated per query head like the keys) |
 | `layers.<l>.attention_output` | (S, H, q, d) | float32 | A.V, the attention output of each head |
 
 ## What the hardware computes
@@ -313,8 +324,8 @@ for them the kept set cannot be recomputed from the bits alone.
 
 ## Layers
 
-| l | module | H | d | N | sigma_q | sigma_k | alpha |
-|---|---|---|---|---|---|---|---|
+| l | module | H | H_kv | d | N | sigma_q | sigma_k | alpha |
+|---|---|---|---|---|---|---|---|---|
 {layer_rows}
 
 ## Check in numpy
