@@ -57,6 +57,33 @@ def test_decode_kernel_selects_exactly(case: Case, launch):
     )
 
 
+# (case, single_row_dot): one-row programs (multiply-adds and tl.dot), groups of 8 rows (R_BLOCK 8), 4 rows with heavy
+# ties and 3 rows (a padding row), over several splits and several gathered tiles per program
+GATHER_STAGES_CASES = [
+    (SELECTION_CASES[1], False),
+    (SELECTION_CASES[1], True),
+    (SELECTION_CASES[2], False),
+    (SELECTION_CASES[10], False),
+    (SELECTION_CASES[11], False),
+]
+
+
+@pytest.mark.parametrize("case, single_row_dot", GATHER_STAGES_CASES, ids=lambda x: getattr(x, "id", str(x)))
+def test_decode_kernel_pipelined_gather_equals_prefetched(case: Case, single_row_dot: bool):
+    """The gather loop left to Triton's pipeliner (`gather_stages` > 0) keeps the reference's keys, and sums the same
+    tiles in the same order as the hand-pipelined loop: the same output, bit for bit."""
+    options = dict(num_splits=3, block_n=16, gather_block=16, single_row_dot=single_row_dot)
+    check_triton_decode(case, seed=17, gather_stages=2, **options)
+    query, key, value, valid = make_inputs(case, seed=17)
+    outputs = [
+        hamming_topk_decode(
+            query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, gather_stages=stages, **options
+        )  # fmt: skip
+        for stages in (0, 2)
+    ]
+    assert torch.equal(outputs[0], outputs[1])
+
+
 # (case, num_splits, distance_splits, split_block, num_stages): more splits than a tile of the last programs'
 # reductions, so that they loop over tiles (the last one partial), and heavy ties whose quota is handed out across
 # several tiles (the carry of the prefix sum); R_BLOCK 2 and 8; fewer, longer splits for the distance kernel than for

@@ -6,6 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .decode_gather import _gather_listed_rows, _kept_weights
 from .decode_split_k import (
     _batch_and_kv_head,
     _last_split,
@@ -69,34 +70,6 @@ def _row_keep(code, thr, quota, seen_ties, rank_ties):
     return keep, seen_ties
 
 
-@triton.jit
-def _kept_weights(keep, shift, code, alpha_log2, V_DTYPE: tl.constexpr, V_IS_FP32: tl.constexpr):
-    """exp(alpha * (Sb - Sb_max)) of kept keys (exponent <= 0), 0 elsewhere (no overflow for masked codes when
-    alpha < 0); rounded to the value dtype, as the numerator multiplies it so, unless the values are fp32."""
-    p = tl.exp2(tl.where(keep, (shift - code).to(tl.float32) * alpha_log2, float("-inf")))
-    if not V_IS_FP32:
-        p = p.to(V_DTYPE).to(tl.float32)
-    return p
-
-
-@triton.jit
-def _listed_weights(list_weight, slot, num_listed, weight_rows, weight_row_ok, R_BLOCK: tl.constexpr):
-    """(R_DOT, BLOCK_K) weights of the list entries at `slot` (zeros past the list and on padding rows)."""
-    return tl.load(
-        list_weight + slot[None, :] * R_BLOCK + weight_rows[:, None],
-        mask=weight_row_ok & (slot < num_listed)[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _gather_rows(v_base, index, ok, offs_d, stride_vn, stride_vd):
-    """(BLOCK_K, DV) value rows at the listed key indices (zeros where not `ok`)."""
-    return tl.load(
-        v_base + index[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd, mask=ok[:, None], other=0.0
-    )
-
-
 @triton.jit(do_not_specialize=("n_keys",))
 def _attend_kernel(
     code_ptr,
@@ -139,6 +112,7 @@ def _attend_kernel(
     ROW_FMA: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
     S_BLOCK: tl.constexpr,
+    GATHER_STAGES: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -319,57 +293,19 @@ def _attend_kernel(
     # the list was written by all threads of this program: make it visible to all of them
     tl.debug_barrier()
 
-    # phase 2: gather the listed value rows and accumulate their weighted sum. The list entries of the next
-    # iteration are fetched one iteration ahead, so that an iteration waits for its value rows only.
-    offs_d = tl.arange(0, DV)
+    # phase 2: gather the listed value rows and accumulate their weighted sum (one row: the selection's code_row0
+    # and shift0 give the weights)
     v_base = v_ptr + b * stride_vb + hk * stride_vh
-    slots = tl.arange(0, BLOCK_K)
-    # tl.dot needs >= 16 rows: the weight rows past R_BLOCK are zeros (R_DOT is 1 on the multiply-add path)
+    if ROW_FMA:
+        row_codes, row_shift = code_row0, shift0
+    else:
+        row_codes, row_shift = code_ptr, 0
+    partial, row_denominator = _gather_listed_rows(v_base, list_index, list_weight, num_listed, row_codes, row_shift,
+                                                   alpha_log2, stride_vn, stride_vd, DV, R_BLOCK, R_DOT, BLOCK_K,
+                                                   INVALID_CODE, V_IS_FP32, DOT_FP32, ROW_FMA,
+                                                   GATHER_STAGES)  # fmt: skip
+    offs_d = tl.arange(0, DV)
     weight_rows = tl.arange(0, R_DOT)
-    weight_row_ok = (weight_rows < R_BLOCK)[:, None]
-    # software pipeline by hand: the list entries two tiles ahead, the value rows one tile ahead, so that the loads
-    # of the next tile are in flight while the current one is accumulated
-    index = tl.load(list_index + slots, mask=slots < num_listed, other=0)
-    if ROW_FMA:
-        # one row: the weights come from the listed keys' codes (one byte each, written by the distance kernel)
-        # (one row: the selection's code_row0 and shift0)
-        codes = tl.load(code_row0 + index, mask=slots < num_listed, other=INVALID_CODE)
-        row_denominator = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    else:
-        weights = _listed_weights(list_weight, slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
-        next_weights = _listed_weights(list_weight, BLOCK_K + slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
-    v = _gather_rows(v_base, index, slots < num_listed, offs_d, stride_vn, stride_vd)
-    next_index = tl.load(list_index + BLOCK_K + slots, mask=BLOCK_K + slots < num_listed, other=0)
-    if ROW_FMA:
-        # multiply-add in registers (no tensor-core layout shuffles), reduced once after the loop
-        partial = tl.zeros((BLOCK_K, DV), dtype=tl.float32)
-    else:
-        partial = tl.zeros((R_DOT, DV), dtype=tl.float32)
-    for k0 in range(0, num_listed, BLOCK_K):
-        tile_v = v
-        following = k0 + BLOCK_K + slots
-        v = _gather_rows(v_base, next_index, following < num_listed, offs_d, stride_vn, stride_vd)
-        if ROW_FMA:
-            tile_codes = codes
-            codes = tl.load(code_row0 + next_index, mask=following < num_listed, other=INVALID_CODE)
-        else:
-            tile_weights = weights
-            weights = next_weights
-        after = following + BLOCK_K
-        next_index = tl.load(list_index + after, mask=after < num_listed, other=0)
-        if ROW_FMA:
-            # INVALID_CODE marks slots past the list: weight 0
-            p = _kept_weights(tile_codes != INVALID_CODE, shift0, tile_codes.to(tl.int32), alpha_log2,
-                              v_ptr.dtype.element_ty, V_IS_FP32)  # fmt: skip
-            row_denominator += p
-            partial += p[:, None] * tile_v.to(tl.float32)
-        else:
-            next_weights = _listed_weights(list_weight, after, num_listed, weight_rows, weight_row_ok, R_BLOCK)
-            if DOT_FP32:
-                # fp32 values, or the interpreter, whose tl.dot mishandles 16-bit floats (the weights are rounded)
-                partial += tl.dot(tile_weights, tile_v.to(tl.float32), input_precision="ieee")
-            else:
-                partial += tl.dot(tile_weights.to(tile_v.dtype), tile_v)
 
     if ROW_FMA:
         row_totals = tl.zeros((R_BLOCK,), dtype=tl.float32) + tl.sum(row_denominator, axis=0)

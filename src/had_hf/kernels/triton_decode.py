@@ -85,6 +85,7 @@ def hamming_topk_decode(
     num_stages: int | Sequence[int | None] | None = None,
     split_block: int = 32,
     gather_block: int = 32,
+    gather_stages: int = 0,
     single_row_dot: bool = False,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +119,9 @@ def hamming_topk_decode(
             power of two); each kernel lowers it to the splits there are and to its register budget.
         gather_block (`int`, *optional*, defaults to 32): kept value rows per iteration of the attend kernel's
             gather (fewer rows per iteration: fewer registers, more programs in flight).
+        gather_stages (`int`, *optional*, defaults to 0): the attend kernel's gather loop: 0 issues the next tile's
+            loads by hand one iteration ahead; a positive number leaves the loop to Triton's pipeliner with that many
+            stages (asynchronous copies on the GPU, several tiles of value rows in flight). The same result.
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
@@ -151,6 +155,8 @@ def hamming_topk_decode(
     for name, size in (("block_n", block_n), ("gather_block", gather_block)):
         if size is not None and not (_is_power_of_two(size) and size >= 16):
             raise ValueError(f"{name} must be a power of two >= 16, got {size}.")
+    if not (isinstance(gather_stages, int) and gather_stages >= 0):
+        raise ValueError(f"gather_stages must be an integer >= 0, got {gather_stages} (0: the hand-written prefetch).")
     stages = tuple(num_stages) if isinstance(num_stages, (tuple, list)) else (num_stages,) * 3
     if len(stages) != 3:
         raise ValueError(f"num_stages takes one value or three (distance, fine count, attend), got {num_stages}.")
@@ -318,6 +324,7 @@ def hamming_topk_decode(
             ROW_FMA=row_fma,
             WRITE_KEEP=return_keep,
             S_BLOCK=s_blocks[2],
+            GATHER_STAGES=gather_stages,
             **launch_options[2],
         )
     if return_keep:
