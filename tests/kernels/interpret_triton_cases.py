@@ -84,28 +84,32 @@ def test_decode_kernel_pipelined_gather_equals_prefetched(case: Case, single_row
     assert torch.equal(outputs[0], outputs[1])
 
 
-# (case, num_splits, distance_splits, split_block, num_stages): more splits than a tile of the last programs'
+# (case, num_splits, distance_splits, split_block, num_stages, num_warps): more splits than a tile of the last programs'
 # reductions, so that they loop over tiles (the last one partial), and heavy ties whose quota is handed out across
 # several tiles (the carry of the prefix sum); R_BLOCK 2 and 8; fewer, longer splits for the distance kernel than for
-# the two after it; per-kernel num_stages (ignored by the interpreter: the wrapper's plumbing)
+# the two after it; per-kernel num_stages and num_warps (ignored by the interpreter: the wrapper's plumbing, and the
+# warps' register budget of the split tiles)
 SPLIT_TILE_CASES = [
-    (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 5, 2, (1, None, 2)),
+    (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 5, 2, (1, None, 2), (None, 2, 8)),
     (
         Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=700, top_n=150, patterns=2),
         11,
         None,
         4,
         None,
+        None,
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    "case, num_splits, distance_splits, split_block, num_stages",
+    "case, num_splits, distance_splits, split_block, num_stages, num_warps",
     SPLIT_TILE_CASES,
     ids=lambda x: getattr(x, "id", str(x)),
 )
-def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, distance_splits, split_block, num_stages):
+def test_decode_kernel_reduces_split_tiles(
+    case: Case, num_splits, distance_splits, split_block, num_stages, num_warps
+):
     keep = check_triton_decode(
         case,
         seed=13,
@@ -113,6 +117,7 @@ def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, distance_spli
         distance_splits=distance_splits,
         split_block=split_block,
         num_stages=num_stages,
+        num_warps=num_warps,
     )
     # the kept ties reach past the first tile of splits (64 keys each): the quota crossed tiles
     assert int((keep * torch.arange(case.num_keys)).max()) >= 64 * split_block

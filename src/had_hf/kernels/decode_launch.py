@@ -87,16 +87,19 @@ class _Workspace:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_plan(distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages) -> tuple:
+def _launch_plan(distance_splits, num_splits, split_block, r_block, fine, value_dim, warps, stages) -> tuple:
     """Per kernel (distance, fine count, attend): the split-tile size of its last-program reduction, and its launch
-    options (shared dicts: not to be modified)."""
+    options (shared dicts: not to be modified). `warps` and `stages` hold one entry per kernel (`None`: Triton's
+    default)."""
     s_blocks = tuple(
-        _split_tile_size(splits, split_block, r_block * per_split, num_warps)
-        for splits, per_split in ((distance_splits, 16), (num_splits, fine), (num_splits, value_dim))
+        _split_tile_size(splits, split_block, r_block * per_split, kernel_warps)
+        for splits, per_split, kernel_warps in zip(
+            (distance_splits, num_splits, num_splits), (16, fine, value_dim), warps, strict=True
+        )
     )
     options = []
-    for kernel_stages in stages:
-        option = {} if num_warps is None else {"num_warps": num_warps}
+    for kernel_warps, kernel_stages in zip(warps, stages, strict=True):
+        option = {} if kernel_warps is None else {"num_warps": kernel_warps}
         if kernel_stages is not None:
             option["num_stages"] = kernel_stages
         options.append(option)

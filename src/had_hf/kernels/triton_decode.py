@@ -67,6 +67,14 @@ def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
     )
 
 
+def _per_kernel(name: str, option: int | Sequence[int | None] | None) -> tuple:
+    """A launch option given for all three kernels or per kernel (distance, fine count, attend), as three entries."""
+    entries = tuple(option) if isinstance(option, (tuple, list)) else (option,) * 3
+    if len(entries) != 3:
+        raise ValueError(f"{name} takes one value or three (distance, fine count, attend), got {option}.")
+    return entries
+
+
 def hamming_topk_decode(
     query: torch.Tensor,
     key_words: torch.Tensor,
@@ -81,7 +89,7 @@ def hamming_topk_decode(
     distance_splits: int | None = None,
     block_n: int | None = None,
     hist_block_elements: int = 1024,
-    num_warps: int | None = None,
+    num_warps: int | Sequence[int | None] | None = None,
     num_stages: int | Sequence[int | None] | None = None,
     split_block: int = 32,
     gather_block: int = 32,
@@ -112,7 +120,8 @@ def hamming_topk_decode(
             programs of one row and 8192 // rows (at least 64) for programs of several.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
             counting kernels.
-        num_warps (`int`, *optional*): warps per program of the kernels (Triton's default if unset).
+        num_warps (`int` or three of them, *optional*): warps per program of the kernels, for all three or per kernel
+            (distance, fine count, attend; `None` entries: Triton's default, as when unset).
         num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
             three or per kernel (distance, fine count, attend; `None` entries: Triton's default, as when unset).
         split_block (`int`, *optional*, defaults to 32): most splits per tile of the last programs' reductions (a
@@ -157,9 +166,7 @@ def hamming_topk_decode(
             raise ValueError(f"{name} must be a power of two >= 16, got {size}.")
     if not (isinstance(gather_stages, int) and gather_stages >= 0):
         raise ValueError(f"gather_stages must be an integer >= 0, got {gather_stages} (0: the hand-written prefetch).")
-    stages = tuple(num_stages) if isinstance(num_stages, (tuple, list)) else (num_stages,) * 3
-    if len(stages) != 3:
-        raise ValueError(f"num_stages takes one value or three (distance, fine count, attend), got {num_stages}.")
+    warps, stages = _per_kernel("num_warps", num_warps), _per_kernel("num_stages", num_stages)
     device = query.device
     group = num_heads // num_kv_heads
     rows_per_group = group * query_len
@@ -228,7 +235,7 @@ def hamming_topk_decode(
         n_keep_args = (codes, 0, 0, 0)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
-        distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages
+        distance_splits, num_splits, split_block, r_block, fine, value_dim, warps, stages
     )
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
