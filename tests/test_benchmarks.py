@@ -31,6 +31,20 @@ def test_decode_benchmark_smoke(tmp_path):
         assert entry["had"]["cache_gib"] < entry["sdpa"]["cache_gib"]  # packed sign bits for the keys
 
 
+@pytest.mark.slow
+def test_decode_variants_benchmark_smoke(tmp_path):
+    """`benchmarks/decode_variants.py --smoke`: every launch variant runs and gives the default's output."""
+    pytest.importorskip("triton")
+    out = tmp_path / "decode_variants.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO / "src"))
+    command = [sys.executable, "benchmarks/decode_variants.py", "--smoke", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = [row for shape in report["shapes"] for row in shape["variants"]]
+    assert len(report["shapes"]) == 2 and all(row.get("equal_to_default") for row in rows), rows
+
+
 def test_generate_benchmark_smoke(tmp_path):
     """`benchmarks/generate.py --smoke`: the three variants on a tiny model, the compiled ones through generate()'s own
     compilation, HAD's compiled tokens equal to its eager ones, and `--merge` keeping the rows of an earlier run."""
