@@ -123,6 +123,19 @@ def test_decode_kernel_reduces_split_tiles(
     assert int((keep * torch.arange(case.num_keys)).max()) >= 64 * split_block
 
 
+@pytest.mark.parametrize(
+    "case, split_group, gather_stages",
+    [(SPLIT_TILE_CASES[1][0], 2, 0), (SPLIT_TILE_CASES[0][0], 4, 2), (SPLIT_TILE_CASES[1][0], 16, 2)],
+    ids=lambda x: getattr(x, "id", str(x)),
+)
+def test_decode_kernel_attend_split_groups(case: Case, split_group, gather_stages):
+    """Attend programs over several consecutive splits of the fine count (their tie quotas summed: the heavy ties are
+    cut inside a group; the last group partial; one group over all 11 splits) keep exactly the reference's keys."""
+    check_triton_decode(
+        case, seed=13, num_splits=11, attend_split_group=split_group, gather_stages=gather_stages, split_block=2
+    )
+
+
 def test_decode_kernel_cached_layouts_across_growing_and_shrinking_calls():
     """Decode steps reuse the workspace's cached views while their layout holds (generation: n grows by one per step),
     rebuild them when it changes, and drop them when a buffer grows; every call must still be exact."""

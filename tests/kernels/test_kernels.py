@@ -179,6 +179,7 @@ def test_triton_kernels_under_interpreter():
         ("gather_block", 24, "gather_block must be a power of two >= 16, got 24"),
         ("gather_stages", -1, "gather_stages must be an integer >= 0, got -1"),
         ("num_warps", (4, 4), "num_warps takes one value or three"),
+        ("attend_split_group", 3, "attend_split_group must be a power of two"),
     ],
 )
 def test_decode_kernel_rejects_bad_block_sizes(option, size, message):

@@ -1,5 +1,6 @@
 """Decode kernel 3 of 3: select the kept keys of a split (below the threshold, plus the split's share of the ties),
-gather their value rows and reduce the splits' partial softmaxes into the output."""
+gather their value rows and reduce the splits' partial softmaxes into the output. A split of this kernel is
+SPLIT_GROUP consecutive splits of the fine count (one unless asked otherwise), their tie quotas summed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .decode_split_k import (
     _load_split_tile,
     _padded_end,
     _program_rows,
+    _program_tie_quotas,
 )
 
 
@@ -91,6 +93,7 @@ def _attend_kernel(
     num_kv_heads,
     split_len,
     num_splits,
+    count_splits,
     alpha_log2,
     alpha_nonnegative,
     stride_vb,
@@ -113,6 +116,7 @@ def _attend_kernel(
     WRITE_KEEP: tl.constexpr,
     S_BLOCK: tl.constexpr,
     GATHER_STAGES: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -125,8 +129,7 @@ def _attend_kernel(
     h_min = tl.load(stats_ptr + grow * 8 + 2, mask=row_ok, other=0)
     # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0
     shift = tl.where(alpha_nonnegative != 0, h_min, thr)
-    quota = tl.load(quota_ptr + (grow * num_splits + pid_s) * 2, mask=row_ok, other=0)
-    ties = tl.load(quota_ptr + (grow * num_splits + pid_s) * 2 + 1, mask=row_ok, other=0)
+    quota, ties = _program_tie_quotas(quota_ptr, grow, row_ok, count_splits, SPLIT_GROUP)
     # a split keeps all of its ties or none, except the one where a row's quota runs out: only there are the
     # ties ranked (a scan per block)
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0

@@ -87,14 +87,16 @@ class _Workspace:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_plan(distance_splits, num_splits, split_block, r_block, fine, value_dim, warps, stages) -> tuple:
+def _launch_plan(
+    distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages
+) -> tuple:
     """Per kernel (distance, fine count, attend): the split-tile size of its last-program reduction, and its launch
     options (shared dicts: not to be modified). `warps` and `stages` hold one entry per kernel (`None`: Triton's
     default)."""
     s_blocks = tuple(
         _split_tile_size(splits, split_block, r_block * per_split, kernel_warps)
         for splits, per_split, kernel_warps in zip(
-            (distance_splits, num_splits, num_splits), (16, fine, value_dim), warps, strict=True
+            (distance_splits, num_splits, attend_splits), (16, fine, value_dim), warps, strict=True
         )
     )
     options = []

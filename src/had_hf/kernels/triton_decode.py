@@ -94,6 +94,7 @@ def hamming_topk_decode(
     split_block: int = 32,
     gather_block: int = 32,
     gather_stages: int = 0,
+    attend_split_group: int = 1,
     single_row_dot: bool = False,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +132,9 @@ def hamming_topk_decode(
         gather_stages (`int`, *optional*, defaults to 0): the attend kernel's gather loop: 0 issues the next tile's
             loads by hand one iteration ahead; a positive number leaves the loop to Triton's pipeliner with that many
             stages (asynchronous copies on the GPU, several tiles of value rows in flight). The same result.
+        attend_split_group (`int`, *optional*, defaults to 1): splits of the fine count per split of the attend
+            kernel (a power of two): fewer, longer attend programs (fewer partial results for its last programs to reduce) while the
+            first two kernels keep their splits.
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
@@ -166,6 +170,10 @@ def hamming_topk_decode(
             raise ValueError(f"{name} must be a power of two >= 16, got {size}.")
     if not (isinstance(gather_stages, int) and gather_stages >= 0):
         raise ValueError(f"gather_stages must be an integer >= 0, got {gather_stages} (0: the hand-written prefetch).")
+    if not (isinstance(attend_split_group, int) and _is_power_of_two(attend_split_group)):
+        raise ValueError(
+            f"attend_split_group must be a power of two (1 for the fine count's splits), got {attend_split_group}."
+        )
     warps, stages = _per_kernel("num_warps", num_warps), _per_kernel("num_stages", num_stages)
     device = query.device
     group = num_heads // num_kv_heads
@@ -199,7 +207,9 @@ def hamming_topk_decode(
     # one byte per (row, key) holds the distance for d <= 128 (0..d, and 255 = masked); d = 256 needs int16
     code_dtype, invalid_code = (torch.uint8, 255) if dim < 255 else (torch.int16, 32767)
     fine = dim // 8
-    list_entries = groups * num_splits * split_len  # per program, room for a whole split
+    # the attend kernel's splits: attend_split_group splits of the fine count each
+    attend_splits, attend_split_len = _cdiv(num_splits, attend_split_group), split_len * attend_split_group
+    list_entries = groups * attend_splits * attend_split_len  # per attend program, room for a whole split
     work = _Workspace.get(device)
     code_stride = _cdiv(n_keys, 64) * 64
 
@@ -217,7 +227,8 @@ def hamming_topk_decode(
         tickets = work.take("tickets", 3 * groups, torch.int32, zero=True)
         return (codes, *int_views, *float_views, *torch.split(tickets[: 3 * groups], groups))
 
-    layout_key = (num_rows, num_splits, split_len, code_stride, code_dtype, fine, value_dim, r_block, groups)
+    layout_key = (num_rows, num_splits, split_len, code_stride, code_dtype, fine, value_dim, r_block, groups,
+                  attend_split_group)  # fmt: skip
     (codes, coarse_counts, fine_counts, quotas, stats, kept_index, denominators, numerators, kept_weight,
      distance_tickets, count_tickets, attend_tickets) = work.layout(layout_key, build_layout)  # fmt: skip
     out = torch.empty(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
@@ -235,7 +246,7 @@ def hamming_topk_decode(
         n_keep_args = (codes, 0, 0, 0)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
-        distance_splits, num_splits, split_block, r_block, fine, value_dim, warps, stages
+        distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages
     )
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
@@ -294,7 +305,7 @@ def hamming_topk_decode(
             S_BLOCK=s_blocks[1],
             **launch_options[1],
         )
-        _attend_kernel[grid](
+        _attend_kernel[(batch * num_kv_heads, num_row_blocks, attend_splits)](
             codes,
             stats,
             quotas,
@@ -312,7 +323,8 @@ def hamming_topk_decode(
             query_len,
             group,
             num_kv_heads,
-            split_len,
+            attend_split_len,
+            attend_splits,
             num_splits,
             2.0 * float(alpha) * math.log2(math.e),
             int(alpha >= 0),
@@ -332,6 +344,7 @@ def hamming_topk_decode(
             WRITE_KEEP=return_keep,
             S_BLOCK=s_blocks[2],
             GATHER_STAGES=gather_stages,
+            SPLIT_GROUP=attend_split_group,
             **launch_options[2],
         )
     if return_keep:
