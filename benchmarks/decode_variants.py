@@ -1,16 +1,18 @@
-"""Variants of the decode kernels' launch side by side on one GPU: the attend kernel's gather loop (hand-written
-prefetch or Triton's pipeliner), its warps, tile and split counts, at the grouped-query shape and at B8-H16-d64-n64k.
+"""Variants of the decode kernels' launch side by side on one GPU, at the grouped-query shape and at
+B8-H16-d64-n64k: the attend kernel's gather loop (hand-written prefetch or Triton's pipeliner), the gather interleaved
+with the selection, its tile, warps and split count.
 
     PYTHONPATH=src python benchmarks/decode_variants.py --out benchmarks/results/decode_variants.json
 
 For each shape (one query position, N = ceil(0.117 n), bf16; the inputs of `decode_floors.py`) and each variant of
 `hamming_topk_decode`'s options:
-1. its output against the default's (bit for bit, and the relative difference of the two);
+1. its output against the default's (bit for bit, and the relative difference of the two: variants that sum the same
+   tiles in the same order give the same bits, those with other splits differ by rounding);
 2. the time of a call in CUDA graphs (`triton.testing.do_bench_cudagraph`, median; no L2 flush between replays, as
    `decode.py`'s `speedup_graph`), over the best SDPA backend timed the same way, and each kernel's time (torch
    profiler).
-The default is timed first and again last: the difference is the run's noise. Exits 1 if a variant's output differs
-from the default's by more than rounding.
+The default is timed first and again last: the difference is the run's noise. The JSON is written after every
+variant. Exits 1 if a variant's output differs from the default's by more than rounding.
 
 `--smoke` runs tiny shapes on the CPU through Triton's interpreter (set TRITON_INTERPRET=1), without timing, to test
 this script.
@@ -37,20 +39,36 @@ from decode_floors import _decode_inputs  # noqa: E402
 
 from had_hf.kernels.triton_decode import hamming_topk_decode  # noqa: E402
 
-VARIANT_SHAPES = ("GQA-B1-H32/8-d128-n128k", "B8-H16-d64-n64k")
-
-# (name, options of hamming_topk_decode); the first is the default, timed again at the end. num_warps per kernel:
-# (distance, fine count, attend)
-VARIANTS = [
-    ("default", {}),
-    ("pipelined-gather-2", dict(gather_stages=2)),
-    ("pipelined-gather-3", dict(gather_stages=3)),
-    ("pipelined-gather-3-block64", dict(gather_stages=3, gather_block=64)),
-    ("attend-8-warps", dict(num_warps=(None, None, 8))),
-    ("pipelined-gather-3-attend-8-warps", dict(gather_stages=3, num_warps=(None, None, 8))),
-    ("2-programs-per-sm", dict(programs_per_sm=2)),
-    ("pipelined-gather-3-block64-2-programs-per-sm", dict(gather_stages=3, gather_block=64, programs_per_sm=2)),
-]
+# name: options of hamming_topk_decode. The default is also timed again at the end of each shape ("default-again").
+# num_warps per kernel: (distance, fine count, attend)
+PIPELINED = dict(gather_stages=3)
+VARIANTS = {
+    "default": {},
+    "pipelined-3": PIPELINED,
+    "pipelined-3-block64": dict(PIPELINED, gather_block=64),
+    "interleaved": dict(interleave_gather=True),
+    "interleaved-pipelined-3": dict(PIPELINED, interleave_gather=True),
+    "interleaved-pipelined-3-block64": dict(PIPELINED, interleave_gather=True, gather_block=64),
+    "interleaved-pipelined-3-select256": dict(PIPELINED, interleave_gather=True, block_n=256),
+    "attend-8-warps": dict(num_warps=(None, None, 8)),
+    "pipelined-3-attend-8-warps": dict(PIPELINED, num_warps=(None, None, 8)),
+    "split-group-2": dict(attend_split_group=2),
+    "split-group-2-pipelined-3-block64": dict(PIPELINED, attend_split_group=2, gather_block=64),
+    "split-group-2-interleaved-pipelined-3-block64": dict(
+        PIPELINED, attend_split_group=2, interleave_gather=True, gather_block=64
+    ),
+}
+# per shape, the variants timed (fewer at the one-row shape, whose attend kernel is near its gather floor already)
+SHAPE_VARIANTS = {
+    "GQA-B1-H32/8-d128-n128k": list(VARIANTS),
+    "B8-H16-d64-n64k": [
+        "default",
+        "pipelined-3",
+        "pipelined-3-block64",
+        "interleaved-pipelined-3",
+        "split-group-2-interleaved-pipelined-3-block64",
+    ],
+}
 
 # relative difference (Frobenius) of a variant's bf16 output from the default's beyond which it counts as different:
 # the same kept keys summed in another order differ by bf16 rounding (~1e-3)
@@ -78,11 +96,13 @@ def best_sdpa_graph(query, key, value, group: int) -> dict:
     return {"backends_us": times, "best": best, "best_us": timed[best]}
 
 
-def run_shape(shape, device: torch.device, smoke: bool) -> dict:
+def run_shape(shape, names: list[str], device: torch.device, smoke: bool, result: dict, write) -> dict:
+    """Fills `result` with the variants `names` at `shape` (calling `write` after each, so that a run cut short keeps
+    what it measured)."""
     print(f"\n== {shape.name}: N = {shape.top_n}", flush=True)
     query, key_words, value = _decode_inputs(shape, device)
     alpha = 1.0 / math.sqrt(shape.head_dim)
-    result: dict = {"shape": shape.name, "top_n": shape.top_n, "variants": []}
+    result.update(shape=shape.name, top_n=shape.top_n, variants=[])
     if not smoke:
         # the dense keys only for SDPA (seeded as _decode_inputs seeds them; SDPA's time does not depend on them)
         key = torch.randn(shape.batch, shape.num_kv_heads, shape.num_keys, shape.head_dim, device=device)
@@ -90,7 +110,8 @@ def run_shape(shape, device: torch.device, smoke: bool) -> dict:
         del key
         print(f"  sdpa in graphs: {result['sdpa_graph']}", flush=True)
     default_out = hamming_topk_decode(query, key_words, value, None, shape.top_n, alpha)
-    for name, options in [*VARIANTS, ("default-again", VARIANTS[0][1])]:
+    for name in [*names, "default-again"]:
+        options = VARIANTS[name.removesuffix("-again")]
 
         def call(options=options):
             return hamming_topk_decode(query, key_words, value, None, shape.top_n, alpha, **options)
@@ -108,6 +129,7 @@ def run_shape(shape, device: torch.device, smoke: bool) -> dict:
             row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         result["variants"].append(row)
         print(f"  {name}: {row}", flush=True)
+        write()
     timed = [row for row in result["variants"] if "graph_us" in row]
     if timed:
         result["best"] = min(timed, key=lambda row: row["graph_us"])["name"]
@@ -118,9 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_variants.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPE_VARIANTS), help="names of the shapes to run")
+    parser.add_argument("--variants", nargs="*", help="names of the variants to run (default: each shape's own)")
     args = parser.parse_args(argv)
+    unknown = set(args.variants or ()) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     device = torch.device("cpu" if args.smoke else "cuda")
-    shapes = SMOKE_SHAPES if args.smoke else [shape for shape in SHAPES if shape.name in VARIANT_SHAPES]
+    if args.smoke:
+        runs = [(shape, args.variants or list(VARIANTS)) for shape in SMOKE_SHAPES]
+    else:
+        by_name = {shape.name: shape for shape in SHAPES}
+        runs = [(by_name[name], args.variants or SHAPE_VARIANTS[name]) for name in args.shapes]
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -134,10 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16",
         "shapes": [],
     }
-    for shape in shapes:
-        report["shapes"].append(run_shape(shape, device, args.smoke))
+
+    def write() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    for shape, names in runs:
+        report["shapes"].append({})
+        run_shape(shape, names, device, args.smoke, report["shapes"][-1], write)
+        write()
     rows = [row for shape in report["shapes"] for row in shape["variants"]]
     ok = all("error" in row or row["relative_difference"] <= MAX_RELATIVE_DIFFERENCE for row in rows)
     print(f"\nwrote {args.out}; every variant's output equals the default's up to rounding: {ok}")

@@ -33,7 +33,8 @@ def test_decode_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_decode_variants_benchmark_smoke(tmp_path):
-    """`benchmarks/decode_variants.py --smoke`: every launch variant runs and gives the default's output."""
+    """`benchmarks/decode_variants.py --smoke`: every launch variant runs and gives the default's output (bit for bit
+    where it sums the same tiles in the same order: all but the other attend splits)."""
     pytest.importorskip("triton")
     out = tmp_path / "decode_variants.json"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO / "src"))
@@ -42,7 +43,8 @@ def test_decode_variants_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = [row for shape in report["shapes"] for row in shape["variants"]]
-    assert len(report["shapes"]) == 2 and all(row.get("equal_to_default") for row in rows), rows
+    assert len(report["shapes"]) == 2 and all(row["relative_difference"] < 1e-2 for row in rows), rows
+    assert all(row["equal_to_default"] for row in rows if "attend_split_group" not in row["options"]), rows
 
 
 def test_generate_benchmark_smoke(tmp_path):

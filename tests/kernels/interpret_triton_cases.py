@@ -69,19 +69,18 @@ GATHER_STAGES_CASES = [
 
 
 @pytest.mark.parametrize("case, single_row_dot", GATHER_STAGES_CASES, ids=lambda x: getattr(x, "id", str(x)))
-def test_decode_kernel_pipelined_gather_equals_prefetched(case: Case, single_row_dot: bool):
-    """The gather loop left to Triton's pipeliner (`gather_stages` > 0) keeps the reference's keys, and sums the same
-    tiles in the same order as the hand-pipelined loop: the same output, bit for bit."""
+def test_decode_kernel_gather_variants_equal_the_default(case: Case, single_row_dot: bool):
+    """The gather loop left to Triton's pipeliner (`gather_stages` > 0) and the gather interleaved with the selection
+    keep the reference's keys, and sum the same tiles in the same order as the default: the same output, bit for
+    bit."""
     options = dict(num_splits=3, block_n=16, gather_block=16, single_row_dot=single_row_dot)
-    check_triton_decode(case, seed=17, gather_stages=2, **options)
+    check_triton_decode(case, seed=17, gather_stages=2, interleave_gather=True, **options)
     query, key, value, valid = make_inputs(case, seed=17)
     outputs = [
-        hamming_topk_decode(
-            query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, gather_stages=stages, **options
-        )  # fmt: skip
-        for stages in (0, 2)
+        hamming_topk_decode(query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, **variant, **options)
+        for variant in ({}, dict(gather_stages=2), dict(interleave_gather=True))
     ]
-    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
 # (case, num_splits, distance_splits, split_block, num_stages, num_warps): more splits than a tile of the last programs'

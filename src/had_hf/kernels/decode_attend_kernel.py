@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_gather import _gather_listed_rows, _kept_weights
+from .decode_gather import _gather_listed_rows, _gather_whole_tiles, _kept_weights, _new_sums
 from .decode_split_k import (
     _batch_and_kv_head,
     _last_split,
@@ -117,6 +117,7 @@ def _attend_kernel(
     S_BLOCK: tl.constexpr,
     GATHER_STAGES: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -141,6 +142,11 @@ def _attend_kernel(
     list_index = index_ptr + list_base
     list_weight = weight_ptr + list_base * R_BLOCK
 
+    # the running weighted sum of the gathered value rows (phase 2; with INTERLEAVE, the whole tiles of the list are
+    # gathered after each selection block already, so that value loads start before the selection ends)
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    partial, row_denominator = _new_sums(DV, R_DOT, BLOCK_K, ROW_FMA)
+
     # phase 1: select. Only the codes are read (one byte per key and row), and the keys kept by any row are
     # compacted into the list with their weights, so that phase 2 issues value loads that are all useful.
     if R_BLOCK <= 4:
@@ -154,7 +160,13 @@ def _attend_kernel(
             grow, thr, quota, shift, row_ok, r_local, 0, code_ptr, code_stride, end
         )
         seen0 = num_listed
+        gathered = num_listed
         den0 = tl.zeros((BLOCK_N // 8,), dtype=tl.float32)  # per thread: fewer registers
+        if ROW_FMA:
+            # one row: the gather computes the weights from the row's codes
+            gather_codes, gather_shift = code_row0, shift0
+        else:
+            gather_codes, gather_shift = code_ptr, 0
         if R_BLOCK == 1:
             # one row: its codes a tile ahead (several rows: more registers than the prefetch is worth)
             next0 = tl.load(code_row0 + start + keys8, mask=start + keys8 < end0, other=INVALID_CODE)
@@ -250,6 +262,14 @@ def _attend_kernel(
                 if R_BLOCK > 2:
                     tl.store(keep_ptr + grow2 * code_stride + offs_n, keep2.to(tl.int8), mask=offs_n < end2)
                     tl.store(keep_ptr + grow3 * code_stride + offs_n, keep3.to(tl.int8), mask=offs_n < end3)
+            if INTERLEAVE:
+                partial, row_denominator, gathered = _gather_whole_tiles(partial, row_denominator, v_base,
+                                                                         list_index, list_weight, gathered,
+                                                                         num_listed, gather_codes, gather_shift,
+                                                                         alpha_log2, stride_vn, stride_vd, DV,
+                                                                         R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE,
+                                                                         V_IS_FP32, DOT_FP32, ROW_FMA,
+                                                                         GATHER_STAGES)  # fmt: skip
         select_totals = tl.where(r_local == 0, tl.sum(den0, axis=0), 0.0)
         if R_BLOCK > 1:
             select_totals += tl.where(r_local == 1, tl.sum(den1, axis=0), 0.0)
@@ -261,6 +281,8 @@ def _attend_kernel(
         seen_ties = tl.zeros((R_BLOCK,), dtype=tl.int32)
         denominators = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.float32)
         num_listed = tl.sum(seen_ties, axis=0)
+        gathered = num_listed
+        gather_codes, gather_shift = code_ptr, 0
         offs_next = start + tl.arange(0, BLOCK_N)
         next_code = tl.load(
             code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=INVALID_CODE
@@ -291,22 +313,29 @@ def _attend_kernel(
             num_listed += tl.sum(listed_keys, axis=0)
             if WRITE_KEEP:
                 tl.store(keep_ptr + grow[:, None] * code_stride + offs_n[None, :], keep.to(tl.int8), mask=in_bounds)
+            if INTERLEAVE:
+                partial, row_denominator, gathered = _gather_whole_tiles(partial, row_denominator, v_base,
+                                                                         list_index, list_weight, gathered,
+                                                                         num_listed, gather_codes, gather_shift,
+                                                                         alpha_log2, stride_vn, stride_vd, DV,
+                                                                         R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE,
+                                                                         V_IS_FP32, DOT_FP32, ROW_FMA,
+                                                                         GATHER_STAGES)  # fmt: skip
         select_totals = tl.sum(denominators, axis=1)
 
     # the list was written by all threads of this program: make it visible to all of them
     tl.debug_barrier()
 
-    # phase 2: gather the listed value rows and accumulate their weighted sum (one row: the selection's code_row0
-    # and shift0 give the weights)
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
-    if ROW_FMA:
-        row_codes, row_shift = code_row0, shift0
+    # phase 2: gather the listed value rows (those past the whole tiles gathered already, with INTERLEAVE) and
+    # accumulate their weighted sum
+    if INTERLEAVE:
+        first = tl.multiple_of(gathered, BLOCK_K)
     else:
-        row_codes, row_shift = code_ptr, 0
-    partial, row_denominator = _gather_listed_rows(v_base, list_index, list_weight, num_listed, row_codes, row_shift,
-                                                   alpha_log2, stride_vn, stride_vd, DV, R_BLOCK, R_DOT, BLOCK_K,
-                                                   INVALID_CODE, V_IS_FP32, DOT_FP32, ROW_FMA,
-                                                   GATHER_STAGES)  # fmt: skip
+        first = 0
+    partial, row_denominator = _gather_listed_rows(partial, row_denominator, v_base, list_index, list_weight, first,
+                                                   num_listed, gather_codes, gather_shift, alpha_log2, stride_vn,
+                                                   stride_vd, DV, R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE, V_IS_FP32,
+                                                   DOT_FP32, ROW_FMA, GATHER_STAGES)  # fmt: skip
     offs_d = tl.arange(0, DV)
     weight_rows = tl.arange(0, R_DOT)
 

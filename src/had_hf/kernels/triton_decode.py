@@ -95,6 +95,7 @@ def hamming_topk_decode(
     gather_block: int = 32,
     gather_stages: int = 0,
     attend_split_group: int = 1,
+    interleave_gather: bool = False,
     single_row_dot: bool = False,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +136,9 @@ def hamming_topk_decode(
         attend_split_group (`int`, *optional*, defaults to 1): splits of the fine count per split of the attend
             kernel (a power of two): fewer, longer attend programs (fewer partial results for its last programs to reduce) while the
             first two kernels keep their splits.
+        interleave_gather (`bool`, *optional*, defaults to `False`): gather the whole tiles of kept value rows listed
+            so far after each selection block of the attend kernel, so that its value loads start before the
+            selection ends (the same tiles in the same order: the same result).
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
@@ -345,6 +349,7 @@ def hamming_topk_decode(
             S_BLOCK=s_blocks[2],
             GATHER_STAGES=gather_stages,
             SPLIT_GROUP=attend_split_group,
+            INTERLEAVE=interleave_gather,
             **launch_options[2],
         )
     if return_keep:
