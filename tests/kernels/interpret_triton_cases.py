@@ -86,8 +86,8 @@ def test_decode_kernel_gather_variants_equal_the_default(case: Case, single_row_
 # (case, num_splits, distance_splits, split_block, num_stages, num_warps): more splits than a tile of the last programs'
 # reductions, so that they loop over tiles (the last one partial), and heavy ties whose quota is handed out across
 # several tiles (the carry of the prefix sum); R_BLOCK 2 and 8; fewer, longer splits for the distance kernel than for
-# the two after it; per-kernel num_stages and num_warps (ignored by the interpreter: the wrapper's plumbing, and the
-# warps' register budget of the split tiles)
+# the two after it; per-kernel num_stages, num_warps and max_registers (ignored by the interpreter: the wrapper's plumbing,
+# and the warps' register budget of the split tiles)
 SPLIT_TILE_CASES = [
     (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 5, 2, (1, None, 2), (None, 2, 8)),
     (
@@ -117,6 +117,7 @@ def test_decode_kernel_reduces_split_tiles(
         split_block=split_block,
         num_stages=num_stages,
         num_warps=num_warps,
+        max_registers=(None, None, 128),
     )
     # the kept ties reach past the first tile of splits (64 keys each): the quota crossed tiles
     assert int((keep * torch.arange(case.num_keys)).max()) >= 64 * split_block

@@ -88,11 +88,11 @@ class _Workspace:
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(
-    distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages
+    distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
 ) -> tuple:
     """Per kernel (distance, fine count, attend): the split-tile size of its last-program reduction, and its launch
-    options (shared dicts: not to be modified). `warps` and `stages` hold one entry per kernel (`None`: Triton's
-    default)."""
+    options (shared dicts: not to be modified). `warps`, `stages` and `registers` (the most registers per thread)
+    hold one entry per kernel (`None`: Triton's default)."""
     s_blocks = tuple(
         _split_tile_size(splits, split_block, r_block * per_split, kernel_warps)
         for splits, per_split, kernel_warps in zip(
@@ -100,10 +100,12 @@ def _launch_plan(
         )
     )
     options = []
-    for kernel_warps, kernel_stages in zip(warps, stages, strict=True):
+    for kernel_warps, kernel_stages, kernel_registers in zip(warps, stages, registers, strict=True):
         option = {} if kernel_warps is None else {"num_warps": kernel_warps}
         if kernel_stages is not None:
             option["num_stages"] = kernel_stages
+        if kernel_registers is not None:
+            option["maxnreg"] = kernel_registers
         options.append(option)
     return s_blocks, tuple(options)
 

@@ -91,6 +91,7 @@ def hamming_topk_decode(
     hist_block_elements: int = 1024,
     num_warps: int | Sequence[int | None] | None = None,
     num_stages: int | Sequence[int | None] | None = None,
+    max_registers: int | Sequence[int | None] | None = None,
     split_block: int = 32,
     gather_block: int = 32,
     gather_stages: int = 0,
@@ -126,6 +127,9 @@ def hamming_topk_decode(
             (distance, fine count, attend; `None` entries: Triton's default, as when unset).
         num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
             three or per kernel (distance, fine count, attend; `None` entries: Triton's default, as when unset).
+        max_registers (`int` or three of them, *optional*): the most registers per thread of the kernels (ptxas'
+            `maxnreg`; more programs fit on a multiprocessor at once, at the risk of spills), for all three or per
+            kernel (distance, fine count, attend; `None` entries: the compiler's choice, as when unset).
         split_block (`int`, *optional*, defaults to 32): most splits per tile of the last programs' reductions (a
             power of two); each kernel lowers it to the splits there are and to its register budget.
         gather_block (`int`, *optional*, defaults to 32): kept value rows per iteration of the attend kernel's
@@ -179,6 +183,7 @@ def hamming_topk_decode(
             f"attend_split_group must be a power of two (1 for the fine count's splits), got {attend_split_group}."
         )
     warps, stages = _per_kernel("num_warps", num_warps), _per_kernel("num_stages", num_stages)
+    registers = _per_kernel("max_registers", max_registers)
     device = query.device
     group = num_heads // num_kv_heads
     rows_per_group = group * query_len
@@ -250,7 +255,7 @@ def hamming_topk_decode(
         n_keep_args = (codes, 0, 0, 0)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
-        distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages
+        distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
     )
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
