@@ -37,42 +37,74 @@ import triton  # noqa: E402
 from decode import SHAPES, SMOKE_SHAPES, kernel_breakdown, sdpa_callable, sdpa_layouts  # noqa: E402
 from decode_floors import _decode_inputs  # noqa: E402
 
+from had_hf.kernels.decode_attend_kernel import _attend_kernel  # noqa: E402
+from had_hf.kernels.decode_distance_kernel import _distance_kernel  # noqa: E402
+from had_hf.kernels.decode_fine_count_kernel import _fine_count_kernel  # noqa: E402
 from had_hf.kernels.triton_decode import hamming_topk_decode  # noqa: E402
 
 # name: options of hamming_topk_decode. The default is also timed again at the end of each shape ("default-again").
-# num_warps per kernel: (distance, fine count, attend)
+# Per-kernel options hold (distance, fine count, attend). What each tries: a multiprocessor holds 65,536 registers,
+# so a kernel of r registers per thread and 4 warps fits 65536 // (128 r) programs at once (r rounded up to 8); more
+# programs than fit make a second, mostly idle wave.
 PIPELINED = dict(gather_stages=3)
+SELECT_256 = dict(block_n=256)  # the 4-row selection on (32, 8) tiles: fewer registers than on (128, 8)
 VARIANTS = {
     "default": {},
-    "pipelined-3": PIPELINED,
-    "pipelined-3-block64": dict(PIPELINED, gather_block=64),
-    "interleaved": dict(interleave_gather=True),
-    "interleaved-pipelined-3": dict(PIPELINED, interleave_gather=True),
-    "interleaved-pipelined-3-block64": dict(PIPELINED, interleave_gather=True, gather_block=64),
-    "interleaved-pipelined-3-select256": dict(PIPELINED, interleave_gather=True, block_n=256),
-    "attend-8-warps": dict(num_warps=(None, None, 8)),
-    "pipelined-3-attend-8-warps": dict(PIPELINED, num_warps=(None, None, 8)),
-    "split-group-2": dict(attend_split_group=2),
-    "split-group-2-pipelined-3-block64": dict(PIPELINED, attend_split_group=2, gather_block=64),
-    "split-group-2-interleaved-pipelined-3-block64": dict(
-        PIPELINED, attend_split_group=2, interleave_gather=True, gather_block=64
+    "select256": SELECT_256,
+    "attend-128-registers": dict(max_registers=(None, None, 128)),
+    "select256-pipelined-3": dict(SELECT_256, **PIPELINED),
+    "select256-pipelined-3-block64": dict(SELECT_256, gather_block=64, **PIPELINED),
+    "split-group-2-select256-pipelined-3-block64": dict(
+        SELECT_256, attend_split_group=2, gather_block=64, **PIPELINED
     ),
+    "select256-interleaved-pipelined-3-block64-128-registers": dict(
+        SELECT_256, interleave_gather=True, gather_block=64, max_registers=(None, None, 128), **PIPELINED
+    ),
+    "programs-per-sm-3": dict(programs_per_sm=3),
+    "registers-64": dict(max_registers=(64, None, 64)),
+    "pipelined-3": PIPELINED,
+    "pipelined-3-block64": dict(gather_block=64, **PIPELINED),
+    "pipelined-3-registers-64": dict(max_registers=(64, None, 64), **PIPELINED),
 }
-# per shape, the variants timed (fewer at the one-row shape, whose attend kernel is near its gather floor already)
+# per shape, the variants timed: 4-row programs at the GQA shape, one-row programs at the other
 SHAPE_VARIANTS = {
-    "GQA-B1-H32/8-d128-n128k": list(VARIANTS),
-    "B8-H16-d64-n64k": [
+    "GQA-B1-H32/8-d128-n128k": [
         "default",
-        "pipelined-3",
-        "pipelined-3-block64",
-        "interleaved-pipelined-3",
-        "split-group-2-interleaved-pipelined-3-block64",
+        "select256",
+        "attend-128-registers",
+        "select256-pipelined-3",
+        "select256-pipelined-3-block64",
+        "split-group-2-select256-pipelined-3-block64",
+        "select256-interleaved-pipelined-3-block64-128-registers",
+        "programs-per-sm-3",
     ],
+    "B8-H16-d64-n64k": ["default", "registers-64", "pipelined-3", "pipelined-3-block64", "pipelined-3-registers-64"],
 }
 
 # relative difference (Frobenius) of a variant's bf16 output from the default's beyond which it counts as different:
 # the same kept keys summed in another order differ by bf16 rounding (~1e-3)
 MAX_RELATIVE_DIFFERENCE = 1e-2
+
+
+def compiled_kernels() -> dict[int, dict]:
+    """Every binary of the three decode kernels compiled so far (Triton's in-memory cache): its registers per thread,
+    spilled bytes, shared memory and warps. Empty where this Triton's cache layout is not the one read here."""
+    found = {}
+    for kernel in (_distance_kernel, _fine_count_kernel, _attend_kernel):
+        try:
+            for cache in getattr(kernel, "device_caches", {}).values():
+                binaries = cache[0] if isinstance(cache, tuple) else cache
+                for binary in binaries.values():
+                    found[id(binary)] = dict(
+                        kernel=kernel.fn.__name__,
+                        registers=getattr(binary, "n_regs", None),
+                        spills=getattr(binary, "n_spills", None),
+                        shared=binary.metadata.shared,
+                        num_warps=binary.metadata.num_warps,
+                    )
+        except Exception as error:  # noqa: BLE001  (a report, not a requirement)
+            found[id(kernel)] = {"kernel": kernel.fn.__name__, "error": f"{type(error).__name__}: {error}"[:200]}
+    return found
 
 
 def graph_us(fn) -> float:
@@ -109,6 +141,7 @@ def run_shape(shape, names: list[str], device: torch.device, smoke: bool, result
         result["sdpa_graph"] = best_sdpa_graph(query, key.to(value.dtype), value, shape.group)
         del key
         print(f"  sdpa in graphs: {result['sdpa_graph']}", flush=True)
+    known = compiled_kernels()
     default_out = hamming_topk_decode(query, key_words, value, None, shape.top_n, alpha)
     for name in [*names, "default-again"]:
         options = VARIANTS[name.removesuffix("-again")]
@@ -119,6 +152,10 @@ def run_shape(shape, names: list[str], device: torch.device, smoke: bool, result
         row: dict = {"name": name, "options": options}
         try:
             out = call()
+            # the binaries this variant compiled (the default's at its first row)
+            compiled = compiled_kernels()
+            row["compiled"] = [info for key, info in compiled.items() if key not in known]
+            known = compiled
             difference = float((out.double() - default_out.double()).norm() / default_out.double().norm())
             row.update(equal_to_default=bool(torch.equal(out, default_out)), relative_difference=difference)
             if not smoke:
