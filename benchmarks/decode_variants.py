@@ -47,13 +47,16 @@ from had_hf.kernels.triton_decode import hamming_topk_decode  # noqa: E402
 # so a kernel of r registers per thread and 4 warps fits 65536 // (128 r) programs at once (r rounded up to 8); more
 # programs than fit make a second, mostly idle wave.
 PIPELINED = dict(gather_stages=3)
-SELECT_256 = dict(block_n=256)  # the 4-row selection on (32, 8) tiles: fewer registers than on (128, 8)
+# the 4-row selection on (32, 8) or (64, 8) tiles: fewer registers than on the default (128, 8)
+SELECT_256, SELECT_512 = dict(block_n=256), dict(block_n=512)
 VARIANTS = {
     "default": {},
     "select256": SELECT_256,
+    "select512": SELECT_512,
     "attend-128-registers": dict(max_registers=(None, None, 128)),
     "select256-pipelined-3": dict(SELECT_256, **PIPELINED),
     "select256-pipelined-3-block64": dict(SELECT_256, gather_block=64, **PIPELINED),
+    "select512-pipelined-3-block64": dict(SELECT_512, gather_block=64, **PIPELINED),
     "split-group-2-select256-pipelined-3-block64": dict(
         SELECT_256, attend_split_group=2, gather_block=64, **PIPELINED
     ),
@@ -71,12 +74,12 @@ SHAPE_VARIANTS = {
     "GQA-B1-H32/8-d128-n128k": [
         "default",
         "select256",
+        "select512",
         "attend-128-registers",
-        "select256-pipelined-3",
-        "select256-pipelined-3-block64",
-        "split-group-2-select256-pipelined-3-block64",
-        "select256-interleaved-pipelined-3-block64-128-registers",
         "programs-per-sm-3",
+        "select256-pipelined-3-block64",
+        "select512-pipelined-3-block64",
+        "split-group-2-select256-pipelined-3-block64",
     ],
     "B8-H16-d64-n64k": ["default", "registers-64", "pipelined-3", "pipelined-3-block64", "pipelined-3-registers-64"],
 }

@@ -294,6 +294,31 @@ def test_gpu_kernel_split_tiles(case: Case, split_block, num_stages):
     check_triton_decode(case, seed=13, device="cuda", num_splits=11, split_block=split_block, num_stages=num_stages)
 
 
+# the launch variants that benchmarks/decode_variants.py times (the interpreter checks them too, but not their sm_90
+# code: the pipeliner's asynchronous copies, tensor cores on bf16 values, capped registers)
+LAUNCH_VARIANTS = [
+    dict(gather_stages=3),
+    dict(gather_stages=3, gather_block=64, block_n=256),
+    dict(interleave_gather=True, gather_stages=3, max_registers=(None, None, 128)),
+    dict(attend_split_group=2, block_n=256),
+    dict(max_registers=(64, None, 64)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("case", SPLIT_TILE_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("options", LAUNCH_VARIANTS, ids=str)
+def test_gpu_kernel_launch_variants(case: Case, options):
+    from had_hf.kernels.triton_decode import hamming_topk_decode
+
+    check_triton_decode(case, seed=13, device="cuda", num_splits=11, **options)
+    query, key, value, valid = make_inputs(case, seed=13)
+    args = (query.cuda(), pack_sign_bits(key).cuda(), value.cuda().bfloat16(), valid.cuda(), case.top_n, case.alpha)
+    default = hamming_topk_decode(*args, num_splits=11)
+    assert _relative_error(hamming_topk_decode(*args, num_splits=11, **options), default.double()) < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("shape", BENCHMARK_SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}/{s[2]}-d{s[3]}-n{s[4]}")
