@@ -77,9 +77,11 @@ SHAPE_VARIANTS = {
         "select512",
         "attend-128-registers",
         "programs-per-sm-3",
+        "select256-pipelined-3",
         "select256-pipelined-3-block64",
         "select512-pipelined-3-block64",
         "split-group-2-select256-pipelined-3-block64",
+        "select256-interleaved-pipelined-3-block64-128-registers",
     ],
     "B8-H16-d64-n64k": ["default", "registers-64", "pipelined-3", "pipelined-3-block64", "pipelined-3-registers-64"],
 }
