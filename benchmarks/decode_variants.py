@@ -53,7 +53,7 @@ VARIANTS = {
     "default": {},
     "select256": SELECT_256,
     "select512": SELECT_512,
-    "attend-128-registers": dict(max_registers=(None, None, 128)),
+    "pipelined-3-attend-128-registers": dict(max_registers=(None, None, 128), **PIPELINED),
     "select256-pipelined-3": dict(SELECT_256, **PIPELINED),
     "select256-pipelined-3-block64": dict(SELECT_256, gather_block=64, **PIPELINED),
     "select512-pipelined-3-block64": dict(SELECT_512, gather_block=64, **PIPELINED),
@@ -64,10 +64,10 @@ VARIANTS = {
         SELECT_256, interleave_gather=True, gather_block=64, max_registers=(None, None, 128), **PIPELINED
     ),
     "programs-per-sm-3": dict(programs_per_sm=3),
-    "registers-64": dict(max_registers=(64, None, 64)),
+    "pipelined-2": dict(gather_stages=2),
     "pipelined-3": PIPELINED,
     "pipelined-3-block64": dict(gather_block=64, **PIPELINED),
-    "pipelined-3-registers-64": dict(max_registers=(64, None, 64), **PIPELINED),
+    "pipelined-3-block64-attend-64-registers": dict(gather_block=64, max_registers=(None, None, 64), **PIPELINED),
 }
 # per shape, the variants timed: 4-row programs at the GQA shape, one-row programs at the other
 SHAPE_VARIANTS = {
@@ -75,15 +75,21 @@ SHAPE_VARIANTS = {
         "default",
         "select256",
         "select512",
-        "attend-128-registers",
         "programs-per-sm-3",
+        "pipelined-3-attend-128-registers",
         "select256-pipelined-3",
         "select256-pipelined-3-block64",
         "select512-pipelined-3-block64",
         "split-group-2-select256-pipelined-3-block64",
         "select256-interleaved-pipelined-3-block64-128-registers",
     ],
-    "B8-H16-d64-n64k": ["default", "registers-64", "pipelined-3", "pipelined-3-block64", "pipelined-3-registers-64"],
+    "B8-H16-d64-n64k": [
+        "default",
+        "pipelined-2",
+        "pipelined-3",
+        "pipelined-3-block64",
+        "pipelined-3-block64-attend-64-registers",
+    ],
 }
 
 # relative difference (Frobenius) of a variant's bf16 output from the default's beyond which it counts as different:

@@ -142,10 +142,11 @@ def _attend_kernel(
     list_index = index_ptr + list_base
     list_weight = weight_ptr + list_base * R_BLOCK
 
-    # the running weighted sum of the gathered value rows (phase 2; with INTERLEAVE, the whole tiles of the list are
-    # gathered after each selection block already, so that value loads start before the selection ends)
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
-    partial, row_denominator = _new_sums(DV, R_DOT, BLOCK_K, ROW_FMA)
+    if INTERLEAVE:
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
+        # the running weighted sum of the gathered value rows: the whole tiles of the list are gathered after each
+        # selection block already, so that value loads start before the selection ends
+        partial, row_denominator = _new_sums(DV, R_DOT, BLOCK_K, ROW_FMA)
 
     # phase 1: select. Only the codes are read (one byte per key and row), and the keys kept by any row are
     # compacted into the list with their weights, so that phase 2 issues value loads that are all useful.
@@ -332,6 +333,8 @@ def _attend_kernel(
         first = tl.multiple_of(gathered, BLOCK_K)
     else:
         first = 0
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
+        partial, row_denominator = _new_sums(DV, R_DOT, BLOCK_K, ROW_FMA)
     partial, row_denominator = _gather_listed_rows(partial, row_denominator, v_base, list_index, list_weight, first,
                                                    num_listed, gather_codes, gather_shift, alpha_log2, stride_vn,
                                                    stride_vd, DV, R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE, V_IS_FP32,
