@@ -20,8 +20,8 @@ reduces what the splits wrote, a tile of splits per load (`decode_split_k`):
    index order), and compact the keys kept by any of the program's rows into a list with their weights
    exp(alpha * (Sb - Sb_max)); the row's largest kept score is known in advance, so the splits' partial softmaxes
    share one shift and need no rescaling. Gather: load the listed value rows (every load useful) and accumulate
-   their weighted sum, the next tile's rows in flight while a tile is accumulated. The last program sums the
-   splits' partial numerators and denominators into the output.
+   their weighted sum, the next tile's rows in flight while a tile is accumulated (`decode_gather`: by hand, or by
+   Triton's pipeliner). The last program sums the splits' partial numerators and denominators into the output.
 
 The histograms are counted in registers: each lane adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most
 127 iterations per program), so no cross-thread work happens per key. The loops keep every (R, BLOCK_N) tensor in one
