@@ -31,6 +31,41 @@ def test_decode_benchmark_smoke(tmp_path):
         assert entry["had"]["cache_gib"] < entry["sdpa"]["cache_gib"]  # packed sign bits for the keys
 
 
+@pytest.mark.slow
+def test_decode_variants_benchmark_smoke(tmp_path):
+    """`benchmarks/decode_variants.py --smoke`: every launch variant runs and gives the default's output (bit for bit
+    where it sums the same tiles in the same order: all but the other attend splits)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "decode_variants.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO / "src"))
+    command = [sys.executable, "benchmarks/decode_variants.py", "--smoke", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = [row for shape in report["shapes"] for row in shape["variants"]]
+    assert len(report["shapes"]) == 2 and all(row["relative_difference"] < 1e-2 for row in rows), rows
+    assert all(row["equal_to_default"] for row in rows if "attend_split_group" not in row["options"]), rows
+
+
+@pytest.mark.slow
+def test_decode_registers_benchmark(tmp_path):
+    """`benchmarks/decode_registers.py`: the recorded launches of one decode call compile for sm_90 without a GPU."""
+    pytest.importorskip("triton")
+    out = tmp_path / "decode_registers.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO / "src")
+    shape = "GQA-B1-H32/8-d128-n128k"
+    command = [sys.executable, "benchmarks/decode_registers.py", "--shapes", shape, "--variants", "default"]
+    result = subprocess.run(
+        [*command, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    kernels = json.loads(out.read_text())["shapes"][0]["variants"][0]["kernels"]
+    assert set(kernels) == {"_distance_kernel", "_fine_count_kernel", "_attend_kernel"}
+    for info in kernels.values():
+        assert 0 < info["registers"] <= 255 and info["programs"] == 8 * 64 and info["waves"] >= 1, info
+
+
 def test_generate_benchmark_smoke(tmp_path):
     """`benchmarks/generate.py --smoke`: the three variants on a tiny model, the compiled ones through generate()'s own
     compilation, HAD's compiled tokens equal to its eager ones, and `--merge` keeping the rows of an earlier run."""

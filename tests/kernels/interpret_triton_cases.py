@@ -57,28 +57,58 @@ def test_decode_kernel_selects_exactly(case: Case, launch):
     )
 
 
-# (case, num_splits, distance_splits, split_block, num_stages): more splits than a tile of the last programs'
+# (case, single_row_dot): one-row programs (multiply-adds and tl.dot), groups of 8 rows (R_BLOCK 8), 4 rows with heavy
+# ties and 3 rows (a padding row), over several splits and several gathered tiles per program
+GATHER_STAGES_CASES = [
+    (SELECTION_CASES[1], False),
+    (SELECTION_CASES[1], True),
+    (SELECTION_CASES[2], False),
+    (SELECTION_CASES[10], False),
+    (SELECTION_CASES[11], False),
+]
+
+
+@pytest.mark.parametrize("case, single_row_dot", GATHER_STAGES_CASES, ids=lambda x: getattr(x, "id", str(x)))
+def test_decode_kernel_gather_variants_equal_the_default(case: Case, single_row_dot: bool):
+    """The gather loop left to Triton's pipeliner (`gather_stages` > 0) and the gather interleaved with the selection
+    keep the reference's keys, and sum the same tiles in the same order as the default: the same output, bit for
+    bit."""
+    options = dict(num_splits=3, block_n=16, gather_block=16, single_row_dot=single_row_dot)
+    check_triton_decode(case, seed=17, gather_stages=2, interleave_gather=True, **options)
+    query, key, value, valid = make_inputs(case, seed=17)
+    outputs = [
+        hamming_topk_decode(query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, **variant, **options)
+        for variant in ({}, dict(gather_stages=2), dict(interleave_gather=True))
+    ]
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+
+
+# (case, num_splits, distance_splits, split_block, num_stages, num_warps): more splits than a tile of the last programs'
 # reductions, so that they loop over tiles (the last one partial), and heavy ties whose quota is handed out across
 # several tiles (the carry of the prefix sum); R_BLOCK 2 and 8; fewer, longer splits for the distance kernel than for
-# the two after it; per-kernel num_stages (ignored by the interpreter: the wrapper's plumbing)
+# the two after it; per-kernel num_stages, num_warps and max_registers (ignored by the interpreter: the wrapper's plumbing,
+# and the warps' register budget of the split tiles)
 SPLIT_TILE_CASES = [
-    (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 5, 2, (1, None, 2)),
+    (Case(num_keys=700, top_n=300, mask="padding", patterns=1), 11, 5, 2, (1, None, 2), (None, 2, 8)),
     (
         Case(num_heads=8, num_kv_heads=2, query_len=2, mask="causal", num_keys=700, top_n=150, patterns=2),
         11,
         None,
         4,
         None,
+        None,
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    "case, num_splits, distance_splits, split_block, num_stages",
+    "case, num_splits, distance_splits, split_block, num_stages, num_warps",
     SPLIT_TILE_CASES,
     ids=lambda x: getattr(x, "id", str(x)),
 )
-def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, distance_splits, split_block, num_stages):
+def test_decode_kernel_reduces_split_tiles(
+    case: Case, num_splits, distance_splits, split_block, num_stages, num_warps
+):
     keep = check_triton_decode(
         case,
         seed=13,
@@ -86,9 +116,24 @@ def test_decode_kernel_reduces_split_tiles(case: Case, num_splits, distance_spli
         distance_splits=distance_splits,
         split_block=split_block,
         num_stages=num_stages,
+        num_warps=num_warps,
+        max_registers=(None, None, 128),
     )
     # the kept ties reach past the first tile of splits (64 keys each): the quota crossed tiles
     assert int((keep * torch.arange(case.num_keys)).max()) >= 64 * split_block
+
+
+@pytest.mark.parametrize(
+    "case, split_group, gather_stages",
+    [(SPLIT_TILE_CASES[1][0], 2, 0), (SPLIT_TILE_CASES[0][0], 4, 2), (SPLIT_TILE_CASES[1][0], 16, 2)],
+    ids=lambda x: getattr(x, "id", str(x)),
+)
+def test_decode_kernel_attend_split_groups(case: Case, split_group, gather_stages):
+    """Attend programs over several consecutive splits of the fine count (their tie quotas summed: the heavy ties are
+    cut inside a group; the last group partial; one group over all 11 splits) keep exactly the reference's keys."""
+    check_triton_decode(
+        case, seed=13, num_splits=11, attend_split_group=split_group, gather_stages=gather_stages, split_block=2
+    )
 
 
 def test_decode_kernel_cached_layouts_across_growing_and_shrinking_calls():

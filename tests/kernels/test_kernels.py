@@ -177,6 +177,9 @@ def test_triton_kernels_under_interpreter():
         ("block_n", 48, "block_n must be a power of two >= 16, got 48"),
         ("block_n", 8, "block_n must be a power of two >= 16, got 8"),
         ("gather_block", 24, "gather_block must be a power of two >= 16, got 24"),
+        ("gather_stages", -1, "gather_stages must be an integer >= 0, got -1"),
+        ("num_warps", (4, 4), "num_warps takes one value or three"),
+        ("attend_split_group", 3, "attend_split_group must be a power of two"),
     ],
 )
 def test_decode_kernel_rejects_bad_block_sizes(option, size, message):
@@ -289,6 +292,31 @@ SPLIT_TILE_CASES = [
 @pytest.mark.parametrize("num_stages", [None, 1, (1, 3, 2)], ids=str)
 def test_gpu_kernel_split_tiles(case: Case, split_block, num_stages):
     check_triton_decode(case, seed=13, device="cuda", num_splits=11, split_block=split_block, num_stages=num_stages)
+
+
+# the launch variants that benchmarks/decode_variants.py times (the interpreter checks them too, but not their sm_90
+# code: the pipeliner's asynchronous copies, tensor cores on bf16 values, capped registers)
+LAUNCH_VARIANTS = [
+    dict(gather_stages=3),
+    dict(gather_stages=3, gather_block=64, block_n=256),
+    dict(interleave_gather=True, gather_stages=3, max_registers=(None, None, 128)),
+    dict(attend_split_group=2, block_n=256),
+    dict(max_registers=(64, None, 64)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("case", SPLIT_TILE_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("options", LAUNCH_VARIANTS, ids=str)
+def test_gpu_kernel_launch_variants(case: Case, options):
+    from had_hf.kernels.triton_decode import hamming_topk_decode
+
+    check_triton_decode(case, seed=13, device="cuda", num_splits=11, **options)
+    query, key, value, valid = make_inputs(case, seed=13)
+    args = (query.cuda(), pack_sign_bits(key).cuda(), value.cuda().bfloat16(), valid.cuda(), case.top_n, case.alpha)
+    default = hamming_topk_decode(*args, num_splits=11)
+    assert _relative_error(hamming_topk_decode(*args, num_splits=11, **options), default.double()) < 1e-2
 
 
 @pytest.mark.gpu

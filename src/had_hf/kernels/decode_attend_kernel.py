@@ -1,17 +1,20 @@
 """Decode kernel 3 of 3: select the kept keys of a split (below the threshold, plus the split's share of the ties),
-gather their value rows and reduce the splits' partial softmaxes into the output."""
+gather their value rows and reduce the splits' partial softmaxes into the output. A split of this kernel is
+SPLIT_GROUP consecutive splits of the fine count (one unless asked otherwise), their tie quotas summed."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .decode_gather import _gather_listed_rows, _gather_whole_tiles, _kept_weights, _new_sums
 from .decode_split_k import (
     _batch_and_kv_head,
     _last_split,
     _load_split_tile,
     _padded_end,
     _program_rows,
+    _program_tie_quotas,
 )
 
 
@@ -69,34 +72,6 @@ def _row_keep(code, thr, quota, seen_ties, rank_ties):
     return keep, seen_ties
 
 
-@triton.jit
-def _kept_weights(keep, shift, code, alpha_log2, V_DTYPE: tl.constexpr, V_IS_FP32: tl.constexpr):
-    """exp(alpha * (Sb - Sb_max)) of kept keys (exponent <= 0), 0 elsewhere (no overflow for masked codes when
-    alpha < 0); rounded to the value dtype, as the numerator multiplies it so, unless the values are fp32."""
-    p = tl.exp2(tl.where(keep, (shift - code).to(tl.float32) * alpha_log2, float("-inf")))
-    if not V_IS_FP32:
-        p = p.to(V_DTYPE).to(tl.float32)
-    return p
-
-
-@triton.jit
-def _listed_weights(list_weight, slot, num_listed, weight_rows, weight_row_ok, R_BLOCK: tl.constexpr):
-    """(R_DOT, BLOCK_K) weights of the list entries at `slot` (zeros past the list and on padding rows)."""
-    return tl.load(
-        list_weight + slot[None, :] * R_BLOCK + weight_rows[:, None],
-        mask=weight_row_ok & (slot < num_listed)[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _gather_rows(v_base, index, ok, offs_d, stride_vn, stride_vd):
-    """(BLOCK_K, DV) value rows at the listed key indices (zeros where not `ok`)."""
-    return tl.load(
-        v_base + index[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd, mask=ok[:, None], other=0.0
-    )
-
-
 @triton.jit(do_not_specialize=("n_keys",))
 def _attend_kernel(
     code_ptr,
@@ -118,6 +93,7 @@ def _attend_kernel(
     num_kv_heads,
     split_len,
     num_splits,
+    count_splits,
     alpha_log2,
     alpha_nonnegative,
     stride_vb,
@@ -139,6 +115,9 @@ def _attend_kernel(
     ROW_FMA: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
     S_BLOCK: tl.constexpr,
+    GATHER_STAGES: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -151,8 +130,7 @@ def _attend_kernel(
     h_min = tl.load(stats_ptr + grow * 8 + 2, mask=row_ok, other=0)
     # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0
     shift = tl.where(alpha_nonnegative != 0, h_min, thr)
-    quota = tl.load(quota_ptr + (grow * num_splits + pid_s) * 2, mask=row_ok, other=0)
-    ties = tl.load(quota_ptr + (grow * num_splits + pid_s) * 2 + 1, mask=row_ok, other=0)
+    quota, ties = _program_tie_quotas(quota_ptr, grow, row_ok, count_splits, SPLIT_GROUP)
     # a split keeps all of its ties or none, except the one where a row's quota runs out: only there are the
     # ties ranked (a scan per block)
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0
@@ -163,6 +141,12 @@ def _attend_kernel(
     list_base = ((pid_bh.to(tl.int64) * tl.num_programs(1) + pid_r) * num_splits + pid_s) * split_len
     list_index = index_ptr + list_base
     list_weight = weight_ptr + list_base * R_BLOCK
+
+    if INTERLEAVE:
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
+        # the running weighted sum of the gathered value rows: the whole tiles of the list are gathered after each
+        # selection block already, so that value loads start before the selection ends
+        partial, row_denominator = _new_sums(DV, R_DOT, BLOCK_K, ROW_FMA)
 
     # phase 1: select. Only the codes are read (one byte per key and row), and the keys kept by any row are
     # compacted into the list with their weights, so that phase 2 issues value loads that are all useful.
@@ -177,7 +161,13 @@ def _attend_kernel(
             grow, thr, quota, shift, row_ok, r_local, 0, code_ptr, code_stride, end
         )
         seen0 = num_listed
+        gathered = num_listed
         den0 = tl.zeros((BLOCK_N // 8,), dtype=tl.float32)  # per thread: fewer registers
+        if ROW_FMA:
+            # one row: the gather computes the weights from the row's codes
+            gather_codes, gather_shift = code_row0, shift0
+        else:
+            gather_codes, gather_shift = code_ptr, 0
         if R_BLOCK == 1:
             # one row: its codes a tile ahead (several rows: more registers than the prefetch is worth)
             next0 = tl.load(code_row0 + start + keys8, mask=start + keys8 < end0, other=INVALID_CODE)
@@ -273,6 +263,14 @@ def _attend_kernel(
                 if R_BLOCK > 2:
                     tl.store(keep_ptr + grow2 * code_stride + offs_n, keep2.to(tl.int8), mask=offs_n < end2)
                     tl.store(keep_ptr + grow3 * code_stride + offs_n, keep3.to(tl.int8), mask=offs_n < end3)
+            if INTERLEAVE:
+                partial, row_denominator, gathered = _gather_whole_tiles(partial, row_denominator, v_base,
+                                                                         list_index, list_weight, gathered,
+                                                                         num_listed, gather_codes, gather_shift,
+                                                                         alpha_log2, stride_vn, stride_vd, DV,
+                                                                         R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE,
+                                                                         V_IS_FP32, DOT_FP32, ROW_FMA,
+                                                                         GATHER_STAGES)  # fmt: skip
         select_totals = tl.where(r_local == 0, tl.sum(den0, axis=0), 0.0)
         if R_BLOCK > 1:
             select_totals += tl.where(r_local == 1, tl.sum(den1, axis=0), 0.0)
@@ -284,6 +282,8 @@ def _attend_kernel(
         seen_ties = tl.zeros((R_BLOCK,), dtype=tl.int32)
         denominators = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.float32)
         num_listed = tl.sum(seen_ties, axis=0)
+        gathered = num_listed
+        gather_codes, gather_shift = code_ptr, 0
         offs_next = start + tl.arange(0, BLOCK_N)
         next_code = tl.load(
             code_rows + offs_next[None, :], mask=row_ok[:, None] & (offs_next < end)[None, :], other=INVALID_CODE
@@ -314,62 +314,33 @@ def _attend_kernel(
             num_listed += tl.sum(listed_keys, axis=0)
             if WRITE_KEEP:
                 tl.store(keep_ptr + grow[:, None] * code_stride + offs_n[None, :], keep.to(tl.int8), mask=in_bounds)
+            if INTERLEAVE:
+                partial, row_denominator, gathered = _gather_whole_tiles(partial, row_denominator, v_base,
+                                                                         list_index, list_weight, gathered,
+                                                                         num_listed, gather_codes, gather_shift,
+                                                                         alpha_log2, stride_vn, stride_vd, DV,
+                                                                         R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE,
+                                                                         V_IS_FP32, DOT_FP32, ROW_FMA,
+                                                                         GATHER_STAGES)  # fmt: skip
         select_totals = tl.sum(denominators, axis=1)
 
     # the list was written by all threads of this program: make it visible to all of them
     tl.debug_barrier()
 
-    # phase 2: gather the listed value rows and accumulate their weighted sum. The list entries of the next
-    # iteration are fetched one iteration ahead, so that an iteration waits for its value rows only.
+    # phase 2: gather the listed value rows (those past the whole tiles gathered already, with INTERLEAVE) and
+    # accumulate their weighted sum
+    if INTERLEAVE:
+        first = tl.multiple_of(gathered, BLOCK_K)
+    else:
+        first = 0
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
+        partial, row_denominator = _new_sums(DV, R_DOT, BLOCK_K, ROW_FMA)
+    partial, row_denominator = _gather_listed_rows(partial, row_denominator, v_base, list_index, list_weight, first,
+                                                   num_listed, gather_codes, gather_shift, alpha_log2, stride_vn,
+                                                   stride_vd, DV, R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE, V_IS_FP32,
+                                                   DOT_FP32, ROW_FMA, GATHER_STAGES)  # fmt: skip
     offs_d = tl.arange(0, DV)
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
-    slots = tl.arange(0, BLOCK_K)
-    # tl.dot needs >= 16 rows: the weight rows past R_BLOCK are zeros (R_DOT is 1 on the multiply-add path)
     weight_rows = tl.arange(0, R_DOT)
-    weight_row_ok = (weight_rows < R_BLOCK)[:, None]
-    # software pipeline by hand: the list entries two tiles ahead, the value rows one tile ahead, so that the loads
-    # of the next tile are in flight while the current one is accumulated
-    index = tl.load(list_index + slots, mask=slots < num_listed, other=0)
-    if ROW_FMA:
-        # one row: the weights come from the listed keys' codes (one byte each, written by the distance kernel)
-        # (one row: the selection's code_row0 and shift0)
-        codes = tl.load(code_row0 + index, mask=slots < num_listed, other=INVALID_CODE)
-        row_denominator = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    else:
-        weights = _listed_weights(list_weight, slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
-        next_weights = _listed_weights(list_weight, BLOCK_K + slots, num_listed, weight_rows, weight_row_ok, R_BLOCK)
-    v = _gather_rows(v_base, index, slots < num_listed, offs_d, stride_vn, stride_vd)
-    next_index = tl.load(list_index + BLOCK_K + slots, mask=BLOCK_K + slots < num_listed, other=0)
-    if ROW_FMA:
-        # multiply-add in registers (no tensor-core layout shuffles), reduced once after the loop
-        partial = tl.zeros((BLOCK_K, DV), dtype=tl.float32)
-    else:
-        partial = tl.zeros((R_DOT, DV), dtype=tl.float32)
-    for k0 in range(0, num_listed, BLOCK_K):
-        tile_v = v
-        following = k0 + BLOCK_K + slots
-        v = _gather_rows(v_base, next_index, following < num_listed, offs_d, stride_vn, stride_vd)
-        if ROW_FMA:
-            tile_codes = codes
-            codes = tl.load(code_row0 + next_index, mask=following < num_listed, other=INVALID_CODE)
-        else:
-            tile_weights = weights
-            weights = next_weights
-        after = following + BLOCK_K
-        next_index = tl.load(list_index + after, mask=after < num_listed, other=0)
-        if ROW_FMA:
-            # INVALID_CODE marks slots past the list: weight 0
-            p = _kept_weights(tile_codes != INVALID_CODE, shift0, tile_codes.to(tl.int32), alpha_log2,
-                              v_ptr.dtype.element_ty, V_IS_FP32)  # fmt: skip
-            row_denominator += p
-            partial += p[:, None] * tile_v.to(tl.float32)
-        else:
-            next_weights = _listed_weights(list_weight, after, num_listed, weight_rows, weight_row_ok, R_BLOCK)
-            if DOT_FP32:
-                # fp32 values, or the interpreter, whose tl.dot mishandles 16-bit floats (the weights are rounded)
-                partial += tl.dot(tile_weights, tile_v.to(tl.float32), input_precision="ieee")
-            else:
-                partial += tl.dot(tile_weights.to(tile_v.dtype), tile_v)
 
     if ROW_FMA:
         row_totals = tl.zeros((R_BLOCK,), dtype=tl.float32) + tl.sum(row_denominator, axis=0)

@@ -87,18 +87,25 @@ class _Workspace:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_plan(distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages) -> tuple:
+def _launch_plan(
+    distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
+) -> tuple:
     """Per kernel (distance, fine count, attend): the split-tile size of its last-program reduction, and its launch
-    options (shared dicts: not to be modified)."""
+    options (shared dicts: not to be modified). `warps`, `stages` and `registers` (the most registers per thread)
+    hold one entry per kernel (`None`: Triton's default)."""
     s_blocks = tuple(
-        _split_tile_size(splits, split_block, r_block * per_split, num_warps)
-        for splits, per_split in ((distance_splits, 16), (num_splits, fine), (num_splits, value_dim))
+        _split_tile_size(splits, split_block, r_block * per_split, kernel_warps)
+        for splits, per_split, kernel_warps in zip(
+            (distance_splits, num_splits, attend_splits), (16, fine, value_dim), warps, strict=True
+        )
     )
     options = []
-    for kernel_stages in stages:
-        option = {} if num_warps is None else {"num_warps": num_warps}
+    for kernel_warps, kernel_stages, kernel_registers in zip(warps, stages, registers, strict=True):
+        option = {} if kernel_warps is None else {"num_warps": kernel_warps}
         if kernel_stages is not None:
             option["num_stages"] = kernel_stages
+        if kernel_registers is not None:
+            option["maxnreg"] = kernel_registers
         options.append(option)
     return s_blocks, tuple(options)
 

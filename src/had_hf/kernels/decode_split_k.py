@@ -101,6 +101,24 @@ def _last_split(ticket_ptr, num_splits):
 
 
 @triton.jit
+def _program_tie_quotas(quota_ptr, grow, row_ok, count_splits, SPLIT_GROUP: tl.constexpr):
+    """The rows' tie quotas and tie counts over this program's keys: those of SPLIT_GROUP consecutive splits of the
+    fine count (`count_splits` of them), summed. The quotas are handed out to the splits in index order, so the first
+    `quota` ties of the union are those that its splits keep."""
+    if SPLIT_GROUP == 1:
+        at = (grow * count_splits + tl.program_id(2)) * 2
+        quota = tl.load(quota_ptr + at, mask=row_ok, other=0)
+        ties = tl.load(quota_ptr + at + 1, mask=row_ok, other=0)
+    else:
+        split = tl.program_id(2) * SPLIT_GROUP + tl.arange(0, SPLIT_GROUP)
+        at = (grow[:, None] * count_splits + split[None, :]) * 2
+        ok = row_ok[:, None] & (split < count_splits)[None, :]
+        quota = tl.sum(tl.load(quota_ptr + at, mask=ok, other=0), axis=1)
+        ties = tl.sum(tl.load(quota_ptr + at + 1, mask=ok, other=0), axis=1)
+    return quota, ties
+
+
+@triton.jit
 def _split_tile(grow, row_ok, first, num_splits, S_BLOCK: tl.constexpr):
     """(R, S_BLOCK) indices grow * num_splits + s of the per-(row, split) results of splits first .. first + S_BLOCK - 1,
     and which of them exist: the last program reduces the splits a tile at a time."""

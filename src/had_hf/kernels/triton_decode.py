@@ -20,8 +20,8 @@ reduces what the splits wrote, a tile of splits per load (`decode_split_k`):
    index order), and compact the keys kept by any of the program's rows into a list with their weights
    exp(alpha * (Sb - Sb_max)); the row's largest kept score is known in advance, so the splits' partial softmaxes
    share one shift and need no rescaling. Gather: load the listed value rows (every load useful) and accumulate
-   their weighted sum, the next tile's rows in flight while a tile is accumulated. The last program sums the
-   splits' partial numerators and denominators into the output.
+   their weighted sum, the next tile's rows in flight while a tile is accumulated (`decode_gather`: by hand, or by
+   Triton's pipeliner). The last program sums the splits' partial numerators and denominators into the output.
 
 The histograms are counted in registers: each lane adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most
 127 iterations per program), so no cross-thread work happens per key. The loops keep every (R, BLOCK_N) tensor in one
@@ -67,6 +67,14 @@ def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
     )
 
 
+def _per_kernel(name: str, option: int | Sequence[int | None] | None) -> tuple:
+    """A launch option given for all three kernels or per kernel (distance, fine count, attend), as three entries."""
+    entries = tuple(option) if isinstance(option, (tuple, list)) else (option,) * 3
+    if len(entries) != 3:
+        raise ValueError(f"{name} takes one value or three (distance, fine count, attend), got {option}.")
+    return entries
+
+
 def hamming_topk_decode(
     query: torch.Tensor,
     key_words: torch.Tensor,
@@ -81,10 +89,14 @@ def hamming_topk_decode(
     distance_splits: int | None = None,
     block_n: int | None = None,
     hist_block_elements: int = 1024,
-    num_warps: int | None = None,
+    num_warps: int | Sequence[int | None] | None = None,
     num_stages: int | Sequence[int | None] | None = None,
+    max_registers: int | Sequence[int | None] | None = None,
     split_block: int = 32,
     gather_block: int = 32,
+    gather_stages: int = 0,
+    attend_split_group: int = 1,
+    interleave_gather: bool = False,
     single_row_dot: bool = False,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +123,26 @@ def hamming_topk_decode(
             programs of one row and 8192 // rows (at least 64) for programs of several.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
             counting kernels.
-        num_warps (`int`, *optional*): warps per program of the kernels (Triton's default if unset).
+        num_warps (`int` or three of them, *optional*): warps per program of the kernels, for all three or per kernel
+            (distance, fine count, attend; `None` entries: Triton's default, as when unset).
         num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
             three or per kernel (distance, fine count, attend; `None` entries: Triton's default, as when unset).
+        max_registers (`int` or three of them, *optional*): the most registers per thread of the kernels (ptxas'
+            `maxnreg`; more programs fit on a multiprocessor at once, at the risk of spills), for all three or per
+            kernel (distance, fine count, attend; `None` entries: the compiler's choice, as when unset).
         split_block (`int`, *optional*, defaults to 32): most splits per tile of the last programs' reductions (a
             power of two); each kernel lowers it to the splits there are and to its register budget.
         gather_block (`int`, *optional*, defaults to 32): kept value rows per iteration of the attend kernel's
             gather (fewer rows per iteration: fewer registers, more programs in flight).
+        gather_stages (`int`, *optional*, defaults to 0): the attend kernel's gather loop: 0 issues the next tile's
+            loads by hand one iteration ahead; a positive number leaves the loop to Triton's pipeliner with that many
+            stages (asynchronous copies on the GPU, several tiles of value rows in flight). The same result.
+        attend_split_group (`int`, *optional*, defaults to 1): splits of the fine count per split of the attend
+            kernel (a power of two): fewer, longer attend programs (fewer partial results for its last programs to reduce) while the
+            first two kernels keep their splits.
+        interleave_gather (`bool`, *optional*, defaults to `False`): gather the whole tiles of kept value rows listed
+            so far after each selection block of the attend kernel, so that its value loads start before the
+            selection ends (the same tiles in the same order: the same result).
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
@@ -151,9 +176,14 @@ def hamming_topk_decode(
     for name, size in (("block_n", block_n), ("gather_block", gather_block)):
         if size is not None and not (_is_power_of_two(size) and size >= 16):
             raise ValueError(f"{name} must be a power of two >= 16, got {size}.")
-    stages = tuple(num_stages) if isinstance(num_stages, (tuple, list)) else (num_stages,) * 3
-    if len(stages) != 3:
-        raise ValueError(f"num_stages takes one value or three (distance, fine count, attend), got {num_stages}.")
+    if not (isinstance(gather_stages, int) and gather_stages >= 0):
+        raise ValueError(f"gather_stages must be an integer >= 0, got {gather_stages} (0: the hand-written prefetch).")
+    if not (isinstance(attend_split_group, int) and _is_power_of_two(attend_split_group)):
+        raise ValueError(
+            f"attend_split_group must be a power of two (1 for the fine count's splits), got {attend_split_group}."
+        )
+    warps, stages = _per_kernel("num_warps", num_warps), _per_kernel("num_stages", num_stages)
+    registers = _per_kernel("max_registers", max_registers)
     device = query.device
     group = num_heads // num_kv_heads
     rows_per_group = group * query_len
@@ -186,7 +216,9 @@ def hamming_topk_decode(
     # one byte per (row, key) holds the distance for d <= 128 (0..d, and 255 = masked); d = 256 needs int16
     code_dtype, invalid_code = (torch.uint8, 255) if dim < 255 else (torch.int16, 32767)
     fine = dim // 8
-    list_entries = groups * num_splits * split_len  # per program, room for a whole split
+    # the attend kernel's splits: attend_split_group splits of the fine count each
+    attend_splits, attend_split_len = _cdiv(num_splits, attend_split_group), split_len * attend_split_group
+    list_entries = groups * attend_splits * attend_split_len  # per attend program, room for a whole split
     work = _Workspace.get(device)
     code_stride = _cdiv(n_keys, 64) * 64
 
@@ -204,7 +236,8 @@ def hamming_topk_decode(
         tickets = work.take("tickets", 3 * groups, torch.int32, zero=True)
         return (codes, *int_views, *float_views, *torch.split(tickets[: 3 * groups], groups))
 
-    layout_key = (num_rows, num_splits, split_len, code_stride, code_dtype, fine, value_dim, r_block, groups)
+    layout_key = (num_rows, num_splits, split_len, code_stride, code_dtype, fine, value_dim, r_block, groups,
+                  attend_split_group)  # fmt: skip
     (codes, coarse_counts, fine_counts, quotas, stats, kept_index, denominators, numerators, kept_weight,
      distance_tickets, count_tickets, attend_tickets) = work.layout(layout_key, build_layout)  # fmt: skip
     out = torch.empty(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
@@ -222,7 +255,7 @@ def hamming_topk_decode(
         n_keep_args = (codes, 0, 0, 0)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
-        distance_splits, num_splits, split_block, r_block, fine, value_dim, num_warps, stages
+        distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
     )
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
@@ -281,7 +314,7 @@ def hamming_topk_decode(
             S_BLOCK=s_blocks[1],
             **launch_options[1],
         )
-        _attend_kernel[grid](
+        _attend_kernel[(batch * num_kv_heads, num_row_blocks, attend_splits)](
             codes,
             stats,
             quotas,
@@ -299,7 +332,8 @@ def hamming_topk_decode(
             query_len,
             group,
             num_kv_heads,
-            split_len,
+            attend_split_len,
+            attend_splits,
             num_splits,
             2.0 * float(alpha) * math.log2(math.e),
             int(alpha >= 0),
@@ -318,6 +352,9 @@ def hamming_topk_decode(
             ROW_FMA=row_fma,
             WRITE_KEEP=return_keep,
             S_BLOCK=s_blocks[2],
+            GATHER_STAGES=gather_stages,
+            SPLIT_GROUP=attend_split_group,
+            INTERLEAVE=interleave_gather,
             **launch_options[2],
         )
     if return_keep:
