@@ -255,28 +255,18 @@ def _summary_row(summary: dict, task: str, flags: frozenset, teacher: float) -> 
     return found[0]
 
 
-@pytest.mark.parametrize("table", ["compact", "levers"])
-def test_readme_glue_tables_come_from_the_committed_summaries(table):
-    """Every row of the GLUE tables (the README's results table, benchmarks/README.md's levers table) is a row of the
-    committed summary of its step count: same runs, teacher, mean, range and drop, to the two decimals shown."""
-    results = REPO / "benchmarks" / "results"
-    summaries = {
-        5000: json.loads((results / "glue_summary.json").read_text()),
-        12000: json.loads((results / "glue_clean_summary.json").read_text()),
-    }
-    assert summaries[5000]["steps"] == 5000 and summaries[12000]["steps"] == 12000
+def test_benchmarks_readme_levers_table_comes_from_the_committed_summary():
+    """Every row of benchmarks/README.md's levers table is a row of the committed 5,000-step summary: same runs,
+    teacher, mean, range and drop, to the two decimals shown."""
+    summary_file = json.loads((REPO / "benchmarks" / "results" / "glue_summary.json").read_text())
+    assert summary_file["steps"] == 5000
     tasks = {"SST-2": "sst2", "MRPC": "mrpc", "STS-B": "stsb", "RTE": "rte"}
-    header = "| task | teacher | HAD: mean" if table == "compact" else "| task | recipe | flags |"
-    readme = REPO / "README.md" if table == "compact" else REPO / "benchmarks" / "README.md"
-    rows = _readme_table(header, readme)
+    rows = _readme_table("| task | recipe | flags |", REPO / "benchmarks" / "README.md")
     assert len(rows) >= 5
     for row in rows:
-        task = tasks[row["task"].rstrip(" †")]
-        steps = int(row["steps"].replace(",", "")) if table == "compact" else 5000
-        flags = _flag_set(row["options"] if table == "compact" else row["flags"])
-        teacher = float(row["teacher"])
-        summary = _summary_row(summaries[steps], task, flags, teacher)
-        runs = int(row["seeds"] if table == "compact" else row["runs"])
+        summary = _summary_row(summary_file, tasks[row["task"].rstrip(" †")], _flag_set(row["flags"]),
+                               float(row["teacher"]))  # fmt: skip
+        runs = int(row["runs"])
         assert summary["runs"] == runs, row
         mean, _, spread = row["HAD: mean (min-max)"].partition(" ")
         assert float(mean) == pytest.approx(summary["student_mean"], abs=0.006), row
@@ -288,9 +278,33 @@ def test_readme_glue_tables_come_from_the_committed_summaries(table):
             assert runs == 1
         assert float(row["drop"]) == pytest.approx(summary["drop_mean"], abs=0.006), row
         assert float(row["paper's drop"]) == pytest.approx(summary["paper_drop"], abs=0.006), row
-        # the leaked runs (extra inputs before the dev/test filter) are exactly the 5,000-step ones with extra tasks
-        leaked = steps == 5000 and any(name == "--distill_extra_tasks" for name, _ in flags)
-        assert row["task"].endswith("†") == leaked, row
+        # the leaked runs (extra inputs before the dev/test filter) are exactly the ones with extra tasks
+        assert row["task"].endswith("†") == any(name == "--distill_extra_tasks" for name, _ in _flag_set(row["flags"]))
+
+
+def test_readme_results_table_comes_from_the_defaults_runs():
+    """The README's results table is the defaults' rows of glue_defaults.json: teacher, student mean and range over
+    the seeds' dev figures, the drops (the defaults', the paper's, the previous defaults' in the same runs)."""
+    collected = json.loads((REPO / "benchmarks" / "results" / "glue_defaults.json").read_text())
+    table = {(row["task"], row["variant"]): row for row in collected["table"]}
+    tasks = {"SST-2": "sst2", "MRPC": "mrpc", "STS-B": "stsb", "RTE": "rte"}
+    rows = _readme_table("| task | teacher | HAD: mean (min-max) | drop |")
+    assert [row["task"].split()[0] for row in rows] == list(tasks)
+    for row in rows:
+        task = tasks[row["task"].split()[0]]
+        defaults, previous = table[(task, "defaults")], table[(task, "previous_defaults")]
+        assert row["task"].endswith(f"({defaults['metric'].replace('pearson', 'Pearson').replace('f1', 'F1')})")
+        students = [100 * run["student"][defaults["metric"]] for run in collected["runs"].values()
+                    if run["task"] == task and run["variant"] == "defaults"]  # fmt: skip
+        assert len(students) == len(defaults["seeds"]) >= 2
+        mean, spread = row["HAD: mean (min-max)"].split(" ")
+        low, high = spread.strip("()").split("-")
+        assert float(mean) == pytest.approx(sum(students) / len(students), abs=0.006), row
+        assert (float(low), float(high)) == pytest.approx((min(students), max(students)), abs=0.006), row
+        assert float(row["teacher"]) == pytest.approx(defaults["teacher"], abs=0.006), row
+        assert float(row["drop"]) == pytest.approx(defaults["drop"], abs=0.006), row
+        assert float(row["paper's drop"]) == pytest.approx(defaults["paper_drop"], abs=0.006), row
+        assert float(row["the paper's recipe, same runs: drop"]) == pytest.approx(previous["drop"], abs=0.006), row
 
 
 @pytest.mark.parametrize(
