@@ -18,7 +18,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 pytest.importorskip("triton")
 
-from prefill_helpers import TOLERANCE, PrefillCase, make_prefill_inputs, plain_reference  # noqa: E402
+from kernel_helpers import loop_reference  # noqa: E402
+from prefill_helpers import TOLERANCE, PrefillCase, make_prefill_inputs  # noqa: E402
 
 from had_hf.kernels import pack_sign_bits  # noqa: E402
 from had_hf.kernels.triton_prefill import (  # noqa: E402
@@ -67,7 +68,7 @@ def check(case: PrefillCase, seed: int = 0, key_transform=None, num_kept_overrid
     query, key, value, mask, full, num_kept = make_prefill_inputs(case, seed)
     if num_kept_override is not None:
         num_kept = num_kept_override(num_kept)
-    expected, expected_keep = plain_reference(query, key, value, full, num_kept, case.alpha)
+    expected, expected_keep = loop_reference(query, key, value, full, num_kept, case.alpha)
     config = default_prefill_config(case.head_dim, case.value_dim, case.num_keys, interpreting=True)
     config = dataclasses.replace(config, **config_changes)
     key_arg = key if key_transform is None else key_transform(key)
@@ -83,7 +84,7 @@ def check(case: PrefillCase, seed: int = 0, key_transform=None, num_kept_overrid
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_prefill_matches_plain_reference(case):
+def test_prefill_matches_loop_reference(case):
     _, keep, num_kept = check(case, seed=1)
     assert torch.equal(keep.sum(-1).to(torch.int32), num_kept)  # exactly N (or all valid keys) per row
 
@@ -134,7 +135,7 @@ def test_prefill_misleading_sample_needs_more_rounds():
     for tile in (4, 12):
         key[0, 0, 16 * tile : 16 * tile + 16] = unit * (torch.rand(16, 32) + 0.1)  # ... but the sampled ones
     key[0, 0, 200:230, :10] *= -1  # a third level, between
-    expected, expected_keep = plain_reference(query, key, value, full, num_kept, case.alpha)
+    expected, expected_keep = loop_reference(query, key, value, full, num_kept, case.alpha)
     out, keep = hamming_topk_prefill(query, key, value, None, False, num_kept, case.alpha, return_keep=True,
                                      config=config)  # fmt: skip
     assert torch.equal(keep, expected_keep)
@@ -163,7 +164,7 @@ def test_prefill_scalar_num_kept_and_empty_shapes():
     case = PrefillCase(batch=1, query_len=20, num_keys=20, top_n=5)
     query, key, value, _, full, num_kept = make_prefill_inputs(case, seed=9)
     out = hamming_topk_prefill(query, key, value, None, False, 5, case.alpha)  # an int N for every row
-    assert torch.allclose(out.double(), plain_reference(query, key, value, full, num_kept, case.alpha)[0], atol=1e-5)
+    assert torch.allclose(out.double(), loop_reference(query, key, value, full, num_kept, case.alpha)[0], atol=1e-5)
     empty = hamming_topk_prefill(query[:, :, :0], key, value, None, False, 5, case.alpha)
     assert empty.shape == (1, 2, 0, 32)
     out, keep = hamming_topk_prefill(query, key[:, :, :0], value[:, :, :0], None, False, 0, case.alpha,
@@ -176,7 +177,7 @@ def test_prefill_strided_inputs():
     case = PrefillCase(batch=1, num_heads=2, num_kv_heads=1, query_len=20, num_keys=40, head_dim=64, causal=True,
                        patterns=3, top_n=6)  # fmt: skip
     query, key, value, mask, full, num_kept = make_prefill_inputs(case, seed=10)
-    expected, expected_keep = plain_reference(query, key, value, full, num_kept, case.alpha)
+    expected, expected_keep = loop_reference(query, key, value, full, num_kept, case.alpha)
     query_t = query.transpose(1, 2).contiguous().transpose(1, 2)
     key_t = key.transpose(1, 2).contiguous().transpose(1, 2)
     value_t = value.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -1,13 +1,12 @@
-"""Prefill problems (causal, padding, grouped-query, heavy ties) and a float64 per-row reference of METHOD.md section 1.
+"""Prefill problems (causal, padding, grouped-query, heavy ties), checked against the float64 per-row loop of METHOD.md
+section 1 that the decode tests use (`kernel_helpers.loop_reference`, with each row's valid keys and kept count).
 
 Shared by `test_prefill_kernel.py` (GPU cases) and `interpret_prefill_cases.py` (the Triton kernels under the
-interpreter, in a subprocess); not collected itself. The reference is written from the spec alone, one row at a
-time: no code shared with the package's PyTorch path.
+interpreter, in a subprocess); not collected itself.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -75,38 +74,6 @@ def make_prefill_inputs(case: PrefillCase, seed: int = 0):
     num_kept = full.sum(-1).clamp(max=case.top_n).to(torch.int32)
     dtype = case.dtype
     return query.to(dtype), key.to(dtype), value.to(dtype), mask, full, num_kept
-
-
-def plain_reference(query, key, value, full_valid, num_kept, alpha):
-    """METHOD.md section 1 row by row in float64: each row's valid keys sorted by (-Sb, index), the first num_kept
-    kept, softmax(alpha * Sb) over them, the weighted sum of their values. Returns (output, kept mask)."""
-    b_size, hq, q_len, _ = query.shape
-    hkv, n = key.shape[1], key.shape[2]
-    group = hq // hkv
-    unit_q = torch.where(query.double() >= 0, 1.0, -1.0)
-    unit_k = torch.where(key.double() >= 0, 1.0, -1.0)
-    values = value.double()
-    out = torch.zeros(b_size, hq, q_len, value.shape[-1], dtype=torch.float64)
-    keep = torch.zeros(b_size, hq, q_len, n, dtype=torch.bool)
-    for b in range(b_size):
-        for h in range(hq):
-            kv = h // group
-            scores_all = (unit_q[b, h] @ unit_k[b, kv].T).tolist()
-            for i in range(q_len):
-                scores = scores_all[i]
-                candidates = [j for j in range(n) if full_valid[b, h, i, j]]
-                candidates.sort(key=lambda j: (-scores[j], j))
-                kept = candidates[: int(num_kept[b, h, i])]
-                if not kept:
-                    continue
-                logits = [alpha * scores[j] for j in kept]
-                top = max(logits)
-                weights = [math.exp(x - top) for x in logits]
-                total = sum(weights)
-                for j, w in zip(kept, weights):
-                    out[b, h, i] += (w / total) * values[b, kv, j]
-                    keep[b, h, i, j] = True
-    return out, keep
 
 
 # output tolerance per value dtype (values and weights rounded to it in the kernel's product)

@@ -1,4 +1,5 @@
-"""The Triton prefill kernel (`had_hf.kernels.triton_prefill`): exact kept sets against a float64 plain reference.
+"""The Triton prefill kernel (`had_hf.kernels.triton_prefill`): exact kept sets against the float64 per-row loop
+(`kernel_helpers.loop_reference`).
 
 CPU: the kernels through Triton's interpreter in a subprocess (`interpret_prefill_cases.py`), argument checks, and a
 smoke run of `benchmarks/prefill.py`. GPU (`gpu` marker): the same small cases, and every benchmarked shape against
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from prefill_helpers import TOLERANCE, PrefillCase, make_prefill_inputs, plain_reference
+from kernel_helpers import loop_reference
+from prefill_helpers import TOLERANCE, PrefillCase, make_prefill_inputs
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -157,7 +159,7 @@ def test_gpu_prefill_small_cases(case: PrefillCase, changes: dict):
     from had_hf.kernels.triton_prefill import default_prefill_config, hamming_topk_prefill
 
     query, key, value, mask, full, num_kept = make_prefill_inputs(case, seed=11)
-    expected, expected_keep = plain_reference(query, key, value, full, num_kept, case.alpha)
+    expected, expected_keep = loop_reference(query, key, value, full, num_kept, case.alpha)
     config = dataclasses.replace(default_prefill_config(case.head_dim, case.value_dim, case.num_keys), **changes)
     cuda = torch.device("cuda")
     out, keep = hamming_topk_prefill(
