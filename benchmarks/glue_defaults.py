@@ -278,7 +278,7 @@ def relabeled(runs: dict, relabel: str | None) -> dict:
     changed, named by what they are against the present defaults (each run keeps its command as run)."""
     names = dict(pair.split("=", 1) for pair in relabel.split(",")) if relabel else {}
     for old, new in names.items():
-        if new not in LEVERS and not all(part in LEVERS for part in new.split("+")):
+        if not all(part in LEVERS for part in new.split("+")):
             raise SystemExit(f"--relabel {old}={new}: {new!r} is not a variant; the variants: {', '.join(LEVERS)}.")
     renamed = {}
     for entry in runs.values():
