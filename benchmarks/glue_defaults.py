@@ -74,6 +74,9 @@ SMOKE = ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_len
 BASE_S, PER_RUN_S, SST2_TEACHER_S, STARTUP_S = 130.0, 45.0, 60.0, 40.0
 UNCROWDED_RUNS, CROWDED_RUN_S = 12, 90.0
 CALL_BUDGET_S = 480.0  # of a device call's 9 minutes (the rest: the machine's start, transfers, margin)
+# a process's own pace sets a floor the crowding model above misses for a few long runs: the slowest measured
+# (results/glue_full_schedule.json, 2 runs of the defaults at once) was 13.8 steps/s; a session lends 30 device minutes
+SLOWEST_STEPS_PER_S, SESSION_S = 13.8, 1800.0
 
 
 NOTE = (
@@ -103,6 +106,12 @@ def estimate_seconds(runs: list[dict], gpus: int = 1) -> float:
     teacher = SST2_TEACHER_S if any(run["task"] == "sst2" for run in runs) else 0.0
     crowded = CROWDED_RUN_S * max(0, per_gpu - UNCROWDED_RUNS)
     return STARTUP_S + teacher + (BASE_S + PER_RUN_S * per_gpu + crowded) * longest / 5000
+
+
+def slowest_seconds(runs: list[dict]) -> float:
+    """The wall time of `runs` started together if each went at the slowest pace measured for one process."""
+    teacher = SST2_TEACHER_S if any(run["task"] == "sst2" for run in runs) else 0.0
+    return STARTUP_S + teacher + max((run["steps"] for run in runs), default=0) / SLOWEST_STEPS_PER_S
 
 
 def planned_runs(args) -> list[dict]:
@@ -146,6 +155,10 @@ def plan(args) -> list[list[dict]]:
         seconds = estimate_seconds(group, args.gpus)
         note = "" if seconds <= CALL_BUDGET_S else "  (longer than one call: run it with --detach, then wait)"
         print(f"part {index}/{parts}: ~{seconds / 60:.1f} min on {args.gpus} GPU(s){note}")
+        slowest = slowest_seconds(group)
+        if slowest > seconds:
+            fits = "fits" if slowest <= SESSION_S else "does not fit"
+            print(f"    at the slowest pace measured, {slowest / 60:.1f} min: {fits} a session's device time")
         for run in group:
             print(f"    {run['name']} ({run['steps']} steps)")
     return groups
@@ -434,7 +447,7 @@ def _add_selection(parser) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny slices and 8 steps: the whole path on a CPU")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="the parts the runs split into, with their estimated times")
@@ -471,7 +484,11 @@ def main() -> None:
     p.add_argument("--gpu", default=None)
     p.add_argument("--note", default=NOTE)
     p.set_defaults(func=collect)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     os.chdir(REPO)
     args.func(args)
 

@@ -170,3 +170,14 @@ def test_stage_losses_pool_a_recipes_seeds_and_take_each_stage_end_once(bench, t
     assert row["recipe"] == "had" and row["runs"] == 2 and row["sign_end"] == pytest.approx(82.0)
     assert row["final_minus_sign_end"] == pytest.approx(((83 - 84) + (81 - 80)) / 2)
     assert row["final_minus_best_stage_end"] == pytest.approx(((83 - 84) + (81 - 82)) / 2)
+
+
+def test_the_slowest_pace_is_the_slowest_measured_and_full_schedule_runs_are_planned_past_a_session(bench):
+    """SLOWEST_STEPS_PER_S is the slowest finished stage of the cut-short full-schedule runs (within 0.1 steps/s),
+    and at that pace their plan (two runs of 29,209 steps) is longer than a session's device time, as it was."""
+    record = json.loads((REPO / "benchmarks" / "results" / "glue_full_schedule.json").read_text())
+    paces = [stage["steps_per_second"] for run in record["runs"].values() for stage in run["stages"]
+             if "steps_per_second" in stage]  # fmt: skip
+    assert paces and abs(min(paces) - bench.SLOWEST_STEPS_PER_S) <= 0.1
+    runs = bench.planned_runs(_selection(tasks="sst2,stsb", seeds="42", variants="full_schedule"))
+    assert bench.slowest_seconds(runs) > bench.SESSION_S > bench.estimate_seconds(runs)

@@ -1,0 +1,157 @@
+"""The record of a GLUE recipe run that ended before its `results.json`: read back from the run's log.
+
+A run cut short (the device session ended first) leaves only its log: the trainer's logged dictionaries (training
+losses every `--logging_steps`, the held-out evaluation every `--eval_steps`, `deployable_*` at each stage end) and
+the HAD callback's "step S starts stage K (name)" lines. This script turns the logs of one `glue_defaults.py` output
+folder into runs in the layout of `glue_defaults.json` (`metrics_per_stage` with the deployable evaluation of each
+stage that ended, `eval_curve`, the teacher's dev and held-out metrics) marked `complete: false`, with the step the
+run reached and each finished stage's steps per second.
+
+    python benchmarks/glue_run_log.py --logs DEVICE_FILES/f --json benchmarks/results/glue_full_schedule.json \
+        --note "why the runs ended early"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from glue_defaults import build_parser, planned_runs, recipe_command, run_steps  # noqa: E402
+
+STAGE_START = re.compile(r"^(\S+ \S+) INFO had_hf\.callbacks: HAD: step (\d+) starts stage (\d+) \((\w+)\)\.")
+MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "pearson", "rte": "accuracy"}
+
+
+def _logged_dict(line: str) -> dict | None:
+    """A line the trainer logged (`{'loss': '0.1', ...}`) as a dict of floats, or None for any other line."""
+    if not line.startswith("{'"):
+        return None
+    try:
+        row = ast.literal_eval(line.strip())
+    except (SyntaxError, ValueError):
+        return None
+    return {key: float(value) for key, value in row.items()}
+
+
+def _metrics(row: dict, prefix: str) -> dict:
+    skip = ("_loss", "_runtime", "_samples_per_second", "_steps_per_second")
+    return {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix) and not k.endswith(skip)}
+
+
+def parse_log(text: str, logging_steps: int) -> dict:
+    """The stage starts, the stage-end evaluations and the held-out curve of one run's log.
+
+    Steps are counted from the distillation's training-log lines, logged at the multiples of `logging_steps`
+    (checked against each stage's own start step); the evaluations logged at a stage's end take that stage's last
+    step."""
+    stages, curve, per_stage, teacher = [], [], [], {}
+    step, distilling, last_eval, since_training_line = 0, False, None, []
+    for line in text.splitlines():
+        start = STAGE_START.match(line)
+        if start:
+            when, begin, _, name = start.groups()
+            if distilling and not step <= int(begin) < step + logging_steps:
+                raise ValueError(f"stage {name} starts at step {begin}, the log's count is at {step}")
+            step, distilling = int(begin), True
+            for row in since_training_line:  # the previous stage's end-of-stage evaluations
+                row["step"] = step
+            stages.append({"stage": name, "start_step": step, "started": when})
+            continue
+        row = _logged_dict(line)
+        if row is None:
+            continue
+        if not distilling:  # the teacher's fine-tuning: its dev (eval_) and held-out (validation_) metrics
+            teacher.update({"dev": _metrics(row, "eval_")} if "eval_loss" in row else {})
+            teacher.update({"held_out": _metrics(row, "validation_")} if "validation_loss" in row else {})
+        elif "loss" in row and "stage" in row:
+            step, since_training_line = (step // logging_steps + 1) * logging_steps, []
+        elif any(k.startswith("eval_") for k in row):
+            last_eval = {"step": step, **{f"eval_{k}": v for k, v in _metrics(row, "eval_").items()}}
+            curve.append(last_eval)
+            since_training_line.append(last_eval)
+        elif any(k.startswith("deployable_") for k in row):
+            metrics = {k[5:]: v for k, v in last_eval.items() if k != "step"} if last_eval else None
+            per_stage.append({"stage": stages[-1]["stage"], "step": step, "metrics": metrics,
+                              "deployable_metrics": _metrics(row, "deployable_")})  # fmt: skip
+            since_training_line.append(per_stage[-1])
+    for stage, following in zip(stages, stages[1:]):
+        seconds = (_time(following["started"]) - _time(stage["started"])).total_seconds()
+        stage["steps_per_second"] = round((following["start_step"] - stage["start_step"]) / seconds, 2)
+    return {"stages": stages, "metrics_per_stage": per_stage, "eval_curve": curve, "teacher": teacher,
+            "steps_reached": step}  # fmt: skip
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+
+
+def _flag(command: list[str], name: str, default: str) -> str:
+    """The last value given to `name` (the recipe takes the last of repeated flags)."""
+    values = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == name]
+    return values[-1] if values else default
+
+
+def run_from_log(log: Path, command: list[str]) -> dict:
+    """One run's entry from its log and its recipe command."""
+    name = log.stem
+    task, seed = _flag(command, "--task_name", ""), int(_flag(command, "--seed", "42"))
+    variant = name[len(task) + 1 : name.rindex("_seed")]
+    parsed = parse_log(log.read_text(), int(_flag(command, "--logging_steps", "500")))
+    metric = MAIN_METRIC[task]
+    curve = [{"stage": row["stage"], "step": row["step"],
+              "deployable": 100 * row["deployable_metrics"][metric]} for row in parsed["metrics_per_stage"]]  # fmt: skip
+    return {
+        "task": task, "variant": variant, "seed": seed, "main_metric": metric, "complete": False,
+        "steps_scheduled": run_steps(variant, task, int(_flag(command, "--max_steps", "5000"))),
+        "command": " ".join(command), **parsed, "stage_end_curve": curve,
+    }  # fmt: skip
+
+
+def recipe_commands(folder: Path) -> list[list[str]]:
+    """The recipe command of every run started in `folder`, rebuilt from its `run_commands.txt` (the
+    `glue_defaults.py run` lines) and its part files, as `glue_defaults.py` built them there."""
+    commands = []
+    for line in (folder / "run_commands.txt").read_text().splitlines():
+        args = build_parser().parse_args(line.split()[2:])
+        args.teacher = args.teacher or ".carry/minilm"
+        index, count = args.part.split("/")
+        names = json.loads((folder / f"part{index}of{count}.json").read_text())
+        for run in planned_runs(args):
+            if run["name"] in names:
+                command = recipe_command(args, run)
+                commands.append(["python", str(Path(command[1]).relative_to(REPO)), *command[2:]])
+    return commands
+
+
+def collect_logs(folder: Path, note: str) -> dict:
+    """Every run of a `glue_defaults.py run` folder (`run_commands.txt`, the part files, `<run>.log`) from its log."""
+    runs = {}
+    for command in recipe_commands(folder):
+        log = folder / f"{Path(_flag(command, '--output_dir', '')).name}.log"
+        if not log.exists():
+            raise SystemExit(f"{log}: no log for this run of {folder / 'run_commands.txt'}.")
+        runs[log.stem] = run_from_log(log, command)
+    return {"runs": runs, "run_command": (folder / "run_commands.txt").read_text().splitlines(), "note": note}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--logs", required=True, help="a glue_defaults.py --out folder, or its logs as fetched")
+    parser.add_argument("--json", required=True, help="the file to write")
+    parser.add_argument("--note", default="", help="where the runs ran and why they ended early")
+    parser.add_argument("--extra", default="{}", help="a JSON object of fields added to the file (machine, command)")
+    args = parser.parse_args()
+    record = {**collect_logs(Path(args.logs), args.note), **json.loads(args.extra)}
+    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({name: [run["steps_reached"], run["stage_end_curve"]] for name, run in record["runs"].items()}))
+
+
+if __name__ == "__main__":
+    main()

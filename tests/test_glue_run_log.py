@@ -1,0 +1,53 @@
+"""benchmarks/glue_run_log.py: a GLUE recipe run read back from its log when it ended before its results.json."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import load_script
+
+REPO = Path(__file__).resolve().parents[1]
+LOGS = REPO / "benchmarks" / "results" / "logs" / "glue_full_schedule"
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return load_script(REPO / "benchmarks" / "glue_run_log.py", "glue_run_log")
+
+
+def _stage_line(second: int, step: int, number: int, name: str) -> str:
+    return f"2026-01-01 10:00:{second:02d},000 INFO had_hf.callbacks: HAD: step {step} starts stage {number} ({name})."
+
+
+def test_a_log_gives_steps_stage_ends_and_the_teachers_metrics(reader):
+    """Logging every 10 steps, stage 2 starting at step 25: the stage-end evaluations (logged before stage 2's line)
+    take step 25, the training lines after it count from 30, and each finished stage has its steps per second."""
+    lines = ["{'loss': '0.7', 'epoch': '1'}",  # the teacher's fine-tuning
+             "{'eval_loss': '0.5', 'eval_accuracy': '0.9', 'eval_runtime': '1'}",
+             "{'validation_loss': '0.4', 'validation_accuracy': '0.95'}",
+             _stage_line(0, 0, 1, "tanh")]  # fmt: skip
+    lines += ["{'loss': '0.1', 'stage': 1, 'c': '4'}"] * 2  # steps 10, 20
+    lines += ["{'eval_accuracy': '0.8', 'eval_runtime': '1'}", "{'deployable_accuracy': '0.75'}", "not a dict {'x'"]
+    lines += [_stage_line(5, 25, 2, "sign"), "{'loss': '0.1', 'stage': 2, 'c': '1'}"]  # step 30
+    lines += ["{'eval_accuracy': '0.85'}", _stage_line(10, 35, 3, "ste")]
+    parsed = reader.parse_log("\n".join(lines), logging_steps=10)
+    assert parsed["teacher"] == {"dev": {"accuracy": 0.9}, "held_out": {"accuracy": 0.95}}
+    assert parsed["metrics_per_stage"] == [
+        {"stage": "tanh", "step": 25, "metrics": {"accuracy": 0.8}, "deployable_metrics": {"accuracy": 0.75}}
+    ]
+    assert [row["step"] for row in parsed["eval_curve"]] == [25, 35] and parsed["steps_reached"] == 35
+    assert [stage.get("steps_per_second") for stage in parsed["stages"]] == [5.0, 2.0, None]
+    with pytest.raises(ValueError, match="starts at step 90"):  # a stage start the count does not reach
+        reader.parse_log("\n".join(lines[:6] + [_stage_line(9, 90, 2, "sign")]), logging_steps=10)
+
+
+def test_the_committed_full_schedule_file_is_what_its_logs_give(reader):
+    if not LOGS.is_dir():
+        pytest.skip(f"{LOGS} is absent")
+    committed = json.loads((REPO / "benchmarks" / "results" / "glue_full_schedule.json").read_text())
+    rebuilt = reader.collect_logs(LOGS, committed["note"])
+    assert committed["runs"] == json.loads(json.dumps(rebuilt["runs"]))
+    for run in committed["runs"].values():
+        assert not run["complete"] and run["steps_reached"] < run["steps_scheduled"] == 29209
+        assert [row["stage"] for row in run["stage_end_curve"]] == ["tanh", "sign", "ste"]
