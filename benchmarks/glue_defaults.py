@@ -42,7 +42,8 @@ from statistics import mean
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from glue_gpu import PAPER, TEACHER_EPOCHS, _visible_gpus, gpu_name, lever_flags, recipe_of, run_entry  # noqa: E402
+from glue_gpu import PAPER, TEACHER_EPOCHS, _visible_gpus, gpu_name, run_entry  # noqa: E402
+from glue_levers import lever_flags, recipe_of  # noqa: E402
 
 TASKS = ("sst2", "mrpc", "stsb", "rte")
 SEEDS = (42, 43)
