@@ -10,10 +10,10 @@ For each shape (one query position, N = ceil(0.117 n) kept keys, bf16 queries/ke
 3. reports the bytes each must move (SDPA: K and V; HAD: the key bits and N value rows per query row) and the
    bandwidth achieved, against a device-to-device copy measured in the same run.
 
-Then, unless `--skip-e2e`, an end-to-end figure: `generate()` decode tokens/s and peak memory of a random-weights
-Llama-style model (8 layers, hidden 2048, 32 heads, 8 KV heads) at a 32k context, sdpa + DynamicCache against
-`hamming_topk` + HADPackedCache. The 32k prompt is prefilled once with sdpa and copied into both caches, so the
-figure times decode steps only.
+Then, unless `--skip-e2e`, an end-to-end figure (`decode_e2e.py`): `generate()` decode tokens/s and peak memory of a
+random-weights Llama-style model (8 layers, hidden 2048, 32 heads, 8 KV heads) at a 32k context, sdpa + DynamicCache
+and sdpa + StaticCache against `hamming_topk` + HADPackedCache. The 32k prompt is prefilled once with sdpa and copied
+into every cache, so the figure times decode steps only.
 
 `--smoke` runs tiny shapes on the CPU through Triton's interpreter (set TRITON_INTERPRET=1), to test this script.
 """
@@ -21,7 +21,6 @@ figure times decode steps only.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -41,6 +40,9 @@ import triton  # noqa: E402
 
 from had_hf.kernels import pack_sign_bits, reference_hamming_topk_attention  # noqa: E402
 from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from decode_e2e import run_e2e  # noqa: E402
 
 TOP_N_RATIO = 0.117
 
@@ -298,125 +300,6 @@ def run_shape(shape: Shape, device: torch.device, ceiling_gbps: float, smoke: bo
     return result
 
 
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def run_e2e(context: int, new_tokens: int, batch: int, device: torch.device, tiny: bool = False) -> dict:
-    """generate() decode tokens/s and peak memory: sdpa + DynamicCache (transformers' default), sdpa + StaticCache,
-    and hamming_topk + HADPackedCache."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
-
-    import had_hf
-    from had_hf.cache import HADPackedCache
-
-    print(f"\n== end to end: batch {batch}, context {context}, {new_tokens} new tokens", flush=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512 if tiny else 32000,
-        hidden_size=256 if tiny else 2048,
-        intermediate_size=512 if tiny else 5632,
-        num_hidden_layers=2 if tiny else 8,
-        num_attention_heads=8 if tiny else 32,
-        num_key_value_heads=2 if tiny else 8,
-        max_position_embeddings=context + new_tokens + 16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
-    model.set_attn_implementation("sdpa")
-    prompt = torch.randint(3, config.vocab_size, (batch, context), device=device)
-    cache_kwarg = _cache_kwarg(model)
-    on_cuda = device.type == "cuda"
-    with torch.no_grad():
-        prefill = DynamicCache()
-        model(input_ids=prompt[:, :-1], use_cache=True, logits_to_keep=1, **{cache_kwarg: prefill})
-
-    def packed_copy() -> HADPackedCache:
-        cache = HADPackedCache(config=model.config)
-        for layer_idx, layer in enumerate(prefill.layers):
-            cache.update(layer.keys, layer.values, layer_idx)
-        return cache
-
-    def timed_generate(make_cache) -> dict:
-        with torch.no_grad():
-            model.generate(  # warm-up: kernel compilation (every specialization a step can hit), allocator
-                input_ids=prompt, **{cache_kwarg: make_cache()}, max_new_tokens=20, do_sample=False, pad_token_id=0
-            )
-            cache = make_cache()
-            if on_cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            sequences = model.generate(
-                input_ids=prompt,
-                **{cache_kwarg: cache},
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            if on_cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-        cache_bytes = sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-            for layer in cache.layers
-        )
-        return {
-            "tokens_per_s": batch * new_tokens / seconds,
-            "ms_per_step": seconds / new_tokens * 1e3,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-            "cache_gib": cache_bytes / 2**30,
-            "new_tokens": int(sequences.shape[1] - context),
-        }
-
-    def forward_ms(make_cache, steps: int = 8) -> float:
-        """Mean time of a one-token forward (no generate() bookkeeping), synchronized."""
-        cache, token = make_cache(), prompt[:, -1:]
-        with torch.no_grad():
-            # warm-up over 16 cache lengths: the kernels specialize on strides that follow the key count (e.g. a
-            # mask's batch stride, divisible by 16 or not), and a compilation in the timed window would dominate it
-            # (the likely cause of the unexplained batch-8 figure of earlier runs)
-            for _ in range(16):
-                model(input_ids=token, logits_to_keep=1, **{cache_kwarg: cache})
-            if on_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                model(input_ids=token, logits_to_keep=1, **{cache_kwarg: cache})
-            if on_cuda:
-                torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps * 1e3
-
-    result = {"batch": batch, "context": context, "new_tokens": new_tokens}
-    result["sdpa"] = timed_generate(lambda: copy.deepcopy(prefill))
-    result["sdpa"]["forward_ms"] = forward_ms(lambda: copy.deepcopy(prefill))
-    print(f"sdpa: {result['sdpa']}", flush=True)
-    # the fairer dense baseline: a StaticCache writes each new token in place, where DynamicCache concatenates (a
-    # copy of the whole cache per layer and step)
-    with torch.no_grad():
-        static_prefill = StaticCache(config=model.config, max_cache_len=context + max(new_tokens, 24) + 8)
-        model(input_ids=prompt[:, :-1], use_cache=True, logits_to_keep=1, **{cache_kwarg: static_prefill})
-
-    def static_copy() -> StaticCache:
-        return copy.deepcopy(static_prefill)
-
-    result["sdpa_static"] = timed_generate(static_copy)
-    result["sdpa_static"]["forward_ms"] = forward_ms(static_copy)
-    static_prefill = None  # free it before the HAD run
-    print(f"sdpa + StaticCache: {result['sdpa_static']}", flush=True)
-    had_hf.convert(model, had_hf.HADConfig(top_n_ratio=TOP_N_RATIO))
-    result["had"] = timed_generate(packed_copy)
-    result["had"]["forward_ms"] = forward_ms(packed_copy)
-    print(f"had:  {result['had']}", flush=True)
-    had_hf.revert(model, "sdpa")
-    return result
-
-
 def print_table(results: list[dict]) -> None:
     print(
         "\n| shape | N | best SDPA (us) | HAD kernel (us) | speedup | speedup in CUDA graphs | HAD PyTorch (us) | SDPA GB/s | HAD GB/s (floor bytes) | kept sets equal |"
@@ -478,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.e2e_batch:
             try:
                 context, new_tokens = (64, 4) if args.smoke else (args.e2e_context, args.e2e_new_tokens)
-                report["end_to_end"].append(run_e2e(context, new_tokens, batch, device, tiny=args.smoke))
+                report["end_to_end"].append(run_e2e(context, new_tokens, batch, device, TOP_N_RATIO, tiny=args.smoke))
             except Exception as error:  # report what failed; the kernel results above stay
                 report["end_to_end"].append({"batch": batch, "error": f"{type(error).__name__}: {error}"[:500]})
                 print(f"end to end failed: {error}", flush=True)

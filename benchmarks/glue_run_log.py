@@ -23,7 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from glue_defaults import build_parser, planned_runs, recipe_command, run_steps  # noqa: E402
+from glue_defaults import build_parser, recipe_command  # noqa: E402
+from glue_plan import planned_runs, run_steps  # noqa: E402
 
 STAGE_START = re.compile(r"^(\S+ \S+) INFO had_hf\.callbacks: HAD: step (\d+) starts stage (\d+) \((\w+)\)\.")
 MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "pearson", "rte": "accuracy"}

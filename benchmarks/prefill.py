@@ -7,12 +7,13 @@ For each shape (bf16 queries/keys/values, N = ceil(0.117 n) kept keys per row, a
    positions, 256 beyond; the queries are the last positions, so causal rows keep their offsets), and the output's
    relative error against float64 values;
 2. times (`triton.testing.do_bench`, median, L2 flushed) and measures the peak memory (`max_memory_allocated` during
-   one call) of: torch SDPA under each of the flash, cuDNN and memory-efficient backends that run; the kernel's whole
-   call; each of its parts alone (the ±1 key conversion, the threshold pass, the attend pass); the floors of the two
-   passes (threshold: the score tiles and their row maximum without counting; attend: a dense softmax of every valid
-   key with a known maximum, FlashAttention's work without its rescaling); the threshold pass with int8 dots and with
-   XOR/popcount scores and the attend pass with int8 dots; a small sweep of launch settings per pass; and the PyTorch
-   path (`reference_hamming_topk_attention`) where it fits (n <= 32k; an out-of-memory error is recorded);
+   one call; both in `prefill_measure.py`) of: torch SDPA under each of the flash, cuDNN and memory-efficient backends
+   that run; the kernel's whole call; each of its parts alone (the ±1 key conversion, the threshold pass, the attend
+   pass); the floors of the two passes (threshold: the score tiles and their row maximum without counting; attend: a
+   dense softmax of every valid key with a known maximum, FlashAttention's work without its rescaling); the threshold
+   pass with int8 dots and with XOR/popcount scores and the attend pass with int8 dots; a small sweep of launch
+   settings per pass; and the PyTorch path (`reference_hamming_topk_attention`) where it fits (n <= 32k; an
+   out-of-memory error is recorded);
 3. reports speedup = best SDPA time / kernel time (same run) and the peak memory of each.
 
 One command runs everything: several minutes (an estimate: about 60 kernel variants to compile, and the PyTorch
@@ -30,12 +31,10 @@ import math
 import os
 import platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -50,6 +49,9 @@ from had_hf.kernels.triton_prefill import (  # noqa: E402
     prefill_threshold_pass,
     prepare_prefill,
 )
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from prefill_measure import bench_ms, bench_slow, error_text, peak_bytes, run_sdpa  # noqa: E402
 
 TOP_N_RATIO = 0.117
 REFERENCE_MAX_KEYS = 32768  # the PyTorch path's time grows with n^2 (and its causal mask with q x n bytes)
@@ -119,82 +121,6 @@ SCORE_MODES = [
 ]
 
 
-def bench_ms(fn, smoke: bool) -> float:
-    """Median time of `fn` in milliseconds (smoke runs: one call, to exercise the code)."""
-    if smoke:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def bench_slow(fn, smoke: bool) -> tuple[float, int | None]:
-    """Time (ms) and peak memory of one call after one warm-up: the PyTorch path takes seconds at long n."""
-    if smoke:
-        return bench_ms(fn, smoke), None
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return float(start.elapsed_time(end)), int(torch.cuda.max_memory_allocated())
-
-
-def peak_bytes(fn, smoke: bool) -> int | None:
-    """Peak of allocated GPU memory during one call (inputs included: they are allocated before and kept)."""
-    if smoke:
-        fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return int(torch.cuda.max_memory_allocated())
-
-
-def _error(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-
-
-def sdpa_backends(smoke: bool) -> dict:
-    from torch.nn.attention import SDPBackend
-
-    if smoke:
-        return {"math": SDPBackend.MATH}
-    return {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    }
-
-
-def run_sdpa(query, key, value, shape: Shape, smoke: bool) -> tuple[dict, dict]:
-    """Time and peak memory of each SDPA backend that runs (an error text for those that do not)."""
-    from torch.nn.attention import sdpa_kernel
-
-    gqa = shape.num_heads != shape.num_kv_heads
-    times: dict = {}
-    peaks: dict = {}
-    for name, backend in sdpa_backends(smoke).items():
-
-        def call(backend=backend):
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(query, key, value, is_causal=shape.causal, enable_gqa=gqa)
-
-        try:
-            call()
-            times[name] = bench_ms(call, smoke)
-            peaks[name] = peak_bytes(call, smoke)
-        except (RuntimeError, torch.OutOfMemoryError) as error:
-            times[name] = f"unsupported: {_error(error)}"
-        if not smoke:
-            torch.cuda.empty_cache()
-    return times, peaks
-
-
 def make_inputs(shape: Shape, device: torch.device, rows: int | None = None):
     """Random normal bf16 tensors (queries: the last `rows` positions), and num_kept (B, 1, q) = min(N, valid keys)."""
     generator = torch.Generator(device=device).manual_seed(shape.n + shape.num_heads)
@@ -251,7 +177,7 @@ def run_shape(shape: Shape, device: torch.device, smoke: bool, sweep: bool) -> d
     query, key, value, num_kept = make_inputs(shape, device)
     times: dict = {}
     peaks: dict = {}
-    sdpa_times, sdpa_peaks = run_sdpa(query, key, value, shape, smoke)
+    sdpa_times, sdpa_peaks = run_sdpa(query, key, value, shape.causal, smoke)
     times["sdpa"] = sdpa_times
     timed = {name: ms for name, ms in sdpa_times.items() if isinstance(ms, float)}
     best = min(timed, key=timed.get)
@@ -296,7 +222,7 @@ def run_shape(shape: Shape, device: torch.device, smoke: bool, sweep: bool) -> d
                 entry["max_abs_diff_vs_default"] = float((variant_out.float() - reference_out.float()).abs().max())
                 entry["ms"] = bench_ms(lambda: prefill_attend_pass(variant_prep, stats), smoke)
         except Exception as error:  # a variant a Triton version cannot compile or run is reported, not fatal
-            entry["error"] = _error(error)
+            entry["error"] = error_text(error)
         return entry
 
     # (smoke runs skip popcount: slow in the interpreter, and tested by the interpreter cases)
@@ -328,7 +254,7 @@ def run_shape(shape: Shape, device: torch.device, smoke: bool, sweep: bool) -> d
         try:
             times["pytorch"], peaks["pytorch"] = bench_slow(pytorch_path, smoke)
         except (RuntimeError, torch.OutOfMemoryError) as error:
-            times["pytorch"] = peaks["pytorch"] = f"failed: {_error(error)}"
+            times["pytorch"] = peaks["pytorch"] = f"failed: {error_text(error)}"
         del valid
     else:
         times["pytorch"] = peaks["pytorch"] = f"skipped: n > {REFERENCE_MAX_KEYS}"
@@ -434,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report["rows"].append(run_shape(shape, device, args.smoke, sweep=not args.skip_sweep or args.smoke))
         except torch.OutOfMemoryError as error:  # recorded; the other shapes still run
-            report.setdefault("failed", []).append({"name": shape.name, "error": _error(error)})
+            report.setdefault("failed", []).append({"name": shape.name, "error": error_text(error)})
             print(f"{shape.name} failed: {error}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -163,17 +163,17 @@ def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
     assert report["run_command"].startswith("python benchmarks/glue_gpu.py run")
 
 
-def test_glue_gpu_levers_combine_and_name_their_teacher():
-    glue_gpu = load_script(REPO / "benchmarks" / "glue_gpu.py", "glue_gpu")
-    assert glue_gpu.lever_flags("extra_pairs", "stsb") == ["--distill_extra_tasks", "mrpc,rte"]
-    assert glue_gpu.lever_flags("extra_pairs", "rte") == ["--distill_extra_tasks", "mrpc,stsb"]
-    assert glue_gpu.lever_flags("no_dropout+clip2", "mrpc") == ["--student_dropout", "0", "--ste_clip", "2.0"]
-    assert glue_gpu.teacher_lever("clip2+h64") == "h64" and glue_gpu.teacher_lever("clip2") is None
-    assert glue_gpu.is_lever("h64+extra_pairs") and not glue_gpu.is_lever("h64+nope")
-    assert glue_gpu.lever_flags("extra_pairs+aug_all", "stsb")[2:] == ["--distill_augment", "swap,cross,word_drop"]
-    assert glue_gpu.lever_flags("decay0.999+no_dropout", "stsb") == ["--c_decay", "0.999", "--student_dropout", "0"]
+def test_glue_levers_combine_and_name_their_teacher():
+    levers = load_script(REPO / "benchmarks" / "glue_levers.py", "glue_levers")
+    assert levers.lever_flags("extra_pairs", "stsb") == ["--distill_extra_tasks", "mrpc,rte"]
+    assert levers.lever_flags("extra_pairs", "rte") == ["--distill_extra_tasks", "mrpc,stsb"]
+    assert levers.lever_flags("no_dropout+clip2", "mrpc") == ["--student_dropout", "0", "--ste_clip", "2.0"]
+    assert levers.teacher_lever("clip2+h64") == "h64" and levers.teacher_lever("clip2") is None
+    assert levers.is_lever("h64+extra_pairs") and not levers.is_lever("h64+nope")
+    assert levers.lever_flags("extra_pairs+aug_all", "stsb")[2:] == ["--distill_augment", "swap,cross,word_drop"]
+    assert levers.lever_flags("decay0.999+no_dropout", "stsb") == ["--c_decay", "0.999", "--student_dropout", "0"]
     with pytest.raises(SystemExit, match=r"sets \['--distill_augment'\] twice"):  # argparse would keep the last
-        glue_gpu.lever_flags("aug_swap+aug_all", "stsb")
+        levers.lever_flags("aug_swap+aug_all", "stsb")
 
 
 def test_glue_gpu_summarize_pools_seeds_and_refuses_mixed_runs(tmp_path):

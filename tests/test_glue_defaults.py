@@ -1,4 +1,5 @@
-"""benchmarks/glue_defaults.py: the parts that fit a device call, the runs' commands, the collected file."""
+"""benchmarks/glue_defaults.py and its plan (glue_plan.py): the parts that fit a device call, the runs' commands,
+the collected file."""
 
 import json
 import os
@@ -19,6 +20,11 @@ def bench():
     return load_script(REPO / "benchmarks" / "glue_defaults.py", "glue_defaults")
 
 
+@pytest.fixture(scope="module")
+def glue_plan():
+    return load_script(REPO / "benchmarks" / "glue_plan.py", "glue_plan")
+
+
 def _selection(**overrides):
     values = dict(tasks="sst2,mrpc,stsb,rte", seeds="42,43", variants="defaults", max_steps=5000, gpus=1, parts=0,
                   smoke=False)  # fmt: skip
@@ -26,18 +32,18 @@ def _selection(**overrides):
     return Namespace(**values)
 
 
-def test_the_defaults_split_into_parts_that_each_fit_a_call(bench):
-    runs = bench.planned_runs(_selection())
+def test_the_defaults_split_into_parts_that_each_fit_a_call(glue_plan):
+    runs = glue_plan.planned_runs(_selection())
     assert len(runs) == 8 and len({run["name"] for run in runs}) == 8
-    assert bench.estimate_seconds(runs) > bench.CALL_BUDGET_S  # all eight at once would not fit
-    parts = bench.parts_needed(runs)
-    groups = bench.split_parts(runs, parts)
+    assert glue_plan.estimate_seconds(runs) > glue_plan.CALL_BUDGET_S  # all eight at once would not fit
+    parts = glue_plan.parts_needed(runs)
+    groups = glue_plan.split_parts(runs, parts)
     assert parts == 2 and sorted(r["name"] for g in groups for r in g) == sorted(r["name"] for r in runs)
-    assert all(bench.estimate_seconds(group) <= bench.CALL_BUDGET_S for group in groups)
-    assert groups == bench.split_parts(list(reversed(runs)), parts)  # the same runs, the same parts
+    assert all(glue_plan.estimate_seconds(group) <= glue_plan.CALL_BUDGET_S for group in groups)
+    assert groups == glue_plan.split_parts(list(reversed(runs)), parts)  # the same runs, the same parts
 
 
-def test_the_estimate_reproduces_the_earlier_rounds_timings(bench):
+def test_the_estimate_reproduces_the_earlier_rounds_timings(glue_plan):
     """Within 20% of the measured rounds (benchmarks/results): 2, 3, 4 and 16 runs at 5,000 steps, 3 at 12,000; the
     runs of one call (one --output_dir folder) ran at once."""
     results = REPO / "benchmarks" / "results"
@@ -51,10 +57,10 @@ def test_the_estimate_reproduces_the_earlier_rounds_timings(bench):
         for folder, runs in calls.items():
             measured = max(run["wall_time_s"] for run in runs)
             planned = [{"task": run["task"], "steps": steps} for run in runs]
-            assert abs(bench.estimate_seconds(planned) - measured) <= 0.2 * measured, (name, folder)
+            assert abs(glue_plan.estimate_seconds(planned) - measured) <= 0.2 * measured, (name, folder)
 
 
-def test_a_lever_sets_its_flags_and_a_run_holds_out_part_of_its_training_split(bench):
+def test_a_lever_sets_its_flags_and_a_run_holds_out_part_of_its_training_split(bench, glue_plan):
     args = Namespace(smoke=False, max_steps=5000, holdout=0.1, eval_steps=500, glue_dir="g", teacher="t",
                      dataloader_num_workers=1, out="o")  # fmt: skip
     run = {"name": "stsb_clip2+recalibrate_seed43", "task": "stsb", "variant": "clip2+recalibrate", "seed": 43}
@@ -62,9 +68,10 @@ def test_a_lever_sets_its_flags_and_a_run_holds_out_part_of_its_training_split(b
     text = " ".join(command)
     assert "--validation_holdout_fraction 0.1" in text and "--seed 43" in text and "--task_name stsb" in text
     assert command[-4:] == ["--ste_clip", "2.0", "--recalibrate_sigma", "true"]
-    assert bench.run_steps("full_schedule", "stsb", 5000) == 29209 and bench.run_steps("clip2", "stsb", 5000) == 5000
+    assert glue_plan.run_steps("full_schedule", "stsb", 5000) == 29209
+    assert glue_plan.run_steps("clip2", "stsb", 5000) == 5000
     with pytest.raises(KeyError):
-        bench.planned_runs(_selection(variants="nope"))
+        glue_plan.planned_runs(_selection(variants="nope"))
 
 
 def _results(task, seed, teacher, student, deployable, validation_final, metric="accuracy"):
@@ -172,12 +179,12 @@ def test_stage_losses_pool_a_recipes_seeds_and_take_each_stage_end_once(bench, t
     assert row["final_minus_best_stage_end"] == pytest.approx(((83 - 84) + (81 - 82)) / 2)
 
 
-def test_the_slowest_pace_is_the_slowest_measured_and_full_schedule_runs_are_planned_past_a_session(bench):
+def test_the_slowest_pace_is_the_slowest_measured_and_full_schedule_runs_are_planned_past_a_session(glue_plan):
     """SLOWEST_STEPS_PER_S is the slowest finished stage of the cut-short full-schedule runs (within 0.1 steps/s),
     and at that pace their plan (two runs of 29,209 steps) is longer than a session's device time, as it was."""
     record = json.loads((REPO / "benchmarks" / "results" / "glue_full_schedule.json").read_text())
     paces = [stage["steps_per_second"] for run in record["runs"].values() for stage in run["stages"]
              if "steps_per_second" in stage]  # fmt: skip
-    assert paces and abs(min(paces) - bench.SLOWEST_STEPS_PER_S) <= 0.1
-    runs = bench.planned_runs(_selection(tasks="sst2,stsb", seeds="42", variants="full_schedule"))
-    assert bench.slowest_seconds(runs) > bench.SESSION_S > bench.estimate_seconds(runs)
+    assert paces and abs(min(paces) - glue_plan.SLOWEST_STEPS_PER_S) <= 0.1
+    runs = glue_plan.planned_runs(_selection(tasks="sst2,stsb", seeds="42", variants="full_schedule"))
+    assert glue_plan.slowest_seconds(runs) > glue_plan.SESSION_S > glue_plan.estimate_seconds(runs)

@@ -239,7 +239,7 @@ def test_deeper_models_are_validated_on_proportionally_fewer_tokens(exported):
     enforced ONNX check keeps the layers x tokens of a draw near BERT-base's (12 layers x 64 tokens)."""
     from transformers import BertConfig, LlamaConfig
 
-    from had_hf.export.exporter import validation_length
+    from had_hf.export.onnx_check import validation_length
 
     smollm2 = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
     assert validation_length(smollm2, 512) == 64 * 12 // 30 == 25

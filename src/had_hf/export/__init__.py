@@ -5,10 +5,12 @@
     export_had("path/to/had-model", "had-export")   # or: had-hf export --model path/to/had-model had-export
     golden = load_golden("had-export")
 
-The modules, one idea each: `uint64_words` (the uint64 sign-bit layout), `cam` (the CAM cost model), `cam_coefficients` (its coefficient files), `cam_generation` (a decoder's cost per generated token at several context lengths), `cam_report` (the report files),
-`golden` (golden vectors), `onnx` (the traceable attention and ONNX Runtime validation), `export_config` (the optimum exporter configuration and sample inputs), `exporter` (the bundle) and
-`command` (the `had-hf export` subcommand). onnx, onnxruntime and matplotlib (the `export` extra) are imported only
-where they are used.
+The modules, one idea each: `uint64_words` (the uint64 sign-bit layout), `cam` (the CAM cost model), `cam_coefficients`
+(its coefficient files), `cam_generation` (a decoder's cost per generated token at several context lengths),
+`cam_report` (the report files), `golden` (golden vectors), `onnx` (the traceable attention and ONNX Runtime
+validation), `onnx_check` (the export's enforced ONNX check), `export_config` (the optimum exporter configuration and
+sample inputs), `exporter` (the bundle) and `command` (the `had-hf export` subcommand). onnx, onnxruntime and
+matplotlib (the `export` extra) are imported only where they are used.
 """
 
 from .cam import (
