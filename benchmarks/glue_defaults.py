@@ -204,11 +204,12 @@ def collect(args) -> dict:
     earlier calls), into one file in the layout of glue_clean.json: `table` (each task and variant: means over seeds,
     dev and held-out), `levers` (each lever against the defaults of the same task), `runs`, and the goal of issue 23
     for the defaults."""
-    runs, commands = {}, []
+    runs, commands, merged_gpus = {}, [], []
     for path in args.merge:  # the runs of earlier calls, collected there
         earlier = json.loads(Path(path).read_text())
         runs.update(earlier["runs"])
         commands += earlier["run_command"]
+        merged_gpus.append(earlier.get("gpu"))
     for folder in args.out:
         for path in sorted(Path(folder).glob("*/results.json")):
             task, rest = path.parent.name.split("_", 1)
@@ -272,7 +273,7 @@ def collect(args) -> dict:
         "levers": levers,
         "goal": goal,
         "runs": runs,
-        "gpu": gpu_name() or args.gpu,
+        "gpu": gpu_name() or args.gpu or next(filter(None, merged_gpus), None),  # merged on a CPU: theirs
         "host": platform.node(),
         "run_command": commands,
         "command": " ".join(["python", *sys.argv]),

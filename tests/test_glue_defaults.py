@@ -135,6 +135,8 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
     assert rows[("sst2", "previous_defaults")]["flags"] == "--distill_augment none --keep_best_deployable false"
     again = Namespace(**{**vars(relabel), "merge": [relabel.json], "json": None})
     assert bench.collect(again)["runs"].keys() == renamed["runs"].keys()
+    if bench.gpu_name() is None:  # merged on a machine without a GPU, and no --gpu: the merged file's GPU stays
+        assert bench.collect(Namespace(**{**vars(again), "gpu": None}))["gpu"] == "t"
     with pytest.raises(SystemExit, match="not a variant"):
         bench.collect(Namespace(**{**vars(relabel), "json": None, "relabel": "defaults=nope"}))
 
