@@ -9,7 +9,8 @@ The modules, one idea each: `uint64_words` (the uint64 sign-bit layout), `cam` (
 (its coefficient files), `cam_generation` (a decoder's cost per generated token at several context lengths),
 `cam_report` (the report files), `golden` (golden vectors), `onnx` (the traceable attention and ONNX Runtime
 validation), `onnx_check` (the export's enforced ONNX check), `export_config` (the optimum exporter configuration and
-sample inputs), `exporter` (the bundle) and `command` (the `had-hf export` subcommand). onnx, onnxruntime and
+sample inputs), `source_model` (the model an export starts from, loaded and checked), `errors` (the export's error),
+`exporter` (the bundle) and `command` (the `had-hf export` subcommand). onnx, onnxruntime and
 matplotlib (the `export` extra) are imported only where they are used.
 """
 
