@@ -181,3 +181,79 @@ def decode_launch(
         count_block_n=min(count_block_n, _next_power_of_2(split_len)),
         select_block_n=select_block_n,
     )
+
+
+# The short-context kernel (`decode_short_kernel`): one program per (batch, kv head, row block) over all keys.
+# Its time grows with n inside each program (three passes over the packed keys, then a gather of the row's ~0.117 n
+# value rows with a few tiles in flight), while the three-kernel path pays three launches and two last-program
+# reductions whatever n, and spreads long rows over every multiprocessor. Up to 8,192 keys a program gathers at most
+# ~1k value rows (120 KB at d = 64) and reads 3 x 64 KB of packed keys (L1/L2-resident after the first pass): about the
+# time of one of the three launches. `benchmarks/decode_variants.py` measures the crossover (n = 2k .. 32k).
+SHORT_MAX_KEYS = 8192
+# distances fit a byte code (0..d, 255 = masked) and the query in two 64-bit words up to d = 128
+SHORT_MAX_HEAD_DIM = 128
+# Rows of all programs together up to which each program takes one row (the most programs, each with the least work);
+# beyond, rows of a kv head share programs (their key passes and value rows loaded once).
+_SHORT_ROWS_PER_SM = 2
+
+
+def short_kernel_wanted(
+    short_kernel: bool | None, n_keys: int, head_dim: int, split_options: list[str], short_options: list[str]
+) -> bool:
+    """Whether a decode call runs the short-context kernel: `short_kernel` if given, else the split-K path when one of
+    its options is given (`split_options`: their names), the short kernel when one of its own is (`short_options`),
+    and otherwise short contexts (n <= SHORT_MAX_KEYS) of head dims the kernel takes."""
+    if split_options and short_options:
+        raise ValueError(
+            f"Options of the three-kernel path ({split_options}) and of the short kernel ({short_options}) cannot be "
+            "combined."
+        )
+    fits = head_dim <= SHORT_MAX_HEAD_DIM
+    if short_kernel is None:
+        return not split_options and (bool(short_options) or (fits and n_keys <= SHORT_MAX_KEYS))
+    if short_kernel and split_options:
+        raise ValueError(f"short_kernel=True takes none of the three-kernel path's options, got {split_options}.")
+    if not short_kernel and short_options:
+        raise ValueError(f"short_kernel=False takes none of the short kernel's options, got {short_options}.")
+    if short_kernel and not fits:
+        raise ValueError(f"The short decode kernel takes head dims up to {SHORT_MAX_HEAD_DIM}, got {head_dim}.")
+    return short_kernel
+
+
+@dataclass(frozen=True)
+class ShortLaunch:
+    """The launch settings of the short-context kernel: rows per program and tile sizes."""
+
+    r_block: int  # query rows per program: 1, 2 or 4
+    num_row_blocks: int
+    count_block_n: int  # keys per iteration of the two counting passes
+    select_block_n: int  # keys per iteration of the selection
+
+
+def short_decode_launch(
+    n_keys: int,
+    rows_per_group: int,
+    kv_groups: int,
+    multiprocessors: int,
+    *,
+    row_block: int | None = None,
+    block_n: int | None = None,
+    hist_block_elements: int = 1024,
+) -> ShortLaunch:
+    """The short kernel's launch settings from the shape; `row_block` (1, 2 or 4), `block_n` and `hist_block_elements`
+    (see `hamming_topk_decode`) override the choices."""
+    most = min(4, _next_power_of_2(rows_per_group))
+    if row_block is None:
+        row_block = 1
+        while row_block < most and kv_groups * _cdiv(rows_per_group, row_block) > _SHORT_ROWS_PER_SM * multiprocessors:
+            row_block *= 2
+    elif row_block not in (1, 2, 4):
+        raise ValueError(f"short_row_block must be 1, 2 or 4 (query rows per program), got {row_block}.")
+    r_block = min(row_block, most)
+    keys = max(16, _next_power_of_2(n_keys))
+    return ShortLaunch(
+        r_block=r_block,
+        num_row_blocks=_cdiv(rows_per_group, r_block),
+        count_block_n=min(keys, max(16, hist_block_elements // r_block)),
+        select_block_n=min(keys, block_n or 1024),
+    )

@@ -51,13 +51,22 @@ import torch
 from .decode_attend_kernel import _attend_kernel
 from .decode_distance_kernel import _distance_kernel
 from .decode_fine_count_kernel import _fine_count_kernel
-from .decode_launch import _as_int64_words, _launch_plan, _Workspace, decode_launch
+from .decode_launch import (
+    SHORT_MAX_KEYS,
+    _as_int64_words,
+    _launch_plan,
+    _Workspace,
+    decode_launch,
+    short_decode_launch,
+    short_kernel_wanted,
+)
+from .decode_short_kernel import short_decode
 from .decode_split_k import MAX_ITERATIONS
 from .int32_words import WORD_BITS, as_int32_words
 from .sign_pack_kernel import triton_pack_sign_bits
 from .triton_common import _cdiv, _interpreting, _is_power_of_two, _multiprocessor_count, _on_device
 
-__all__ = ["MAX_ITERATIONS", "hamming_topk_decode", "supports_decode_shape", "triton_pack_sign_bits"]
+__all__ = ["MAX_ITERATIONS", "SHORT_MAX_KEYS", "hamming_topk_decode", "supports_decode_shape", "triton_pack_sign_bits"]
 
 
 def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
@@ -98,9 +107,17 @@ def hamming_topk_decode(
     attend_split_group: int = 1,
     interleave_gather: bool = False,
     single_row_dot: bool = False,
+    short_kernel: bool | None = None,
+    short_row_block: int | None = None,
+    short_num_warps: int | None = None,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """HAD attention of a few query positions against packed keys, in Triton (exact top-N, split over the keys).
+    """HAD attention of a few query positions against packed keys, in Triton (exact top-N): one launch over all keys
+    per program for short contexts, three launches split over the keys otherwise.
+
+    The options from `num_splits` to `single_row_dot` are those of the three-kernel path, `short_row_block` and
+    `short_num_warps` those of the short kernel; `block_n`, `hist_block_elements`, `gather_block` and
+    `gather_stages` apply to both.
 
     Args:
         query (`torch.Tensor`): (B, Hq, q, d) floating queries (only their signs are used); q small (decode).
@@ -145,6 +162,12 @@ def hamming_topk_decode(
             selection ends (the same tiles in the same order: the same result).
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
+        short_kernel (`bool`, *optional*): run the short-context kernel (`True`) or the three-kernel path (`False`);
+            by default the path whose options are given, else the short kernel up to `SHORT_MAX_KEYS` keys (head dims
+            up to 128; `decode_launch.short_kernel_wanted`).
+        short_row_block (`int`, *optional*): query rows per program of the short kernel (1, 2 or 4); by default one
+            row per program unless that makes more than two programs per multiprocessor.
+        short_num_warps (`int`, *optional*): warps per program of the short kernel (Triton's default when unset).
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
             keys (for tests; costs one byte per (row, key)).
 
@@ -195,6 +218,38 @@ def hamming_topk_decode(
         return out
 
     sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
+    split_options = [
+        name
+        for name, given in (
+            ("num_splits", num_splits is not None),
+            ("programs_per_sm", programs_per_sm is not None),
+            ("distance_programs_per_sm", distance_programs_per_sm is not None),
+            ("distance_splits", distance_splits is not None),
+            ("num_warps", num_warps is not None),
+            ("num_stages", num_stages is not None),
+            ("max_registers", max_registers is not None),
+            ("split_block", split_block != 32),
+            ("attend_split_group", attend_split_group != 1),
+            ("interleave_gather", interleave_gather),
+            ("single_row_dot", single_row_dot),
+        )
+        if given
+    ]
+    short_options = [name for name, given in (("short_row_block", short_row_block), ("short_num_warps", short_num_warps))
+                     if given is not None]  # fmt: skip
+    if short_kernel_wanted(short_kernel, n_keys, dim, split_options, short_options):
+        short = short_decode_launch(
+            n_keys,
+            rows_per_group,
+            batch * num_kv_heads,
+            sms,
+            row_block=short_row_block,
+            block_n=block_n,
+            hist_block_elements=hist_block_elements,
+        )
+        out, keep = short_decode(query, key_words, value, valid_mask, top_n, alpha, short, gather_block,
+                                 gather_stages, short_num_warps, return_keep)  # fmt: skip
+        return (out, keep) if return_keep else out
     settings = decode_launch(
         n_keys,
         rows_per_group,
