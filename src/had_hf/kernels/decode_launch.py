@@ -183,26 +183,38 @@ def decode_launch(
     )
 
 
-# The short-context kernel (`decode_short_kernel`): one program per (batch, kv head, row block) over all keys.
-# Its time grows with n inside each program (three passes over the packed keys, then a gather of the row's ~0.117 n
-# value rows with a few tiles in flight), while the three-kernel path pays three launches and two last-program
-# reductions whatever n, and spreads long rows over every multiprocessor. Up to 8,192 keys a program gathers at most
-# ~1k value rows (120 KB at d = 64) and reads 3 x 64 KB of packed keys (L1/L2-resident after the first pass): about the
-# time of one of the three launches. `benchmarks/decode_variants.py` measures the crossover (n = 2k .. 32k).
-SHORT_MAX_KEYS = 8192
+# The short-context kernel (`decode_short_kernel`): one program per (batch, kv head, row block) over all keys. Inside
+# each program its time grows with n: three passes over the packed keys (the first from memory, the next two from
+# L1/L2), then the gather of a row's ~0.117 n value rows, a few tiles in flight. The three-kernel path pays three
+# launches and two last-program reductions whatever n (a few us each), but spreads long rows over every
+# multiprocessor. The gather is the short kernel's largest serial part, its bytes n x dv: up to n x dv = 2^20
+# (16,384 keys at dv = 64, 8,192 at dv = 128; 8k-token contexts with a static cache's slack) a program gathers at
+# most ~1.9k rows of 128 B, or ~1k of 256 B (~245 KB), and reads <= 3 x 128 KB of packed keys, which should take
+# about what the three launches take at n = 16k (32 us at B8-H16-d64-n16k, `results/decode.json`).
+# `benchmarks/decode_variants.py` measures both paths from 2k to 32k keys.
+SHORT_MAX_KEY_VALUES = 1 << 20
 # distances fit a byte code (0..d, 255 = masked) and the query in two 64-bit words up to d = 128
 SHORT_MAX_HEAD_DIM = 128
 # Rows of all programs together up to which each program takes one row (the most programs, each with the least work);
 # beyond, rows of a kv head share programs (their key passes and value rows loaded once).
 _SHORT_ROWS_PER_SM = 2
+# One program gathers all of its rows' value rows: Triton's pipeliner keeps GATHER_STAGES tiles of GATHER_BLOCK rows in
+# flight (the three-kernel path, with several programs per multiprocessor, prefetches one tile of 32 by hand)
+SHORT_GATHER_BLOCK = 64
+SHORT_GATHER_STAGES = 3
 
 
 def short_kernel_wanted(
-    short_kernel: bool | None, n_keys: int, head_dim: int, split_options: list[str], short_options: list[str]
+    short_kernel: bool | None,
+    n_keys: int,
+    head_dim: int,
+    value_dim: int,
+    split_options: list[str],
+    short_options: list[str],
 ) -> bool:
     """Whether a decode call runs the short-context kernel: `short_kernel` if given, else the split-K path when one of
     its options is given (`split_options`: their names), the short kernel when one of its own is (`short_options`),
-    and otherwise short contexts (n <= SHORT_MAX_KEYS) of head dims the kernel takes."""
+    and otherwise short contexts (n x dv <= SHORT_MAX_KEY_VALUES) of head dims the kernel takes."""
     if split_options and short_options:
         raise ValueError(
             f"Options of the three-kernel path ({split_options}) and of the short kernel ({short_options}) cannot be "
@@ -210,7 +222,7 @@ def short_kernel_wanted(
         )
     fits = head_dim <= SHORT_MAX_HEAD_DIM
     if short_kernel is None:
-        return not split_options and (bool(short_options) or (fits and n_keys <= SHORT_MAX_KEYS))
+        return not split_options and (bool(short_options) or (fits and n_keys * value_dim <= SHORT_MAX_KEY_VALUES))
     if short_kernel and split_options:
         raise ValueError(f"short_kernel=True takes none of the three-kernel path's options, got {split_options}.")
     if not short_kernel and short_options:

@@ -52,7 +52,9 @@ from .decode_attend_kernel import _attend_kernel
 from .decode_distance_kernel import _distance_kernel
 from .decode_fine_count_kernel import _fine_count_kernel
 from .decode_launch import (
-    SHORT_MAX_KEYS,
+    SHORT_GATHER_BLOCK,
+    SHORT_GATHER_STAGES,
+    SHORT_MAX_KEY_VALUES,
     _as_int64_words,
     _launch_plan,
     _Workspace,
@@ -66,7 +68,13 @@ from .int32_words import WORD_BITS, as_int32_words
 from .sign_pack_kernel import triton_pack_sign_bits
 from .triton_common import _cdiv, _interpreting, _is_power_of_two, _multiprocessor_count, _on_device
 
-__all__ = ["MAX_ITERATIONS", "SHORT_MAX_KEYS", "hamming_topk_decode", "supports_decode_shape", "triton_pack_sign_bits"]
+__all__ = [
+    "MAX_ITERATIONS",
+    "SHORT_MAX_KEY_VALUES",
+    "hamming_topk_decode",
+    "supports_decode_shape",
+    "triton_pack_sign_bits",
+]
 
 
 def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
@@ -102,8 +110,8 @@ def hamming_topk_decode(
     num_stages: int | Sequence[int | None] | None = None,
     max_registers: int | Sequence[int | None] | None = None,
     split_block: int = 32,
-    gather_block: int = 32,
-    gather_stages: int = 0,
+    gather_block: int | None = None,
+    gather_stages: int | None = None,
     attend_split_group: int = 1,
     interleave_gather: bool = False,
     single_row_dot: bool = False,
@@ -136,10 +144,10 @@ def hamming_topk_decode(
             splits share the tie quotas); at most their split count. `None` (the default), or `num_splits` given:
             the same splits for all three.
         distance_splits (`int`, *optional*): the distance kernel's split count itself (at most `num_splits`).
-        block_n (`int`, *optional*): keys per iteration of the attend kernel's selection; defaults to 1024 for
-            programs of one row and 8192 // rows (at least 64) for programs of several.
+        block_n (`int`, *optional*): keys per iteration of the selection (attend kernel, short kernel); defaults to
+            1024 for programs of up to 4 rows (all of the short kernel's) and 8192 // rows (at least 64) for more.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
-            counting kernels.
+            counting kernels, and of the short kernel's counting passes.
         num_warps (`int` or three of them, *optional*): warps per program of the kernels, for all three or per kernel
             (distance, fine count, attend; `None` entries: Triton's default, as when unset).
         num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
@@ -149,11 +157,12 @@ def hamming_topk_decode(
             kernel (distance, fine count, attend; `None` entries: the compiler's choice, as when unset).
         split_block (`int`, *optional*, defaults to 32): most splits per tile of the last programs' reductions (a
             power of two); each kernel lowers it to the splits there are and to its register budget.
-        gather_block (`int`, *optional*, defaults to 32): kept value rows per iteration of the attend kernel's
-            gather (fewer rows per iteration: fewer registers, more programs in flight).
-        gather_stages (`int`, *optional*, defaults to 0): the attend kernel's gather loop: 0 issues the next tile's
-            loads by hand one iteration ahead; a positive number leaves the loop to Triton's pipeliner with that many
-            stages (asynchronous copies on the GPU, several tiles of value rows in flight). The same result.
+        gather_block (`int`, *optional*): kept value rows per iteration of the gather (fewer rows per iteration:
+            fewer registers, more programs in flight); defaults to 32 for the attend kernel and 64 for the short one.
+        gather_stages (`int`, *optional*): the gather loop: 0 issues the next tile's loads by hand one iteration
+            ahead; a positive number leaves the loop to Triton's pipeliner with that many stages (asynchronous copies
+            on the GPU, several tiles of value rows in flight). The same result. Defaults to 0 for the attend kernel
+            and 3 for the short one (one program gathers all of its rows' values).
         attend_split_group (`int`, *optional*, defaults to 1): splits of the fine count per split of the attend
             kernel (a power of two): fewer, longer attend programs (fewer partial results for its last programs to reduce) while the
             first two kernels keep their splits.
@@ -163,8 +172,8 @@ def hamming_topk_decode(
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         short_kernel (`bool`, *optional*): run the short-context kernel (`True`) or the three-kernel path (`False`);
-            by default the path whose options are given, else the short kernel up to `SHORT_MAX_KEYS` keys (head dims
-            up to 128; `decode_launch.short_kernel_wanted`).
+            by default the path whose options are given, else the short kernel where keys x value dim is at most
+            `SHORT_MAX_KEY_VALUES` (2^20: 16,384 keys at dv = 64) and d <= 128 (`decode_launch.short_kernel_wanted`).
         short_row_block (`int`, *optional*): query rows per program of the short kernel (1, 2 or 4); by default one
             row per program unless that makes more than two programs per multiprocessor.
         short_num_warps (`int`, *optional*): warps per program of the short kernel (Triton's default when unset).
@@ -199,7 +208,7 @@ def hamming_topk_decode(
     for name, size in (("block_n", block_n), ("gather_block", gather_block)):
         if size is not None and not (_is_power_of_two(size) and size >= 16):
             raise ValueError(f"{name} must be a power of two >= 16, got {size}.")
-    if not (isinstance(gather_stages, int) and gather_stages >= 0):
+    if not (gather_stages is None or (isinstance(gather_stages, int) and gather_stages >= 0)):
         raise ValueError(f"gather_stages must be an integer >= 0, got {gather_stages} (0: the hand-written prefetch).")
     if not (isinstance(attend_split_group, int) and _is_power_of_two(attend_split_group)):
         raise ValueError(
@@ -237,7 +246,7 @@ def hamming_topk_decode(
     ]
     short_options = [name for name, given in (("short_row_block", short_row_block), ("short_num_warps", short_num_warps))
                      if given is not None]  # fmt: skip
-    if short_kernel_wanted(short_kernel, n_keys, dim, split_options, short_options):
+    if short_kernel_wanted(short_kernel, n_keys, dim, value_dim, split_options, short_options):
         short = short_decode_launch(
             n_keys,
             rows_per_group,
@@ -247,9 +256,12 @@ def hamming_topk_decode(
             block_n=block_n,
             hist_block_elements=hist_block_elements,
         )
-        out, keep = short_decode(query, key_words, value, valid_mask, top_n, alpha, short, gather_block,
-                                 gather_stages, short_num_warps, return_keep)  # fmt: skip
+        out, keep = short_decode(query, key_words, value, valid_mask, top_n, alpha, short,
+                                 gather_block or SHORT_GATHER_BLOCK,
+                                 SHORT_GATHER_STAGES if gather_stages is None else gather_stages, short_num_warps,
+                                 return_keep)  # fmt: skip
         return (out, keep) if return_keep else out
+    gather_block, gather_stages = gather_block or 32, gather_stages or 0
     settings = decode_launch(
         n_keys,
         rows_per_group,
