@@ -222,10 +222,12 @@ def short_kernel_wanted(
         )
     fits = head_dim <= SHORT_MAX_HEAD_DIM
     if short_kernel is None:
-        return not split_options and (bool(short_options) or (fits and n_keys * value_dim <= SHORT_MAX_KEY_VALUES))
-    if short_kernel and split_options:
+        if split_options or not short_options:
+            return not split_options and fits and n_keys * value_dim <= SHORT_MAX_KEY_VALUES
+        short_kernel = True  # its own options ask for it
+    elif short_kernel and split_options:
         raise ValueError(f"short_kernel=True takes none of the three-kernel path's options, got {split_options}.")
-    if not short_kernel and short_options:
+    elif not short_kernel and short_options:
         raise ValueError(f"short_kernel=False takes none of the short kernel's options, got {short_options}.")
     if short_kernel and not fits:
         raise ValueError(f"The short decode kernel takes head dims up to {SHORT_MAX_HEAD_DIM}, got {head_dim}.")
