@@ -222,13 +222,16 @@ def test_short_kernel_dispatch_rule():
     from had_hf.kernels.decode_launch import SHORT_MAX_KEY_VALUES, short_kernel_wanted
 
     assert SHORT_MAX_KEY_VALUES == 16384 * 64
-    assert short_kernel_wanted(None, 16384, 64, 64, [], [])
-    assert not short_kernel_wanted(None, 16385, 64, 64, [], [])
-    assert short_kernel_wanted(None, 8192, 128, 128, [], []) and not short_kernel_wanted(None, 8193, 128, 128, [], [])
-    assert not short_kernel_wanted(None, 4096, 256, 64, [], [])  # d = 256: the three kernels
-    assert not short_kernel_wanted(None, 4096, 64, 64, ["num_splits"], [])
-    assert short_kernel_wanted(None, 65536, 64, 64, [], ["short_row_block"])
-    assert short_kernel_wanted(True, 65536, 64, 64, [], []) and not short_kernel_wanted(False, 100, 64, 64, [], [])
+    assert short_kernel_wanted({}, 16384, 64, 64) and not short_kernel_wanted({}, 16385, 64, 64)
+    assert short_kernel_wanted({}, 8192, 128, 128) and not short_kernel_wanted({}, 8193, 128, 128)
+    assert not short_kernel_wanted({}, 4096, 256, 64)  # d = 256: the three kernels
+    # an option of one path asks for it (at its default it does not)
+    assert not short_kernel_wanted(dict(num_splits=3), 4096, 64, 64)
+    assert not short_kernel_wanted(dict(single_row_dot=True), 4096, 64, 64)
+    assert short_kernel_wanted(dict(num_splits=None, split_block=32, attend_split_group=1), 4096, 64, 64)
+    assert short_kernel_wanted(dict(short_row_block=1), 65536, 64, 64)
+    assert short_kernel_wanted(dict(short_kernel=True), 65536, 64, 64)
+    assert not short_kernel_wanted(dict(short_kernel=False), 100, 64, 64)
 
 
 @requires_triton

@@ -204,17 +204,31 @@ SHORT_GATHER_BLOCK = 64
 SHORT_GATHER_STAGES = 3
 
 
-def short_kernel_wanted(
-    short_kernel: bool | None,
-    n_keys: int,
-    head_dim: int,
-    value_dim: int,
-    split_options: list[str],
-    short_options: list[str],
-) -> bool:
-    """Whether a decode call runs the short-context kernel: `short_kernel` if given, else the split-K path when one of
-    its options is given (`split_options`: their names), the short kernel when one of its own is (`short_options`),
-    and otherwise short contexts (n x dv <= SHORT_MAX_KEY_VALUES) of head dims the kernel takes."""
+# The options of `hamming_topk_decode` that belong to one path, with their defaults: any other value asks for that path.
+SPLIT_K_OPTIONS = {
+    "num_splits": None,
+    "programs_per_sm": None,
+    "distance_programs_per_sm": None,
+    "distance_splits": None,
+    "num_warps": None,
+    "num_stages": None,
+    "max_registers": None,
+    "split_block": 32,
+    "attend_split_group": 1,
+    "interleave_gather": False,
+    "single_row_dot": False,
+}
+SHORT_OPTIONS = {"short_row_block": None, "short_num_warps": None}
+
+
+def short_kernel_wanted(options: dict, n_keys: int, head_dim: int, value_dim: int) -> bool:
+    """Whether a decode call runs the short-context kernel, from its keyword options (`hamming_topk_decode`'s; those
+    left out at their defaults): `short_kernel` if given, else the three-kernel path when one of its options is given,
+    the short kernel when one of its own is, and otherwise short contexts (n x dv <= SHORT_MAX_KEY_VALUES) of head dims
+    the kernel takes."""
+    split_options = [name for name, default in SPLIT_K_OPTIONS.items() if options.get(name, default) != default]
+    short_options = [name for name, default in SHORT_OPTIONS.items() if options.get(name, default) != default]
+    short_kernel = options.get("short_kernel")
     if split_options and short_options:
         raise ValueError(
             f"Options of the three-kernel path ({split_options}) and of the short kernel ({short_options}) cannot be "

@@ -35,6 +35,9 @@ from .decode_split_k import (
 )
 from .triton_common import _cdiv, _interpreting, _on_device
 
+# counting tiles between two additions of the lanes' packed 7-bit counters into int32 totals
+CHUNK_TILES = tl.constexpr(MAX_ITERATIONS)
+
 
 @triton.jit
 def _tile_distances(q0, q1, k0, k1, m_rows, offs_n, ok, stride_mn, W: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -55,15 +58,14 @@ def _rows_histograms(q0, q1, k_base, m_rows, row_ok, low, n_keys, stride_kn, str
     """One pass over all keys in (R, BLOCK_N) tiles, the next tile's key words loaded one iteration ahead. Coarse pass:
     the rows' (R, 16) coarse histograms (bins 0..8, zeros after) and their smallest valid distance (D + 1 if none).
     Fine pass (FINE_PASS): the (R, D / 8) histograms of the distances low .. low + D / 8 - 1 (each row's coarse bin).
-    Packed 7-bit counters per lane, added into int32 totals every MAX_ITERATIONS tiles."""
-    FINE: tl.constexpr = D // 8
+    Packed 7-bit counters per lane, added into int32 totals every CHUNK_TILES tiles."""
     if FINE_PASS:
-        totals = tl.zeros((R_BLOCK, FINE), dtype=tl.int32)
+        totals = tl.zeros((R_BLOCK, D // 8), dtype=tl.int32)
     else:
         totals = tl.zeros((R_BLOCK, 16), dtype=tl.int32)
     smallest = tl.full((R_BLOCK, BLOCK_N), D + 1, dtype=tl.int32)
-    for chunk_start in range(0, n_keys, MAX_ITERATIONS * BLOCK_N):
-        chunk_end = tl.minimum(chunk_start + MAX_ITERATIONS * BLOCK_N, n_keys)
+    for chunk_start in range(0, n_keys, CHUNK_TILES * BLOCK_N):
+        chunk_end = tl.minimum(chunk_start + CHUNK_TILES * BLOCK_N, n_keys)
         fine0 = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
         fine1 = fine0
         fine2 = fine0
@@ -80,12 +82,12 @@ def _rows_histograms(q0, q1, k_base, m_rows, row_ok, low, n_keys, stride_kn, str
             dist, valid = _tile_distances(q0, q1, k0, k1, m_rows, offs_n, ok, stride_mn, W, HAS_MASK, USE_POPC)
             if FINE_PASS:
                 code = tl.where(valid, dist, INVALID_CODE)
-                fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], ok, FINE)
+                fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], ok, D // 8)
             else:
                 coarse = _add_coarse(coarse, dist, valid, D)
                 smallest = tl.minimum(smallest, tl.where(valid, dist, D + 1))
         if FINE_PASS:
-            totals += _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK, FINE)
+            totals += _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK, D // 8)
         else:
             totals += _place_fields(tl.zeros((R_BLOCK, 16), dtype=tl.int32), coarse, 0, 9)
     return totals, tl.min(smallest, axis=1)
@@ -182,7 +184,6 @@ def _short_decode_kernel(
     GATHER_STAGES: tl.constexpr,
     PER_ROW_N: tl.constexpr,
 ):
-    FINE: tl.constexpr = D // 8
     b, hk = _batch_and_kv_head(num_kv_heads)
     r_local = tl.arange(0, R_BLOCK)
     row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
@@ -208,11 +209,11 @@ def _short_decode_kernel(
         wanted = tl.load(n_keep_ptr + b * stride_nb + head * stride_nh + qi * stride_ni, mask=row_ok, other=0)
     num_kept = tl.minimum(tl.sum(coarse, axis=1), wanted)
     coarse_bin, below = _coarse_bin(coarse, num_kept)
-    low = coarse_bin * FINE
+    low = coarse_bin * (D // 8)
     fine, _ = _rows_histograms(q0, q1, k_base, mask_ptr + mask_rows[:, None], row_ok, low, n_keys, stride_kn,
                                stride_kw, stride_mn, D, W, R_BLOCK, COUNT_N, HAS_MASK, USE_POPC, INVALID_CODE,
                                True)  # fmt: skip
-    step, quota, ties = _threshold_step(fine, num_kept - below, FINE)
+    step, quota, ties = _threshold_step(fine, num_kept - below, D // 8)
     thr = tl.where(row_ok, low + step, -1)
     # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0
     shift = tl.where(alpha_nonnegative != 0, tl.minimum(smallest, D), thr)

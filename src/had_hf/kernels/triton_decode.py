@@ -227,26 +227,23 @@ def hamming_topk_decode(
         return out
 
     sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
-    split_options = [
-        name
-        for name, given in (
-            ("num_splits", num_splits is not None),
-            ("programs_per_sm", programs_per_sm is not None),
-            ("distance_programs_per_sm", distance_programs_per_sm is not None),
-            ("distance_splits", distance_splits is not None),
-            ("num_warps", num_warps is not None),
-            ("num_stages", num_stages is not None),
-            ("max_registers", max_registers is not None),
-            ("split_block", split_block != 32),
-            ("attend_split_group", attend_split_group != 1),
-            ("interleave_gather", interleave_gather),
-            ("single_row_dot", single_row_dot),
-        )
-        if given
-    ]
-    short_options = [name for name, given in (("short_row_block", short_row_block), ("short_num_warps", short_num_warps))
-                     if given is not None]  # fmt: skip
-    if short_kernel_wanted(short_kernel, n_keys, dim, value_dim, split_options, short_options):
+    options = dict(
+        num_splits=num_splits,
+        programs_per_sm=programs_per_sm,
+        distance_programs_per_sm=distance_programs_per_sm,
+        distance_splits=distance_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        max_registers=max_registers,
+        split_block=split_block,
+        attend_split_group=attend_split_group,
+        interleave_gather=interleave_gather,
+        single_row_dot=single_row_dot,
+        short_kernel=short_kernel,
+        short_row_block=short_row_block,
+        short_num_warps=short_num_warps,
+    )
+    if short_kernel_wanted(options, n_keys, dim, value_dim):
         short = short_decode_launch(
             n_keys,
             rows_per_group,
