@@ -8,7 +8,8 @@ histogram, a threshold and a tie count.
 One long row must fill the GPU, so the keys are split across programs (split-K), and the tie rule of METHOD.md
 (exactly N kept, the lower index first among equal scores) needs the splits to agree. Three launches, each program
 one (batch, kv head, row block, split); in each, the last program of a row block to finish (an atomic ticket)
-reduces what the splits wrote, a tile of splits per load (`decode_split_k`):
+reduces what the splits wrote, a tile of splits per load (`decode_split_k`). Short contexts take one launch instead
+(below).
 
 1. `decode_distance_kernel`: Hamming distances of the group's query rows to the split's keys, stored as one byte
    per (row, key) ("codes"; masked keys get an invalid code), and a coarse histogram: 9 bins of width d/8. The last
@@ -30,11 +31,23 @@ Loads are vectorized where Triton can see masks constant over 16 keys: the codes
 code up to a multiple of 64, the last two kernels run over whole, aligned splits, and from d = 64 on the keys are read
 as int64 words. The one-row selection works on (BLOCK_N / 8, 8) tiles, each thread's 8 keys contiguous.
 
+Short contexts (`decode_short_kernel`, where keys x value dim <= 2^20, 16k keys at dv = 64, and d <= 128): one
+launch, each program one (batch, kv head, row block) of 1, 2 or 4 query rows over all keys (one row per program unless
+that makes more than two programs per multiprocessor), so no split has to agree with another: no codes in memory, no
+tickets, no reductions between programs. The program streams the packed keys three times (L1/L2-resident after the
+first): the coarse histogram and the smallest valid distance (the same packed counters, added into int32 totals
+every 127 tiles), then the fine count of each row's coarse bin, from which it finds t and the tie quota in registers
+(`_coarse_bin` and `_threshold_step`, as the split-K kernels' last programs do), then the attend kernel's selection
+(dist < t, and the first `quota` ties in index order), which lists the kept keys with their codes (one row: the gather
+computes the weights) or the rows' weights. The gather of `decode_gather` follows, Triton's pipeliner keeping three
+tiles of 64 value rows in flight, as one program gathers all of its rows' values.
+
 Grouped-query attention: the g query heads of a kv head (times the query positions) are the rows of one program, so
 the keys are read once per group, and a value row kept by any of them is loaded once.
 
-The launch settings (rows per program, splits, tile sizes) come from `decode_launch.decode_launch`, a heuristic on the
-shape; the keyword arguments of `hamming_topk_decode` override each choice for the benchmark sweeps. How the
+The launch settings (rows per program, splits, tile sizes) come from `decode_launch.decode_launch` (and
+`short_decode_launch`), heuristics on the shape; `decode_launch.short_kernel_wanted` picks the path; the keyword
+arguments of `hamming_topk_decode` override each choice for the benchmark sweeps. How the
 kernels were tuned, and what each choice measured, is in benchmarks/README.md ("Decode kernel design notes").
 
 The kernels run on CUDA and, for tests, on the CPU through Triton's interpreter (`TRITON_INTERPRET=1` before
