@@ -35,9 +35,6 @@ from .decode_split_k import (
 )
 from .triton_common import _cdiv, _interpreting, _on_device
 
-# counting tiles between two additions of the lanes' packed 7-bit counters into int32 totals
-CHUNK_TILES = tl.constexpr(MAX_ITERATIONS)
-
 
 @triton.jit
 def _tile_distances(q0, q1, k0, k1, m_rows, offs_n, ok, stride_mn, W: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -54,7 +51,7 @@ def _tile_distances(q0, q1, k0, k1, m_rows, offs_n, ok, stride_mn, W: tl.constex
 def _rows_histograms(q0, q1, k_base, m_rows, row_ok, low, n_keys, stride_kn, stride_kw, stride_mn,
                      D: tl.constexpr, W: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_MASK: tl.constexpr, USE_POPC: tl.constexpr, INVALID_CODE: tl.constexpr,
-                     FINE_PASS: tl.constexpr):  # fmt: skip
+                     CHUNK_TILES: tl.constexpr, FINE_PASS: tl.constexpr):  # fmt: skip
     """One pass over all keys in (R, BLOCK_N) tiles, the next tile's key words loaded one iteration ahead. Coarse pass:
     the rows' (R, 16) coarse histograms (bins 0..8, zeros after) and their smallest valid distance (D + 1 if none).
     Fine pass (FINE_PASS): the (R, D / 8) histograms of the distances low .. low + D / 8 - 1 (each row's coarse bin).
@@ -172,6 +169,7 @@ def _short_decode_kernel(
     R_BLOCK: tl.constexpr,
     R_DOT: tl.constexpr,
     COUNT_N: tl.constexpr,
+    CHUNK_TILES: tl.constexpr,
     SELECT_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -203,7 +201,7 @@ def _short_decode_kernel(
     # N - count(dist < t), as the distance and fine-count kernels find them over all splits
     coarse, smallest = _rows_histograms(q0, q1, k_base, mask_ptr + mask_rows[:, None], row_ok, 0, n_keys, stride_kn,
                                         stride_kw, stride_mn, D, W, R_BLOCK, COUNT_N, HAS_MASK, USE_POPC,
-                                        INVALID_CODE, False)  # fmt: skip
+                                        INVALID_CODE, CHUNK_TILES, False)  # fmt: skip
     wanted = top_n
     if PER_ROW_N:  # N of each row given by the caller (the ratio rule counts each row's valid keys)
         wanted = tl.load(n_keep_ptr + b * stride_nb + head * stride_nh + qi * stride_ni, mask=row_ok, other=0)
@@ -212,7 +210,7 @@ def _short_decode_kernel(
     low = coarse_bin * (D // 8)
     fine, _ = _rows_histograms(q0, q1, k_base, mask_ptr + mask_rows[:, None], row_ok, low, n_keys, stride_kn,
                                stride_kw, stride_mn, D, W, R_BLOCK, COUNT_N, HAS_MASK, USE_POPC, INVALID_CODE,
-                               True)  # fmt: skip
+                               CHUNK_TILES, True)  # fmt: skip
     step, quota, ties = _threshold_step(fine, num_kept - below, D // 8)
     thr = tl.where(row_ok, low + step, -1)
     # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0
@@ -421,6 +419,8 @@ def short_decode(
             R_BLOCK=r_block,
             R_DOT=1 if r_block == 1 else 16,
             COUNT_N=launch.count_block_n,
+            # counting tiles between two additions of the lanes' packed 7-bit counters into int32 totals
+            CHUNK_TILES=MAX_ITERATIONS,
             SELECT_N=launch.select_block_n,
             BLOCK_K=gather_block,
             HAS_MASK=valid_mask is not None,
