@@ -1,12 +1,13 @@
-"""Registers, spills and shared memory of the three decode kernels as launched at the benchmark shapes, compiled for
-sm_90 (H100/H200) on a machine without a GPU, and how many programs fit on a multiprocessor at once.
+"""Registers, spills and shared memory of the decode kernels (the three of the split-K path, or the short-context
+kernel) as launched at the benchmark shapes, compiled for sm_90 (H100/H200) on a machine without a GPU, and how many
+programs fit on a multiprocessor at once.
 
     PYTHONPATH=src python benchmarks/decode_registers.py --out benchmarks/results/decode_registers.json
 
 A kernel of r registers per thread (rounded up to 8) and w warps fits 65536 // (32 w r) programs on a multiprocessor
 (fewer if its shared memory does not fit); a launch of more programs than 132 multiprocessors hold runs in several
 waves. `hamming_topk_decode` runs on meta tensors with its launches recorded instead of run (the host side exactly as
-on the GPU, the split count of 132 multiprocessors given explicitly), then each recorded launch is compiled with
+on the GPU, the split count or the short kernel's rows per program of 132 multiprocessors given explicitly), then each recorded launch is compiled with
 `triton.compile` for `GPUTarget("cuda", 90, 32)` with the specialization the GPU's launch would have (16-byte
 aligned pointers, integers divisible by 16, ones as constants, libdevice popcount), and `cuobjdump -res-usage` reads
 the binary. Registers differ between Triton versions: run it under the GPU machine's.
@@ -33,12 +34,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import triton  # noqa: E402
 from decode import SHAPES  # noqa: E402
-from decode_variants import SHAPE_VARIANTS, VARIANTS  # noqa: E402
+from decode_variants import SHAPE_VARIANTS, SHORT_SHAPES, VARIANTS  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from had_hf.kernels import triton_decode  # noqa: E402
-from had_hf.kernels.decode_launch import decode_launch  # noqa: E402
+from had_hf.kernels import decode_short_kernel, triton_decode  # noqa: E402
+from had_hf.kernels.decode_launch import decode_launch, short_decode_launch, short_kernel_wanted  # noqa: E402
 
 MULTIPROCESSORS = 132  # H100 SXM / H200
 REGISTERS_PER_MULTIPROCESSOR = 65536
@@ -53,7 +54,12 @@ POINTER_TYPES = {
     torch.int32: "*i32",
     torch.int64: "*i64",
 }
-KERNELS = (triton_decode._distance_kernel, triton_decode._fine_count_kernel, triton_decode._attend_kernel)
+KERNELS = (
+    triton_decode._distance_kernel,
+    triton_decode._fine_count_kernel,
+    triton_decode._attend_kernel,
+    decode_short_kernel._short_decode_kernel,
+)
 
 
 def record_launches(shape, options: dict) -> list[tuple]:
@@ -72,16 +78,19 @@ def record_launches(shape, options: dict) -> list[tuple]:
     query = torch.empty(b, hq, 1, d, dtype=torch.bfloat16, device=meta)
     key_words = torch.empty(b, hkv, n, d // 32, dtype=torch.int32, device=meta)
     value = torch.empty(b, hkv, n, d, dtype=torch.bfloat16, device=meta)
-    # the split count of the GPU's launch (on meta tensors the host would plan for one multiprocessor)
-    planned = {key: options[key] for key in ("programs_per_sm", "block_n") if key in options}
-    splits = decode_launch(n, hq // hkv, b * hkv, MULTIPROCESSORS, **planned).num_splits
+    # the split count, or the short kernel's rows per program, of the GPU's launch (on meta tensors the host would plan
+    # for one multiprocessor)
+    call_options = {key: value for key, value in options.items() if key != "programs_per_sm"}
+    if short_kernel_wanted(options, n, d, d):
+        rows = short_decode_launch(n, hq // hkv, b * hkv, MULTIPROCESSORS).r_block
+        call_options = {"short_kernel": True, "short_row_block": rows} | call_options
+    else:
+        planned = {key: options[key] for key in ("programs_per_sm", "block_n") if key in options}
+        call_options["num_splits"] = decode_launch(n, hq // hkv, b * hkv, MULTIPROCESSORS, **planned).num_splits
     try:
         for kernel in KERNELS:
             kernel.run = recorder(kernel)
-        call_options = {key: value for key, value in options.items() if key != "programs_per_sm"}
-        triton_decode.hamming_topk_decode(
-            query, key_words, value, None, shape.top_n, 1 / math.sqrt(d), num_splits=splits, **call_options
-        )
+        triton_decode.hamming_topk_decode(query, key_words, value, None, shape.top_n, 1 / math.sqrt(d), **call_options)
     finally:
         for kernel, run in saved.items():
             if run is None:
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": "sm_90, 132 multiprocessors",
         "shapes": [],
     }
-    by_name = {shape.name: shape for shape in SHAPES}
+    by_name = {shape.name: shape for shape in [*SHAPES, *SHORT_SHAPES]}
     for shape_name in args.shapes:
         shape = by_name[shape_name]
         rows = []

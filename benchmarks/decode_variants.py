@@ -1,8 +1,12 @@
 """Variants of the decode kernels' launch side by side on one GPU, at the grouped-query shape and at
 B8-H16-d64-n64k: the attend kernel's gather loop (hand-written prefetch or Triton's pipeliner), the gather interleaved
-with the selection, its tile, warps and split count.
+with the selection, its tile, warps and split count. At the generation shapes of issue 21 (`SHORT_SHAPES`, n <= 8k)
+and past them (16k, 32k): the short-context kernel (one launch, `decode_short_kernel`) against the three-kernel path,
+its rows per program, gather and warps.
 
     PYTHONPATH=src python benchmarks/decode_variants.py --out benchmarks/results/decode_variants.json
+    PYTHONPATH=src python benchmarks/decode_variants.py --shapes $(python benchmarks/decode_variants.py --list-short) \
+        --out benchmarks/results/decode_short.json
 
 For each shape (one query position, N = ceil(0.117 n), bf16; the inputs of `decode_floors.py`) and each variant of
 `hamming_topk_decode`'s options:
@@ -15,7 +19,7 @@ The default is timed first and again last: the difference is the run's noise. Th
 variant. Exits 1 if a variant's output differs from the default's by more than rounding.
 
 `--smoke` runs tiny shapes on the CPU through Triton's interpreter (set TRITON_INTERPRET=1), without timing, to test
-this script.
+this script (every variant, the short kernel's included).
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import triton  # noqa: E402
-from decode import SHAPES, SMOKE_SHAPES, kernel_breakdown, sdpa_callable, sdpa_layouts  # noqa: E402
+from decode import SHAPES, SMOKE_SHAPES, Shape, kernel_breakdown, sdpa_callable, sdpa_layouts  # noqa: E402
 from decode_floors import _decode_inputs  # noqa: E402
 
 from had_hf.kernels.decode_attend_kernel import _attend_kernel  # noqa: E402
 from had_hf.kernels.decode_distance_kernel import _distance_kernel  # noqa: E402
 from had_hf.kernels.decode_fine_count_kernel import _fine_count_kernel  # noqa: E402
+from had_hf.kernels.decode_launch import short_kernel_wanted  # noqa: E402
+from had_hf.kernels.decode_short_kernel import _short_decode_kernel  # noqa: E402
 from had_hf.kernels.triton_decode import hamming_topk_decode  # noqa: E402
 
 # name: options of hamming_topk_decode. The default is also timed again at the end of each shape ("default-again").
@@ -68,6 +74,20 @@ VARIANTS = {
     "pipelined-3": PIPELINED,
     "pipelined-3-block64": dict(gather_block=64, **PIPELINED),
     "pipelined-3-block64-attend-64-registers": dict(gather_block=64, max_registers=(None, None, 64), **PIPELINED),
+    # the path chosen explicitly ("default" is the dispatcher's choice: the short kernel up to n x dv = 2^20)
+    "three-kernel": dict(short_kernel=False),
+    "short": dict(short_kernel=True),
+    # the short kernel's rows per program (default: one, unless more than 2 programs per multiprocessor)
+    "short-rows-2": dict(short_row_block=2),
+    "short-rows-4": dict(short_row_block=4),
+    # its gather (default: Triton's pipeliner, 3 stages of 64 rows): fewer or more rows in flight
+    "short-prefetch": dict(short_kernel=True, gather_stages=0),
+    "short-prefetch-block32": dict(short_kernel=True, gather_stages=0, gather_block=32),
+    "short-pipelined-4-block128": dict(short_kernel=True, gather_stages=4, gather_block=128),
+    "short-8-warps": dict(short_num_warps=8),
+    "short-8-warps-block128": dict(short_num_warps=8, gather_block=128),
+    # its counting passes over 2048 (row, key) pairs per iteration and its selection over 2048 keys
+    "short-count2048-select2048": dict(short_kernel=True, hist_block_elements=2048, block_n=2048),
 }
 # per shape, the variants timed: 4-row programs at the GQA shape, one-row programs at the other
 SHAPE_VARIANTS = {
@@ -92,6 +112,24 @@ SHAPE_VARIANTS = {
     ],
 }
 
+# issue 21's generation shapes (one layer of the random Llama at 4k, SmolLM2 at 2k and 8k, batch 8 at 4k), and longer
+# contexts where the dispatcher's rule hands over to the three kernels (n x dv = 2^20: 16k keys at d = 64)
+SHORT_SHAPES = [
+    Shape("GEN-B1-H32/8-d64-n4k", 1, 32, 8, 64, 4096),
+    Shape("GEN-B1-H9/3-d64-n2k", 1, 9, 3, 64, 2048),
+    Shape("GEN-B1-H9/3-d64-n8k", 1, 9, 3, 64, 8192),
+    Shape("GEN-B8-H16-d64-n4k", 8, 16, 16, 64, 4096),
+    Shape("GEN-B1-H32/8-d64-n16k", 1, 32, 8, 64, 16384),
+    Shape("GEN-B1-H9/3-d64-n16k", 1, 9, 3, 64, 16384),
+    Shape("GEN-B8-H16-d64-n16k", 8, 16, 16, 64, 16384),
+    Shape("GEN-B1-H32/8-d64-n32k", 1, 32, 8, 64, 32768),
+]
+SHORT_VARIANTS = [name for name in VARIANTS if name.startswith("short")]
+for _shape in SHORT_SHAPES:
+    SHAPE_VARIANTS[_shape.name] = ["default", "three-kernel"] + (
+        SHORT_VARIANTS if _shape.num_keys <= 8192 else ["short", "short-8-warps", "short-pipelined-4-block128"]
+    )
+
 # relative difference (Frobenius) of a variant's bf16 output from the default's beyond which it counts as different:
 # the same kept keys summed in another order differ by bf16 rounding (~1e-3)
 MAX_RELATIVE_DIFFERENCE = 1e-2
@@ -101,7 +139,7 @@ def compiled_kernels() -> dict[int, dict]:
     """Every binary of the three decode kernels compiled so far (Triton's in-memory cache): its registers per thread,
     spilled bytes, shared memory and warps. Empty where this Triton's cache layout is not the one read here."""
     found = {}
-    for kernel in (_distance_kernel, _fine_count_kernel, _attend_kernel):
+    for kernel in (_distance_kernel, _fine_count_kernel, _attend_kernel, _short_decode_kernel):
         try:
             for cache in getattr(kernel, "device_caches", {}).values():
                 binaries = cache[0] if isinstance(cache, tuple) else cache
@@ -160,7 +198,8 @@ def run_shape(shape, names: list[str], device: torch.device, smoke: bool, result
         def call(options=options):
             return hamming_topk_decode(query, key_words, value, None, shape.top_n, alpha, **options)
 
-        row: dict = {"name": name, "options": options}
+        short = short_kernel_wanted(options, shape.num_keys, shape.head_dim, shape.head_dim)
+        row: dict = {"name": name, "options": options, "path": "short" if short else "three-kernel"}
         try:
             out = call()
             # the binaries this variant compiled (the default's at its first row)
@@ -188,9 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_variants.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPE_VARIANTS), help="names of the shapes to run")
+    parser.add_argument("--shapes", nargs="*", default=["GQA-B1-H32/8-d128-n128k", "B8-H16-d64-n64k"],
+                        help="names of the shapes to run (`--list-short`: those of the short kernel)")  # fmt: skip
     parser.add_argument("--variants", nargs="*", help="names of the variants to run (default: each shape's own)")
+    parser.add_argument("--list-short", action="store_true", help="print the names of the short-context shapes")
     args = parser.parse_args(argv)
+    if args.list_short:
+        print(" ".join(shape.name for shape in SHORT_SHAPES))
+        return 0
     unknown = set(args.variants or ()) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
@@ -198,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         runs = [(shape, args.variants or list(VARIANTS)) for shape in SMOKE_SHAPES]
     else:
-        by_name = {shape.name: shape for shape in SHAPES}
+        by_name = {shape.name: shape for shape in [*SHAPES, *SHORT_SHAPES]}
         runs = [(by_name[name], args.variants or SHAPE_VARIANTS[name]) for name in args.shapes]
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -8,6 +8,7 @@ variable must be set before triton is imported, so it cannot share a process wit
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -49,6 +50,7 @@ def test_decode_kernel_selects_exactly(case: Case, launch):
     check_triton_decode(
         case,
         seed=3,
+        short_kernel=False,
         num_splits=num_splits,
         block_n=block_n,
         hist_block_elements=hist_elements,
@@ -202,14 +204,17 @@ def test_decode_kernel_reads_int32_words_it_cannot_view_as_int64():
     buffer[..., 1:] = words
     odd = buffer[..., 1:]  # one int32 past an 8-byte boundary: no int64 view
     assert odd.storage_offset() % 2 == 1
-    for key_words in (words, odd):
-        out, keep = hamming_topk_decode(query, key_words, value, valid, case.top_n, case.alpha, return_keep=True)
+    for key_words, short_kernel in itertools.product((words, odd), (False, True)):
+        out, keep = hamming_topk_decode(
+            query, key_words, value, valid, case.top_n, case.alpha, short_kernel=short_kernel, return_keep=True
+        )
         assert torch.equal(keep, expected_keep)
         assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", [SELECTION_CASES[2], SELECTION_CASES[4], SELECTION_CASES[6]], ids=lambda c: c.id)
-def test_decode_kernel_takes_each_rows_n(case: Case):
+@pytest.mark.parametrize("short_kernel", [False, True], ids=["three-kernels", "short"])
+def test_decode_kernel_takes_each_rows_n(case: Case, short_kernel: bool):
     """The ratio rule's N per row (its valid keys counted), handed to the kernel as a tensor."""
     from had_hf.selection import kept_counts
 
@@ -217,6 +222,81 @@ def test_decode_kernel_takes_each_rows_n(case: Case):
     counts = torch.full((1, 1, case.query_len), case.num_keys) if valid is None else valid.sum(-1)
     rows_n = kept_counts(counts, None, 0.3)
     expected, expected_keep = loop_reference(query, key, value, valid, rows_n, case.alpha)
-    out, keep = hamming_topk_decode(query, pack_sign_bits(key), value, valid, rows_n, case.alpha, return_keep=True)
+    out, keep = hamming_topk_decode(
+        query, pack_sign_bits(key), value, valid, rows_n, case.alpha, short_kernel=short_kernel, return_keep=True
+    )
     assert torch.equal(keep, expected_keep)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The short-context kernel: one program per (batch, kv head, row block) over all keys
+# ---------------------------------------------------------------------------------------------------------------------
+
+# beyond SELECTION_CASES (d <= 128 there): GQA groups of 3 (a padding row in blocks of 4; 6 rows: a partial second
+# block) and 4 over several positions, N = 1, N = n, heavy ties cut inside a tile, d = 32 / 64 / 128
+SHORT_CASES = [
+    *(case for case in SELECTION_CASES if case.head_dim <= 128),
+    Case(batch=2, num_heads=6, num_kv_heads=2, query_len=2, mask="padding_causal", num_keys=140, top_n=1, patterns=2),
+    Case(batch=1, num_heads=8, num_kv_heads=2, query_len=4, mask="random", num_keys=96, top_n=96, head_dim=64),
+    Case(batch=2, num_heads=4, num_kv_heads=4, query_len=3, num_keys=200, top_n=70, patterns=1, head_dim=128),
+]
+
+
+@pytest.mark.parametrize("case", SHORT_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("row_block", [1, 4])
+def test_short_kernel_selects_exactly(case: Case, row_block: int):
+    """Exactly the float64 loop's kept keys and outputs, in programs of one row and of up to 4 (several selection and
+    counting tiles per program, several gathered tiles)."""
+    check_triton_decode(
+        case, seed=3, short_kernel=True, short_row_block=row_block, block_n=64, hist_block_elements=64, gather_block=16
+    )
+
+
+@pytest.mark.parametrize("case", [SHORT_CASES[2], SHORT_CASES[10], SHORT_CASES[12]], ids=lambda case: case.id)
+def test_short_kernel_equals_the_three_kernel_path(case: Case):
+    """The same kept keys as the split-K path and the same outputs up to the order of the sums; the dispatcher picks
+    the short kernel for these short contexts, and the split-K path where one of its options is given."""
+    query, key, value, valid = make_inputs(case, seed=8)
+    args = (query, pack_sign_bits(key), value, valid, case.top_n, case.alpha)
+    short, short_keep = hamming_topk_decode(*args, short_kernel=True, return_keep=True)
+    split, split_keep = hamming_topk_decode(*args, num_splits=3, return_keep=True)
+    assert torch.equal(short_keep, split_keep) and short_keep.any()
+    torch.testing.assert_close(short, split, atol=1e-6, rtol=1e-6)
+    assert torch.equal(hamming_topk_decode(*args), short)
+    assert torch.equal(hamming_topk_decode(*args, num_splits=3), split)
+    # the gather pipelined by Triton or prefetched by hand: the same tiles in the same order
+    assert torch.equal(hamming_topk_decode(*args, short_kernel=True, gather_stages=0), short)
+
+
+def test_short_kernel_counts_past_the_packed_counter_limit():
+    """Every key at the same distance and 16-key counting tiles: each lane's 7-bit counters would pass 127 over the
+    2,100 keys; the program adds them into int32 totals every MAX_ITERATIONS tiles (both passes). N cuts the ties."""
+    case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=2100, top_n=1500, patterns=1)
+    keep = check_triton_decode(case, seed=11, short_kernel=True, hist_block_elements=16, block_n=1024)
+    assert torch.equal(keep[0, 0, 0], torch.arange(case.num_keys) < case.top_n)
+
+
+def test_short_kernel_bf16_values_and_strided_inputs():
+    case = Case(num_heads=6, num_kv_heads=2, query_len=2, mask="causal", num_keys=100, top_n=15)
+    query, key, value, valid = make_inputs(case, seed=5)
+    expected, expected_keep = loop_reference(query, key, value.bfloat16(), valid, case.top_n, case.alpha)
+    key_buffer = torch.zeros(case.batch, case.num_kv_heads, 128, 1, dtype=torch.int32)
+    key_buffer[:, :, : case.num_keys] = pack_sign_bits(key)
+    value_buffer = torch.zeros(case.batch, case.num_kv_heads, 128, case.value_dim, dtype=torch.bfloat16)
+    value_buffer[:, :, : case.num_keys] = value.bfloat16()
+    query_t = query.transpose(1, 2).contiguous().transpose(1, 2)
+    for row_block in (1, 2):
+        out, keep = hamming_topk_decode(
+            query_t,
+            key_buffer[:, :, : case.num_keys],
+            value_buffer[:, :, : case.num_keys],
+            valid,
+            case.top_n,
+            case.alpha,
+            short_row_block=row_block,
+            return_keep=True,
+        )
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(keep, expected_keep)
+        assert torch.allclose(out.double(), expected, atol=2e-2, rtol=2e-2)

@@ -180,6 +180,7 @@ def test_triton_kernels_under_interpreter():
         ("gather_stages", -1, "gather_stages must be an integer >= 0, got -1"),
         ("num_warps", (4, 4), "num_warps takes one value or three"),
         ("attend_split_group", 3, "attend_split_group must be a power of two"),
+        ("short_row_block", 3, "short_row_block must be 1, 2 or 4"),
     ],
 )
 def test_decode_kernel_rejects_bad_block_sizes(option, size, message):
@@ -189,6 +190,70 @@ def test_decode_kernel_rejects_bad_block_sizes(option, size, message):
     query, key, value, valid = make_inputs(case, seed=0)
     with pytest.raises(ValueError, match=message):
         hamming_topk_decode(query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, **{option: size})
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "options, head_dim, message",
+    [
+        (
+            dict(short_kernel=True, num_splits=2),
+            64,
+            r"short_kernel=True takes none of the three-kernel path's options",
+        ),
+        (dict(short_kernel=False, short_row_block=1), 64, "short_kernel=False takes none of the short kernel's"),
+        (dict(gather_stages=2, interleave_gather=True, short_num_warps=8), 64, "cannot be combined"),
+        (dict(short_kernel=True), 256, "The short decode kernel takes head dims up to 128, got 256"),
+        (dict(short_row_block=2), 256, "The short decode kernel takes head dims up to 128, got 256"),
+    ],
+)
+def test_decode_kernel_rejects_options_of_the_other_path(options, head_dim, message):
+    from had_hf.kernels.triton_decode import hamming_topk_decode
+
+    case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=64, top_n=8, head_dim=head_dim)
+    query, key, value, valid = make_inputs(case, seed=0)
+    with pytest.raises(ValueError, match=message):
+        hamming_topk_decode(query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, **options)
+
+
+@requires_triton
+def test_short_kernel_dispatch_rule():
+    """The short kernel serves n x dv <= 2^20 at d <= 128 unless split options are given; its own options ask for it."""
+    from had_hf.kernels.decode_launch import SHORT_MAX_KEY_VALUES, short_kernel_wanted
+
+    assert SHORT_MAX_KEY_VALUES == 16384 * 64
+    assert short_kernel_wanted({}, 16384, 64, 64) and not short_kernel_wanted({}, 16385, 64, 64)
+    assert short_kernel_wanted({}, 8192, 128, 128) and not short_kernel_wanted({}, 8193, 128, 128)
+    assert not short_kernel_wanted({}, 4096, 256, 64)  # d = 256: the three kernels
+    # an option of one path asks for it (at its default it does not)
+    assert not short_kernel_wanted(dict(num_splits=3), 4096, 64, 64)
+    assert not short_kernel_wanted(dict(single_row_dot=True), 4096, 64, 64)
+    assert short_kernel_wanted(dict(num_splits=None, split_block=32, attend_split_group=1), 4096, 64, 64)
+    assert short_kernel_wanted(dict(short_row_block=1), 65536, 64, 64)
+    assert short_kernel_wanted(dict(short_kernel=True), 65536, 64, 64)
+    assert not short_kernel_wanted(dict(short_kernel=False), 100, 64, 64)
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("n_keys", "rows_per_group", "kv_groups", "sms", "row_block"),
+    [(4096, 4, 8, 132, 1), (4096, 3, 3, 132, 1), (4096, 1, 128, 132, 1), (4096, 4, 100, 132, 2), (4096, 4, 256, 132, 4),
+     (4096, 3, 512, 132, 4), (4096, 8, 512, 132, 4), (300, 6, 2, 1, 4), (100, 1, 4, 1, 1)],
+)  # fmt: skip
+def test_short_decode_launch_settings(n_keys, rows_per_group, kv_groups, sms, row_block):
+    from had_hf.kernels.decode_launch import short_decode_launch
+
+    launch = short_decode_launch(n_keys, rows_per_group, kv_groups, sms)
+    # one row per program while programs stay within two per multiprocessor, then 2 and 4 rows (at most the group's)
+    assert launch.r_block == row_block
+    assert launch.num_row_blocks == math.ceil(rows_per_group / row_block)
+    keys = max(16, 1 << (n_keys - 1).bit_length())
+    assert launch.count_block_n == min(keys, 1024 // row_block) and launch.select_block_n == min(keys, 1024)
+    # each knob overrides its choice
+    forced = short_decode_launch(n_keys, rows_per_group, kv_groups, sms, row_block=2, block_n=128,
+                                 hist_block_elements=256)  # fmt: skip
+    assert forced.r_block == min(2, 1 << (rows_per_group - 1).bit_length())
+    assert forced.select_block_n == min(keys, 128) and forced.count_block_n == min(keys, 256 // forced.r_block)
 
 
 @requires_triton
@@ -220,13 +285,25 @@ def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     return float((out.double() - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
+# the paths of a decode call: the three kernels (splits by the heuristic, or 3) and the short kernel (1 or 4 rows per
+# program, the hand-written prefetch of the gather)
+DECODE_PATHS = [
+    dict(short_kernel=False),
+    dict(num_splits=3),
+    dict(short_kernel=True),
+    dict(short_row_block=4, gather_stages=0),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("case", SELECTION_CASES, ids=lambda case: case.id)
-@pytest.mark.parametrize("num_splits", [None, 3])
-def test_gpu_kernel_small_cases(case: Case, num_splits):
+@pytest.mark.parametrize("path", DECODE_PATHS, ids=str)
+def test_gpu_kernel_small_cases(case: Case, path: dict):
     from had_hf.kernels.triton_decode import hamming_topk_decode
 
+    if case.head_dim > 128 and (path.get("short_kernel") or "short_row_block" in path):
+        pytest.skip("the short kernel takes head dims up to 128")
     query, key, value, valid = make_inputs(case, seed=7, value_dtype=torch.float64)
     expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
     cuda = torch.device("cuda")
@@ -240,19 +317,19 @@ def test_gpu_kernel_small_cases(case: Case, num_splits):
         valid_c,
         case.top_n,
         case.alpha,
-        num_splits=num_splits,
         block_n=32,
         return_keep=True,
+        **path,
     )
     assert torch.equal(keep.cpu(), expected_keep)
     assert not out.isnan().any()
     # values rounded to bf16 on the way in, weights to bf16 in the kernel: a few bf16 ulps
     assert torch.allclose(out.double().cpu(), expected, atol=3e-2, rtol=2e-2)
     # float32 values: the same kernel in full precision
-    out32 = hamming_topk_decode(query_c, key_words, value.float().to(cuda), valid_c, case.top_n, case.alpha)
+    out32 = hamming_topk_decode(query_c, key_words, value.float().to(cuda), valid_c, case.top_n, case.alpha, **path)
     assert torch.allclose(out32.double().cpu(), expected, atol=1e-5, rtol=1e-5)
     # float64 values are accumulated in float32 too (programs of several rows once failed to compile for them)
-    out64 = hamming_topk_decode(query_c, key_words, value.to(cuda), valid_c, case.top_n, case.alpha)
+    out64 = hamming_topk_decode(query_c, key_words, value.to(cuda), valid_c, case.top_n, case.alpha, **path)
     assert out64.dtype == torch.float64 and torch.allclose(out64.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -347,6 +424,62 @@ def test_gpu_kernel_benchmark_shapes(shape):
         # the dispatcher (float keys: packs them first) takes the same path
         assert torch.equal(hamming_topk_attention(query, key, value, mask, top_n, alpha), out)
         del keep, ref_keep, ref64
+
+
+# the generation shapes of issue 21 (batch, query heads, kv heads, head dim, keys): the random Llama's layer at 4k,
+# SmolLM2's at 2k and 8k, and 16 heads of batch 8 at 4k; and where the dispatcher's rule ends (2^20 / 64 keys)
+SHORT_SHAPES = [
+    (1, 32, 8, 64, 4096),
+    (1, 9, 3, 64, 2048),
+    (1, 9, 3, 64, 8192),
+    (8, 16, 16, 64, 4096),
+    (2, 8, 2, 128, 8192),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("shape", SHORT_SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}/{s[2]}-d{s[3]}-n{s[4]}")
+def test_gpu_short_kernel_generation_shapes(shape):
+    """At the generation shapes the dispatcher runs the short kernel; it keeps the reference's keys (bf16, left
+    padding), agrees with the three-kernel path, and replays in a CUDA graph with the same bits as eagerly."""
+    from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits
+
+    batch, num_heads, num_kv_heads, dim, n = shape
+    top_n = math.ceil(0.117 * n)
+    generator = torch.Generator(device="cuda").manual_seed(n + num_heads)
+    query = torch.randn(batch, num_heads, 1, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    key = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    value = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    valid = torch.ones(batch, 1, 1, n, dtype=torch.bool, device="cuda")
+    valid[batch // 2 :, ..., : n // 3] = False
+    key_words = triton_pack_sign_bits(key)
+    alpha = 0.4 / math.sqrt(dim)
+    for mask in (None, valid):
+        ref64, ref_keep = reference_hamming_topk_attention(
+            query, key_words, value.double(), mask, top_n, alpha, return_keep=True
+        )
+        for options in (dict(short_kernel=True), dict(short_row_block=4), dict(short_row_block=2, gather_stages=0)):
+            out, keep = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, return_keep=True, **options)
+            assert torch.equal(keep, ref_keep), options
+            assert _relative_error(out, ref64) < 1e-2, options
+        short = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=True)
+        assert torch.equal(hamming_topk_decode(query, key_words, value, mask, top_n, alpha), short)  # the default
+        split = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=False)
+        assert _relative_error(short, split.double()) < 1e-2
+        # captured in a CUDA graph (its scratch allocated in the graph's pool), then replayed
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            hamming_topk_decode(query, key_words, value, mask, top_n, alpha)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = hamming_topk_decode(query, key_words, value, mask, top_n, alpha)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, short)
+        del ref64, ref_keep, keep, graph
 
 
 @pytest.mark.parametrize("case", SELECTION_CASES, ids=lambda case: case.id)

@@ -270,7 +270,7 @@ def _attend_kernel(
                                                                          alpha_log2, stride_vn, stride_vd, DV,
                                                                          R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE,
                                                                          V_IS_FP32, DOT_FP32, ROW_FMA,
-                                                                         GATHER_STAGES)  # fmt: skip
+                                                                         GATHER_STAGES, False)  # fmt: skip
         select_totals = tl.where(r_local == 0, tl.sum(den0, axis=0), 0.0)
         if R_BLOCK > 1:
             select_totals += tl.where(r_local == 1, tl.sum(den1, axis=0), 0.0)
@@ -321,7 +321,7 @@ def _attend_kernel(
                                                                          alpha_log2, stride_vn, stride_vd, DV,
                                                                          R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE,
                                                                          V_IS_FP32, DOT_FP32, ROW_FMA,
-                                                                         GATHER_STAGES)  # fmt: skip
+                                                                         GATHER_STAGES, False)  # fmt: skip
         select_totals = tl.sum(denominators, axis=1)
 
     # the list was written by all threads of this program: make it visible to all of them
@@ -338,7 +338,7 @@ def _attend_kernel(
     partial, row_denominator = _gather_listed_rows(partial, row_denominator, v_base, list_index, list_weight, first,
                                                    num_listed, gather_codes, gather_shift, alpha_log2, stride_vn,
                                                    stride_vd, DV, R_BLOCK, R_DOT, BLOCK_K, INVALID_CODE, V_IS_FP32,
-                                                   DOT_FP32, ROW_FMA, GATHER_STAGES)  # fmt: skip
+                                                   DOT_FP32, ROW_FMA, GATHER_STAGES, False)  # fmt: skip
     offs_d = tl.arange(0, DV)
     weight_rows = tl.arange(0, R_DOT)
 

@@ -8,7 +8,10 @@ import triton.language as tl
 
 from .decode_split_k import (
     _PER_STEP,
+    _add_coarse,
     _batch_and_kv_head,
+    _coarse_bin,
+    _hamming,
     _key_words,
     _last_split,
     _load_split_tile,
@@ -18,7 +21,6 @@ from .decode_split_k import (
     _query_word,
     _split_keys,
 )
-from .triton_common import _popcount
 
 
 @triton.jit
@@ -29,20 +31,13 @@ def _distance_step(
     """One (R, BLOCK_N) tile of the distance kernel, its keys' words k0..k3 loaded (`_key_words`): the keys where
     `key_ok`, codes stored where `store_ok` (masked and absent keys get INVALID_CODE), and the lanes' coarse counters
     and smallest distances updated."""
-    dist = _popcount(q0 ^ k0, USE_POPC)
-    if W > 1:
-        dist += _popcount(q1 ^ k1, USE_POPC)
-    if W > 2:
-        dist += _popcount(q2 ^ k2, USE_POPC)
-        dist += _popcount(q3 ^ k3, USE_POPC)
+    dist = _hamming(q0, q1, q2, q3, k0, k1, k2, k3, W, USE_POPC)
     valid = row_ok[:, None] & key_ok
     if HAS_MASK:
         valid = valid & (tl.load(m_rows + offs_n * stride_mn, mask=valid, other=0) != 0)
     code = tl.where(valid, dist, INVALID_CODE)
     tl.store(code_at + offs_n, code.to(code_at.dtype.element_ty), mask=row_ok[:, None] & store_ok)
-    one = tl.full(code.shape, 1, dtype=tl.int64)
-    coarse += tl.where(valid, one << (7 * (dist // (D // 8))).to(tl.int64), 0)
-    return coarse, tl.minimum(smallest, code)
+    return _add_coarse(coarse, dist, valid, D), tl.minimum(smallest, code)
 
 
 @triton.jit(do_not_specialize=_PER_STEP)
@@ -172,10 +167,7 @@ def _distance_kernel(
         if PER_ROW_N:  # N of each row given by the caller (the ratio rule counts each row's valid keys)
             wanted = tl.load(n_keep_ptr + b * stride_nb + head * stride_nh + qi * stride_ni, mask=row_ok, other=0)
         num_kept = tl.minimum(tl.sum(total, axis=1), wanted)
-        # the coarse bin of the N-th smallest distance (bin 0 and nothing below when N = 0)
-        cumulative = tl.cumsum(total, axis=1)
-        coarse_bin = tl.min(tl.where(cumulative >= num_kept[:, None], bins[None, :], 16), axis=1)
-        below = tl.sum(tl.where(bins[None, :] < coarse_bin[:, None], total, 0), axis=1)
+        coarse_bin, below = _coarse_bin(total, num_kept)
         tl.store(stats_ptr + grow * 8, coarse_bin, mask=row_ok)
         tl.store(stats_ptr + grow * 8 + 1, below, mask=row_ok)
         tl.store(stats_ptr + grow * 8 + 2, tl.minimum(smallest_row, D), mask=row_ok)

@@ -7,12 +7,14 @@ import triton
 import triton.language as tl
 
 from .decode_split_k import (
+    _add_fine,
+    _fine_fields,
     _last_split,
     _load_split_tile,
     _padded_end,
-    _place_fields,
     _program_rows,
     _split_tile,
+    _threshold_step,
 )
 
 
@@ -47,28 +49,15 @@ def _fine_count_kernel(
     fine1 = fine0
     fine2 = fine0
     fine3 = fine0
-    one = tl.full((R_BLOCK, BLOCK_N), 1, dtype=tl.int64)
     code_rows = code_ptr + grow[:, None] * code_stride
     for block_start in range(start, end, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
         in_bounds = row_ok[:, None] & (offs_n < end)
         code = tl.load(code_rows + offs_n, mask=in_bounds, other=0).to(tl.int32)
-        offset = code - low[:, None]  # masked keys carry INVALID_CODE > d: never in the bin
-        in_bin = in_bounds & (offset >= 0) & (offset < FINE)
-        field = tl.where(in_bin, one << (7 * (offset & 7)).to(tl.int64), 0)
-        fine0 += tl.where(offset < 8, field, 0)
-        if FINE > 8:
-            fine1 += tl.where((offset >> 3) == 1, field, 0)
-        if FINE > 16:
-            fine2 += tl.where((offset >> 3) == 2, field, 0)
-            fine3 += tl.where((offset >> 3) == 3, field, 0)
+        # masked keys carry INVALID_CODE > d: never in the bin
+        fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], in_bounds, FINE)
 
-    counts = _place_fields(tl.zeros((R_BLOCK, FINE), dtype=tl.int32), fine0, 0, 8)
-    if FINE > 8:
-        counts = _place_fields(counts, fine1, 8, 8)
-    if FINE > 16:
-        counts = _place_fields(counts, fine2, 16, 8)
-        counts = _place_fields(counts, fine3, 24, 8)
+    counts = _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK, FINE)
     cols = tl.arange(0, FINE)
     fine_rows = fine_ptr + (grow * num_splits + tl.program_id(2)) * FINE
     tl.store(fine_rows[:, None] + cols[None, :], counts, mask=row_ok[:, None])
@@ -88,10 +77,7 @@ def _fine_count_kernel(
         below = tl.load(stats_ptr + grow * 8 + 1, mask=row_ok, other=0)
         num_kept = tl.load(stats_ptr + grow * 8 + 3, mask=row_ok, other=0)
         # threshold t: the smallest h with count(dist <= h) >= N (t = 0 and a zero quota when N = 0)
-        needed = num_kept - below
-        cumulative = tl.cumsum(total, axis=1)
-        step = tl.min(tl.where(cumulative >= needed[:, None], cols[None, :], FINE - 1), axis=1)
-        quota = needed - tl.sum(tl.where(cols[None, :] < step[:, None], total, 0), axis=1)
+        step, quota, _ = _threshold_step(total, num_kept - below, FINE)
         tl.store(stats_ptr + grow * 8 + 4, low + step, mask=row_ok)
         # the ties to keep go to the splits in index order: a split's share is what the quota leaves after the ties
         # of the splits before it (an exclusive prefix sum over the tile, plus the ties of the tiles before it)

@@ -91,11 +91,13 @@ def _gather_listed_rows(
     DOT_FP32: tl.constexpr,
     ROW_FMA: tl.constexpr,
     GATHER_STAGES: tl.constexpr,
+    CODES_BY_SLOT: tl.constexpr,
 ):
     """Adds the value rows of list entries first .. last - 1 (first a multiple of BLOCK_K) to the running sums
     (`_new_sums`), a tile of BLOCK_K entries at a time.
 
-    `row_codes` and `row_shift` are the one row's codes and softmax shift (ROW_FMA only). GATHER_STAGES 0: the loads
+    `row_codes` and `row_shift` are the one row's codes and softmax shift (ROW_FMA only): its codes by key index, or
+    (CODES_BY_SLOT) the listed keys' codes by list entry. GATHER_STAGES 0: the loads
     of the next tile are issued by hand one iteration ahead (the list entries two ahead); > 0: a plain loop that
     Triton's pipeliner runs with that many stages (on the GPU: asynchronous copies, several tiles in flight).
     """
@@ -111,7 +113,7 @@ def _gather_listed_rows(
             index = tl.load(list_index + tile, mask=tile_ok, other=0)
             tile_v = _gather_rows(v_base, index, tile_ok, offs_d, stride_vn, stride_vd)
             if ROW_FMA:
-                tile_codes = tl.load(row_codes + index, mask=tile_ok, other=INVALID_CODE)
+                tile_codes = tl.load(row_codes + (tile if CODES_BY_SLOT else index), mask=tile_ok, other=INVALID_CODE)
                 tile_weights = tile_codes
             else:
                 tile_weights = _listed_weights(list_weight, tile, last, weight_rows, weight_row_ok, R_BLOCK)
@@ -124,8 +126,8 @@ def _gather_listed_rows(
         # loads of the next tile are in flight while the current one is accumulated
         index = tl.load(list_index + slots, mask=slots < last, other=0)
         if ROW_FMA:
-            # one row: the weights come from the listed keys' codes (one byte each, written by the distance kernel)
-            codes = tl.load(row_codes + index, mask=slots < last, other=INVALID_CODE)
+            # one row: the weights come from the listed keys' codes (one byte each)
+            codes = tl.load(row_codes + (slots if CODES_BY_SLOT else index), mask=slots < last, other=INVALID_CODE)
             weights = codes
         else:
             weights = _listed_weights(list_weight, slots, last, weight_rows, weight_row_ok, R_BLOCK)
@@ -140,7 +142,9 @@ def _gather_listed_rows(
             tile_codes = codes
             tile_weights = weights
             if ROW_FMA:
-                codes = tl.load(row_codes + next_index, mask=following < last, other=INVALID_CODE)
+                codes = tl.load(
+                    row_codes + (following if CODES_BY_SLOT else next_index), mask=following < last, other=INVALID_CODE
+                )
             else:
                 weights = next_weights
             after = following + BLOCK_K
@@ -176,6 +180,7 @@ def _gather_whole_tiles(
     DOT_FP32: tl.constexpr,
     ROW_FMA: tl.constexpr,
     GATHER_STAGES: tl.constexpr,
+    CODES_BY_SLOT: tl.constexpr,
 ):
     """During the selection: adds the whole tiles of the list written so far past the `gathered` first entries, and
     returns the new count of gathered entries. The tiles are those that one gather after the selection would add, in
@@ -187,5 +192,5 @@ def _gather_whole_tiles(
                                                    tl.multiple_of(gathered, BLOCK_K), whole, row_codes, row_shift,
                                                    alpha_log2, stride_vn, stride_vd, DV, R_BLOCK, R_DOT, BLOCK_K,
                                                    INVALID_CODE, V_IS_FP32, DOT_FP32, ROW_FMA,
-                                                   GATHER_STAGES)  # fmt: skip
+                                                   GATHER_STAGES, CODES_BY_SLOT)  # fmt: skip
     return partial, row_denominator, whole

@@ -181,3 +181,107 @@ def decode_launch(
         count_block_n=min(count_block_n, _next_power_of_2(split_len)),
         select_block_n=select_block_n,
     )
+
+
+# The short-context kernel (`decode_short_kernel`): one program per (batch, kv head, row block) over all keys. Inside
+# each program its time grows with n: three passes over the packed keys (the first from memory, the next two from
+# L1/L2), then the gather of a row's ~0.117 n value rows, a few tiles in flight. The three-kernel path pays three
+# launches and two last-program reductions whatever n (a few us each), but spreads long rows over every
+# multiprocessor. The gather is the short kernel's largest serial part, its bytes n x dv: up to n x dv = 2^20
+# (16,384 keys at dv = 64, 8,192 at dv = 128; 8k-token contexts with a static cache's slack) a program gathers at
+# most ~1.9k rows of 128 B, or ~1k of 256 B (~245 KB), and reads <= 3 x 128 KB of packed keys, which should take
+# about what the three launches take at n = 16k (32 us at B8-H16-d64-n16k, `results/decode.json`).
+# `benchmarks/decode_variants.py` measures both paths from 2k to 32k keys.
+SHORT_MAX_KEY_VALUES = 1 << 20
+# distances fit a byte code (0..d, 255 = masked) and the query in two 64-bit words up to d = 128
+SHORT_MAX_HEAD_DIM = 128
+# Rows of all programs together up to which each program takes one row (the most programs, each with the least work);
+# beyond, rows of a kv head share programs (their key passes and value rows loaded once).
+_SHORT_ROWS_PER_SM = 2
+# One program gathers all of its rows' value rows: Triton's pipeliner keeps GATHER_STAGES tiles of GATHER_BLOCK rows in
+# flight (the three-kernel path, with several programs per multiprocessor, prefetches one tile of 32 by hand)
+SHORT_GATHER_BLOCK = 64
+SHORT_GATHER_STAGES = 3
+
+
+# The options of `hamming_topk_decode` that belong to one path, with their defaults: any other value asks for that path.
+SPLIT_K_OPTIONS = {
+    "num_splits": None,
+    "programs_per_sm": None,
+    "distance_programs_per_sm": None,
+    "distance_splits": None,
+    "num_warps": None,
+    "num_stages": None,
+    "max_registers": None,
+    "split_block": 32,
+    "attend_split_group": 1,
+    "interleave_gather": False,
+    "single_row_dot": False,
+}
+SHORT_OPTIONS = {"short_row_block": None, "short_num_warps": None}
+
+
+def short_kernel_wanted(options: dict, n_keys: int, head_dim: int, value_dim: int) -> bool:
+    """Whether a decode call runs the short-context kernel, from its keyword options (`hamming_topk_decode`'s; those
+    left out at their defaults): `short_kernel` if given, else the three-kernel path when one of its options is given,
+    the short kernel when one of its own is, and otherwise short contexts (n x dv <= SHORT_MAX_KEY_VALUES) of head dims
+    the kernel takes."""
+    split_options = [name for name, default in SPLIT_K_OPTIONS.items() if options.get(name, default) != default]
+    short_options = [name for name, default in SHORT_OPTIONS.items() if options.get(name, default) != default]
+    short_kernel = options.get("short_kernel")
+    if split_options and short_options:
+        raise ValueError(
+            f"Options of the three-kernel path ({split_options}) and of the short kernel ({short_options}) cannot be "
+            "combined."
+        )
+    fits = head_dim <= SHORT_MAX_HEAD_DIM
+    if short_kernel is None:
+        if split_options or not short_options:
+            return not split_options and fits and n_keys * value_dim <= SHORT_MAX_KEY_VALUES
+        short_kernel = True  # its own options ask for it
+    elif short_kernel and split_options:
+        raise ValueError(f"short_kernel=True takes none of the three-kernel path's options, got {split_options}.")
+    elif not short_kernel and short_options:
+        raise ValueError(f"short_kernel=False takes none of the short kernel's options, got {short_options}.")
+    if short_kernel and not fits:
+        raise ValueError(f"The short decode kernel takes head dims up to {SHORT_MAX_HEAD_DIM}, got {head_dim}.")
+    return short_kernel
+
+
+@dataclass(frozen=True)
+class ShortLaunch:
+    """The launch settings of the short-context kernel: rows per program and tile sizes."""
+
+    r_block: int  # query rows per program: 1, 2 or 4
+    num_row_blocks: int
+    count_block_n: int  # keys per iteration of the two counting passes
+    select_block_n: int  # keys per iteration of the selection
+
+
+def short_decode_launch(
+    n_keys: int,
+    rows_per_group: int,
+    kv_groups: int,
+    multiprocessors: int,
+    *,
+    row_block: int | None = None,
+    block_n: int | None = None,
+    hist_block_elements: int = 1024,
+) -> ShortLaunch:
+    """The short kernel's launch settings from the shape; `row_block` (1, 2 or 4), `block_n` and `hist_block_elements`
+    (see `hamming_topk_decode`) override the choices."""
+    most = min(4, _next_power_of_2(rows_per_group))
+    if row_block is None:
+        row_block = 1
+        while row_block < most and kv_groups * _cdiv(rows_per_group, row_block) > _SHORT_ROWS_PER_SM * multiprocessors:
+            row_block *= 2
+    elif row_block not in (1, 2, 4):
+        raise ValueError(f"short_row_block must be 1, 2 or 4 (query rows per program), got {row_block}.")
+    r_block = min(row_block, most)
+    keys = max(16, _next_power_of_2(n_keys))
+    return ShortLaunch(
+        r_block=r_block,
+        num_row_blocks=_cdiv(rows_per_group, r_block),
+        count_block_n=min(keys, max(16, hist_block_elements // r_block)),
+        select_block_n=min(keys, block_n or 1024),
+    )

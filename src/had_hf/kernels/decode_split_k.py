@@ -1,11 +1,14 @@
-"""Building blocks of the three decode kernels: packed 7-bit counters, sign words of queries and keys, and the
-split-K bookkeeping (each program is one (batch * kv head, row block, split) of the grid; the last split of a row block
-to finish reduces what all splits wrote, a tile of splits at a time)."""
+"""Building blocks of the decode kernels: packed 7-bit counters and the threshold they give, sign words of queries and
+keys and their Hamming distances, and the split-K bookkeeping of the three-kernel path (each program is one
+(batch * kv head, row block, split) of the grid; the last split of a row block to finish reduces what all splits
+wrote, a tile of splits at a time). The short-context kernel (`decode_short_kernel`) shares all but the last."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .triton_common import _popcount
 
 # Packed counters: 7-bit fields in an int64, 8 fields per word (9 for the coarse histogram, 63 bits). A lane adds at
 # most one per counting block, so a split may span at most 127 of them.
@@ -22,6 +25,80 @@ def _place_fields(counts, acc, FIRST: tl.constexpr, NUM_FIELDS: tl.constexpr):
             count = tl.sum(((acc >> (7 * field)) & 127).to(tl.int32), axis=1)
             counts = tl.where(cols[None, :] == FIRST + field, count[:, None], counts)
     return counts
+
+
+@triton.jit
+def _add_coarse(coarse, dist, valid, D: tl.constexpr):
+    """Adds the valid distances of an (R, BLOCK_N) tile to the lanes' packed coarse counters: 9 bins of width D / 8
+    (bin 8 holds distance D alone), one 7-bit field each."""
+    one = tl.full(dist.shape, 1, dtype=tl.int64)
+    return coarse + tl.where(valid, one << (7 * (dist // (D // 8))).to(tl.int64), 0)
+
+
+@triton.jit
+def _add_fine(fine0, fine1, fine2, fine3, code, low, in_bounds, FINE: tl.constexpr):
+    """Adds the codes of an (R, BLOCK_N) tile that fall in the FINE distances low .. low + FINE - 1 to the lanes'
+    packed fine counters, 8 fields per int64 word (one word per 8 distances; invalid codes exceed D: never in the
+    bin)."""
+    offset = code - low
+    in_bin = in_bounds & (offset >= 0) & (offset < FINE)
+    one = tl.full(code.shape, 1, dtype=tl.int64)
+    field = tl.where(in_bin, one << (7 * (offset & 7)).to(tl.int64), 0)
+    fine0 += tl.where(offset < 8, field, 0)
+    if FINE > 8:
+        fine1 += tl.where((offset >> 3) == 1, field, 0)
+    if FINE > 16:
+        fine2 += tl.where((offset >> 3) == 2, field, 0)
+        fine3 += tl.where((offset >> 3) == 3, field, 0)
+    return fine0, fine1, fine2, fine3
+
+
+@triton.jit
+def _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK: tl.constexpr, FINE: tl.constexpr):
+    """The (R, FINE) int32 totals over the lanes of the packed fine counters (`_add_fine`)."""
+    counts = _place_fields(tl.zeros((R_BLOCK, FINE), dtype=tl.int32), fine0, 0, 8)
+    if FINE > 8:
+        counts = _place_fields(counts, fine1, 8, 8)
+    if FINE > 16:
+        counts = _place_fields(counts, fine2, 16, 8)
+        counts = _place_fields(counts, fine3, 24, 8)
+    return counts
+
+
+@triton.jit
+def _coarse_bin(total, num_kept):
+    """From the rows' (R, 16) coarse histograms (bins 0..8, zeros after): the coarse bin holding the N-th smallest
+    distance (N = `num_kept`; bin 0 when N = 0) and the count of distances in the bins below it."""
+    bins = tl.arange(0, 16)
+    cumulative = tl.cumsum(total, axis=1)
+    coarse_bin = tl.min(tl.where(cumulative >= num_kept[:, None], bins[None, :], 16), axis=1)
+    below = tl.sum(tl.where(bins[None, :] < coarse_bin[:, None], total, 0), axis=1)
+    return coarse_bin, below
+
+
+@triton.jit
+def _threshold_step(total, needed, FINE: tl.constexpr):
+    """From the rows' (R, FINE) histograms of their coarse bin's distances and the `needed` keys still to keep in it:
+    the step of the threshold t in the bin (the smallest with count(dist <= t) >= needed), the tie quota
+    needed - count(dist < t), and the count of distances equal to t (0, 0 and the bin's first count when needed = 0)."""
+    cols = tl.arange(0, FINE)
+    cumulative = tl.cumsum(total, axis=1)
+    step = tl.min(tl.where(cumulative >= needed[:, None], cols[None, :], FINE - 1), axis=1)
+    quota = needed - tl.sum(tl.where(cols[None, :] < step[:, None], total, 0), axis=1)
+    ties = tl.sum(tl.where(cols[None, :] == step[:, None], total, 0), axis=1)
+    return step, quota, ties
+
+
+@triton.jit
+def _hamming(q0, q1, q2, q3, k0, k1, k2, k3, W: tl.constexpr, USE_POPC: tl.constexpr):
+    """Hamming distances of query and key sign words (W of them; the rest unused), broadcast against each other."""
+    dist = _popcount(q0 ^ k0, USE_POPC)
+    if W > 1:
+        dist += _popcount(q1 ^ k1, USE_POPC)
+    if W > 2:
+        dist += _popcount(q2 ^ k2, USE_POPC)
+        dist += _popcount(q3 ^ k3, USE_POPC)
+    return dist
 
 
 @triton.jit

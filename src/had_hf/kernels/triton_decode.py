@@ -8,7 +8,8 @@ histogram, a threshold and a tie count.
 One long row must fill the GPU, so the keys are split across programs (split-K), and the tie rule of METHOD.md
 (exactly N kept, the lower index first among equal scores) needs the splits to agree. Three launches, each program
 one (batch, kv head, row block, split); in each, the last program of a row block to finish (an atomic ticket)
-reduces what the splits wrote, a tile of splits per load (`decode_split_k`):
+reduces what the splits wrote, a tile of splits per load (`decode_split_k`). Short contexts take one launch instead
+(below).
 
 1. `decode_distance_kernel`: Hamming distances of the group's query rows to the split's keys, stored as one byte
    per (row, key) ("codes"; masked keys get an invalid code), and a coarse histogram: 9 bins of width d/8. The last
@@ -30,11 +31,23 @@ Loads are vectorized where Triton can see masks constant over 16 keys: the codes
 code up to a multiple of 64, the last two kernels run over whole, aligned splits, and from d = 64 on the keys are read
 as int64 words. The one-row selection works on (BLOCK_N / 8, 8) tiles, each thread's 8 keys contiguous.
 
+Short contexts (`decode_short_kernel`, where keys x value dim <= 2^20, 16k keys at dv = 64, and d <= 128): one
+launch, each program one (batch, kv head, row block) of 1, 2 or 4 query rows over all keys (one row per program unless
+that makes more than two programs per multiprocessor), so no split has to agree with another: no codes in memory, no
+tickets, no reductions between programs. The program streams the packed keys three times (L1/L2-resident after the
+first): the coarse histogram and the smallest valid distance (the same packed counters, added into int32 totals
+every 127 tiles), then the fine count of each row's coarse bin, from which it finds t and the tie quota in registers
+(`_coarse_bin` and `_threshold_step`, as the split-K kernels' last programs do), then the attend kernel's selection
+(dist < t, and the first `quota` ties in index order), which lists the kept keys with their codes (one row: the gather
+computes the weights) or the rows' weights. The gather of `decode_gather` follows, Triton's pipeliner keeping three
+tiles of 64 value rows in flight, as one program gathers all of its rows' values.
+
 Grouped-query attention: the g query heads of a kv head (times the query positions) are the rows of one program, so
 the keys are read once per group, and a value row kept by any of them is loaded once.
 
-The launch settings (rows per program, splits, tile sizes) come from `decode_launch.decode_launch`, a heuristic on the
-shape; the keyword arguments of `hamming_topk_decode` override each choice for the benchmark sweeps. How the
+The launch settings (rows per program, splits, tile sizes) come from `decode_launch.decode_launch` (and
+`short_decode_launch`), heuristics on the shape; `decode_launch.short_kernel_wanted` picks the path; the keyword
+arguments of `hamming_topk_decode` override each choice for the benchmark sweeps. How the
 kernels were tuned, and what each choice measured, is in benchmarks/README.md ("Decode kernel design notes").
 
 The kernels run on CUDA and, for tests, on the CPU through Triton's interpreter (`TRITON_INTERPRET=1` before
@@ -51,13 +64,30 @@ import torch
 from .decode_attend_kernel import _attend_kernel
 from .decode_distance_kernel import _distance_kernel
 from .decode_fine_count_kernel import _fine_count_kernel
-from .decode_launch import _as_int64_words, _launch_plan, _Workspace, decode_launch
+from .decode_launch import (
+    SHORT_GATHER_BLOCK,
+    SHORT_GATHER_STAGES,
+    SHORT_MAX_KEY_VALUES,
+    _as_int64_words,
+    _launch_plan,
+    _Workspace,
+    decode_launch,
+    short_decode_launch,
+    short_kernel_wanted,
+)
+from .decode_short_kernel import short_decode
 from .decode_split_k import MAX_ITERATIONS
 from .int32_words import WORD_BITS, as_int32_words
 from .sign_pack_kernel import triton_pack_sign_bits
 from .triton_common import _cdiv, _interpreting, _is_power_of_two, _multiprocessor_count, _on_device
 
-__all__ = ["MAX_ITERATIONS", "hamming_topk_decode", "supports_decode_shape", "triton_pack_sign_bits"]
+__all__ = [
+    "MAX_ITERATIONS",
+    "SHORT_MAX_KEY_VALUES",
+    "hamming_topk_decode",
+    "supports_decode_shape",
+    "triton_pack_sign_bits",
+]
 
 
 def supports_decode_shape(head_dim: int, value_dim: int) -> bool:
@@ -93,14 +123,22 @@ def hamming_topk_decode(
     num_stages: int | Sequence[int | None] | None = None,
     max_registers: int | Sequence[int | None] | None = None,
     split_block: int = 32,
-    gather_block: int = 32,
-    gather_stages: int = 0,
+    gather_block: int | None = None,
+    gather_stages: int | None = None,
     attend_split_group: int = 1,
     interleave_gather: bool = False,
     single_row_dot: bool = False,
+    short_kernel: bool | None = None,
+    short_row_block: int | None = None,
+    short_num_warps: int | None = None,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """HAD attention of a few query positions against packed keys, in Triton (exact top-N, split over the keys).
+    """HAD attention of a few query positions against packed keys, in Triton (exact top-N): one launch over all keys
+    per program for short contexts, three launches split over the keys otherwise.
+
+    The options from `num_splits` to `single_row_dot` are those of the three-kernel path, `short_row_block` and
+    `short_num_warps` those of the short kernel; `block_n`, `hist_block_elements`, `gather_block` and
+    `gather_stages` apply to both.
 
     Args:
         query (`torch.Tensor`): (B, Hq, q, d) floating queries (only their signs are used); q small (decode).
@@ -119,10 +157,10 @@ def hamming_topk_decode(
             splits share the tie quotas); at most their split count. `None` (the default), or `num_splits` given:
             the same splits for all three.
         distance_splits (`int`, *optional*): the distance kernel's split count itself (at most `num_splits`).
-        block_n (`int`, *optional*): keys per iteration of the attend kernel's selection; defaults to 1024 for
-            programs of one row and 8192 // rows (at least 64) for programs of several.
+        block_n (`int`, *optional*): keys per iteration of the selection (attend kernel, short kernel); defaults to
+            1024 for programs of up to 4 rows (all of the short kernel's) and 8192 // rows (at least 64) for more.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
-            counting kernels.
+            counting kernels, and of the short kernel's counting passes.
         num_warps (`int` or three of them, *optional*): warps per program of the kernels, for all three or per kernel
             (distance, fine count, attend; `None` entries: Triton's default, as when unset).
         num_stages (`int` or three of them, *optional*): software-pipelining stages of the kernels' loops, for all
@@ -132,11 +170,12 @@ def hamming_topk_decode(
             kernel (distance, fine count, attend; `None` entries: the compiler's choice, as when unset).
         split_block (`int`, *optional*, defaults to 32): most splits per tile of the last programs' reductions (a
             power of two); each kernel lowers it to the splits there are and to its register budget.
-        gather_block (`int`, *optional*, defaults to 32): kept value rows per iteration of the attend kernel's
-            gather (fewer rows per iteration: fewer registers, more programs in flight).
-        gather_stages (`int`, *optional*, defaults to 0): the attend kernel's gather loop: 0 issues the next tile's
-            loads by hand one iteration ahead; a positive number leaves the loop to Triton's pipeliner with that many
-            stages (asynchronous copies on the GPU, several tiles of value rows in flight). The same result.
+        gather_block (`int`, *optional*): kept value rows per iteration of the gather (fewer rows per iteration:
+            fewer registers, more programs in flight); defaults to 32 for the attend kernel and 64 for the short one.
+        gather_stages (`int`, *optional*): the gather loop: 0 issues the next tile's loads by hand one iteration
+            ahead; a positive number leaves the loop to Triton's pipeliner with that many stages (asynchronous copies
+            on the GPU, several tiles of value rows in flight). The same result. Defaults to 0 for the attend kernel
+            and 3 for the short one (one program gathers all of its rows' values).
         attend_split_group (`int`, *optional*, defaults to 1): splits of the fine count per split of the attend
             kernel (a power of two): fewer, longer attend programs (fewer partial results for its last programs to reduce) while the
             first two kernels keep their splits.
@@ -145,6 +184,12 @@ def hamming_topk_decode(
             selection ends (the same tiles in the same order: the same result).
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
+        short_kernel (`bool`, *optional*): run the short-context kernel (`True`) or the three-kernel path (`False`);
+            by default the path whose options are given, else the short kernel where keys x value dim is at most
+            `SHORT_MAX_KEY_VALUES` (2^20: 16,384 keys at dv = 64) and d <= 128 (`decode_launch.short_kernel_wanted`).
+        short_row_block (`int`, *optional*): query rows per program of the short kernel (1, 2 or 4); by default one
+            row per program unless that makes more than two programs per multiprocessor.
+        short_num_warps (`int`, *optional*): warps per program of the short kernel (Triton's default when unset).
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
             keys (for tests; costs one byte per (row, key)).
 
@@ -176,7 +221,7 @@ def hamming_topk_decode(
     for name, size in (("block_n", block_n), ("gather_block", gather_block)):
         if size is not None and not (_is_power_of_two(size) and size >= 16):
             raise ValueError(f"{name} must be a power of two >= 16, got {size}.")
-    if not (isinstance(gather_stages, int) and gather_stages >= 0):
+    if not (gather_stages is None or (isinstance(gather_stages, int) and gather_stages >= 0)):
         raise ValueError(f"gather_stages must be an integer >= 0, got {gather_stages} (0: the hand-written prefetch).")
     if not (isinstance(attend_split_group, int) and _is_power_of_two(attend_split_group)):
         raise ValueError(
@@ -195,6 +240,38 @@ def hamming_topk_decode(
         return out
 
     sms = 1 if _interpreting() or not query.is_cuda else _multiprocessor_count(device.index or 0)
+    options = dict(
+        num_splits=num_splits,
+        programs_per_sm=programs_per_sm,
+        distance_programs_per_sm=distance_programs_per_sm,
+        distance_splits=distance_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        max_registers=max_registers,
+        split_block=split_block,
+        attend_split_group=attend_split_group,
+        interleave_gather=interleave_gather,
+        single_row_dot=single_row_dot,
+        short_kernel=short_kernel,
+        short_row_block=short_row_block,
+        short_num_warps=short_num_warps,
+    )
+    if short_kernel_wanted(options, n_keys, dim, value_dim):
+        short = short_decode_launch(
+            n_keys,
+            rows_per_group,
+            batch * num_kv_heads,
+            sms,
+            row_block=short_row_block,
+            block_n=block_n,
+            hist_block_elements=hist_block_elements,
+        )
+        out, keep = short_decode(query, key_words, value, valid_mask, top_n, alpha, short,
+                                 gather_block or SHORT_GATHER_BLOCK,
+                                 SHORT_GATHER_STAGES if gather_stages is None else gather_stages, short_num_warps,
+                                 return_keep)  # fmt: skip
+        return (out, keep) if return_keep else out
+    gather_block, gather_stages = gather_block or 32, gather_stages or 0
     settings = decode_launch(
         n_keys,
         rows_per_group,
