@@ -74,7 +74,8 @@ VARIANTS = {
     "pipelined-3": PIPELINED,
     "pipelined-3-block64": dict(gather_block=64, **PIPELINED),
     "pipelined-3-block64-attend-64-registers": dict(gather_block=64, max_registers=(None, None, 64), **PIPELINED),
-    # the path chosen explicitly ("default" is the dispatcher's choice: the short kernel up to n x dv = 2^20)
+    # the path chosen explicitly ("default" is the dispatcher's choice: the three kernels, while
+    # decode_launch.SHORT_BY_DEFAULT is off)
     "three-kernel": dict(short_kernel=False),
     "short": dict(short_kernel=True),
     # the short kernel's rows per program (default: one, unless more than 2 programs per multiprocessor)

@@ -217,10 +217,14 @@ def test_decode_kernel_rejects_options_of_the_other_path(options, head_dim, mess
 
 
 @requires_triton
-def test_short_kernel_dispatch_rule():
-    """The short kernel serves n x dv <= 2^20 at d <= 128 unless split options are given; its own options ask for it."""
+def test_short_kernel_dispatch_rule(monkeypatch):
+    """Asked for, or by default once SHORT_BY_DEFAULT is on (not yet: unmeasured on the GPU), the short kernel serves
+    n x dv <= 2^20 at d <= 128 unless split options are given; its own options ask for it."""
+    from had_hf.kernels import decode_launch
     from had_hf.kernels.decode_launch import SHORT_MAX_KEY_VALUES, short_kernel_wanted
 
+    assert not decode_launch.SHORT_BY_DEFAULT and not short_kernel_wanted({}, 4096, 64, 64)
+    monkeypatch.setattr(decode_launch, "SHORT_BY_DEFAULT", True)
     assert SHORT_MAX_KEY_VALUES == 16384 * 64
     assert short_kernel_wanted({}, 16384, 64, 64) and not short_kernel_wanted({}, 16385, 64, 64)
     assert short_kernel_wanted({}, 8192, 128, 128) and not short_kernel_wanted({}, 8193, 128, 128)
@@ -441,8 +445,8 @@ SHORT_SHAPES = [
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("shape", SHORT_SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}/{s[2]}-d{s[3]}-n{s[4]}")
 def test_gpu_short_kernel_generation_shapes(shape):
-    """At the generation shapes the dispatcher runs the short kernel; it keeps the reference's keys (bf16, left
-    padding), agrees with the three-kernel path, and replays in a CUDA graph with the same bits as eagerly."""
+    """At the generation shapes the short kernel keeps the reference's keys (bf16, left padding), agrees with the
+    three-kernel path (the default), and replays in a CUDA graph with the same bits as eagerly."""
     from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits
 
     batch, num_heads, num_kv_heads, dim, n = shape
@@ -464,18 +468,18 @@ def test_gpu_short_kernel_generation_shapes(shape):
             assert torch.equal(keep, ref_keep), options
             assert _relative_error(out, ref64) < 1e-2, options
         short = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=True)
-        assert torch.equal(hamming_topk_decode(query, key_words, value, mask, top_n, alpha), short)  # the default
         split = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=False)
+        assert torch.equal(hamming_topk_decode(query, key_words, value, mask, top_n, alpha), split)  # the default
         assert _relative_error(short, split.double()) < 1e-2
         # captured in a CUDA graph (its scratch allocated in the graph's pool), then replayed
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            hamming_topk_decode(query, key_words, value, mask, top_n, alpha)
+            hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=True)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = hamming_topk_decode(query, key_words, value, mask, top_n, alpha)
+            captured = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=True)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, short)

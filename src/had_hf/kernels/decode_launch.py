@@ -191,8 +191,10 @@ def decode_launch(
 # (16,384 keys at dv = 64, 8,192 at dv = 128; 8k-token contexts with a static cache's slack) a program gathers at
 # most ~1.9k rows of 128 B, or ~1k of 256 B (~245 KB), and reads <= 3 x 128 KB of packed keys, which should take
 # about what the three launches take at n = 16k (32 us at B8-H16-d64-n16k, `results/decode.json`).
-# `benchmarks/decode_variants.py` measures both paths from 2k to 32k keys.
+# `benchmarks/decode_variants.py` measures both paths from 2k to 32k keys. Until it has run on the GPU the short
+# kernel runs only when asked (`short_kernel=True` or one of its options): SHORT_BY_DEFAULT turns the bound on.
 SHORT_MAX_KEY_VALUES = 1 << 20
+SHORT_BY_DEFAULT = False
 # distances fit a byte code (0..d, 255 = masked) and the query in two 64-bit words up to d = 128
 SHORT_MAX_HEAD_DIM = 128
 # Rows of all programs together up to which each program takes one row (the most programs, each with the least work);
@@ -224,8 +226,8 @@ SHORT_OPTIONS = {"short_row_block": None, "short_num_warps": None}
 def short_kernel_wanted(options: dict, n_keys: int, head_dim: int, value_dim: int) -> bool:
     """Whether a decode call runs the short-context kernel, from its keyword options (`hamming_topk_decode`'s; those
     left out at their defaults): `short_kernel` if given, else the three-kernel path when one of its options is given,
-    the short kernel when one of its own is, and otherwise short contexts (n x dv <= SHORT_MAX_KEY_VALUES) of head dims
-    the kernel takes."""
+    the short kernel when one of its own is, and otherwise, with SHORT_BY_DEFAULT, short contexts (n x dv <=
+    SHORT_MAX_KEY_VALUES) of head dims the kernel takes."""
     split_options = [name for name, default in SPLIT_K_OPTIONS.items() if options.get(name, default) != default]
     short_options = [name for name, default in SHORT_OPTIONS.items() if options.get(name, default) != default]
     short_kernel = options.get("short_kernel")
@@ -237,7 +239,7 @@ def short_kernel_wanted(options: dict, n_keys: int, head_dim: int, value_dim: in
     fits = head_dim <= SHORT_MAX_HEAD_DIM
     if short_kernel is None:
         if split_options or not short_options:
-            return not split_options and fits and n_keys * value_dim <= SHORT_MAX_KEY_VALUES
+            return SHORT_BY_DEFAULT and not split_options and fits and n_keys * value_dim <= SHORT_MAX_KEY_VALUES
         short_kernel = True  # its own options ask for it
     elif short_kernel and split_options:
         raise ValueError(f"short_kernel=True takes none of the three-kernel path's options, got {split_options}.")

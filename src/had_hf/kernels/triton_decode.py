@@ -31,7 +31,8 @@ Loads are vectorized where Triton can see masks constant over 16 keys: the codes
 code up to a multiple of 64, the last two kernels run over whole, aligned splits, and from d = 64 on the keys are read
 as int64 words. The one-row selection works on (BLOCK_N / 8, 8) tiles, each thread's 8 keys contiguous.
 
-Short contexts (`decode_short_kernel`, where keys x value dim <= 2^20, 16k keys at dv = 64, and d <= 128): one
+Short contexts (`decode_short_kernel`, asked for with `short_kernel=True`; by default only once
+`decode_launch.SHORT_BY_DEFAULT` is on, then where keys x value dim <= 2^20, 16k keys at dv = 64, and d <= 128): one
 launch, each program one (batch, kv head, row block) of 1, 2 or 4 query rows over all keys (one row per program unless
 that makes more than two programs per multiprocessor), so no split has to agree with another: no codes in memory, no
 tickets, no reductions between programs. The program streams the packed keys three times (L1/L2-resident after the
@@ -133,8 +134,8 @@ def hamming_topk_decode(
     short_num_warps: int | None = None,
     return_keep: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """HAD attention of a few query positions against packed keys, in Triton (exact top-N): one launch over all keys
-    per program for short contexts, three launches split over the keys otherwise.
+    """HAD attention of a few query positions against packed keys, in Triton (exact top-N): three launches split over
+    the keys, or, for short contexts when asked, one launch over all keys per program.
 
     The options from `num_splits` to `single_row_dot` are those of the three-kernel path, `short_row_block` and
     `short_num_warps` those of the short kernel; `block_n`, `hist_block_elements`, `gather_block` and
@@ -185,8 +186,9 @@ def hamming_topk_decode(
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         short_kernel (`bool`, *optional*): run the short-context kernel (`True`) or the three-kernel path (`False`);
-            by default the path whose options are given, else the short kernel where keys x value dim is at most
-            `SHORT_MAX_KEY_VALUES` (2^20: 16,384 keys at dv = 64) and d <= 128 (`decode_launch.short_kernel_wanted`).
+            by default the path whose options are given, else the three-kernel path (with `SHORT_BY_DEFAULT` on, the
+            short kernel where keys x value dim is at most `SHORT_MAX_KEY_VALUES`, 2^20, and d <= 128;
+            `decode_launch.short_kernel_wanted`).
         short_row_block (`int`, *optional*): query rows per program of the short kernel (1, 2 or 4); by default one
             row per program unless that makes more than two programs per multiprocessor.
         short_num_warps (`int`, *optional*): warps per program of the short kernel (Triton's default when unset).
