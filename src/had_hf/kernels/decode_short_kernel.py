@@ -10,17 +10,12 @@ scratch is the program's list of kept keys.
 
 from __future__ import annotations
 
-import math
-
-import torch
 import triton
 import triton.language as tl
 
 from .decode_attend_kernel import _row_keep, _row_scalar, _store_row_weights
 from .decode_gather import _gather_listed_rows, _new_sums
-from .decode_launch import ShortLaunch, _as_int64_words, _Workspace
 from .decode_split_k import (
-    MAX_ITERATIONS,
     _add_coarse,
     _add_fine,
     _batch_and_kv_head,
@@ -33,7 +28,6 @@ from .decode_split_k import (
     _query_word,
     _threshold_step,
 )
-from .triton_common import _cdiv, _interpreting, _on_device
 
 
 @triton.jit
@@ -334,108 +328,3 @@ def _short_decode_kernel(
     out_head = hk * group + out_row // query_len
     out_rows = out_ptr + b * stride_ob + out_head * stride_oh + (out_row % query_len) * stride_oi
     tl.store(out_rows[:, None] + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=out_ok[:, None])
-
-
-def short_decode(
-    query: torch.Tensor,
-    key_words: torch.Tensor,
-    value: torch.Tensor,
-    valid_mask: torch.Tensor | None,
-    top_n: int | torch.Tensor,
-    alpha: float,
-    launch: ShortLaunch,
-    gather_block: int,
-    gather_stages: int,
-    num_warps: int | None,
-    return_keep: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launches the short-context kernel (the arguments as `hamming_topk_decode` checked them; int32 key words);
-    returns the output and, if `return_keep`, the keep mask."""
-    batch, num_heads, query_len, dim = query.shape
-    _, num_kv_heads, n_keys, _ = key_words.shape
-    value_dim = value.shape[-1]
-    group = num_heads // num_kv_heads
-    rows_per_group = group * query_len
-    device = query.device
-    r_block = launch.r_block
-    programs = batch * num_kv_heads * launch.num_row_blocks
-    list_stride = _cdiv(n_keys, 64) * 64
-    work = _Workspace.get(device)
-    list_index = work.take("short_index", programs * list_stride, torch.int32)
-    # one row: the listed keys' codes (the gather computes the weights); several: the rows' weights of each
-    if r_block == 1:
-        list_code, list_weight = work.take("short_codes", programs * list_stride, torch.uint8), list_index
-    else:
-        list_code = list_index
-        list_weight = work.take("short_weights", programs * list_stride * r_block, torch.float32)
-    out = torch.empty(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
-    num_rows = batch * num_kv_heads * rows_per_group
-    keep_rows = torch.zeros(num_rows, n_keys, dtype=torch.int8, device=device) if return_keep else list_index
-    if valid_mask is None:
-        mask_arg, mask_strides = list_index, (0, 0, 0, 0)
-    else:
-        mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
-        mask_strides = mask_arg.stride()
-    per_row_n = isinstance(top_n, torch.Tensor)
-    if per_row_n:
-        n_keep = top_n.to(device=device, dtype=torch.int32).expand(batch, num_heads, query_len)
-        n_keep_args = (n_keep, *n_keep.stride())
-    else:
-        n_keep_args = (list_index, 0, 0, 0)
-    # from d = 64 on, the keys are read as int64 words: one load per key for d = 64
-    word_bits = 64 if dim >= 64 else 32
-    kernel_words = _as_int64_words(key_words) if word_bits == 64 else key_words
-    options = {} if num_warps is None else {"num_warps": num_warps}
-    with _on_device(device):
-        _short_decode_kernel[(batch * num_kv_heads, launch.num_row_blocks)](
-            query,
-            kernel_words,
-            mask_arg,
-            value,
-            out,
-            list_index,
-            list_weight,
-            list_code,
-            keep_rows,
-            n_keys,
-            list_stride,
-            0 if per_row_n else min(top_n, n_keys),
-            *n_keep_args,
-            rows_per_group,
-            query_len,
-            group,
-            num_kv_heads,
-            2.0 * float(alpha) * math.log2(math.e),
-            int(alpha >= 0),
-            *query.stride(),
-            *kernel_words.stride(),
-            *mask_strides,
-            *value.stride(),
-            *out.stride(),
-            D=dim,
-            W=dim // word_bits,
-            WORD_BITS=word_bits,
-            DV=value_dim,
-            R_BLOCK=r_block,
-            R_DOT=1 if r_block == 1 else 16,
-            COUNT_N=launch.count_block_n,
-            # counting tiles between two additions of the lanes' packed 7-bit counters into int32 totals
-            CHUNK_TILES=MAX_ITERATIONS,
-            SELECT_N=launch.select_block_n,
-            BLOCK_K=gather_block,
-            HAS_MASK=valid_mask is not None,
-            USE_POPC=query.is_cuda and not _interpreting(),
-            INVALID_CODE=255,
-            V_IS_FP32=value.dtype == torch.float32,
-            # 16-bit values go through tensor cores; fp32 and fp64 values are accumulated in fp32
-            DOT_FP32=value.dtype in (torch.float32, torch.float64) or _interpreting(),
-            ROW_FMA=r_block == 1,
-            WRITE_KEEP=return_keep,
-            GATHER_STAGES=gather_stages,
-            PER_ROW_N=per_row_n,
-            **options,
-        )
-    if not return_keep:
-        return out, None
-    keep = keep_rows.reshape(batch, num_kv_heads, group, query_len, n_keys).bool()
-    return out, keep.view(batch, num_heads, query_len, n_keys)

@@ -76,7 +76,7 @@ from .decode_launch import (
     short_decode_launch,
     short_kernel_wanted,
 )
-from .decode_short_kernel import short_decode
+from .decode_short import short_decode
 from .decode_split_k import MAX_ITERATIONS
 from .int32_words import WORD_BITS, as_int32_words
 from .sign_pack_kernel import triton_pack_sign_bits
