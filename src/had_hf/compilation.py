@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 4 * (len(TRAINING_STAGES) + 1)
 """Graphs that one compiled distillation run may add to the forward of a model class (dynamo's `recompile_limit`
 counts them per code object, and teacher and student share theirs): one for the teacher and one per training stage,
-each possibly traced again when the batch shape first changes (to dynamic shapes) or its sigma is re-calibrated, and
-room for as many again (an evaluation, a peft student's adapter switches)."""
+each possibly traced again when the batch shape first changes (then with dynamic shapes), and room for as many again
+(a peft student's teacher passes, the first-forward check of a student calibrated before training)."""
 
 
 def use_own_compile_settings(args) -> None:
