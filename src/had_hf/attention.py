@@ -291,7 +291,7 @@ def _had_logits(query, key, num_kv_heads: int, settings: LayerSettings, stage: s
     if isinstance(sigma_q, tuple) or isinstance(sigma_k, tuple):
         sigma_q = _head_sigma(sigma_q, query.shape[1], settings.name, "sigma_q", query)
         sigma_k = repeat_kv(_head_sigma(sigma_k, num_kv_heads, settings.name, "sigma_k", query), query.shape[1])
-    c, clip, transform_name = settings.state.c, settings.config.ste_clip, stage_transform(stage)
+    c, clip, transform_name = settings.state.temperature, settings.config.ste_clip, stage_transform(stage)
     if transform_name == "binary":
         unit_q, unit_k = sign(query), sign(key)
     elif transform_name == "ste":

@@ -80,9 +80,12 @@ def chunked_attention_kl_terms(
         chunk_rows = max(1, KL_CHUNK_ELEMENTS // max(1, first.numel()))
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}.")
-    total, count = None, None
-    for start in range(0, query_len, chunk_rows):
+    total, count, start = None, None, 0
+    # a while loop, not range(): under torch.compile range() would fix the sequence length (recompiling for each one),
+    # where these comparisons only guard on the number of chunks
+    while start < query_len:
         rows = slice(start, min(start + chunk_rows, query_len))
+        start = rows.stop
         valid_rows = valid[..., rows, :] if valid.shape[-2] == query_len else valid
         mask_rows = query_mask[:, rows] if query_mask is not None else None
 

@@ -50,6 +50,7 @@ class HADRuntimeState:
     c: float = 1.0
 
     def __post_init__(self):
+        self._c_tensor = torch.zeros((), dtype=torch.float32)
         self.set(self.stage, self.c)
 
     def set(self, stage: str, c: float | None = None) -> None:
@@ -60,7 +61,25 @@ class HADRuntimeState:
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
                 raise ValueError(f"c must be a finite number > 0, got {c!r}.")
             self.c = float(c)
+            self._c_tensor.fill_(self.c)  # on a device: a kernel launch, no copy from the host
         self.stage = stage
+
+    @property
+    def temperature(self) -> float | torch.Tensor:
+        """c as the attention reads it: the float, or inside `torch.compile` a 0-d float32 tensor holding it.
+
+        The schedule changes c at every step. Compiled code guards on a Python float (it would recompile, or trace
+        c as a symbolic input only after a first recompilation); a tensor is a graph input whose value may change
+        freely. It is written in place by `set`, which is called between steps, never between a forward pass and
+        its backward.
+        """
+        return self._c_tensor if torch.compiler.is_compiling() else self.c
+
+    def to(self, device: torch.device | str) -> HADRuntimeState:
+        """Keeps the tensor of `temperature` on `device` (the model's), so that compiled kernels read it there and
+        `set` updates it without a host-to-device copy. Returns the state."""
+        self._c_tensor = self._c_tensor.to(device)
+        return self
 
     @property
     def transform(self) -> str:

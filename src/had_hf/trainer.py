@@ -16,6 +16,7 @@ from transformers.utils import is_datasets_available
 from .calibration import calibrate
 from .callbacks import HADStageCallback
 from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
+from .compilation import run_recompile_limit, use_own_compile_settings
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import output_kl, output_mse
@@ -128,14 +129,16 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
             # process training alone) nor place the teacher
             if module is not None:
                 module.__dict__.pop("_is_accelerate_prepared", None)
+        use_own_compile_settings(args)
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         check_parallelism(self)
         self.teacher = teacher_model and prepare_teacher(self.accelerator, teacher_model)
+        self.stage_callback.state.to(self.args.device)  # c as a tensor where a compiled student reads it
         # compute_loss returns a per-micro-batch mean: let the Trainer divide it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self._had_metrics: dict[str, list[float]] = defaultdict(list)
+        self._had_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.teacher_metrics: dict[str, float] | None = None  # set by evaluate_teacher
         self._predict_with_teacher = False
         config = model.config
@@ -164,8 +167,10 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         inputs = forward_inputs(model, inputs)
         weight = self.attention_loss_weight(self.state.global_step)
         # the attention KL is computed inside the student's attention calls, layer by layer in chunks of query rows,
-        # against the teacher's queries and keys (see had_hf.capture): no layer's full map is kept
-        teacher_store = HADCaptureStore(capture_logits=False, capture_scores=weight > 0)
+        # against the teacher's queries and keys (see had_hf.capture): no layer's full map is kept. A compiled
+        # teacher records them in every stage of a run with an attention loss, so that it stays one graph.
+        capture_scores = weight > 0 or (self.args.torch_compile and self.args.attention_loss)
+        teacher_store = HADCaptureStore(capture_logits=False, capture_scores=capture_scores)
         student_store = HADCaptureStore(
             capture_logits=False,
             distill_from=teacher_store if weight > 0 else None,
@@ -191,29 +196,33 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
             loss = loss + weight * loss_attn
         else:
             loss_attn = torch.zeros((), device=loss_out.device)
-        if model.training:
-            self._had_metrics["loss_attn"].append(loss_attn.detach().item())
-            self._had_metrics["loss_out"].append(loss_out.detach().item())
+        if model.training:  # kept on the device until logged: reading them at every step would wait for the device
+            self._had_metrics["loss_attn"].append(loss_attn.detach())
+            self._had_metrics["loss_out"].append(loss_out.detach())
         return (loss, student_outputs) if return_outputs else loss
 
-    def teacher_forward(self, model, inputs: dict, store: HADCaptureStore):
-        """The teacher's outputs: the teacher model's, or a peft student's with its adapter disabled."""
+    def teacher_forward(self, model, inputs: dict, store: HADCaptureStore, compiled: bool = True):
+        """The teacher's outputs: the teacher model's (with `compiled=False` without the `torch.compile` wrapper that
+        the Accelerator puts on it under `torch_compile`), or a peft student's with its adapter disabled."""
         if self.teacher is not None:
-            return self.teacher(**inputs, **{STORE_KWARG: store})
+            teacher = (
+                self.teacher if compiled else self.accelerator.unwrap_model(self.teacher, keep_torch_compile=False)
+            )
+            return teacher(**inputs, **{STORE_KWARG: store})
         student = self.accelerator.unwrap_model(model)
         with dense_teacher(student):
             return student(**inputs, **{STORE_KWARG: store})
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation runs the student alone (no teacher, no logit capture): the metrics are the student's; the
-        teacher's within `evaluate_teacher`."""
+        teacher's within `evaluate_teacher`. Under `torch_compile` the teacher is evaluated uncompiled, as the Trainer
+        evaluates the student once a model is prepared: a few evaluations cost less than compiling their graphs."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
         with torch.no_grad():
             if self._predict_with_teacher:
-                outputs = self.teacher_forward(
-                    model, forward_inputs(model, inputs), HADCaptureStore(capture_logits=False)
-                )
+                store = HADCaptureStore(capture_logits=False)
+                outputs = self.teacher_forward(model, forward_inputs(model, inputs), store, compiled=False)
             else:
                 outputs = model(**forward_inputs(model, inputs))
         if prediction_loss_only:
@@ -256,15 +265,13 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
             logs["c"] = self.schedule.c(step)
         super().log(logs, start_time)
 
-    def _mean_over_processes(self, metrics: dict[str, list[float]]) -> dict[str, float]:
-        """Each metric's mean since the last log, averaged over the processes (each saw its own part of the batch),
-        as the Trainer logs its loss. Collective: every process logs at the same steps."""
+    def _mean_over_processes(self, metrics: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """Each metric's mean since the last log (of its per-step 0-d tensors), averaged over the processes (each saw
+        its own part of the batch), as the Trainer logs its loss. Collective: every process logs at the same steps."""
         names = sorted(name for name, values in metrics.items() if values)
         if not names:
             return {}
-        means = torch.tensor(
-            [sum(metrics[name]) / len(metrics[name]) for name in names], dtype=torch.float64, device=self.args.device
-        )
+        means = torch.stack([torch.stack(metrics[name]).double().mean() for name in names]).to(self.args.device)
         if self.accelerator.num_processes > 1:
             means = self.accelerator.reduce(means, reduction="mean")
         return dict(zip(names, means.tolist()))
@@ -277,15 +284,20 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
 
     # ---------------------------------------------------------------- calibration
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        calibrate_at_begin = False
         if not self.had_config.is_calibrated:
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             if not (checkpoint and self._load_sigma(checkpoint)):
-                if self.is_fsdp_enabled:  # the Trainer shards the student inside train(): calibrate it there
-                    return self._train_calibrating_at_begin(resume_from_checkpoint, **kwargs)
-                self.calibrate()
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+                # under FSDP the Trainer shards the student inside train(): calibrate it there
+                calibrate_at_begin = self.is_fsdp_enabled
+                if not calibrate_at_begin:
+                    self.calibrate()
+        with run_recompile_limit():
+            if calibrate_at_begin:
+                return self._train_calibrating_at_begin(resume_from_checkpoint, **kwargs)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _train_calibrating_at_begin(self, resume_from_checkpoint, **kwargs):
         """Trains with the calibration at `on_train_begin`, on the sharded student on the devices (before sharding it

@@ -1,0 +1,53 @@
+"""What a distillation run under `torch.compile` (`TrainingArguments(torch_compile=True)`) needs beside Accelerate.
+
+The Trainer's Accelerator compiles the student and the teacher (`accelerator.prepare_model`). What keeps the compiled
+code valid across the run lives with the code it concerns: c reaches the graph as a tensor (`had_hf.state`), and the
+teacher's capture store is the same in every stage (`HADDistillationTrainer.compute_loss`). Here: that the run's own
+arguments choose the compilation, and room for the graphs of one run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .state import TRAINING_STAGES
+
+logger = logging.getLogger(__name__)
+
+RECOMPILE_LIMIT = 4 * (len(TRAINING_STAGES) + 1)
+"""Graphs that one compiled distillation run may add to the forward of a model class (dynamo's `recompile_limit`
+counts them per code object, and teacher and student share theirs): one for the teacher and one per training stage,
+each possibly traced again when the batch shape first changes (then with dynamic shapes), and room for as many again
+(a peft student's teacher passes, the first-forward check of a student calibrated before training)."""
+
+
+def use_own_compile_settings(args) -> None:
+    """Lets `args` choose the compilation of the Accelerator that a Trainer is about to create.
+
+    Accelerate keeps one process-wide `AcceleratorState`, whose compile settings (`dynamo_plugin`) are those of the
+    first Accelerator created after the last reset; `TrainingArguments` resets it when it first sets up its device.
+    A Trainer created after another one whose arguments are newer (a recipe's teacher fine-tuning) would therefore
+    take that Trainer's settings, and `torch_compile=True` would silently compile nothing. The state is reset (the
+    process group and device, in `PartialState`, are kept) when its settings differ from those of `args`.
+    """
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState._shared_state.get("dynamo_plugin")
+    if plugin is None:
+        return
+    wanted = (args.torch_compile_backend or "inductor").upper() if args.torch_compile else "NO"
+    mode = args.torch_compile_mode or "default"
+    if plugin.backend.value != wanted or (args.torch_compile and (plugin.mode or "default") != mode):
+        logger.info("Accelerate's state was set up without this run's compile settings: setting it up again.")
+        AcceleratorState._reset_state()
+
+
+def run_recompile_limit():
+    """A context in which dynamo's per-function recompile limit is at least `RECOMPILE_LIMIT` (never lowered).
+
+    Past the limit dynamo runs the function eagerly from then on, with one warning: a long run would silently lose
+    its compilation at a late stage.
+    """
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))

@@ -1,0 +1,215 @@
+"""The distillation under `torch.compile` (`TrainingArguments(torch_compile=True)`): the compiled trainer's losses
+equal the eager trainer's in every stage, a run through the four stages compiles a bounded number of graphs with no
+graph break, and what keeps it so (c as a tensor, the chunked KL over changing lengths, the run's own compile
+settings, one teacher graph, an uncompiled teacher evaluation, no per-step read of the losses)."""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+
+import had_hf
+from had_hf import HADConfig, HADDistillationTrainer
+from had_hf.losses import attention_kl_terms, chunked_attention_kl_terms
+from had_hf.state import TRAINING_STAGES
+from tests.conftest import build_model, model_inputs, tiny_bert_config
+from tests.test_trainer import TinyDataset, _args
+
+
+class VariableLengthDataset(torch.utils.data.Dataset):
+    """Examples of 5 to 12 tokens, so that batches padded to their longest change length (as the recipes' are)."""
+
+    def __init__(self, size=48, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(5, 13, (size,), generator=generator).tolist()
+        self.ids = [torch.randint(3, 99, (length,), generator=generator) for length in lengths]
+        self.labels = torch.randint(0, 2, (size,), generator=generator)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def pad_to_longest(examples):
+    length = max(len(example["input_ids"]) for example in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    mask = torch.zeros(len(examples), length, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids[row, : len(example["input_ids"])] = example["input_ids"]
+        mask[row, : len(example["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([e["labels"] for e in examples])}
+
+
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def _graphs() -> int:
+    """The graphs dynamo compiled since the last `_fresh_dynamo`."""
+    return counters["stats"]["unique_graphs"]
+
+
+def _bert(seed):
+    """A tiny BERT whose weights are large enough for logits, and so losses, well above float rounding."""
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(tiny_bert_config(initializer_range=0.2))
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def _trainer(tmp_path, compile_backend=None, **overrides):
+    """A tiny BERT distilled over 16 steps (stages of 2, 4, 5 and 5 steps) from a teacher of other weights, on
+    batches of changing length."""
+    compile_args = {"torch_compile": True, "torch_compile_backend": compile_backend} if compile_backend else {}
+    return HADDistillationTrainer(
+        model=_bert(seed=1),
+        teacher_model=_bert(seed=0),
+        args=_args(tmp_path, **compile_args, **overrides),
+        had_config=HADConfig(top_n=3),
+        train_dataset=VariableLengthDataset(),
+        eval_dataset=VariableLengthDataset(size=8, seed=1),
+        data_collator=pad_to_longest,
+    )
+
+
+def _losses(trainer):
+    return [(e["stage"], e["loss_out"], e["loss_attn"]) for e in trainer.state.log_history if "loss_out" in e]
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    trainer = _trainer(tmp_path_factory.mktemp("eager"))
+    trainer.train()
+    return trainer
+
+
+# the relative tolerance of each backend's losses. Dynamo alone runs the eager kernels (c a float32 tensor, not a
+# Python float); inductor fuses the float math, and once c is small the transformed logits have near-ties that it can
+# order differently, so a few top-N selections differ and the weights drift apart by about a percent
+TOLERANCES = {"eager": 1e-4, "inductor": 5e-2}
+
+
+@pytest.fixture(scope="module", params=["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def compiled_run(request, tmp_path_factory):
+    """The run compiled with dynamo alone (`eager` backend: the graphs, guards and recompilations) or with inductor,
+    with its dynamo counters: graphs, graph breaks, and the graphs after the teacher's evaluation."""
+    _fresh_dynamo()
+    trainer = _trainer(tmp_path_factory.mktemp(request.param), compile_backend=request.param)
+    trainer.train()
+    graphs, breaks = _graphs(), dict(counters["graph_break"])
+    trainer.evaluate_teacher()
+    graphs_after_teacher_evaluation = _graphs()
+    _fresh_dynamo()
+    return trainer, graphs, breaks, graphs_after_teacher_evaluation
+
+
+def test_compiled_trainer_matches_the_eager_one_in_every_stage(eager_run, compiled_run):
+    eager, (compiled, *_) = eager_run, compiled_run
+    tolerance = TOLERANCES[compiled.args.torch_compile_backend]
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"
+    assert type(compiled.teacher).__name__ == "OptimizedModule"
+    eager_losses, compiled_losses = _losses(eager), _losses(compiled)
+    assert [stage for stage, *_ in eager_losses] == [1] * 2 + [2] * 4 + [3] * 5 + [4] * 5
+    assert [stage for stage, *_ in compiled_losses] == [stage for stage, *_ in eager_losses]
+    assert all(attn > 0.1 for stage, _, attn in eager_losses if stage <= 3)  # well above float rounding
+    for (stage, eager_out, eager_attn), (_, compiled_out, compiled_attn) in zip(eager_losses, compiled_losses):
+        assert compiled_out == pytest.approx(eager_out, rel=tolerance), stage
+        assert compiled_attn == pytest.approx(eager_attn, rel=tolerance), stage
+    compiled_weights = compiled.accelerator.unwrap_model(compiled.model).state_dict()
+    for name, value in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled_weights[name], value, rtol=tolerance, atol=tolerance / 10)
+
+
+def test_a_compiled_run_through_the_four_stages_compiles_a_bounded_number_of_graphs(compiled_run):
+    """c changes at every step of stages 1-2 and the batch length at almost every step: the run compiles one graph
+    per stage for the student and one for the teacher, the first two traced once more when the length first
+    changes (then with a dynamic length), and none for the teacher's evaluation (uncompiled)."""
+    _, graphs, breaks, graphs_after_teacher_evaluation = compiled_run
+    assert graphs <= len(TRAINING_STAGES) + 1 + 2
+    assert breaks == {}
+    assert graphs_after_teacher_evaluation == graphs
+
+
+@pytest.mark.parametrize("stage", ["tanh", "sign"])
+def test_c_changes_without_recompiling(stage):
+    base = build_model("bert", seed=0)
+    student = had_hf.convert(copy.deepcopy(base), HADConfig(top_n=3)).train()
+    inputs = model_inputs("bert")
+    compiled = torch.compile(student, backend="eager", fullgraph=True)
+    _fresh_dynamo()
+    for c in (5.0, 3.1, 0.7):
+        had_hf.set_stage(student, stage, c=c)
+        expected = student(**inputs).logits
+        torch.testing.assert_close(compiled(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+    assert _graphs() == 1
+    _fresh_dynamo()
+
+
+def test_chunked_kl_compiles_once_for_every_length():
+    """The chunk loop guards on the number of chunks, not on the sequence length (a length-specialized loop would
+    recompile for every length)."""
+
+    def kl(teacher, student, valid):
+        length = teacher.shape[-2]
+        return chunked_attention_kl_terms(
+            lambda rows: teacher[..., rows, :], lambda rows: student[..., rows, :], valid, length
+        )
+
+    compiled = torch.compile(kl, backend="eager", dynamic=True, fullgraph=True)
+    _fresh_dynamo()
+    generator = torch.Generator().manual_seed(0)
+    for length in (7, 10, 13):
+        teacher, student = torch.randn(2, 2, 2, length, length, generator=generator).unbind(0)
+        valid = torch.rand(2, 1, 1, length, generator=generator) > 0.2
+        total, count = compiled(teacher, student, valid)
+        expected_total, expected_count = attention_kl_terms(teacher, student, valid)
+        torch.testing.assert_close(total, expected_total)
+        assert int(count) == int(expected_count)
+    assert _graphs() == 1
+    _fresh_dynamo()
+
+
+def test_torch_compile_applies_after_another_trainer_was_created(tmp_path):
+    """A recipe fine-tunes its teacher with a plain Trainer after the distillation's arguments were parsed: the
+    distillation still compiles, from its own arguments."""
+    args = _args(tmp_path / "had", max_steps=4, torch_compile=True, torch_compile_backend="eager")
+    Trainer(model=build_model("bert"), args=TrainingArguments(output_dir=str(tmp_path / "teacher"), use_cpu=True))
+    trainer = HADDistillationTrainer(
+        model=build_model("bert", seed=0),
+        teacher_model=build_model("bert", seed=0),
+        args=args,
+        had_config=HADConfig(top_n=3),
+        train_dataset=TinyDataset(),
+    )
+    _fresh_dynamo()
+    trainer.train()
+    assert _graphs() >= 2  # teacher and student
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    _fresh_dynamo()
+
+
+def test_computing_the_loss_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """The per-step losses are logged from device tensors: a read (`.item()`) at every step would make the host wait
+    for the device before the backward pass."""
+    trainer = _trainer(tmp_path)
+    had_hf.set_stage(trainer.model, "sign", c=0.5)
+    trainer.model.train()
+    batch = pad_to_longest([trainer.train_dataset[i] for i in range(4)])
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or item(self))
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert reads == [] and loss.requires_grad
+    monkeypatch.undo()
+    expected = {name: float(values[0]) for name, values in trainer._had_metrics.items()}
+    assert expected["loss_attn"] > 0
+    assert float(loss.detach()) == pytest.approx(expected["loss_out"] + expected["loss_attn"])
+    logs = {}
+    trainer.log(logs)
+    assert logs["loss_out"] == pytest.approx(expected["loss_out"])
+    assert logs["loss_attn"] == pytest.approx(expected["loss_attn"])
