@@ -227,3 +227,20 @@ def test_forward_that_never_calls_the_function_fails_loudly():
     model = had_hf.convert(ToyModel(PretrainedConfig(hidden_size=8)), HADConfig(top_n=3, target_modules=["mixer"]))
     with pytest.raises(had_hf.UnsupportedModelError, match="ToyModel ran a forward pass"):
         model(torch.randn(1, 4, 8))
+
+
+def test_a_first_forward_that_raises_leaves_the_probe_off_and_the_next_forward_checked():
+    """The first-forward check counts attention calls with a module-wide probe: a forward that raises must switch it
+    off again (left on, every later call would count, and compiled code would recompile at each), and the check
+    moves to the next forward."""
+    from had_hf.attention import CALL_PROBE
+
+    model = had_hf.convert(build_model("llama"), HADConfig(top_n=3))
+    inputs = model_inputs("llama")
+    with pytest.raises(Exception):  # noqa: B017 - any error of the model's own forward
+        model(input_ids=inputs["input_ids"][:, :, None])  # a 3-d input_ids: the forward fails
+    assert not CALL_PROBE.active
+    hooks = len(model._forward_hooks)
+    with torch.no_grad():
+        model(**inputs)  # checked now: the hooks are removed after it
+    assert not CALL_PROBE.active and len(model._forward_hooks) == hooks - 1

@@ -225,7 +225,8 @@ def _saved_had_config(model: PreTrainedModel) -> HADConfig | None:
 
 
 def _verify_on_first_forward(model: PreTrainedModel) -> None:
-    """After the first forward, fail loudly if no attention layer called the HAD function."""
+    """After the first forward that returns, fail loudly if no attention layer called the HAD function. A forward that
+    raises leaves the probe as it found it, and the next forward is checked."""
     state = {}
 
     def before(module, args, kwargs):
@@ -233,9 +234,11 @@ def _verify_on_first_forward(model: PreTrainedModel) -> None:
         CALL_PROBE.active = True
 
     def after(module, args, kwargs, output):
+        CALL_PROBE.active = state["was_active"]
+        if output is None:  # the forward raised (the hook is called with no output), or returned nothing to check
+            return
         pre_handle.remove()
         post_handle.remove()
-        CALL_PROBE.active = state["was_active"]
         if CALL_PROBE.calls == state["calls"] and _uses_had(module):
             raise UnsupportedModelError(
                 f"{type(module).__name__} ran a forward pass with attn_implementation='hamming_topk' without calling "
@@ -243,7 +246,7 @@ def _verify_on_first_forward(model: PreTrainedModel) -> None:
             )
 
     pre_handle = model.register_forward_pre_hook(before, with_kwargs=True)
-    post_handle = model.register_forward_hook(after, with_kwargs=True)
+    post_handle = model.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
 def _uses_had(model: PreTrainedModel) -> bool:
