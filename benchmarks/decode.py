@@ -43,6 +43,7 @@ from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_b
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode_e2e import run_e2e  # noqa: E402
+from prefill_measure import sdpa_backends  # noqa: E402
 
 TOP_N_RATIO = 0.117
 
@@ -126,24 +127,12 @@ def sdpa_layouts(query, key, value, group: int) -> dict:
     }
 
 
-def _sdpa_backends(smoke: bool) -> dict:
-    from torch.nn.attention import SDPBackend
-
-    if smoke:
-        return {"math": SDPBackend.MATH}
-    return {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    }
-
-
 def sdpa_callable(query, key, value, group: int, name: str):
     """The SDPA call `backend/layout` as a function that selects its backend itself."""
     from torch.nn.attention import sdpa_kernel
 
     backend_name, layout_name = name.split("/")
-    backend = _sdpa_backends(False)[backend_name]
+    backend = sdpa_backends(False)[backend_name]
     fn = sdpa_layouts(query, key, value, group)[layout_name]
 
     def run():
@@ -158,7 +147,7 @@ def sdpa_times(query, key, value, group: int, smoke: bool) -> dict[str, float | 
     from torch.nn.attention import sdpa_kernel
 
     times: dict[str, float | str] = {}
-    for backend_name, backend in _sdpa_backends(smoke).items():
+    for backend_name, backend in sdpa_backends(smoke).items():
         for layout_name, fn in sdpa_layouts(query, key, value, group).items():
             name = f"{backend_name}/{layout_name}"
             try:

@@ -1,5 +1,5 @@
 """How `prefill.py` measures a call: its median time, the time and peak memory of one slow call, the peak memory of
-a call, and the same for each SDPA backend (the baseline). Smoke runs (the CPU, Triton's interpreter) make one call
+a call, and the same for each SDPA backend (the baseline; `sdpa_backends` is decode.py's list of them too). Smoke runs (the CPU, Triton's interpreter) make one call
 where a GPU run would time many, and record no memory.
 """
 
