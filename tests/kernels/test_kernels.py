@@ -218,16 +218,14 @@ def test_decode_kernel_rejects_options_of_the_other_path(options, head_dim, mess
 
 @requires_triton
 def test_short_kernel_dispatch_rule(monkeypatch):
-    """Asked for, or by default once SHORT_BY_DEFAULT is on (not yet: unmeasured on the GPU), the short kernel serves
-    n x dv <= 2^20 at d <= 128 unless split options are given; its own options ask for it."""
+    """By default (SHORT_BY_DEFAULT) the short kernel serves n x dv <= 2^19 at d <= 128 unless split options are
+    given; its own options ask for it, and without SHORT_BY_DEFAULT only they do."""
     from had_hf.kernels import decode_launch
     from had_hf.kernels.decode_launch import SHORT_MAX_KEY_VALUES, short_kernel_wanted
 
-    assert not decode_launch.SHORT_BY_DEFAULT and not short_kernel_wanted({}, 4096, 64, 64)
-    monkeypatch.setattr(decode_launch, "SHORT_BY_DEFAULT", True)
-    assert SHORT_MAX_KEY_VALUES == 16384 * 64
-    assert short_kernel_wanted({}, 16384, 64, 64) and not short_kernel_wanted({}, 16385, 64, 64)
-    assert short_kernel_wanted({}, 8192, 128, 128) and not short_kernel_wanted({}, 8193, 128, 128)
+    assert decode_launch.SHORT_BY_DEFAULT and SHORT_MAX_KEY_VALUES == 8192 * 64
+    assert short_kernel_wanted({}, 8192, 64, 64) and not short_kernel_wanted({}, 8193, 64, 64)
+    assert short_kernel_wanted({}, 4096, 128, 128) and not short_kernel_wanted({}, 4097, 128, 128)
     assert not short_kernel_wanted({}, 4096, 256, 64)  # d = 256: the three kernels
     # an option of one path asks for it (at its default it does not)
     assert not short_kernel_wanted(dict(num_splits=3), 4096, 64, 64)
@@ -236,6 +234,8 @@ def test_short_kernel_dispatch_rule(monkeypatch):
     assert short_kernel_wanted(dict(short_row_block=1), 65536, 64, 64)
     assert short_kernel_wanted(dict(short_kernel=True), 65536, 64, 64)
     assert not short_kernel_wanted(dict(short_kernel=False), 100, 64, 64)
+    monkeypatch.setattr(decode_launch, "SHORT_BY_DEFAULT", False)
+    assert not short_kernel_wanted({}, 4096, 64, 64) and short_kernel_wanted(dict(short_row_block=1), 4096, 64, 64)
 
 
 @requires_triton

@@ -185,25 +185,21 @@ def decode_launch(
 
 # The short-context kernel (`decode_short_kernel`): one program per (batch, kv head, row block) over all keys. Inside
 # each program its time grows with n: three passes over the packed keys (the first from memory, the next two from
-# L1/L2), then the gather of a row's ~0.117 n value rows, a few tiles in flight. The three-kernel path pays three
-# launches and two last-program reductions whatever n (a few us each), but spreads long rows over every
-# multiprocessor. The gather is the short kernel's largest serial part, its bytes n x dv: up to n x dv = 2^20
-# (16,384 keys at dv = 64, 8,192 at dv = 128; 8k-token contexts with a static cache's slack) a program gathers at
-# most ~1.9k rows of 128 B, or ~1k of 256 B (~245 KB), and reads <= 3 x 128 KB of packed keys, which should take
-# about what the three launches take at n = 16k (32 us at B8-H16-d64-n16k, `results/decode.json`).
-# `benchmarks/decode_variants.py` measures both paths from 2k to 32k keys. Until it has run on the GPU the short
-# kernel runs only when asked (`short_kernel=True` or one of its options): SHORT_BY_DEFAULT turns the bound on.
-SHORT_MAX_KEY_VALUES = 1 << 20
-SHORT_BY_DEFAULT = False
+# L1/L2), then the gather of a row's ~0.117 n value rows. The three-kernel path pays three launches and two
+# last-program reductions whatever n (a few us each), but spreads long rows over every multiprocessor. So the short
+# kernel serves calls up to n x dv = 2^19 (8,192 keys at dv = 64, 4,096 at dv = 128), where it is faster or level
+# with the three kernels (`benchmarks/results/decode_short*.json`), and the three kernels serve longer rows.
+SHORT_MAX_KEY_VALUES = 1 << 19
+SHORT_BY_DEFAULT = True
 # distances fit a byte code (0..d, 255 = masked) and the query in two 64-bit words up to d = 128
 SHORT_MAX_HEAD_DIM = 128
 # Rows of all programs together up to which each program takes one row (the most programs, each with the least work);
 # beyond, rows of a kv head share programs (their key passes and value rows loaded once).
 _SHORT_ROWS_PER_SM = 2
-# One program gathers all of its rows' value rows: Triton's pipeliner keeps GATHER_STAGES tiles of GATHER_BLOCK rows in
-# flight (the three-kernel path, with several programs per multiprocessor, prefetches one tile of 32 by hand)
+# One program gathers all of its rows' value rows, GATHER_BLOCK at a time: GATHER_STAGES = 0 issues the next tile's
+# loads by hand one iteration ahead (as the three-kernel path does), > 0 leaves it to Triton's pipeliner
 SHORT_GATHER_BLOCK = 64
-SHORT_GATHER_STAGES = 3
+SHORT_GATHER_STAGES = 0
 
 
 # The options of `hamming_topk_decode` that belong to one path, with their defaults: any other value asks for that path.

@@ -31,8 +31,8 @@ Loads are vectorized where Triton can see masks constant over 16 keys: the codes
 code up to a multiple of 64, the last two kernels run over whole, aligned splits, and from d = 64 on the keys are read
 as int64 words. The one-row selection works on (BLOCK_N / 8, 8) tiles, each thread's 8 keys contiguous.
 
-Short contexts (`decode_short_kernel`, asked for with `short_kernel=True`; by default only once
-`decode_launch.SHORT_BY_DEFAULT` is on, then where keys x value dim <= 2^20, 16k keys at dv = 64, and d <= 128): one
+Short contexts (`decode_short_kernel`; by default where keys x value dim <= 2^19, 8k keys at dv = 64, and d <= 128,
+see `decode_launch.SHORT_MAX_KEY_VALUES`; `short_kernel=True/False` forces the path): one
 launch, each program one (batch, kv head, row block) of 1, 2 or 4 query rows over all keys (one row per program unless
 that makes more than two programs per multiprocessor), so no split has to agree with another: no codes in memory, no
 tickets, no reductions between programs. The program streams the packed keys three times (L1/L2-resident after the
@@ -40,8 +40,8 @@ first): the coarse histogram and the smallest valid distance (the same packed co
 every 127 tiles), then the fine count of each row's coarse bin, from which it finds t and the tie quota in registers
 (`_coarse_bin` and `_threshold_step`, as the split-K kernels' last programs do), then the attend kernel's selection
 (dist < t, and the first `quota` ties in index order), which lists the kept keys with their codes (one row: the gather
-computes the weights) or the rows' weights. The gather of `decode_gather` follows, Triton's pipeliner keeping three
-tiles of 64 value rows in flight, as one program gathers all of its rows' values.
+computes the weights) or the rows' weights. The gather of `decode_gather` follows, 64 value rows at a time, the next
+tile's loads issued one iteration ahead.
 
 Grouped-query attention: the g query heads of a kv head (times the query positions) are the rows of one program, so
 the keys are read once per group, and a value row kept by any of them is loaded once.
@@ -175,8 +175,7 @@ def hamming_topk_decode(
             fewer registers, more programs in flight); defaults to 32 for the attend kernel and 64 for the short one.
         gather_stages (`int`, *optional*): the gather loop: 0 issues the next tile's loads by hand one iteration
             ahead; a positive number leaves the loop to Triton's pipeliner with that many stages (asynchronous copies
-            on the GPU, several tiles of value rows in flight). The same result. Defaults to 0 for the attend kernel
-            and 3 for the short one (one program gathers all of its rows' values).
+            on the GPU, several tiles of value rows in flight). The same result. Defaults to 0 for both kernels.
         attend_split_group (`int`, *optional*, defaults to 1): splits of the fine count per split of the attend
             kernel (a power of two): fewer, longer attend programs (fewer partial results for its last programs to reduce) while the
             first two kernels keep their splits.
@@ -186,9 +185,8 @@ def hamming_topk_decode(
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         short_kernel (`bool`, *optional*): run the short-context kernel (`True`) or the three-kernel path (`False`);
-            by default the path whose options are given, else the three-kernel path (with `SHORT_BY_DEFAULT` on, the
-            short kernel where keys x value dim is at most `SHORT_MAX_KEY_VALUES`, 2^20, and d <= 128;
-            `decode_launch.short_kernel_wanted`).
+            by default the path whose options are given, else the short kernel where keys x value dim is at most
+            `SHORT_MAX_KEY_VALUES` (2^19) and d <= 128, the three kernels beyond (`decode_launch.short_kernel_wanted`).
         short_row_block (`int`, *optional*): query rows per program of the short kernel (1, 2 or 4); by default one
             row per program unless that makes more than two programs per multiprocessor.
         short_num_warps (`int`, *optional*): warps per program of the short kernel (Triton's default when unset).
