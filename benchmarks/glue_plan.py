@@ -3,7 +3,7 @@ for with its steps, and their split into parts that each fit one device call.
 
 A part's wall time is estimated from the earlier rounds' timings (`estimate_seconds`: all of a part's runs start
 together on the GPU(s)); `slowest_seconds` gives the same runs at the slowest pace measured for one process, against
-a session's device time. `plan` (`python benchmarks/glue_defaults.py plan`) prints the parts; `run` starts one.
+a session's device time. Runs under the `compiled` lever count their steps at the measured compiled pace. `plan` (`python benchmarks/glue_defaults.py plan`) prints the parts; `run` starts one.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ CALL_BUDGET_S = 480.0  # of a device call's 9 minutes (the rest: the machine's s
 # a process's own pace sets a floor the crowding model above misses for a few long runs: the slowest measured
 # (results/glue_full_schedule.json, 2 runs of the defaults at once) was 13.8 steps/s; a session lends 30 device minutes
 SLOWEST_STEPS_PER_S, SESSION_S = 13.8, 1800.0
+# a distillation step under the `compiled` lever takes 1 / COMPILED_STEP_SPEEDUP of an eager one, after COMPILE_S of
+# compiling the four stages' graphs (results/distill_step_cuda_compile.json: one process alone on the H200, batch
+# 32 x 128, the stages' first steps; runs side by side unmeasured)
+COMPILED_STEP_SPEEDUP, COMPILE_S = 2.15, 165.0
 
 
 def run_steps(variant: str, task: str, max_steps: int) -> int:
@@ -56,6 +60,11 @@ def run_steps(variant: str, task: str, max_steps: int) -> int:
     return max_steps
 
 
+def paced_steps(variant: str, steps: int) -> float:
+    """A run's steps in eager steps' time: fewer under the `compiled` lever."""
+    return steps / COMPILED_STEP_SPEEDUP if "compiled" in variant.split("+") else float(steps)
+
+
 def estimate_seconds(runs: list[dict], gpus: int = 1) -> float:
     """The wall time of `runs` started together on `gpus` H200s (each GPU takes its share), from the earlier rounds'
     timings: per GPU, (BASE_S + PER_RUN_S * runs) scaled by the longest run's steps / 5,000, plus SST-2's teacher
@@ -63,16 +72,21 @@ def estimate_seconds(runs: list[dict], gpus: int = 1) -> float:
     if not runs:
         return 0.0
     per_gpu = -(-len(runs) // max(gpus, 1))
-    longest = max(run["steps"] for run in runs)
+    longest = max(run.get("paced_steps", run["steps"]) for run in runs)
     teacher = SST2_TEACHER_S if any(run["task"] == "sst2" for run in runs) else 0.0
     crowded = CROWDED_RUN_S * max(0, per_gpu - UNCROWDED_RUNS)
-    return STARTUP_S + teacher + (BASE_S + PER_RUN_S * per_gpu + crowded) * longest / 5000
+    return STARTUP_S + teacher + _compiling(runs) + (BASE_S + PER_RUN_S * per_gpu + crowded) * longest / 5000
 
 
 def slowest_seconds(runs: list[dict]) -> float:
     """The wall time of `runs` started together if each went at the slowest pace measured for one process."""
     teacher = SST2_TEACHER_S if any(run["task"] == "sst2" for run in runs) else 0.0
-    return STARTUP_S + teacher + max((run["steps"] for run in runs), default=0) / SLOWEST_STEPS_PER_S
+    longest = max((run.get("paced_steps", run["steps"]) for run in runs), default=0)
+    return STARTUP_S + teacher + _compiling(runs) + longest / SLOWEST_STEPS_PER_S
+
+
+def _compiling(runs: list[dict]) -> float:
+    return COMPILE_S if any("compiled" in run.get("variant", "").split("+") for run in runs) else 0.0
 
 
 def planned_runs(args) -> list[dict]:
@@ -85,9 +99,15 @@ def planned_runs(args) -> list[dict]:
             lever_flags(variant, task, LEVERS)  # an unknown lever fails here, before anything starts
             for seed in map(int, args.seeds.split(",")):
                 steps = 8 if args.smoke else run_steps(variant, task, args.max_steps)
-                runs.append({"name": f"{task}_{variant}_seed{seed}", "task": task, "variant": variant,
-                             "seed": seed, "steps": steps})  # fmt: skip
+                runs.append({"name": run_name(task, variant, seed), "task": task, "variant": variant,
+                             "seed": seed, "steps": steps, "paced_steps": paced_steps(variant, steps)})  # fmt: skip
     return runs
+
+
+def run_name(task: str, variant: str, seed: int) -> str:
+    """A run's name, also the stem of its files: letters, digits, '.', '_' and '-' only (the GPU machine returns no
+    other file names), so a combination of levers `a+b` is named `a-b`."""
+    return f"{task}_{variant.replace('+', '-')}_seed{seed}"
 
 
 def split_parts(runs: list[dict], parts: int) -> list[list[dict]]:

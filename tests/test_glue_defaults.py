@@ -3,6 +3,7 @@ the collected file."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from argparse import Namespace
@@ -18,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench():
     return load_script(REPO / "benchmarks" / "glue_defaults.py", "glue_defaults")
+
+
+@pytest.fixture(scope="module")
+def glue_runs():
+    return load_script(REPO / "benchmarks" / "glue_runs.py", "glue_runs")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +64,46 @@ def test_the_estimate_reproduces_the_earlier_rounds_timings(glue_plan):
             measured = max(run["wall_time_s"] for run in runs)
             planned = [{"task": run["task"], "steps": steps} for run in runs]
             assert abs(glue_plan.estimate_seconds(planned) - measured) <= 0.2 * measured, (name, folder)
+
+
+def test_run_names_are_file_names_the_gpu_machine_returns(glue_plan):
+    runs = glue_plan.planned_runs(_selection(variants="defaults,full_schedule+compiled,clip2+recalibrate", seeds="42"))
+    names = {run["name"] for run in runs}
+    assert "sst2_full_schedule-compiled_seed42" in names and "rte_clip2-recalibrate_seed42" in names
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in names)
+    assert {run["variant"] for run in runs} == {"defaults", "full_schedule+compiled", "clip2+recalibrate"}
+    # a compiled run's steps count at the measured compiled pace in both estimates
+    compiled = [run for run in runs if run["name"] == "sst2_full_schedule-compiled_seed42"]
+    eager = [{**compiled[0], "variant": "full_schedule", "paced_steps": 29209.0}]
+    assert compiled[0]["paced_steps"] == pytest.approx(29209 / glue_plan.COMPILED_STEP_SPEEDUP)
+    for estimate in (glue_plan.estimate_seconds, glue_plan.slowest_seconds):
+        assert estimate(compiled) < estimate(eager)
+
+
+def test_the_runs_import_this_checkouts_had_hf_without_an_install(glue_runs, monkeypatch, tmp_path):
+    env = glue_runs.recipe_environment()
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(REPO / "src"), str(REPO)]
+    clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    where = "import had_hf, recipes.common; print(had_hf.__file__)"
+    # from a folder where nothing of the checkout is importable by itself
+    found = subprocess.run([sys.executable, "-c", where], env={**clean, "PYTHONPATH": env["PYTHONPATH"]},
+                           cwd="/", capture_output=True, text=True, check=True)  # fmt: skip
+    assert Path(found.stdout.strip()).resolve() == (REPO / "src" / "had_hf" / "__init__.py").resolve()
+    glue_runs.check_recipe_imports(env)
+    # a checkout without the recipes (and with nothing on PYTHONPATH) fails before any run starts, with the error
+    monkeypatch.setattr(glue_runs, "REPO", tmp_path)
+    with pytest.raises(SystemExit, match="No module named 'recipes'"):
+        glue_runs.check_recipe_imports({**clean, "PYTHONPATH": str(tmp_path)})
+
+
+def test_watch_start_fails_with_the_log_of_a_run_that_exited(glue_runs, tmp_path):
+    (tmp_path / "a.log").write_text("... ModuleNotFoundError: No module named 'had_hf'\n")
+    (tmp_path / "a.exit").write_text("1")
+    with pytest.raises(SystemExit, match="No module named 'had_hf'"):
+        glue_runs.watch_start(tmp_path, ["a", "b"], seconds=5)
+    (tmp_path / "a.exit").write_text("0")
+    (tmp_path / "b.exit").write_text("0")
+    glue_runs.watch_start(tmp_path, ["a", "b"], seconds=5)  # all ended well: returns at once
 
 
 def test_a_lever_sets_its_flags_and_a_run_holds_out_part_of_its_training_split(bench, glue_plan):
