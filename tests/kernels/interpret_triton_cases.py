@@ -291,9 +291,10 @@ class _EagerOps(TorchDispatchMode):
 def test_decode_op_path_runs_no_pytorch_kernels(monkeypatch, short_kernel: bool, rule, masked: bool):
     """One decode call of the op's CUDA path (`had_hf.kernels._decode`, which `triton_kernel_for` returns for decode
     shapes) at a generation step of a static packed cache (the projection's transposed queries, the whole key and bf16
-    value buffers, a (B, 1, 1, n) mask) runs, besides its Triton launches, only views and allocations: no PyTorch kernel, which an
-    opaque custom op would run eagerly inside a compiled step. The scratch is allocated afresh, as under CUDA-graph
-    capture; the three-kernel path then zeroes its tickets, the one PyTorch kernel it keeps (a memset in the graph)."""
+    value buffers, a (B, 1, 1, n) mask) runs, besides its Triton launches, only views and allocations: no PyTorch
+    kernel, which the opaque custom op would run eagerly inside a compiled step. The scratch is allocated afresh, as
+    under CUDA-graph capture; the three-kernel path then zeroes its tickets, the one PyTorch kernel it keeps (a memset
+    in the graph)."""
     from triton.runtime import interpreter
 
     from had_hf.kernels import _decode, decode_launch

@@ -231,6 +231,7 @@ def _load_split_tile(ptr, grow, row_ok, first, num_splits, WIDTH: tl.constexpr, 
 
 
 # Integers that change at every decode step (or with the model's N rule) and only bound loops or enter arithmetic: not
-# specialized, so that their divisibility by 16 changing from one step to the next compiles nothing. Everything that enters an address (the row stride of the codes
-# is padded to a multiple of 64 for this) stays specialized: Triton vectorizes loads only when it knows alignment.
+# specialized, so that their divisibility by 16 changing from one step to the next compiles nothing. Everything that
+# enters an address (the row stride of the codes is padded to a multiple of 64 for this) stays specialized: Triton
+# vectorizes loads only when it knows alignment.
 _PER_STEP = ("n_keys", "top_n", "top_n_ratio_bits")

@@ -26,7 +26,7 @@ reduces what the splits wrote, a tile of splits per load (`decode_split_k`). Sho
 
 Each row's N comes from its count of valid keys, the total of its coarse histogram, by the rule of
 `had_hf.selection.kept_counts` (`decode_split_k._kept_count`; the ratio rule in float64): a call runs no PyTorch
-kernel before its launches (an opaque custom op inside a compiled step would run them eagerly, a few us each).
+kernel before its launches (inside a compiled step the custom op is opaque: such kernels would run eagerly there).
 
 The histograms are counted in registers: each lane adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most
 127 iterations per program), so no cross-thread work happens per key. The loops keep every (R, BLOCK_N) tensor in one
