@@ -350,7 +350,7 @@ def test_short_kernel_selects_exactly(case: Case, row_block: int):
 @pytest.mark.parametrize("case", [SHORT_CASES[2], SHORT_CASES[10], SHORT_CASES[12]], ids=lambda case: case.id)
 def test_short_kernel_equals_the_three_kernel_path(case: Case):
     """The same kept keys as the split-K path and the same outputs up to the order of the sums; with no option the
-    dispatcher picks the short kernel at these short contexts (`decode_launch.SHORT_BY_DEFAULT`)."""
+    dispatcher picks the short kernel at these lengths."""
     query, key, value, valid = make_inputs(case, seed=8)
     args = (query, pack_sign_bits(key), value, valid, case.top_n, case.alpha)
     short, short_keep = hamming_topk_decode(*args, short_kernel=True, return_keep=True)
@@ -360,10 +360,9 @@ def test_short_kernel_equals_the_three_kernel_path(case: Case):
     default, default_keep = hamming_topk_decode(*args, return_keep=True)
     assert torch.equal(default_keep, short_keep)
     assert torch.equal(default, short)
-    assert torch.equal(hamming_topk_decode(*args, short_kernel=False, return_keep=True)[1], split_keep)
     assert torch.equal(hamming_topk_decode(*args, num_splits=3), split)
-    # the gather pipelined by Triton or prefetched by hand: the same tiles in the same order
-    assert torch.equal(hamming_topk_decode(*args, short_kernel=True, gather_stages=0), short)
+    # the gather prefetched by hand (the default) or pipelined by Triton: the same tiles in the same order
+    assert torch.equal(hamming_topk_decode(*args, short_kernel=True, gather_stages=3), short)
 
 
 def test_short_kernel_counts_past_the_packed_counter_limit():
