@@ -18,8 +18,18 @@ import torch
 import torch.nn.functional as F
 
 
+def check_top_n_rule(top_n: int | None, top_n_ratio: float | None) -> None:
+    """Raises `ValueError` unless exactly one of `top_n` and `top_n_ratio` is given."""
+    if (top_n is None) == (top_n_ratio is None):
+        raise ValueError(f"Give exactly one of top_n and top_n_ratio, got top_n={top_n}, top_n_ratio={top_n_ratio}.")
+
+
 def kept_counts(valid_counts: torch.Tensor, top_n: int | None, top_n_ratio: float | None) -> torch.Tensor:
     """N of each row from its number of valid keys: `min(top_n, v)` or `min(max(1, ceil(ratio * v)), v)`.
+
+    This is the rule. The decode kernels count each row's valid keys themselves and apply it in Triton
+    (`had_hf.kernels.decode_split_k._kept_count`, the same float64 product and ceil), so that a decode step launches
+    nothing but its kernels; tests hold that copy equal to this function.
 
     Args:
         valid_counts (`torch.Tensor`): integer tensor of per-row valid-key counts v, any shape.
@@ -29,8 +39,7 @@ def kept_counts(valid_counts: torch.Tensor, top_n: int | None, top_n_ratio: floa
     Returns:
         `torch.Tensor`: int32 tensor shaped like `valid_counts`.
     """
-    if (top_n is None) == (top_n_ratio is None):
-        raise ValueError(f"Give exactly one of top_n and top_n_ratio, got top_n={top_n}, top_n_ratio={top_n_ratio}.")
+    check_top_n_rule(top_n, top_n_ratio)
     counts = valid_counts.to(torch.int32)
     if top_n is not None:
         wanted = torch.full_like(counts, top_n)

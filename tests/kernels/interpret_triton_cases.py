@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
@@ -20,8 +21,9 @@ pytest.importorskip("triton")
 
 from kernel_helpers import SELECTION_CASES, Case, check_triton_decode, loop_reference, make_inputs  # noqa: E402
 
-from had_hf.kernels import pack_sign_bits  # noqa: E402
+from had_hf.kernels import pack_sign_bits, reference_hamming_topk_attention  # noqa: E402
 from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits  # noqa: E402
+from had_hf.selection import kept_counts  # noqa: E402
 
 
 @pytest.mark.parametrize("dim", [32, 64, 128, 256])
@@ -214,19 +216,111 @@ def test_decode_kernel_reads_int32_words_it_cannot_view_as_int64():
 
 @pytest.mark.parametrize("case", [SELECTION_CASES[2], SELECTION_CASES[4], SELECTION_CASES[6]], ids=lambda c: c.id)
 @pytest.mark.parametrize("short_kernel", [False, True], ids=["three-kernels", "short"])
-def test_decode_kernel_takes_each_rows_n(case: Case, short_kernel: bool):
-    """The ratio rule's N per row (its valid keys counted), handed to the kernel as a tensor."""
-    from had_hf.selection import kept_counts
-
+@pytest.mark.parametrize("ratio", [0.3, 0.1])
+def test_decode_kernel_applies_the_ratio_rule(case: Case, short_kernel: bool, ratio: float):
+    """The ratio rule's N per row, counted and computed by the kernels: the float64 loop's kept keys given the N of
+    `kept_counts` (the rule) for each row's valid keys."""
     query, key, value, valid = make_inputs(case, seed=5)
     counts = torch.full((1, 1, case.query_len), case.num_keys) if valid is None else valid.sum(-1)
-    rows_n = kept_counts(counts, None, 0.3)
+    rows_n = kept_counts(counts, None, ratio)
     expected, expected_keep = loop_reference(query, key, value, valid, rows_n, case.alpha)
-    out, keep = hamming_topk_decode(
-        query, pack_sign_bits(key), value, valid, rows_n, case.alpha, short_kernel=short_kernel, return_keep=True
-    )
+    out, keep = hamming_topk_decode(query, pack_sign_bits(key), value, valid, None, case.alpha, top_n_ratio=ratio,
+                                    short_kernel=short_kernel, return_keep=True)  # fmt: skip
     assert torch.equal(keep, expected_keep)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+# Ratios whose float64 product lands just above an integer for some counts (0.1 * 30 = 3.0000000000000004: N = 4, where
+# a float32 product gives 3), the generation benchmarks' 0.117, 1/3, the ends of (0, 1], and random ones
+KEPT_COUNT_RATIOS = [0.1, 0.117, 0.3, 1 / 3, 0.7, 0.9, 1.0, 2**-30, 1 - 2**-53, 0.123456789]
+
+
+def test_kernels_kept_count_equals_the_rule():
+    """The kernels' copy of the N rule (`decode_split_k._kept_count`) gives `kept_counts`' N for every count up to
+    2^17 and some up to 2^31 - 1, for fixed N and ratios (float64 ceil exactness included)."""
+    from kept_count_kernel import kernel_kept_counts
+
+    counts = torch.cat([torch.arange(1 << 17), torch.tensor([2**24 + 1, 2**30 + 3, 2**31 - 1])]).to(torch.int32)
+    ratios = (
+        KEPT_COUNT_RATIOS + torch.rand(20, generator=torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    )
+    for ratio in ratios:
+        assert torch.equal(kernel_kept_counts(counts, None, ratio), kept_counts(counts, None, ratio)), ratio
+    for top_n in (1, 37, 5000, 2**31 - 1):
+        assert torch.equal(kernel_kept_counts(counts, top_n, None), kept_counts(counts, top_n, None)), top_n
+    # the counts tell a float32 rule apart from the rule
+    float32_rule = torch.ceil(counts.float() * torch.tensor(0.1)).to(torch.int32).clamp(min=1).minimum(counts)
+    assert not torch.equal(float32_rule, kept_counts(counts, None, 0.1))
+
+
+class _EagerOps(TorchDispatchMode):
+    """Records the PyTorch ops run outside the Triton launches (the interpreter's own copies of the launch arguments
+    are left out), and the launched kernels' names."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[torch._ops.OpOverload] = []
+        self.launched: list[str] = []
+        self.in_launch = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_launch:
+            self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def recording_launches(self, grid_call):
+        def recorded(executor, *args, **kwargs):
+            self.launched.append(executor.fn.__name__)
+            self.in_launch += 1
+            try:
+                return grid_call(executor, *args, **kwargs)
+            finally:
+                self.in_launch -= 1
+
+        return recorded
+
+    def kernel_ops(self) -> list[str]:
+        """The recorded ops that launch a GPU kernel: all but views (no data touched) and allocations."""
+        allocations = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default)
+        return [str(op) for op in self.ops if not (op.is_view or op in allocations)]
+
+
+@pytest.mark.parametrize("short_kernel", [True, False], ids=["short", "three-kernels"])
+@pytest.mark.parametrize("rule", [(None, 0.117), (20, None)], ids=["ratio", "fixed"])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+def test_decode_op_path_runs_no_pytorch_kernels(monkeypatch, short_kernel: bool, rule, masked: bool):
+    """One decode call of the op's CUDA path (`had_hf.kernels._decode`, which `triton_kernel_for` returns for decode
+    shapes) at a generation step of a static packed cache (the projection's transposed queries, the whole key and bf16
+    value buffers, a (B, 1, 1, n) mask) runs, besides its Triton launches, only views and allocations: no PyTorch
+    kernel, which the opaque custom op would run eagerly inside a compiled step. The scratch is allocated afresh, as
+    under CUDA-graph capture; the three-kernel path then zeroes its tickets, the one PyTorch kernel it keeps (a memset
+    in the graph)."""
+    from triton.runtime import interpreter
+
+    from had_hf.kernels import _decode, decode_launch
+    from had_hf.kernels.decode_launch import _Workspace
+
+    monkeypatch.setattr(decode_launch, "SHORT_BY_DEFAULT", short_kernel)
+    monkeypatch.setattr(_Workspace, "get", classmethod(lambda cls, device: cls(device)))
+    batch, num_heads, num_kv_heads, n_keys, dim = 2, 8, 2, 200, 64
+    generator = torch.Generator().manual_seed(4)
+    # float32 queries: the interpreter misreads bf16 ones (their signs)
+    query = torch.randn(batch, 1, num_heads, dim, generator=generator).transpose(1, 2)
+    key_words = pack_sign_bits(torch.randn(batch, num_kv_heads, n_keys, dim, generator=generator))
+    value = torch.randn(batch, num_kv_heads, n_keys, dim, generator=generator).bfloat16()
+    filled = torch.arange(n_keys) < torch.tensor([150, 170])[:, None]  # the cache's written slots
+    mask = filled[:, None, None, :] if masked else None
+    top_n, ratio = rule
+    recorder = _EagerOps()
+    executor = interpreter.GridExecutor
+    monkeypatch.setattr(executor, "__call__", recorder.recording_launches(executor.__call__))
+    with recorder:
+        out = _decode(query, key_words, value, mask, False, top_n, ratio, 0.2)
+    split_k = ["_distance_kernel", "_fine_count_kernel", "_attend_kernel"]
+    assert recorder.launched == (["_short_decode_kernel"] if short_kernel else split_k)
+    assert recorder.kernel_ops() == ([] if short_kernel else ["aten.zeros.default"]), recorder.ops
+    expected = reference_hamming_topk_attention(query, key_words, value, mask, top_n, 0.2, top_n_ratio=ratio)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -518,6 +518,58 @@ def test_gpu_op_runs_the_kernel_and_keeps_the_references_outputs(case: Case):
     torch.library.opcheck(op.default, (query, key, value, valid, None, False, None, 0.3, case.alpha))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+def test_gpu_kernels_kept_count_equals_the_rule():
+    """The decode kernels' copy of the N rule, compiled for the GPU, gives `kept_counts`' N (on the GPU and on the CPU)
+    for every count up to 2^20 and ratios whose float64 product lands just above an integer."""
+    from kept_count_kernel import kernel_kept_counts
+
+    from had_hf.selection import kept_counts
+
+    counts = torch.cat([torch.arange(1 << 20), torch.tensor([2**30 + 3, 2**31 - 1])]).to(torch.int32)
+    ratios = [0.1, 0.117, 0.3, 1 / 3, 0.7, 1.0, 2**-30, 1 - 2**-53]
+    ratios += torch.rand(10, generator=torch.Generator().manual_seed(1), dtype=torch.float64).tolist()
+    for ratio in ratios:
+        expected = kept_counts(counts, None, ratio)
+        assert torch.equal(kept_counts(counts.cuda(), None, ratio).cpu(), expected), ratio
+        assert torch.equal(kernel_kept_counts(counts.cuda(), None, ratio).cpu(), expected), ratio
+    for top_n in (1, 5000):
+        assert torch.equal(kernel_kept_counts(counts.cuda(), top_n, None).cpu(), kept_counts(counts, top_n, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("n_keys", [4096, 16384], ids=["short", "three-kernels"])
+def test_gpu_decode_op_launches_only_its_kernels(n_keys: int):
+    """A decode step of the op on CUDA at the generation shape (bf16, the whole static-cache buffers, a (B, 1, 1, n)
+    mask, N = ceil(0.117 v)) launches its Triton kernels and nothing else (no PyTorch kernel: inside a compiled step
+    the opaque op would run them eagerly), and keeps the reference's output."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    batch, num_heads, num_kv_heads, dim = 1, 32, 8, 64
+    query = torch.randn(batch, 1, num_heads, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    query = query.transpose(1, 2)  # as the projection hands it over
+    key_words = pack_sign_bits(torch.randn(batch, num_kv_heads, n_keys, dim, device="cuda", generator=generator))
+    value = torch.randn(batch, num_kv_heads, n_keys, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    mask = (torch.arange(n_keys, device="cuda") < n_keys - 100)[None, None, None, :]
+    args = (query, key_words, value, mask, None, False, None, 0.117, 0.02)
+    op = torch.ops.had.hamming_topk_attention
+    out = op(*args)  # compiles the kernels and allocates the scratch
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        op(*args)
+        torch.cuda.synchronize()
+    kernels = {event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA}
+    expected = (
+        {"_short_decode_kernel"} if n_keys <= 8192 else {"_distance_kernel", "_fine_count_kernel", "_attend_kernel"}
+    )
+    assert kernels == expected
+    reference = reference_hamming_topk_attention(query, key_words, value.double(), mask, None, 0.02, top_n_ratio=0.117)
+    assert _relative_error(out, reference) < 1e-2
+
+
 @requires_triton
 @pytest.mark.parametrize(
     ("n_keys", "rows_per_group", "kv_groups", "sms"),

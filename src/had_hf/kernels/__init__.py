@@ -143,9 +143,6 @@ def _decode(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> to
     if is_causal and query_len > 1:
         causal = causal_valid(query_len, key_len, query.device)
         mask = causal if mask is None else mask & causal
-    if top_n_ratio is None:
-        rows_n = top_n  # the kernel keeps min(N, valid keys) of each row itself
-    else:
-        rows_n = kept_counts(_row_counts(mask, False, query_len, key_len, query.device), top_n, top_n_ratio)
     key_words = pack_signs(key) if key.is_floating_point() else as_int32_words(key)
-    return hamming_topk_decode(query, key_words, value, mask, rows_n, alpha)
+    # each program counts its rows' valid keys and applies the N rule itself: no PyTorch work before the launch
+    return hamming_topk_decode(query, key_words, value, mask, top_n, alpha, top_n_ratio=top_n_ratio)

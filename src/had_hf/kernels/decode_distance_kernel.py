@@ -12,6 +12,7 @@ from .decode_split_k import (
     _batch_and_kv_head,
     _coarse_bin,
     _hamming,
+    _kept_count,
     _key_words,
     _last_split,
     _load_split_tile,
@@ -52,10 +53,7 @@ def _distance_kernel(
     n_keys,
     code_stride,
     top_n,
-    n_keep_ptr,
-    stride_nb,
-    stride_nh,
-    stride_ni,
+    top_n_ratio_bits,
     rows_per_group,
     query_len,
     group,
@@ -83,7 +81,7 @@ def _distance_kernel(
     USE_POPC: tl.constexpr,
     INVALID_CODE: tl.constexpr,
     S_BLOCK: tl.constexpr,
-    PER_ROW_N: tl.constexpr,
+    RATIO: tl.constexpr,
 ):
     b, hk = _batch_and_kv_head(num_kv_heads)
     row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
@@ -163,10 +161,8 @@ def _distance_kernel(
             tile = tl.where(is_min, tl.minimum(tile, split_counts), tile + split_counts)
         total = tl.where(bins[None, :] < 9, tl.sum(tile, axis=1), 0)
         smallest_row = tl.min(tl.where(bins[None, :] == 15, tl.min(tile, axis=1), D + 1), axis=1)
-        wanted = top_n
-        if PER_ROW_N:  # N of each row given by the caller (the ratio rule counts each row's valid keys)
-            wanted = tl.load(n_keep_ptr + b * stride_nb + head * stride_nh + qi * stride_ni, mask=row_ok, other=0)
-        num_kept = tl.minimum(tl.sum(total, axis=1), wanted)
+        # N of each row from its count of valid keys (the splits' histograms' total)
+        num_kept = _kept_count(tl.sum(total, axis=1), top_n, top_n_ratio_bits, RATIO)
         coarse_bin, below = _coarse_bin(total, num_kept)
         tl.store(stats_ptr + grow * 8, coarse_bin, mask=row_ok)
         tl.store(stats_ptr + grow * 8 + 1, below, mask=row_ok)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode_split_k import MAX_ITERATIONS
-from .triton_common import _cdiv, _next_power_of_2
+from .triton_common import _cdiv, _float64_bits, _next_power_of_2
 
 
 def _splits(n_keys: int, num_splits: int) -> tuple[int, int]:
@@ -36,6 +36,14 @@ def _as_int64_words(words: torch.Tensor) -> torch.Tensor:
         return words.view(torch.int64)
     except RuntimeError:  # an odd stride or offset in int32 units
         return words.clone(memory_format=torch.contiguous_format).view(torch.int64)
+
+
+def _kept_count_args(top_n: int | None, top_n_ratio: float | None, n_keys: int) -> tuple[int, int]:
+    """The decode kernels' `top_n` and `top_n_ratio_bits` arguments, from which each program finds its rows' N
+    (`decode_split_k._kept_count`): one of them is used, the other 0."""
+    if top_n_ratio is not None:
+        return 0, _float64_bits(float(top_n_ratio))
+    return min(top_n, n_keys), 0
 
 
 class _Workspace:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .decode_launch import ShortLaunch, _as_int64_words, _Workspace
+from .decode_launch import ShortLaunch, _as_int64_words, _kept_count_args, _Workspace
 from .decode_short_kernel import _short_decode_kernel
 from .decode_split_k import MAX_ITERATIONS
 from .triton_common import _cdiv, _interpreting, _on_device
@@ -18,7 +18,8 @@ def short_decode(
     key_words: torch.Tensor,
     value: torch.Tensor,
     valid_mask: torch.Tensor | None,
-    top_n: int | torch.Tensor,
+    top_n: int | None,
+    top_n_ratio: float | None,
     alpha: float,
     launch: ShortLaunch,
     gather_block: int,
@@ -53,12 +54,6 @@ def short_decode(
     else:
         mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
         mask_strides = mask_arg.stride()
-    per_row_n = isinstance(top_n, torch.Tensor)
-    if per_row_n:
-        n_keep = top_n.to(device=device, dtype=torch.int32).expand(batch, num_heads, query_len)
-        n_keep_args = (n_keep, *n_keep.stride())
-    else:
-        n_keep_args = (list_index, 0, 0, 0)
     # from d = 64 on, the keys are read as int64 words: one load per key for d = 64
     word_bits = 64 if dim >= 64 else 32
     kernel_words = _as_int64_words(key_words) if word_bits == 64 else key_words
@@ -76,8 +71,7 @@ def short_decode(
             keep_rows,
             n_keys,
             list_stride,
-            0 if per_row_n else min(top_n, n_keys),
-            *n_keep_args,
+            *_kept_count_args(top_n, top_n_ratio, n_keys),
             rows_per_group,
             query_len,
             group,
@@ -109,7 +103,7 @@ def short_decode(
             ROW_FMA=r_block == 1,
             WRITE_KEEP=return_keep,
             GATHER_STAGES=gather_stages,
-            PER_ROW_N=per_row_n,
+            RATIO=top_n_ratio is not None,
             **options,
         )
     if not return_keep:

@@ -16,12 +16,14 @@ import triton.language as tl
 from .decode_attend_kernel import _row_keep, _row_scalar, _store_row_weights
 from .decode_gather import _gather_listed_rows, _new_sums
 from .decode_split_k import (
+    _PER_STEP,
     _add_coarse,
     _add_fine,
     _batch_and_kv_head,
     _coarse_bin,
     _fine_fields,
     _hamming,
+    _kept_count,
     _key_words,
     _place_fields,
     _program_rows,
@@ -112,7 +114,7 @@ def _select_row(q0, q1, k0, k1, mask_row, offs_n, row_end, thr, quota, seen, ran
     return code, keep, seen
 
 
-@triton.jit(do_not_specialize=("n_keys", "top_n"))
+@triton.jit(do_not_specialize=_PER_STEP)
 def _short_decode_kernel(
     q_ptr,
     k_ptr,
@@ -126,10 +128,7 @@ def _short_decode_kernel(
     n_keys,
     list_stride,
     top_n,
-    n_keep_ptr,
-    stride_nb,
-    stride_nh,
-    stride_ni,
+    top_n_ratio_bits,
     rows_per_group,
     query_len,
     group,
@@ -174,7 +173,7 @@ def _short_decode_kernel(
     ROW_FMA: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
     GATHER_STAGES: tl.constexpr,
-    PER_ROW_N: tl.constexpr,
+    RATIO: tl.constexpr,
 ):
     b, hk = _batch_and_kv_head(num_kv_heads)
     r_local = tl.arange(0, R_BLOCK)
@@ -196,10 +195,8 @@ def _short_decode_kernel(
     coarse, smallest = _rows_histograms(q0, q1, k_base, mask_ptr + mask_rows[:, None], row_ok, 0, n_keys, stride_kn,
                                         stride_kw, stride_mn, D, W, R_BLOCK, COUNT_N, HAS_MASK, USE_POPC,
                                         INVALID_CODE, CHUNK_TILES, False)  # fmt: skip
-    wanted = top_n
-    if PER_ROW_N:  # N of each row given by the caller (the ratio rule counts each row's valid keys)
-        wanted = tl.load(n_keep_ptr + b * stride_nb + head * stride_nh + qi * stride_ni, mask=row_ok, other=0)
-    num_kept = tl.minimum(tl.sum(coarse, axis=1), wanted)
+    # N of each row from its count of valid keys (the histogram's total)
+    num_kept = _kept_count(tl.sum(coarse, axis=1), top_n, top_n_ratio_bits, RATIO)
     coarse_bin, below = _coarse_bin(coarse, num_kept)
     low = coarse_bin * (D // 8)
     fine, _ = _rows_histograms(q0, q1, k_base, mask_ptr + mask_rows[:, None], row_ok, low, n_keys, stride_kn,

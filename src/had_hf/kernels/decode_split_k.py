@@ -77,6 +77,22 @@ def _coarse_bin(total, num_kept):
 
 
 @triton.jit
+def _kept_count(valid_count, top_n, top_n_ratio_bits, RATIO: tl.constexpr):
+    """N of rows with `valid_count` valid keys, by the rule of `had_hf.selection.kept_counts` (the rule itself; this is
+    its copy for the kernels, tested equal to it): `min(top_n, v)`, or with RATIO `min(max(1, ceil(ratio * v)), v)`,
+    the product and ceil in float64 as there. The ratio comes as the int64 bits of its float64 (`_float64_bits`):
+    Triton would pass a Python float as float32."""
+    if RATIO:
+        ratio = top_n_ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        valid = valid_count.to(tl.float64)
+        # clamped to v before the conversion, which then cannot overflow whatever the ratio
+        wanted = tl.maximum(tl.minimum(tl.ceil(valid * ratio), valid).to(tl.int32), 1)
+    else:
+        wanted = top_n
+    return tl.minimum(wanted, valid_count)
+
+
+@triton.jit
 def _threshold_step(total, needed, FINE: tl.constexpr):
     """From the rows' (R, FINE) histograms of their coarse bin's distances and the `needed` keys still to keep in it:
     the step of the threshold t in the bin (the smallest with count(dist <= t) >= needed), the tie quota
@@ -214,7 +230,8 @@ def _load_split_tile(ptr, grow, row_ok, first, num_splits, WIDTH: tl.constexpr, 
     return records, at, ok
 
 
-# Integers that change at every decode step and only bound loops: not specialized, so that their divisibility by 16
-# changing from one step to the next compiles nothing. Everything that enters an address (the row stride of the codes
-# is padded to a multiple of 64 for this) stays specialized: Triton vectorizes loads only when it knows alignment.
-_PER_STEP = ("n_keys", "top_n")
+# Integers that change at every decode step (or with the model's N rule) and only bound loops or enter arithmetic: not
+# specialized, so that their divisibility by 16 changing from one step to the next compiles nothing. Everything that
+# enters an address (the row stride of the codes is padded to a multiple of 64 for this) stays specialized: Triton
+# vectorizes loads only when it knows alignment.
+_PER_STEP = ("n_keys", "top_n", "top_n_ratio_bits")

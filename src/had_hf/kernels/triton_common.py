@@ -1,10 +1,11 @@
-"""What the Triton kernels share: the interpreter switch, the launch device, popcount and host integer helpers."""
+"""What the Triton kernels share: the interpreter switch, the launch device, popcount and host number helpers."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import struct
 
 import torch
 import triton
@@ -58,6 +59,12 @@ def _splits(n_keys: int, num_splits: int) -> tuple[int, int]:
     """At most `num_splits` splits of whole 64-key blocks over n keys: their number and length."""
     split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
     return _cdiv(n_keys, split_len), split_len
+
+
+def _float64_bits(x: float) -> int:
+    """The bits of `x` as a float64, as a signed int64 value: how a kernel takes a float it must use in float64 (Triton
+    passes Python floats as float32; the kernel bit-casts the int64 back)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 def _next_power_of_2(x: int) -> int:

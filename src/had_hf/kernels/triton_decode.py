@@ -24,6 +24,10 @@ reduces what the splits wrote, a tile of splits per load (`decode_split_k`). Sho
    their weighted sum, the next tile's rows in flight while a tile is accumulated (`decode_gather`: by hand, or by
    Triton's pipeliner). The last program sums the splits' partial numerators and denominators into the output.
 
+Each row's N comes from its count of valid keys, the total of its coarse histogram, by the rule of
+`had_hf.selection.kept_counts` (`decode_split_k._kept_count`; the ratio rule in float64): a call runs no PyTorch
+kernel before its launches (inside a compiled step the custom op is opaque: such kernels would run eagerly there).
+
 The histograms are counted in registers: each lane adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most
 127 iterations per program), so no cross-thread work happens per key. The loops keep every (R, BLOCK_N) tensor in one
 layout (a key word per load, one int64 counter tensor per word), so that no data moves between threads per iteration.
@@ -62,6 +66,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..selection import check_top_n_rule
 from .decode_attend_kernel import _attend_kernel
 from .decode_distance_kernel import _distance_kernel
 from .decode_fine_count_kernel import _fine_count_kernel
@@ -70,6 +75,7 @@ from .decode_launch import (
     SHORT_GATHER_STAGES,
     SHORT_MAX_KEY_VALUES,
     _as_int64_words,
+    _kept_count_args,
     _launch_plan,
     _Workspace,
     decode_launch,
@@ -111,9 +117,10 @@ def hamming_topk_decode(
     key_words: torch.Tensor,
     value: torch.Tensor,
     valid_mask: torch.Tensor | None,
-    top_n: int | torch.Tensor,
+    top_n: int | None,
     alpha: float,
     *,
+    top_n_ratio: float | None = None,
     num_splits: int | None = None,
     programs_per_sm: int | None = None,
     distance_programs_per_sm: int | None = None,
@@ -146,9 +153,10 @@ def hamming_topk_decode(
         key_words (`torch.Tensor`): (B, Hkv, n, d // 32) int32 (or (B, Hkv, n, d // 64) int64) packed key signs.
         value (`torch.Tensor`): (B, Hkv, n, dv) values; Hq must be a multiple of Hkv.
         valid_mask (`torch.Tensor`, *optional*): bool broadcastable to (B, Hq, q, n), True = may attend.
-        top_n (`int` or `torch.Tensor`): N, the number of keys each query keeps: one number, or an int32 tensor
-            broadcastable to (B, Hq, q) with each row's N (never more than its valid keys are kept).
+        top_n (`int`, *optional*): N, the number of keys each query keeps (never more than its valid keys).
         alpha (`float`): softmax temperature of the kept binary scores.
+        top_n_ratio (`float`, *optional*): instead of `top_n`, N = ceil(ratio * v) of each row's v valid keys (the
+            rule of `had_hf.selection.kept_counts`), which the kernels count themselves. Exactly one of the two.
         num_splits (`int`, *optional*): number of key splits per row; by default enough for `programs_per_sm`.
         programs_per_sm (`int`, *optional*): programs per multiprocessor that the default `num_splits` aims at
             (more programs keep more loads in flight; fewer read fewer partial results). Defaults to 8 for programs
@@ -232,8 +240,9 @@ def hamming_topk_decode(
     device = query.device
     group = num_heads // num_kv_heads
     rows_per_group = group * query_len
-    per_row_n = isinstance(top_n, torch.Tensor)
-    if n_keys == 0 or query_len == 0 or batch == 0 or num_heads == 0 or (not per_row_n and top_n <= 0):
+    check_top_n_rule(top_n, top_n_ratio)
+    ratio_rule = top_n_ratio is not None
+    if n_keys == 0 or query_len == 0 or batch == 0 or num_heads == 0 or (not ratio_rule and top_n <= 0):
         out = torch.zeros(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
         if return_keep:
             return out, torch.zeros(batch, num_heads, query_len, n_keys, dtype=torch.bool, device=device)
@@ -266,7 +275,7 @@ def hamming_topk_decode(
             block_n=block_n,
             hist_block_elements=hist_block_elements,
         )
-        out, keep = short_decode(query, key_words, value, valid_mask, top_n, alpha, short,
+        out, keep = short_decode(query, key_words, value, valid_mask, top_n, top_n_ratio, alpha, short,
                                  gather_block or SHORT_GATHER_BLOCK,
                                  SHORT_GATHER_STAGES if gather_stages is None else gather_stages, short_num_warps,
                                  return_keep)  # fmt: skip
@@ -325,11 +334,6 @@ def hamming_topk_decode(
     else:
         mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
         mask_strides = mask_arg.stride()
-    if per_row_n:
-        n_keep = top_n.to(device=device, dtype=torch.int32).expand(batch, num_heads, query_len)
-        n_keep_args = (n_keep, *n_keep.stride())
-    else:
-        n_keep_args = (codes, 0, 0, 0)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
         distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
@@ -350,8 +354,7 @@ def hamming_topk_decode(
             distance_tickets,
             n_keys,
             code_stride,
-            0 if per_row_n else min(top_n, n_keys),
-            *n_keep_args,
+            *_kept_count_args(top_n, top_n_ratio, n_keys),
             rows_per_group,
             query_len,
             group,
@@ -370,7 +373,7 @@ def hamming_topk_decode(
             USE_POPC=query.is_cuda and not _interpreting(),
             INVALID_CODE=invalid_code,
             S_BLOCK=s_blocks[0],
-            PER_ROW_N=per_row_n,
+            RATIO=ratio_rule,
             **launch_options[0],
         )
         _fine_count_kernel[grid](
