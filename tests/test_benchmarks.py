@@ -58,9 +58,8 @@ def test_distill_step_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_decode_variants_benchmark_smoke(tmp_path):
-    """`benchmarks/decode_variants.py --smoke`: every launch variant runs and gives the default's output (bit for bit
-    where it sums the same tiles in the same order: all but the other attend splits and the short kernel, which the
-    dispatcher does not pick by default yet)."""
+    """`benchmarks/decode_variants.py --smoke`: every launch variant runs and gives the default's output; the default
+    is the short kernel at the smoke's lengths, and its variants sum the same tiles in the same order (bit for bit)."""
     pytest.importorskip("triton")
     out = tmp_path / "decode_variants.json"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO / "src"))
@@ -71,9 +70,9 @@ def test_decode_variants_benchmark_smoke(tmp_path):
     rows = [row for shape in report["shapes"] for row in shape["variants"]]
     assert len(report["shapes"]) == 2 and all(row["relative_difference"] < 1e-2 for row in rows), rows
     assert all(row["path"] == "short" for row in rows if row["name"].startswith("short"))
-    assert all(row["path"] == "three-kernel" for row in rows if row["name"].startswith(("default", "three-kernel")))
-    same_sums = [row for row in rows if "attend_split_group" not in row["options"] and row["path"] == "three-kernel"]
-    assert all(row["equal_to_default"] for row in same_sums), rows
+    assert all(row["path"] == "three-kernel" for row in rows if row["name"].startswith("three-kernel"))
+    assert all(row["path"] == "short" for row in rows if row["name"].startswith("default"))
+    assert all(row["equal_to_default"] for row in rows if row["path"] == "short"), rows
 
 
 @pytest.mark.slow
