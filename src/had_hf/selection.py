@@ -54,10 +54,9 @@ def select_top_n(
     Returns:
         `torch.Tensor`: bool mask of the kept keys, shaped like `scores`.
     """
-    # counted before expanding to the heads and the batch (a broadcast mask counts once)
+    # a mask shared by heads or the batch is counted and inverted at its own size, not once per head
     valid = valid.expand(*valid.shape[:-1], scores.shape[-1])
     num_kept = kept_counts(valid.sum(dim=-1, keepdim=True, dtype=torch.int32), top_n, top_n_ratio)
-    valid = valid.expand_as(scores)
     masked = scores.masked_fill(~valid, float("-inf"))
     # the threshold is each row's N-th largest logit: the top `most` values, in order, for `most` >= every row's N
     if top_n is not None:
