@@ -67,6 +67,8 @@ def build_model(args):
     from recipes.common.tiny_llama import tiny_llama
 
     geometry = {} if args.smoke else {**SMOLLM2_GEOMETRY, "num_hidden_layers": args.layers}
+    if args.vocab_size is not None:
+        geometry["vocab_size"] = args.vocab_size
     geometry["max_position_embeddings"] = max(geometry.get("max_position_embeddings", 1024), args.seq)
     model = tiny_llama(**geometry)
     return model.to(args.device)
@@ -189,6 +191,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu (--smoke: cpu)")
     parser.add_argument("--layers", type=int, default=SMOLLM2_GEOMETRY["num_hidden_layers"])
     parser.add_argument("--seq", type=int, default=2048, help="tokens per window")
+    parser.add_argument(
+        "--vocab_size", type=int, default=None, help="default SmolLM2's 49,152 (fewer layers: shrink it in proportion)"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--top_n", type=int, default=None, help=f"a fixed N (default: N = ceil({TOP_N_RATIO} x keys))")
     parser.add_argument("--steps_per_stage", type=int, default=5)
@@ -197,6 +202,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default="eager", help="comma-separated: eager, compiled")
     parser.add_argument("--torch_compile", action="store_true", help="the same as --variants eager,compiled")
     parser.add_argument("--compile_backend", default="inductor")
+    parser.add_argument("--variant_timeout_s", type=float, default=None, help="stop a variant's run after this")
     parser.add_argument("--smoke", action="store_true", help=f"CPU, the tiny Llama, {SMOKE}")
     parser.add_argument("--out", default=str(RESULTS / "causal_lm_step.json"))
     parser.add_argument("--only", choices=["eager", "compiled"], default=None, help=argparse.SUPPRESS)
@@ -220,6 +226,7 @@ def main(argv=None) -> dict:
         if args.smoke
         else "random Llama, SmolLM2-135M geometry",
         "layers": args.layers if not args.smoke else 2,
+        "vocab_size": args.vocab_size or (None if args.smoke else SMOLLM2_GEOMETRY["vocab_size"]),
         "batch": args.batch,
         "seq": args.seq,
         "top_n_rule": f"N = {args.top_n}" if args.top_n else f"N = ceil({TOP_N_RATIO} x keys)",
@@ -236,22 +243,30 @@ def main(argv=None) -> dict:
     own_argv = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--torch_compile"]
     for variant in variants:
         command = [sys.executable, __file__, *own_argv, "--device", args.device, "--only", variant]
-        completed = subprocess.run(command, capture_output=True, text=True)
+        try:
+            completed = subprocess.run(command, capture_output=True, text=True, timeout=args.variant_timeout_s)
+        except subprocess.TimeoutExpired:
+            result["runs"][variant] = {"error": f"not finished within --variant_timeout_s {args.variant_timeout_s}"}
+            out.write_text(json.dumps(result, indent=2))
+            continue
         if completed.returncode != 0:
             raise RuntimeError(f"The {variant} run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
         result["runs"][variant] = json.loads(completed.stdout.strip().splitlines()[-1])
-        if {"eager", "compiled"} <= result["runs"].keys():
-            runs = result["runs"]
+        runs = result["runs"]
+        if all("step_s_paper_weighted" in runs.get(name, {}) for name in ("eager", "compiled")):
             result["speedup_compiled"] = (
                 runs["eager"]["step_s_paper_weighted"] / runs["compiled"]["step_s_paper_weighted"]
             )
         out.write_text(json.dumps(result, indent=2))
     print(
         f"{'variant':<10}"
-        + "".join(f"{stage:>12}" for stage in result["runs"][variants[0]]["stages"])
+        + "".join(f"{stage:>12}" for stage in ("tanh", "sign", "ste", "refinement"))
         + f"{'peak MB':>10}"
     )
     for variant, run in result["runs"].items():
+        if "error" in run:
+            print(f"{variant:<10}{run['error']}")
+            continue
         times = "".join(f"{stage['step_s']:>12.4f}" for stage in run["stages"].values())
         print(f"{variant:<10}{times}{run['peak_memory_mb']:>10.0f}")
     return result

@@ -70,7 +70,7 @@ def select_top_n(
     threshold = ordered.gather(-1, index)
     above = masked > threshold  # a masked key (-inf) is above no threshold
     tied = (masked == threshold) & valid
-    quota = num_kept - above.to(torch.int32).sum(dim=-1, keepdim=True, dtype=torch.int32)
+    quota = num_kept - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
     return above | (tied & (tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= quota))
 
 
