@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,12 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
-from had_hf.schedule import StageSchedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import StepTimer, machine_record, paper_weighted_step_s, peak_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,43 +74,6 @@ class RandomTokens(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
-
-class StepTimer(TrainerCallback):
-    """The wall time of every optimizer step (the device synchronized at each step's end), and the peak memory after
-    the first `warmup` steps."""
-
-    def __init__(self, device: str, warmup: int):
-        self.cuda = device.startswith("cuda")
-        self.warmup = warmup
-        self.seconds: list[float] = []
-        self._last = None
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self._last is None:
-            self._last = self._now()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = self._now()
-        self.seconds.append(now - self._last)
-        self._last = now
-        if self.cuda and state.global_step == self.warmup:
-            torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory(device: str) -> float:
-    """Peak MB: CUDA allocator peak on the GPU; on the CPU the process's peak RSS (each mode runs in its own
-    process, so the figures do not mix)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_mode(args) -> dict:
@@ -162,8 +125,7 @@ def run_mode(args) -> dict:
             "step_s": statistics.median(seconds[args.warmup :] or seconds),
             "first_step_s": seconds[0],
         }
-    paper = {e["stage"]: e["end_step"] - e["start_step"] for e in StageSchedule.build().timeline()}
-    result["step_s"] = sum(stages[s]["step_s"] * n for s, n in paper.items()) / sum(paper.values())
+    result["step_s"] = paper_weighted_step_s({stage: values["step_s"] for stage, values in stages.items()})
     result["stages"] = stages
     return result
 
@@ -199,10 +161,9 @@ def run_all(args, argv) -> dict:
         if args.out
         else RESULTS / f"distill_step_{'cuda' if device.startswith('cuda') else 'cpu'}{suffix}.json"
     )
+    machine = machine_record(device)
     result = {
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
+        **{key: machine[key] for key in ("device", "device_name", "cpu_threads")},
         "batch": args.batch,
         "seq": args.seq,
         "top_n": args.top_n,
@@ -211,9 +172,7 @@ def run_all(args, argv) -> dict:
         "warmup_steps_per_stage": args.warmup,
         "step_s": "median step of each stage after its warm-up steps; distill: stages weighted by the paper's schedule",
         "memory_measure": "CUDA max_memory_allocated" if device.startswith("cuda") else "peak RSS of the process",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "command": " ".join(["python", *sys.argv]),
+        **{key: machine[key] for key in ("torch", "transformers", "command")},
         "runs": {},
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from had_hf import HADConfig, HADRuntimeState
-from had_hf.attention import had_attention
+from had_hf.attention import had_attention, masked_softmax
 from had_hf.capture import STORE_KWARG, HADCaptureStore
 from had_hf.modes import HAD
 from had_hf.selection import select_top_n
@@ -227,3 +227,28 @@ def test_per_head_sigma_with_the_wrong_number_of_heads_is_refused():
     config = HADConfig(top_n=4, sigma_q={"layer": [1.0] * 4}, sigma_k={"layer": [1.0] * 2})
     with pytest.raises(ValueError, match="one sigma per head"):
         hamming_topk_op_forward(_Module(config), query, packed, value, valid)
+
+
+@pytest.mark.parametrize("broadcast_keep", [False, True])
+def test_masked_softmax_values_and_gradient_against_a_per_row_softmax(broadcast_keep):
+    """Softmax over the kept entries only, zeros elsewhere and for a row keeping nothing; the gradient reaches only the
+    kept logits. `keep` may broadcast over heads (the dense teacher's mask)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 1 if broadcast_keep else 3, 4, 6, generator=generator) > 0.4
+    keep[0, 0, 1] = False  # a row that keeps nothing
+    upstream = torch.randn(2, 3, 4, 6, generator=generator, dtype=torch.float64)
+    weights = masked_softmax(logits, keep)
+    (weights * upstream).sum().backward()
+    expected, expected_grad = torch.zeros_like(weights), torch.zeros_like(weights)
+    full_keep = keep.expand_as(logits)
+    for index in torch.cartesian_prod(*[torch.arange(size) for size in logits.shape[:-1]]).tolist():
+        kept = full_keep[tuple(index)]
+        if kept.any():
+            row = logits.detach()[tuple(index)][kept]
+            probabilities = torch.softmax(row, dim=-1)
+            expected[tuple(index)][kept] = probabilities
+            g = upstream[tuple(index)][kept]
+            expected_grad[tuple(index)][kept] = probabilities * (g - (probabilities * g).sum())
+    torch.testing.assert_close(weights.detach(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-12, atol=1e-12)

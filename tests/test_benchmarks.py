@@ -56,6 +56,32 @@ def test_distill_step_benchmark_smoke(tmp_path):
     assert compiled["stages"]["sign"]["first_step_s"] > eager["stages"]["sign"]["step_s"]
 
 
+def test_causal_lm_step_benchmark_smoke(tmp_path):
+    """`benchmarks/causal_lm_step.py --smoke --torch_compile`: the causal-LM trainer's four stages timed, their peak
+    memory and top ops recorded, eager and compiled (dynamo with the eager backend here), each in its own process."""
+    out = tmp_path / "causal_lm_step.json"
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{REPO}")
+    command = [sys.executable, "benchmarks/causal_lm_step.py", "--smoke", "--torch_compile"]
+    command += ["--compile_backend", "eager", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["seq"] == 32 and "causal_lm_step.py --smoke" in report["command"]
+    for variant in ("eager", "compiled"):
+        run = report["runs"][variant]
+        assert run["compiled"] == (variant == "compiled")
+        assert list(run["stages"]) == ["tanh", "sign", "ste", "refinement"]
+        for stage in run["stages"].values():
+            assert stage["steps"] == 3 and stage["step_s"] > 0 and stage["peak_memory_mb"] > 0
+            names = [op["name"] for op in stage["profile"]["top_ops"]]
+            assert "aten::mm" in names and all(op["ms_per_step"] >= 0 for op in stage["profile"]["top_ops"])
+        # the refinement stage has no attention loss: fewer ops than the stages that distill the attention maps
+        assert (
+            run["stages"]["refinement"]["profile"]["ops_per_step"] < run["stages"]["tanh"]["profile"]["ops_per_step"]
+        )
+    assert report["speedup_compiled"] > 0
+
+
 @pytest.mark.slow
 def test_decode_variants_benchmark_smoke(tmp_path):
     """`benchmarks/decode_variants.py --smoke`: every launch variant runs and gives the default's output; the default

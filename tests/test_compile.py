@@ -3,6 +3,7 @@ equal the eager trainer's in every stage, a run through the four stages compiles
 graph break, and what keeps it so (c as a tensor, the chunked KL over changing lengths, the run's own compile
 settings, one teacher graph, an uncompiled teacher evaluation, no per-step read of the losses)."""
 
+import argparse
 import copy
 
 import pytest
@@ -133,6 +134,60 @@ def test_a_compiled_run_through_the_four_stages_compiles_a_bounded_number_of_gra
     assert graphs <= len(TRAINING_STAGES) + 1 + 2
     assert breaks == {}
     assert graphs_after_teacher_evaluation == graphs
+
+
+def _llama_trainer(tmp_path, compile_backend=None):
+    """The causal-LM recipe's trainer (`recipes.common.lm_distillation`: the student a HAD copy of the teacher, N =
+    ceil(0.3 x keys)) on a tiny random Llama with grouped-query attention, over 16 steps of 2 windows of 24 tokens
+    (padded at the end in one window), distilled from itself as the recipe's student is."""
+    from recipes.common import lm_distillation
+    from recipes.common.tiny_llama import tiny_llama
+
+    teacher = tiny_llama(initializer_range=0.2, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    windows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in
+               torch.randint(3, 99, (32, 24), generator=generator)]  # fmt: skip
+    windows[5]["attention_mask"][18:] = 0
+    compile_args = {"torch_compile": True, "torch_compile_backend": compile_backend} if compile_backend else {}
+    args = _args(tmp_path, per_device_train_batch_size=2, calibration_batch_size=2, **compile_args)
+    student, teacher_model, _ = lm_distillation.build_student(
+        teacher, HADConfig(top_n_ratio=0.3), argparse.Namespace(use_peft=False)
+    )
+    return lm_distillation.build_trainer(student, teacher_model, args, windows, [], None)
+
+
+@pytest.fixture(scope="module")
+def eager_llama_run(tmp_path_factory):
+    trainer = _llama_trainer(tmp_path_factory.mktemp("llama_eager"))
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_causal_lm_distillation_matches_the_eager_one_without_graph_breaks(
+    eager_llama_run, backend, tmp_path
+):
+    """The causal-LM recipe's distillation (rotary positions, causal mask, grouped-query attention, the ratio rule of
+    N, the logits KL over the vocabulary) compiled: the same losses in every stage, one graph per stage and one for the
+    teacher, no graph break."""
+    _fresh_dynamo()
+    compiled = _llama_trainer(tmp_path, compile_backend=backend)
+    compiled.train()
+    graphs, breaks = _graphs(), dict(counters["graph_break"])
+    _fresh_dynamo()
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"
+    assert breaks == {} and graphs <= len(TRAINING_STAGES) + 1
+    eager_losses, compiled_losses = _losses(eager_llama_run), _losses(compiled)
+    assert (
+        [stage for stage, *_ in compiled_losses]
+        == [stage for stage, *_ in eager_losses]
+        == [1] * 2 + [2] * 4 + [3] * 5 + [4] * 5
+    )
+    assert all(attn > 1e-3 for stage, _, attn in eager_losses if stage <= 3)  # well above float rounding
+    tolerance = TOLERANCES[backend]
+    for (stage, eager_out, eager_attn), (_, compiled_out, compiled_attn) in zip(eager_losses, compiled_losses):
+        assert compiled_out == pytest.approx(eager_out, rel=tolerance), stage
+        assert compiled_attn == pytest.approx(eager_attn, rel=tolerance, abs=1e-9), stage
 
 
 @pytest.mark.parametrize("stage", ["tanh", "sign"])

@@ -80,3 +80,36 @@ def test_finite_in_every_stage(stage):
         loss.backward()
         grads = [p.grad for p in student.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("valid_shape", [(1, 1, 1, 5), (1, 1, 4, 5), (2, 1, 4, 5), (2, 3, 4, 5)])
+def test_attention_kl_terms_against_a_per_row_reference_for_every_mask_shape(valid_shape):
+    """A mask that broadcasts over the batch, the heads or the query rows gives what its materialized copy gives, and
+    both the float64 per-row KL, with its gradient; rows without a valid key and padded queries are not counted."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    student = torch.randn(2, 3, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(valid_shape, generator=generator) > 0.3
+    valid[..., 0, :] = False  # a row (or, for one broadcast row, every row) without a valid key
+    valid[..., -1, 1] = True
+    query_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]])
+    total, count = attention_kl_terms(teacher, student, valid, query_mask)
+    total.backward()
+    full_valid = valid.expand_as(teacher)
+    expected, rows = torch.zeros((), dtype=torch.float64), 0
+    expected_grad = torch.zeros_like(teacher)
+    for b, h, i in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(4)).tolist():
+        kept = full_valid[b, h, i]
+        if not kept.any() or not query_mask[b, i]:
+            continue
+        p = torch.softmax(teacher[b, h, i][kept], dim=-1)
+        q = torch.softmax(student.detach()[b, h, i][kept], dim=-1)
+        expected += (p * (p.log() - q.log())).sum()
+        expected_grad[b, h, i][kept] = q - p
+        rows += 1
+    assert int(count) == rows
+    torch.testing.assert_close(total.detach(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(student.grad, expected_grad, rtol=1e-12, atol=1e-12)
+    student.grad = None
+    materialized = attention_kl_terms(teacher, student, full_valid.contiguous(), query_mask)
+    assert torch.equal(materialized[0], total) and torch.equal(materialized[1], count)

@@ -116,8 +116,9 @@ def valid_keys_and_bias(
 
 def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Softmax over the kept entries only; a row that keeps nothing gives zeros (never NaN, also in backward)."""
-    filled = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-    return torch.softmax(filled, dim=-1) * keep.to(logits.dtype)
+    dropped = ~keep  # `keep` may broadcast (a mask shared by heads or the batch): inverted once at its own size
+    filled = logits.masked_fill(dropped, torch.finfo(logits.dtype).min)
+    return torch.softmax(filled, dim=-1).masked_fill(dropped, 0.0)
 
 
 def gathered_values(weights: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, slots: int) -> torch.Tensor:
@@ -218,7 +219,7 @@ def had_attention(
             _record_attention_kl(store, settings.name, query, key, valid, mask_bias, scores)
 
     sparse = mode.top_n and settings.binarized
-    keep = select_top_n(logits, valid, **settings.config.num_kept_args) if sparse else valid.expand_as(logits)
+    keep = select_top_n(logits, valid, **settings.config.num_kept_args) if sparse else valid
     weights = masked_softmax(logits, keep)
     if mode.gather_values and sparse and settings.config.top_n is not None:
         output = gathered_values(weights, value, keep, settings.config.top_n)
@@ -227,7 +228,7 @@ def had_attention(
         output = torch.matmul(dropped.to(value.dtype), value)
     if store is not None and store.capture_details and had_scores:
         store.record_details(
-            settings.name, query_sign=unit_q.to(torch.int8), key_sign=unit_k.to(torch.int8), keep=keep,
+            settings.name, query_sign=unit_q.to(torch.int8), key_sign=unit_k.to(torch.int8), keep=keep.expand_as(logits),
             weights=weights, output=output, alpha=torch.as_tensor(alpha), value=value,
         )  # fmt: skip
     return output.transpose(1, 2).contiguous(), weights

@@ -30,13 +30,14 @@ def attention_kl_terms(
     Returns:
         `(sum of the KL over counted rows, number of counted rows)`; rows without a valid key are not counted.
     """
-    valid = valid.expand_as(teacher_logits)
+    # the mask keeps its own (broadcast) size: inverted and reduced over the keys once, not once per head
+    invalid = ~valid
     floor = torch.finfo(torch.float32).min
-    log_p_teacher = torch.log_softmax(_at_least_float32(teacher_logits).masked_fill(~valid, floor), dim=-1)
-    log_p_student = torch.log_softmax(_at_least_float32(student_logits).masked_fill(~valid, floor), dim=-1)
+    log_p_teacher = torch.log_softmax(_at_least_float32(teacher_logits).masked_fill(invalid, floor), dim=-1)
+    log_p_student = torch.log_softmax(_at_least_float32(student_logits).masked_fill(invalid, floor), dim=-1)
     pointwise = torch.where(valid, log_p_teacher.exp() * (log_p_teacher - log_p_student), 0.0)
     row_kl = pointwise.sum(dim=-1)  # (B, H, q)
-    rows = valid.any(dim=-1)
+    rows = valid.expand(*valid.shape[:-1], teacher_logits.shape[-1]).any(dim=-1).expand_as(row_kl)
     if query_mask is not None:
         rows = rows & query_mask.bool()[:, None, :]
     return (row_kl * rows).sum(), rows.sum()

@@ -14,6 +14,8 @@ the number of keys as a graph value (no Python int taken from a tensor, no bool 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -61,19 +63,30 @@ def select_top_n(
     Returns:
         `torch.Tensor`: bool mask of the kept keys, shaped like `scores`.
     """
-    valid = valid.expand_as(scores)
-    masked = scores.masked_fill(~valid, float("-inf"))
+    # a mask shared by heads or the batch is counted and inverted at its own size, not once per head
+    valid = valid.expand(*valid.shape[:-1], scores.shape[-1])
     num_kept = kept_counts(valid.sum(dim=-1, keepdim=True, dtype=torch.int32), top_n, top_n_ratio)
+    masked = scores.masked_fill(~valid, float("-inf"))
+    # the threshold is each row's N-th largest logit: the top `most` values, in order, for `most` >= every row's N
     if top_n is not None:
         # a constant TopK over scores padded with N columns of -inf serves any number of keys
         ordered = F.pad(masked, (0, top_n), value=float("-inf")).topk(top_n, dim=-1).values
+    elif torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        ordered = masked.sort(dim=-1, descending=True).values  # the number of keys is a graph value: no constant K
     else:
-        ordered = masked.sort(dim=-1, descending=True).values
-    threshold = ordered.gather(-1, (num_kept.to(torch.int64) - 1).clamp(min=0))
-    above = (masked > threshold) & valid
+        ordered = masked.topk(most_kept(scores.shape[-1], top_n_ratio), dim=-1).values
+    index = (num_kept.to(torch.int64) - 1).clamp(min=0).expand(*scores.shape[:-1], 1)
+    threshold = ordered.gather(-1, index)
+    above = masked > threshold  # a masked key (-inf) is above no threshold
     tied = (masked == threshold) & valid
-    quota = num_kept - above.to(torch.int32).sum(dim=-1, keepdim=True, dtype=torch.int32)
+    quota = num_kept - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
     return above | (tied & (tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= quota))
+
+
+def most_kept(num_keys: int, top_n_ratio: float) -> int:
+    """The largest N of the ratio rule in a row of `num_keys` keys: no row keeps more, whatever its valid keys (N is
+    `ceil(ratio * v)` for v <= `num_keys` valid keys, computed in float64 as Python floats are)."""
+    return min(num_keys, max(1, math.ceil(top_n_ratio * num_keys)))
 
 
 def kept_indices(keep: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
