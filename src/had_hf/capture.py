@@ -227,7 +227,7 @@ def _sigma_tensors(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 
 def forward_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     """A batch's model inputs without `labels`: distillation's targets are the teacher's outputs, and a model given
-    labels would also compute its own loss. A model with a KV cache is asked for none.
+    labels would also compute its own loss. A generative model is asked for no KV cache.
 
     An encoder-decoder model builds its decoder inputs from the labels, so they are built here first (the labels
     shifted right, `prepare_decoder_input_ids_from_labels`), with a decoder mask of the labelled positions.
@@ -236,7 +236,8 @@ def forward_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     labels = inputs.pop("labels", None)
     model = getattr(model, "module", model)  # DistributedDataParallel
     config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None) is not None:
+    can_generate = getattr(model, "can_generate", None)
+    if getattr(config, "use_cache", None) is not None and can_generate is not None and can_generate():
         # one forward pass over whole sequences (the teacher's and the student's, whatever their configs say): a KV
         # cache would only hold every layer's keys and values (and, under regional compilation, its layer index
         # would give each decoder layer a graph of its own)
