@@ -162,7 +162,8 @@ class HADCaptureStore:
         which the attention function then uses instead of looking its layer up by name. Compiled code holds nothing
         specific to a layer: every decoder block can run one graph (regional compilation). Records that a forward pass
         outside the context makes (gradient checkpointing's recomputation in the backward pass) are found by name, and
-        are the same."""
+        are the same. Inside compiled code a bound store records what distillation reads (the teacher's scores, the KL
+        terms); logits, details and query/key statistics are recorded by layer name, by eager code."""
         modules = [module for module in model.modules() if getattr(module, "_had_name", None) is not None]
         for module in modules:
             record = self.record(module._had_name)
