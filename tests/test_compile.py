@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
 import had_hf
-from had_hf import HADConfig, HADDistillationTrainer
+from had_hf import HADCaptureStore, HADConfig, HADDistillationTrainer
 from had_hf.losses import attention_kl_terms, chunked_attention_kl_terms
 from had_hf.state import TRAINING_STAGES
 from tests.conftest import build_model, model_inputs, tiny_bert_config
@@ -136,19 +136,22 @@ def test_a_compiled_run_through_the_four_stages_compiles_a_bounded_number_of_gra
     assert graphs_after_teacher_evaluation == graphs
 
 
-def _llama_trainer(tmp_path, compile_backend=None):
+def _llama_trainer(tmp_path, compile_backend=None, layers=2, regional=False):
     """The causal-LM recipe's trainer (`recipes.common.lm_distillation`: the student a HAD copy of the teacher, N =
-    ceil(0.3 x keys)) on a tiny random Llama with grouped-query attention, over 16 steps of 2 windows of 24 tokens
-    (padded at the end in one window), distilled from itself as the recipe's student is."""
+    ceil(0.3 x keys)) on a tiny random Llama with grouped-query attention and `layers` layers, over 16 steps of 2
+    windows of 24 tokens (padded at the end in one window), distilled from itself as the recipe's student is; with
+    `regional`, compiled layer by layer (`use_regional_compilation`)."""
     from recipes.common import lm_distillation
     from recipes.common.tiny_llama import tiny_llama
 
-    teacher = tiny_llama(initializer_range=0.2, seed=0)
+    teacher = tiny_llama(initializer_range=0.2, seed=0, num_hidden_layers=layers)
     generator = torch.Generator().manual_seed(0)
     windows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in
                torch.randint(3, 99, (32, 24), generator=generator)]  # fmt: skip
     windows[5]["attention_mask"][18:] = 0
     compile_args = {"torch_compile": True, "torch_compile_backend": compile_backend} if compile_backend else {}
+    if regional:
+        compile_args["use_regional_compilation"] = True
     args = _args(tmp_path, per_device_train_batch_size=2, calibration_batch_size=2, **compile_args)
     student, teacher_model, _ = lm_distillation.build_student(
         teacher, HADConfig(top_n_ratio=0.3), argparse.Namespace(use_peft=False)
@@ -177,17 +180,103 @@ def test_compiled_causal_lm_distillation_matches_the_eager_one_without_graph_bre
     _fresh_dynamo()
     assert type(compiled.model_wrapped).__name__ == "OptimizedModule"
     assert breaks == {} and graphs <= len(TRAINING_STAGES) + 1
-    eager_losses, compiled_losses = _losses(eager_llama_run), _losses(compiled)
+    _assert_same_llama_losses(eager_llama_run, compiled, TOLERANCES[backend])
+
+
+def _assert_same_llama_losses(eager, compiled, tolerance):
+    eager_losses, compiled_losses = _losses(eager), _losses(compiled)
     assert (
         [stage for stage, *_ in compiled_losses]
         == [stage for stage, *_ in eager_losses]
         == [1] * 2 + [2] * 4 + [3] * 5 + [4] * 5
     )
     assert all(attn > 1e-3 for stage, _, attn in eager_losses if stage <= 3)  # well above float rounding
-    tolerance = TOLERANCES[backend]
     for (stage, eager_out, eager_attn), (_, compiled_out, compiled_attn) in zip(eager_losses, compiled_losses):
         assert compiled_out == pytest.approx(eager_out, rel=tolerance), stage
         assert compiled_attn == pytest.approx(eager_attn, rel=tolerance, abs=1e-9), stage
+
+
+@pytest.fixture(scope="module")
+def regional_llama_runs(tmp_path_factory):
+    """The causal-LM distillation compiled regionally (dynamo alone) with 2 and with 4 layers: per number of layers,
+    the trainer, its graphs and its graph breaks."""
+    runs = {}
+    for layers in (2, 4):
+        _fresh_dynamo()
+        trainer = _llama_trainer(tmp_path_factory.mktemp(f"regional{layers}"), "eager", layers, regional=True)
+        trainer.train()
+        runs[layers] = trainer, _graphs(), dict(counters["graph_break"])
+    _fresh_dynamo()
+    return runs
+
+
+def test_regionally_compiled_causal_lm_distillation_matches_the_eager_one(eager_llama_run, regional_llama_runs):
+    """Each decoder layer compiled on its own (`use_regional_compilation`): the same losses as eager in every stage."""
+    compiled, _, breaks = regional_llama_runs[2]
+    assert [type(layer).__name__ for layer in compiled.model_wrapped.model.layers] == ["OptimizedModule"] * 2
+    assert [type(layer).__name__ for layer in compiled.model.model.layers] == ["LlamaDecoderLayer"] * 2  # saved as is
+    assert type(compiled.teacher.model.layers[0]).__name__ == "OptimizedModule"
+    assert breaks == {}
+    _assert_same_llama_losses(eager_llama_run, compiled, TOLERANCES["eager"])
+
+
+def test_regional_compilation_compiles_as_many_graphs_for_any_number_of_layers(regional_llama_runs):
+    """All the decoder layers of a model share their graphs: a run through the four stages compiles as many graphs
+    with 4 layers as with 2 (a layer's name, sigmas or records in the graph would add graphs for every layer), no
+    more than one per stage and compiled region (the student's layers, embedding, norm, rotary embedding and head,
+    the teacher's the same) with room for a retrace, and no graph break."""
+    (_, graphs_2, breaks_2), (_, graphs_4, breaks_4) = regional_llama_runs[2], regional_llama_runs[4]
+    assert graphs_4 == graphs_2
+    assert graphs_2 <= 2 * 5 * (len(TRAINING_STAGES) + 1)
+    assert breaks_2 == breaks_4 == {}
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_decoder_layers_compiled_one_by_one_share_their_graphs(per_head):
+    """Each decoder layer of a 3-layer Llama compiled on its own (`nn.Module.compile`), every layer with other sigmas
+    (one per layer, or one per head): with the stores bound to the modules, the layers of a model share one graph per
+    stage (the teacher's one, the student's one per transform), and the KL and its gradients are the eager ones."""
+    from recipes.common.tiny_llama import tiny_llama
+
+    teacher = had_hf.integration.use_dense_capture(tiny_llama(initializer_range=0.2, num_hidden_layers=3))
+    student = had_hf.convert(copy.deepcopy(teacher), HADConfig(top_n_ratio=0.3)).train()
+    config = student.config.quantization_config
+    names = [module._had_name for module in student.modules() if getattr(module, "_had_name", None)]
+    assert len(names) == 3
+    config.sigma_q = {
+        name: [0.5 + i + 0.1 * h for h in range(4)] if per_head else 0.5 + i for i, name in enumerate(names)
+    }
+    config.sigma_k = {name: [1.5 - 0.2 * i, 0.7 + i] if per_head else 1.5 - 0.2 * i for i, name in enumerate(names)}
+    inputs = {**model_inputs("llama", length=12), "use_cache": False}
+    inputs["input_ids"] = inputs["input_ids"] % student.config.vocab_size
+
+    def kl_and_gradient(stage, c):
+        had_hf.set_stage(student, stage, c=c)
+        teacher_store = HADCaptureStore(capture_logits=False, capture_scores=True)
+        student_store = HADCaptureStore(capture_logits=False, distill_from=teacher_store)
+        with torch.no_grad(), teacher_store.bound(teacher):
+            teacher(**inputs, had_store=teacher_store)
+        with student_store.bound(student):
+            student(**inputs, had_store=student_store)
+        kl = student_store.attention_kl()
+        kl.backward()
+        gradient = student.model.layers[2].self_attn.q_proj.weight.grad.clone()
+        student.zero_grad(set_to_none=True)
+        return kl.detach(), gradient
+
+    steps = [("tanh", 3.0), ("tanh", 1.5), ("sign", 0.5), ("ste", 1.0)]
+    eager = [kl_and_gradient(*step) for step in steps]
+    for layer in (*teacher.model.layers, *student.model.layers):
+        layer.compile(backend="eager")
+    _fresh_dynamo()
+    compiled = [kl_and_gradient(*step) for step in steps]
+    graphs, breaks = _graphs(), dict(counters["graph_break"])
+    _fresh_dynamo()
+    assert graphs == 1 + 3 and breaks == {}  # the teacher's, and one per stage for all 3 student layers
+    for step, (eager_kl, eager_gradient), (kl, gradient) in zip(steps, eager, compiled):
+        assert eager_kl > 1e-3
+        torch.testing.assert_close(kl, eager_kl, rtol=1e-5, atol=0, msg=str(step))
+        torch.testing.assert_close(gradient, eager_gradient, rtol=1e-4, atol=1e-6, msg=str(step))
 
 
 @pytest.mark.parametrize("stage", ["tanh", "sign"])

@@ -306,7 +306,7 @@ def attention_kl_per_layer(trainer, windows: list[dict], autocast) -> dict[str, 
                 )
                 teacher_store = HADCaptureStore(capture_logits=False, capture_scores=True)
                 student_store = HADCaptureStore(capture_logits=False, distill_from=teacher_store)
-                trainer.teacher_forward(model, inputs, teacher_store)
+                trainer.teacher_forward(model, inputs, teacher_store, compiled=False)  # as the student: uncompiled
                 model(**inputs, had_store=student_store)
                 for name, (kl_sum, rows) in student_store.kl_terms.items():
                     totals[name] += float(kl_sum)

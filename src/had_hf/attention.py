@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .binarize import sign, transform
-from .capture import STORE_KWARG
+from .capture import RECORD_ATTRIBUTE, STORE_KWARG, DenseScores, LayerRecord
 from .config import HADConfig
 from .losses import chunked_attention_kl_terms
 from .selection import causal_valid, kept_indices, select_top_n
@@ -53,6 +53,16 @@ class LayerSettings:
     config: HADConfig
     state: HADRuntimeState
     aliases: tuple[str, ...] = ()
+    record: LayerRecord | None = None  # the record a capture store bound to the module (`HADCaptureStore.bound`)
+
+    @property
+    def sigmas(self):
+        """(sigma_q, sigma_k): numbers (per-head tuples) from the config; inside `torch.compile`, the bound record's
+        tensors where it has them, so that a graph holds no layer's values (and a new calibration recompiles
+        nothing)."""
+        if self.record is not None and self.record.sigmas is not None and torch.compiler.is_compiling():
+            return self.record.sigmas
+        return self.config.sigmas(self.name, self.aliases)
 
 
 def layer_settings(module: torch.nn.Module) -> LayerSettings:
@@ -65,9 +75,12 @@ def layer_settings(module: torch.nn.Module) -> LayerSettings:
     config = getattr(module, "_had_config", None)
     state = getattr(module, STATE_ATTRIBUTE, None) or _INFERENCE_STATE
     if config is not None:
-        name = module._had_name
         binarized = config.binarizes(module._had_is_cross)
-        return LayerSettings(name, binarized, config, state, getattr(module, "_had_aliases", ()))
+        record = getattr(module, RECORD_ATTRIBUTE, None)
+        if record is not None and torch.compiler.is_compiling():
+            # compiled code reads no name: every decoder block can share one graph (regional compilation)
+            return LayerSettings(None, binarized, config, state, record=record)
+        return LayerSettings(module._had_name, binarized, config, state, getattr(module, "_had_aliases", ()), record)
     if getattr(module, "_had_dense", False):
         return LayerSettings(None, False, HADConfig(), state)
     config = getattr(getattr(module, "config", None), "quantization_config", None)
@@ -147,6 +160,11 @@ def _head_sigma(sigma, num_heads: int, name, which: str, like: torch.Tensor) -> 
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, num_heads, 1, 1)
 
 
+def _head_sigma_tensor(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d sigma as it is; one value per head as (1, H, 1, 1) in the dtype of `like` (as `_head_sigma` makes it)."""
+    return sigma if sigma.dim() == 0 else sigma.to(like.dtype).view(1, -1, 1, 1)
+
+
 def had_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -178,7 +196,7 @@ def had_attention(
             f"{settings.name!r} runs {'a training stage ' + repr(stage) if had_scores else 'dense attention'}."
         )
     if had_scores and stage == INFERENCE and _runs_op(mode, store, module, query, value, dropout):
-        sigma_q, sigma_k = settings.config.sigmas(settings.name, settings.aliases)
+        sigma_q, sigma_k = settings.sigmas
         if isinstance(sigma_q, tuple) or isinstance(sigma_k, tuple):
             if packed_keys:
                 raise ValueError(
@@ -199,7 +217,7 @@ def had_attention(
                 f"capture_scores records dense logits' inputs, but layer {settings.name!r} runs HAD scores: the "
                 "teacher's store needs a dense teacher (attn_implementation 'had_eager')."
             )
-        store.record_scores(settings.name, query, key, scaling, position_bias)
+        _layer_record(store, settings).scores = DenseScores(query.detach(), key.detach(), scaling, position_bias)
     key = repeat_kv(key, query.shape[1])
     value = repeat_kv(value, query.shape[1])
     query_len = query.shape[-2]
@@ -216,7 +234,7 @@ def had_attention(
     if store is not None:
         store.record_logits(settings.name, logits, valid)
         if store.distill_from is not None:
-            _record_attention_kl(store, settings.name, query, key, valid, mask_bias, scores)
+            _record_attention_kl(store, _layer_record(store, settings), query, key, valid, mask_bias, scores)
 
     sparse = mode.top_n and settings.binarized
     keep = select_top_n(logits, valid, **settings.config.num_kept_args) if sparse else valid
@@ -241,11 +259,20 @@ def _query_rows(tensor: torch.Tensor | None, rows: slice, query_len: int) -> tor
     return tensor[..., rows, :]
 
 
-def _record_attention_kl(store, name: str, query, key, valid, mask_bias, student_scores) -> None:
+def _layer_record(store, settings: LayerSettings) -> LayerRecord:
+    """The store's record of the calling layer: the one bound to its module (`HADCaptureStore.bound`; inside compiled
+    code taken as it is), else the one of its name."""
+    record = settings.record
+    if record is not None and (settings.name is None or store.records.get(settings.name) is record):
+        return record
+    return store.record(settings.name)
+
+
+def _record_attention_kl(store, record: LayerRecord, query, key, valid, mask_bias, student_scores) -> None:
     """This layer's KL(teacher || student) over its query rows, in chunks (`losses.chunked_attention_kl_terms`),
     against the teacher's `DenseScores` of the same layer. `student_scores(query_rows, rows)` makes the student's
     logits as its softmax sees them; the teacher's get the same mask bias, and each side its own position bias."""
-    teacher = store.teacher_scores(name)
+    teacher = record.teacher_scores()
     teacher_key = repeat_kv(teacher.key, query.shape[1]).transpose(-1, -2)
     query_len = query.shape[-2]
 
@@ -257,11 +284,12 @@ def _record_attention_kl(store, name: str, query, key, valid, mask_bias, student
     def student_rows(rows: slice) -> torch.Tensor:
         return student_scores(query[..., rows, :], rows)[0]
 
-    query_mask = store.query_mask(name, query_len) if store.query_mask is not None else None
-    kl_sum, count = chunked_attention_kl_terms(
+    query_mask = record.query_mask
+    if query_mask is not None and (query_mask.dim() != 2 or query_mask.shape[-1] != query_len):
+        query_mask = None  # the mask of another sequence (an encoder's, for decoder queries): every row counts
+    record.kl_terms = chunked_attention_kl_terms(
         teacher_rows, student_rows, valid, query_len, query_mask, store.kl_chunk_rows
     )
-    store.record_kl_terms(name, kl_sum, count)
 
 
 def _runs_op(mode, store, module, query: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
@@ -273,7 +301,7 @@ def _runs_op(mode, store, module, query: torch.Tensor, value: torch.Tensor, drop
 
 def _op_attention(query, key, value, attention_mask, position_bias, is_causal, settings, scaling):
     """One `had::hamming_topk_attention` call: masks as a bool mask plus a causal flag, biases as one bias."""
-    sigma_q, sigma_k = settings.config.sigmas(settings.name, settings.aliases)
+    sigma_q, sigma_k = settings.sigmas
     mask, bias = None, position_bias
     if attention_mask is not None:
         mask, mask_bias = valid_keys_and_bias(attention_mask, query.shape[-2], key.shape[-2], False, query.device)
@@ -288,8 +316,11 @@ def _op_attention(query, key, value, attention_mask, position_bias, is_causal, s
 
 def _had_logits(query, key, num_kv_heads: int, settings: LayerSettings, stage: str, scaling: float):
     """The stage's logits `s * Q~ K~^T` (and, in the binary stages, the ±1 queries and keys and alpha)."""
-    sigma_q, sigma_k = settings.config.sigmas(settings.name, settings.aliases)
-    if isinstance(sigma_q, tuple) or isinstance(sigma_k, tuple):
+    sigma_q, sigma_k = settings.sigmas
+    if isinstance(sigma_q, torch.Tensor):  # a bound record's, inside torch.compile: 0-d, or one per head
+        sigma_q, sigma_k = (_head_sigma_tensor(sigma, query) for sigma in (sigma_q, sigma_k))
+        sigma_k = repeat_kv(sigma_k, query.shape[1]) if sigma_k.dim() else sigma_k
+    elif isinstance(sigma_q, tuple) or isinstance(sigma_k, tuple):
         sigma_q = _head_sigma(sigma_q, query.shape[1], settings.name, "sigma_q", query)
         sigma_k = repeat_kv(_head_sigma(sigma_k, num_kv_heads, settings.name, "sigma_k", query), query.shape[1])
     c, clip, transform_name = settings.state.temperature, settings.config.ste_clip, stage_transform(stage)

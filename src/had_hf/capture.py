@@ -17,7 +17,8 @@ Two ways to get the attention-map loss (METHOD.md section 4):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ import torch
 from .losses import mean_attention_kl
 
 STORE_KWARG = "had_store"
+RECORD_ATTRIBUTE = "_had_record"
+_SIGMA_TENSORS = "_had_sigma_tensors"
 
 
 @dataclass
@@ -37,6 +40,35 @@ class DenseScores:
     key: torch.Tensor
     scaling: float
     position_bias: torch.Tensor | None
+
+
+class LayerRecord:
+    """What one attention layer records in one forward pass for the attention KL: the teacher's `DenseScores`, the
+    student's `(KL sum, counted rows)`; and what that layer's KL reads: its (B, T) query mask, the teacher's record of
+    the same layer, its sigmas as tensors.
+
+    A store `bind`s one record to each attention module, so that the attention function finds its layer's entries
+    through its module, without its name: compiled code (one graph for every decoder block under regional
+    compilation) then holds nothing specific to a layer. A plain class (see `HADCaptureStore`).
+    """
+
+    def __init__(self, name: str, query_mask: torch.Tensor | None = None, teacher: LayerRecord | None = None):
+        self.name = name
+        self.query_mask = query_mask
+        self.teacher = teacher
+        self.sigmas: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scores: DenseScores | None = None
+        self.kl_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def teacher_scores(self) -> DenseScores:
+        """The teacher's `DenseScores` of this layer."""
+        scores = self.teacher.scores if self.teacher is not None else None
+        if scores is None:
+            raise ValueError(
+                f"The teacher recorded no queries and keys for attention layer {self.name!r}: the student must be a "
+                "copy of the teacher, run on the same inputs, and the teacher's store needs capture_scores=True."
+            )
+        return scores
 
 
 class HADCaptureStore:
@@ -60,9 +92,10 @@ class HADCaptureStore:
             The teacher's store (filled with `capture_scores` by the same inputs). Each attention layer then computes
             its KL(teacher || student) over its rows as it runs, in chunks of query rows, and records it in
             `kl_terms`; the same valid-key mask and mask bias serve both sides.
-        query_mask (`Callable[[str, int], torch.Tensor | None]`, *optional*):
-            With `distill_from`: given a layer name and its number of query rows, the (B, q) mask of real (non-padding)
-            query rows, or None to count every row.
+        query_mask (`Callable[[str], torch.Tensor | None]`, *optional*):
+            With `distill_from`: given a layer name, the (B, T) mask of the real (non-padding) positions of the
+            sequence its queries come from, or None to count every row (a mask of another length than the layer's
+            queries counts every row too).
         kl_chunk_rows (`int`, *optional*):
             With `distill_from`: query rows per chunk (default: chunks of about `had_hf.losses.KL_CHUNK_ELEMENTS`).
 
@@ -79,7 +112,7 @@ class HADCaptureStore:
         qk_std_per_head: bool = False,
         capture_scores: bool = False,
         distill_from: HADCaptureStore | None = None,
-        query_mask: Callable[[str, int], torch.Tensor | None] | None = None,
+        query_mask: Callable[[str], torch.Tensor | None] | None = None,
         kl_chunk_rows: int | None = None,
     ):
         self.capture_logits = capture_logits
@@ -94,36 +127,53 @@ class HADCaptureStore:
         self.valid: dict[str, torch.Tensor] = {}
         self.qk_std: dict[str, tuple[float, float]] = {}
         self.details: dict[str, dict[str, torch.Tensor]] = {}
-        self.scores: dict[str, DenseScores] = {}
-        self.kl_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.records: dict[str, LayerRecord] = {}
 
     def clear(self) -> None:
         self.logits.clear()
         self.valid.clear()
         self.qk_std.clear()
         self.details.clear()
-        self.scores.clear()
-        self.kl_terms.clear()
+        self.records.clear()
 
-    def record_scores(
-        self, name: str, query: torch.Tensor, key: torch.Tensor, scaling: float, position_bias: torch.Tensor | None
-    ) -> None:
-        if self.capture_scores:
-            self.scores[name] = DenseScores(query.detach(), key.detach(), scaling, position_bias)
+    @property
+    def scores(self) -> dict[str, DenseScores]:
+        """Per layer name, the `DenseScores` recorded with `capture_scores`."""
+        return {name: record.scores for name, record in self.records.items() if record.scores is not None}
 
-    def teacher_scores(self, name: str) -> DenseScores:
-        """The teacher's `DenseScores` of layer `name` (from `distill_from`)."""
-        scores = self.distill_from.scores.get(name)
-        if scores is None:
-            raise ValueError(
-                f"The teacher recorded no queries and keys for attention layer {name!r} (it has "
-                f"{sorted(self.distill_from.scores)[:3]}...): the student must be a copy of the teacher, run on the "
-                "same inputs, and the teacher's store needs capture_scores=True."
-            )
-        return scores
+    @property
+    def kl_terms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer name, the `(KL sum, counted rows)` recorded with `distill_from`."""
+        return {name: record.kl_terms for name, record in self.records.items() if record.kl_terms is not None}
 
-    def record_kl_terms(self, name: str, kl_sum: torch.Tensor, rows: torch.Tensor) -> None:
-        self.kl_terms[name] = (kl_sum, rows)
+    def record(self, name: str) -> LayerRecord:
+        """The record of layer `name` in this forward pass (created at its first use)."""
+        record = self.records.get(name)
+        if record is None:
+            query_mask = self.query_mask(name) if self.query_mask is not None else None
+            teacher = self.distill_from.record(name) if self.distill_from is not None else None
+            record = self.records[name] = LayerRecord(name, query_mask, teacher)
+        return record
+
+    @contextmanager
+    def bound(self, model: torch.nn.Module) -> Iterator[HADCaptureStore]:
+        """Within the context, each attention module of `model` (tagged by `had_hf.convert` or `use_dense_capture`)
+        carries its layer's record of this store (`LayerRecord`, with its sigmas as tensors on the module's device),
+        which the attention function then uses instead of looking its layer up by name. Compiled code holds nothing
+        specific to a layer: every decoder block can run one graph (regional compilation). Records that a forward pass
+        outside the context makes (gradient checkpointing's recomputation in the backward pass) are found by name, and
+        are the same. Inside compiled code a bound store records what distillation reads (the teacher's scores, the KL
+        terms); logits, details and query/key statistics are recorded by layer name, by eager code."""
+        modules = [module for module in model.modules() if getattr(module, "_had_name", None) is not None]
+        for module in modules:
+            record = self.record(module._had_name)
+            record.sigmas = _sigma_tensors(module)
+            module.__dict__[RECORD_ATTRIBUTE] = record
+        try:
+            yield self
+        finally:
+            for module in modules:
+                module.__dict__.pop(RECORD_ATTRIBUTE, None)
 
     def attention_kl(self) -> torch.Tensor:
         """L_attn: the KL summed over every layer's counted rows, over their number (as `losses.attention_kl`)."""
@@ -159,9 +209,26 @@ class HADCaptureStore:
             self.details[name] = {key: value.detach() for key, value in tensors.items()}
 
 
+def _sigma_tensors(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A HAD module's (sigma_q, sigma_k) as float32 tensors on its device (0-d, or one value per head), what compiled
+    attention reads instead of Python numbers (which it would hold as constants of the graph); None for a module that
+    does not binarize. Kept on the module while its sigmas and device stay the same."""
+    config = getattr(module, "_had_config", None)
+    if config is None or not config.binarizes(module._had_is_cross):
+        return None
+    values = config.sigmas(module._had_name, module._had_aliases)
+    parameter = next(module.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    cached = module.__dict__.get(_SIGMA_TENSORS)
+    if cached is None or cached[0] != (values, device):
+        tensors = tuple(torch.tensor(value, dtype=torch.float32, device=device) for value in values)
+        cached = module.__dict__[_SIGMA_TENSORS] = ((values, device), tensors)
+    return cached[1]
+
+
 def forward_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     """A batch's model inputs without `labels`: distillation's targets are the teacher's outputs, and a model given
-    labels would also compute its own loss.
+    labels would also compute its own loss. A generative model is asked for no KV cache.
 
     An encoder-decoder model builds its decoder inputs from the labels, so they are built here first (the labels
     shifted right, `prepare_decoder_input_ids_from_labels`), with a decoder mask of the labelled positions.
@@ -170,6 +237,12 @@ def forward_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     labels = inputs.pop("labels", None)
     model = getattr(model, "module", model)  # DistributedDataParallel
     config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if getattr(config, "use_cache", None) is not None and can_generate is not None and can_generate():
+        # one forward pass over whole sequences (the teacher's and the student's, whatever their configs say): a KV
+        # cache would only hold every layer's keys and values (and, under regional compilation, its layer index
+        # would give each decoder layer a graph of its own)
+        inputs.setdefault("use_cache", False)
     needs_decoder_inputs = "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs
     if labels is not None and getattr(config, "is_encoder_decoder", False) and needs_decoder_inputs:
         prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)

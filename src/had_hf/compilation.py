@@ -44,6 +44,25 @@ def use_own_compile_settings(args) -> None:
         AcceleratorState._reset_state()
 
 
+def use_regional_compilation(accelerator, enabled: bool) -> None:
+    """Makes `accelerator` compile the models it prepares regionally (`enabled`) or whole.
+
+    `TrainingArguments` builds Accelerate's `TorchDynamoPlugin` without this choice, which the plugin then reads from
+    the environment (`ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION`, set by `accelerate launch`); the run's own
+    argument decides instead. Regional compilation (`accelerate.utils.compile_regions`) compiles each repeated block
+    (a decoder layer) on its own, and HAD attention keeps every layer's own values out of the graph (the capture store
+    is bound to the modules: `HADCaptureStore.bound`), so all layers of a model share one graph.
+    """
+    plugin = accelerator.state.dynamo_plugin
+    if enabled and not hasattr(plugin, "use_regional_compilation"):
+        raise ValueError(
+            "use_regional_compilation needs an accelerate version with regional compilation (TorchDynamoPlugin's "
+            "use_regional_compilation): upgrade accelerate, or leave use_regional_compilation off."
+        )
+    if hasattr(plugin, "use_regional_compilation"):
+        plugin.use_regional_compilation = enabled
+
+
 def run_recompile_limit():
     """A context in which dynamo's per-function recompile limit is at least `RECOMPILE_LIMIT` (never lowered).
 

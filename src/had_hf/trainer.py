@@ -16,7 +16,7 @@ from transformers.utils import is_datasets_available
 from .calibration import calibrate
 from .callbacks import HADStageCallback
 from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
-from .compilation import run_recompile_limit, use_own_compile_settings
+from .compilation import run_recompile_limit, use_own_compile_settings, use_regional_compilation
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import output_kl, output_mse
@@ -133,6 +133,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
 
         check_parallelism(self)
+        use_regional_compilation(self.accelerator, args.torch_compile and args.use_regional_compilation)
         self.teacher = teacher_model and prepare_teacher(self.accelerator, teacher_model)
         self.stage_callback.state.to(self.args.device)  # c as a tensor where a compiled student reads it
         # compute_loss returns a per-micro-batch mean: let the Trainer divide it for gradient accumulation
@@ -174,13 +175,14 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         student_store = HADCaptureStore(
             capture_logits=False,
             distill_from=teacher_store if weight > 0 else None,
-            query_mask=lambda name, length: _query_mask(
-                inputs, length, self.is_encoder_decoder and _is_decoder_layer(name)
-            ),
+            query_mask=lambda name: _query_mask(inputs, self.is_encoder_decoder and _is_decoder_layer(name)),
         )
-        with torch.no_grad():
+        # each store is bound to its model's attention modules for the forward pass: compiled code then finds its
+        # layer's entries through its module, and every decoder block can share one graph (`compile_regions`)
+        with torch.no_grad(), teacher_store.bound(self.teacher_modules(model)):
             teacher_outputs = self.teacher_forward(model, inputs, teacher_store)
-        student_outputs = model(**inputs, **{STORE_KWARG: student_store})
+        with student_store.bound(model):
+            student_outputs = model(**inputs, **{STORE_KWARG: student_store})
 
         if self.is_regression:
             loss_out = output_mse(teacher_outputs.logits, student_outputs.logits)
@@ -200,6 +202,10 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
             self._had_metrics["loss_attn"].append(loss_attn.detach())
             self._had_metrics["loss_out"].append(loss_out.detach())
         return (loss, student_outputs) if return_outputs else loss
+
+    def teacher_modules(self, model) -> torch.nn.Module:
+        """The modules the teacher's forward runs: the teacher model's, or a peft student's (its base, adapter off)."""
+        return self.teacher if self.teacher is not None else model
 
     def teacher_forward(self, model, inputs: dict, store: HADCaptureStore, compiled: bool = True):
         """The teacher's outputs: the teacher model's (with `compiled=False` without the `torch.compile` wrapper that
@@ -373,19 +379,17 @@ def _is_decoder_layer(name: str) -> bool:
     return name.startswith("decoder.") or ".decoder." in name
 
 
-def _query_mask(inputs: dict, query_len: int, decoder: bool = False) -> torch.Tensor | None:
-    """Real (non-padding) query rows of a layer: the decoder's mask for decoder queries, else the encoder's (by side,
-    not by length: an encoder mask as long as the decoder sequence would mask the wrong positions)."""
+def _query_mask(inputs: dict, decoder: bool = False) -> torch.Tensor | None:
+    """The (B, T) real (non-padding) positions of the sequence a layer's queries come from: the decoder's mask for
+    decoder queries, else the encoder's (by side, not by length: an encoder mask as long as the decoder sequence would
+    mask the wrong positions)."""
     mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
-    if mask is not None and mask.dim() == 2 and mask.shape[-1] == query_len:
-        return mask
-    return None
+    return mask if mask is not None and mask.dim() == 2 else None
 
 
 def _token_mask(inputs: dict, outputs, encoder_decoder: bool = False) -> torch.Tensor | None:
     """For token-level outputs (B, T, C): count only real tokens in the output KL (the decoder's, for an
     encoder-decoder model)."""
     logits = outputs.logits
-    if logits.dim() != 3:
-        return None
-    return _query_mask(inputs, logits.shape[1], encoder_decoder)
+    mask = _query_mask(inputs, encoder_decoder) if logits.dim() == 3 else None
+    return mask if mask is not None and mask.shape[-1] == logits.shape[1] else None

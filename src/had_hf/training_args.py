@@ -57,6 +57,11 @@ class HADTrainingArguments(TrainingArguments):
         calibration_batch_size (`int`, *optional*, defaults to 16): their size.
         sigma_per_head (`bool`, *optional*, defaults to `False`): calibrate one sigma per head instead of one per
             layer (not in the paper; see `HADConfig.sigma_per_head`).
+        use_regional_compilation (`bool`, *optional*, defaults to `False`): with `torch_compile`, compile the
+            repeated blocks of the student and the teacher (their decoder or encoder layers) one by one instead of
+            each whole model, so that all the layers of a model share one graph per stage (Accelerate's
+            `TorchDynamoPlugin(use_regional_compilation=True)`, `accelerate.utils.compile_regions`): the time spent
+            compiling then does not grow with the number of layers.
     """
 
     c_start: float = field(default=5.0, metadata={"help": "c at the start of stage 1 (tanh)."})
@@ -86,6 +91,13 @@ class HADTrainingArguments(TrainingArguments):
     )
     calibration_batches: int = field(default=100, metadata={"help": "Minibatches for sigma calibration."})
     calibration_batch_size: int = field(default=16, metadata={"help": "Batch size of the calibration minibatches."})
+    use_regional_compilation: bool = field(
+        default=False,
+        metadata={
+            "help": "With torch_compile: compile the repeated layers of student and teacher one by one (one graph "
+            "shared by all layers) instead of each whole model (Accelerate's regional compilation)."
+        },
+    )
     sigma_per_head: bool = field(
         default=False, metadata={"help": "Calibrate one sigma per head instead of per layer (not in the paper)."}
     )
@@ -118,6 +130,10 @@ class HADTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"max_steps must be -1 (the length of the schedule) or a number of steps >= 4, got {self.max_steps}."
             )
+        if self.use_regional_compilation and not (
+            self.torch_compile or self.torch_compile_backend or self.torch_compile_mode
+        ):
+            raise ValueError("use_regional_compilation compiles regions with torch_compile: set torch_compile=True.")
         self.user_max_steps = self.max_steps if self.max_steps > 0 else None
         schedule = self.schedule()  # validates the c range, decay and stage lengths
         if self.max_steps <= 0:
