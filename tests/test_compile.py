@@ -35,6 +35,17 @@ class VariableLengthDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Eager and compiled runs compared on one CPU thread: split over threads, a reduction may sum in another order
+    where dynamo hands a tensor of another layout, and the sign stages amplify a last-bit difference in the weights
+    into another binary code within a few steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pad_to_longest(examples):
     length = max(len(example["input_ids"]) for example in examples)
     ids = torch.zeros(len(examples), length, dtype=torch.long)
