@@ -148,6 +148,7 @@ def test_help_all_prints_every_training_flag(capsys):
     assert exit_info.value.code == 0
     full = capsys.readouterr().out
     assert "--adam_beta1" in full and "--distill_augment" in full and "--c_decay" in full
+    assert "--use_regional_compilation" in full and "--torch_compile" in full
 
 
 def _recipe_module():

@@ -154,6 +154,9 @@ COMMON_TRAINING_FLAGS = (
     "report_to",
     "disable_tqdm",
 )
+# HADTrainingArguments' own fields that --help leaves to --help_all with the TrainingArguments flags they qualify
+# (use_regional_compilation goes with torch_compile)
+ADVANCED_HAD_FLAGS = ("use_regional_compilation",)
 
 
 def help_groups(script_class: type) -> dict[str, list[str]]:
@@ -161,7 +164,11 @@ def help_groups(script_class: type) -> dict[str, list[str]]:
     inherited = {f.name for f in fields(TrainingArguments)}
     return {
         "recipe arguments": [f.name for f in fields(script_class)],
-        "HAD schedule and losses": [f.name for f in fields(HADTrainingArguments) if f.name not in inherited],
+        "HAD schedule and losses": [
+            f.name
+            for f in fields(HADTrainingArguments)
+            if f.name not in inherited and f.name not in ADVANCED_HAD_FLAGS
+        ],
         "LoRA (peft)": [f.name for f in fields(PeftArguments)],
         "common training arguments": list(COMMON_TRAINING_FLAGS),
     }
