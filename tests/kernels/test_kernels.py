@@ -400,24 +400,29 @@ def test_gpu_kernel_launch_variants(case: Case, options):
     assert _relative_error(hamming_topk_decode(*args, num_splits=11, **options), default.double()) < 1e-2
 
 
+def _gpu_decode_inputs(shape):
+    """bf16 decode inputs on the GPU of a (batch, query heads, kv heads, head dim, keys) shape: one query position,
+    left padding on half of the batch (random normal keys give ~d+1 score levels over n keys: heavy ties), N =
+    ceil(0.117 n), and alpha."""
+    batch, num_heads, num_kv_heads, dim, n = shape
+    generator = torch.Generator(device="cuda").manual_seed(n + num_heads)
+    query = torch.randn(batch, num_heads, 1, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    key = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    value = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    valid = torch.ones(batch, 1, 1, n, dtype=torch.bool, device="cuda")
+    valid[batch // 2 :, ..., : n // 3] = False
+    return query, key, value, valid, math.ceil(0.117 * n), 0.4 / math.sqrt(dim)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("shape", BENCHMARK_SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}/{s[2]}-d{s[3]}-n{s[4]}")
 def test_gpu_kernel_benchmark_shapes(shape):
     from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits
 
-    batch, num_heads, num_kv_heads, dim, n = shape
-    top_n = math.ceil(0.117 * n)
-    generator = torch.Generator(device="cuda").manual_seed(n + num_heads)
-    query = torch.randn(batch, num_heads, 1, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
-    key = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
-    value = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
-    # left padding on half of the batch; random normal keys give ~d+1 score levels over n keys: heavy ties
-    valid = torch.ones(batch, 1, 1, n, dtype=torch.bool, device="cuda")
-    valid[batch // 2 :, ..., : n // 3] = False
+    query, key, value, valid, top_n, alpha = _gpu_decode_inputs(shape)
     key_words = triton_pack_sign_bits(key)
     assert torch.equal(key_words, pack_sign_bits(key))
-    alpha = 0.4 / math.sqrt(dim)
     for mask in (None, valid):
         out, keep = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, return_keep=True)
         ref64, ref_keep = reference_hamming_topk_attention(
@@ -431,7 +436,8 @@ def test_gpu_kernel_benchmark_shapes(shape):
 
 
 # the generation shapes of issue 21 (batch, query heads, kv heads, head dim, keys): the random Llama's layer at 4k,
-# SmolLM2's at 2k and 8k, and 16 heads of batch 8 at 4k; and where the dispatcher's rule ends (2^20 / 64 keys)
+# SmolLM2's at 2k and 8k, and 16 heads of batch 8 at 4k (the short kernel by default); and past the dispatcher's bound
+# (2^19 key values: the three kernels by default)
 SHORT_SHAPES = [
     (1, 32, 8, 64, 4096),
     (1, 9, 3, 64, 2048),
@@ -446,19 +452,15 @@ SHORT_SHAPES = [
 @pytest.mark.parametrize("shape", SHORT_SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}/{s[2]}-d{s[3]}-n{s[4]}")
 def test_gpu_short_kernel_generation_shapes(shape):
     """At the generation shapes the short kernel keeps the reference's keys (bf16, left padding), agrees with the
-    three-kernel path (the default), and replays in a CUDA graph with the same bits as eagerly."""
+    three-kernel path, is what the dispatcher runs by default within its bound, and replays in a CUDA graph with the same
+    bits as eagerly."""
+    from had_hf.kernels.decode_launch import short_kernel_wanted
     from had_hf.kernels.triton_decode import hamming_topk_decode, triton_pack_sign_bits
 
-    batch, num_heads, num_kv_heads, dim, n = shape
-    top_n = math.ceil(0.117 * n)
-    generator = torch.Generator(device="cuda").manual_seed(n + num_heads)
-    query = torch.randn(batch, num_heads, 1, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
-    key = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
-    value = torch.randn(batch, num_kv_heads, n, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
-    valid = torch.ones(batch, 1, 1, n, dtype=torch.bool, device="cuda")
-    valid[batch // 2 :, ..., : n // 3] = False
+    query, key, value, valid, top_n, alpha = _gpu_decode_inputs(shape)
     key_words = triton_pack_sign_bits(key)
-    alpha = 0.4 / math.sqrt(dim)
+    _, _, _, dim, n = shape
+    short_by_default = short_kernel_wanted({}, n, dim, dim)
     for mask in (None, valid):
         ref64, ref_keep = reference_hamming_topk_attention(
             query, key_words, value.double(), mask, top_n, alpha, return_keep=True
@@ -469,7 +471,8 @@ def test_gpu_short_kernel_generation_shapes(shape):
             assert _relative_error(out, ref64) < 1e-2, options
         short = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=True)
         split = hamming_topk_decode(query, key_words, value, mask, top_n, alpha, short_kernel=False)
-        assert torch.equal(hamming_topk_decode(query, key_words, value, mask, top_n, alpha), split)  # the default
+        default = hamming_topk_decode(query, key_words, value, mask, top_n, alpha)
+        assert torch.equal(default, short if short_by_default else split)
         assert _relative_error(short, split.double()) < 1e-2
         # captured in a CUDA graph (its scratch allocated in the graph's pool), then replayed
         stream = torch.cuda.Stream()
