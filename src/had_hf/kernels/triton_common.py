@@ -55,12 +55,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _splits(n_keys: int, num_splits: int) -> tuple[int, int]:
-    """At most `num_splits` splits of whole 64-key blocks over n keys: their number and length."""
-    split_len = _cdiv(_cdiv(n_keys, num_splits), 64) * 64
-    return _cdiv(n_keys, split_len), split_len
-
-
 def _float64_bits(x: float) -> int:
     """The bits of `x` as a float64, as a signed int64 value: how a kernel takes a float it must use in float64 (Triton
     passes Python floats as float32; the kernel bit-casts the int64 back)."""
