@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,29 @@ def _kept_count_args(top_n: int | None, top_n_ratio: float | None, n_keys: int) 
     if top_n_ratio is not None:
         return 0, _float64_bits(float(top_n_ratio))
     return min(top_n, n_keys), 0
+
+
+def _mask_args(valid_mask: torch.Tensor | None, shape: tuple, placeholder: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The decode kernels' mask argument and its four strides: the bool mask broadcast to `shape` (B, Hq, q, n) and
+    viewed as bytes (broadcast dimensions at stride 0), or, without a mask, `placeholder` (never read) at stride 0."""
+    if valid_mask is None:
+        return placeholder, (0, 0, 0, 0)
+    mask = valid_mask.expand(*shape).view(torch.uint8)
+    return mask, mask.stride()
+
+
+def _key_word_args(key_words: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """The keys' int32 sign words as the decode kernels read them, and the bits of a word: from d = 64 on, int64 words
+    (one load per key at d = 64, contiguous over the keys), below it the int32 words."""
+    if dim >= 64:
+        return _as_int64_words(key_words), 64
+    return key_words, 32
+
+
+def _alpha_args(alpha: float) -> tuple[float, int]:
+    """The decode kernels' scale arguments: 2 alpha log2(e) (the softmax weights are exp2 of it times a distance
+    difference) and whether alpha >= 0 (which end of the distances is kept)."""
+    return 2.0 * float(alpha) * math.log2(math.e), int(alpha >= 0)
 
 
 class _Workspace:

@@ -3,11 +3,9 @@ its arguments and its launch, one program per (batch, kv head, row block) as `de
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .decode_launch import ShortLaunch, _as_int64_words, _kept_count_args, _Workspace
+from .decode_launch import ShortLaunch, _alpha_args, _kept_count_args, _key_word_args, _mask_args, _Workspace
 from .decode_short_kernel import _short_decode_kernel
 from .decode_split_k import MAX_ITERATIONS
 from .triton_common import _cdiv, _interpreting, _on_device
@@ -49,14 +47,8 @@ def short_decode(
     out = torch.empty(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
     num_rows = batch * num_kv_heads * rows_per_group
     keep_rows = torch.zeros(num_rows, n_keys, dtype=torch.int8, device=device) if return_keep else list_index
-    if valid_mask is None:
-        mask_arg, mask_strides = list_index, (0, 0, 0, 0)
-    else:
-        mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
-        mask_strides = mask_arg.stride()
-    # from d = 64 on, the keys are read as int64 words: one load per key for d = 64
-    word_bits = 64 if dim >= 64 else 32
-    kernel_words = _as_int64_words(key_words) if word_bits == 64 else key_words
+    mask_arg, mask_strides = _mask_args(valid_mask, (batch, num_heads, query_len, n_keys), list_index)
+    kernel_words, word_bits = _key_word_args(key_words, dim)
     options = {} if num_warps is None else {"num_warps": num_warps}
     with _on_device(device):
         _short_decode_kernel[(batch * num_kv_heads, launch.num_row_blocks)](
@@ -76,8 +68,7 @@ def short_decode(
             query_len,
             group,
             num_kv_heads,
-            2.0 * float(alpha) * math.log2(math.e),
-            int(alpha >= 0),
+            *_alpha_args(alpha),
             *query.stride(),
             *kernel_words.stride(),
             *mask_strides,

@@ -61,7 +61,6 @@ The kernels run on CUDA and, for tests, on the CPU through Triton's interpreter 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -74,9 +73,11 @@ from .decode_launch import (
     SHORT_GATHER_BLOCK,
     SHORT_GATHER_STAGES,
     SHORT_MAX_KEY_VALUES,
-    _as_int64_words,
+    _alpha_args,
     _kept_count_args,
+    _key_word_args,
     _launch_plan,
+    _mask_args,
     _Workspace,
     decode_launch,
     short_decode_launch,
@@ -329,20 +330,14 @@ def hamming_topk_decode(
     out = torch.empty(batch, num_heads, query_len, value_dim, dtype=value.dtype, device=device)
     keep_rows = torch.zeros(num_rows, code_stride, dtype=torch.int8, device=device) if return_keep else codes
 
-    if valid_mask is None:
-        mask_arg, mask_strides = codes, (0, 0, 0, 0)
-    else:
-        mask_arg = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
-        mask_strides = mask_arg.stride()
+    mask_arg, mask_strides = _mask_args(valid_mask, (batch, num_heads, query_len, n_keys), codes)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
         distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
     )
 
     grid = (batch * num_kv_heads, num_row_blocks, num_splits)
-    # from d = 64 on, the kernel reads the keys as int64 words: one load per key for d = 64, contiguous over the keys
-    word_bits = 64 if dim >= 64 else 32
-    kernel_words = _as_int64_words(key_words) if word_bits == 64 else key_words
+    kernel_words, word_bits = _key_word_args(key_words, dim)
     with _on_device(device):
         _distance_kernel[(batch * num_kv_heads, num_row_blocks, distance_splits)](
             query,
@@ -415,8 +410,7 @@ def hamming_topk_decode(
             attend_split_len,
             attend_splits,
             num_splits,
-            2.0 * float(alpha) * math.log2(math.e),
-            int(alpha >= 0),
+            *_alpha_args(alpha),
             *value.stride(),
             *out.stride(),
             DV=value_dim,
