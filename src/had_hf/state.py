@@ -65,15 +65,16 @@ class HADRuntimeState:
         self.stage = stage
 
     @property
-    def temperature(self) -> float | torch.Tensor:
-        """c as the attention reads it: the float, or inside `torch.compile` a 0-d float32 tensor holding it.
+    def temperature(self) -> torch.Tensor:
+        """c as the attention reads it: a 0-d float32 tensor holding it, in eager and in compiled code alike.
 
         The schedule changes c at every step. Compiled code guards on a Python float (it would recompile, or trace
         c as a symbolic input only after a first recompilation); a tensor is a graph input whose value may change
-        freely. It is written in place by `set`, which is called between steps, never between a forward pass and
-        its backward.
+        freely. Eager code reads the same tensor, so that both compute `c * sigma` in the same precision: a
+        last-bit difference there flips near-ties of the sign stage's top N. It is written in place by `set`,
+        which is called between steps, never between a forward pass and its backward.
         """
-        return self._c_tensor if torch.compiler.is_compiling() else self.c
+        return self._c_tensor
 
     def to(self, device: torch.device | str) -> HADRuntimeState:
         """Keeps the tensor of `temperature` on `device` (the model's), so that compiled kernels read it there and
