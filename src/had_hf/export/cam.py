@@ -17,6 +17,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
+from ..selection import check_top_n_rule, kept_counts
 from .cam_coefficients import (
     COMPONENTS,
     DESIGNS,
@@ -123,16 +126,14 @@ class AttentionGeometry:
 
 
 def kept_keys(context_length: int, top_n: int | None = None, top_n_ratio: float | None = None) -> int:
-    """N at a context length: `min(top_n, n)` for a fixed N, `ceil(top_n_ratio * n)` (at least 1) for the ratio rule."""
-    if (top_n is None) == (top_n_ratio is None):
-        raise ValueError(f"Give exactly one of top_n and top_n_ratio, got top_n={top_n}, top_n_ratio={top_n_ratio}.")
-    if top_n is not None:
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-            raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
-        return min(top_n, context_length)
-    if not 0 < top_n_ratio <= 1:
+    """N at a context length, by the rule of `had_hf.selection.kept_counts`: `min(top_n, n)` for a fixed N,
+    `ceil(top_n_ratio * n)` (at least 1) for the ratio rule."""
+    check_top_n_rule(top_n, top_n_ratio)
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
+    if top_n_ratio is not None and not 0 < top_n_ratio <= 1:
         raise ValueError(f"top_n_ratio must be in (0, 1], got {top_n_ratio!r}.")
-    return min(context_length, max(1, math.ceil(top_n_ratio * context_length)))
+    return int(kept_counts(torch.tensor(context_length), top_n, top_n_ratio))
 
 
 def _ceil_log2(x: int) -> int:
