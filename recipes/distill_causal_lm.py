@@ -19,7 +19,7 @@ Launch commands (run from the repository root):
     accelerate launch --config_file recipes/accelerate_configs/single.yaml recipes/distill_causal_lm.py ...
 
 The student is the teacher's HAD copy (N = ceil(top_n_ratio x keys), ratio 0.117 unless --top_n or --top_n_ratio is
-given), distilled in the four stages with the attention-map KL (computed layer by layer in chunks of query rows) and
+given; --sink_keys k also keeps each query's first k keys), distilled in the four stages with the attention-map KL (computed layer by layer in chunks of query rows) and
 the output KL. Training text: the .txt documents of --text_dir, split whole into training and held-out documents,
 the training ones packed (EOS between documents) into windows of --max_seq_length tokens. The output folder holds the
 student (or its adapter), results.json (the evaluation table: dense teacher, exact top-N of the dense logits, HAD
@@ -114,6 +114,10 @@ class ScriptArguments:
     top_n_ratio: float | None = field(
         default=None, metadata={"help": "Keep ceil(ratio * keys) keys per query (default 0.117 unless --top_n)."}
     )
+    sink_keys: int = field(
+        default=0,
+        metadata={"help": "Also keep each query's first k valid keys, attention sinks (0: the paper's top N alone)."},
+    )
     eval_lengths: str = field(
         default="1024,2048,4096,8192",
         metadata={"help": "Context lengths of perplexity, top-1 agreement and pass-key (comma-separated tokens)."},
@@ -157,7 +161,7 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
-        HADConfig(**self.top_n_rule())  # one rule for N, in range
+        HADConfig(**self.top_n_rule())  # one rule for N, in range; sink_keys >= 0
         for name in ("max_seq_length", "eval_windows", "passkey_trials", "stage_eval_windows", "num_held_out"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -174,10 +178,10 @@ class ScriptArguments:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}.")
 
     def top_n_rule(self) -> dict:
-        """`top_n` or `top_n_ratio` for HADConfig: the flag given, else the ratio 0.117."""
+        """`top_n` or `top_n_ratio` (the flag given, else the ratio 0.117) and `sink_keys`, for HADConfig."""
         if self.top_n is None and self.top_n_ratio is None:
-            return {"top_n": None, "top_n_ratio": DEFAULT_TOP_N_RATIO}
-        return {"top_n": self.top_n, "top_n_ratio": self.top_n_ratio}
+            return {"top_n": None, "top_n_ratio": DEFAULT_TOP_N_RATIO, "sink_keys": self.sink_keys}
+        return {"top_n": self.top_n, "top_n_ratio": self.top_n_ratio, "sink_keys": self.sink_keys}
 
     def lengths(self) -> list[int]:
         return _numbers(self.eval_lengths, int, "eval_lengths")

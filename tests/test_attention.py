@@ -36,8 +36,9 @@ def hamming_topk_op_forward(module, *args, **kwargs):
     return output
 
 
-def naive_hamming_attention(query, key, value, valid, top_n, sigma_q, sigma_k, scaling):
-    """Per-row loop in float64: sign, Hamming score, sort by (-score, index), softmax over the kept keys."""
+def naive_hamming_attention(query, key, value, valid, top_n, sigma_q, sigma_k, scaling, sink_keys=0):
+    """Per-row loop in float64: sign, Hamming score, sort by (-score, index), the first N kept and the row's first
+    `sink_keys` valid keys besides, softmax over the kept keys."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -54,8 +55,10 @@ def naive_hamming_attention(query, key, value, valid, top_n, sigma_q, sigma_k, s
                     k_sign = [1 if float(v) >= 0 else -1 for v in key[b, h // group, j]]
                     hamming = sum(1 for a, c in zip(q_sign, k_sign) if a != c)
                     scores.append((dim - 2 * hamming, j))
+                sinks = [item for item in scores[:sink_keys]]  # `scores` is in key order here
                 scores.sort(key=lambda item: (-item[0], item[1]))
                 kept = scores[:top_n]
+                kept += [item for item in sinks if item not in kept]
                 kept_sets[(b, h, i)] = sorted(j for _, j in kept)
                 if not kept:
                     continue
@@ -97,6 +100,25 @@ def test_binary_stage_matches_naive_loop(seed, top_n):
     torch.testing.assert_close(output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(output).all()
     assert (output[0, 2] == 0).all()  # the fully masked row gives zeros
+    op_output = hamming_topk_op_forward(_Module(config), query, key, value, valid, scaling=scaling)
+    torch.testing.assert_close(op_output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("top_n, sink_keys", [(1, 1), (3, 2), (30, 1)])
+def test_attention_sinks_match_naive_loop(seed, top_n, sink_keys):
+    """HADConfig(sink_keys=k): each row keeps its top N and its first k valid keys (padding and a fully masked row
+    included), on the PyTorch path and through the op."""
+    query, key, value, valid = _heavy_tie_inputs(seed)
+    config = HADConfig(top_n=top_n, sink_keys=sink_keys, sigma_q={"layer": 1.3}, sigma_k={"layer": 0.7})
+    scaling = 8**-0.5
+    output, weights = hamming_topk_attention_forward(_Module(config), query, key, value, valid, scaling=scaling)
+    expected, kept_sets = naive_hamming_attention(query, key, value, valid, top_n, 1.3, 0.7, scaling, sink_keys)
+    if top_n < key.shape[2]:
+        assert any(len(kept) > top_n for kept in kept_sets.values())  # some row keeps a sink beside its top N
+    for (b, h, i), kept in kept_sets.items():
+        assert torch.nonzero(weights[b, h, i]).flatten().tolist() == kept, (b, h, i)
+    torch.testing.assert_close(output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
     op_output = hamming_topk_op_forward(_Module(config), query, key, value, valid, scaling=scaling)
     torch.testing.assert_close(op_output.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
 

@@ -130,6 +130,7 @@ def test_lora_distillation_leaves_the_base_weights_byte_identical(data_dir, tmp_
         (["--top_n", "8", "--top_n_ratio", "0.2"], "top_n"),
         (["--model_name_or_path", "./no/such/folder", "--tiny_random_model", "true"], "builds its own teacher"),
         (["--text_dir", "./no/such/folder"], "no folder of .txt documents"),
+        (["--sink_keys", "-1"], "sink_keys must be an integer >= 0"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, tmp_path, capsys):
@@ -149,7 +150,7 @@ def test_flags_alone_start_from_the_tiny_default_unless_they_name_the_teacher_or
         ["--text_dir", "recipes", "--output_dir", str(tmp_path / "b")], check_paths=False
     )
     assert not script_args.tiny_random_model and script_args.max_seq_length == 2048  # the library defaults
-    assert script_args.top_n_rule() == {"top_n": None, "top_n_ratio": 0.117}
+    assert script_args.top_n_rule() == {"top_n": None, "top_n_ratio": 0.117, "sink_keys": 0}
 
 
 @pytest.mark.slow
@@ -206,3 +207,10 @@ def test_causal_lm_benchmark_smoke_merges_into_an_earlier_report(data_dir, tmp_p
     assert run["time_budget"]["max_steps"] >= 8 and run["global_step"] == run["time_budget"]["max_steps"]
     memory = report["step_memory"]["full"]
     assert memory["seq_len"] == 64 and memory["peak_mb"] > 0 and memory["trainable_parameters"] > 0
+
+
+def test_sink_keys_flag_reaches_the_students_config(tmp_path):
+    recipe = _recipe()
+    argv = ["recipes/configs/causal_lm_tiny_cpu.yaml", "--output_dir", str(tmp_path / "out"), "--sink_keys", "1"]
+    script_args, _, _ = recipe.parse_arguments(argv)
+    assert script_args.top_n_rule() == {"top_n": None, "top_n_ratio": 0.117, "sink_keys": 1}

@@ -30,6 +30,7 @@ def test_defaults_and_exactly_one_n_rule():
         ({"sigma_q": {"layer": []}}, r"sigma_q\['layer'\] must be .* a non-empty list"),
         ({"sigma_k": {"layer": [1.0, -0.5]}}, r"sigma_k\['layer'\] must be .* a non-empty list"),
         ({"sigma_per_head": 1}, "sigma_per_head must be True or False"),
+        ({"sink_keys": -1}, "sink_keys must be an integer >= 0"),
     ],
 )
 def test_invalid_values_say_what_is_allowed(kwargs, message):
@@ -90,10 +91,13 @@ def test_saved_in_model_config_json(tmp_path):
     import had_hf
     from tests.conftest import build_model
 
-    model = had_hf.convert(build_model("bert"), HADConfig(top_n=5, sigma_q={"q": 1.25}, sigma_k={"q": 0.75}))
+    config = HADConfig(top_n=5, sink_keys=1, sigma_q={"q": 1.25}, sigma_k={"q": 0.75})
+    model = had_hf.convert(build_model("bert"), config)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["quantization_config"]["top_n"] == 5
+    assert saved["quantization_config"]["sink_keys"] == 1
+    assert HADConfig.from_dict(saved["quantization_config"]) == config
     assert saved["quantization_config"]["sigma_q"] == {"q": 1.25}
     assert saved["attn_implementation"] == "hamming_topk"
 

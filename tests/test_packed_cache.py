@@ -96,7 +96,10 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def test_generate_with_packed_cache_matches_float_keys():
+@pytest.mark.parametrize("sink_keys", [0, 1])
+def test_generate_with_packed_cache_matches_float_keys(sink_keys):
+    """Greedy generation with packed keys equals the float keys', with and without attention sinks; the sinks change
+    the scores (the decode path applies them)."""
     torch.manual_seed(0)
     # head_dim 32 (packing needs multiples of 32), two query heads sharing one key/value head
     config = LlamaConfig(
@@ -112,10 +115,14 @@ def test_generate_with_packed_cache_matches_float_keys():
         eos_token_id=2,
     )
     model = LlamaForCausalLM(config).eval()
-    had_hf.convert(model, HADConfig(top_n=5))
+    had_hf.convert(model, HADConfig(top_n=5, sink_keys=sink_keys))
     inputs = model_inputs("llama", batch=3, length=9)
     outputs = {}
-    for name, cache in (("float", DynamicCache()), ("packed", HADPackedCache(config=model.config))):
+    caches = [("float", DynamicCache()), ("packed", HADPackedCache(config=model.config))]
+    if sink_keys:
+        caches.append(("no_sinks", DynamicCache()))
+    for name, cache in caches:
+        model.config.quantization_config.sink_keys = 0 if name == "no_sinks" else sink_keys
         with torch.no_grad():
             outputs[name] = model.generate(
                 **inputs,
@@ -132,3 +139,5 @@ def test_generate_with_packed_cache_matches_float_keys():
     assert torch.equal(outputs["float"].sequences, outputs["packed"].sequences)
     for float_scores, packed_scores in zip(outputs["float"].scores, outputs["packed"].scores):
         assert torch.allclose(float_scores, packed_scores, atol=1e-5, rtol=1e-5)
+    if sink_keys:
+        assert not torch.allclose(outputs["float"].scores[-1], outputs["no_sinks"].scores[-1], atol=1e-3)

@@ -9,9 +9,11 @@ import torch
 from had_hf.selection import causal_valid, most_kept, select_top_n
 
 
-def reference_keep(scores: torch.Tensor, valid: torch.Tensor, top_n=None, top_n_ratio=None) -> torch.Tensor:
+def reference_keep(
+    scores: torch.Tensor, valid: torch.Tensor, top_n=None, top_n_ratio=None, sink_keys=0
+) -> torch.Tensor:
     """Row by row in Python: N from the row's valid keys, then its valid keys ordered by (larger logit, lower
-    index) and the first N kept."""
+    index) and the first N kept, and the row's first `sink_keys` valid keys besides."""
     valid = valid.expand_as(scores)
     keep = torch.zeros_like(valid)
     for row in torch.cartesian_prod(*[torch.arange(size) for size in scores.shape[:-1]]).reshape(-1, scores.dim() - 1):
@@ -20,7 +22,7 @@ def reference_keep(scores: torch.Tensor, valid: torch.Tensor, top_n=None, top_n_
         v = len(keys)
         n = min(top_n, v) if top_n is not None else min(max(1, math.ceil(top_n_ratio * v)), v)
         ranked = sorted(keys, key=lambda j: (-float(scores[index][j]), j))
-        keep[index][ranked[:n]] = True
+        keep[index][ranked[:n] + keys[:sink_keys]] = True
     return keep
 
 
@@ -48,6 +50,26 @@ def test_select_top_n_keeps_the_rule_for_every_mask_and_tie(rule):
         for mask_name, valid in masks.items():
             expected = reference_keep(score, valid, **rule)
             assert torch.equal(select_top_n(score, valid, **rule), expected), (score_name, mask_name)
+
+
+@pytest.mark.parametrize("rule", [{"top_n": 1}, {"top_n": 4}, {"top_n_ratio": 0.117}, {"top_n_ratio": 1.0}])
+@pytest.mark.parametrize("sink_keys", [1, 3])
+def test_attention_sinks_are_each_rows_first_valid_keys_beside_its_top_n(rule, sink_keys):
+    scores, masks = _cases(seed=2)
+    for score_name, score in scores.items():
+        for mask_name, valid in masks.items():
+            expected = reference_keep(score, valid, **rule, sink_keys=sink_keys)
+            kept = select_top_n(score, valid, **rule, sink_keys=sink_keys)
+            assert torch.equal(kept, expected), (score_name, mask_name)
+            assert torch.equal(kept & select_top_n(score, valid, **rule), select_top_n(score, valid, **rule))
+
+
+@pytest.mark.parametrize("sink_keys", [-1, 1.0, True, "1"])
+def test_sink_keys_other_than_a_count_are_refused(sink_keys):
+    from had_hf import HADConfig
+
+    with pytest.raises(ValueError, match="sink_keys must be an integer >= 0"):
+        HADConfig(sink_keys=sink_keys)
 
 
 def test_select_top_n_in_bfloat16_equals_the_rule_on_the_rounded_logits():

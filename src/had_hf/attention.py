@@ -240,7 +240,7 @@ def had_attention(
     keep = select_top_n(logits, valid, **settings.config.num_kept_args) if sparse else valid
     weights = masked_softmax(logits, keep)
     if mode.gather_values and sparse and settings.config.top_n is not None:
-        output = gathered_values(weights, value, keep, settings.config.top_n)
+        output = gathered_values(weights, value, keep, settings.config.top_n + settings.config.sink_keys)
     else:
         dropped = F.dropout(weights, p=dropout, training=module.training)
         output = torch.matmul(dropped.to(value.dtype), value)
@@ -309,7 +309,7 @@ def _op_attention(query, key, value, attention_mask, position_bias, is_causal, s
         is_causal = False  # a materialized mask already holds the causal structure
     output = ops.hamming_topk_attention(
         query, key, value, mask, bias, is_causal and query.shape[-2] > 1, settings.config.top_n,
-        settings.config.top_n_ratio, float(sigma_q * sigma_k * scaling),
+        settings.config.top_n_ratio, float(sigma_q * sigma_k * scaling), settings.config.sink_keys,
     )  # fmt: skip
     return output.transpose(1, 2).contiguous(), None
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .selection import check_sink_keys
+
 DEFAULT_TOP_N = 30
 
 
@@ -31,6 +33,11 @@ class HADConfig(QuantizationConfigMixin):
         top_n_ratio (`float`, *optional*):
             Keep `ceil(top_n_ratio * n_keys)` keys per query, for long-context models whose N scales with the
             context (the paper uses 15/128 = 0.117).
+        sink_keys (`int`, *optional*, defaults to 0):
+            Attention sinks: each query also keeps its first `sink_keys` valid keys, whatever their scores, beside its
+            top N (`had_hf.selection`). Not in the paper (0 is its rule): decoder LLMs put much of their attention
+            on the sequence's first key, which a top N of binary scores seldom keeps. The Triton kernels and the
+            exporter take 0 only (other values run the PyTorch implementation).
         sigma_q (`dict[str, float]`, *optional*):
             Per-layer standardization coefficient of the queries, keyed by the attention module's name in the model
             (e.g. `"bert.encoder.layer.0.attention.self"`). `None` until `had_hf.calibrate` has run; an
@@ -58,6 +65,7 @@ class HADConfig(QuantizationConfigMixin):
     quant_method: str = field(default="had", metadata={"help": "Fixed to `had`: the key transformers dispatches on."})
     top_n: int | None = field(default=None, metadata={"help": "Keys kept per query (default 30)."})
     top_n_ratio: float | None = field(default=None, metadata={"help": "Keep ceil(ratio * n_keys) keys per query."})
+    sink_keys: int = field(default=0, metadata={"help": "Also keep each query's first k valid keys (0: none)."})
     sigma_q: dict[str, float] | None = field(default=None, metadata={"help": "Per-layer query std (calibrated)."})
     sigma_k: dict[str, float] | None = field(default=None, metadata={"help": "Per-layer key std (calibrated)."})
     sigma_per_head: bool = field(default=False, metadata={"help": "Calibrate sigma per head, not per layer."})
@@ -93,6 +101,7 @@ class HADConfig(QuantizationConfigMixin):
             or not (math.isfinite(self.ste_clip) and self.ste_clip > 0)
         ):
             raise ValueError(f"ste_clip must be a finite number > 0, got {self.ste_clip!r}.")
+        check_sink_keys(self.sink_keys)
         self.target_modules = _validate_target_modules(self.target_modules)
         for name in ("sigma_q", "sigma_k"):
             setattr(self, name, _validate_sigma(name, getattr(self, name)))
@@ -108,8 +117,8 @@ class HADConfig(QuantizationConfigMixin):
 
     @property
     def num_kept_args(self) -> dict[str, int | float | None]:
-        """`top_n` and `top_n_ratio`, as the selection functions and the attention op take them."""
-        return {"top_n": self.top_n, "top_n_ratio": self.top_n_ratio}
+        """`top_n`, `top_n_ratio` and `sink_keys`, as the selection functions and the attention op take them."""
+        return {"top_n": self.top_n, "top_n_ratio": self.top_n_ratio, "sink_keys": self.sink_keys}
 
     def sigmas(
         self, layer_name: str | None, aliases: tuple[str, ...] = ()

@@ -29,6 +29,7 @@ def hamming_topk_attention(
     top_n: int | None,
     top_n_ratio: float | None,
     alpha: float,
+    sink_keys: int = 0,
 ) -> torch.Tensor:
     """HAD attention of the binary stage: exact top-N of `alpha * Qb Kb^T + bias`, softmax over the kept keys, A.V.
 
@@ -44,26 +45,30 @@ def hamming_topk_attention(
         top_n (`int`, *optional*), top_n_ratio (`float`, *optional*): the rule for N, exactly one of them (see
             `had_hf.selection.kept_counts`).
         alpha (`float`): sigma_q * sigma_k * scaling (> 0), the scale of the binary scores.
+        sink_keys (`int`, *optional*, defaults to 0): each row also keeps its first `sink_keys` valid keys (attention
+            sinks); the Triton kernels take 0 only, other values run the PyTorch implementation.
 
     Returns:
         `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value`; zeros for a query with no valid key.
     """
     return reference_hamming_topk_attention(
-        query, key, value, mask, top_n, alpha, top_n_ratio=top_n_ratio, bias=bias, is_causal=is_causal
-    )
+        query, key, value, mask, top_n, alpha, top_n_ratio=top_n_ratio, bias=bias, is_causal=is_causal,
+        sink_keys=sink_keys,
+    )  # fmt: skip
 
 
 @hamming_topk_attention.register_kernel("cuda")
-def _hamming_topk_attention_cuda(query, key, value, mask, bias, is_causal, top_n, top_n_ratio, alpha):
-    kernel = triton_kernel_for(query, key, value, mask, bias)
+def _hamming_topk_attention_cuda(query, key, value, mask, bias, is_causal, top_n, top_n_ratio, alpha, sink_keys=0):
+    kernel = triton_kernel_for(query, key, value, mask, bias, sink_keys)
     if kernel is None:
         return reference_hamming_topk_attention(
-            query, key, value, mask, top_n, alpha, top_n_ratio=top_n_ratio, bias=bias, is_causal=is_causal
-        )
+            query, key, value, mask, top_n, alpha, top_n_ratio=top_n_ratio, bias=bias, is_causal=is_causal,
+            sink_keys=sink_keys,
+        )  # fmt: skip
     return kernel(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha)
 
 
 @hamming_topk_attention.register_fake
-def _hamming_topk_attention_fake(query, key, value, mask, bias, is_causal, top_n, top_n_ratio, alpha):
+def _hamming_topk_attention_fake(query, key, value, mask, bias, is_causal, top_n, top_n_ratio, alpha, sink_keys=0):
     batch, num_heads, query_len, _ = query.shape
     return value.new_empty(batch, num_heads, query_len, value.shape[-1])

@@ -5,6 +5,11 @@ attend to (padding, causal future positions and unfilled cache slots do not coun
 keeps the N keys with the largest logits; among keys whose logit equals the N-th largest (the threshold), the lower
 key indices are kept first. Masked keys are never kept; a row with no valid key keeps nothing.
 
+Attention sinks (`sink_keys = k`, 0 by default: the paper's rule): each row also keeps its first k valid keys, whatever
+their logits, beside its top N (a row then keeps between N and N + k keys). Decoder LLMs put much of their attention on
+the sequence's first key (`benchmarks/README.md`, "What binarization breaks before distillation"); a top N of binary
+scores seldom holds it.
+
 Every implementation selects through these functions or is tested against them: the eager attention of every
 stage, the `had::hamming_topk_attention` op's PyTorch implementation, the ONNX graph and the golden vectors. The
 Triton kernels implement the same rule (histogram threshold, ties filled in index order) and are tested for equal
@@ -51,7 +56,11 @@ def kept_counts(valid_counts: torch.Tensor, top_n: int | None, top_n_ratio: floa
 
 
 def select_top_n(
-    scores: torch.Tensor, valid: torch.Tensor, top_n: int | None = None, top_n_ratio: float | None = None
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    top_n: int | None = None,
+    top_n_ratio: float | None = None,
+    sink_keys: int = 0,
 ) -> torch.Tensor:
     """The keys each query keeps (see the module docstring for the rule).
 
@@ -59,6 +68,7 @@ def select_top_n(
         scores (`torch.Tensor`): (..., k) logits as the softmax sees them (any real values, biases included).
         valid (`torch.Tensor`): bool, broadcastable to `scores`; False keys are never kept.
         top_n (`int`, *optional*), top_n_ratio (`float`, *optional*): the rule for N, exactly one of them.
+        sink_keys (`int`, *optional*, defaults to 0): each row also keeps its first `sink_keys` valid keys.
 
     Returns:
         `torch.Tensor`: bool mask of the kept keys, shaped like `scores`.
@@ -80,7 +90,19 @@ def select_top_n(
     above = masked > threshold  # a masked key (-inf) is above no threshold
     tied = (masked == threshold) & valid
     quota = num_kept - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
-    return above | (tied & (tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= quota))
+    keep = above | (tied & (tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= quota))
+    return keep | first_valid_keys(valid, sink_keys) if sink_keys else keep
+
+
+def first_valid_keys(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """bool, shaped like `valid`: each row's first `count` valid keys (the attention sinks of `select_top_n`)."""
+    return valid & (valid.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= count)
+
+
+def check_sink_keys(sink_keys) -> None:
+    """Raises `ValueError` unless `sink_keys` is an integer >= 0."""
+    if isinstance(sink_keys, bool) or not isinstance(sink_keys, int) or sink_keys < 0:
+        raise ValueError(f"sink_keys must be an integer >= 0 (0: no attention sinks), got {sink_keys!r}.")
 
 
 def most_kept(num_keys: int, top_n_ratio: float) -> int:

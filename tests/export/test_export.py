@@ -382,6 +382,10 @@ def test_refuses_uncalibrated_and_training_stage_models(tmp_path):
     config.sigma_q = {name: [value] * per_head.config.num_attention_heads for name, value in config.sigma_q.items()}
     with pytest.raises(HADExportError, match="one sigma per head"):
         export_had(per_head, tmp_path / "out")
+    sinks = had_model("bert")
+    sinks.config.quantization_config.sink_keys = 1
+    with pytest.raises(HADExportError, match=r"attention sinks \(HADConfig.sink_keys=1\)"):
+        export_had(sinks, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path)
 
 

@@ -284,3 +284,13 @@ def test_the_card_names_the_held_out_split_and_the_stage_end_kept(tmp_path, outp
     (folder / "results.json").write_text(json.dumps(results))
     text = str(hub.render_model_card(folder, REPO_ID))
     assert "the last stage end is the model" in text and "keep_best_deployable" not in text
+
+
+def test_card_names_the_attention_sinks_beside_the_rule_for_n():
+    from had_hf import HADConfig
+    from had_hf.hub.card_rows import top_n_text
+
+    assert top_n_text(HADConfig(top_n=30)) == "30"
+    assert top_n_text(HADConfig(top_n_ratio=0.117, sink_keys=1)) == (
+        "ceil(0.117 × number of keys), and the first 1 valid key(s) of each query (attention sinks)"
+    )

@@ -25,7 +25,7 @@ _ATTRIBUTES = ("_had_config", "_had_name", "_had_is_cross", "_had_aliases", "_ha
 
 @contextlib.contextmanager
 def topn_dense_reference(
-    model: PreTrainedModel, top_n: int | None = None, top_n_ratio: float | None = None
+    model: PreTrainedModel, top_n: int | None = None, top_n_ratio: float | None = None, sink_keys: int = 0
 ) -> Iterator[PreTrainedModel]:
     """Within the block, `model` runs dense attention restricted to the exact top-N logits of each row.
 
@@ -33,6 +33,8 @@ def topn_dense_reference(
         model (`PreTrainedModel`): a dense transformers model whose attention goes through the attention interface.
         top_n (`int`, *optional*): keys kept per query (clamped to the keys it may attend to).
         top_n_ratio (`float`, *optional*): keep `ceil(top_n_ratio * valid keys)` per query instead (e.g. 15/128).
+        sink_keys (`int`, *optional*, defaults to 0): also keep each query's first `sink_keys` valid keys (the HAD
+            model's attention sinks, so that the reference differs from it in the scores alone).
 
     Exactly one of `top_n` and `top_n_ratio` is set. On exit the model's previous attention and tags are back.
 
@@ -42,7 +44,7 @@ def topn_dense_reference(
     """
     if (top_n is None) == (top_n_ratio is None):
         raise ValueError(f"Set exactly one of top_n and top_n_ratio, got {top_n!r} and {top_n_ratio!r}.")
-    config = HADConfig(top_n=top_n, top_n_ratio=top_n_ratio)
+    config = HADConfig(top_n=top_n, top_n_ratio=top_n_ratio, sink_keys=sink_keys)
     previous = model.config._attn_implementation
     saved = {id(m): {a: m.__dict__[a] for a in _ATTRIBUTES if a in m.__dict__} for m in model.modules()}
     attach(model, config)

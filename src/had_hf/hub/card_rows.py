@@ -133,9 +133,12 @@ def timeline_rows(timeline: list[Mapping[str, Any]], schedule: Mapping[str, Any]
 
 
 def top_n_text(had_config: HADConfig) -> str:
-    if had_config.top_n is not None:
-        return str(had_config.top_n)
-    return f"ceil({had_config.top_n_ratio} × number of keys)"
+    rule = (
+        str(had_config.top_n) if had_config.top_n is not None else f"ceil({had_config.top_n_ratio} × number of keys)"
+    )
+    if had_config.sink_keys:
+        rule += f", and the first {had_config.sink_keys} valid key(s) of each query (attention sinks)"
+    return rule
 
 
 def _natural_key(text: str) -> list[Any]:

@@ -91,15 +91,16 @@ def triton_kernel_for(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     bias: torch.Tensor | None,
+    sink_keys: int = 0,
 ) -> KernelFunction | None:
     """The Triton kernel that serves this call of `had::hamming_topk_attention`, or `None` for the PyTorch reference.
 
     The one place that decides: CUDA tensors with Triton available, no additive bias (the kernels select on the
-    binary scores alone), a boolean mask, 16/32-bit values (float64 keeps its precision on the reference path), no
+    binary scores alone), no attention sinks (`sink_keys` 0: the kernels keep the top N alone), a boolean mask, 16/32-bit values (float64 keeps its precision on the reference path), no
     gradient needed (the kernels have no backward), and a shape the kernel takes. The returned function has the
     op's arguments less `bias`.
     """
-    if not (_use_triton(query) and key.is_cuda and value.is_cuda) or bias is not None:
+    if not (_use_triton(query) and key.is_cuda and value.is_cuda) or bias is not None or sink_keys:
         return None
     if mask is not None and mask.dtype != torch.bool:
         return None

@@ -47,6 +47,7 @@ def reference_hamming_topk_attention(
     top_n_ratio: float | None = None,
     bias: torch.Tensor | None = None,
     is_causal: bool = False,
+    sink_keys: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HAD attention of the binary stage in plain PyTorch.
 
@@ -64,6 +65,7 @@ def reference_hamming_topk_attention(
         bias (`torch.Tensor`, *optional*): additive logits broadcastable to (B, Hq, q, n).
         is_causal (`bool`, *optional*, defaults to `False`): also mask keys after each query (queries are the last q
             of the n positions).
+        sink_keys (`int`, *optional*, defaults to 0): each row also keeps its first `sink_keys` valid keys.
 
     Returns:
         `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value` (and the keep mask if `return_keep`). The weights are
@@ -105,7 +107,7 @@ def reference_hamming_topk_attention(
         valid = _grouped(mask, shape)
         # METHOD.md: the N largest binary scores (alpha only sets the softmax temperature), or with a bias the N
         # largest biased logits
-        keep = select_top_n(scores if bias is None else logits, valid, top_n, top_n_ratio)
+        keep = select_top_n(scores if bias is None else logits, valid, top_n, top_n_ratio, sink_keys)
         weights = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0) * keep
         outputs.append(torch.matmul(weights, value_c).to(value.dtype))
         if return_keep:
