@@ -3,7 +3,8 @@ for with its steps, and their split into parts that each fit one device call.
 
 A part's wall time is estimated from the earlier rounds' timings (`estimate_seconds`: all of a part's runs start
 together on the GPU(s)); `slowest_seconds` gives the same runs at the slowest pace measured for one process, against
-a session's device time. Runs under the `compiled` lever count their steps at the measured compiled pace. `plan` (`python benchmarks/glue_defaults.py plan`) prints the parts; `run` starts one.
+a session's device time. Runs under the `compiled` lever count their steps at the measured compiled pace. `plan`
+(`python benchmarks/glue_defaults.py plan`) prints the parts; `run` starts one.
 """
 
 from __future__ import annotations

@@ -102,8 +102,9 @@ def eager_run(tmp_path_factory):
 
 # the relative tolerance of each backend's losses. Dynamo alone runs the eager kernels on the same inputs (c is the
 # same float32 tensor in both, so `c * sigma` rounds alike: a last-bit difference there flips near-ties of the sign
-# stage's top N and the losses drift by about a percent); inductor fuses the float math, and once c is small the transformed logits have near-ties that
-# it can order differently, so a few top-N selections differ and the weights drift apart by about a percent
+# stage's top N and the losses drift by about a percent); inductor fuses the float math, and once c is small the
+# transformed logits have near-ties that it can order differently, so a few top-N selections differ and the weights
+# drift apart by about a percent
 TOLERANCES = {"eager": 1e-4, "inductor": 5e-2}
 
 

@@ -35,7 +35,8 @@ def transform(x: torch.Tensor, sigma: float, stage: str, c: float = 1.0, ste_cli
         sigma (`float` or `torch.Tensor`): the layer's standardization coefficient (sigma_Q or sigma_K), or one per
             head as a tensor broadcastable to `x` (e.g. (1, H, 1, 1)).
         stage (`str`): `"tanh"`, `"sign"`, `"ste"` or `"binary"`.
-        c (`float`): the temperature of the tanh stages.
+        c (`float` or `torch.Tensor`): the temperature of the tanh stages (the attention passes a 0-d tensor,
+            `HADRuntimeState.temperature`).
         ste_clip (`float`): the STE clip bound t.
     """
     if stage == "tanh":

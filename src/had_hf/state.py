@@ -77,8 +77,8 @@ class HADRuntimeState:
         return self._c_tensor
 
     def to(self, device: torch.device | str) -> HADRuntimeState:
-        """Keeps the tensor of `temperature` on `device` (the model's), so that compiled kernels read it there and
-        `set` updates it without a host-to-device copy. Returns the state."""
+        """Keeps the tensor of `temperature` on `device` (the model's), so that the attention's kernels read it there
+        and `set` updates it without a host-to-device copy. Returns the state."""
         self._c_tensor = self._c_tensor.to(device)
         return self
 

@@ -96,8 +96,9 @@ def triton_kernel_for(
     """The Triton kernel that serves this call of `had::hamming_topk_attention`, or `None` for the PyTorch reference.
 
     The one place that decides: CUDA tensors with Triton available, no additive bias (the kernels select on the
-    binary scores alone), no attention sinks (`sink_keys` 0: the kernels keep the top N alone), a boolean mask, 16/32-bit values (float64 keeps its precision on the reference path), no
-    gradient needed (the kernels have no backward), and a shape the kernel takes. The returned function has the
+    binary scores alone), no attention sinks (`sink_keys` 0: the kernels keep the top N alone), a boolean mask,
+    16/32-bit values (float64 keeps its precision on the reference path), no gradient needed (the kernels have no
+    backward), and a shape the kernel takes. The returned function has the
     op's arguments less `bias`.
     """
     if not (_use_triton(query) and key.is_cuda and value.is_cuda) or bias is not None or sink_keys:
