@@ -33,6 +33,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,15 +67,16 @@ VARIANTS = (
 )
 
 
+@dataclass
 class ProbeState:
     """What the probe attention does now: the variant, the layers it applies to (None: all), and the per-layer
     statistics it gathers when `gather` is set."""
 
-    variant = "dense"
+    variant: str = "dense"
     layers: set[int] | None = None
-    gather = False
-    first_key_weight: dict[int, list[float]] = {}
-    first_key_kept: dict[int, list[float]] = {}
+    gather: bool = False
+    first_key_weight: dict[int, list[float]] = field(default_factory=dict)
+    first_key_kept: dict[int, list[float]] = field(default_factory=dict)
 
 
 STATE = ProbeState()
@@ -171,12 +173,16 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return math.exp(total / count)
 
 
-def training_windows(tokenizer, text_dir: str, length: int, count: int, num_held_out: int, seed: int):
-    """`count` windows of `length` tokens from the recipe's training documents (its split: `num_held_out`, `seed`)."""
+def training_token_ids(tokenizer, text_dir: str, num_held_out: int, seed: int) -> list[list[int]]:
+    """The token ids of the recipe's training documents (its split: `num_held_out`, `seed`), read and tokenized once."""
     documents = read_documents(text_dir)
     train, _ = split_documents(list(documents), num_held_out, seed=seed)
-    ids = tokenize_documents(tokenizer, {name: documents[name] for name in train})
-    windows = pack_windows(list(ids.values()), length)
+    return list(tokenize_documents(tokenizer, {name: documents[name] for name in train}).values())
+
+
+def training_windows(token_ids: list[list[int]], length: int, count: int, seed: int) -> torch.Tensor:
+    """`count` windows of `length` tokens of `token_ids`, a seeded choice."""
+    windows = pack_windows(token_ids, length)
     random.Random(seed).shuffle(windows)
     return torch.tensor(windows[:count])
 
@@ -206,16 +212,17 @@ def main(argv=None) -> dict:
     lengths = [int(value) for value in args.lengths.split(",")]
 
     had = had_hf.convert(copy.deepcopy(teacher), HADConfig(top_n=None, top_n_ratio=args.top_n_ratio))
-    calibration = training_windows(tokenizer, args.text_dir, 256, args.calibration_windows, args.num_held_out, 0)
+    token_ids = training_token_ids(tokenizer, args.text_dir, args.num_held_out, args.seed)
+    calibration = training_windows(token_ids, 256, args.calibration_windows, 0)
     calibrate(had, [{"input_ids": window[None]} for window in calibration], num_batches=len(calibration))
     AttentionInterface.register(PROBE, probe_attention)
     AttentionMaskInterface.register(PROBE, lambda *args, **kwargs: None)
-    check = probe_check(had, training_windows(tokenizer, args.text_dir, lengths[0], 1, args.num_held_out, args.seed))
+    check = probe_check(had, training_windows(token_ids, lengths[0], 1, args.seed))
     had.set_attn_implementation(PROBE)
 
     rows = []
     for length in lengths:
-        windows = training_windows(tokenizer, args.text_dir, length, args.windows, args.num_held_out, args.seed)
+        windows = training_windows(token_ids, length, args.windows, args.seed)
         for variant in VARIANTS:
             STATE.variant, STATE.layers = variant, None
             start = time.perf_counter()
@@ -223,7 +230,7 @@ def main(argv=None) -> dict:
             rows.append({"n": length, "variant": variant, "perplexity": value})
             print(f"n={length:5d} {variant:42s} perplexity {value:12.2f} ({time.perf_counter() - start:.0f} s)")
 
-    windows = training_windows(tokenizer, args.text_dir, args.layer_length, args.windows, args.num_held_out, args.seed)
+    windows = training_windows(token_ids, args.layer_length, args.windows, args.seed)
     STATE.variant, STATE.layers, STATE.gather = "dense", None, True
     perplexity(had, windows)
     STATE.gather = False
