@@ -44,6 +44,15 @@ def main() -> None:
         "task": results["task"],
         "teacher": results["teacher"]["metrics"][metric],
         "had": results["student"]["metrics"][metric],
+        "held_out": {
+            "examples": results["validation"]["examples"],
+            "teacher": results["validation"]["teacher_metrics"][metric],
+            "had": results["validation"]["student_metrics"][metric],
+        },
+        "model_selection": results["model_selection"],
+        "stage_ends_deployable": {
+            end["stage"]: end["deployable_metrics"][metric] for end in results["metrics_per_stage"]
+        },
         "schedule": results["schedule_description"],
         "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "host": platform.node()},
         "versions": {k: results[k] for k in ("had_hf_version", "transformers_version", "torch_version")},

@@ -22,7 +22,7 @@ LENGTHS = [1024, 2048, 4096, 8192]
 HEAD_DIM = 32
 
 
-def had_llama():
+def had_llama(sink_keys: int = 0):
     """A tiny Llama as HAD: 2 layers, 4 query heads sharing 2 key/value heads, head_dim 32 (the packed cache word)."""
     import transformers
 
@@ -31,7 +31,7 @@ def had_llama():
     config.head_dim = HEAD_DIM
     teacher = transformers.LlamaForCausalLM(config).eval()
     had_hf.integration.set_attention(teacher, "eager")
-    model = had_hf.convert(teacher, HADConfig(top_n=TOP_N))
+    model = had_hf.convert(teacher, HADConfig(top_n=TOP_N, sink_keys=sink_keys))
     had_hf.calibrate(model, [model_inputs("llama", batch=4, length=16)], num_batches=1)
     return model
 
@@ -181,6 +181,35 @@ def test_cam_report_gives_the_cost_per_generated_token_at_1k_to_8k(exported):
     markdown = (output_dir / "cam_report.md").read_text()
     assert "## Per generated token (decoder)" in markdown and "| 8,192 | 5 |" in markdown
     assert "per generated token (decoder)" in result.summary()
+
+
+def test_a_model_with_attention_sinks_exports_its_rule(tmp_path):
+    from had_hf.export.cam import AttentionGeometry, cam_cost_report
+
+    model = had_llama(sink_keys=1)
+    result = export_had(model, tmp_path / "out", samples=3, context_length=16, generation_lengths=[64, 1024])
+    assert result.onnx_max_abs_diff < 1e-5  # the ONNX graph keeps the sinks too (else its outputs would differ)
+    golden = load_golden(tmp_path / "out")
+    store = HADCaptureStore(capture_logits=False, capture_details=True)
+    with torch.no_grad():
+        for index in range(golden.manifest["samples"]):
+            sample = {name: torch.from_numpy(value[index : index + 1]) for name, value in golden.inputs.items()}
+            store.details.clear()
+            model(**sample, had_store=store)
+            for layer in golden.layers:
+                assert (layer.top_n, layer.sink_keys, layer.kept_indices.shape[-1]) == (TOP_N, 1, TOP_N + 1)
+                _check_layer_sample(layer, index, store.details[layer.name]["keep"][0].numpy())
+    # some rows kept the first valid key beside a full top N: the sink changed the kept sets
+    assert any((layer.kept_indices[..., -1] >= 0).any() for layer in golden.layers)
+    code = (tmp_path / "out" / "golden" / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    exec(compile(code.replace('"golden"', repr(str(tmp_path / "out" / "golden"))), "README.md", "exec"), {})
+    # the CAM report costs N + 1 kept keys per query
+    report = json.loads((tmp_path / "out" / "cam_report.json").read_text())
+    assert report["operating_point"]["top_n_rule"] == {"top_n": TOP_N, "top_n_ratio": None, "sink_keys": 1}
+    assert [row["top_n"] for row in report["per_generated_token"]] == [TOP_N + 1, TOP_N + 1]
+    plain = cam_cost_report(AttentionGeometry.from_config(model.config), 16, top_n=TOP_N + 1)
+    assert report["model_total"]["had"]["total"] == pytest.approx(plain["model_total"]["had"]["total"], rel=1e-12)
+    assert "the first 1 key(s), attention sinks" in (tmp_path / "out" / "cam_report.md").read_text()
 
 
 def test_chosen_generation_lengths(tmp_path, caplog):

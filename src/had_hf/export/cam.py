@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..selection import check_top_n_rule, kept_counts
+from ..selection import check_sink_keys, check_top_n_rule, kept_counts
 from .cam_coefficients import (
     COMPONENTS,
     DESIGNS,
@@ -125,15 +125,19 @@ class AttentionGeometry:
         )
 
 
-def kept_keys(context_length: int, top_n: int | None = None, top_n_ratio: float | None = None) -> int:
-    """N at a context length, by the rule of `had_hf.selection.kept_counts`: `min(top_n, n)` for a fixed N,
-    `ceil(top_n_ratio * n)` (at least 1) for the ratio rule."""
+def kept_keys(
+    context_length: int, top_n: int | None = None, top_n_ratio: float | None = None, sink_keys: int = 0
+) -> int:
+    """The most keys a query keeps at a context length: N by the rule of `had_hf.selection.kept_counts`
+    (`min(top_n, n)` for a fixed N, `ceil(top_n_ratio * n)`, at least 1, for the ratio rule), plus the `sink_keys`
+    first keys that `had_hf.selection.select_top_n` keeps beside them, at most n."""
     check_top_n_rule(top_n, top_n_ratio)
+    check_sink_keys(sink_keys)
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
     if top_n_ratio is not None and not 0 < top_n_ratio <= 1:
         raise ValueError(f"top_n_ratio must be in (0, 1], got {top_n_ratio!r}.")
-    return int(kept_counts(torch.tensor(context_length), top_n, top_n_ratio))
+    return min(int(kept_counts(torch.tensor(context_length), top_n, top_n_ratio)) + sink_keys, context_length)
 
 
 def _ceil_log2(x: int) -> int:
@@ -263,6 +267,9 @@ def _assumptions(coefficients: CAMCoefficients) -> list[str]:
         f"HAD A.V scales as BF16 A.V times the kept fraction (N / n_keys) / ({top0} / {n0}): only N rows of V are read.",
         "The softmax cost follows n_keys in both designs (as the paper's natural scaling states), although HAD "
         "normalizes only N entries; this overstates HAD's softmax.",
+        "Attention sinks (a model with HADConfig.sink_keys = k): a query keeps its first k keys beside its top N, "
+        "so N in every formula is N + k (at most n), the most keys a query keeps. The top-N unit is costed as if "
+        "it selected N + k, which overstates it slightly: the sinks are fixed positions that need no sorting.",
         "Grouped-query attention: the CAM stores each key/value head's keys once (HAD Q.K^T area and CAM bits "
         "follow n_keys x key/value heads x head_dim); the query heads of a group search it one after another (HAD "
         "Q.K^T power and energy follow the query heads, its latency has one search per query head of the group). "
@@ -288,6 +295,7 @@ def cam_cost_report(
     top_n: int | None = None,
     top_n_ratio: float | None = None,
     coefficients: CAMCoefficients | None = None,
+    sink_keys: int = 0,
 ) -> dict[str, Any]:
     """The CAM cost report of a model at context length n and N, as a JSON-serializable dict.
 
@@ -297,6 +305,8 @@ def cam_cost_report(
         top_n (`int`, *optional*): a fixed N (capped at n). Exactly one of `top_n` and `top_n_ratio`.
         top_n_ratio (`float`, *optional*): N = ceil(top_n_ratio * n).
         coefficients (`CAMCoefficients`, *optional*): defaults to the packaged coefficients.
+        sink_keys (`int`, *optional*, defaults to 0): the model's attention sinks (`HADConfig.sink_keys`); the
+            report's `top_n` is then the most keys a query keeps, N + `sink_keys` (at most n).
 
     Returns:
         `dict`: `per_layer` and `model_total` (each `{"bf16"|"had": {component|"total": {metric: value}},
@@ -307,7 +317,7 @@ def cam_cost_report(
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
         raise ValueError(f"context_length must be a positive integer, got {context_length!r}.")
     coefficients = coefficients if coefficients is not None else load_coefficients()
-    kept = kept_keys(context_length, top_n, top_n_ratio)
+    kept = kept_keys(context_length, top_n, top_n_ratio, sink_keys)
     per_layer = _layer_costs(geometry, context_length, kept, coefficients)
     model_total = _times(per_layer, geometry.num_layers)
     # model latency adds up layer by layer, which `_times` already does; areas, power and energy add up too
@@ -331,7 +341,7 @@ def cam_cost_report(
         "operating_point": {
             "context_length": context_length,
             "top_n": kept,
-            "top_n_rule": {"top_n": top_n, "top_n_ratio": top_n_ratio},
+            "top_n_rule": {"top_n": top_n, "top_n_ratio": top_n_ratio, "sink_keys": sink_keys},
             "kept_fraction": kept / context_length,
             "clock_mhz": coefficients["clock_mhz"],
         },

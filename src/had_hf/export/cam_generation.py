@@ -39,11 +39,13 @@ def generation_costs(
     top_n: int | None = None,
     top_n_ratio: float | None = None,
     coefficients: CAMCoefficients | None = None,
+    sink_keys: int = 0,
 ) -> list[dict[str, Any]]:
     """What the whole model's attention costs per generated token of a decoder, at each context length n.
 
     Generating a token runs one new query per head against the n cached keys in every layer, keeping
-    N = `kept_keys(n, top_n, top_n_ratio)`: the per-layer costs of `_layer_costs` at (n, N), times the layers.
+    N = `kept_keys(n, top_n, top_n_ratio, sink_keys)`: the per-layer costs of `_layer_costs` at (n, N), times the
+    layers.
 
     Returns:
         `list[dict]`: per n, increasing: `context_length`, `top_n`, `bf16` and `had` (`area_mm2`, `power_w`,
@@ -53,7 +55,7 @@ def generation_costs(
     coefficients = coefficients if coefficients is not None else load_coefficients()
     rows = []
     for n in check_generation_lengths(context_lengths):
-        kept = kept_keys(n, top_n, top_n_ratio)
+        kept = kept_keys(n, top_n, top_n_ratio, sink_keys)
         model = _times(_layer_costs(geometry, n, kept, coefficients), geometry.num_layers)
         totals = {design: dict(model[design]["total"]) for design in DESIGNS}
         for design in DESIGNS:

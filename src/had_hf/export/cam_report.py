@@ -93,6 +93,11 @@ def render_generation_table(report: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _sinks_note(point: Mapping[str, Any]) -> str:
+    sinks = point["top_n_rule"].get("sink_keys", 0)
+    return f"(at most: the top N and the first {sinks} key(s), attention sinks) " if sinks else ""
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as a Markdown document: operating point, cost tables, CAM bits, assumptions, coefficients."""
     model, point = report["model"], report["operating_point"]
@@ -105,7 +110,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"Model `{model['model_type']}`: {model['num_layers']} attention layers, {model['num_heads']} heads "
         f"({model['num_kv_heads']} key/value heads) of dimension {model['head_dim']}, hidden size {model['hidden_size']}.",
         f"Operating point: context length n = {point['context_length']}, N = {point['top_n']} keys kept per query "
-        f"(kept fraction {point['kept_fraction']:.3f}), clock {point['clock_mhz']:g} MHz.",
+        f"{_sinks_note(point)}(kept fraction {point['kept_fraction']:.3f}), clock {point['clock_mhz']:g} MHz.",
         "",
         f"**Whole model: HAD-CAM needs {_format(reduction['area_mm2'], 2)}% less area, "
         f"{_format(reduction['power_w'], 2)}% less power and {_format(reduction['energy_per_token_nj'], 2)}% less energy "
@@ -170,7 +175,8 @@ def plot_cam_report(report: Mapping[str, Any], path: str | Path) -> Path:
     lengths = sorted({2**k for k in range(6, 1 + max(14, math.ceil(math.log2(current)) + 2))} | {current})
     curves = {design: {"area_mm2": [], "energy_per_token_nj": []} for design in DESIGNS}
     for length in lengths:
-        costs = _layer_costs(geometry, length, kept_keys(length, rule["top_n"], rule["top_n_ratio"]), coefficients)
+        kept = kept_keys(length, rule["top_n"], rule["top_n_ratio"], rule.get("sink_keys", 0))
+        costs = _layer_costs(geometry, length, kept, coefficients)
         for design in DESIGNS:
             for metric in curves[design]:
                 curves[design][metric].append(costs[design]["total"][metric] * geometry.num_layers)
@@ -190,6 +196,7 @@ def plot_cam_report(report: Mapping[str, Any], path: str | Path) -> Path:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     n_rule = f"N = {rule['top_n']}" if rule["top_n"] is not None else f"N = ceil({rule['top_n_ratio']:g} n)"
+    n_rule += f" + {rule['sink_keys']} sink key(s)" if rule.get("sink_keys") else ""
     figure.suptitle(f"{geometry.model_type}: HAD-CAM vs BF16 attention ({geometry.num_layers} layers, {n_rule})")
     figure.tight_layout()
     path = Path(path)

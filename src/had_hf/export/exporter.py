@@ -224,6 +224,7 @@ def _write_bundle(
     num_keys = int(layers[0].key_bits.shape[2])
     report_length = context_length if context_length is not None else num_keys
     rule = {"top_n": had_config.top_n} if had_config.top_n is not None else {"top_n_ratio": had_config.top_n_ratio}
+    rule["sink_keys"] = had_config.sink_keys
     geometry = AttentionGeometry.from_config(model.config)
     report = cam_cost_report(geometry, report_length, coefficients=coefficients, **rule)
     if generation_lengths is not None:

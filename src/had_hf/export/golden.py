@@ -47,13 +47,16 @@ class GoldenLayer:
         num_heads (`int`): H (query heads; keys and values are expanded to them for grouped-query attention).
         head_dim (`int`): d, the number of sign bits per query or key.
         top_n (`int`): N at this layer's number of keys.
+        sink_keys (`int`, *optional*, defaults to 0): attention sinks: each query also keeps its first `sink_keys`
+            valid keys, so the kept-key arrays have `min(top_n + sink_keys, keys)` slots.
         sigma_q (`float`), sigma_k (`float`): the layer's standardization coefficients.
         scaling (`float`): the model's logit scale s; alpha = sigma_q * sigma_k * s.
         num_kv_heads (`int`, *optional*): key/value heads; query head h reads key/value head
             `h // (num_heads // num_kv_heads)` (grouped-query attention). Defaults to `num_heads`.
         arrays (`dict[str, np.ndarray]`): `query_bits` (S, H, q, W) uint64, `key_bits` (S, H, k, W) uint64,
-            `valid` (S, 1, q, k) uint8 (broadcast over heads), `kept_indices` (S, H, q, N) int32 (-1 = empty slot), `kept_weights`
-            (S, H, q, N) float32, `value` (S, H, k, d) float32, `attention_output` (S, H, q, d) float32.
+            `valid` (S, 1, q, k) uint8 (broadcast over heads), `kept_indices` (S, H, q, M) int32 (-1 = empty slot;
+            M = N, or min(N + sink_keys, k) with sinks), `kept_weights` (S, H, q, M) float32, `value` (S, H, k, d)
+            float32, `attention_output` (S, H, q, d) float32.
     """
 
     index: int
@@ -65,6 +68,7 @@ class GoldenLayer:
     sigma_k: float
     scaling: float
     num_kv_heads: int | None = None
+    sink_keys: int = 0
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -91,6 +95,7 @@ class GoldenLayer:
             "head_dim": self.head_dim,
             "words_per_vector": num_words(self.head_dim),
             "top_n": self.top_n,
+            "sink_keys": self.sink_keys,
             "sigma_q": self.sigma_q,
             "sigma_k": self.sigma_k,
             "scaling": self.scaling,
@@ -117,11 +122,11 @@ class GoldenData:
         raise KeyError(f"No golden data for layer {name!r}; recorded: {[layer.name for layer in self.layers]}.")
 
 
-def kept_indices_and_weights(keep: torch.Tensor, weights: torch.Tensor, top_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The kept key indices of every row in increasing order (-1 where a row keeps fewer than N) and their weights."""
-    slots = min(top_n, keep.shape[-1])
+def kept_indices_and_weights(keep: torch.Tensor, weights: torch.Tensor, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kept key indices of every row in increasing order, in `slots` columns (-1 where a row keeps fewer), and
+    their weights."""
     if int(keep.sum(dim=-1).max()) > slots:
-        raise ValueError(f"A row keeps more than N = {slots} keys; the attention selection is inconsistent.")
+        raise ValueError(f"A row keeps more than {slots} keys; the attention selection is inconsistent.")
     indices, present = kept_indices(keep, slots)
     kept_weights = weights.gather(-1, indices) * present.to(weights.dtype)
     indices = torch.where(present, indices, torch.full_like(indices, -1))
@@ -162,15 +167,17 @@ def collect_golden(
                 details = store.details[name]
                 settings = layer_settings(modules[name])
                 num_keys = details["key_sign"].shape[-2]
-                top_n = settings.config.num_kept(num_keys)
-                indices, kept_weights = kept_indices_and_weights(details["keep"], details["weights"], top_n)
+                top_n, sink_keys = min(settings.config.num_kept(num_keys), num_keys), settings.config.sink_keys
+                slots = min(top_n + sink_keys, num_keys)
+                indices, kept_weights = kept_indices_and_weights(details["keep"], details["weights"], slots)
                 sigma_q, sigma_k = settings.config.sigmas(name, settings.aliases)
                 meta[name] = {
                     "num_heads": details["query_sign"].shape[1],
                     "num_kv_heads": details["query_sign"].shape[1]
                     // getattr(modules[name], "num_key_value_groups", 1),
                     "head_dim": details["query_sign"].shape[-1],
-                    "top_n": min(top_n, num_keys),
+                    "top_n": top_n,
+                    "sink_keys": sink_keys,
                     "sigma_q": sigma_q,
                     "sigma_k": sigma_k,
                     "scaling": float(details["alpha"]) / (sigma_q * sigma_k),
@@ -264,6 +271,7 @@ def load_golden(path: str | Path) -> GoldenData:
             k: entry[k] for k in ("index", "name", "num_heads", "head_dim", "top_n", "sigma_q", "sigma_k", "scaling")
         }
         fields["num_kv_heads"] = entry.get("num_kv_heads")
+        fields["sink_keys"] = entry.get("sink_keys", 0)
         layers.append(GoldenLayer(**fields, arrays=arrays))
     return GoldenData(inputs=inputs, outputs=outputs, layers=layers, manifest=manifest)
 
@@ -273,6 +281,7 @@ def render_readme(manifest: Mapping[str, Any]) -> str:
     first = manifest["layers"][0]
     layer_rows = "\n".join(
         f"| {entry['index']} | `{entry['name']}` | {entry['num_heads']} | {entry.get('num_kv_heads', entry['num_heads'])} | {entry['head_dim']} | {entry['top_n']} | "
+        f"{entry.get('sink_keys', 0)} | "
         f"{entry['sigma_q']:.6g} | {entry['sigma_k']:.6g} | {entry['alpha']:.6g} |"
         for entry in manifest["layers"]
     )
@@ -306,8 +315,8 @@ For this model d = {first["head_dim"]}, so W = {first["words_per_vector"]}.
 | `layers.<l>.query_bits` | (S, H, q, W) | uint64 | packed signs of the queries |
 | `layers.<l>.key_bits` | (S, H, k, W) | uint64 | packed signs of the keys (key/value heads repeated per query head: query head h reads key/value head h // (H / H_kv), H_kv in the table below) |
 | `layers.<l>.valid` | (S, 1, q, k) | uint8 | 1 where query q may attend key k (padding, causality); broadcast over heads |
-| `layers.<l>.kept_indices` | (S, H, q, N) | int32 | the kept keys of each query, increasing; -1 = empty slot |
-| `layers.<l>.kept_weights` | (S, H, q, N) | float32 | their attention weights (0 in empty slots; each row sums to 1) |
+| `layers.<l>.kept_indices` | (S, H, q, M) | int32 | the kept keys of each query, increasing; -1 = empty slot (M = N; min(N + k, keys) with k sinks) |
+| `layers.<l>.kept_weights` | (S, H, q, M) | float32 | their attention weights (0 in empty slots; each row sums to 1) |
 | `layers.<l>.value` | (S, H, k, d) | float32 | the value rows the weights multiply (repeated per query head like the keys) |
 | `layers.<l>.attention_output` | (S, H, q, d) | float32 | A.V, the attention output of each head |
 
@@ -315,7 +324,8 @@ For this model d = {first["head_dim"]}, so W = {first["words_per_vector"]}.
 
     Sb[q, k]   = d - 2 * popcount(query_bits[q] XOR key_bits[k])          (integer in [-d, d])
     kept       = the N largest Sb[q, k] over valid keys; among equal scores the lower key index wins;
-                 a row with fewer than N valid keys keeps all of them
+                 a row with fewer than N valid keys keeps all of them;
+                 with attention sinks (column "sinks" below, k > 0) a row also keeps its first k valid keys
     weights    = softmax(alpha * Sb[q, kept]),  alpha = sigma_q * sigma_k * s
     output[q]  = sum over kept k of weights[k] * value[k]
 
@@ -324,8 +334,8 @@ for them the kept set cannot be recomputed from the bits alone.
 
 ## Layers
 
-| l | module | H | H_kv | d | N | sigma_q | sigma_k | alpha |
-|---|---|---|---|---|---|---|---|---|
+| l | module | H | H_kv | d | N | sinks | sigma_q | sigma_k | alpha |
+|---|---|---|---|---|---|---|---|---|---|
 {layer_rows}
 
 ## Check in numpy
@@ -338,12 +348,14 @@ from had_hf.export.uint64_words import binary_scores
 golden = load_golden("{GOLDEN_DIRNAME}")
 layer = golden.layers[0]
 scores = binary_scores(layer.query_bits, layer.key_bits, layer.head_dim)  # (S, H, q, k) = d - 2 * hamming
-lowest = -layer.head_dim - 1  # below every score
-scores = np.where(layer.valid.astype(bool), scores, lowest)
+valid = np.broadcast_to(layer.valid.astype(bool), scores.shape)
+scores = np.where(valid, scores, -layer.head_dim - 1)  # below every score
 order = np.argsort(-scores, axis=-1, kind="stable")[..., : layer.top_n]  # stable: lower index first among ties
-chosen = np.where(np.take_along_axis(scores, order, -1) > lowest, order, np.iinfo(np.int32).max)
-kept = np.sort(chosen, axis=-1)
-kept = np.where(kept == np.iinfo(np.int32).max, -1, kept)
-assert (kept == layer.kept_indices).all()
+kept = np.zeros(scores.shape, dtype=bool)
+np.put_along_axis(kept, order, np.take_along_axis(valid, order, -1), axis=-1)
+kept |= valid & (np.cumsum(valid, axis=-1) <= layer.sink_keys)  # attention sinks: the first valid keys
+empty = np.iinfo(np.int32).max
+indices = np.sort(np.where(kept, np.arange(kept.shape[-1]), empty), axis=-1)[..., : layer.kept_indices.shape[-1]]
+assert (np.where(indices == empty, -1, indices) == layer.kept_indices).all()
 ```
 """

@@ -124,11 +124,6 @@ def check_had_model(model: Any) -> HADConfig:
             "The model has one sigma per head (HADConfig.sigma_per_head); the exporter, its ONNX graph and the CAM "
             "datapath take one sigma_q and one sigma_k per layer. Distill with per-layer sigma to export."
         )
-    if had_config.sink_keys:
-        raise HADExportError(
-            f"The model keeps attention sinks (HADConfig.sink_keys={had_config.sink_keys}); the exporter's golden "
-            "vectors, ONNX graph and CAM report take the top-N rule alone (sink_keys=0)."
-        )
     return had_config
 
 
