@@ -99,11 +99,9 @@ def _flag(command: list[str], name: str, default: str) -> str:
     return values[-1] if values else default
 
 
-def run_from_log(log: Path, command: list[str]) -> dict:
-    """One run's entry from its log and its recipe command."""
-    name = log.stem
+def run_from_log(log: Path, command: list[str], variant: str) -> dict:
+    """One run's entry from its log, its recipe command and its variant (`a+b` for a combination of levers)."""
     task, seed = _flag(command, "--task_name", ""), int(_flag(command, "--seed", "42"))
-    variant = name[len(task) + 1 : name.rindex("_seed")]
     parsed = parse_log(log.read_text(), int(_flag(command, "--logging_steps", "500")))
     metric = MAIN_METRIC[task]
     curve = [{"stage": row["stage"], "step": row["step"],
@@ -115,9 +113,9 @@ def run_from_log(log: Path, command: list[str]) -> dict:
     }  # fmt: skip
 
 
-def recipe_commands(folder: Path) -> list[list[str]]:
-    """The recipe command of every run started in `folder`, rebuilt from its `run_commands.txt` (the
-    `glue_defaults.py run` lines) and its part files, as `glue_defaults.py` built them there."""
+def recipe_commands(folder: Path) -> list[tuple[dict, list[str]]]:
+    """Every run started in `folder` (its planned entry) with its recipe command, rebuilt from the folder's
+    `run_commands.txt` (the `glue_defaults.py run` lines) and its part files, as `glue_defaults.py` built them there."""
     commands = []
     for line in (folder / "run_commands.txt").read_text().splitlines():
         args = build_parser().parse_args(line.split()[2:])
@@ -127,18 +125,18 @@ def recipe_commands(folder: Path) -> list[list[str]]:
         for run in planned_runs(args):
             if run["name"] in names:
                 command = recipe_command(args, run)
-                commands.append(["python", str(Path(command[1]).relative_to(REPO)), *command[2:]])
+                commands.append((run, ["python", str(Path(command[1]).relative_to(REPO)), *command[2:]]))
     return commands
 
 
 def collect_logs(folder: Path, note: str) -> dict:
     """Every run of a `glue_defaults.py run` folder (`run_commands.txt`, the part files, `<run>.log`) from its log."""
     runs = {}
-    for command in recipe_commands(folder):
+    for run, command in recipe_commands(folder):
         log = folder / f"{Path(_flag(command, '--output_dir', '')).name}.log"
         if not log.exists():
             raise SystemExit(f"{log}: no log for this run of {folder / 'run_commands.txt'}.")
-        runs[log.stem] = run_from_log(log, command)
+        runs[log.stem] = run_from_log(log, command, run["variant"])
     return {"runs": runs, "run_command": (folder / "run_commands.txt").read_text().splitlines(), "note": note}
 
 

@@ -51,3 +51,19 @@ def test_the_committed_full_schedule_file_is_what_its_logs_give(reader):
     for run in committed["runs"].values():
         assert not run["complete"] and run["steps_reached"] < run["steps_scheduled"] == 29209
         assert [row["stage"] for row in run["stage_end_curve"]] == ["tanh", "sign", "ste"]
+
+
+def test_the_compiled_pace_of_the_plan_is_the_measured_one(reader):
+    """The plan's slowest pace of a compiled run (eager floor x compiled speedup) is within 15% of the sign-stage pace
+    of the two compiled whole-schedule runs (their logs; the tanh stage's pace includes the compiling)."""
+    logs = LOGS.parent / "glue_full_schedule_compiled"
+    if not logs.is_dir():
+        pytest.skip(f"{logs} is absent")
+    glue_plan = load_script(REPO / "benchmarks" / "glue_plan.py", "glue_plan")
+    committed = json.loads((REPO / "benchmarks" / "results" / "glue_full_schedule_compiled.json").read_text())
+    assert committed["runs"] == json.loads(json.dumps(reader.collect_logs(logs, committed["note"])["runs"]))
+    paces = [stage["steps_per_second"] for run in committed["runs"].values() for stage in run["stages"]
+             if stage["stage"] == "sign"]  # fmt: skip
+    assert len(paces) == 2
+    planned = glue_plan.SLOWEST_STEPS_PER_S * glue_plan.COMPILED_STEP_SPEEDUP
+    assert min(paces) * 0.85 <= planned <= min(paces)
