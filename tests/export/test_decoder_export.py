@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import had_hf
-from had_hf import HADCaptureStore, HADConfig
+from had_hf import HADConfig
 from had_hf.export import HADExportError, export_had, load_golden
 from tests.conftest import build_model, model_inputs
-from tests.export.test_export import _check_layer_sample, _onnx_session, _run, requires_onnxruntime
+from tests.export.test_export import _onnx_session, _run, check_golden_selection, requires_onnxruntime
 
 pytestmark = requires_onnxruntime
 
@@ -85,7 +85,6 @@ def test_golden_data_has_causal_validity_and_the_independent_selection(exported)
     assert not mask.all()  # some samples are padded
     positions = np.arange(mask.shape[1])
     causal = positions[None, :] <= positions[:, None]  # (q, k): key k at or before query q
-    store = HADCaptureStore(capture_logits=False, capture_details=True)
     for layer in golden.layers:
         assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (4, 2, HEAD_DIM)
         assert golden.manifest["layers"][layer.index]["num_kv_heads"] == 2
@@ -95,13 +94,7 @@ def test_golden_data_has_causal_validity_and_the_independent_selection(exported)
             keys = layer.key_bits[index]
             assert np.array_equal(keys[0], keys[1]) and np.array_equal(keys[2], keys[3])
             assert not np.array_equal(keys[0], keys[2])
-    with torch.no_grad():
-        for index in range(golden.manifest["samples"]):
-            sample = {name: torch.from_numpy(value[index : index + 1]) for name, value in golden.inputs.items()}
-            store.details.clear()
-            model(**sample, had_store=store)
-            for layer in golden.layers:  # bits -> scores -> ranked by hand, and the model's own selection
-                _check_layer_sample(layer, index, store.details[layer.name]["keep"][0].numpy())
+    check_golden_selection(model, golden)  # bits -> scores -> ranked by hand, and the model's own selection
     first_row_kept = golden.layers[0].kept_indices[0, :, 0]  # query 0 sees only key 0
     assert (first_row_kept[:, 0] == 0).all() and (first_row_kept[:, 1:] == -1).all()
 
@@ -190,15 +183,9 @@ def test_a_model_with_attention_sinks_exports_its_rule(tmp_path):
     result = export_had(model, tmp_path / "out", samples=3, context_length=16, generation_lengths=[64, 1024])
     assert result.onnx_max_abs_diff < 1e-5  # the ONNX graph keeps the sinks too (else its outputs would differ)
     golden = load_golden(tmp_path / "out")
-    store = HADCaptureStore(capture_logits=False, capture_details=True)
-    with torch.no_grad():
-        for index in range(golden.manifest["samples"]):
-            sample = {name: torch.from_numpy(value[index : index + 1]) for name, value in golden.inputs.items()}
-            store.details.clear()
-            model(**sample, had_store=store)
-            for layer in golden.layers:
-                assert (layer.top_n, layer.sink_keys, layer.kept_indices.shape[-1]) == (TOP_N, 1, TOP_N + 1)
-                _check_layer_sample(layer, index, store.details[layer.name]["keep"][0].numpy())
+    for layer in golden.layers:
+        assert (layer.top_n, layer.sink_keys, layer.kept_indices.shape[-1]) == (TOP_N, 1, TOP_N + 1)
+    check_golden_selection(model, golden)
     # some rows kept the first valid key beside a full top N: the sink changed the kept sets
     assert any((layer.kept_indices[..., -1] >= 0).any() for layer in golden.layers)
     code = (tmp_path / "out" / "golden" / "README.md").read_text().split("```python\n")[1].split("```")[0]
