@@ -163,10 +163,10 @@ def test_lora_multiplies_every_stages_learning_rate_by_its_scale(tmp_path, capsy
         return training_args.learning_rate, training_args.ste_learning_rate, training_args.refinement_learning_rate
 
     assert learning_rates() == (5e-5, 2e-5, 5e-6)  # full distillation: the rates as given
-    assert learning_rates("--use_peft") == pytest.approx((5e-3, 2e-3, 5e-4))  # the default scale, 100
+    assert learning_rates("--use_peft") == pytest.approx((5e-4, 2e-4, 5e-5))  # the default scale, 10
     assert learning_rates("--use_peft", "--lora_learning_rate_scale", "1") == (5e-5, 2e-5, 5e-6)
     no_ste = recipe.parse_arguments([*base[:-6], "--learning_rate", "1e-4", "--use_peft"])[1]
-    assert no_ste.ste_learning_rate is None and no_ste.learning_rate == pytest.approx(1e-2)
+    assert no_ste.ste_learning_rate is None and no_ste.learning_rate == pytest.approx(1e-3)
     with pytest.raises(SystemExit):
         recipe.parse_arguments([*base, "--use_peft", "--lora_learning_rate_scale", "0"])
     assert "lora_learning_rate_scale must be a finite number > 0" in capsys.readouterr().err

@@ -129,7 +129,7 @@ class PeftArguments:
         default=None, metadata={"help": "Modules the adapter wraps. Default: the family's query and key projections."}
     )
     lora_learning_rate_scale: float = field(
-        default=100.0,
+        default=10.0,
         metadata={
             "help": "With --use_peft, every stage's learning rate (--learning_rate, --ste_learning_rate, "
             "--refinement_learning_rate) is multiplied by this: an adapter starts at zero and barely moves at the "
