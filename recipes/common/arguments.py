@@ -131,9 +131,8 @@ class PeftArguments:
     lora_learning_rate_scale: float = field(
         default=10.0,
         metadata={
-            "help": "With --use_peft, every stage's learning rate (--learning_rate, --ste_learning_rate, "
-            "--refinement_learning_rate) is multiplied by this: an adapter starts at zero and barely moves at the "
-            "full model's rates (1: the rates as given)."
+            "help": "With --use_peft: every stage's learning rate times this (an adapter barely moves at the full "
+            "model's rates; 1: as given)."
         },
     )
 
