@@ -94,6 +94,12 @@ def select_top_n(
     return keep | first_valid_keys(valid, sink_keys) if sink_keys else keep
 
 
+def kept_slots(num_valid: int, top_n: int | None, top_n_ratio: float | None, sink_keys: int = 0) -> int:
+    """The most keys a row with `num_valid` valid keys keeps: its N (`kept_counts`) and its `sink_keys` first keys,
+    at most `num_valid` (a sink inside the top N is one key, so a row may keep fewer)."""
+    return min(int(kept_counts(torch.tensor(num_valid), top_n, top_n_ratio)) + sink_keys, num_valid)
+
+
 def first_valid_keys(valid: torch.Tensor, count: int) -> torch.Tensor:
     """bool, shaped like `valid`: each row's first `count` valid keys (the attention sinks of `select_top_n`)."""
     return valid & (valid.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= count)

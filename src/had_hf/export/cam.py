@@ -17,9 +17,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
-from ..selection import check_sink_keys, check_top_n_rule, kept_counts
+from ..selection import check_sink_keys, check_top_n_rule, kept_slots
 from .cam_coefficients import (
     COMPONENTS,
     DESIGNS,
@@ -128,16 +126,15 @@ class AttentionGeometry:
 def kept_keys(
     context_length: int, top_n: int | None = None, top_n_ratio: float | None = None, sink_keys: int = 0
 ) -> int:
-    """The most keys a query keeps at a context length: N by the rule of `had_hf.selection.kept_counts`
-    (`min(top_n, n)` for a fixed N, `ceil(top_n_ratio * n)`, at least 1, for the ratio rule), plus the `sink_keys`
-    first keys that `had_hf.selection.select_top_n` keeps beside them, at most n."""
+    """The most keys a query keeps at a context length (`had_hf.selection.kept_slots`): N (`min(top_n, n)` for a
+    fixed N, `ceil(top_n_ratio * n)`, at least 1, for the ratio rule) plus the `sink_keys` first keys, at most n."""
     check_top_n_rule(top_n, top_n_ratio)
     check_sink_keys(sink_keys)
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
     if top_n_ratio is not None and not 0 < top_n_ratio <= 1:
         raise ValueError(f"top_n_ratio must be in (0, 1], got {top_n_ratio!r}.")
-    return min(int(kept_counts(torch.tensor(context_length), top_n, top_n_ratio)) + sink_keys, context_length)
+    return kept_slots(context_length, top_n, top_n_ratio, sink_keys)
 
 
 def _ceil_log2(x: int) -> int:

@@ -24,7 +24,7 @@ from ..attention import layer_settings
 from ..capture import STORE_KWARG, HADCaptureStore
 from ..integration import attention_module_names
 from ..modes import GOLDEN
-from ..selection import kept_indices
+from ..selection import kept_indices, kept_slots
 from .uint64_words import WORD_BITS, num_words, pack_signs
 
 GOLDEN_ATTENTION_NAME = GOLDEN.name
@@ -167,8 +167,8 @@ def collect_golden(
                 details = store.details[name]
                 settings = layer_settings(modules[name])
                 num_keys = details["key_sign"].shape[-2]
-                top_n, sink_keys = min(settings.config.num_kept(num_keys), num_keys), settings.config.sink_keys
-                slots = min(top_n + sink_keys, num_keys)
+                top_n, sink_keys = settings.config.num_kept(num_keys), settings.config.sink_keys
+                slots = kept_slots(num_keys, **settings.config.num_kept_args)
                 indices, kept_weights = kept_indices_and_weights(details["keep"], details["weights"], slots)
                 sigma_q, sigma_k = settings.config.sigmas(name, settings.aliases)
                 meta[name] = {
