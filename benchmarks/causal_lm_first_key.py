@@ -6,7 +6,7 @@ except for the selection rule: each row keeps its top N by HAD's rule and, besid
 (`had_hf.selection.select_top_n` replaced for the run, in every module that calls it, so that training, the stage-end
 evaluations and the final columns all see the same rule). With `--baseline` it runs the recipe as it is, through
 the same entry point, so that two runs differ only in the rule. Every other argument goes to the recipe. The rule
-is the library's `HADConfig(sink_keys=1)` (`--sink_keys 1` of the recipe; a test holds the two equal); replacing the
+is the library's `HADConfig(sink_keys=1)` (`--sink_keys 1` of the recipe), which the script calls; replacing the
 function keeps the runs' HADConfig, and so their configs and cards, as the recipe's defaults write them.
 
     python benchmarks/causal_lm_first_key.py [--baseline] --teacher_gguf_file ... --output_dir ... [recipe flags]
@@ -18,8 +18,6 @@ import runpy
 import sys
 from pathlib import Path
 
-import torch
-
 import had_hf.attention
 import had_hf.kernels.reference
 import had_hf.selection
@@ -29,11 +27,8 @@ _select_top_n = had_hf.selection.select_top_n
 
 
 def select_top_n_and_first_key(scores, valid, top_n=None, top_n_ratio=None):
-    """HAD's kept keys (`had_hf.selection.select_top_n`) and each row's first valid key."""
-    keep = _select_top_n(scores, valid, top_n, top_n_ratio)
-    valid = valid.expand(*valid.shape[:-1], scores.shape[-1])
-    first = valid & (valid.to(torch.int32).cumsum(dim=-1) == 1)
-    return keep | first
+    """HAD's kept keys and each row's first valid key: `had_hf.selection.select_top_n` with one attention sink."""
+    return _select_top_n(scores, valid, top_n, top_n_ratio, sink_keys=1)
 
 
 def main(argv: list[str]) -> None:

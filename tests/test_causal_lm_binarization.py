@@ -111,5 +111,5 @@ def test_first_key_experiment_keeps_each_rows_first_valid_key():
             if any(row_valid):
                 expected.add(row_valid.index(True))
             assert set(keep[batch, 0, row].nonzero().flatten().tolist()) == expected
-    # the library's attention sinks are the same rule
+    # the script runs the library's rule with one attention sink
     assert torch.equal(keep, select_top_n(scores, valid, top_n_ratio=ratio, sink_keys=1))
