@@ -39,24 +39,23 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 import had_hf
 from had_hf import HADConfig, HADTrainingArguments
 from had_hf.evaluation import topn_dense_reference
 from had_hf.launch import use_cpu_cores
 from had_hf.paths import check_run_output_dir, remove_previous_run
-from had_hf.recipe_parser import RecipeArgumentParser
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: `recipes.common` from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.common import lm_distillation as distill  # noqa: E402
-from recipes.common.arguments import COMMON_TRAINING_FLAGS, PeftArguments  # noqa: E402
+from recipes.common.arguments import parse_recipe_arguments  # noqa: E402
 from recipes.common.lm_evaluation import (  # noqa: E402
     COLUMN_TITLES,
     COLUMNS,
@@ -208,36 +207,17 @@ def _numbers(text: str, kind, name: str) -> list:
 
 
 def parse_arguments(argv: list[str], check_paths: bool = True):
-    """(script arguments with `.peft`, training arguments, the command line): as `recipes/distill_glue.py`."""
-    parser = RecipeArgumentParser(
-        (ScriptArguments, HADTrainingArguments, PeftArguments),
+    """The recipe's arguments (see `recipes.common.arguments.parse_recipe_arguments`); `check_paths=False` leaves the
+    folders unchecked."""
+    return parse_recipe_arguments(
+        ScriptArguments,
+        argv,
+        script="recipes/distill_causal_lm.py",
+        description=__doc__,
         default_config=DEFAULT_CONFIG,
         selection_flags=SELECTION_FLAGS,
-        help_groups=help_groups(),
-        description=__doc__,
-        usage="%(prog)s [CONFIG.yaml] [--flag VALUE ...]",
+        check_paths=check_run_paths if check_paths else None,
     )
-    parser.set_defaults(save_total_limit=1)
-    command = " ".join(["python recipes/distill_causal_lm.py", *argv])
-    script_args, training_args, peft_args = parser.parse(argv)
-    peft_args.scale_learning_rates(training_args)
-    script_args.peft = peft_args
-    if check_paths:
-        try:
-            check_run_paths(script_args, training_args)
-        except ValueError as error:
-            parser.error(str(error))
-    return script_args, training_args, command
-
-
-def help_groups() -> dict[str, list[str]]:
-    inherited = {f.name for f in fields(TrainingArguments)}
-    return {
-        "recipe arguments": [f.name for f in fields(ScriptArguments)],
-        "HAD schedule and losses": [f.name for f in fields(HADTrainingArguments) if f.name not in inherited],
-        "LoRA (peft)": [f.name for f in fields(PeftArguments)],
-        "common training arguments": list(COMMON_TRAINING_FLAGS),
-    }
 
 
 def check_run_paths(script_args: ScriptArguments, training_args: HADTrainingArguments) -> None:
