@@ -36,13 +36,11 @@ deployable stage end there kept, augmented copies of the distillation inputs; de
 
 Flag names follow transformers' `run_glue.py` (`--task_name`, `--model_name_or_path` for the teacher,
 `--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Flags alone apply to the embedded default,
-unless one of them names the data or the teacher (`--task_name`, `--glue_dir`, `--model_name_or_path`): such a run
-starts from the library defaults, where without `--max_steps` the paper's schedule runs in full (about 29,200 steps);
-a `--max_steps` stretches every stage in proportion and the output says so.
+unless one names the data or the teacher (`--task_name`, `--glue_dir`, `--model_name_or_path`): then the library
+defaults, whose schedule is the paper's (about 29,200 steps; `--max_steps` stretches every stage in proportion).
 
-A non-empty `--output_dir` is refused unless `--overwrite_output_dir` (the earlier run's files are removed first) or
-`--resume_from_checkpoint` is given; at most one checkpoint is kept (`--save_total_limit 1` unless given), and the
-embedded default saves none, only the final model.
+A non-empty `--output_dir` is refused unless `--overwrite_output_dir` (removes the earlier run's files first) or
+`--resume_from_checkpoint`; one checkpoint is kept at most (`--save_total_limit 1`); the embedded default saves none.
 """
 
 from __future__ import annotations

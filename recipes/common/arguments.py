@@ -130,10 +130,7 @@ class PeftArguments:
     )
     lora_learning_rate_scale: float = field(
         default=10.0,
-        metadata={
-            "help": "With --use_peft: every stage's learning rate times this (an adapter barely moves at the full "
-            "model's rates; 1: as given)."
-        },
+        metadata={"help": "With --use_peft, every stage's learning rate times this (1: as given)."},
     )
 
     def __post_init__(self):
