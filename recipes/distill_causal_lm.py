@@ -66,7 +66,7 @@ from recipes.common.lm_evaluation import (  # noqa: E402
     perplexity_ratios,
 )
 from recipes.common.run_paths import resolve_path  # noqa: E402
-from recipes.common.run_record import metrics_per_stage, peak_memory_mb, strip_metrics  # noqa: E402
+from recipes.common.run_record import end_run, metrics_per_stage, peak_memory_mb, strip_metrics  # noqa: E402
 
 logger = logging.getLogger("distill_causal_lm")
 
@@ -383,6 +383,7 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
         except Exception as error:  # e.g. without the card's extras (jinja2, matplotlib: pip install had-hf[hub])
             logger.exception("No model card written: %s", error)
         print_table(results)
+    end_run(trainer)
     return results
 
 

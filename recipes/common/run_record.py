@@ -120,6 +120,16 @@ def save_run(trainer, results: dict, title: str) -> None:
     trainer.create_model_card()  # every process: the teacher's evaluation, where it runs, is collective
     if trainer.is_world_process_zero():
         print_comparison(results, title)
+    end_run(trainer)
+
+
+def end_run(trainer) -> None:
+    """The last step of a recipe: every process waits for the others, then leaves the process group
+    (`Accelerator.end_training`). A process that exits with its group still alive can abort in the group's
+    destructor ("terminate called without an active exception", seen with gloo on the CPU) and fail the launch after
+    the run has written everything. Nothing happens in a single process."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def print_comparison(results: dict, title: str) -> None:
