@@ -34,6 +34,7 @@ LORA = ["--use_peft", "--lora_learning_rate_scale", "1"]
 ARMS = {
     "full_5e-5": (5e-5, 5e-6, []),
     "full_5e-4": (5e-4, 5e-5, []),
+    "full_5e-4_sink1": (5e-4, 5e-5, ["--sink_keys", "1"]),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),

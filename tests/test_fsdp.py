@@ -50,6 +50,8 @@ record = {
     "stage": [entry["stage"] for entry in logs],
 }
 Path(out, f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()  # leaves the process group: a gloo process exiting inside it can abort
 """
 
 
