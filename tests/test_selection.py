@@ -64,6 +64,26 @@ def test_attention_sinks_are_each_rows_first_valid_keys_beside_its_top_n(rule, s
             assert torch.equal(kept & select_top_n(score, valid, **rule), select_top_n(score, valid, **rule))
 
 
+@pytest.mark.parametrize("sink_keys", [1, 2, 5, 20])
+def test_sink_ends_give_the_same_keys_as_first_valid_keys(sink_keys):
+    """The kernels' form of the sinks, one end per row (`sink_ends`): the valid keys before it are the row's first
+    `sink_keys` valid keys, under every mask, rows with no valid key and fewer valid keys than `sink_keys` included."""
+    from had_hf.selection import first_valid_keys, sink_ends
+
+    _, masks = _cases()
+    masks["random"] = torch.rand(2, 3, 6, 13, generator=torch.Generator().manual_seed(4)) > 0.6
+    for name, valid in masks.items():
+        valid = valid.expand(2, 3, 6, 13)
+        ends = sink_ends(valid, sink_keys)
+        assert ends.shape == valid.shape[:-1] and ends.dtype == torch.int32
+        by_end = valid & (torch.arange(13) < ends[..., None])
+        expected = torch.zeros(valid.numel() // 13, 13, dtype=torch.bool)
+        for index, row in enumerate(valid.reshape(-1, 13).tolist()):
+            expected[index, [j for j, ok in enumerate(row) if ok][:sink_keys]] = True
+        expected = expected.reshape(valid.shape)
+        assert torch.equal(by_end, expected) and torch.equal(first_valid_keys(valid, sink_keys), expected), name
+
+
 @pytest.mark.parametrize("sink_keys", [-1, 1.0, True, "1"])
 def test_sink_keys_other_than_a_count_are_refused(sink_keys):
     from had_hf import HADConfig

@@ -36,8 +36,8 @@ class HADConfig(QuantizationConfigMixin):
         sink_keys (`int`, *optional*, defaults to 0):
             Attention sinks: each query also keeps its first `sink_keys` valid keys, whatever their scores, beside its
             top N (`had_hf.selection`). Not in the paper (0 is its rule): decoder LLMs put much of their attention
-            on the sequence's first key, which a top N of binary scores seldom keeps. The Triton kernels take 0
-            only (other values run the PyTorch implementation); the exporter keeps the sinks.
+            on the sequence's first key, which a top N of binary scores seldom keeps. The Triton kernels and the
+            exporter keep the sinks too.
         sigma_q (`dict[str, float]`, *optional*):
             Per-layer standardization coefficient of the queries, keyed by the attention module's name in the model
             (e.g. `"bert.encoder.layer.0.attention.self"`). `None` until `had_hf.calibrate` has run; an

@@ -46,7 +46,7 @@ def hamming_topk_attention(
             `had_hf.selection.kept_counts`).
         alpha (`float`): sigma_q * sigma_k * scaling (> 0), the scale of the binary scores.
         sink_keys (`int`, *optional*, defaults to 0): each row also keeps its first `sink_keys` valid keys (attention
-            sinks); the Triton kernels take 0 only, other values run the PyTorch implementation.
+            sinks).
 
     Returns:
         `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value`; zeros for a query with no valid key.
@@ -59,13 +59,13 @@ def hamming_topk_attention(
 
 @hamming_topk_attention.register_kernel("cuda")
 def _hamming_topk_attention_cuda(query, key, value, mask, bias, is_causal, top_n, top_n_ratio, alpha, sink_keys=0):
-    kernel = triton_kernel_for(query, key, value, mask, bias, sink_keys)
+    kernel = triton_kernel_for(query, key, value, mask, bias, sink_keys, alpha)
     if kernel is None:
         return reference_hamming_topk_attention(
             query, key, value, mask, top_n, alpha, top_n_ratio=top_n_ratio, bias=bias, is_causal=is_causal,
             sink_keys=sink_keys,
         )  # fmt: skip
-    return kernel(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha)
+    return kernel(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha, sink_keys)
 
 
 @hamming_topk_attention.register_fake

@@ -105,6 +105,13 @@ def first_valid_keys(valid: torch.Tensor, count: int) -> torch.Tensor:
     return valid & (valid.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= count)
 
 
+def sink_ends(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """int32, shaped like `valid` less its last dimension: where each row's attention sinks end. A row's first `count`
+    valid keys (`first_valid_keys`) are its valid keys at indices below this end; the Triton kernels take the sinks
+    in this form, one integer per row."""
+    return (valid.to(torch.int32).cumsum(dim=-1, dtype=torch.int32) <= count).sum(dim=-1, dtype=torch.int32)
+
+
 def check_sink_keys(sink_keys) -> None:
     """Raises `ValueError` unless `sink_keys` is an integer >= 0."""
     if isinstance(sink_keys, bool) or not isinstance(sink_keys, int) or sink_keys < 0:

@@ -64,17 +64,19 @@ CASES = [
 ]
 
 
-def check(case: PrefillCase, seed: int = 0, key_transform=None, num_kept_override=None, **config_changes):
+def check(case: PrefillCase, seed: int = 0, key_transform=None, num_kept_override=None, sink_keys=0,
+          **config_changes):  # fmt: skip
     query, key, value, mask, full, num_kept = make_prefill_inputs(case, seed)
     if num_kept_override is not None:
         num_kept = num_kept_override(num_kept)
-    expected, expected_keep = loop_reference(query, key, value, full, num_kept, case.alpha)
+    expected, expected_keep = loop_reference(query, key, value, full, num_kept, case.alpha, sink_keys)
     config = default_prefill_config(case.head_dim, case.value_dim, case.num_keys, interpreting=True)
     config = dataclasses.replace(config, **config_changes)
     key_arg = key if key_transform is None else key_transform(key)
     out, keep = hamming_topk_prefill(
-        query, key_arg, value, mask, case.causal, num_kept, case.alpha, return_keep=True, config=config
-    )
+        query, key_arg, value, mask, case.causal, num_kept, case.alpha, return_keep=True, config=config,
+        sink_keys=sink_keys,
+    )  # fmt: skip
     assert keep.shape == expected_keep.shape
     assert torch.equal(keep, expected_keep), (case.id, (keep != expected_keep).nonzero()[:5].tolist())
     assert out.dtype == value.dtype and not out.isnan().any()
@@ -184,3 +186,12 @@ def test_prefill_strided_inputs():
     out, keep = hamming_topk_prefill(query_t, key_t, value_t, mask, True, num_kept, case.alpha, return_keep=True)
     assert torch.equal(keep, expected_keep)
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda case: case.id)
+@pytest.mark.parametrize("sink_keys", [1, 2])
+def test_prefill_keeps_the_attention_sinks(case, sink_keys):
+    """Each row keeps its top N and its first `sink_keys` valid keys (after left padding, in a random per-row mask,
+    under the causal limit), as the float64 loop does; the sinks change some rows' kept sets."""
+    _, keep, num_kept = check(case, seed=2, sink_keys=sink_keys)
+    assert (keep.sum(-1) > num_kept).any()

@@ -396,3 +396,33 @@ def test_short_kernel_bf16_values_and_strided_inputs():
         assert out.dtype == torch.bfloat16
         assert torch.equal(keep, expected_keep)
         assert torch.allclose(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+# attention sinks (`sink_keys`) on both paths: no mask (every row's sinks are keys 0..k-1), left padding and random
+# masks (each row's own, from `selection.sink_ends`), causal rows, rows with fewer valid keys than N + k, empty rows,
+# GQA groups of 8 rows (the attend kernel's (R, BLOCK_N) tiles)
+SINK_CASES = [SELECTION_CASES[i] for i in (0, 2, 3, 4, 5, 6)]
+SINK_PATHS = {
+    "short-1row": dict(short_kernel=True, short_row_block=1, block_n=64, hist_block_elements=64, gather_block=16),
+    "short-4rows": dict(short_kernel=True, short_row_block=4, block_n=64, hist_block_elements=64, gather_block=16),
+    "split-k": dict(short_kernel=False, num_splits=3, block_n=16, hist_block_elements=32, gather_block=16),
+}
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize("path", SINK_PATHS, ids=str)
+@pytest.mark.parametrize("sink_keys", [1, 3])
+def test_decode_kernels_keep_the_attention_sinks(case: Case, path: str, sink_keys: int):
+    """Each row keeps its top N and its first `sink_keys` valid keys, as the float64 loop does; the sinks change the
+    kept sets of some rows (the test would fail without them)."""
+    keep = check_triton_decode(case, seed=3, sink_keys=sink_keys, **SINK_PATHS[path])
+    query, key, value, valid = make_inputs(case, seed=3)
+    _, top_n_alone = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    assert not torch.equal(keep, top_n_alone)
+
+
+def test_decode_kernels_refuse_sinks_with_negative_alpha():
+    case = SELECTION_CASES[8]
+    query, key, value, valid = make_inputs(case)
+    with pytest.raises(ValueError, match="sinks need alpha >= 0"):
+        hamming_topk_decode(query, pack_sign_bits(key), value, valid, case.top_n, case.alpha, sink_keys=1)

@@ -86,9 +86,10 @@ def loop_reference(
     valid_mask: torch.Tensor | None,
     top_n: int | torch.Tensor,
     alpha: float,
+    sink_keys: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """METHOD.md section 1 row by row in float64: sort the valid keys by (-Sb, index), keep the first N (one N, or
-    each row's from a tensor broadcastable to (B, Hq, q))."""
+    each row's from a tensor broadcastable to (B, Hq, q)), and the `sink_keys` valid keys of lowest index."""
     b_size, hq, q_len, _ = query.shape
     hkv, n = key.shape[1], key.shape[2]
     group = hq // hkv
@@ -111,6 +112,7 @@ def loop_reference(
                 candidates.sort(key=lambda j: (-scores[j], j))
                 row_n = top_n if isinstance(top_n, int) else int(top_n.expand(b_size, hq, q_len)[b, h, i])
                 kept = candidates[: max(0, row_n)]
+                kept += [j for j in sorted(candidates)[:sink_keys] if j not in kept]
                 if not kept:
                     continue
                 logits = [alpha * scores[j] for j in kept]
@@ -142,7 +144,7 @@ SELECTION_CASES = [
 ]
 
 
-def check_triton_decode(case: Case, seed: int, device: str = "cpu", **options) -> torch.Tensor:
+def check_triton_decode(case: Case, seed: int, device: str = "cpu", sink_keys: int = 0, **options) -> torch.Tensor:
     """Runs the Triton `hamming_topk_decode` on the case's inputs (float32 values, keys packed) on `device` and asserts
     that it keeps exactly the float64 loop's keys and that its outputs agree to 1e-5 without NaN; returns the keep mask
     (on the CPU) for further checks. Imports the kernels lazily: the interpreter run must set TRITON_INTERPRET first."""
@@ -150,7 +152,9 @@ def check_triton_decode(case: Case, seed: int, device: str = "cpu", **options) -
     from had_hf.kernels.triton_decode import hamming_topk_decode
 
     query, key, value, valid = make_inputs(case, seed=seed)
-    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha)
+    expected, expected_keep = loop_reference(query, key, value, valid, case.top_n, case.alpha, sink_keys)
+    if sink_keys:
+        options["sink_keys"] = sink_keys
 
     def to_device(x):
         return None if x is None else x.to(device)

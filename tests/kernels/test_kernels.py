@@ -301,22 +301,32 @@ DECODE_PATHS = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
-def test_gpu_attention_sinks_take_the_pytorch_implementation():
-    """No kernel serves sink_keys > 0: the op's CUDA implementation runs the reference, which keeps the first key."""
+def test_gpu_attention_sinks_run_the_kernels():
+    """sink_keys > 0 with alpha > 0 runs the kernels (decode and prefill), which keep each row's first key as the
+    reference does; with alpha <= 0 the op's CUDA implementation runs the reference."""
     from had_hf.kernels import triton_kernel_for
 
     cuda = torch.device("cuda")
     generator = torch.Generator().manual_seed(3)
-    query = torch.randn(2, 4, 1, 64, generator=generator).to(cuda, torch.bfloat16)
-    key = torch.randn(2, 2, 300, 64, generator=generator).to(cuda, torch.bfloat16)
-    value = torch.randn(2, 2, 300, 64, generator=generator).to(cuda, torch.bfloat16)
-    assert triton_kernel_for(query, key, value, None, None) is not None
-    assert triton_kernel_for(query, key, value, None, None, sink_keys=1) is None
-    out = torch.ops.had.hamming_topk_attention(query, key, value, None, None, False, 8, None, 0.3, 1)
-    expected, keep = reference_hamming_topk_attention(query.cpu(), key.cpu(), value.cpu().double(), None, 8, 0.3,
-                                                      return_keep=True, sink_keys=1)  # fmt: skip
-    assert keep[..., 0].all()
-    assert torch.allclose(out.double().cpu(), expected, atol=3e-2, rtol=2e-2)
+    for query_len in (1, 40):
+        query = torch.randn(2, 4, query_len, 64, generator=generator).to(cuda, torch.bfloat16)
+        key = torch.randn(2, 2, 300, 64, generator=generator).to(cuda, torch.bfloat16)
+        value = torch.randn(2, 2, 300, 64, generator=generator).to(cuda, torch.bfloat16)
+        assert triton_kernel_for(query, key, value, None, None, sink_keys=1, alpha=0.3) is not None
+        assert triton_kernel_for(query, key, value, None, None, sink_keys=1, alpha=-0.3) is None
+        out = torch.ops.had.hamming_topk_attention(query, key, value, None, None, False, 8, None, 0.3, 1)
+        expected, keep = reference_hamming_topk_attention(query.cpu(), key.cpu(), value.cpu().double(), None, 8, 0.3,
+                                                          return_keep=True, sink_keys=1)  # fmt: skip
+        assert keep[..., 0].all()
+        assert torch.allclose(out.double().cpu(), expected, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("case", SELECTION_CASES[:8], ids=lambda case: case.id)
+@pytest.mark.parametrize("path", DECODE_PATHS, ids=str)
+def test_gpu_decode_kernels_keep_the_attention_sinks(case: Case, path: dict):
+    check_triton_decode(case, seed=3, device="cuda", sink_keys=2, **path)
 
 
 @pytest.mark.gpu

@@ -92,16 +92,17 @@ def triton_kernel_for(
     mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     sink_keys: int = 0,
+    alpha: float = 1.0,
 ) -> KernelFunction | None:
     """The Triton kernel that serves this call of `had::hamming_topk_attention`, or `None` for the PyTorch reference.
 
     The one place that decides: CUDA tensors with Triton available, no additive bias (the kernels select on the
-    binary scores alone), no attention sinks (`sink_keys` 0: the kernels keep the top N alone), a boolean mask,
-    16/32-bit values (float64 keeps its precision on the reference path), no gradient needed (the kernels have no
-    backward), and a shape the kernel takes. The returned function has the
-    op's arguments less `bias`.
+    binary scores alone), attention sinks only with alpha > 0 (`alpha`: the kernels' softmax shift is the row's
+    largest kept score, which a sink never exceeds then), a boolean mask, 16/32-bit values (float64 keeps its
+    precision on the reference path), no gradient needed (the kernels have no backward), and a shape the kernel
+    takes. The returned function has the op's arguments less `bias`, and `sink_keys` last.
     """
-    if not (_use_triton(query) and key.is_cuda and value.is_cuda) or bias is not None or sink_keys:
+    if not (_use_triton(query) and key.is_cuda and value.is_cuda) or bias is not None or (sink_keys and alpha <= 0):
         return None
     if mask is not None and mask.dtype != torch.bool:
         return None
@@ -130,15 +131,15 @@ def _row_counts(mask: torch.Tensor | None, is_causal: bool, query_len: int, key_
     return mask.sum(dim=-1)
 
 
-def _prefill(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> torch.Tensor:
+def _prefill(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha, sink_keys=0) -> torch.Tensor:
     from .triton_prefill import hamming_topk_prefill
 
     counts = _row_counts(mask, is_causal, query.shape[-2], key.shape[-2], query.device)
     rows_n = kept_counts(counts, top_n, top_n_ratio)
-    return hamming_topk_prefill(query, key, value, mask, is_causal, rows_n, alpha)
+    return hamming_topk_prefill(query, key, value, mask, is_causal, rows_n, alpha, sink_keys=sink_keys)
 
 
-def _decode(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> torch.Tensor:
+def _decode(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha, sink_keys=0) -> torch.Tensor:
     from .triton_decode import hamming_topk_decode
 
     query_len, key_len = query.shape[-2], key.shape[-2]
@@ -147,4 +148,5 @@ def _decode(query, key, value, mask, is_causal, top_n, top_n_ratio, alpha) -> to
         mask = causal if mask is None else mask & causal
     key_words = pack_signs(key) if key.is_floating_point() else as_int32_words(key)
     # each program counts its rows' valid keys and applies the N rule itself: no PyTorch work before the launch
-    return hamming_topk_decode(query, key_words, value, mask, top_n, alpha, top_n_ratio=top_n_ratio)
+    return hamming_topk_decode(query, key_words, value, mask, top_n, alpha, top_n_ratio=top_n_ratio,
+                               sink_keys=sink_keys)  # fmt: skip

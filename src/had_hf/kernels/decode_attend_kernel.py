@@ -16,6 +16,7 @@ from .decode_split_k import (
     _program_rows,
     _program_tie_quotas,
 )
+from .triton_common import _row_sink_ends
 
 
 @triton.jit
@@ -56,10 +57,18 @@ def _store_row_weights(denominator, keep, shift, code, alpha_log2, weight_at, li
 
 
 @triton.jit
-def _row_keep(code, thr, quota, seen_ties, rank_ties):
+def _is_sink(code, offs_n, sink_end, INVALID_CODE: tl.constexpr):
+    """The keys of a tile of codes that are attention sinks of their row: valid, and before the row's sink end
+    (`triton_common.sink_args`)."""
+    return (offs_n < sink_end) & (code != INVALID_CODE)
+
+
+@triton.jit
+def _row_keep(code, thr, quota, seen_ties, rank_ties, offs_n, sink_end, SINKS: tl.constexpr,
+              INVALID_CODE: tl.constexpr):  # fmt: skip
     """Which keys of one row's (BLOCK_N // 8, 8) tile of codes (each thread's 8 keys contiguous, in index order) are
-    kept: distance below the threshold, or at it within the split's quota of ties, the lower index first; and the
-    row's running count of ties."""
+    kept: distance below the threshold, or at it within the split's quota of ties, the lower index first, and the
+    row's attention sinks (SINKS); and the row's running count of ties."""
     tie = code == thr
     if rank_ties:
         tie_count = tie.to(tl.int32)
@@ -69,6 +78,8 @@ def _row_keep(code, thr, quota, seen_ties, rank_ties):
         seen_ties += tl.sum(thread_ties, axis=0)
     else:
         keep = (code < thr) | (tie & (quota > 0))
+    if SINKS:
+        keep = keep | _is_sink(code, offs_n, sink_end, INVALID_CODE)
     return keep, seen_ties
 
 
@@ -85,6 +96,7 @@ def _attend_kernel(
     out_ptr,
     keep_ptr,
     ticket_ptr,
+    sink_ptr,
     n_keys,
     code_stride,
     rows_per_group,
@@ -96,6 +108,7 @@ def _attend_kernel(
     count_splits,
     alpha_log2,
     alpha_nonnegative,
+    sink_keys,
     stride_vb,
     stride_vh,
     stride_vn,
@@ -118,6 +131,7 @@ def _attend_kernel(
     GATHER_STAGES: tl.constexpr,
     SPLIT_GROUP: tl.constexpr,
     INTERLEAVE: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -131,6 +145,7 @@ def _attend_kernel(
     # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0
     shift = tl.where(alpha_nonnegative != 0, h_min, thr)
     quota, ties = _program_tie_quotas(quota_ptr, grow, row_ok, count_splits, SPLIT_GROUP)
+    sinks = _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS)
     # a split keeps all of its ties or none, except the one where a row's quota runs out: only there are the
     # ties ranked (a scan per block)
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0
@@ -161,6 +176,7 @@ def _attend_kernel(
             grow, thr, quota, shift, row_ok, r_local, 0, code_ptr, code_stride, end
         )
         seen0 = num_listed
+        sink0 = _row_scalar(sinks, r_local, 0)
         gathered = num_listed
         den0 = tl.zeros((BLOCK_N // 8,), dtype=tl.float32)  # per thread: fewer registers
         if ROW_FMA:
@@ -176,17 +192,20 @@ def _attend_kernel(
                 grow, thr, quota, shift, row_ok, r_local, 1, code_ptr, code_stride, end
             )
             seen1 = num_listed
+            sink1 = _row_scalar(sinks, r_local, 1)
             den1 = den0
         if R_BLOCK > 2:
             grow2, code_row2, thr2, quota2, shift2, end2 = _block_row(
                 grow, thr, quota, shift, row_ok, r_local, 2, code_ptr, code_stride, end
             )
             seen2 = num_listed
+            sink2 = _row_scalar(sinks, r_local, 2)
             den2 = den0
             grow3, code_row3, thr3, quota3, shift3, end3 = _block_row(
                 grow, thr, quota, shift, row_ok, r_local, 3, code_ptr, code_stride, end
             )
             seen3 = num_listed
+            sink3 = _row_scalar(sinks, r_local, 3)
             den3 = den0
         for block_start in range(start, end, BLOCK_N):
             offs_n = block_start + keys8
@@ -196,17 +215,17 @@ def _attend_kernel(
                 next0 = tl.load(code_row0 + offs_n + BLOCK_N, mask=offs_n + BLOCK_N < end0, other=INVALID_CODE)
             else:
                 code0 = _row_codes(code_row0, offs_n, end0, INVALID_CODE)
-            keep0, seen0 = _row_keep(code0, thr0, quota0, seen0, rank_ties)
+            keep0, seen0 = _row_keep(code0, thr0, quota0, seen0, rank_ties, offs_n, sink0, SINKS, INVALID_CODE)
             listed = keep0.to(tl.int32)
             if R_BLOCK > 1:
                 code1 = _row_codes(code_row1, offs_n, end1, INVALID_CODE)
-                keep1, seen1 = _row_keep(code1, thr1, quota1, seen1, rank_ties)
+                keep1, seen1 = _row_keep(code1, thr1, quota1, seen1, rank_ties, offs_n, sink1, SINKS, INVALID_CODE)
                 listed = tl.maximum(listed, keep1.to(tl.int32))
             if R_BLOCK > 2:
                 code2 = _row_codes(code_row2, offs_n, end2, INVALID_CODE)
-                keep2, seen2 = _row_keep(code2, thr2, quota2, seen2, rank_ties)
+                keep2, seen2 = _row_keep(code2, thr2, quota2, seen2, rank_ties, offs_n, sink2, SINKS, INVALID_CODE)
                 code3 = _row_codes(code_row3, offs_n, end3, INVALID_CODE)
-                keep3, seen3 = _row_keep(code3, thr3, quota3, seen3, rank_ties)
+                keep3, seen3 = _row_keep(code3, thr3, quota3, seen3, rank_ties, offs_n, sink3, SINKS, INVALID_CODE)
                 listed = tl.maximum(listed, tl.maximum(keep2.to(tl.int32), keep3.to(tl.int32)))
             # the listed keys: kept by any row
             thread_listed = tl.sum(listed, axis=1)
@@ -304,6 +323,8 @@ def _attend_kernel(
                 seen_ties += tl.sum(tie_count, axis=1)
             else:
                 keep = (code < thr[:, None]) | (tie & (quota > 0)[:, None])
+            if SINKS:
+                keep = keep | _is_sink(code, offs_n[None, :], sinks[:, None], INVALID_CODE)
             listed_keys = tl.max(keep.to(tl.int32), axis=0)
             slot_keys = num_listed + tl.cumsum(listed_keys, axis=0) - 1
             tl.store(list_index + slot_keys, offs_n, mask=listed_keys > 0)

@@ -8,7 +8,7 @@ import torch
 from .decode_launch import ShortLaunch, _alpha_args, _kept_count_args, _key_word_args, _mask_args, _Workspace
 from .decode_short_kernel import _short_decode_kernel
 from .decode_split_k import MAX_ITERATIONS
-from .triton_common import _cdiv, _interpreting, _on_device
+from .triton_common import _cdiv, _interpreting, _on_device, sink_args
 
 
 def short_decode(
@@ -24,6 +24,7 @@ def short_decode(
     gather_stages: int,
     num_warps: int | None,
     return_keep: bool,
+    sink_keys: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launches the short-context kernel (the arguments as `hamming_topk_decode` checked them; int32 key words);
     returns the output and, if `return_keep`, the keep mask."""
@@ -48,6 +49,7 @@ def short_decode(
     num_rows = batch * num_kv_heads * rows_per_group
     keep_rows = torch.zeros(num_rows, n_keys, dtype=torch.int8, device=device) if return_keep else list_index
     mask_arg, mask_strides = _mask_args(valid_mask, (batch, num_heads, query_len, n_keys), list_index)
+    sinks, sink_count, sink_mode = sink_args(sink_keys, valid_mask, (batch, num_heads, query_len), list_index)
     kernel_words, word_bits = _key_word_args(key_words, dim)
     options = {} if num_warps is None else {"num_warps": num_warps}
     with _on_device(device):
@@ -61,6 +63,7 @@ def short_decode(
             list_weight,
             list_code,
             keep_rows,
+            sinks,
             n_keys,
             list_stride,
             *_kept_count_args(top_n, top_n_ratio, n_keys),
@@ -69,6 +72,7 @@ def short_decode(
             group,
             num_kv_heads,
             *_alpha_args(alpha),
+            sink_count,
             *query.stride(),
             *kernel_words.stride(),
             *mask_strides,
@@ -95,6 +99,7 @@ def short_decode(
             WRITE_KEEP=return_keep,
             GATHER_STAGES=gather_stages,
             RATIO=top_n_ratio is not None,
+            SINKS=sink_mode,
             **options,
         )
     if not return_keep:

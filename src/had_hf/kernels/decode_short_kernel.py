@@ -30,6 +30,7 @@ from .decode_split_k import (
     _query_word,
     _threshold_step,
 )
+from .triton_common import _row_sink_ends
 
 
 @triton.jit
@@ -102,15 +103,15 @@ def _row_state(r: tl.constexpr, r_local, row_ok, q0, q1, mask_rows, thr, quota, 
 
 
 @triton.jit
-def _select_row(q0, q1, k0, k1, mask_row, offs_n, row_end, thr, quota, seen, rank_ties, stride_mn,
-                W: tl.constexpr, HAS_MASK: tl.constexpr, USE_POPC: tl.constexpr,
-                INVALID_CODE: tl.constexpr):  # fmt: skip
+def _select_row(q0, q1, k0, k1, mask_row, offs_n, row_end, thr, quota, seen, rank_ties, sink_end, stride_mn,
+                W: tl.constexpr, HAS_MASK: tl.constexpr, USE_POPC: tl.constexpr, INVALID_CODE: tl.constexpr,
+                SINKS: tl.constexpr):  # fmt: skip
     """One row's codes of a (SELECT_N // 8, 8) tile of keys (each thread's 8 keys contiguous; INVALID_CODE where the
     key is masked or past the row's end), which of them it keeps, and its running tie count (`_row_keep`)."""
     dist, valid = _tile_distances(q0, q1, k0, k1, mask_row, offs_n, offs_n < row_end, stride_mn, W, HAS_MASK,
                                   USE_POPC)  # fmt: skip
     code = tl.where(valid, dist, INVALID_CODE)
-    keep, seen = _row_keep(code, thr, quota, seen, rank_ties)
+    keep, seen = _row_keep(code, thr, quota, seen, rank_ties, offs_n, sink_end, SINKS, INVALID_CODE)
     return code, keep, seen
 
 
@@ -125,6 +126,7 @@ def _short_decode_kernel(
     weight_ptr,
     list_code_ptr,
     keep_ptr,
+    sink_ptr,
     n_keys,
     list_stride,
     top_n,
@@ -135,6 +137,7 @@ def _short_decode_kernel(
     num_kv_heads,
     alpha_log2,
     alpha_nonnegative,
+    sink_keys,
     stride_qb,
     stride_qh,
     stride_qi,
@@ -174,6 +177,7 @@ def _short_decode_kernel(
     WRITE_KEEP: tl.constexpr,
     GATHER_STAGES: tl.constexpr,
     RATIO: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     b, hk = _batch_and_kv_head(num_kv_heads)
     r_local = tl.arange(0, R_BLOCK)
@@ -208,6 +212,7 @@ def _short_decode_kernel(
     shift = tl.where(alpha_nonnegative != 0, tl.minimum(smallest, D), thr)
     # the ties are ranked (a scan per tile) only where a row keeps some but not all of them
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0
+    sinks = _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS)
 
     # pass 3: select. The keys kept by any row are listed with (one row) their codes or (several) the rows' weights,
     # so that the gather issues value loads that are all useful. Up to 4 rows: one (SELECT_N // 8, 8) tile per row,
@@ -222,10 +227,12 @@ def _short_decode_kernel(
     q0_0, q1_0, mrow0, thr0, quota0, shift0, end0 = _row_state(0, r_local, row_ok, q0, q1, mask_rows, thr, quota,
                                                                shift, n_keys)  # fmt: skip
     seen0 = num_listed
+    sink0 = _row_scalar(sinks, r_local, 0)
     if R_BLOCK > 1:
         q0_1, q1_1, mrow1, thr1, quota1, shift1, end1 = _row_state(1, r_local, row_ok, q0, q1, mask_rows, thr, quota,
                                                                    shift, n_keys)  # fmt: skip
         seen1 = num_listed
+        sink1 = _row_scalar(sinks, r_local, 1)
         den1 = den0
     if R_BLOCK > 2:
         q0_2, q1_2, mrow2, thr2, quota2, shift2, end2 = _row_state(2, r_local, row_ok, q0, q1, mask_rows, thr, quota,
@@ -234,6 +241,8 @@ def _short_decode_kernel(
                                                                    shift, n_keys)  # fmt: skip
         seen2 = num_listed
         seen3 = num_listed
+        sink2 = _row_scalar(sinks, r_local, 2)
+        sink3 = _row_scalar(sinks, r_local, 3)
         den2 = den0
         den3 = den0
     grow0 = _row_scalar(grow, r_local, 0)
@@ -244,21 +253,21 @@ def _short_decode_kernel(
         k0, k1 = n0, n1
         n0, n1, _, _ = _key_words(k_base, offs_n + SELECT_N, offs_n + SELECT_N < n_keys, stride_kn, stride_kw, W)
         code0, keep0, seen0 = _select_row(q0_0, q1_0, k0, k1, mask_ptr + mrow0, offs_n, end0, thr0, quota0, seen0,
-                                          rank_ties, stride_mn, W, HAS_MASK, USE_POPC,
-                                          INVALID_CODE)  # fmt: skip
+                                          rank_ties, sink0, stride_mn, W, HAS_MASK, USE_POPC,
+                                          INVALID_CODE, SINKS)  # fmt: skip
         listed = keep0.to(tl.int32)
         if R_BLOCK > 1:
             code1, keep1, seen1 = _select_row(q0_1, q1_1, k0, k1, mask_ptr + mrow1, offs_n, end1, thr1, quota1, seen1,
-                                              rank_ties, stride_mn, W, HAS_MASK, USE_POPC,
-                                              INVALID_CODE)  # fmt: skip
+                                              rank_ties, sink1, stride_mn, W, HAS_MASK, USE_POPC,
+                                              INVALID_CODE, SINKS)  # fmt: skip
             listed = tl.maximum(listed, keep1.to(tl.int32))
         if R_BLOCK > 2:
             code2, keep2, seen2 = _select_row(q0_2, q1_2, k0, k1, mask_ptr + mrow2, offs_n, end2, thr2, quota2, seen2,
-                                              rank_ties, stride_mn, W, HAS_MASK, USE_POPC,
-                                              INVALID_CODE)  # fmt: skip
+                                              rank_ties, sink2, stride_mn, W, HAS_MASK, USE_POPC,
+                                              INVALID_CODE, SINKS)  # fmt: skip
             code3, keep3, seen3 = _select_row(q0_3, q1_3, k0, k1, mask_ptr + mrow3, offs_n, end3, thr3, quota3, seen3,
-                                              rank_ties, stride_mn, W, HAS_MASK, USE_POPC,
-                                              INVALID_CODE)  # fmt: skip
+                                              rank_ties, sink3, stride_mn, W, HAS_MASK, USE_POPC,
+                                              INVALID_CODE, SINKS)  # fmt: skip
             listed = tl.maximum(listed, tl.maximum(keep2.to(tl.int32), keep3.to(tl.int32)))
         thread_listed = tl.sum(listed, axis=1)
         slot = num_listed + (tl.cumsum(thread_listed, axis=0) - thread_listed)[:, None] + tl.cumsum(listed, 1) - 1

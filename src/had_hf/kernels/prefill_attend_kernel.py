@@ -7,16 +7,17 @@ import triton
 import triton.language as tl
 
 from .prefill_tiles import _block_ranges, _query_operand, _score_tile, _tile_valid
+from .triton_common import _row_sink_ends
 
 
 @triton.jit
 def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows, start, offs_m, row_ok, limit,
-                 n_keys, threshold, quota, shift, any_partial, upper, alpha_log2,
+                 n_keys, threshold, quota, shift, any_partial, upper, alpha_log2, sinks, sinks_end,
                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mi, stride_mn,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, MODE: tl.constexpr, SELECT: tl.constexpr,
                  DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_KEEP: tl.constexpr,
-                 MASKED: tl.constexpr):  # fmt: skip
+                 MASKED: tl.constexpr, SINKS: tl.constexpr):  # fmt: skip
     """One key tile of the attend kernel: the kept keys' weights exp(alpha * (Sb - Sb_max)) added to the rows'
     denominators and, times the tile's values, to their accumulators.
 
@@ -24,7 +25,8 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
     `threshold + 1` (ties dropped), and a tile where some row's quota runs out in the middle gets a threshold per
     key. The weights come from one expression, exp2(alpha' * (Sb - Sb_max) + min(BIG * (Sb - cut), 0)), without
     boolean tensors: (BLOCK_M, BLOCK_N) masks live in predicate registers, of which a thread has 7 (they spilled
-    into general registers, ~2x the instructions of the loop)."""
+    into general registers, ~2x the instructions of the loop). With attention sinks (SINKS), the tiles before the
+    block's last sink end (`sinks_end`) also keep each row's valid keys before its own end (`sinks`)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_n = start + offs_n0
     s = _score_tile(q_op, 0, 0, k_base, start, offs_n0, tl.arange(0, D), n_keys, stride_kn, stride_kd,
@@ -63,6 +65,12 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
             p = tl.exp2(exponent + tl.minimum((s - threshold[:, None]) * 1e4, 0.0))
             if WRITE_KEEP:
                 kept = (s >= threshold[:, None]).to(tl.int8)
+        if SINKS:
+            if start < sinks_end:
+                sink = (offs_n[None, :] < sinks[:, None]) & (s > -D - 4.0)  # invalid keys score -D - 4
+                p = tl.where(sink, tl.exp2(exponent), p)
+                if WRITE_KEEP:
+                    kept = tl.where(sink, 1, kept).to(tl.int8)
     else:
         # floor measurement: every valid key (a dense softmax with a known maximum)
         p = tl.exp2(exponent + tl.minimum((s + D + 3.0) * 1e4, 0.0))
@@ -93,12 +101,14 @@ def _attend_kernel(
     stats_ptr,
     out_ptr,
     keep_ptr,
+    sink_ptr,
     q_len,
     n_keys,
     causal_off,
     group,
     num_heads,
     alpha_log2,
+    sink_keys,
     stride_qb,
     stride_qh,
     stride_qi,
@@ -131,6 +141,7 @@ def _attend_kernel(
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WRITE_KEEP: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -156,6 +167,8 @@ def _attend_kernel(
     shift = tl.load(stats + 2, mask=row_ok, other=0).to(tl.float32)
     partial = tl.load(stats + 3, mask=row_ok, other=0)
     any_partial = tl.max(partial, axis=0) > 0
+    sinks = _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS)
+    sinks_end = tl.max(sinks, axis=0)
     keep_rows = keep_ptr + grow * n_keys
     # upper[a, b] = 1 where a <= b: (ties) @ upper counts the ties at or before each key of a tile
     ar = tl.arange(0, BLOCK_N)
@@ -168,18 +181,18 @@ def _attend_kernel(
     for start in range(0, full_end, BLOCK_N):
         acc, denominator, seen = _attend_tile(
             acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows, start, offs_m, row_ok, limit, n_keys,
-            threshold, quota, shift, any_partial, upper, alpha_log2, stride_kn, stride_kd, stride_vn, stride_vd,
-            stride_mi, stride_mn, D, DV, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, SELECT, DOT_FP32, DOT_PRECISION,
-            WRITE_KEEP,
-            False,
+            threshold, quota, shift, any_partial, upper, alpha_log2, sinks, sinks_end, stride_kn, stride_kd,
+            stride_vn, stride_vd, stride_mi, stride_mn, D, DV, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, SELECT,
+            DOT_FP32, DOT_PRECISION, WRITE_KEEP,
+            False, SINKS,
         )  # fmt: skip
     for start in range(full_end, kv_end, BLOCK_N):
         acc, denominator, seen = _attend_tile(
             acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows, start, offs_m, row_ok, limit, n_keys,
-            threshold, quota, shift, any_partial, upper, alpha_log2, stride_kn, stride_kd, stride_vn, stride_vd,
-            stride_mi, stride_mn, D, DV, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, SELECT, DOT_FP32, DOT_PRECISION,
-            WRITE_KEEP,
-            True,
+            threshold, quota, shift, any_partial, upper, alpha_log2, sinks, sinks_end, stride_kn, stride_kd,
+            stride_vn, stride_vd, stride_mi, stride_mn, D, DV, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, SELECT,
+            DOT_FP32, DOT_PRECISION, WRITE_KEEP,
+            True, SINKS,
         )  # fmt: skip
 
     # a row that keeps nothing (no valid key, N = 0) has a zero denominator: zeros, never NaN

@@ -1,4 +1,5 @@
-"""What the Triton kernels share: the interpreter switch, the launch device, popcount and host number helpers."""
+"""What the Triton kernels share: the interpreter switch, the launch device, popcount, attention sinks and host
+number helpers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from ..selection import sink_ends
 
 
 @functools.cache
@@ -47,6 +50,35 @@ def _popcount(x, USE_POPC: tl.constexpr):
         u = (u + (u >> 4)) & 0x0F0F0F0F
         u = (u * 0x01010101) >> 24
         return u.to(tl.int32)
+
+
+def sink_args(sink_keys: int, valid_mask: torch.Tensor | None, rows: tuple[int, int, int], placeholder: torch.Tensor):
+    """The kernels' attention-sink arguments `(sink_ends, sink_keys, SINKS)` for `sink_keys` sinks per row
+    (`HADConfig.sink_keys`) over the (B, Hq, q) rows `rows`. SINKS 0: no sinks (`placeholder`, never read). SINKS 1:
+    no padding mask, so every row's sinks are keys 0 .. sink_keys - 1 (those of them it may attend). SINKS 2: each
+    row's end from `valid_mask` by `had_hf.selection.sink_ends`, as a contiguous (B, Hq, q) int32 tensor, which the
+    kernels index by their global row (b * Hq + h) * q + i. The causal limit needs no mask here: it cuts a row's
+    valid keys at its end, never before its first ones."""
+    if not sink_keys:
+        return placeholder, 0, 0
+    if valid_mask is None:
+        return placeholder, sink_keys, 1
+    mask = valid_mask.reshape((1,) * (4 - valid_mask.dim()) + tuple(valid_mask.shape))
+    # counted at the mask's own size (heads or rows it broadcasts over are counted once), in chunks of rows
+    rows_per_chunk = max(1, 2**24 // max(1, mask.shape[-1] * mask.shape[0] * mask.shape[1]))
+    ends = torch.cat([sink_ends(part, sink_keys) for part in mask.split(rows_per_chunk, dim=-2)], dim=-1)
+    return ends.expand(rows).contiguous(), sink_keys, 2
+
+
+@triton.jit
+def _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS: tl.constexpr):
+    """Where the attention sinks of a program's rows (global indices `grow`) end, as `sink_args` describes them:
+    a key before its row's end is kept whatever its score, if the row may attend it. 0 for absent rows."""
+    if SINKS == 2:
+        ends = tl.load(sink_ptr + grow, mask=row_ok, other=0)
+    else:
+        ends = tl.where(row_ok, sink_keys, 0)
+    return ends
 
 
 # Host-side integer helpers: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in recent Triton,

@@ -65,7 +65,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..selection import check_top_n_rule
+from ..selection import check_sink_keys, check_top_n_rule
 from .decode_attend_kernel import _attend_kernel
 from .decode_distance_kernel import _distance_kernel
 from .decode_fine_count_kernel import _fine_count_kernel
@@ -87,7 +87,7 @@ from .decode_short import short_decode
 from .decode_split_k import MAX_ITERATIONS
 from .int32_words import WORD_BITS, as_int32_words
 from .sign_pack_kernel import triton_pack_sign_bits
-from .triton_common import _cdiv, _interpreting, _is_power_of_two, _multiprocessor_count, _on_device
+from .triton_common import _cdiv, _interpreting, _is_power_of_two, _multiprocessor_count, _on_device, sink_args
 
 __all__ = [
     "MAX_ITERATIONS",
@@ -141,6 +141,7 @@ def hamming_topk_decode(
     short_row_block: int | None = None,
     short_num_warps: int | None = None,
     return_keep: bool = False,
+    sink_keys: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HAD attention of a few query positions against packed keys, in Triton (exact top-N): three launches split over
     the keys, or, for short contexts when asked, one launch over all keys per program.
@@ -201,6 +202,8 @@ def hamming_topk_decode(
         short_num_warps (`int`, *optional*): warps per program of the short kernel (Triton's default when unset).
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) mask of the kept
             keys (for tests; costs one byte per (row, key)).
+        sink_keys (`int`, *optional*, defaults to 0): each row also keeps its first `sink_keys` valid keys
+            (`HADConfig.sink_keys`); needs alpha >= 0 (the softmax shift is the smallest distance of the row).
 
     Returns:
         `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value` (and the keep mask if `return_keep`).
@@ -223,6 +226,12 @@ def hamming_topk_decode(
         )
     if valid_mask is not None and valid_mask.dtype != torch.bool:
         raise TypeError(f"valid_mask must be bool (True = may attend), got {valid_mask.dtype}.")
+    check_sink_keys(sink_keys)
+    if sink_keys and (alpha < 0 or (top_n is not None and top_n <= 0)):
+        raise ValueError(
+            f"Attention sinks need alpha >= 0 (a sink may lie beyond the threshold) and N >= 1, got alpha={alpha}, "
+            f"top_n={top_n}."
+        )
     if not _is_power_of_two(split_block):
         raise ValueError(f"split_block must be a power of two, got {split_block}.")
     if not _is_power_of_two(hist_block_elements):
@@ -279,7 +288,7 @@ def hamming_topk_decode(
         out, keep = short_decode(query, key_words, value, valid_mask, top_n, top_n_ratio, alpha, short,
                                  gather_block or SHORT_GATHER_BLOCK,
                                  SHORT_GATHER_STAGES if gather_stages is None else gather_stages, short_num_warps,
-                                 return_keep)  # fmt: skip
+                                 return_keep, sink_keys)  # fmt: skip
         return (out, keep) if return_keep else out
     gather_block, gather_stages = gather_block or 32, gather_stages or 0
     settings = decode_launch(
@@ -331,6 +340,7 @@ def hamming_topk_decode(
     keep_rows = torch.zeros(num_rows, code_stride, dtype=torch.int8, device=device) if return_keep else codes
 
     mask_arg, mask_strides = _mask_args(valid_mask, (batch, num_heads, query_len, n_keys), codes)
+    sinks, sink_count, sink_mode = sink_args(sink_keys, valid_mask, (batch, num_heads, query_len), codes)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
         distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
@@ -401,6 +411,7 @@ def hamming_topk_decode(
             out,
             keep_rows,
             attend_tickets,
+            sinks,
             n_keys,
             code_stride,
             rows_per_group,
@@ -411,6 +422,7 @@ def hamming_topk_decode(
             attend_splits,
             num_splits,
             *_alpha_args(alpha),
+            sink_count,
             *value.stride(),
             *out.stride(),
             DV=value_dim,
@@ -429,6 +441,7 @@ def hamming_topk_decode(
             GATHER_STAGES=gather_stages,
             SPLIT_GROUP=attend_split_group,
             INTERLEAVE=interleave_gather,
+            SINKS=sink_mode,
             **launch_options[2],
         )
     if return_keep:

@@ -60,12 +60,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..selection import check_sink_keys
 from .int32_words import as_int32_words, pack_sign_bits, unpack_sign_bits
 from .prefill_attend_kernel import _attend_kernel
 from .prefill_launch import PrefillConfig, default_prefill_config, supports_prefill
 from .prefill_threshold_kernel import _threshold_kernel
 from .prefill_tiles import MAX_ROUNDS, SCORE_MODES
-from .triton_common import _interpreting, _is_power_of_two, _on_device
+from .triton_common import _interpreting, _is_power_of_two, _on_device, sink_args
 
 __all__ = [
     "PrefillConfig",
@@ -93,6 +94,7 @@ class PreparedPrefill:
     is_causal: bool
     alpha: float
     config: PrefillConfig
+    sinks: tuple = (None, 0, 0)  # the attend kernel's sink arguments (`triton_common.sink_args`)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
@@ -130,6 +132,7 @@ def prepare_prefill(
     num_kept: torch.Tensor | int,
     alpha: float,
     config: PrefillConfig | None = None,
+    sink_keys: int = 0,
 ) -> PreparedPrefill:
     """Checks the arguments of `hamming_topk_prefill` and converts the keys' signs for the kernels' dots."""
     if not supports_prefill(query, key, value):
@@ -179,8 +182,10 @@ def prepare_prefill(
     mask = None
     if valid_mask is not None:
         mask = valid_mask.expand(batch, num_heads, query_len, n_keys).view(torch.uint8)
+    check_sink_keys(sink_keys)
+    sinks = sink_args(sink_keys, valid_mask, (batch, num_heads, query_len), num_kept)
     return PreparedPrefill(
-        query, query_words, threshold_keys, attend_keys, value, mask, num_kept, is_causal, float(alpha), config
+        query, query_words, threshold_keys, attend_keys, value, mask, num_kept, is_causal, float(alpha), config, sinks
     )
 
 
@@ -270,12 +275,14 @@ def prefill_attend_pass(
                 stats,
                 out,
                 keep if keep is not None else stats,
+                prep.sinks[0],
                 query_len,
                 n_keys,
                 n_keys - query_len,
                 num_heads // num_kv_heads,
                 num_heads,
                 prep.alpha * math.log2(math.e),
+                prep.sinks[1],
                 *prep.query.stride(),
                 *prep.attend_keys.stride(),
                 *value.stride(),
@@ -296,6 +303,7 @@ def prefill_attend_pass(
                 # fp32 values on the GPU: three tf32 products (about fp32's precision, on tensor cores)
                 DOT_PRECISION="ieee" if _interpreting() else "tf32x3",
                 WRITE_KEEP=return_keep,
+                SINKS=prep.sinks[2],
                 **options,
             )
     if return_keep:
@@ -314,6 +322,7 @@ def hamming_topk_prefill(
     return_keep: bool = False,
     *,
     config: PrefillConfig | None = None,
+    sink_keys: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HAD attention of the binary stage for many query positions (prefill, encoders), exact top-N, in Triton.
 
@@ -331,11 +340,13 @@ def hamming_topk_prefill(
         return_keep (`bool`, *optional*, defaults to `False`): also return the bool (B, Hq, q, n) kept mask (tests
             only: allocates q x n bytes).
         config (`PrefillConfig`, *optional*): launch settings; `default_prefill_config` by default.
+        sink_keys (`int`, *optional*, defaults to 0): each row also keeps its first `sink_keys` valid keys
+            (`HADConfig.sink_keys`).
 
     Returns:
         `torch.Tensor`: (B, Hq, q, dv) in the dtype of `value` (and the kept mask if `return_keep`).
     """
-    prep = prepare_prefill(query, key, value, valid_mask, is_causal, num_kept, alpha, config)
+    prep = prepare_prefill(query, key, value, valid_mask, is_causal, num_kept, alpha, config, sink_keys)
     if value.shape[2] == 0 or query.shape[2] == 0:  # no keys: every row outputs zeros
         return prefill_attend_pass(prep, None, return_keep=return_keep)
     stats = prefill_threshold_pass(prep)
