@@ -50,6 +50,10 @@ tile's loads issued one iteration ahead.
 Grouped-query attention: the g query heads of a kv head (times the query positions) are the rows of one program, so
 the keys are read once per group, and a value row kept by any of them is loaded once.
 
+Attention sinks (`sink_keys` k): the threshold and tie quota are those of the top N among all keys; the selection
+also keeps each row's valid keys before its sink end (k without a padding mask: no work before the launch; else
+`selection.sink_ends` of the mask, a few PyTorch kernels per call; see `triton_common.sink_args`).
+
 The launch settings (rows per program, splits, tile sizes) come from `decode_launch.decode_launch` (and
 `short_decode_launch`), heuristics on the shape; `decode_launch.short_kernel_wanted` picks the path; the keyword
 arguments of `hamming_topk_decode` override each choice for the benchmark sweeps. How the

@@ -43,7 +43,10 @@ tiles.
 Masks: the keys past the causal limit (query i of the last q positions attends keys j <= i + n - q) are skipped
 tile by tile and masked inside the diagonal tiles; a padding mask is read per key when it does not vary over the
 query positions (the usual (B, 1, 1, n)), per (row, key) otherwise. Grouped-query attention: query head h reads kv
-head h // (Hq / Hkv), no copy. A row with N = 0 (no valid key) keeps nothing and outputs zeros.
+head h // (Hq / Hkv), no copy. A row with N = 0 (no valid key) keeps nothing and outputs zeros. Attention sinks
+(`sink_keys` k): the threshold kernel is unchanged (the top N is chosen among all keys), and the attend kernel also
+keeps each row's valid keys before its sink end (k without a padding mask, else `selection.sink_ends` of the mask,
+see `triton_common.sink_args`), in the tiles before the block's last sink end only.
 
 Memory: the output, the ±1 keys (n x d per kv head), and 16 bytes per query row (threshold, quota, largest score,
 a flag) between the kernels. `return_keep` (tests) adds a (q x n) byte mask.
