@@ -303,7 +303,8 @@ DECODE_PATHS = [
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 def test_gpu_attention_sinks_run_the_kernels():
     """sink_keys > 0 with alpha > 0 runs the kernels (decode and prefill), which keep each row's first key as the
-    reference does; with alpha <= 0 the op's CUDA implementation runs the reference."""
+    reference does; with alpha <= 0 (and for prefill calls whatever the sinks) the op's CUDA implementation runs the
+    reference."""
     from had_hf.kernels import triton_kernel_for
 
     cuda = torch.device("cuda")
@@ -314,6 +315,8 @@ def test_gpu_attention_sinks_run_the_kernels():
         value = torch.randn(2, 2, 300, 64, generator=generator).to(cuda, torch.bfloat16)
         assert triton_kernel_for(query, key, value, None, None, sink_keys=1, alpha=0.3) is not None
         assert triton_kernel_for(query, key, value, None, None, sink_keys=1, alpha=-0.3) is None
+        # a prefill call needs alpha > 0 (the decode kernels take either sign without sinks)
+        assert (triton_kernel_for(query, key, value, None, None, alpha=-0.3) is None) == (query_len > 16)
         out = torch.ops.had.hamming_topk_attention(query, key, value, None, None, False, 8, None, 0.3, 1)
         expected, keep = reference_hamming_topk_attention(query.cpu(), key.cpu(), value.cpu().double(), None, 8, 0.3,
                                                           return_keep=True, sink_keys=1)  # fmt: skip

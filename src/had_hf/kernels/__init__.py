@@ -97,8 +97,8 @@ def triton_kernel_for(
     """The Triton kernel that serves this call of `had::hamming_topk_attention`, or `None` for the PyTorch reference.
 
     The one place that decides: CUDA tensors with Triton available, no additive bias (the kernels select on the
-    binary scores alone), attention sinks only with alpha > 0 (`alpha`: the kernels' softmax shift is the row's
-    largest kept score, which a sink never exceeds then), a boolean mask, 16/32-bit values (float64 keeps its
+    binary scores alone), alpha > 0 for prefill calls and for attention sinks (the kernels' softmax shift is the
+    row's largest kept score, which a sink never exceeds then), a boolean mask, 16/32-bit values (float64 keeps its
     precision on the reference path), no gradient needed (the kernels have no backward), and a shape the kernel
     takes. The returned function has the op's arguments less `bias`, and `sink_keys` last.
     """
@@ -113,7 +113,7 @@ def triton_kernel_for(
     if query.shape[-2] > MAX_DECODE_QUERY_LEN:
         from .triton_prefill import supports_prefill
 
-        return _prefill if supports_prefill(query, key, value) else None
+        return _prefill if supports_prefill(query, key, value) and alpha > 0 else None
     from .triton_decode import supports_decode_shape
 
     return _decode if supports_decode_shape(query.shape[-1], value.shape[-1]) else None
