@@ -224,12 +224,19 @@ def summarize(results: dict) -> dict:
             n: teacher_pk[n] - student_pk[n] <= 0.05 for n in teacher_pk if n in student_pk
         },
     }
-    stage_points = [("converted", results.get("stage_start_metrics", {}).get("perplexity"))]
-    stage_points += [(row["stage"], row["metrics"].get("perplexity")) for row in results.get("metrics_per_stage", [])]
+    # each stage end as evaluated in the stage's own forward and as it would be saved (deployable); the converted
+    # student is deployable as it is. The stage that raised perplexity most (None if none raised it) is judged on the
+    # deployable model.
+    stage_points = [("converted", results.get("stage_start_metrics", {}).get("perplexity"), None)]
+    stage_points += [
+        (row["stage"], row["metrics"].get("perplexity"), (row.get("deployable_metrics") or {}).get("perplexity"))
+        for row in results.get("metrics_per_stage", [])
+    ]
+    shipped = [(stage, deployable if deployable is not None else ppl) for stage, ppl, deployable in stage_points]
     rises = [
         (stage, after - before)
-        for (_, before), (stage, after) in zip(stage_points, stage_points[1:])
-        if before is not None and after is not None
+        for (_, before), (stage, after) in zip(shipped, shipped[1:])
+        if before is not None and after is not None and after > before
     ]
     layer_kl = sorted(results.get("attention_kl_per_layer", {}).items(), key=lambda item: -item[1])
     return {
@@ -244,7 +251,10 @@ def summarize(results: dict) -> dict:
         "windows_per_length": evaluation["windows_per_length"],
         "quality": evaluation["quality"],
         "goals": goals,
-        "stage_perplexity": [{"after": stage, "perplexity": value} for stage, value in stage_points],
+        "stage_perplexity": [
+            {"after": stage, "perplexity": ppl, **({"deployable_perplexity": deployable} if deployable else {})}
+            for stage, ppl, deployable in stage_points
+        ],
         "stage_raising_perplexity_most": max(rises, key=lambda item: item[1])[0] if rises else None,
         "stage_losses": results["stage_losses"],
         "layers_by_attention_kl": [{"layer": name, "kl": value} for name, value in layer_kl[:8]],
@@ -368,8 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
     )
     report.setdefault("runs", {})[mode] = {**summarize(results), "benchmark_command": report["command"],
-                                           "teacher_load_s": load_s, "wall_time_s": round(time.time() - started, 1)}  # fmt: skip
-    report.setdefault("step_memory", {}).update(memory)
+                                           "machine": machine, "teacher_load_s": load_s,
+                                           "wall_time_s": round(time.time() - started, 1)}  # fmt: skip
+    report.setdefault("step_memory", {}).update({name: dict(entry, machine=machine) for name, entry in memory.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print_summary(report, mode)

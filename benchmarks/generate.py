@@ -388,9 +388,14 @@ def _write(path: Path, report: dict, previous: dict) -> None:
     def identity(row: dict) -> tuple:
         return row["model"], row["batch"], row["n"], row.get("sink_keys", 0)
 
+    def on_device(row: dict, machine: dict) -> dict:
+        return row if "device" in row else dict(row, device=machine.get("device"))
+
     keys = {identity(row) for row in report["rows"]}
-    kept = [row for row in previous.get("rows", []) if identity(row) not in keys]
-    merged = dict(report, rows=kept + report["rows"])
+    kept = [
+        on_device(row, previous.get("machine", {})) for row in previous.get("rows", []) if identity(row) not in keys
+    ]
+    merged = dict(report, rows=kept + [on_device(row, report["machine"]) for row in report["rows"]])
     if previous:
         merged["previous_commands"] = previous.get("previous_commands", []) + [previous.get("command")]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -403,8 +403,12 @@ def print_table(results: dict) -> None:
         print(f"largest attention KL after distillation: {worst[0]} ({worst[1]:.4g})")
     stages = results["metrics_per_stage"]
     if stages:
-        curve = ", ".join(f"{r['stage']}@{r['step']}: {r['metrics'].get('perplexity', math.nan):.4g}" for r in stages)
-        print(f"held-out perplexity at {results['max_seq_length']} tokens after each stage: {curve}")
+        curve = ", ".join(
+            f"{r['stage']}@{r['step']}: {r['metrics'].get('perplexity', math.nan):.4g} "
+            f"({(r.get('deployable_metrics') or {}).get('perplexity', math.nan):.4g})"
+            for r in stages
+        )
+        print(f"held-out perplexity at {results['max_seq_length']} tokens after each stage (deployable): {curve}")
     generation = results.get("generation") or {}
     if generation.get("error"):
         print(f"the saved student did not reload and generate: {generation['error']}")

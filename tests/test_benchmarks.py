@@ -137,9 +137,14 @@ def test_decode_registers_benchmark(tmp_path):
 def test_generate_benchmark_smoke(tmp_path, sink_keys):
     """`benchmarks/generate.py --smoke`: the three variants on a tiny model, the compiled ones through generate()'s own
     compilation, HAD's compiled tokens equal to its eager ones (with attention sinks too), and `--merge` keeping the
-    rows of an earlier run."""
+    rows of an earlier run, each row naming its card."""
     out = tmp_path / "generate.json"
-    out.write_text(json.dumps({"command": "earlier", "rows": [{"model": "other", "batch": 1, "n": 5}]}))
+    earlier = {
+        "command": "earlier",
+        "machine": {"device": "earlier card"},
+        "rows": [{"model": "other", "batch": 1, "n": 5}],
+    }
+    out.write_text(json.dumps(earlier))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     command = [sys.executable, "benchmarks/generate.py", "--smoke", "--merge", "--new-tokens", "4", "--out", str(out),
                "--sink_keys", str(sink_keys)]  # fmt: skip
@@ -150,6 +155,8 @@ def test_generate_benchmark_smoke(tmp_path, sink_keys):
     assert report["previous_commands"] == ["earlier"] and report["rows"][0]["model"] == "other"
     row = report["rows"][1]
     assert (row["model"], row["batch"], row["n"], row.get("sink_keys", 0)) == ("tiny-random", 1, 32, sink_keys)
+    # each row names the card it ran on: the kept row its file's, the new row this run's
+    assert report["rows"][0]["device"] == "earlier card" and row["device"] == report["machine"]["device"]
     for variant in ("sdpa_eager", "sdpa_static", "had"):
         assert "error" not in row[variant], row[variant]
         assert row[variant]["new_tokens"] == 4 and row[variant]["ms_per_token"] > 0

@@ -77,6 +77,10 @@ def test_tiny_random_llama_through_all_stages(data_dir, tmp_path, capsys):
     assert results["stage_losses"]["tanh"]["loss_attn_mean"] > 0
     assert results["stage_losses"]["refinement"]["loss_attn_last"] == 0
     assert [row["stage"] for row in results["metrics_per_stage"]] == ["tanh", "sign", "ste", "refinement"]
+    # the curve holds each stage end as evaluated in training and as the student would be saved
+    deployable = {entry["step"]: entry["deployable_perplexity"] for entry in results["training_curve"]
+                  if "deployable_perplexity" in entry}  # fmt: skip
+    assert deployable == {row["step"]: row["deployable_metrics"]["perplexity"] for row in results["metrics_per_stage"]}
     assert sorted(results["attention_kl_per_layer"]) == ["layers.0.self_attn", "layers.1.self_attn"]
     assert results["had_config"]["top_n_ratio"] == 0.117 and results["had_config"]["top_n"] is None
     assert set(results["dataset"]["train_documents"]).isdisjoint(results["evaluation"]["held_out_documents"])
@@ -221,7 +225,12 @@ def test_causal_lm_benchmark_smoke_merges_into_an_earlier_report(data_dir, tmp_p
     assert set(run["goals"]["student_perplexity_at_most_dense_topn"]) == {"64", "320"}
     assert run["goals"]["student_within_5_percent_of_teacher_at_4096"] is None  # no 4k window at smoke size
     assert [row["after"] for row in run["stage_perplexity"]][:2] == ["converted", "tanh"]
-    assert run["stage_raising_perplexity_most"] in ("tanh", "sign", "ste", "refinement")
+    shipped = [row.get("deployable_perplexity", row["perplexity"]) for row in run["stage_perplexity"]]
+    assert all("deployable_perplexity" in row for row in run["stage_perplexity"][1:])
+    rises = [after - before for before, after in zip(shipped, shipped[1:])]
+    most = run["stage_perplexity"][1 + rises.index(max(rises))]["after"] if max(rises) > 0 else None
+    assert run["stage_raising_perplexity_most"] == most
+    assert run["machine"]["device"] == report["machine"]["device"] == report["step_memory"]["full"]["machine"]["device"]
     assert len(run["layers_by_attention_kl"]) == 2 and run["training_curve"]
     assert run["time_budget"]["max_steps"] >= 8 and run["global_step"] == run["time_budget"]["max_steps"]
     memory = report["step_memory"]["full"]

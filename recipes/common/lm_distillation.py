@@ -25,6 +25,7 @@ from had_hf.evaluation.causal_lm import forward_parameters
 from had_hf.evaluation.passkey import passkey_prompt
 from had_hf.paths import local_folder_or_hub_id
 from had_hf.state import runtime_state
+from had_hf.trainer import DEPLOYABLE_PREFIX
 
 from .lm_evaluation import EvaluationPlan, ModelView, attention_implementation, evaluation_windows
 from .run_paths import resolve_path, teacher_license
@@ -336,10 +337,12 @@ def stage_losses(log_history: list[dict], schedule) -> dict[str, dict]:
 
 
 def training_curve(log_history: list[dict]) -> list[dict]:
-    """The logged training steps (losses, stage, c, learning rate) and stage-end held-out perplexities."""
-    keys = ("step", "stage", "c", "loss", "loss_attn", "loss_out", "learning_rate", "eval_perplexity")
+    """The logged training steps (losses, stage, c, learning rate) and stage-end held-out perplexities, in the
+    stage's own forward (`eval_perplexity`) and as the student would be saved (`deployable_perplexity`)."""
+    evaluations = ("eval_perplexity", f"{DEPLOYABLE_PREFIX}_perplexity")
+    keys = ("step", "stage", "c", "loss", "loss_attn", "loss_out", "learning_rate", *evaluations)
     return [{k: entry[k] for k in keys if k in entry} for entry in log_history if "loss_out" in entry or
-            "eval_perplexity" in entry]  # fmt: skip
+            any(key in entry for key in evaluations)]  # fmt: skip
 
 
 def device_name(device: torch.device) -> str:
