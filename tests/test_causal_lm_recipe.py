@@ -230,7 +230,9 @@ def test_causal_lm_benchmark_smoke_merges_into_an_earlier_report(data_dir, tmp_p
     rises = [after - before for before, after in zip(shipped, shipped[1:])]
     most = run["stage_perplexity"][1 + rises.index(max(rises))]["after"] if max(rises) > 0 else None
     assert run["stage_raising_perplexity_most"] == most
-    assert run["machine"]["device"] == report["machine"]["device"] == report["step_memory"]["full"]["machine"]["device"]
+    assert (
+        run["machine"]["device"] == report["machine"]["device"] == report["step_memory"]["full"]["machine"]["device"]
+    )
     assert len(run["layers_by_attention_kl"]) == 2 and run["training_curve"]
     assert run["time_budget"]["max_steps"] >= 8 and run["global_step"] == run["time_budget"]["max_steps"]
     memory = report["step_memory"]["full"]

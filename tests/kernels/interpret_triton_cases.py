@@ -400,8 +400,11 @@ def test_short_kernel_bf16_values_and_strided_inputs():
 
 # attention sinks (`sink_keys`) on both paths: no mask (every row's sinks are keys 0..k-1), left padding and random
 # masks (each row's own, from `selection.sink_ends`), causal rows, rows with fewer valid keys than N + k, empty rows,
-# GQA groups of 8 rows (the attend kernel's (R, BLOCK_N) tiles)
-SINK_CASES = [SELECTION_CASES[i] for i in (0, 2, 3, 4, 5, 6)]
+# GQA groups of 8 rows (the attend kernel's (R, BLOCK_N) tiles), left padding longer than the kernels' scan block
+# (`triton_common.SINK_SCAN_N`: rows whose first valid keys lie several blocks in)
+SINK_CASES = [SELECTION_CASES[i] for i in (0, 2, 3, 4, 5, 6)] + [
+    Case(batch=3, num_heads=4, num_kv_heads=2, mask="long_padding", num_keys=300, top_n=20, patterns=3)
+]
 SINK_PATHS = {
     "short-1row": dict(short_kernel=True, short_row_block=1, block_n=64, hist_block_elements=64, gather_block=16),
     "short-4rows": dict(short_kernel=True, short_row_block=4, block_n=64, hist_block_elements=64, gather_block=16),

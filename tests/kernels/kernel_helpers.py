@@ -67,6 +67,10 @@ def make_mask(case: Case, generator: torch.Generator) -> torch.Tensor | None:
         # left padding of a different length per sequence (the first sequence unpadded)
         for row in range(1, b):
             valid[row, :, :, : min(n - 1, 7 * row + 3)] = False
+    if case.mask == "long_padding":
+        # left padding longer than a block of keys: none, about half of the keys, all but 12 (fewer than N + sinks)
+        for row in range(1, b):
+            valid[row, :, :, : n // 2 if row == 1 else n - 12] = False
     if "causal" in case.mask:
         positions = torch.arange(q)[:, None] + (n - q)
         valid &= torch.arange(n)[None, :] <= positions

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,20 @@ def test_triton_kernels_under_interpreter():
     result = subprocess.run(command, env=env, cwd=TESTS_DIR.parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+@requires_triton
+def test_sink_scan_compiles_for_hopper_without_a_gpu():
+    """The decode kernels' in-kernel sink scan (`triton_common._scanned_sink_ends`: a data-dependent while loop that
+    the interpreter runs as Python) compiles to a cubin for sm_90, through Triton's CUDA backend on the CPU
+    (`hopper_compile_probe.py`)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(TESTS_DIR.parents[1] / "src"))
+    probe = str(TESTS_DIR / "hopper_compile_probe.py")
+    result = subprocess.run([sys.executable, probe], env=env, capture_output=True, text=True, timeout=300)
+    missing = r"No module named 'triton\.backends\.nvidia'|(cannot|could not) find.{0,20}ptxas|ptxas.{0,40}not found"
+    if re.search(missing, result.stderr, flags=re.IGNORECASE):
+        pytest.skip(f"this triton cannot compile for CUDA here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stdout + result.stderr[-3000:]
 
 
 @requires_triton

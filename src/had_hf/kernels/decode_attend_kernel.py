@@ -16,7 +16,7 @@ from .decode_split_k import (
     _program_rows,
     _program_tie_quotas,
 )
-from .triton_common import _row_sink_ends
+from .triton_common import SINK_SCAN_N, _row_sink_ends, _scanned_sink_ends
 
 
 @triton.jit
@@ -145,7 +145,11 @@ def _attend_kernel(
     # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0
     shift = tl.where(alpha_nonnegative != 0, h_min, thr)
     quota, ties = _program_tie_quotas(quota_ptr, grow, row_ok, count_splits, SPLIT_GROUP)
-    sinks = _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS)
+    if SINKS == 3:
+        sinks = _scanned_sink_ends(code_ptr + grow * code_stride, row_ok, n_keys, 1, sink_keys, INVALID_CODE,
+                                   SINK_SCAN_N)  # fmt: skip
+    else:
+        sinks = _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS)
     # a split keeps all of its ties or none, except the one where a row's quota runs out: only there are the
     # ties ranked (a scan per block)
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0

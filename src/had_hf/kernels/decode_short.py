@@ -49,7 +49,9 @@ def short_decode(
     num_rows = batch * num_kv_heads * rows_per_group
     keep_rows = torch.zeros(num_rows, n_keys, dtype=torch.int8, device=device) if return_keep else list_index
     mask_arg, mask_strides = _mask_args(valid_mask, (batch, num_heads, query_len, n_keys), list_index)
-    sinks, sink_count, sink_mode = sink_args(sink_keys, valid_mask, (batch, num_heads, query_len), list_index)
+    sinks, sink_count, sink_mode = sink_args(
+        sink_keys, valid_mask, (batch, num_heads, query_len), list_index, scan=True
+    )
     kernel_words, word_bits = _key_word_args(key_words, dim)
     options = {} if num_warps is None else {"num_warps": num_warps}
     with _on_device(device):

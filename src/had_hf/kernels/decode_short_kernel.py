@@ -30,7 +30,7 @@ from .decode_split_k import (
     _query_word,
     _threshold_step,
 )
-from .triton_common import _row_sink_ends
+from .triton_common import SINK_SCAN_N, _row_sink_ends, _scanned_sink_ends
 
 
 @triton.jit
@@ -212,7 +212,10 @@ def _short_decode_kernel(
     shift = tl.where(alpha_nonnegative != 0, tl.minimum(smallest, D), thr)
     # the ties are ranked (a scan per tile) only where a row keeps some but not all of them
     rank_ties = tl.max(((quota > 0) & (quota < ties)).to(tl.int32), axis=0) > 0
-    sinks = _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS)
+    if SINKS == 3:
+        sinks = _scanned_sink_ends(mask_ptr + mask_rows, row_ok, n_keys, stride_mn, sink_keys, 0, SINK_SCAN_N)
+    else:
+        sinks = _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS)
 
     # pass 3: select. The keys kept by any row are listed with (one row) their codes or (several) the rows' weights,
     # so that the gather issues value loads that are all useful. Up to 4 rows: one (SELECT_N // 8, 8) tile per row,

@@ -52,17 +52,27 @@ def _popcount(x, USE_POPC: tl.constexpr):
         return u.to(tl.int32)
 
 
-def sink_args(sink_keys: int, valid_mask: torch.Tensor | None, rows: tuple[int, int, int], placeholder: torch.Tensor):
+def sink_args(
+    sink_keys: int,
+    valid_mask: torch.Tensor | None,
+    rows: tuple[int, int, int],
+    placeholder: torch.Tensor,
+    scan: bool = False,
+):
     """The kernels' attention-sink arguments `(sink_ends, sink_keys, SINKS)` for `sink_keys` sinks per row
     (`HADConfig.sink_keys`) over the (B, Hq, q) rows `rows`. SINKS 0: no sinks (`placeholder`, never read). SINKS 1:
     no padding mask, so every row's sinks are keys 0 .. sink_keys - 1 (those of them it may attend). SINKS 2: each
     row's end from `valid_mask` by `had_hf.selection.sink_ends`, as a contiguous (B, Hq, q) int32 tensor, which the
-    kernels index by their global row (b * Hq + h) * q + i. The causal limit needs no mask here: it cuts a row's
-    valid keys at its end, never before its first ones."""
+    kernels index by their global row (b * Hq + h) * q + i. SINKS 3 (`scan`, for kernels that read each row's valid
+    flags themselves): each kernel finds its rows' ends with `_scanned_sink_ends`, so that a call with a mask
+    launches no work before its kernels. The causal limit needs no mask here: it cuts a row's valid keys at its end,
+    never before its first ones."""
     if not sink_keys:
         return placeholder, 0, 0
     if valid_mask is None:
         return placeholder, sink_keys, 1
+    if scan:
+        return placeholder, sink_keys, 3
     mask = valid_mask.reshape((1,) * (4 - valid_mask.dim()) + tuple(valid_mask.shape))
     # counted at the mask's own size (heads or rows it broadcasts over are counted once), in chunks of rows
     rows_per_chunk = max(1, 2**24 // max(1, mask.shape[-1] * mask.shape[0] * mask.shape[1]))
@@ -72,13 +82,41 @@ def sink_args(sink_keys: int, valid_mask: torch.Tensor | None, rows: tuple[int, 
 
 @triton.jit
 def _row_sink_ends(sink_ptr, grow, row_ok, sink_keys, SINKS: tl.constexpr):
-    """Where the attention sinks of a program's rows (global indices `grow`) end, as `sink_args` describes them:
-    a key before its row's end is kept whatever its score, if the row may attend it. 0 for absent rows."""
+    """Where the attention sinks of a program's rows (global indices `grow`) end, as `sink_args` describes them
+    (SINKS 1 and 2): a key before its row's end is kept whatever its score, if the row may attend it. 0 for absent
+    rows."""
     if SINKS == 2:
         ends = tl.load(sink_ptr + grow, mask=row_ok, other=0)
     else:
         ends = tl.where(row_ok, sink_keys, 0)
     return ends
+
+
+# keys per block of `_scanned_sink_ends`: one block for rows that start valid
+SINK_SCAN_N = tl.constexpr(64)
+
+
+@triton.jit
+def _scanned_sink_ends(row_ptrs, row_ok, n_keys, stride_n, sink_keys, INVALID: tl.constexpr, SCAN_N: tl.constexpr):
+    """SINKS 3: each row's sink end, read from its valid flags: one byte per key at `row_ptrs + j * stride_n`, valid
+    where it is not INVALID (a mask's bytes: 0; the distance codes: INVALID_CODE). Blocks of SCAN_N keys are read
+    from key 0 until every row has seen `sink_keys` valid keys (one block where the rows start valid) or the keys
+    end. The end counts the keys whose running count of valid keys is at most `sink_keys` (as
+    `selection.sink_ends`, up to invalid keys past the last sink, which no row keeps); 0 for absent rows."""
+    offs = tl.arange(0, SCAN_N)
+    seen = tl.where(row_ok, 0, sink_keys)  # absent rows count as done
+    ends = seen * 0
+    start = n_keys * 0
+    while (start < n_keys) & (tl.min(seen, axis=0) < sink_keys):
+        keys = start + offs
+        inside = row_ok[:, None] & (keys[None, :] < n_keys)
+        flags = tl.load(row_ptrs[:, None] + keys[None, :] * stride_n, mask=inside, other=INVALID)
+        valid = (flags != INVALID).to(tl.int32)
+        running = tl.cumsum(valid, axis=1) + seen[:, None]
+        ends += tl.sum(((running <= sink_keys) & inside).to(tl.int32), axis=1)
+        seen += tl.sum(valid, axis=1)
+        start += SCAN_N
+    return tl.where(row_ok, ends, 0)
 
 
 # Host-side integer helpers: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in recent Triton,

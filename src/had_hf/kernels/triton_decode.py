@@ -51,8 +51,9 @@ Grouped-query attention: the g query heads of a kv head (times the query positio
 the keys are read once per group, and a value row kept by any of them is loaded once.
 
 Attention sinks (`sink_keys` k): the threshold and tie quota are those of the top N among all keys; the selection
-also keeps each row's valid keys before its sink end (k without a padding mask: no work before the launch; else
-`selection.sink_ends` of the mask, a few PyTorch kernels per call; see `triton_common.sink_args`).
+also keeps each row's valid keys before its sink end: k without a padding mask; with one, the attend kernel reads
+each row's first codes until it has seen k valid keys (`triton_common._scanned_sink_ends`), so that no work runs
+before the launches either way.
 
 The launch settings (rows per program, splits, tile sizes) come from `decode_launch.decode_launch` (and
 `short_decode_launch`), heuristics on the shape; `decode_launch.short_kernel_wanted` picks the path; the keyword
@@ -344,7 +345,7 @@ def hamming_topk_decode(
     keep_rows = torch.zeros(num_rows, code_stride, dtype=torch.int8, device=device) if return_keep else codes
 
     mask_arg, mask_strides = _mask_args(valid_mask, (batch, num_heads, query_len, n_keys), codes)
-    sinks, sink_count, sink_mode = sink_args(sink_keys, valid_mask, (batch, num_heads, query_len), codes)
+    sinks, sink_count, sink_mode = sink_args(sink_keys, valid_mask, (batch, num_heads, query_len), codes, scan=True)
     row_fma = r_block == 1 and not single_row_dot
     s_blocks, launch_options = _launch_plan(
         distance_splits, num_splits, attend_splits, split_block, r_block, fine, value_dim, warps, stages, registers
