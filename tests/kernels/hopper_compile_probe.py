@@ -1,26 +1,100 @@
-"""Compiles the decode kernels' in-kernel sink scan (`triton_common._scanned_sink_ends`) for sm_90 through Triton's
-CUDA backend, which runs without a GPU; prints whether a cubin came out. Run by `test_kernels.py` in a process of its
-own (TRITON_INTERPRET unset: an interpreting Triton does not compile)."""
+"""Compiles every Triton kernel that the decode and prefill calls launch, at the launch settings of real calls, for
+sm_90 (H100 / H200) on a machine without a GPU, and prints one JSON line per compiled kernel.
 
+A stub driver names the target, and Triton's JIT cache hook compiles each kernel at the signature and constants of
+its launch (through Triton's CUDA backend and its bundled ptxas) and skips the launch, so the calls' outputs are
+meaningless. Run by `test_kernels.py` in a process of its own (the stub replaces Triton's active driver, and
+TRITON_INTERPRET must be unset: an interpreting Triton does not compile). CPU tensors make the calls take the
+portable popcount (`USE_POPC` off); everything else is as on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
 import triton
-import triton.language as tl
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime.driver import driver
 
-from had_hf.kernels.triton_common import SINK_SCAN_N, _scanned_sink_ends
+from had_hf.kernels import _prefill, pack_signs
+from had_hf.kernels.triton_decode import hamming_topk_decode
+
+TARGET = GPUTarget("cuda", 90, 32)
 
 
-@triton.jit
-def probe(flags_ptr, out_ptr, n_keys, stride_r, stride_n, sink_keys, R: tl.constexpr):
-    rows = tl.arange(0, R)
-    ends = _scanned_sink_ends(flags_ptr + rows.to(tl.int64) * stride_r, rows < 3, n_keys, stride_n, sink_keys, 255,
-                              SINK_SCAN_N)  # fmt: skip
-    tl.store(out_ptr + rows, ends)
+class StubDriver:
+    """What `JITFunction.run` asks of the active driver before it compiles."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return TARGET
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def compile_instead_of_launch(*, key, repr, fn, compile, is_manual_warmup, already_compiled) -> bool:
+    options = {name: compile[name] for name in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion",
+                                                "launch_cooperative_grid", "extern_libs")}  # fmt: skip
+    source = triton.compiler.ASTSource(
+        fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0]
+    )
+    kernel = triton.compile(source, target=TARGET, options=options)
+    record = {
+        "call": CURRENT["call"],
+        "kernel": fn.name,
+        "cubin": "cubin" in kernel.asm,
+        "shared": kernel.metadata.shared,
+    }
+    print(json.dumps(record), flush=True)
+    return True  # compiled: skip the launch
+
+
+CURRENT = {"call": ""}  # the call whose kernels are being compiled
+
+
+def calls():
+    """(name, function): decode (short kernel and split-K; GQA; d 64 and 128; no mask, padding mask; attention sinks
+    without and with a mask) and prefill (non-causal, causal GQA, padding mask, attention sinks)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tensors(batch, heads, kv_heads, q, n, d):
+        query = torch.randn(batch, heads, q, d, generator=generator).to(torch.bfloat16)
+        key = torch.randn(batch, kv_heads, n, d, generator=generator).to(torch.bfloat16)
+        value = torch.randn(batch, kv_heads, n, d, generator=generator).to(torch.bfloat16)
+        return query, key, value
+
+    padding = torch.ones(2, 1, 1, 600, dtype=torch.bool)
+    padding[1, ..., :100] = False
+    for d in (64, 128):
+        query, key, value = tensors(2, 8, 2, 1, 600, d)
+        key_words = pack_signs(key)
+        for short in (True, False):
+            for sinks in (0, 1):
+                for name, m in (("none", None), ("padding", padding)):
+                    yield (f"decode {'short' if short else 'split-k'} d{d} mask {name} sinks {sinks}",
+                           lambda q=query, k=key_words, v=value, m=m, s=sinks, short=short: hamming_topk_decode(
+                               q, k, v, m, None, 0.3, top_n_ratio=0.117, sink_keys=s, short_kernel=short))  # fmt: skip
+    for d, causal, heads, kv_heads in ((64, False, 4, 4), (128, True, 8, 2)):
+        query, key, value = tensors(2, heads, kv_heads, 300, 300, d)
+        mask = padding[..., :300]
+        for sinks in (0, 2):
+            for name, m in (("none", None), ("padding", mask)):
+                yield (f"prefill d{d} causal {causal} mask {name} sinks {sinks}",
+                       lambda q=query, k=key, v=value, m=m, c=causal, s=sinks: _prefill(
+                           q, k, v, m, c, None, 0.117, 0.3, s))  # fmt: skip
 
 
 if __name__ == "__main__":
-    signature = {"flags_ptr": "*u8", "out_ptr": "*i32", "n_keys": "i32", "stride_r": "i32", "stride_n": "i32",
-                 "sink_keys": "i32", "R": "constexpr"}  # fmt: skip
-    compiled = triton.compile(ASTSource(fn=probe, signature=signature, constexprs={"R": 4}),
-                              target=GPUTarget("cuda", 90, 32))  # fmt: skip
-    print("cubin" in compiled.asm)
+    driver.set_active(StubDriver())
+    knobs.runtime.jit_cache_hook = compile_instead_of_launch
+    for name, call in calls():
+        CURRENT["call"] = name
+        call()

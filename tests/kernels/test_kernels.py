@@ -7,6 +7,7 @@ per-row loop (`kernel_helpers.loop_reference`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -171,17 +172,30 @@ def test_triton_kernels_under_interpreter():
 
 
 @requires_triton
-def test_sink_scan_compiles_for_hopper_without_a_gpu():
-    """The decode kernels' in-kernel sink scan (`triton_common._scanned_sink_ends`: a data-dependent while loop that
-    the interpreter runs as Python) compiles to a cubin for sm_90, through Triton's CUDA backend on the CPU
-    (`hopper_compile_probe.py`)."""
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Every kernel that the decode calls (short kernel, split-K) and the prefill calls launch compiles to a cubin for
+    sm_90 at the launch settings of real calls, attention sinks with and without a mask included (the decode kernels'
+    sink scan is a data-dependent loop that the interpreter runs as Python), within the H100's 227 KB of shared
+    memory per block: `hopper_compile_probe.py`, through Triton's CUDA backend, which needs no GPU."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(TESTS_DIR.parents[1] / "src"))
     probe = str(TESTS_DIR / "hopper_compile_probe.py")
-    result = subprocess.run([sys.executable, probe], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, probe], env=env, capture_output=True, text=True, timeout=900)
     missing = r"No module named 'triton\.backends\.nvidia'|(cannot|could not) find.{0,20}ptxas|ptxas.{0,40}not found"
     if re.search(missing, result.stderr, flags=re.IGNORECASE):
         pytest.skip(f"this triton cannot compile for CUDA here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0 and result.stdout.strip() == "True", result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    kernels: dict[str, list[str]] = {}
+    for record in records:
+        assert record["cubin"] and 0 < record["shared"] <= 227 * 1024, record
+        kernels.setdefault(record["call"], []).append(record["kernel"])
+    expected = {"short": ["_short_decode_kernel"], "split-k": ["_distance_kernel", "_fine_count_kernel",
+                                                                "_attend_kernel"],
+                "prefill": ["_threshold_kernel", "_attend_kernel"]}  # fmt: skip
+    assert len(kernels) == 24
+    for call, names in kernels.items():
+        assert names == expected[call.split()[0] if call.startswith("prefill") else call.split()[1]], call
+    assert sum("sinks 1" in call and "mask padding" in call for call in kernels) == 4
 
 
 @requires_triton
