@@ -3,14 +3,18 @@ sm_90 (H100 / H200) on a machine without a GPU, and prints one JSON line per com
 
 A stub driver names the target, and Triton's JIT cache hook compiles each kernel at the signature and constants of
 its launch (through Triton's CUDA backend and its bundled ptxas) and skips the launch, so the calls' outputs are
-meaningless. Run by `test_kernels.py` in a process of its own (the stub replaces Triton's active driver, and
-TRITON_INTERPRET must be unset: an interpreting Triton does not compile). CPU tensors make the calls take the
-portable popcount (`USE_POPC` off); everything else is as on the GPU.
+meaningless. Run by `test_kernels.py` in a process of its own, with TRITON_INTERPRET=0 (an interpreting Triton does
+not compile), TRITON_DUMP_PTXAS_LOG=1 and a fresh TRITON_CACHE_DIR (so that ptxas runs and reports each kernel's
+registers and spills). The stub replaces Triton's active driver. The GPU's popcount (`USE_POPC`) is switched on in
+each compile, as the CPU tensors of the calls turn it off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 
 import torch
 import triton
@@ -18,8 +22,10 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
-from had_hf.kernels import _prefill, pack_signs
+from had_hf.kernels import pack_signs
+from had_hf.kernels.prefill_launch import default_prefill_config
 from had_hf.kernels.triton_decode import hamming_topk_decode
+from had_hf.kernels.triton_prefill import hamming_topk_prefill
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -41,23 +47,36 @@ class StubDriver:
 
 
 def compile_instead_of_launch(*, key, repr, fn, compile, is_manual_warmup, already_compiled) -> bool:
+    """Compiles the launch's kernel for sm_90 with the GPU's popcount (`USE_POPC`, which CPU tensors turn off),
+    prints its record with ptxas's register and spill counts, and skips the launch."""
     options = {name: compile[name] for name in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion",
                                                 "launch_cooperative_grid", "extern_libs")}  # fmt: skip
-    source = triton.compiler.ASTSource(
-        fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0]
-    )
-    kernel = triton.compile(source, target=TARGET, options=options)
+    constants, names = dict(compile["constants"]), fn.jit_function.arg_names
+    if "USE_POPC" in names:
+        constants[(names.index("USE_POPC"),)] = True
+    source = triton.compiler.ASTSource(fn.jit_function, compile["signature"], constants, compile["configs"][0])
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # ptxas -v, printed by Triton (TRITON_DUMP_PTXAS_LOG=1, cache off)
+        kernel = triton.compile(source, target=TARGET, options=options)
+    registers = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())]
+    if registers:
+        PTXAS[kernel.hash] = (int(registers.group(1)), sum(spills))
+    registers, spill_bytes = PTXAS.get(kernel.hash, (None, None))  # an identical kernel compiled earlier: cached
     record = {
         "call": CURRENT["call"],
         "kernel": fn.name,
         "cubin": "cubin" in kernel.asm,
         "shared": kernel.metadata.shared,
+        "registers": registers,
+        "spill_bytes": spill_bytes,
     }
     print(json.dumps(record), flush=True)
     return True  # compiled: skip the launch
 
 
 CURRENT = {"call": ""}  # the call whose kernels are being compiled
+PTXAS: dict[str, tuple[int, int]] = {}  # per compiled kernel's hash: ptxas's registers and spilled bytes
 
 
 def calls():
@@ -87,9 +106,11 @@ def calls():
         mask = padding[..., :300]
         for sinks in (0, 2):
             for name, m in (("none", None), ("padding", mask)):
+                # the GPU's launch settings (CPU tensors would get the interpreter's small tiles)
+                config = default_prefill_config(d, d, 300, interpreting=False, value_dtype=value.dtype)
                 yield (f"prefill d{d} causal {causal} mask {name} sinks {sinks}",
-                       lambda q=query, k=key, v=value, m=m, c=causal, s=sinks: _prefill(
-                           q, k, v, m, c, None, 0.117, 0.3, s))  # fmt: skip
+                       lambda q=query, k=key, v=value, m=m, c=causal, s=sinks, config=config: hamming_topk_prefill(
+                           q, k, v, m, c, 36, 0.3, config=config, sink_keys=s))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -172,12 +172,14 @@ def test_triton_kernels_under_interpreter():
 
 
 @requires_triton
-def test_kernels_compile_for_hopper_without_a_gpu():
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     """Every kernel that the decode calls (short kernel, split-K) and the prefill calls launch compiles to a cubin for
     sm_90 at the launch settings of real calls, attention sinks with and without a mask included (the decode kernels'
     sink scan is a data-dependent loop that the interpreter runs as Python), within the H100's 227 KB of shared
-    memory per block: `hopper_compile_probe.py`, through Triton's CUDA backend, which needs no GPU."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(TESTS_DIR.parents[1] / "src"))
+    memory per block, the decode kernels without register spills (ptxas -v; the prefill kernels' spills are in
+    benchmarks/README.md): `hopper_compile_probe.py`, through Triton's CUDA backend, which needs no GPU."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(TESTS_DIR.parents[1] / "src"))  # fmt: skip
     probe = str(TESTS_DIR / "hopper_compile_probe.py")
     result = subprocess.run([sys.executable, probe], env=env, capture_output=True, text=True, timeout=900)
     missing = r"No module named 'triton\.backends\.nvidia'|(cannot|could not) find.{0,20}ptxas|ptxas.{0,40}not found"
@@ -188,6 +190,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     kernels: dict[str, list[str]] = {}
     for record in records:
         assert record["cubin"] and 0 < record["shared"] <= 227 * 1024, record
+        assert record["registers"] and record["spill_bytes"] is not None, record  # ptxas -v read
+        if not record["call"].startswith("prefill"):
+            assert record["spill_bytes"] == 0, record  # the decode kernels spill no registers
         kernels.setdefault(record["call"], []).append(record["kernel"])
     expected = {"short": ["_short_decode_kernel"], "split-k": ["_distance_kernel", "_fine_count_kernel",
                                                                 "_attend_kernel"],

@@ -35,9 +35,10 @@ def default_prefill_config(
     value_dtype: torch.dtype = torch.bfloat16,
     row_mask: bool = False,
 ) -> PrefillConfig:
-    """Launch settings from the shape, chosen so that no kernel spills registers on sm_90 (ptxas of Triton 3.9):
-    tiles of 128 query rows x 64 keys and 8 warps for both kernels; 32-key tiles for the threshold kernel at d = 128 or
-    with a per-row mask, and for the attend kernel with 256-wide or fp32 values (64 rows there). The sample covers
+    """Launch settings from the shape: tiles of 128 query rows x 64 keys and 8 warps for both kernels; 32-key tiles
+    for the threshold kernel at d = 128 or with a per-row mask, and for the attend kernel with 256-wide or fp32
+    values (64 rows there); benchmarks/README.md ("Prefill kernel design notes") has what ptxas reports for them,
+    from `tests/kernels/hopper_compile_probe.py`. The sample covers
     n / 16 keys, 256 to 1024. Under the interpreter (tests): small tiles, so that small problems span several tiles
     and rounds, and samples of 2 tiles."""
     if interpreting:
