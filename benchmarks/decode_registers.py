@@ -38,7 +38,7 @@ from decode_variants import SHAPE_VARIANTS, SHORT_SHAPES, VARIANTS  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from had_hf.kernels import decode_short_kernel, triton_decode  # noqa: E402
+from had_hf.kernels import decode_short_kernel, decode_split, triton_decode  # noqa: E402
 from had_hf.kernels.decode_launch import decode_launch, short_decode_launch, short_kernel_wanted  # noqa: E402
 
 MULTIPROCESSORS = 132  # H100 SXM / H200
@@ -55,9 +55,9 @@ POINTER_TYPES = {
     torch.int64: "*i64",
 }
 KERNELS = (
-    triton_decode._distance_kernel,
-    triton_decode._fine_count_kernel,
-    triton_decode._attend_kernel,
+    decode_split._distance_kernel,
+    decode_split._fine_count_kernel,
+    decode_split._attend_kernel,
     decode_short_kernel._short_decode_kernel,
 )
 

@@ -143,7 +143,7 @@ def test_decode_kernel_attend_split_groups(case: Case, split_group, gather_stage
 def test_decode_kernel_cached_layouts_across_growing_and_shrinking_calls():
     """Decode steps reuse the workspace's cached views while their layout holds (generation: n grows by one per step),
     rebuild them when it changes, and drop them when a buffer grows; every call must still be exact."""
-    from had_hf.kernels.triton_decode import _Workspace
+    from had_hf.kernels.decode_launch import _Workspace
 
     sequence = [130, 131, 191, 192, 193, 900, 131, 131]  # same layout twice, a new code stride, a reallocation, back
     for step, num_keys in enumerate(sequence):

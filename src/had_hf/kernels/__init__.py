@@ -9,9 +9,10 @@ Set `HAD_HF_DISABLE_TRITON=1` to force the PyTorch path.
 
 The modules: `int32_words` (the int32 sign-word layout, in PyTorch), `reference` (the PyTorch attention),
 `triton_common` (what the Triton kernels share), `sign_pack_kernel`; decode: `triton_decode` (the entry point),
-`decode_launch` (launch settings and scratch memory), `decode_split_k`, `decode_distance_kernel`,
-`decode_fine_count_kernel`, `decode_attend_kernel`, `decode_gather`, `decode_short_kernel` and `decode_short` (short
-contexts, one launch: the kernel and its host side); prefill: `triton_prefill` (the entry point), `prefill_launch`, `prefill_tiles`, `prefill_threshold_kernel`,
+`decode_launch` (launch settings and scratch memory), `decode_split` (the split-K path's host side: its three
+launches), `decode_split_k` (what its kernels share), `decode_distance_kernel`, `decode_fine_count_kernel`,
+`decode_attend_kernel`, `decode_gather`, `decode_short_kernel` and `decode_short` (short contexts, one launch: the
+kernel and its host side); prefill: `triton_prefill` (the entry point), `prefill_launch`, `prefill_tiles`, `prefill_threshold_kernel`,
 `prefill_attend_kernel`.
 """
 
