@@ -39,6 +39,11 @@ ARMS = {
     "full_5e-4_attention0.1": (5e-4, 5e-5, ["--attention_loss_weight", "0.1"]),
     "full_5e-4_sink1_ste5e-5": (5e-4, 5e-5, ["--sink_keys", "1", "--ste_learning_rate", "5e-5"]),
     "full_5e-4_sink1_recalibrate": (5e-4, 5e-5, ["--sink_keys", "1", "--recalibrate_sigma", "true"]),
+    "full_5e-4_sink1_recalibrate_ste_output_only": (
+        5e-4,
+        5e-5,
+        ["--sink_keys", "1", "--recalibrate_sigma", "true", "--ste_attention_loss_weight", "0"],
+    ),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),

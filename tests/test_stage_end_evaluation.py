@@ -139,6 +139,23 @@ def test_ste_learning_rate_sets_stage_3_only(tmp_path):
         _args(tmp_path, ste_learning_rate=0.0)
 
 
+def test_ste_attention_loss_weight_sets_stage_3_only(tmp_path):
+    trainer = _trainer(tmp_path, ste_attention_loss_weight=0.0, refinement_attention_loss_weight=0.5)
+    trainer.train()
+    logged = {entry["step"]: entry["loss_attn"] for entry in trainer.state.log_history if "loss_attn" in entry}
+    assert sorted(logged) == list(range(1, 17))
+    for step, loss_attn in logged.items():
+        phase = trainer.schedule.phase(step - 1)
+        assert trainer.attention_loss_weight(step - 1) == {1: 1.0, 2: 1.0, 3: 0.0, 4: 0.5}[phase]
+        # the attention KL is computed (and logged) only in the stages that train on it
+        assert (loss_attn == 0.0) == (phase == 3), (step, phase, loss_attn)
+    unset = _trainer(tmp_path / "unset", attention_loss_weight=2.0)
+    assert [unset.attention_loss_weight(step) for step in (0, 7, 12)] == [2.0, 2.0, 0.0]  # phases 1, 3, 4
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="ste_attention_loss_weight must be a finite number >= 0"):
+            _args(tmp_path, ste_attention_loss_weight=bad)
+
+
 def test_a_peft_student_is_recalibrated_with_its_adapter_on(tmp_path):
     pytest.importorskip("peft")
     from had_hf.peft_student import make_peft_student

@@ -157,10 +157,14 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
 
     # ---------------------------------------------------------------- loss
     def attention_loss_weight(self, step: int) -> float:
-        """The attention-loss weight at `step`: stages 1-3 and stage 4 have their own; 0 for "w/o AD"."""
+        """The attention-loss weight at `step`: stages 1-2, stage 3 (STE, unless given: stages 1-2's) and stage 4
+        have their own; 0 for "w/o AD"."""
         if not self.args.attention_loss:
             return 0.0
-        if self.schedule.phase(step) <= 3:
+        phase = self.schedule.phase(step)
+        if phase == 3 and self.args.ste_attention_loss_weight is not None:
+            return self.args.ste_attention_loss_weight
+        if phase <= 3:
             return self.args.attention_loss_weight
         return self.args.refinement_attention_loss_weight
 

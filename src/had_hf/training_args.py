@@ -47,6 +47,8 @@ class HADTrainingArguments(TrainingArguments):
         attention_loss (`bool`, *optional*, defaults to `True`): use the attention-map loss in stages 1-3 (False
             is the paper's "w/o AD" ablation).
         attention_loss_weight (`float`, *optional*, defaults to 1.0): weight of the attention loss in stages 1-3.
+        ste_attention_loss_weight (`float`, *optional*): weight of the attention loss in stage 3 (STE); unset:
+            `attention_loss_weight`. 0 trains the STE stage on the output loss alone.
         refinement_attention_loss_weight (`float`, *optional*, defaults to 0.0): weight of the attention loss in
             stage 4 (the paper removes it: 0).
         skip_tanh (`bool`, *optional*, defaults to `False`): replace stages 1-2 by as many STE steps (the paper's
@@ -79,6 +81,10 @@ class HADTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Use the attention-map loss in stages 1-3 (False: the 'w/o AD' ablation)."}
     )
     attention_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the attention loss, stages 1-3."})
+    ste_attention_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the attention loss in stage 3 (STE); default: attention_loss_weight."},
+    )
     refinement_attention_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the attention loss in stage 4 (the paper: 0)."}
     )
@@ -123,9 +129,10 @@ class HADTrainingArguments(TrainingArguments):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("attention_loss_weight", "refinement_attention_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("attention_loss_weight", "ste_attention_loss_weight", "refinement_attention_loss_weight"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(
                 f"max_steps must be -1 (the length of the schedule) or a number of steps >= 4, got {self.max_steps}."
