@@ -39,6 +39,7 @@ ARMS = {
     "full_5e-4_attention0.1": (5e-4, 5e-5, ["--attention_loss_weight", "0.1"]),
     "full_5e-4_sink1_ste5e-5": (5e-4, 5e-5, ["--sink_keys", "1", "--ste_learning_rate", "5e-5"]),
     "full_5e-4_sink1_recalibrate": (5e-4, 5e-5, ["--sink_keys", "1", "--recalibrate_sigma", "true"]),
+    "full_5e-4_sink1_ste_output_only": (5e-4, 5e-5, ["--sink_keys", "1", "--ste_attention_loss_weight", "0"]),
     "full_5e-4_sink1_recalibrate_ste_output_only": (
         5e-4,
         5e-5,

@@ -25,6 +25,7 @@ LEVERS = {
     "attn_w10": ["--attention_loss_weight", "10"],
     "attn_w0.1": ["--attention_loss_weight", "0.1"],
     "refine_attn": ["--refinement_attention_loss_weight", "1.0"],  # the attention loss kept in stage 4
+    "ste_output_only": ["--ste_attention_loss_weight", "0"],  # the STE stage on the output loss alone
     "recalibrate": ["--recalibrate_sigma", "true"],  # sigma measured again on the student where the STE stage starts
     "last_stage_end": ["--keep_best_deployable", "false"],  # the last stage end kept, not the best held-out one
     "decay0.9998": ["--c_decay", "0.9998"],  # slower binarization: longer tanh and sign stages
