@@ -49,6 +49,12 @@ ARMS = {
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),
     "lora_2e-2": (2e-2, 2e-3, LORA),
+    # the GPU config's settings (first key, sigma calibrated again, STE stage on the output loss) through LoRA
+    "lora_5e-3_sink1_recalibrate_ste_output_only": (
+        5e-3,
+        5e-4,
+        [*LORA, "--sink_keys", "1", "--recalibrate_sigma", "true", "--ste_attention_loss_weight", "0"],
+    ),
     "lora_qkvo_1e-3": (1e-3, 1e-4, [*LORA, "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 
