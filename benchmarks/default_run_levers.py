@@ -35,10 +35,16 @@ def lever_runs(lever: str, seeds: list[int], runs_dir: Path) -> list[dict]:
         flags = ["--seed", str(seed), *lever_flags(lever, "sst2", LEVERS), "--output_dir", str(output_dir)]
         if (output_dir / "results.json").exists():
             results = json.loads((output_dir / "results.json").read_text())
+            ran = [flag for flag in results["command"].split()[2:] if flag != "--overwrite_output_dir"]
+            if ran != flags:
+                raise SystemExit(
+                    f"{output_dir} holds a run of other flags ({' '.join(ran)}), not lever {lever!r} at seed {seed} "
+                    f"({' '.join(flags)}): move it away or choose another --runs_dir."
+                )
         else:
             results, _, _ = run_recipe([*flags, "--overwrite_output_dir"])
-        runs.append({"seed": seed, "command": " ".join(["python recipes/distill_glue.py", *flags]),
-                     **held_out_summary(results)})  # fmt: skip
+        # the command as the recipe recorded it in results.json
+        runs.append({"seed": seed, "command": results["command"], **held_out_summary(results)})
     return runs
 
 
