@@ -71,8 +71,14 @@ def recipe_command(arm: str, args) -> list[str]:
         "--eval_lengths", args.eval_lengths, "--eval_windows", "4", "--passkey_depths=", "--quality_file=",
         "--stage_eval_windows", "4", "--eval_strategy", "steps", "--eval_steps", "20", "--calibration_batches", "8",
         "--calibration_batch_size", "2", "--logging_steps", "5", "--overwrite_output_dir", "--report_to", "none",
-        "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(Path(args.out) / f"{arm}_{args.steps}"),
+        "--save_strategy", "no", "--disable_tqdm", "true", "--seed", str(args.seed),
+        "--output_dir", str(Path(args.out) / run_name(arm, args)),
     ]  # fmt: skip
+
+
+def run_name(arm: str, args) -> str:
+    """The folder (and log) name of one arm's run: the arm and its steps, and the seed where it is not 42."""
+    return f"{arm}_{args.steps}" + (f"_seed{args.seed}" if args.seed != 42 else "")
 
 
 def run(args) -> None:
@@ -89,12 +95,12 @@ def run(args) -> None:
         batch = arms[start : start + args.parallel]
         processes = []
         for arm in batch:
-            log = open(Path(args.out) / f"{arm}_{args.steps}.log", "w")
+            log = open(Path(args.out) / f"{run_name(arm, args)}.log", "w")
             processes.append((arm, subprocess.Popen(recipe_command(arm, args), cwd=REPO, env=env, stdout=log,
                                                     stderr=subprocess.STDOUT)))  # fmt: skip
         for arm, process in processes:
             if process.wait() != 0:
-                raise SystemExit(f"{arm} failed: see {Path(args.out) / f'{arm}_{args.steps}.log'}")
+                raise SystemExit(f"{arm} failed: see {Path(args.out) / f'{run_name(arm, args)}.log'}")
 
 
 def run_record(results: dict) -> dict:
@@ -148,6 +154,7 @@ def main() -> None:
     start.add_argument("--arms", default=",".join(ARMS))
     start.add_argument("--eval_lengths", default="256")
     start.add_argument("--parallel", type=int, default=2)
+    start.add_argument("--seed", type=int, default=42, help="the recipe's --seed (its data split and windows too)")
     gather = commands.add_parser("collect", help="read the runs' results.json into one file")
     gather.add_argument("--out", required=True)
     gather.add_argument("--json", required=True)

