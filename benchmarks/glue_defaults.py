@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from glue_gpu import PAPER, gpu_name, run_entry  # noqa: E402
 from glue_levers import lever_flags, recipe_of  # noqa: E402
-from glue_plan import LEVERS, plan  # noqa: E402
+from glue_plan import LEVERS, parse_run_name, plan, run_name  # noqa: E402
 from glue_runs import recipe_command, run, wait  # noqa: E402,F401  (the CLI's run and wait; tests use recipe_command)
 
 TASKS = ("sst2", "mrpc", "stsb", "rte")
@@ -95,7 +95,7 @@ def relabeled(runs: dict, relabel: str | None) -> dict:
     for entry in runs.values():
         run_as = entry.get("run_as", entry["variant"])  # a run relabeled before keeps the name it ran under
         variant = names.get(run_as, entry["variant"])
-        renamed[f"{entry['task']}_{variant}_seed{entry['seed']}"] = {
+        renamed[run_name(entry["task"], variant, entry["seed"])] = {
             **entry, "variant": variant, **({"run_as": run_as} if variant != run_as else {})
         }  # fmt: skip
     return renamed
@@ -107,16 +107,17 @@ def collect(args) -> dict:
     dev and held-out), `levers` (each lever against the defaults of the same task), `runs`, and the goal of issue 23
     for the defaults."""
     runs, commands, merged_gpus = {}, [], []
-    for path in args.merge:  # the runs of earlier calls, collected there
+    for path in args.merge:  # the runs of earlier calls, collected there (each on the file's GPU unless it says)
         earlier = json.loads(Path(path).read_text())
-        runs.update(earlier["runs"])
+        runs.update({name: {"gpu": earlier.get("gpu"), **entry} for name, entry in earlier["runs"].items()})
         commands += earlier["run_command"]
         merged_gpus.append(earlier.get("gpu"))
+    gpu = gpu_name() or args.gpu or next(filter(None, merged_gpus), None)  # merged on a CPU: theirs
     for folder in args.out:
         for path in sorted(Path(folder).glob("*/results.json")):
-            task, rest = path.parent.name.split("_", 1)
-            variant, _, seed = rest.rpartition("_seed")
-            runs[path.parent.name] = {"task": task, "variant": variant, **defaults_entry(json.loads(path.read_text()))}
+            task, variant, _ = parse_run_name(path.parent.name)
+            entry = defaults_entry(json.loads(path.read_text()))
+            runs[path.parent.name] = {"task": task, "variant": variant, "gpu": gpu, **entry}
     runs = relabeled(runs, args.relabel)
     groups: dict[tuple[str, str], list[dict]] = {}
     for entry in runs.values():
@@ -175,7 +176,8 @@ def collect(args) -> dict:
         "levers": levers,
         "goal": goal,
         "runs": runs,
-        "gpu": gpu_name() or args.gpu or next(filter(None, merged_gpus), None),  # merged on a CPU: theirs
+        "gpu": gpu,
+        "gpus": sorted({entry["gpu"] for entry in runs.values() if entry.get("gpu")}),
         "host": platform.node(),
         "run_command": commands,
         "command": " ".join(["python", *sys.argv]),

@@ -115,6 +115,13 @@ def run_name(task: str, variant: str, seed: int) -> str:
     return f"{task}_{variant.replace('+', '-')}_seed{seed}"
 
 
+def parse_run_name(name: str) -> tuple[str, str, int]:
+    """The task, variant and seed of a run named by `run_name` (lever names have no '-', so `a-b` is `a+b`)."""
+    task, rest = name.split("_", 1)
+    variant, _, seed = rest.rpartition("_seed")
+    return task, variant.replace("-", "+"), int(seed)
+
+
 def split_parts(runs: list[dict], parts: int) -> list[list[dict]]:
     """`runs` in `parts` groups of balanced estimated time (longest first, each to the group that ends first); the
     same runs give the same groups."""

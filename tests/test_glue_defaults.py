@@ -72,6 +72,9 @@ def test_run_names_are_file_names_the_gpu_machine_returns(glue_plan):
     assert "sst2_full_schedule-compiled_seed42" in names and "rte_clip2-recalibrate_seed42" in names
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in names)
     assert {run["variant"] for run in runs} == {"defaults", "full_schedule+compiled", "clip2+recalibrate"}
+    # `collect` reads each run's task, variant and seed back from its name; no lever name has the '-' that joins
+    assert all(glue_plan.parse_run_name(r["name"]) == (r["task"], r["variant"], r["seed"]) for r in runs)
+    assert not [lever for lever in glue_plan.LEVERS if "-" in lever or "_seed" in lever]
     # a compiled run's steps count at the measured compiled pace in both estimates
     compiled = [run for run in runs if run["name"] == "sst2_full_schedule-compiled_seed42"]
     eager = [{**compiled[0], "variant": "full_schedule", "paced_steps": 29209.0}]
@@ -145,6 +148,7 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
         "sst2_lr_x2.5_seed42": _results("sst2", 42, 0.90, 0.90, [0.80, 0.85, 0.84, 0.88], 0.88),
         "mrpc_defaults_seed42": _results("mrpc", 42, 0.84, 0.82, [0.8, 0.8, 0.8, 0.8], 0.8, "f1"),
         "stsb_defaults_seed42": _results("stsb", 42, 0.85, 0.848, [0.8, 0.8, 0.8, 0.8], 0.8, "pearson"),
+        "mrpc_ste_output_only-recalibrate_seed42": _results("mrpc", 42, 0.84, 0.83, [0.8, 0.8, 0.8, 0.8], 0.8, "f1"),
     }
     for index, (name, results) in enumerate(runs.items()):  # two calls: the first's runs collected, then merged
         folder = tmp_path / ("first" if index < 2 else "second") / name
@@ -154,15 +158,23 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
     first = Namespace(out=[str(tmp_path / "first")], merge=[], json=str(tmp_path / "first.json"), gpu="t", note="",
                       relabel=None)  # fmt: skip
     assert len(bench.collect(first)["runs"]) == 2
-    args = Namespace(out=[str(tmp_path / "second")], merge=[first.json], json=str(tmp_path / "sum.json"), gpu="t",
+    args = Namespace(out=[str(tmp_path / "second")], merge=[first.json], json=str(tmp_path / "sum.json"), gpu="u",
                      note="", relabel=None)  # fmt: skip
     summary = bench.collect(args)
+    # each run keeps the GPU of the call that collected it
+    assert [summary["runs"][name]["gpu"] for name in runs] == ["t", "t", "u", "u", "u", "u"]
+    assert summary["gpus"] == ["t", "u"]
+    # a run of levers joined by '+' is named with '-' and read back as the joined levers
+    combined = summary["runs"]["mrpc_ste_output_only-recalibrate_seed42"]["variant"]
+    assert combined == "ste_output_only+recalibrate"
     assert summary["run_command"] == ["python benchmarks/glue_defaults.py run --part 1/2"]
     rows = {(row["task"], row["variant"]): row for row in summary["table"]}
     sst2 = rows[("sst2", "defaults")]
     assert sst2["seeds"] == [42, 43] and sst2["had"] == pytest.approx(89.25) and sst2["drop"] == pytest.approx(0.75)
     # the final held-out value against the best stage end's deployable one, per seed, then the mean
     assert sst2["validation"]["final_minus_best_deployable"] == pytest.approx(((86 - 86) + (86 - 87)) / 2)
+    lever = next(row for row in summary["levers"] if row["lever"] == "ste_output_only+recalibrate")
+    assert lever["flags"] == "--ste_attention_loss_weight 0 --recalibrate_sigma true"
     lever = next(row for row in summary["levers"] if row["lever"] == "lr_x2.5")
     assert lever["change"]["dev"] == pytest.approx(90 - 89.25) and lever["flags"].startswith("--learning_rate 5e-5")
     goal = summary["goal"]
