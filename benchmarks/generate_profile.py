@@ -6,6 +6,8 @@ time, calls) to a text file with the machine and the command. The profiler slows
 the header are above `generate.py`'s; the tables are for where the time goes, `generate.json` for how much:
 
     PYTHONPATH=src python benchmarks/generate_profile.py --batch 1 --n 4096 --out $OUT/generate_profile_llama_b1_4k.txt
+
+`--sink_keys k` profiles the HAD model with attention sinks (`HADConfig(sink_keys=k)`), as `generate.py`'s option.
 """
 
 from __future__ import annotations
@@ -47,15 +49,21 @@ def profiled_generate(tables: list[str], row_limit: int):
     return wrap
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's options: the row's shape and output, and the options of `generate.run_row` (`--new-tokens`,
+    `--warmup-tokens`, `--sink_keys`)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[generate.row_options()]
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--n", type=int, default=4096, help="context length")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--warmup-tokens", type=int, default=4)
     parser.add_argument("--rows", type=int, default=30, help="kernels listed per variant")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("generate_profile.py profiles CUDA kernels: it needs a GPU.")
     import transformers
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         f"command: python {' '.join(sys.argv)}",
         f"machine: {torch.cuda.get_device_name()}, {platform.platform()}",
         f"torch {torch.__version__}, transformers {transformers.__version__}",
-        f"row: batch {args.batch}, n {args.n}; variants in order: {', '.join(names)}",
+        f"row: batch {args.batch}, n {args.n}, sink keys {args.sink_keys}; variants in order: {', '.join(names)}",
         "ms per token (profiled run): " + ", ".join(f"{k} {row[k].get('ms_per_token')}" for k in names),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

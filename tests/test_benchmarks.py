@@ -165,6 +165,19 @@ def test_generate_benchmark_smoke(tmp_path, sink_keys):
     assert row["had"]["cache_gib"] < row["sdpa_static"]["cache_gib"]  # packed sign bits for the keys
 
 
+def test_generate_profile_takes_the_row_options_of_generate(monkeypatch):
+    """`generate_profile.py` runs a row of `generate.py` (`run_row`): it takes every option that reads, sinks included,
+    with the same defaults."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    generate = load_script(REPO / "benchmarks" / "generate.py", "generate")
+    profile = load_script(REPO / "benchmarks" / "generate_profile.py", "generate_profile")
+    args = profile.build_parser().parse_args(["--out", "p.txt", "--sink_keys", "1", "--n", "2048"])
+    assert (args.sink_keys, args.n, args.new_tokens, args.warmup_tokens) == (1, 2048, 32, 4)
+    defaults = vars(generate.row_options().parse_args([]))
+    assert {key: value for key, value in vars(profile.build_parser().parse_args(["--out", "p"])).items()
+            if key in defaults} == defaults  # fmt: skip
+
+
 @pytest.mark.slow
 @requires_glue
 def test_glue_gpu_script_shares_the_teacher_and_collects_levers(tmp_path):
