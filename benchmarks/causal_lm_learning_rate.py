@@ -95,12 +95,12 @@ def run(args) -> None:
         batch = arms[start : start + args.parallel]
         processes = []
         for arm in batch:
-            log = open(Path(args.out) / f"{run_name(arm, args)}.log", "w")
-            processes.append((arm, subprocess.Popen(recipe_command(arm, args), cwd=REPO, env=env, stdout=log,
-                                                    stderr=subprocess.STDOUT)))  # fmt: skip
-        for arm, process in processes:
+            log = Path(args.out) / f"{run_name(arm, args)}.log"
+            processes.append((arm, log, subprocess.Popen(recipe_command(arm, args), cwd=REPO, env=env,
+                                                         stdout=open(log, "w"), stderr=subprocess.STDOUT)))  # fmt: skip
+        for arm, log, process in processes:
             if process.wait() != 0:
-                raise SystemExit(f"{arm} failed: see {Path(args.out) / f'{run_name(arm, args)}.log'}")
+                raise SystemExit(f"{arm} failed: see {log}")
 
 
 def run_record(results: dict) -> dict:
