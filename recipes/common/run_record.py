@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -124,12 +126,19 @@ def save_run(trainer, results: dict, title: str) -> None:
 
 
 def end_run(trainer) -> None:
-    """The last step of a recipe: every process waits for the others, then leaves the process group
-    (`Accelerator.end_training`). A process that exits with its group still alive can abort in the group's
-    destructor ("terminate called without an active exception", seen with gloo on the CPU) and fail the launch after
-    the run has written everything. Nothing happens in a single process."""
+    """The last step of a recipe: every process waits for the others, leaves the process group
+    (`Accelerator.end_training`) and, in a run of several processes, exits at once (`os._exit(0)`, its output and logs
+    flushed), since the run has written everything. The interpreter's teardown would free the DDP reducer, whose gloo
+    process group joins its worker threads while holding the GIL; a worker still freeing a finished collective needs
+    the GIL, and the process hangs there (or, with the group still alive, aborts: "terminate called without an active
+    exception"). In a single process only the waiting and leaving happen, both no-ops, and the caller goes on."""
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    if trainer.accelerator.num_processes > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def print_comparison(results: dict, title: str) -> None:
