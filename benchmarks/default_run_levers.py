@@ -5,7 +5,7 @@ held-out part only (dev is recorded, not compared).
 The levers are `glue_plan.LEVERS` (the GPU experiments' names). A run whose output folder already holds its
 `results.json` is read, not run again, so an interrupted sweep goes on where it stopped:
 
-    python benchmarks/default_run_levers.py --levers defaults,ste_output_only --seeds 42,43,44 \
+    python benchmarks/default_run_levers.py --levers defaults,ste_attention --seeds 42,43,44 \
         --runs_dir /tmp/glue_cpu --out benchmarks/results/default_run_levers_cpu.json
 """
 
@@ -62,7 +62,7 @@ def mean_of(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levers", default="defaults,ste_output_only", help=f"of: {', '.join(LEVERS)}")
+    parser.add_argument("--levers", default="defaults,ste_attention", help=f"of: {', '.join(LEVERS)}")
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--runs_dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)

@@ -148,7 +148,7 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
         "sst2_lr_x2.5_seed42": _results("sst2", 42, 0.90, 0.90, [0.80, 0.85, 0.84, 0.88], 0.88),
         "mrpc_defaults_seed42": _results("mrpc", 42, 0.84, 0.82, [0.8, 0.8, 0.8, 0.8], 0.8, "f1"),
         "stsb_defaults_seed42": _results("stsb", 42, 0.85, 0.848, [0.8, 0.8, 0.8, 0.8], 0.8, "pearson"),
-        "mrpc_ste_output_only-recalibrate_seed42": _results("mrpc", 42, 0.84, 0.83, [0.8, 0.8, 0.8, 0.8], 0.8, "f1"),
+        "mrpc_ste_attention-recalibrate_seed42": _results("mrpc", 42, 0.84, 0.83, [0.8, 0.8, 0.8, 0.8], 0.8, "f1"),
     }
     for index, (name, results) in enumerate(runs.items()):  # two calls: the first's runs collected, then merged
         folder = tmp_path / ("first" if index < 2 else "second") / name
@@ -165,16 +165,16 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
     assert [summary["runs"][name]["gpu"] for name in runs] == ["t", "t", "u", "u", "u", "u"]
     assert summary["gpus"] == ["t", "u"]
     # a run of levers joined by '+' is named with '-' and read back as the joined levers
-    combined = summary["runs"]["mrpc_ste_output_only-recalibrate_seed42"]["variant"]
-    assert combined == "ste_output_only+recalibrate"
+    combined = summary["runs"]["mrpc_ste_attention-recalibrate_seed42"]["variant"]
+    assert combined == "ste_attention+recalibrate"
     assert summary["run_command"] == ["python benchmarks/glue_defaults.py run --part 1/2"]
     rows = {(row["task"], row["variant"]): row for row in summary["table"]}
     sst2 = rows[("sst2", "defaults")]
     assert sst2["seeds"] == [42, 43] and sst2["had"] == pytest.approx(89.25) and sst2["drop"] == pytest.approx(0.75)
     # the final held-out value against the best stage end's deployable one, per seed, then the mean
     assert sst2["validation"]["final_minus_best_deployable"] == pytest.approx(((86 - 86) + (86 - 87)) / 2)
-    lever = next(row for row in summary["levers"] if row["lever"] == "ste_output_only+recalibrate")
-    assert lever["flags"] == "--ste_attention_loss_weight 0 --recalibrate_sigma true"
+    lever = next(row for row in summary["levers"] if row["lever"] == "ste_attention+recalibrate")
+    assert lever["flags"] == "--ste_attention_loss_weight 1 --recalibrate_sigma true"
     lever = next(row for row in summary["levers"] if row["lever"] == "lr_x2.5")
     assert lever["change"]["dev"] == pytest.approx(90 - 89.25) and lever["flags"].startswith("--learning_rate 5e-5")
     goal = summary["goal"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from had_hf import HADTrainingArguments
 from tests.conftest import GLUE_DIR, load_script, plain_normalized, requires_glue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,13 +133,14 @@ def test_help_prints_every_recipe_flag(tmp_path):
         assert flag in result.stdout
     # the launch commands, the HAD schedule and the common training flags, and a pointer to the other ones
     assert "accelerate launch --config_file recipes/accelerate_configs/single_cpu.yaml" in result.stdout
-    for flag in ("--c_decay", "--refinement_learning_rate", "--max_steps", "--learning_rate", "--output_dir"):
+    for flag in ("--c_decay", "--refinement_learning_rate", "--ste_attention_loss_weight", "--max_steps",
+                 "--learning_rate", "--output_dir"):  # fmt: skip
         assert flag in result.stdout
     assert "--adam_beta1" not in result.stdout and "see --help_all" in result.stdout
     assert "embedded default recipes/configs/sst2_minilm_cpu.yaml instead, which sets task_name sst2" in (
         " ".join(result.stdout.split())
     )
-    assert len(result.stdout.splitlines()) < 250
+    assert len(result.stdout.splitlines()) < 260  # not every TrainingArguments flag (those print 600+ lines)
 
 
 def test_help_all_prints_every_training_flag(capsys):
@@ -327,6 +329,25 @@ def test_runs_keep_at_most_one_checkpoint(tmp_path):
     assert library.save_strategy == "steps" and library.save_total_limit == 1
     _, chosen, _ = recipe.parse_arguments(["--save_total_limit", "3", "--output_dir", str(tmp_path / "c")])
     assert chosen.save_total_limit == 3
+
+
+def test_the_glue_recipe_trains_the_ste_stage_on_the_output_loss_and_the_student_without_dropout(tmp_path):
+    recipe = _recipe_module()
+    sample = str(REPO / "recipes" / "data" / "sst2_sample")
+    starts = {  # the embedded default, a YAML file, the library defaults
+        "embedded": ["--output_dir", str(tmp_path / "a")],
+        "yaml": [str(EMBEDDED_DEFAULT), "--output_dir", str(tmp_path / "b")],
+        "library": ["--glue_dir", sample, "--output_dir", str(tmp_path / "c")],
+    }
+    for argv in starts.values():
+        script_args, training_args, _ = recipe.parse_arguments(argv)
+        assert training_args.ste_attention_loss_weight == 0.0 and script_args.student_dropout == 0.0
+    # the paper's recipe, by flags: the attention loss in the STE stage (read by the trainer) and the teacher's dropout
+    argv = [*starts["library"], "--ste_attention_loss_weight", "1", "--student_dropout", "0.1"]
+    script_args, training_args, _ = recipe.parse_arguments(argv)
+    assert training_args.ste_attention_loss_weight == 1.0 and script_args.student_dropout == 0.1
+    # the library's own default is the paper's: the STE stage's weight follows attention_loss_weight
+    assert HADTrainingArguments(output_dir=str(tmp_path / "d")).ste_attention_loss_weight is None
 
 
 @pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])

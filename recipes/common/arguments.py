@@ -181,8 +181,8 @@ COMMON_TRAINING_FLAGS = (
     "disable_tqdm",
 )
 # HADTrainingArguments' own fields that --help leaves to --help_all with the TrainingArguments flags they qualify
-# (use_regional_compilation goes with torch_compile) or the HAD flags they refine (ste_attention_loss_weight)
-ADVANCED_HAD_FLAGS = ("use_regional_compilation", "ste_attention_loss_weight")
+# (use_regional_compilation goes with torch_compile)
+ADVANCED_HAD_FLAGS = ("use_regional_compilation",)
 
 
 def help_groups(script_class: type) -> dict[str, list[str]]:

@@ -83,7 +83,7 @@ class HADTrainingArguments(TrainingArguments):
     attention_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the attention loss, stages 1-3."})
     ste_attention_loss_weight: float | None = field(
         default=None,
-        metadata={"help": "Weight of the attention loss in stage 3 (STE); default: attention_loss_weight."},
+        metadata={"help": "Weight of the attention loss in stage 3 (STE); unset: attention_loss_weight."},
     )
     refinement_attention_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the attention loss in stage 4 (the paper: 0)."}

@@ -262,13 +262,18 @@ def test_card_names_extra_distillation_inputs(output_dir, results, card, tmp_pat
     assert f"| Extra distillation inputs | {expected} |" in text
 
 
-def test_the_card_names_the_held_out_split_and_the_stage_end_kept(tmp_path, output_dir, card):
-    assert "Model selection" not in str(card)  # a run that held nothing out: no row
-    folder = tmp_path / "selected"
+def _copy_of(output_dir: Path, folder: Path) -> Path:
+    """A copy of the output folder's files in `folder`, for a test that edits its results.json."""
     folder.mkdir()
     for path in output_dir.iterdir():
         if path.is_file():
             (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_the_card_names_the_held_out_split_and_the_stage_end_kept(tmp_path, output_dir, card):
+    assert "Model selection" not in str(card)  # a run that held nothing out: no row
+    folder = _copy_of(output_dir, tmp_path / "selected")
     results = json.loads((folder / "results.json").read_text())
     results["validation"] = {"examples": 400, "fraction": 0.1}
     results["model_selection"] = {"metric": "deployable_accuracy", "best": 0.84, "best_step": 76, "restored": True}
@@ -294,3 +299,28 @@ def test_card_names_the_attention_sinks_beside_the_rule_for_n():
     assert top_n_text(HADConfig(top_n_ratio=0.117, sink_keys=1)) == (
         "ceil(0.117 × number of keys), and the first 1 valid key(s) of each query (attention sinks)"
     )
+
+
+def test_the_card_names_each_stages_losses_and_the_students_dropout(tmp_path, output_dir, card):
+    assert "| Student dropout |" not in str(card)  # the run did not set it: no row
+    folder = _copy_of(output_dir, tmp_path / "losses")
+    results = json.loads((folder / "results.json").read_text())
+    training_args = {"attention_loss": True, "attention_loss_weight": 1.0, "ste_attention_loss_weight": 0.0,
+                     "refinement_attention_loss_weight": 0.0}  # fmt: skip
+    results["training_args"] = {**results["training_args"], **training_args}
+    results["script_args"] = {**(results.get("script_args") or {}), "student_dropout": 0.0}
+    (folder / "results.json").write_text(json.dumps(results))
+
+    lines = str(hub.render_model_card(folder, REPO_ID)).splitlines()
+    losses = next(line for line in lines if line.startswith("| Losses |"))
+    assert "tanh and sign stages 1, STE stage 0, refinement stage 0" in losses
+    assert "| Student dropout | 0 in every dropout layer (`--student_dropout`) |" in lines
+
+    # unset, the STE stage's weight is the stages 1-2 one; without the attention loss, the output KL alone
+    results["training_args"].update(ste_attention_loss_weight=None, attention_loss_weight=0.5)
+    (folder / "results.json").write_text(json.dumps(results))
+    losses = next(line for line in str(hub.render_model_card(folder, REPO_ID)).splitlines() if "| Losses |" in line)
+    assert "tanh and sign stages 0.5, STE stage 0.5, refinement stage 0" in losses
+    results["training_args"]["attention_loss"] = False
+    (folder / "results.json").write_text(json.dumps(results))
+    assert "output KL alone in every stage" in str(hub.render_model_card(folder, REPO_ID))

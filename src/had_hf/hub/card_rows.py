@@ -99,6 +99,29 @@ def model_selection_text(results: Mapping[str, Any]) -> str | None:
     )
 
 
+def losses_text(results: Mapping[str, Any]) -> str | None:
+    """The distillation losses of each stage, from the run's training arguments; None where they were not recorded."""
+    args = results.get("training_args") or {}
+    if number(args.get("attention_loss_weight")) is None:
+        return None
+    if args.get("attention_loss") is False:
+        return "output KL alone in every stage (`--attention_loss false`)"
+    weight = args["attention_loss_weight"]
+    ste = args.get("ste_attention_loss_weight")
+    weights = {
+        "tanh and sign stages": weight,
+        "STE stage": weight if ste is None else ste,
+        "refinement stage": args.get("refinement_attention_loss_weight", 0.0),
+    }
+    return "output KL; plus attention KL × weight: " + ", ".join(f"{stage} {w:g}" for stage, w in weights.items())
+
+
+def student_dropout_text(results: Mapping[str, Any]) -> str | None:
+    """The dropout the student trained with (`--student_dropout`); None where the run did not set it."""
+    dropout = number((results.get("script_args") or {}).get("student_dropout"))
+    return None if dropout is None else f"{dropout:g} in every dropout layer (`--student_dropout`)"
+
+
 def sigma_rows(had_config: HADConfig) -> list[dict[str, str]]:
     sigma_q, sigma_k = had_config.sigma_q or {}, had_config.sigma_k or {}
     layers = sorted(set(sigma_q) | set(sigma_k), key=_natural_key)

@@ -188,7 +188,9 @@ def hamming_topk_decode(
             first two kernels keep their splits.
         interleave_gather (`bool`, *optional*, defaults to `False`): gather the whole tiles of kept value rows listed
             so far after each selection block of the attend kernel, so that its value loads start before the
-            selection ends (the same tiles in the same order: the same result).
+            selection ends (the same tiles in the same order: the same result). Triton 3.6 failed to compile it for
+            sm_90 on a grouped-query call (4 query heads per key-value head, 2 query positions, a causal mask,
+            `max_registers=(None, None, 128)`: an MLIR assertion in its coalescing pass); Triton 3.9 compiles it.
         single_row_dot (`bool`, *optional*, defaults to `False`): accumulate a program of one query row with
             `tl.dot` (padded to 16 rows) instead of multiply-adds.
         short_kernel (`bool`, *optional*): run the short-context kernel (`True`) or the three-kernel path (`False`);
