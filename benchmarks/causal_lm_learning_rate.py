@@ -32,6 +32,9 @@ RECIPE = "recipes/distill_causal_lm.py"
 # name: (learning rate of stages 1-3, of stage 4, extra recipe flags); stage 4 at a tenth, as the recipe's configs.
 # The rates are the rates the runs train at: LoRA arms turn the recipe's --lora_learning_rate_scale off.
 LORA = ["--use_peft", "--lora_learning_rate_scale", "1"]
+# recipes/configs/smollm2_gpu.yaml's settings beyond the rates: the first key kept, sigma calibrated again before the
+# STE stage, the STE stage on the output loss alone
+GPU_CONFIG = ["--sink_keys", "1", "--recalibrate_sigma", "true", "--ste_attention_loss_weight", "0"]
 ARMS = {
     "full_5e-5": (5e-5, 5e-6, []),
     "full_5e-4": (5e-4, 5e-5, []),
@@ -40,21 +43,15 @@ ARMS = {
     "full_5e-4_sink1_ste5e-5": (5e-4, 5e-5, ["--sink_keys", "1", "--ste_learning_rate", "5e-5"]),
     "full_5e-4_sink1_recalibrate": (5e-4, 5e-5, ["--sink_keys", "1", "--recalibrate_sigma", "true"]),
     "full_5e-4_sink1_ste_output_only": (5e-4, 5e-5, ["--sink_keys", "1", "--ste_attention_loss_weight", "0"]),
-    "full_5e-4_sink1_recalibrate_ste_output_only": (
-        5e-4,
-        5e-5,
-        ["--sink_keys", "1", "--recalibrate_sigma", "true", "--ste_attention_loss_weight", "0"],
-    ),
+    "full_5e-4_sink1_recalibrate_ste_output_only": (5e-4, 5e-5, GPU_CONFIG),
+    # the same with sigma (so the softmax scale) calibrated per head instead of per layer
+    "full_5e-4_sink1_recalibrate_ste_output_only_per_head": (5e-4, 5e-5, [*GPU_CONFIG, "--sigma_per_head", "true"]),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),
     "lora_2e-2": (2e-2, 2e-3, LORA),
     # the GPU config's settings (first key, sigma calibrated again, STE stage on the output loss) through LoRA
-    "lora_5e-3_sink1_recalibrate_ste_output_only": (
-        5e-3,
-        5e-4,
-        [*LORA, "--sink_keys", "1", "--recalibrate_sigma", "true", "--ste_attention_loss_weight", "0"],
-    ),
+    "lora_5e-3_sink1_recalibrate_ste_output_only": (5e-3, 5e-4, [*LORA, *GPU_CONFIG]),
     "lora_qkvo_1e-3": (1e-3, 1e-4, [*LORA, "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj"]),
 }
 
