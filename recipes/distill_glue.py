@@ -12,8 +12,7 @@ Launch commands (run from the repository root):
     # a YAML config (any field of ScriptArguments and HADTrainingArguments), flags after it override it
     python recipes/distill_glue.py recipes/configs/sst2_minilm_cpu.yaml
 
-    # the embedded default distilled through a LoRA adapter on the query/key projections (peft; trl's flags
-    # --lora_r --lora_alpha --lora_dropout --lora_target_modules): the output folder holds the adapter
+    # the embedded default through a LoRA adapter on the query/key projections (peft; trl's --lora_* flags)
     python recipes/distill_glue.py recipes/configs/sst2_minilm_cpu.yaml --use_peft
 
     # one process under Accelerate, or data-parallel over 2 processes (DDP)
@@ -27,11 +26,9 @@ Launch commands (run from the repository root):
     accelerate launch --config_file recipes/accelerate_configs/ddp_2proc_cpu.yaml recipes/distill_glue.py ...
     accelerate launch --config_file recipes/accelerate_configs/single_cpu.yaml recipes/distill_glue.py --max_steps 60
 
-    # the paper's recipe: --distill_augment none --validation_holdout_fraction 0 --ste_attention_loss_weight 1
-    # --student_dropout 0.1; its ablations: --attention_loss false ("w/o AD"), --skip_tanh true ("w/o tanh")
-
-Defaults, one recipe for every task chosen on held-out data: a tenth of the training split held out evaluates each
-stage end and keeps the best; augmented inputs, no dropout, the STE stage on the output loss alone; dev at the end.
+    # the paper's recipe, from the defaults (one recipe for every task, chosen on held-out data):
+    # --distill_augment none --validation_holdout_fraction 0 --ste_attention_loss_weight 1 --student_dropout 0.1;
+    # its ablations: --attention_loss false ("w/o AD"), --skip_tanh true ("w/o tanh")
 
 Flag names follow transformers' `run_glue.py` (`--task_name`, `--model_name_or_path` for the teacher,
 `--max_seq_length`, `--output_dir`) plus every `TrainingArguments` flag. Flags alone apply to the embedded default,
