@@ -157,16 +157,8 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
 
     # ---------------------------------------------------------------- loss
     def attention_loss_weight(self, step: int) -> float:
-        """The attention-loss weight at `step`: stages 1-2, stage 3 (STE, unless given: stages 1-2's) and stage 4
-        have their own; 0 for "w/o AD"."""
-        if not self.args.attention_loss:
-            return 0.0
-        phase = self.schedule.phase(step)
-        if phase == 3 and self.args.ste_attention_loss_weight is not None:
-            return self.args.ste_attention_loss_weight
-        if phase <= 3:
-            return self.args.attention_loss_weight
-        return self.args.refinement_attention_loss_weight
+        """The attention-loss weight at `step`: its stage's (`HADTrainingArguments.stage_attention_loss_weights`)."""
+        return self.args.stage_attention_loss_weights()[self.schedule.phase(step) - 1]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = forward_inputs(model, inputs)

@@ -165,6 +165,34 @@ class HADTrainingArguments(TrainingArguments):
             max_steps=getattr(self, "user_max_steps", None),
         )
 
+    def stage_attention_loss_weights(self) -> tuple[float, float, float, float]:
+        """The attention-loss weight of stages 1-4 (tanh, sign, STE, refinement)."""
+        return stage_attention_loss_weights(*(getattr(self, name) for name in ATTENTION_LOSS_FIELDS))
+
+
+# the training arguments that set the attention loss of each stage, in the order `stage_attention_loss_weights` takes
+ATTENTION_LOSS_FIELDS = (
+    "attention_loss",
+    "attention_loss_weight",
+    "ste_attention_loss_weight",
+    "refinement_attention_loss_weight",
+)
+
+
+def stage_attention_loss_weights(
+    attention_loss: bool,
+    attention_loss_weight: float,
+    ste_attention_loss_weight: float | None,
+    refinement_attention_loss_weight: float,
+) -> tuple[float, float, float, float]:
+    """The attention-loss weight of stages 1-4 (tanh, sign, STE, refinement) from the training arguments of those
+    names: stages 1-2 take `attention_loss_weight`, stage 3 its own weight unless unset (then stages 1-2's), stage 4
+    its own; all 0 without the attention loss ("w/o AD")."""
+    if not attention_loss:
+        return (0.0, 0.0, 0.0, 0.0)
+    ste = attention_loss_weight if ste_attention_loss_weight is None else ste_attention_loss_weight
+    return (attention_loss_weight, attention_loss_weight, ste, refinement_attention_loss_weight)
+
 
 def _several_processes_without_accelerator() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import HADConfig
 from ..recipe_parser import comma_separated
+from ..training_args import ATTENTION_LOSS_FIELDS, HADTrainingArguments, stage_attention_loss_weights
 
 
 def teacher_row(results: Mapping[str, Any], teacher_link: str) -> str:
@@ -106,14 +107,13 @@ def losses_text(results: Mapping[str, Any]) -> str | None:
         return None
     if args.get("attention_loss") is False:
         return "output KL alone in every stage (`--attention_loss false`)"
-    weight = args["attention_loss_weight"]
-    ste = args.get("ste_attention_loss_weight")
-    weights = {
-        "tanh and sign stages": weight,
-        "STE stage": weight if ste is None else ste,
-        "refinement stage": args.get("refinement_attention_loss_weight", 0.0),
-    }
-    return "output KL; plus attention KL × weight: " + ", ".join(f"{stage} {w:g}" for stage, w in weights.items())
+    fields = HADTrainingArguments.__dataclass_fields__
+    recorded = (args.get(name, fields[name].default) for name in ATTENTION_LOSS_FIELDS)
+    tanh, _, ste, refinement = stage_attention_loss_weights(*recorded)
+    return (
+        f"output KL; plus attention KL × weight: tanh and sign stages {tanh:g}, STE stage {ste:g}, "
+        f"refinement stage {refinement:g}"
+    )
 
 
 def student_dropout_text(results: Mapping[str, Any]) -> str | None:
