@@ -187,7 +187,10 @@ def run_all(args, argv) -> dict:
         variant = "compiled" if compiled else "eager"
         for mode in ("plain", "distill"):
             command = [sys.executable, __file__, *argv, "--only", mode, *(["--compiled"] if compiled else [])]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            process = subprocess.run(command, capture_output=True, text=True)
+            if process.returncode != 0:
+                sys.exit(f"{variant} {mode} failed (exit {process.returncode}):\n{process.stderr[-6000:]}")
+            output = process.stdout
             result["runs"].setdefault(variant, {})[mode] = json.loads(output.strip().splitlines()[-1])
             result["model"] = result["runs"][variant][mode]["model"]
             summarize(result)
