@@ -248,7 +248,8 @@ def main(argv: list[str]) -> dict:
     if extra:
         logger.info("Distilling on %d task + %d extra (unlabeled) examples.", len(data["train"]), len(extra))
     eval_split = task.eval_splits[0]
-    collator = DataCollatorWithPadding(tokenizer)
+    # compiled steps see a few padded lengths rather than every length (CUDA graphs record one graph per shape)
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.torch_compile else None)
 
     def compute_metrics(prediction):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
