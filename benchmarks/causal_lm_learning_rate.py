@@ -46,6 +46,9 @@ ARMS = {
     "full_5e-4_sink1_recalibrate_ste_output_only": (5e-4, 5e-5, GPU_CONFIG),
     # the same with sigma (so the softmax scale) calibrated per head instead of per layer
     "full_5e-4_sink1_recalibrate_ste_output_only_per_head": (5e-4, 5e-5, [*GPU_CONFIG, "--sigma_per_head", "true"]),
+    # the GPU config's settings at twice its rates; at its stage 1-3 rate in the refinement stage too
+    "full_1e-3_sink1_recalibrate_ste_output_only": (1e-3, 1e-4, GPU_CONFIG),
+    "full_5e-4_sink1_recalibrate_ste_output_only_refine5e-4": (5e-4, 5e-4, GPU_CONFIG),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),

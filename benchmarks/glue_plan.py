@@ -36,7 +36,6 @@ LEVERS = {
     "steps12000": ["--max_steps", "12000"],
     "full_schedule": ["--max_steps", "-1"],  # the paper's 29,209 steps
     "compiled": ["--torch_compile", "true"],  # the same recipe, its steps under torch.compile (not a recipe change)
-    "graphs": ["--torch_compile_mode", "reduce-overhead"],  # compiled steps in CUDA graphs (implies torch_compile)
 }
 
 # the earlier rounds on one H200 (benchmarks/results/glue*.json: wall_time_s of MiniLM runs at 5,000 steps, all

@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ["tanh", "sign", "ste", "refinement"]
 LOGS = REPO / "benchmarks" / "results" / "logs" / "glue_full_schedule"
 
 
@@ -67,3 +68,20 @@ def test_the_compiled_pace_of_the_plan_is_the_measured_one(reader):
     assert len(paces) == 2
     planned = glue_plan.SLOWEST_STEPS_PER_S * glue_plan.COMPILED_STEP_SPEEDUP
     assert min(paces) * 0.85 <= planned <= min(paces)
+
+
+def test_the_present_defaults_whole_schedule_logs_agree_with_the_finished_run(reader):
+    """The logs of the present defaults' whole-schedule runs give the committed file, and the STS-B run's stage ends
+    read from its log are those of its own results.json (collected in glue_full_schedule_defaults.json)."""
+    logs = LOGS.parent / "glue_full_schedule_defaults"
+    if not logs.is_dir():
+        pytest.skip(f"{logs} is absent")
+    results = REPO / "benchmarks" / "results"
+    committed = json.loads((results / "glue_full_schedule_defaults_logs.json").read_text())
+    assert committed["runs"] == json.loads(json.dumps(reader.collect_logs(logs, committed["note"])["runs"]))
+    finished = json.loads((results / "glue_full_schedule_defaults.json").read_text())["runs"]
+    from_log = committed["runs"]["stsb_full_schedule-compiled_seed42"]["stage_end_curve"]
+    from_results = finished["stsb_full_schedule-compiled_seed42"]["stage_end_curve"]
+    assert [row["stage"] for row in from_log] == [row["stage"] for row in from_results] == STAGES
+    for logged, collected in zip(from_log, from_results):
+        assert logged["deployable"] == pytest.approx(collected["deployable"], abs=0.01)  # the log rounds to 4 digits
