@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import GLUE_DIR, load_script, markdown_table, requires_glue
 
@@ -523,3 +524,27 @@ def test_causal_lm_learning_rate_arms_are_recipe_commands_that_differ_in_the_rat
         assert float(flags[flags.index("--learning_rate") + 1]) == pytest.approx(run["learning_rate"]), name
         steps = re.fullmatch(r".+_(\d+)(_seed\d+)?", name).group(1)
         assert run["steps"] == int(steps) == int(flags[flags.index("--max_steps") + 1]), name
+
+
+@pytest.mark.parametrize("window_rounds", [0, 1, 2])
+def test_prefill_rounds_replay_resolves_the_exact_threshold_level(window_rounds):
+    """benchmarks/prefill_rounds.py replays the threshold kernel's counting rounds: whatever the guess (right, off by
+    a few levels, far off) and the number of window rounds, the level it resolves is each row's N-th largest level
+    among its valid keys (torch.kthvalue, independent of the replay), heavy ties and rows of one valid key included."""
+    rounds = load_script(REPO / "benchmarks" / "prefill_rounds.py", "prefill_rounds")
+    generator = torch.Generator().manual_seed(window_rounds)
+    dim, keys = 32, 300
+    levels = torch.randint(0, dim + 1, (64, keys), generator=generator)
+    levels[:8] = levels[:8] // 8 * 8  # few distinct levels: heavy ties
+    valid = torch.rand(64, keys, generator=generator) < 0.7
+    valid[-1] = False
+    valid[-1, 5] = True
+    target = torch.randint(1, 40, (64,), generator=generator).minimum(valid.sum(1))
+    expected = torch.stack([
+        (-(-levels[row][valid[row]]).kthvalue(int(target[row])).values) for row in range(64)
+    ])  # fmt: skip
+    counts = rounds.level_counts(levels, valid, dim)
+    for offset in (0, 2, -3, 25):
+        guess = (expected + offset).clamp(0, dim)
+        used, resolved = rounds.resolve(counts, target, guess, window_rounds, dim)
+        assert torch.equal(resolved, expected) and used <= rounds.MAX_ROUNDS
