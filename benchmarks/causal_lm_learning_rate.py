@@ -49,6 +49,8 @@ ARMS = {
     # the GPU config's settings at twice its rates; at its stage 1-3 rate in the refinement stage too
     "full_1e-3_sink1_recalibrate_ste_output_only": (1e-3, 1e-4, GPU_CONFIG),
     "full_5e-4_sink1_recalibrate_ste_output_only_refine5e-4": (5e-4, 5e-4, GPU_CONFIG),
+    # the GPU config's settings with the STE passing gradient up to |x / sigma| <= 2 (the default clip is 1)
+    "full_5e-4_sink1_recalibrate_ste_output_only_clip2": (5e-4, 5e-5, [*GPU_CONFIG, "--ste_clip", "2.0"]),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),
