@@ -14,6 +14,10 @@ into one file with each run's command, curve and stage ends. (The runs of the co
         --steps 60 --arms lora_5e-5,lora_1e-3 --parallel 2
     PYTHONPATH=src:. python benchmarks/causal_lm_learning_rate.py collect --out /tmp/lr \
         --json benchmarks/results/causal_lm_learning_rate_cpu.json
+    # runs of a later session join the committed file's
+    PYTHONPATH=src:. python benchmarks/causal_lm_learning_rate.py collect --out /tmp/lr2 \
+        --merge benchmarks/results/causal_lm_learning_rate_cpu.json \
+        --json benchmarks/results/causal_lm_learning_rate_cpu.json
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ ARMS = {
     "full_5e-4_sink1_recalibrate_ste_output_only_refine5e-4": (5e-4, 5e-4, GPU_CONFIG),
     # the GPU config's settings with the STE passing gradient up to |x / sigma| <= 2 (the default clip is 1)
     "full_5e-4_sink1_recalibrate_ste_output_only_clip2": (5e-4, 5e-5, [*GPU_CONFIG, "--ste_clip", "2.0"]),
+    # the GPU config's settings without the attention loss in any stage (the paper's "w/o AD" ablation)
+    "full_5e-4_sink1_recalibrate_no_attention_loss": (5e-4, 5e-5, [*GPU_CONFIG, "--attention_loss", "false"]),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),
@@ -129,11 +135,14 @@ def run_record(results: dict) -> dict:
 
 
 def collect(args) -> None:
-    runs = {}
+    found = {}
     for path in sorted(Path(args.out).glob("*/results.json")):
-        runs[path.parent.name] = run_record(json.loads(path.read_text()))
-    if not runs:
+        found[path.parent.name] = run_record(json.loads(path.read_text()))
+    if not found:
         raise SystemExit(f"No results.json under {args.out}/*/.")
+    # --merge: the file's earlier runs stay, a run of the same name is replaced by the one found now
+    runs = json.loads(Path(args.merge).read_text())["runs"] if args.merge else {}
+    runs.update(found)
     record = {
         "description": __doc__.splitlines()[0],
         "command": " ".join(["python", "benchmarks/causal_lm_learning_rate.py", *sys.argv[1:]]),
@@ -142,7 +151,7 @@ def collect(args) -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    for name, entry in runs.items():
+    for name, entry in found.items():
         print(f"{name}: held-out perplexity {entry['held_out_perplexity']} after {entry['steps']} steps")
 
 
@@ -160,6 +169,7 @@ def main() -> None:
     gather = commands.add_parser("collect", help="read the runs' results.json into one file")
     gather.add_argument("--out", required=True)
     gather.add_argument("--json", required=True)
+    gather.add_argument("--merge", help="a results file whose runs the collected ones join (e.g. the committed one)")
     args = parser.parse_args()
     run(args) if args.command == "run" else collect(args)
 

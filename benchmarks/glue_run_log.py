@@ -9,6 +9,8 @@ run reached and each finished stage's steps per second.
 
     python benchmarks/glue_run_log.py --logs DEVICE_FILES/f --json benchmarks/results/glue_full_schedule.json \
         --note "why the runs ended early"
+    # runs of several sessions in one file: one folder each
+    python benchmarks/glue_run_log.py --logs results/logs/a results/logs/b --json ... --note "..."
 """
 
 from __future__ import annotations
@@ -140,14 +142,24 @@ def collect_logs(folder: Path, note: str) -> dict:
     return {"runs": runs, "run_command": (folder / "run_commands.txt").read_text().splitlines(), "note": note}
 
 
+def collect_folders(folders: list[Path], note: str) -> dict:
+    """`collect_logs` of several `glue_defaults.py run` folders (one per device session) as one file."""
+    records = [collect_logs(folder, note) for folder in folders]
+    runs = {name: run for record in records for name, run in record["runs"].items()}
+    if len(runs) < sum(len(record["runs"]) for record in records):
+        raise SystemExit(f"Two of {', '.join(map(str, folders))} hold a run of the same name.")
+    return {"runs": runs, "run_command": [line for record in records for line in record["run_command"]], "note": note}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--logs", required=True, help="a glue_defaults.py --out folder, or its logs as fetched")
+    parser.add_argument("--logs", required=True, nargs="+",
+                        help="glue_defaults.py --out folders, or their logs as fetched")  # fmt: skip
     parser.add_argument("--json", required=True, help="the file to write")
     parser.add_argument("--note", default="", help="where the runs ran and why they ended early")
     parser.add_argument("--extra", default="{}", help="a JSON object of fields added to the file (machine, command)")
     args = parser.parse_args()
-    record = {**collect_logs(Path(args.logs), args.note), **json.loads(args.extra)}
+    record = {**collect_folders([Path(folder) for folder in args.logs], args.note), **json.loads(args.extra)}
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({name: [run["steps_reached"], run["stage_end_curve"]] for name, run in record["runs"].items()}))
 

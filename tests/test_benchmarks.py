@@ -526,6 +526,35 @@ def test_causal_lm_learning_rate_arms_are_recipe_commands_that_differ_in_the_rat
         assert run["steps"] == int(steps) == int(flags[flags.index("--max_steps") + 1]), name
 
 
+def test_causal_lm_learning_rate_collect_merge_keeps_the_earlier_runs(tmp_path):
+    """`collect --merge FILE` keeps FILE's runs and adds the runs found in --out, replacing a run of the same name."""
+    import argparse
+
+    bench = load_script(REPO / "benchmarks" / "causal_lm_learning_rate.py", "causal_lm_learning_rate_merge")
+
+    def results(rate: float, perplexity: float) -> dict:
+        return {
+            "command": f"recipe --learning_rate {rate}", "seed": 42, "global_step": 8, "wall_time_s": 1.0,
+            "training_args": {"learning_rate": rate, "refinement_learning_rate": rate / 10}, "peft_args": None,
+            "log_history": [{"step": 8, "eval_perplexity": perplexity}], "metrics_per_stage": [],
+            "evaluation": {"columns": {"student": {"perplexity": perplexity}, "teacher": {"perplexity": 1.0}}},
+            "had_hf_version": "0", "transformers_version": "0", "torch_version": "0",
+        }  # fmt: skip
+
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"runs": {"a_8": {"old": True}, "b_8": {"old": True}}}))
+    for name, perplexity in (("b_8", 5.0), ("c_8", 7.0)):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / "results.json").write_text(json.dumps(results(1e-3, perplexity)))
+    merged = tmp_path / "merged.json"
+    bench.collect(argparse.Namespace(out=str(tmp_path / "out"), json=str(merged), merge=str(earlier)))
+    runs = json.loads(merged.read_text())["runs"]
+    assert sorted(runs) == ["a_8", "b_8", "c_8"] and runs["a_8"] == {"old": True}
+    assert runs["b_8"]["held_out_perplexity"] == 5.0 and runs["c_8"]["held_out_perplexity"] == 7.0
+    bench.collect(argparse.Namespace(out=str(tmp_path / "out"), json=str(merged), merge=None))
+    assert sorted(json.loads(merged.read_text())["runs"]) == ["b_8", "c_8"]
+
+
 @pytest.mark.parametrize("window_rounds", [0, 1, 2])
 def test_prefill_rounds_replay_resolves_the_exact_threshold_level(window_rounds):
     """benchmarks/prefill_rounds.py replays the threshold kernel's counting rounds: whatever the guess (right, off by

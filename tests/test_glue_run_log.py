@@ -71,14 +71,21 @@ def test_the_compiled_pace_of_the_plan_is_the_measured_one(reader):
 
 
 def test_the_present_defaults_whole_schedule_logs_agree_with_the_finished_run(reader):
-    """The logs of the present defaults' whole-schedule runs give the committed file, and the STS-B run's stage ends
-    read from its log are those of its own results.json (collected in glue_full_schedule_defaults.json)."""
-    logs = LOGS.parent / "glue_full_schedule_defaults"
-    if not logs.is_dir():
-        pytest.skip(f"{logs} is absent")
+    """The logs of the present defaults' whole-schedule runs (two sessions' folders) give the committed file, and the
+    STS-B run's stage ends read from its log are those of its own results.json (glue_full_schedule_defaults.json)."""
+    folders = [LOGS.parent / "glue_full_schedule_defaults", LOGS.parent / "glue_full_schedule_defaults_mrpc"]
+    if not all(folder.is_dir() for folder in folders):
+        pytest.skip(f"{folders} are absent")
     results = REPO / "benchmarks" / "results"
     committed = json.loads((results / "glue_full_schedule_defaults_logs.json").read_text())
-    assert committed["runs"] == json.loads(json.dumps(reader.collect_logs(logs, committed["note"])["runs"]))
+    rebuilt = reader.collect_folders(folders, committed["note"])
+    assert committed["runs"] == json.loads(json.dumps(rebuilt["runs"]))
+    assert committed["run_command"] == rebuilt["run_command"] and len(committed["run_command"]) == 2
+    with pytest.raises(SystemExit, match="same name"):
+        reader.collect_folders([folders[0], folders[0]], "")
+    mrpc = committed["runs"]["mrpc_full_schedule-compiled_seed42"]
+    assert not mrpc["complete"] and 19209 < mrpc["steps_reached"] < mrpc["steps_scheduled"] == 29209
+    assert [row["stage"] for row in mrpc["stage_end_curve"]] == STAGES[:3]
     finished = json.loads((results / "glue_full_schedule_defaults.json").read_text())["runs"]
     from_log = committed["runs"]["stsb_full_schedule-compiled_seed42"]["stage_end_curve"]
     from_results = finished["stsb_full_schedule-compiled_seed42"]["stage_end_curve"]
