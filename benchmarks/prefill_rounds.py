@@ -11,6 +11,9 @@ shapes and inputs (random normal queries and keys: `prefill.py`'s `make_inputs`;
 the first two full rounds (the second next to the first) would save.
 
     python benchmarks/prefill_rounds.py --out benchmarks/results/prefill_rounds_cpu.json      # ~4 min on 2 cores
+    # smaller or larger samples than the launch settings draw: fixed sizes, or shares of each block's key range
+    python benchmarks/prefill_rounds.py --window_rounds 1 --sample_keys 256 512 1024 --sample_shares 0.0625 0.03125 \
+        --out benchmarks/results/prefill_rounds_sample_cpu.json
 
 The replay of `_place_cuts` / `_narrow` is checked by its result, not its source: the level it resolves for every
 row is the exact threshold of the row's top N (tests/test_benchmarks.py).
@@ -79,10 +82,32 @@ def level_counts(levels: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.T
     return hist.flip(1).cumsum(1).flip(1)
 
 
-def replay_shape(name: str, n: int, dim: int, causal: bool, window_rounds: list[int], seed: int) -> dict:
-    """Full sweeps per row block of one head at one shape, for each number of window rounds."""
+def block_sample_tiles(
+    config_tiles: int, block_n: int, range_tiles: int, sample_keys: int | None, sample_share: float | None
+) -> int:
+    """The sample tiles of a row block: the launch setting's (the kernel), a fixed number of keys, or a share of the
+    block's key range (at least one tile, at most the launch setting's)."""
+    if sample_keys is not None:
+        return max(1, sample_keys // block_n)
+    if sample_share is not None:
+        return max(1, min(config_tiles, int(range_tiles * sample_share)))
+    return config_tiles
+
+
+def replay_shape(
+    name: str,
+    n: int,
+    dim: int,
+    causal: bool,
+    window_rounds: list[int],
+    seed: int,
+    sample_keys: int | None = None,
+    sample_share: float | None = None,
+) -> dict:
+    """Full sweeps per row block of one head at one shape, for each number of window rounds (the sample as the
+    kernel draws it, or of `sample_keys` keys, or a `sample_share` of each block's key range)."""
     config = default_prefill_config(dim, dim, n)
-    block_m, block_n, sample_tiles = config.block_m, config.block_n, config.sample_tiles
+    block_m, block_n = config.block_m, config.block_n
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(n, dim, generator=generator).sign()
     key = torch.randn(n, dim, generator=generator).sign()
@@ -101,6 +126,7 @@ def replay_shape(name: str, n: int, dim: int, causal: bool, window_rounds: list[
         guess = torch.zeros_like(target)
         window = 0
         range_tiles = -(-kv_end // block_n)
+        sample_tiles = block_sample_tiles(config.sample_tiles, block_n, range_tiles, sample_keys, sample_share)
         if range_tiles > sample_tiles:  # the sample's tiles, its target scaled to its share of the range
             tiles = [(2 * i + 1) * range_tiles // (2 * sample_tiles) for i in range(sample_tiles)]
             sample = torch.cat([torch.arange(t * block_n, min(kv_end, (t + 1) * block_n)) for t in tiles])
@@ -122,7 +148,8 @@ def replay_shape(name: str, n: int, dim: int, causal: bool, window_rounds: list[
         far_rows += int(((exact - guess).abs() > 1).sum()) if window else 0
     return {
         "shape": name, "n": n, "head_dim": dim, "causal": causal, "block_m": block_m, "block_n": block_n,
-        "sample_tiles": sample_tiles, "row_blocks": len(sweeps[window_rounds[0]]),
+        "sample_tiles": config.sample_tiles, "sample_keys": sample_keys, "sample_share": sample_share,
+        "row_blocks": len(sweeps[window_rounds[0]]),
         "rows_with_threshold_beyond_guess_pm1": far_rows,
         "sampled_blocks": len(sample_sweeps),
         "sample_rounds_in_full_sweeps": sum(sample_sweeps) / max(1, len(sample_sweeps)),
@@ -143,18 +170,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", nargs="*", default=[shape[0] for shape in SHAPES])
     parser.add_argument("--window_rounds", type=int, nargs="*", default=[1, 2], help="1: the kernel as it is")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample_keys", type=int, nargs="*", default=[],
+                        help="also replay with samples of these many keys per block")  # fmt: skip
+    parser.add_argument("--sample_shares", type=float, nargs="*", default=[],
+                        help="also replay with samples of these shares of each block's key range")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     unknown = set(args.shapes) - {shape[0] for shape in SHAPES}
     if unknown:
         raise SystemExit(f"Unknown shape(s) {sorted(unknown)}; the shapes: {', '.join(s[0] for s in SHAPES)}.")
-    rows = [replay_shape(*shape, args.window_rounds, args.seed) for shape in SHAPES if shape[0] in args.shapes]
+    samples = [{}, *({"sample_keys": k} for k in args.sample_keys), *({"sample_share": f} for f in args.sample_shares)]
+    rows = [replay_shape(*shape, args.window_rounds, args.seed, **sample)
+            for shape in SHAPES if shape[0] in args.shapes for sample in samples]  # fmt: skip
     machine = machine_record("cpu")
     result = {"benchmark": "prefill_rounds", "seed": args.seed, "one_head": True, "top_n_ratio": 0.117,
               **{key: machine[key] for key in ("torch", "command")}, "rows": rows}  # fmt: skip
     for row in rows:
         for rounds, sweeps in row["full_sweeps"].items():
-            print(f"{row['shape']:<32} window rounds {rounds}: {sweeps['mean']:.3f} full sweeps per block "
+            drawn = f"sample keys {row['sample_keys']}, share {row['sample_share']}"
+            print(f"{row['shape']:<32} {drawn}: window rounds {rounds}: {sweeps['mean']:.3f} full sweeps per block "
                   f"{sweeps['histogram']}")  # fmt: skip
         weighted = row["key_weighted_sweeps"][str(args.window_rounds[0])]
         print(f"{'':<32} the sample's rounds: {row['sample_rounds_in_full_sweeps']:.3f} full sweeps per sampled block; "

@@ -555,6 +555,22 @@ def test_causal_lm_learning_rate_collect_merge_keeps_the_earlier_runs(tmp_path):
     assert sorted(json.loads(merged.read_text())["runs"]) == ["b_8", "c_8"]
 
 
+def test_prefill_rounds_sample_options_reproduce_the_kernels_sample():
+    """At 4k keys the launch settings draw 4 tiles of 64 keys: a sample of 256 keys, or of a sixteenth of the block's
+    range (non-causal: all keys), is the same sample and replays to the same sweeps; a sample of one tile differs."""
+    rounds = load_script(REPO / "benchmarks" / "prefill_rounds.py", "prefill_rounds_sample")
+    assert rounds.default_prefill_config(64, 64, 4096).sample_tiles == 4
+    default = rounds.replay_shape("n4k", 4096, 64, False, [1], seed=0)
+    same = [rounds.replay_shape("n4k", 4096, 64, False, [1], seed=0, sample_keys=256),
+            rounds.replay_shape("n4k", 4096, 64, False, [1], seed=0, sample_share=1 / 16)]  # fmt: skip
+    for row in same:
+        assert row["key_weighted_sweeps"] == default["key_weighted_sweeps"]
+        assert row["full_sweeps"] == default["full_sweeps"]
+    small = rounds.replay_shape("n4k", 4096, 64, False, [1], seed=0, sample_keys=64)
+    assert small["key_weighted_sweeps"]["1"]["sample"] < default["key_weighted_sweeps"]["1"]["sample"]
+    assert rounds.block_sample_tiles(16, 64, 10, None, 1 / 32) == 1  # at least one tile
+
+
 @pytest.mark.parametrize("window_rounds", [0, 1, 2])
 def test_prefill_rounds_replay_resolves_the_exact_threshold_level(window_rounds):
     """benchmarks/prefill_rounds.py replays the threshold kernel's counting rounds: whatever the guess (right, off by
