@@ -57,6 +57,12 @@ ARMS = {
     "full_5e-4_sink1_recalibrate_ste_output_only_clip2": (5e-4, 5e-5, [*GPU_CONFIG, "--ste_clip", "2.0"]),
     # the GPU config's settings without the attention loss in any stage (the paper's "w/o AD" ablation)
     "full_5e-4_sink1_recalibrate_no_attention_loss": (5e-4, 5e-5, [*GPU_CONFIG, "--attention_loss", "false"]),
+    # the GPU config's settings with a quarter of the STE and refinement steps moved from the STE stage to refinement
+    "full_5e-4_sink1_recalibrate_ste_output_only_refine_longer": (
+        5e-4,
+        5e-5,
+        [*GPU_CONFIG, "--ste_steps", "5000", "--refinement_steps", "15000"],
+    ),
     "lora_5e-5": (5e-5, 5e-6, LORA),
     "lora_1e-3": (1e-3, 1e-4, LORA),
     "lora_5e-3": (5e-3, 5e-4, LORA),
