@@ -199,14 +199,14 @@ def run_all(args, argv) -> dict:
         "runs": {},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    variants = {"eager": [], "compiled": ["--compiled"], "compiled_regional": ["--compiled", "--regional_run"]}
-    if not args.torch_compile:
-        variants = {"eager": []}
-    elif not args.regional:
-        del variants["compiled_regional"]
+    variants = {"eager": []}
+    if args.torch_compile:
+        variants["compiled"] = ["--compiled"]
+    if args.regional:  # (needs --torch_compile, checked in main)
+        variants["compiled_regional"] = ["--compiled", "--regional_run"]
     for variant, flags in variants.items():
         # regional compilation is the HAD trainer's option: plain fine-tuning has no such variant
-        for mode in ("distill",) if "--regional_run" in flags else ("plain", "distill"):
+        for mode in ("distill",) if variant == "compiled_regional" else ("plain", "distill"):
             command = [sys.executable, __file__, *argv, "--only", mode, *flags]
             process = subprocess.run(command, capture_output=True, text=True)
             if process.returncode != 0:  # recorded with the end of its error; the other modes still run
