@@ -5,7 +5,9 @@ losses every `--logging_steps`, the held-out evaluation every `--eval_steps`, `d
 the HAD callback's "step S starts stage K (name)" lines. This script turns the logs of one `glue_defaults.py` output
 folder into runs in the layout of `glue_defaults.json` (`metrics_per_stage` with the deployable evaluation of each
 stage that ended, `eval_curve`, the teacher's dev and held-out metrics) marked `complete: false`, with the step the
-run reached and each finished stage's steps per second.
+run reached and each finished stage's steps per second. A run whose log ends with the recipe's closing line (`wall time
+... s, peak memory ...`) is marked `complete: true`, its last stage ending at the scheduled step (its pace, without a
+timestamp at the end, is left out): the way to read the stages' pace of a finished run.
 
     python benchmarks/glue_run_log.py --logs DEVICE_FILES/f --json benchmarks/results/glue_full_schedule.json \
         --note "why the runs ended early"
@@ -29,6 +31,7 @@ from glue_defaults import build_parser, recipe_command  # noqa: E402
 from glue_plan import planned_runs, run_steps  # noqa: E402
 
 STAGE_START = re.compile(r"^(\S+ \S+) INFO had_hf\.callbacks: HAD: step (\d+) starts stage (\d+) \((\w+)\)\.")
+RUN_END = re.compile(r"^wall time [\d.]+ s, peak memory ")
 MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "pearson", "rte": "accuracy"}
 
 
@@ -48,15 +51,20 @@ def _metrics(row: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix) and not k.endswith(skip)}
 
 
-def parse_log(text: str, logging_steps: int) -> dict:
-    """The stage starts, the stage-end evaluations and the held-out curve of one run's log.
+def parse_log(text: str, logging_steps: int, steps_scheduled: int) -> dict:
+    """The stage starts, the stage-end evaluations and the held-out curve of one run's log, and whether it finished.
 
     Steps are counted from the distillation's training-log lines, logged at the multiples of `logging_steps`
     (checked against each stage's own start step); the evaluations logged at a stage's end take that stage's last
-    step."""
+    step, and those after the last training line of a finished run take `steps_scheduled`."""
     stages, curve, per_stage, teacher = [], [], [], {}
-    step, distilling, last_eval, since_training_line = 0, False, None, []
+    step, distilling, last_eval, since_training_line, finished = 0, False, None, [], False
     for line in text.splitlines():
+        if distilling and RUN_END.match(line):
+            step, finished = steps_scheduled, True
+            for row in since_training_line:  # the last stage's end-of-stage evaluations
+                row["step"] = step
+            break
         start = STAGE_START.match(line)
         if start:
             when, begin, _, name = start.groups()
@@ -88,7 +96,7 @@ def parse_log(text: str, logging_steps: int) -> dict:
         seconds = (_time(following["started"]) - _time(stage["started"])).total_seconds()
         stage["steps_per_second"] = round((following["start_step"] - stage["start_step"]) / seconds, 2)
     return {"stages": stages, "metrics_per_stage": per_stage, "eval_curve": curve, "teacher": teacher,
-            "steps_reached": step}  # fmt: skip
+            "steps_reached": step, "finished": finished}  # fmt: skip
 
 
 def _time(stamp: str) -> datetime:
@@ -104,13 +112,15 @@ def _flag(command: list[str], name: str, default: str) -> str:
 def run_from_log(log: Path, command: list[str], variant: str) -> dict:
     """One run's entry from its log, its recipe command and its variant (`a+b` for a combination of levers)."""
     task, seed = _flag(command, "--task_name", ""), int(_flag(command, "--seed", "42"))
-    parsed = parse_log(log.read_text(), int(_flag(command, "--logging_steps", "500")))
+    steps_scheduled = run_steps(variant, task, int(_flag(command, "--max_steps", "5000")))
+    parsed = parse_log(log.read_text(), int(_flag(command, "--logging_steps", "500")), steps_scheduled)
+    complete = parsed.pop("finished")
     metric = MAIN_METRIC[task]
     curve = [{"stage": row["stage"], "step": row["step"],
               "deployable": 100 * row["deployable_metrics"][metric]} for row in parsed["metrics_per_stage"]]  # fmt: skip
     return {
-        "task": task, "variant": variant, "seed": seed, "main_metric": metric, "complete": False,
-        "steps_scheduled": run_steps(variant, task, int(_flag(command, "--max_steps", "5000"))),
+        "task": task, "variant": variant, "seed": seed, "main_metric": metric, "complete": complete,
+        "steps_scheduled": steps_scheduled,
         "command": " ".join(command), **parsed, "stage_end_curve": curve,
     }  # fmt: skip
 

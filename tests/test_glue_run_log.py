@@ -32,7 +32,8 @@ def test_a_log_gives_steps_stage_ends_and_the_teachers_metrics(reader):
     lines += ["{'eval_accuracy': '0.8', 'eval_runtime': '1'}", "{'deployable_accuracy': '0.75'}", "not a dict {'x'"]
     lines += [_stage_line(5, 25, 2, "sign"), "{'loss': '0.1', 'stage': 2, 'c': '1'}"]  # step 30
     lines += ["{'eval_accuracy': '0.85'}", _stage_line(10, 35, 3, "ste")]
-    parsed = reader.parse_log("\n".join(lines), logging_steps=10)
+    parsed = reader.parse_log("\n".join(lines), logging_steps=10, steps_scheduled=100)
+    assert not parsed["finished"]
     assert parsed["teacher"] == {"dev": {"accuracy": 0.9}, "held_out": {"accuracy": 0.95}}
     assert parsed["metrics_per_stage"] == [
         {"stage": "tanh", "step": 25, "metrics": {"accuracy": 0.8}, "deployable_metrics": {"accuracy": 0.75}}
@@ -40,7 +41,25 @@ def test_a_log_gives_steps_stage_ends_and_the_teachers_metrics(reader):
     assert [row["step"] for row in parsed["eval_curve"]] == [25, 35] and parsed["steps_reached"] == 35
     assert [stage.get("steps_per_second") for stage in parsed["stages"]] == [5.0, 2.0, None]
     with pytest.raises(ValueError, match="starts at step 90"):  # a stage start the count does not reach
-        reader.parse_log("\n".join(lines[:6] + [_stage_line(9, 90, 2, "sign")]), logging_steps=10)
+        reader.parse_log("\n".join(lines[:6] + [_stage_line(9, 90, 2, "sign")]), logging_steps=10, steps_scheduled=100)
+
+
+def test_a_finished_log_ends_its_last_stage_at_the_scheduled_step(reader):
+    """The recipe's closing line marks the run finished: the evaluations after the last training line (step 40 of
+    45 scheduled) are the last stage's end at step 45; a line after it is not read."""
+    lines = [_stage_line(0, 0, 1, "tanh"), "{'loss': '0.1', 'stage': 1, 'c': '4'}"]  # step 10
+    lines += [_stage_line(4, 15, 2, "sign")] + ["{'loss': '0.1', 'stage': 2, 'c': '1'}"] * 3  # steps 20-40
+    lines += ["{'eval_accuracy': '0.8'}", "{'deployable_accuracy': '0.7'}"]
+    lines += ["wall time 12.5 s, peak memory 10.0 MB; outputs in /tmp/x", "{'eval_accuracy': '0.1'}"]
+    parsed = reader.parse_log("\n".join(lines), logging_steps=10, steps_scheduled=45)
+    assert parsed["finished"] and parsed["steps_reached"] == 45
+    assert parsed["metrics_per_stage"] == [
+        {"stage": "sign", "step": 45, "metrics": {"accuracy": 0.8}, "deployable_metrics": {"accuracy": 0.7}}
+    ]
+    assert [row["step"] for row in parsed["eval_curve"]] == [45]
+    assert [stage.get("steps_per_second") for stage in parsed["stages"]] == [3.75, None]
+    unfinished = reader.parse_log("\n".join(lines[:-2]), logging_steps=10, steps_scheduled=45)
+    assert not unfinished["finished"] and unfinished["steps_reached"] == 40
 
 
 @pytest.mark.parametrize(
@@ -98,4 +117,22 @@ def test_the_present_defaults_whole_schedule_logs_agree_with_the_finished_run(re
     from_results = finished["stsb_full_schedule-compiled_seed42"]["stage_end_curve"]
     assert [row["stage"] for row in from_log] == [row["stage"] for row in from_results] == STAGES
     for logged, collected in zip(from_log, from_results):
+        assert logged["deployable"] == pytest.approx(collected["deployable"], abs=0.01)  # the log rounds to 4 digits
+
+
+def test_a_finished_runs_log_gives_its_results_stage_ends(reader):
+    """The MRPC run compiled layer by layer finished: its log reads as complete, and its four stage ends are those of
+    its results.json (glue_full_schedule_defaults.json); the committed logs file (its stages' pace) is what it gives."""
+    folder = LOGS.parent / "glue_full_schedule_defaults_mrpc_regional"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    results = REPO / "benchmarks" / "results"
+    committed = json.loads((results / "glue_full_schedule_defaults_mrpc_regional_logs.json").read_text())
+    assert committed["runs"] == json.loads(json.dumps(reader.collect_logs(folder, committed["note"])["runs"]))
+    name = "mrpc_full_schedule-compiled-regional_seed42"
+    run = committed["runs"][name]
+    assert run["complete"] and run["steps_reached"] == run["steps_scheduled"] == 29209
+    finished = json.loads((results / "glue_full_schedule_defaults.json").read_text())["runs"][name]
+    assert [row["step"] for row in run["stage_end_curve"]] == [row["step"] for row in finished["stage_end_curve"]]
+    for logged, collected in zip(run["stage_end_curve"], finished["stage_end_curve"], strict=True):
         assert logged["deployable"] == pytest.approx(collected["deployable"], abs=0.01)  # the log rounds to 4 digits
