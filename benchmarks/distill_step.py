@@ -17,8 +17,8 @@ stage's first step, where it compiles, is shorter); `--bf16` runs every mode in 
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --bf16 --model .carry/minilm
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --regional --model .carry/minilm
-    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --compile_mode reduce-overhead
-        # (CUDA graphs: plain fine-tuning only; HADTrainingArguments refuses the mode, the distill mode records why)
+    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --compile_mode reduce-overhead \
+        --model .carry/minilm                                                               # in CUDA graphs
 
 Writes benchmarks/results/distill_step_<device>[_compile][_<mode>][_regional][_bf16].json with the machine, versions and
 command, after each mode (a run cut short keeps the modes it finished; a mode that fails is recorded with its error).

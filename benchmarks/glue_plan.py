@@ -39,6 +39,8 @@ LEVERS = {
     # with `compiled` (the recipe refuses it alone): each layer compiled on its own, one graph per stage shared by the
     # layers, so less time compiling (not a recipe change)
     "regional": ["--use_regional_compilation", "true"],
+    # with `compiled`: the compiled steps run in CUDA graphs (inductor's "reduce-overhead" mode)
+    "graphs": ["--torch_compile_mode", "reduce-overhead"],
 }
 
 # the earlier rounds on one H200 (benchmarks/results/glue*.json: wall_time_s of MiniLM runs at 5,000 steps, all

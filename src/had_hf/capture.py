@@ -175,6 +175,18 @@ class HADCaptureStore:
             for module in modules:
                 module.__dict__.pop(RECORD_ATTRIBUTE, None)
 
+    def copy_scores(self) -> None:
+        """Replaces each record's queries, keys and position bias by copies of them. Tensors that a CUDA graph returns
+        (`torch.compile` in a CUDA-graph mode) live in memory that the next graph run reuses: the teacher's scores
+        must outlive the student's forward, which runs its own graph before the losses read them."""
+        for record in self.records.values():
+            scores = record.scores
+            if scores is not None:
+                bias = scores.position_bias
+                record.scores = DenseScores(
+                    scores.query.clone(), scores.key.clone(), scores.scaling, None if bias is None else bias.clone()
+                )
+
     def attention_kl(self) -> torch.Tensor:
         """L_attn: the KL summed over every layer's counted rows, over their number (as `losses.attention_kl`)."""
         missing = sorted(set(self.kl_terms) ^ set(self.distill_from.scores if self.distill_from else ()))

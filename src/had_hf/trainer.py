@@ -24,7 +24,7 @@ from .parallel import CalibrationAtTrainBegin, check_parallelism, prepare_teache
 from .peft_student import convert_peft_student, dense_teacher, is_peft_model, write_had_config
 from .state import INFERENCE, runtime_state
 from .trainer_card import TrainerCardMixin
-from .training_args import HADTrainingArguments
+from .training_args import CUDA_GRAPH_COMPILE_MODES, HADTrainingArguments
 
 if is_datasets_available():
     import datasets
@@ -176,15 +176,18 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         # each store is bound to its model's attention modules for the forward pass: compiled code then finds its
         # layer's entries through its module, and every decoder block can share one graph (`compile_regions`)
         with torch.no_grad(), teacher_store.bound(self.teacher_modules(model)):
-            teacher_outputs = self.teacher_forward(model, inputs, teacher_store)
+            teacher_logits = self.teacher_forward(model, inputs, teacher_store).logits
+        if self.runs_in_cuda_graphs:  # the teacher's graph returned them in memory that the student's graph reuses
+            teacher_store.copy_scores()
+            teacher_logits = teacher_logits.clone()
         with student_store.bound(model):
             student_outputs = model(**inputs, **{STORE_KWARG: student_store})
 
         if self.is_regression:
-            loss_out = output_mse(teacher_outputs.logits, student_outputs.logits)
+            loss_out = output_mse(teacher_logits, student_outputs.logits)
         else:
             loss_out = output_kl(
-                teacher_outputs.logits,
+                teacher_logits,
                 student_outputs.logits,
                 _token_mask(inputs, student_outputs, self.is_encoder_decoder),
             )
@@ -229,7 +232,15 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
                 outputs = model(**forward_inputs(model, inputs))
         if prediction_loss_only:
             return None, None, None
-        return None, outputs.logits.detach(), labels
+        logits = outputs.logits.detach()
+        # kept past the next batch's forward, whose graph run would reuse the memory of this one's outputs
+        return None, logits.clone() if self.runs_in_cuda_graphs else logits, labels
+
+    @property
+    def runs_in_cuda_graphs(self) -> bool:
+        """Whether the compiled models run in CUDA graphs (`torch_compile_mode` "reduce-overhead" or "max-autotune"),
+        whose outputs live in memory that the next graph run reuses."""
+        return bool(self.args.torch_compile and self.args.torch_compile_mode in CUDA_GRAPH_COMPILE_MODES)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

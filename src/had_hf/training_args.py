@@ -139,13 +139,6 @@ class HADTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"max_steps must be -1 (the length of the schedule) or a number of steps >= 4, got {self.max_steps}."
             )
-        if self.torch_compile_mode in CUDA_GRAPH_COMPILE_MODES:
-            raise ValueError(
-                f"torch_compile_mode={self.torch_compile_mode!r} runs the compiled steps in CUDA graphs, which HAD "
-                "distillation does not support: the teacher's captured queries and keys are outputs of its graph, "
-                "overwritten by the student's graph before the losses read them. Allowed: None (inductor's default) "
-                "or 'max-autotune-no-cudagraphs'."
-            )
         if self.use_regional_compilation and not (
             self.torch_compile or self.torch_compile_backend or self.torch_compile_mode
         ):
@@ -179,7 +172,8 @@ class HADTrainingArguments(TrainingArguments):
         return stage_attention_loss_weights(*(getattr(self, name) for name in ATTENTION_LOSS_FIELDS))
 
 
-# torch.compile modes whose inductor code runs in CUDA graphs (the distillation step cannot, see __post_init__)
+# torch.compile modes whose inductor code runs in CUDA graphs: the distillation step copies the teacher's outputs out
+# of its graph's memory before the student's graph runs (`HADDistillationTrainer.compute_loss`)
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 # the training arguments that set the attention loss of each stage, in the order `stage_attention_loss_weights` takes

@@ -1,0 +1,82 @@
+"""The distillation in the compile modes that run in CUDA graphs (`torch_compile_mode` "reduce-overhead" and
+"max-autotune"): the teacher's outputs are copied out of its graph's memory before the student's graph runs, and the
+evaluation's logits before the next batch's. On the CPU the copies are checked with dynamo alone (which ignores the
+mode, so the losses must equal the eager run's); on a GPU the losses of a run in CUDA graphs are compared with the
+eager run's on the same GPU."""
+
+import pytest
+import torch
+
+from had_hf import HADCaptureStore, HADTrainingArguments
+from had_hf.capture import DenseScores
+from tests.test_compile import TOLERANCES, _fresh_dynamo, _losses, _trainer
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_the_cuda_graph_compile_modes_are_accepted(mode):
+    args = HADTrainingArguments(output_dir="x", torch_compile_mode=mode, report_to="none")
+    assert args.torch_compile and args.torch_compile_mode == mode
+
+
+def test_copied_scores_equal_the_recorded_ones_in_memory_of_their_own():
+    store = HADCaptureStore(capture_logits=False, capture_scores=True)
+    query, key, bias = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(1, 4, 5, 5)
+    store.record("a").scores = DenseScores(query, key, 0.125, bias)
+    store.record("b").scores = DenseScores(query, key, 0.5, None)
+    store.record("c")  # a layer that recorded no scores
+    recorded = store.scores
+    store.copy_scores()
+    assert list(store.scores) == ["a", "b"]
+    for name, scores in store.scores.items():
+        before = recorded[name]
+        assert scores.scaling == before.scaling
+        for copied, original in [(scores.query, query), (scores.key, key)]:
+            assert torch.equal(copied, original) and copied.data_ptr() != original.data_ptr()
+    assert torch.equal(store.scores["a"].position_bias, bias)
+    assert store.scores["a"].position_bias.data_ptr() != bias.data_ptr()
+    assert store.scores["b"].position_bias is None
+
+
+def _run_counting_copies(trainer, monkeypatch):
+    copies = []
+    copy_scores = HADCaptureStore.copy_scores
+    monkeypatch.setattr(HADCaptureStore, "copy_scores", lambda self: copies.append(1) or copy_scores(self))
+    _fresh_dynamo()
+    trainer.train()
+    trainer.evaluate()
+    _fresh_dynamo()
+    return len(copies)
+
+
+def test_a_cuda_graph_mode_copies_the_teachers_outputs_at_every_step_and_changes_no_loss(tmp_path, monkeypatch):
+    """With dynamo alone (the mode is ignored on the CPU), the run with the copies gives the eager run's losses; the
+    teacher's scores are copied once per training step, and not at all in a run compiled without CUDA graphs."""
+    eager = _trainer(tmp_path / "eager")
+    eager.train()
+    graphs = _trainer(tmp_path / "graphs", compile_backend="eager", torch_compile_mode="reduce-overhead")
+    assert graphs.runs_in_cuda_graphs and not eager.runs_in_cuda_graphs
+    assert _run_counting_copies(graphs, monkeypatch) == graphs.state.global_step == 16
+    for (stage, eager_out, eager_attn), (_, out, attn) in zip(_losses(eager), _losses(graphs), strict=True):
+        assert out == pytest.approx(eager_out, rel=TOLERANCES["eager"]), stage
+        assert attn == pytest.approx(eager_attn, rel=TOLERANCES["eager"]), stage
+    plain = _trainer(tmp_path / "plain", compile_backend="eager")
+    assert not plain.runs_in_cuda_graphs and _run_counting_copies(plain, monkeypatch) == 0
+
+
+@pytest.mark.gpu
+def test_distillation_in_cuda_graphs_matches_the_eager_run_on_the_gpu(tmp_path):
+    """On a GPU, inductor in CUDA graphs ("reduce-overhead") through the four stages and an evaluation: no output
+    of a graph is read after a later run reused its memory, and the losses are the eager run's (same GPU)."""
+    eager = _trainer(tmp_path / "eager", use_cpu=False)
+    eager.train()
+    _fresh_dynamo()
+    graphs = _trainer(tmp_path / "graphs", compile_backend="inductor", torch_compile_mode="reduce-overhead",
+                      use_cpu=False)  # fmt: skip
+    graphs.train()
+    metrics = graphs.evaluate()
+    _fresh_dynamo()
+    assert next(graphs.model.parameters()).is_cuda
+    assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values() if isinstance(value, float))
+    for (stage, eager_out, eager_attn), (_, out, attn) in zip(_losses(eager), _losses(graphs), strict=True):
+        assert out == pytest.approx(eager_out, rel=TOLERANCES["inductor"]), stage
+        assert attn == pytest.approx(eager_attn, rel=TOLERANCES["inductor"]), stage
