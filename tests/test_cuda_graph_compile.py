@@ -1,8 +1,8 @@
 """The distillation in the compile modes that run in CUDA graphs (`torch_compile_mode` "reduce-overhead" and
 "max-autotune"): the teacher's outputs are copied out of its graph's memory before the student's graph runs, and the
 evaluation's logits before the next batch's. On the CPU the copies are checked with dynamo alone (which ignores the
-mode, so the losses must equal the eager run's); on a GPU the losses of a run in CUDA graphs are compared with the
-eager run's on the same GPU."""
+mode, so the losses must equal the eager run's); on a GPU the losses of a run in CUDA graphs are compared with those
+of the same run compiled without graphs."""
 
 import pytest
 import torch
@@ -64,19 +64,21 @@ def test_a_cuda_graph_mode_copies_the_teachers_outputs_at_every_step_and_changes
 
 
 @pytest.mark.gpu
-def test_distillation_in_cuda_graphs_matches_the_eager_run_on_the_gpu(tmp_path):
-    """On a GPU, inductor in CUDA graphs ("reduce-overhead") through the four stages and an evaluation: no output
-    of a graph is read after a later run reused its memory, and the losses are the eager run's (same GPU)."""
-    eager = _trainer(tmp_path / "eager", use_cpu=False)
-    eager.train()
+def test_distillation_in_cuda_graphs_matches_the_compiled_run_on_the_gpu(tmp_path):
+    """On a GPU, inductor in CUDA graphs ("reduce-overhead") through the four stages and an evaluation: no output of a
+    graph is read after a later run reused its memory, and the losses are those of inductor without graphs (the same
+    kernels, replayed; both drift from the eager run's in the STE stage on the GPU, as the CPU's inductor does)."""
+    runs = {}
+    for mode in ["default", "reduce-overhead"]:
+        _fresh_dynamo()
+        trainer = _trainer(tmp_path / mode, compile_backend="inductor", torch_compile_mode=mode, use_cpu=False)
+        trainer.train()
+        runs[mode] = (trainer, trainer.evaluate())
     _fresh_dynamo()
-    graphs = _trainer(tmp_path / "graphs", compile_backend="inductor", torch_compile_mode="reduce-overhead",
-                      use_cpu=False)  # fmt: skip
-    graphs.train()
-    metrics = graphs.evaluate()
-    _fresh_dynamo()
+    (compiled, _), (graphs, metrics) = runs["default"], runs["reduce-overhead"]
+    assert graphs.runs_in_cuda_graphs and not compiled.runs_in_cuda_graphs
     assert next(graphs.model.parameters()).is_cuda
     assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values() if isinstance(value, float))
-    for (stage, eager_out, eager_attn), (_, out, attn) in zip(_losses(eager), _losses(graphs), strict=True):
-        assert out == pytest.approx(eager_out, rel=TOLERANCES["inductor"]), stage
-        assert attn == pytest.approx(eager_attn, rel=TOLERANCES["inductor"]), stage
+    for (stage, compiled_out, compiled_attn), (_, out, attn) in zip(_losses(compiled), _losses(graphs), strict=True):
+        assert out == pytest.approx(compiled_out, rel=1e-3), stage
+        assert attn == pytest.approx(compiled_attn, rel=1e-3), stage
