@@ -149,11 +149,11 @@ def test_a_compiled_run_through_the_four_stages_compiles_a_bounded_number_of_gra
     assert graphs_after_teacher_evaluation == graphs
 
 
-def _llama_trainer(tmp_path, compile_backend=None, layers=2, regional=False):
+def _llama_trainer(tmp_path, compile_backend=None, layers=2, regional=False, **overrides):
     """The causal-LM recipe's trainer (`recipes.common.lm_distillation`: the student a HAD copy of the teacher, N =
     ceil(0.3 x keys)) on a tiny random Llama with grouped-query attention and `layers` layers, over 16 steps of 2
     windows of 24 tokens (padded at the end in one window), distilled from itself as the recipe's student is; with
-    `regional`, compiled layer by layer (`use_regional_compilation`)."""
+    `regional`, compiled layer by layer (`use_regional_compilation`); `overrides` go to the training arguments."""
     from recipes.common import lm_distillation
     from recipes.common.tiny_llama import tiny_llama
 
@@ -165,7 +165,7 @@ def _llama_trainer(tmp_path, compile_backend=None, layers=2, regional=False):
     compile_args = {"torch_compile": True, "torch_compile_backend": compile_backend} if compile_backend else {}
     if regional:
         compile_args["use_regional_compilation"] = True
-    args = _args(tmp_path, per_device_train_batch_size=2, calibration_batch_size=2, **compile_args)
+    args = _args(tmp_path, per_device_train_batch_size=2, calibration_batch_size=2, **compile_args, **overrides)
     student, teacher_model, _ = lm_distillation.build_student(
         teacher, HADConfig(top_n_ratio=0.3), argparse.Namespace(use_peft=False)
     )

@@ -9,7 +9,14 @@ import torch
 
 from had_hf import HADCaptureStore, HADTrainingArguments
 from had_hf.capture import DenseScores
-from tests.test_compile import TOLERANCES, _fresh_dynamo, _losses, _trainer
+from tests.test_compile import (
+    TOLERANCES,
+    _assert_same_llama_losses,
+    _fresh_dynamo,
+    _llama_trainer,
+    _losses,
+    _trainer,
+)
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
@@ -43,7 +50,8 @@ def _run_counting_copies(trainer, monkeypatch):
     monkeypatch.setattr(HADCaptureStore, "copy_scores", lambda self: copies.append(1) or copy_scores(self))
     _fresh_dynamo()
     trainer.train()
-    trainer.evaluate()
+    if trainer.eval_dataset is not None:  # no copies of the teacher's scores: the evaluation runs the student alone
+        trainer.evaluate()
     _fresh_dynamo()
     return len(copies)
 
@@ -61,6 +69,18 @@ def test_a_cuda_graph_mode_copies_the_teachers_outputs_at_every_step_and_changes
         assert attn == pytest.approx(eager_attn, rel=TOLERANCES["eager"]), stage
     plain = _trainer(tmp_path / "plain", compile_backend="eager")
     assert not plain.runs_in_cuda_graphs and _run_counting_copies(plain, monkeypatch) == 0
+
+
+def test_the_causal_lm_distillation_in_a_cuda_graph_mode_copies_at_every_step_and_changes_no_loss(
+    tmp_path, monkeypatch
+):
+    """The causal-LM recipe's trainer (grouped-query keys, rotary positions), dynamo alone: the same copies and the
+    eager run's losses."""
+    eager = _llama_trainer(tmp_path / "eager")
+    eager.train()
+    graphs = _llama_trainer(tmp_path / "graphs", "eager", torch_compile_mode="reduce-overhead")
+    assert _run_counting_copies(graphs, monkeypatch) == graphs.state.global_step == 16
+    _assert_same_llama_losses(eager, graphs, TOLERANCES["eager"])
 
 
 @pytest.mark.gpu
