@@ -64,8 +64,8 @@ class HADTrainingArguments(TrainingArguments):
             each whole model, so that all the layers of a model share one graph per stage (Accelerate's
             `TorchDynamoPlugin(use_regional_compilation=True)`, `accelerate.utils.compile_regions`): the time spent
             compiling then does not grow with the number of layers. What lies between the layers' graphs runs
-            uncompiled, so where steps are launch-bound (small models, small batches) they are slower than those of
-            the model compiled whole: it pays where compiling is a large part of the run.
+            uncompiled, so where steps are launch-bound (small models, small batches) they can be slower than those
+            of the model compiled whole: it pays where compiling is a large part of the run.
     """
 
     c_start: float = field(default=5.0, metadata={"help": "c at the start of stage 1 (tanh)."})
