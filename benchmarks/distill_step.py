@@ -34,15 +34,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
+from had_hf.training_args import CUDA_GRAPH_COMPILE_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import StepTimer, machine_record, paper_weighted_step_s, peak_memory  # noqa: E402
+from step_timing import CUDAGraphEvents, StepTimer, machine_record, paper_weighted_step_s, peak_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,9 +119,18 @@ def run_mode(args) -> dict:
             train_dataset=dataset,
         )
     trainer.add_callback(timer)
+    graph_events = CUDAGraphEvents() if args.compiled and args.compile_mode in CUDA_GRAPH_COMPILE_MODES else None
+    if graph_events is not None:
+        trainer.add_callback(graph_events)
     start = time.perf_counter()
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
     result = {"model": name, "steps": steps, "train_wall_s": time.perf_counter() - start}
+    result["cuda_graph_warnings"] = sorted({str(w.message)[:300] for w in caught if "CUDAGraph" in str(w.message)})
+    if graph_events is not None:
+        result["cuda_graph_events"] = graph_events.between(0, steps)
+        result["cuda_graph_skip_reasons"] = dict(graph_events.skip_reasons)
     if args.only == "distill":
         plugin = trainer.accelerator.state.dynamo_plugin
         result["regional_compilation"] = bool(getattr(plugin, "use_regional_compilation", False))
@@ -136,6 +147,8 @@ def run_mode(args) -> dict:
             "step_s": statistics.median(seconds[args.warmup :] or seconds),
             "first_step_s": seconds[0],
         }
+        if graph_events is not None:
+            stages[entry["stage"]]["cuda_graph_events"] = graph_events.between(entry["start_step"], entry["end_step"])
     result["step_s"] = paper_weighted_step_s({stage: values["step_s"] for stage, values in stages.items()})
     result["stages"] = stages
     return result

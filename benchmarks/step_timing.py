@@ -1,11 +1,14 @@
 """What the training-step benchmarks share (`distill_step.py`, `causal_lm_step.py`): the per-step timer callback, the
-peak memory, the machine and versions of a record, the paper-weighted mean over stages, and a profiler's top ops."""
+CUDA-graph trees' events per step, the peak memory, the machine and versions of a record, the paper-weighted mean over
+stages, and a profiler's top ops."""
 
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 import time
+from collections import Counter
 
 import torch
 import transformers
@@ -39,6 +42,62 @@ class StepTimer(TrainerCallback):
         self._last = now
         if self.cuda and state.global_step == self.warmup:
             torch.cuda.reset_peak_memory_stats()
+
+
+class CUDAGraphEvents(TrainerCallback):
+    """What inductor's CUDA-graph trees (`torch_compile_mode="reduce-overhead"`) did, counted from their log at each
+    optimizer step's end: graphs `recorded` and `rerecorded`, `warmup` runs, `eager` runs (a compiled function run
+    outside its graph, in the graphs' memory pool, because the trees could not replay it: the slow path) and graphs
+    `skipped` (left out of CUDA graphs; `skip_reasons` keeps each reason's start)."""
+
+    EVENTS = {
+        "Recording function": "recorded",
+        "Re-recording function": "rerecorded",
+        "Running warmup function": "warmup",
+        "Running eager function": "eager",
+        "skipping cudagraphs": "skipped",
+    }
+    LOGGERS = ("torch._inductor.cudagraph_trees", "torch._inductor.cudagraph_utils")
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.skip_reasons: Counter = Counter()
+        self.after_step: list[dict] = []
+        events = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                events.count(record.getMessage())
+
+        import torch._inductor.cudagraph_trees  # noqa: F401  (their loggers exist before the logs are set)
+        import torch._inductor.cudagraph_utils  # noqa: F401
+
+        torch._logging.set_logs(cudagraphs=True)
+        self.handlers = [(logging.getLogger(f"{name}.__cudagraphs"), Handler(logging.DEBUG)) for name in self.LOGGERS]
+        for logger, handler in self.handlers:
+            logger.addHandler(handler)
+
+    def close(self) -> None:
+        """Stops counting and sets torch's logs back to their defaults."""
+        for logger, handler in self.handlers:
+            logger.removeHandler(handler)
+        torch._logging.set_logs()
+
+    def count(self, message: str) -> None:
+        for text, event in self.EVENTS.items():
+            if text in message:
+                self.counts[event] += 1
+                if event == "skipped":
+                    self.skip_reasons[message[:160]] += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after_step.append(dict(self.counts))
+
+    def between(self, start_step: int, end_step: int) -> dict:
+        """The events of steps `start_step` to `end_step` - 1 (0-based)."""
+        before = self.after_step[start_step - 1] if start_step > 0 else {}
+        after = self.after_step[end_step - 1] if end_step > 0 else {}
+        return {event: after.get(event, 0) - before.get(event, 0) for event in self.EVENTS.values()}
 
 
 def peak_memory(device: str) -> float:

@@ -63,6 +63,35 @@ def test_distill_step_benchmark_smoke(tmp_path):
     assert compiled["stages"]["sign"]["first_step_s"] > eager["stages"]["sign"]["step_s"]
 
 
+def test_cuda_graph_events_are_counted_per_step_from_the_trees_log():
+    """`CUDAGraphEvents` reads the CUDA-graph trees' log lines (as torch writes them, on their artifact loggers) into
+    counts per optimizer step, so a benchmark can tell at which stage graphs were recorded again or ran outside."""
+    import logging
+
+    step_timing = load_script(REPO / "benchmarks" / "step_timing.py", "step_timing")
+    trees = logging.getLogger("torch._inductor.cudagraph_trees.__cudagraphs")
+    utils = logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs")
+    events = step_timing.CUDAGraphEvents()
+    try:
+        trees.debug("[%s] Running warmup function=%s, mode=%s", "0/0", "forward", "FORWARD")
+        trees.debug("[%s] Recording function=%s, mode=%s, cuda_graph_id=%d, inputs: %s", "0/0", "f", "FORWARD", 0, "")
+        events.on_step_end(None, None, None)
+        trees.debug("[%s] Re-recording function=%s, mode=%s, reason=%s", "0/0", "f", "FORWARD", "new shape")
+        trees.debug("[%s] Running eager function=%s", "1/0", "teacher")
+        trees.debug("[%s] Running eager function=%s", "1/0", "teacher")
+        utils.warning("skipping cudagraphs due to mutated inputs (1 instances)")
+        events.on_step_end(None, None, None)
+        events.on_step_end(None, None, None)  # a step with no event
+    finally:
+        events.close()
+    trees.debug("[%s] Running eager function=%s", "1/0", "after close")  # no longer counted
+    assert events.between(0, 1) == {"recorded": 1, "rerecorded": 0, "warmup": 1, "eager": 0, "skipped": 0}
+    assert events.between(1, 3) == {"recorded": 0, "rerecorded": 1, "warmup": 0, "eager": 2, "skipped": 1}
+    assert events.between(2, 3) == dict.fromkeys(events.EVENTS.values(), 0)
+    assert events.between(0, 3)["eager"] == 2 == events.counts["eager"]
+    assert list(events.skip_reasons) == ["skipping cudagraphs due to mutated inputs (1 instances)"]
+
+
 def test_causal_lm_step_benchmark_smoke(tmp_path):
     """`benchmarks/causal_lm_step.py --smoke --variants eager,compiled,regional`: the causal-LM trainer's four stages
     timed, their peak memory and top ops recorded, eager, compiled whole and compiled layer by layer (dynamo with the
