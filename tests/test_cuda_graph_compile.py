@@ -44,10 +44,55 @@ def test_copied_scores_equal_the_recorded_ones_in_memory_of_their_own():
     assert store.scores["b"].position_bias is None
 
 
+def test_copies_into_kept_buffers_keep_their_address_until_they_need_more_room():
+    buffers = {}
+    addresses = []
+    for length in [6, 4, 6, 9, 5]:
+        store = HADCaptureStore(capture_logits=False, capture_scores=True)
+        query = torch.randn(2, 4, length, 8).transpose(1, 2)  # not contiguous, as a query after its head split
+        key, bias = torch.randn(2, 2, length, 8), torch.randn(1, 4, length, length)
+        store.record("a").scores = DenseScores(query, key, 0.125, bias)
+        store.copy_scores(buffers)
+        copied = store.scores["a"]
+        for copy, original in [(copied.query, query), (copied.key, key), (copied.position_bias, bias)]:
+            assert torch.equal(copy, original) and copy.is_contiguous() and copy.data_ptr() != original.data_ptr()
+        addresses.append((copied.query.data_ptr(), copied.key.data_ptr(), copied.position_bias.data_ptr()))
+    assert sorted(buffers) == [("a", "key"), ("a", "position_bias"), ("a", "query")]
+    assert addresses[0] == addresses[1] == addresses[2]  # 4 and 6 fit the room the first 6 made
+    assert addresses[3] == addresses[4]  # 9 needed a larger buffer, which 5 then reuses
+    assert buffers["a", "query"].numel() == 2 * 4 * 9 * 8
+    store = HADCaptureStore(capture_logits=False, capture_scores=True)
+    store.record("a").scores = DenseScores(*(t.half() for t in (query, key)), 0.125, None)
+    store.copy_scores(buffers)  # another dtype: a buffer of its own
+    assert store.scores["a"].query.dtype == torch.half == buffers["a", "query"].dtype
+
+
 def _run_counting_copies(trainer, monkeypatch):
+    """Trains (and evaluates) `trainer`; the number of `copy_scores` calls. At each call, the copies keep the address
+    of the last step's (CUDA graphs replay only while their static inputs do) unless they need more room."""
     copies = []
     copy_scores = HADCaptureStore.copy_scores
-    monkeypatch.setattr(HADCaptureStore, "copy_scores", lambda self: copies.append(1) or copy_scores(self))
+
+    def copy_and_check(self, buffers=None):
+        copy_scores(self, buffers)
+        copied = {(name, "query"): scores.query for name, scores in self.scores.items()}
+        copied.update({(name, "key"): scores.key for name, scores in self.scores.items()})
+        if copies:
+            for key, tensor in copied.items():
+                before = copies[-1][key]
+                if tensor.numel() <= before["room"]:
+                    assert tensor.data_ptr() == before["address"], key
+        copies.append(
+            {
+                key: {
+                    "address": tensor.data_ptr(),
+                    "room": max(tensor.numel(), copies[-1][key]["room"] if copies else 0),
+                }
+                for key, tensor in copied.items()
+            }
+        )
+
+    monkeypatch.setattr(HADCaptureStore, "copy_scores", copy_and_check)
     _fresh_dynamo()
     trainer.train()
     if trainer.eval_dataset is not None:  # no copies of the teacher's scores: the evaluation runs the student alone

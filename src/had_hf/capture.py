@@ -175,16 +175,31 @@ class HADCaptureStore:
             for module in modules:
                 module.__dict__.pop(RECORD_ATTRIBUTE, None)
 
-    def copy_scores(self) -> None:
+    def copy_scores(self, buffers: dict | None = None) -> None:
         """Replaces each record's queries, keys and position bias by copies of them. Tensors that a CUDA graph returns
         (`torch.compile` in a CUDA-graph mode) live in memory that the next graph run reuses: the teacher's scores
-        must outlive the student's forward, which runs its own graph before the losses read them."""
-        for record in self.records.values():
+        must outlive the student's forward, which runs its own graph before the losses read them.
+
+        With `buffers` (a dict the caller keeps from step to step), each copy is written at the start of one flat
+        tensor per layer and field, kept there, so that it has the same address at every step (a new one only when a
+        larger copy is needed). The student's compiled attention reads the teacher's scores through its module, so
+        `torch.compile` takes them as static inputs, and a CUDA graph replays only while those keep their addresses
+        (otherwise it is recorded again, at every step)."""
+
+        def copy(name: str, field: str, tensor: torch.Tensor) -> torch.Tensor:
+            if buffers is None:
+                return tensor.clone()
+            return _copy_at_a_kept_address(buffers, (name, field), tensor)
+
+        for name, record in self.records.items():
             scores = record.scores
             if scores is not None:
                 bias = scores.position_bias
                 record.scores = DenseScores(
-                    scores.query.clone(), scores.key.clone(), scores.scaling, None if bias is None else bias.clone()
+                    copy(name, "query", scores.query),
+                    copy(name, "key", scores.key),
+                    scores.scaling,
+                    None if bias is None else copy(name, "position_bias", bias),
                 )
 
     def attention_kl(self) -> torch.Tensor:
@@ -219,6 +234,17 @@ class HADCaptureStore:
     def record_details(self, name: str, **tensors: torch.Tensor) -> None:
         if self.capture_details:
             self.details[name] = {key: value.detach() for key, value in tensors.items()}
+
+
+def _copy_at_a_kept_address(buffers: dict, key: tuple[str, str], tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `tensor` at the start of `buffers[key]`, a flat tensor kept for the next copy (made anew
+    when it is too small or of another dtype or device)."""
+    flat = buffers.get(key)
+    if flat is None or flat.numel() < tensor.numel() or (flat.dtype, flat.device) != (tensor.dtype, tensor.device):
+        flat = buffers[key] = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    copied = flat[: tensor.numel()].view(tensor.shape)
+    copied.copy_(tensor)
+    return copied
 
 
 def _sigma_tensors(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

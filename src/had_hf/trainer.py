@@ -140,6 +140,8 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._had_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # in CUDA graphs: where the teacher's scores are copied at each step (`HADCaptureStore.copy_scores`)
+        self._teacher_score_buffers: dict[tuple[str, str], torch.Tensor] = {}
         self.teacher_metrics: dict[str, float] | None = None  # set by evaluate_teacher
         self._predict_with_teacher = False
         config = model.config
@@ -178,7 +180,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         with torch.no_grad(), teacher_store.bound(self.teacher_modules(model)):
             teacher_logits = self.teacher_forward(model, inputs, teacher_store).logits
         if self.runs_in_cuda_graphs:  # the teacher's graph returned them in memory that the student's graph reuses
-            teacher_store.copy_scores()
+            teacher_store.copy_scores(self._teacher_score_buffers)
             teacher_logits = teacher_logits.clone()
         with student_store.bound(model):
             student_outputs = model(**inputs, **{STORE_KWARG: student_store})
