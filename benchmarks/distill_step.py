@@ -71,18 +71,34 @@ def build_student(device: str, path: str | None = None) -> tuple[torch.nn.Module
 
 
 class RandomTokens(torch.utils.data.Dataset):
-    """Full-length random sequences (every batch `seq` tokens: one compiled shape) with random labels."""
+    """Random sequences with random labels: all `seq` tokens long (every batch one compiled shape), or with `variable`
+    lengths of 4 to `seq` tokens, exponentially distributed with mean seq / 5, so that batches padded to their longest
+    change shape from step to step, as a GLUE task's do."""
 
-    def __init__(self, size: int, seq: int, vocab: int):
+    def __init__(self, size: int, seq: int, vocab: int, variable: bool = False):
         generator = torch.Generator().manual_seed(0)
         self.ids = torch.randint(1000, vocab, (size, seq), generator=generator)
         self.labels = torch.randint(0, 2, (size,), generator=generator)
+        lengths = torch.empty(size).exponential_(5 / seq, generator=generator).ceil().long() if variable else None
+        self.lengths = (lengths.clamp(4, seq) if variable else torch.full((size,), seq)).tolist()
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+        ids = self.ids[i, : self.lengths[i]]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
+
+
+def pad_to_multiple_of_8(examples: list[dict]) -> dict:
+    """A batch padded to its longest example rounded up to a multiple of 8 (the GLUE recipe's padding when compiled)."""
+    length = -(-max(len(example["input_ids"]) for example in examples) // 8) * 8
+    batch = {key: torch.zeros(len(examples), length, dtype=torch.long) for key in ("input_ids", "attention_mask")}
+    for row, example in enumerate(examples):
+        for key in batch:
+            batch[key][row, : len(example[key])] = example[key]
+    batch["labels"] = torch.stack([example["labels"] for example in examples])
+    return batch
 
 
 def run_mode(args) -> dict:
@@ -106,9 +122,14 @@ def run_mode(args) -> dict:
         seed=0,
     )
     steps = args.plain_steps if args.only == "plain" else args.distill_steps
-    dataset = RandomTokens(steps * args.batch, args.seq, base.config.vocab_size)
+    dataset = RandomTokens(steps * args.batch, args.seq, base.config.vocab_size, args.variable_lengths)
     if args.only == "plain":
-        trainer = Trainer(model=base.train(), args=TrainingArguments(max_steps=steps, **common), train_dataset=dataset)
+        trainer = Trainer(
+            model=base.train(),
+            args=TrainingArguments(max_steps=steps, **common),
+            train_dataset=dataset,
+            data_collator=pad_to_multiple_of_8,
+        )
     else:
         teacher = copy.deepcopy(base)
         trainer = HADDistillationTrainer(
@@ -119,6 +140,7 @@ def run_mode(args) -> dict:
             ),
             had_config=HADConfig(top_n=args.top_n),
             train_dataset=dataset,
+            data_collator=pad_to_multiple_of_8,
         )
     trainer.add_callback(timer)
     graph_events = CUDAGraphEvents() if args.compiled and args.compile_mode in CUDA_GRAPH_COMPILE_MODES else None
@@ -148,6 +170,7 @@ def run_mode(args) -> dict:
             "steps": len(seconds),
             "step_s": statistics.median(seconds[args.warmup :] or seconds),
             "first_step_s": seconds[0],
+            "mean_step_s": statistics.fmean(seconds),  # its compiling included
         }
         if graph_events is not None:
             stages[entry["stage"]]["cuda_graph_events"] = graph_events.between(entry["start_step"], entry["end_step"])
@@ -175,6 +198,11 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--regional", action="store_true", help="with --torch_compile, also the distillation compiled layer by layer"
     )
+    parser.add_argument(
+        "--variable_lengths",
+        action="store_true",
+        help="sequences of 4 to --seq tokens (mean seq / 5), batches padded to a multiple of 8: shapes change per step",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", choices=["plain", "distill"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
@@ -193,6 +221,7 @@ def run_all(args, argv) -> dict:
     mode = f"_{args.compile_mode.replace('-', '_')}" if args.torch_compile and args.compile_mode else ""
     suffix = ("_compile" if args.torch_compile else "") + mode + ("_regional" if args.regional else "")
     suffix += "_bf16" if args.bf16 else ""
+    suffix += "_variable" if args.variable_lengths else ""
     out = (
         Path(args.out)
         if args.out
@@ -203,6 +232,7 @@ def run_all(args, argv) -> dict:
         **{key: machine[key] for key in ("device", "device_name", "cpu_threads")},
         "batch": args.batch,
         "seq": args.seq,
+        "variable_lengths": args.variable_lengths,
         "top_n": args.top_n,
         "bf16": args.bf16,
         "compile_backend": args.compile_backend if args.torch_compile else None,

@@ -63,6 +63,28 @@ def test_distill_step_benchmark_smoke(tmp_path):
     assert compiled["stages"]["sign"]["first_step_s"] > eager["stages"]["sign"]["step_s"]
 
 
+def test_distill_step_variable_lengths_pad_batches_of_changing_shape_to_multiples_of_8():
+    distill_step = load_script(REPO / "benchmarks" / "distill_step.py", "distill_step")
+    fixed = distill_step.RandomTokens(64, 128, 5000)
+    assert {len(fixed[i]["input_ids"]) for i in range(64)} == {128}
+    data = distill_step.RandomTokens(2000, 128, 5000, variable=True)
+    lengths = torch.tensor(data.lengths, dtype=torch.float)
+    assert lengths.min() >= 4 and lengths.max() <= 128 and 20 < lengths.mean() < 32  # mean about 128 / 5
+    shapes = set()
+    for start in range(0, 320, 32):
+        examples = [data[i] for i in range(start, start + 32)]
+        batch = distill_step.pad_to_multiple_of_8(examples)
+        longest = max(len(example["input_ids"]) for example in examples)
+        assert batch["input_ids"].shape[1] % 8 == 0 and 0 <= batch["input_ids"].shape[1] - longest < 8
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            assert torch.equal(batch["input_ids"][row, :n], example["input_ids"])
+            assert batch["attention_mask"][row].sum() == n and batch["input_ids"][row, n:].eq(0).all()
+        assert torch.equal(batch["labels"], torch.stack([example["labels"] for example in examples]))
+        shapes.add(batch["input_ids"].shape[1])
+    assert len(shapes) > 1  # the shape changes from batch to batch
+
+
 def test_cuda_graph_events_are_counted_per_step_from_the_trees_log():
     """`CUDAGraphEvents` reads the CUDA-graph trees' log lines (as torch writes them, on their artifact loggers) into
     counts per optimizer step, so a benchmark can tell at which stage graphs were recorded again or ran outside."""
