@@ -129,24 +129,20 @@ def test_the_causal_lm_distillation_in_a_cuda_graph_mode_copies_at_every_step_an
 
 
 @pytest.mark.gpu
-def test_distillation_in_cuda_graphs_matches_the_compiled_run_on_the_gpu(tmp_path, monkeypatch):
+def test_distillation_in_cuda_graphs_matches_the_compiled_run_on_the_gpu(tmp_path):
     """On a GPU, inductor in CUDA graphs ("reduce-overhead") through the four stages and an evaluation: no output of a
     graph is read after a later run reused its memory, and the losses are those of inductor without graphs (the same
-    kernels, replayed). Both runs use deterministic algorithms: the backward's atomic adds otherwise change the last
-    bits from run to run, and the near-sign tanh of stage 2 (slope 1/c, ~20 at its end) grows those into percents."""
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        runs = {}
-        for mode in ["default", "reduce-overhead"]:
-            _fresh_dynamo()
-            trainer = _trainer(tmp_path / mode, compile_backend="inductor", torch_compile_mode=mode, use_cpu=False)
-            trainer.train()
-            runs[mode] = (trainer, trainer.evaluate())
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
+    kernels, replayed). The students' embeddings are frozen: their backward adds many rows into the same few (every
+    position's token type is 0) with atomic adds, whose order changes the last bits from run to run, and the near-sign
+    tanh of stage 2 (slope 1/c, ~20 at its end) grows those into percents within a few steps."""
+    runs = {}
+    for mode in ["default", "reduce-overhead"]:
         _fresh_dynamo()
+        trainer = _trainer(tmp_path / mode, compile_backend="inductor", torch_compile_mode=mode, use_cpu=False)
+        trainer.model.bert.embeddings.requires_grad_(False)
+        trainer.train()
+        runs[mode] = (trainer, trainer.evaluate())
+    _fresh_dynamo()
     (compiled, _), (graphs, metrics) = runs["default"], runs["reduce-overhead"]
     assert graphs.runs_in_cuda_graphs and not compiled.runs_in_cuda_graphs
     assert next(graphs.model.parameters()).is_cuda
