@@ -139,6 +139,23 @@ def test_compiled_trainer_matches_the_eager_one_in_every_stage(eager_run, compil
         torch.testing.assert_close(compiled_weights[name], value, rtol=tolerance, atol=tolerance / 10)
 
 
+def test_a_run_compiled_with_dynamic_shapes_from_the_start_traces_each_graph_once(eager_run, tmp_path, monkeypatch):
+    """`dynamic=True` (Accelerate's `ACCELERATE_DYNAMO_USE_DYNAMIC=1`): every graph is traced with a dynamic length
+    at once, so the run compiles exactly one graph for the teacher and one per stage, with the eager run's losses;
+    the STE stage's symbolic clip stays outside its autograd function's traced graphs (dynamo cannot lift it there)."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_DYNAMIC", "1")
+    _fresh_dynamo()
+    trainer = _trainer(tmp_path, compile_backend="eager")
+    trainer.train()
+    graphs, breaks = _graphs(), dict(counters["graph_break"])
+    _fresh_dynamo()
+    assert trainer.accelerator.state.dynamo_plugin.dynamic is True
+    assert graphs == len(TRAINING_STAGES) + 1 and breaks == {}
+    for (stage, eager_out, eager_attn), (_, out, attn) in zip(_losses(eager_run), _losses(trainer), strict=True):
+        assert out == pytest.approx(eager_out, rel=TOLERANCES["eager"]), stage
+        assert attn == pytest.approx(eager_attn, rel=TOLERANCES["eager"]), stage
+
+
 def test_a_compiled_run_through_the_four_stages_compiles_a_bounded_number_of_graphs(compiled_run):
     """c changes at every step of stages 1-2 and the batch length at almost every step: the run compiles one graph
     per stage for the student and one for the teacher, the first two traced once more when the length first

@@ -11,19 +11,19 @@ def sign(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ClippedStraightThroughSign(torch.autograd.Function):
-    """Forward `sigma * sign(x)`; backward passes the gradient where `|x / sigma| <= clip` (the clipped STE)."""
+    """Forward `sigma * sign(x)`; backward passes the gradient where `pass_through` (`|x / sigma| <= clip`, the clipped
+    STE: d(sigma * sign(x))/dx replaced by d(sigma * clamp(x / sigma, -clip, clip))/dx, 1 inside the clip). The mask
+    comes in made: compiled with dynamic shapes, clip is a symbolic number that the function's own traced graphs
+    cannot take (dynamo fails to lift it), and a saved mask is one byte per element."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sigma: float, clip: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.sigma, ctx.clip = sigma, clip
+    def forward(ctx, x: torch.Tensor, sigma: float, pass_through: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pass_through)
         return sigma * sign(x)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        # d(sigma*sign(x))/dx is replaced by d(sigma * clamp(x/sigma, -clip, clip))/dx = 1 inside the clip.
-        pass_through = (x / ctx.sigma).abs() <= ctx.clip
+        (pass_through,) = ctx.saved_tensors
         return grad_output * pass_through.to(grad_output.dtype), None, None
 
 
@@ -44,7 +44,7 @@ def transform(x: torch.Tensor, sigma: float, stage: str, c: float = 1.0, ste_cli
     if stage == "sign":
         return sigma * torch.tanh(x / (c * sigma))
     if stage == "ste":
-        return _ClippedStraightThroughSign.apply(x, sigma, ste_clip)
+        return _ClippedStraightThroughSign.apply(x, sigma, (x / sigma).abs() <= ste_clip)
     if stage == "binary":
         return sigma * sign(x)
     raise ValueError(f"Unknown HAD stage {stage!r}; expected one of 'tanh', 'sign', 'ste', 'binary'.")
