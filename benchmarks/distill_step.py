@@ -79,8 +79,11 @@ class RandomTokens(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(0)
         self.ids = torch.randint(1000, vocab, (size, seq), generator=generator)
         self.labels = torch.randint(0, 2, (size,), generator=generator)
-        lengths = torch.empty(size).exponential_(5 / seq, generator=generator).ceil().long() if variable else None
-        self.lengths = (lengths.clamp(4, seq) if variable else torch.full((size,), seq)).tolist()
+        if variable:
+            lengths = torch.empty(size).exponential_(5 / seq, generator=generator).ceil().long().clamp(4, seq)
+        else:
+            lengths = torch.full((size,), seq)
+        self.lengths = lengths.tolist()
 
     def __len__(self):
         return len(self.ids)
