@@ -1,13 +1,15 @@
 """The record of a GLUE recipe run that ended before its `results.json`: read back from the run's log.
 
 A run cut short (the device session ended first) leaves only its log: the trainer's logged dictionaries (training
-losses every `--logging_steps`, the held-out evaluation every `--eval_steps`, `deployable_*` at each stage end) and
-the HAD callback's "step S starts stage K (name)" lines. This script turns the logs of one `glue_defaults.py` output
-folder into runs in the layout of `glue_defaults.json` (`metrics_per_stage` with the deployable evaluation of each
-stage that ended, `eval_curve`, the teacher's dev and held-out metrics) marked `complete: false`, with the step the
-run reached and each finished stage's steps per second. A run whose log ends with the recipe's closing line (`wall time
-... s, peak memory ...`) is marked `complete: true`, its last stage ending at the scheduled step (its pace, without a
-timestamp at the end, is left out): the way to read the stages' pace of a finished run.
+losses every `--logging_steps`, the held-out evaluation every `--eval_steps`, `deployable_*` at each stage end), the
+HAD callback's "step S starts stage K (name)" lines and each finished stage's "Stage <name> pace: {...}" line
+(`recipes.common.stage_pace`: its steps, compiling and steady step time, time between steps). This script turns the
+logs of one `glue_defaults.py` output folder into runs in the layout of `glue_defaults.json` (`metrics_per_stage`
+with the deployable evaluation of each stage that ended, `eval_curve`, the teacher's dev and held-out metrics)
+marked `complete: false`, with the step the run reached and each finished stage's steps per second (and its `pace`
+where the log has it). A run whose log ends with the recipe's closing line (`wall time ... s, peak memory ...`) is
+marked `complete: true`, its last stage ending at the scheduled step (its steps per second, without a timestamp at
+the end, are left out; its pace line is read): the way to read the stages' pace of a finished run.
 
     python benchmarks/glue_run_log.py --logs DEVICE_FILES/f --json benchmarks/results/glue_full_schedule.json \
         --note "why the runs ended early"
@@ -31,6 +33,7 @@ from glue_defaults import build_parser, recipe_command  # noqa: E402
 from glue_plan import planned_runs, run_steps  # noqa: E402
 
 STAGE_START = re.compile(r"^(\S+ \S+) INFO had_hf\.callbacks: HAD: step (\d+) starts stage (\d+) \((\w+)\)\.")
+STAGE_PACE = re.compile(r"^\S+ \S+ INFO \S*stage_pace: Stage (\w+) pace: (\{.*\})$")
 RUN_END = re.compile(r"^wall time [\d.]+ s, peak memory ")
 MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "pearson", "rte": "accuracy"}
 
@@ -74,6 +77,12 @@ def parse_log(text: str, logging_steps: int, steps_scheduled: int) -> dict:
             for row in since_training_line:  # the previous stage's end-of-stage evaluations
                 row["step"] = step
             stages.append({"stage": name, "start_step": step, "started": when})
+            continue
+        pace = STAGE_PACE.match(line)
+        if pace:  # logged after the next stage's start (or at the run's end): `recipes.common.stage_pace`
+            next(stage for stage in reversed(stages) if stage["stage"] == pace.group(1))["pace"] = json.loads(
+                pace.group(2)
+            )
             continue
         row = _logged_dict(line)
         if row is None:

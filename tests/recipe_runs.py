@@ -20,7 +20,7 @@ def run_recipe(command: list[str], timeout: int = 900) -> subprocess.CompletedPr
 def check_run_output(out: Path, steps: int, processor_file: str) -> dict:
     """The layout of a finished run: the student with its HADConfig (no training stage), its tokenizer or image
     processor, `results.json` with the four stages, their evaluations and the attention loss, the fine-tuned teacher
-    in `teacher/`, and a folder that `had-hf push` accepts and renders a card for. Returns the results."""
+    in `teacher/`, each stage's pace, and a folder that `had-hf push` accepts and renders a card for. Returns the results."""
     from had_hf.hub import check_output_dir, render_model_card
 
     results = json.loads((out / "results.json").read_text())
@@ -35,6 +35,12 @@ def check_run_output(out: Path, steps: int, processor_file: str) -> dict:
     assert config["attn_implementation"] == "hamming_topk"
     assert (out / "model.safetensors").is_file() and (out / processor_file).is_file()
     assert (out / "teacher" / "model.safetensors").is_file()
+    pace = results["stage_pace"]
+    assert list(pace) == STAGES
+    for entry in results["stage_timeline"]:
+        row = pace[entry["stage"]]
+        assert row["steps"] == entry["end_step"] - entry["start_step"]
+        assert row["wall_s"] >= row["step_s"] >= row["slow_s"] >= 0 and row["between_steps_s"] >= 0
     train_logs = [entry for entry in results["log_history"] if "loss_attn" in entry]
     assert [entry["stage"] for entry in train_logs] == sorted(entry["stage"] for entry in train_logs)
     assert train_logs[-1]["loss_attn"] == 0 and train_logs[0]["loss_attn"] > 0

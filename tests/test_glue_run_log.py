@@ -21,18 +21,24 @@ def _stage_line(second: int, step: int, number: int, name: str) -> str:
     return f"2026-01-01 10:00:{second:02d},000 INFO had_hf.callbacks: HAD: step {step} starts stage {number} ({name})."
 
 
+def _pace_line(name: str, steps: int) -> str:
+    return f'2026-01-01 10:00:59,000 INFO recipes.common.stage_pace: Stage {name} pace: {{"steps": {steps}, "slow_s": 2.5}}'
+
+
 def test_a_log_gives_steps_stage_ends_and_the_teachers_metrics(reader):
     """Logging every 10 steps, stage 2 starting at step 25: the stage-end evaluations (logged before stage 2's line)
-    take step 25, the training lines after it count from 30, and each finished stage has its steps per second."""
+    take step 25, the training lines after it count from 30, and each finished stage has its steps per second and the
+    pace its line gives (logged after the next stage's start)."""
     lines = ["{'loss': '0.7', 'epoch': '1'}",  # the teacher's fine-tuning
              "{'eval_loss': '0.5', 'eval_accuracy': '0.9', 'eval_runtime': '1'}",
              "{'validation_loss': '0.4', 'validation_accuracy': '0.95'}",
              _stage_line(0, 0, 1, "tanh")]  # fmt: skip
     lines += ["{'loss': '0.1', 'stage': 1, 'c': '4'}"] * 2  # steps 10, 20
     lines += ["{'eval_accuracy': '0.8', 'eval_runtime': '1'}", "{'deployable_accuracy': '0.75'}", "not a dict {'x'"]
-    lines += [_stage_line(5, 25, 2, "sign"), "{'loss': '0.1', 'stage': 2, 'c': '1'}"]  # step 30
+    lines += [_stage_line(5, 25, 2, "sign"), _pace_line("tanh", 25), "{'loss': '0.1', 'stage': 2, 'c': '1'}"]  # 30
     lines += ["{'eval_accuracy': '0.85'}", _stage_line(10, 35, 3, "ste")]
     parsed = reader.parse_log("\n".join(lines), logging_steps=10, steps_scheduled=100)
+    assert [stage.get("pace") for stage in parsed["stages"]] == [{"steps": 25, "slow_s": 2.5}, None, None]
     assert not parsed["finished"]
     assert parsed["teacher"] == {"dev": {"accuracy": 0.9}, "held_out": {"accuracy": 0.95}}
     assert parsed["metrics_per_stage"] == [
@@ -50,9 +56,11 @@ def test_a_finished_log_ends_its_last_stage_at_the_scheduled_step(reader):
     lines = [_stage_line(0, 0, 1, "tanh"), "{'loss': '0.1', 'stage': 1, 'c': '4'}"]  # step 10
     lines += [_stage_line(4, 15, 2, "sign")] + ["{'loss': '0.1', 'stage': 2, 'c': '1'}"] * 3  # steps 20-40
     lines += ["{'eval_accuracy': '0.8'}", "{'deployable_accuracy': '0.7'}"]
-    lines += ["wall time 12.5 s, peak memory 10.0 MB; outputs in /tmp/x", "{'eval_accuracy': '0.1'}"]
+    lines += [_pace_line("sign", 30), "wall time 12.5 s, peak memory 10.0 MB; outputs in /tmp/x"]
+    lines += ["{'eval_accuracy': '0.1'}"]
     parsed = reader.parse_log("\n".join(lines), logging_steps=10, steps_scheduled=45)
     assert parsed["finished"] and parsed["steps_reached"] == 45
+    assert [stage.get("pace") for stage in parsed["stages"]] == [None, {"steps": 30, "slow_s": 2.5}]
     assert parsed["metrics_per_stage"] == [
         {"stage": "sign", "step": 45, "metrics": {"accuracy": 0.8}, "deployable_metrics": {"accuracy": 0.7}}
     ]

@@ -16,6 +16,7 @@ from had_hf.trainer import DEPLOYABLE_PREFIX
 
 from .run_paths import teacher_license
 from .run_record import strip_metrics
+from .stage_pace import StagePaceCallback
 from .student import finetune_teacher, make_student, teacher_training_arguments
 
 # the split carved from the training split (`validation_dataset`), and the prefix of its evaluations
@@ -25,8 +26,8 @@ VALIDATION = "validation"
 @dataclass
 class DistillationRun:
     """The Trainers of a finished run, the student's HADConfig, the teacher's fine-tuning steps and metrics, the
-    split evaluated during the run, the held-out split's record (None without one) and the stage end kept (None
-    unless --keep_best_deployable)."""
+    split evaluated during the run, the held-out split's record (None without one), the stage end kept (None
+    unless --keep_best_deployable) and where the time went in each stage (`recipes.common.stage_pace`)."""
 
     teacher_trainer: Trainer
     trainer: HADDistillationTrainer
@@ -37,6 +38,7 @@ class DistillationRun:
     evaluation_split: str = "eval"
     validation: dict | None = None
     model_selection: dict | None = None
+    stage_pace: dict | None = None
 
     def teacher_record(self, script_args, teacher_path: str, default_name: str) -> dict:
         """The `teacher` entry of `results.json`: the teacher as given (or `default_name`), where it was read, its
@@ -107,10 +109,13 @@ def distill(
             raise ValueError("--keep_best_deployable needs the recipe's main metric (distill's main_metric).")
         keeper = BestDeployableCallback(f"{DEPLOYABLE_PREFIX}_{main_metric}", trainer.had_config)
         trainer.add_callback(keeper)
+    pace = StagePaceCallback(trainer.schedule)
+    trainer.add_callback(pace)
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     run = DistillationRun(
         teacher_trainer, trainer, had_config, train_output, teacher_steps, teacher_metrics, eval_split
     )
+    run.stage_pace = pace.summary()
     if validation_dataset is not None:
         run.evaluation_split = VALIDATION
         run.validation = {

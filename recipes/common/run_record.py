@@ -4,7 +4,7 @@
 `results.json` holds the recipe's own part (task, main metric, teacher and student metrics, dataset) and the part
 every recipe writes alike (`run_record`): the evaluation split, held-out validation figures and stage end kept,
 HADConfig, schedule, stage timeline and metrics per stage (in the stage's forward and deployable), log history, seed,
-steps, wall time, peak memory, world size, command, arguments and versions.
+steps, wall time and each stage's pace (`recipes.common.stage_pace`), peak memory, world size, command, arguments and versions.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def run_record(run, script_args, training_args, *, command: str, start_time: flo
         "seed": training_args.seed,
         "global_step": run.train_output.global_step,
         "wall_time_s": round(time.time() - start_time, 1),
+        "stage_pace": run.stage_pace,
         "peak_memory_mb": peak_memory_mb(),
         "peak_memory_mb_per_process": per_process(trainer.accelerator, peak_memory_mb()),
         "world_size": training_args.world_size,
