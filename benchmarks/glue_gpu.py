@@ -212,6 +212,7 @@ def run_entry(results: dict) -> dict:
         "top_n": results["had_config"]["top_n"],
         "max_seq_length": results["max_seq_length"],
         "wall_time_s": results["wall_time_s"],
+        "machine": results.get("machine"),  # recipes.common.run_record.machine; absent from runs before it
         "stage_pace": results.get("stage_pace"),  # recipes.common.stage_pace; absent from runs before it
         "peak_memory_mb": results["peak_memory_mb"],
         "command": results["command"],

@@ -3,13 +3,14 @@
 A run cut short (the device session ended first) leaves only its log: the trainer's logged dictionaries (training
 losses every `--logging_steps`, the held-out evaluation every `--eval_steps`, `deployable_*` at each stage end), the
 HAD callback's "step S starts stage K (name)" lines and each finished stage's "Stage <name> pace: {...}" line
-(`recipes.common.stage_pace`: its steps, compiling and steady step time, time between steps). This script turns the
-logs of one `glue_defaults.py` output folder into runs in the layout of `glue_defaults.json` (`metrics_per_stage`
-with the deployable evaluation of each stage that ended, `eval_curve`, the teacher's dev and held-out metrics)
-marked `complete: false`, with the step the run reached and each finished stage's steps per second (and its `pace`
-where the log has it). A run whose log ends with the recipe's closing line (`wall time ... s, peak memory ...`) is
-marked `complete: true`, its last stage ending at the scheduled step (its steps per second, without a timestamp at
-the end, are left out; its pace line is read): the way to read the stages' pace of a finished run.
+(`recipes.common.stage_pace`: its steps, compiling and steady step time, time between steps), after the machine's
+line at the start (processor, cores, GPU). This script turns the logs of one `glue_defaults.py` output folder into
+runs in the layout of `glue_defaults.json` (`metrics_per_stage` with the deployable evaluation of each stage that
+ended, `eval_curve`, the teacher's dev and held-out metrics) marked `complete: false`, with the step the run reached,
+each finished stage's steps per second, and its `pace` and the `machine` where the log has them. A run whose log ends
+with the recipe's closing line (`wall time ... s, peak memory ...`) is marked `complete: true`, its last stage ending
+at the scheduled step (its steps per second, without a timestamp at the end, are left out; its pace line is read):
+the way to read the stages' pace of a finished run.
 
     python benchmarks/glue_run_log.py --logs DEVICE_FILES/f --json benchmarks/results/glue_full_schedule.json \
         --note "why the runs ended early"
@@ -33,6 +34,7 @@ from glue_defaults import build_parser, recipe_command  # noqa: E402
 from glue_plan import planned_runs, run_steps  # noqa: E402
 
 STAGE_START = re.compile(r"^(\S+ \S+) INFO had_hf\.callbacks: HAD: step (\d+) starts stage (\d+) \((\w+)\)\.")
+MACHINE = re.compile(r"^\S+ \S+ INFO \S+: Machine: (\{.*\})\.$")
 STAGE_PACE = re.compile(r"^\S+ \S+ INFO \S*stage_pace: Stage (\w+) pace: (\{.*\})$")
 RUN_END = re.compile(r"^wall time [\d.]+ s, peak memory ")
 MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "pearson", "rte": "accuracy"}
@@ -61,13 +63,17 @@ def parse_log(text: str, logging_steps: int, steps_scheduled: int) -> dict:
     (checked against each stage's own start step); the evaluations logged at a stage's end take that stage's last
     step, and those after the last training line of a finished run take `steps_scheduled`."""
     stages, curve, per_stage, teacher = [], [], [], {}
-    step, distilling, last_eval, since_training_line, finished = 0, False, None, [], False
+    step, distilling, last_eval, since_training_line, finished, machine = 0, False, None, [], False, None
     for line in text.splitlines():
         if distilling and RUN_END.match(line):
             step, finished = steps_scheduled, True
             for row in since_training_line:  # the last stage's end-of-stage evaluations
                 row["step"] = step
             break
+        host = MACHINE.match(line)
+        if host:  # the recipe's first line (`recipes.common.run_record.begin_run`)
+            machine = json.loads(host.group(1))
+            continue
         start = STAGE_START.match(line)
         if start:
             when, begin, _, name = start.groups()
@@ -105,7 +111,7 @@ def parse_log(text: str, logging_steps: int, steps_scheduled: int) -> dict:
         seconds = (_time(following["started"]) - _time(stage["started"])).total_seconds()
         stage["steps_per_second"] = round((following["start_step"] - stage["start_step"]) / seconds, 2)
     return {"stages": stages, "metrics_per_stage": per_stage, "eval_curve": curve, "teacher": teacher,
-            "steps_reached": step, "finished": finished}  # fmt: skip
+            "steps_reached": step, "finished": finished, **({"machine": machine} if machine else {})}  # fmt: skip
 
 
 def _time(stamp: str) -> datetime:

@@ -19,8 +19,9 @@ def run_recipe(command: list[str], timeout: int = 900) -> subprocess.CompletedPr
 
 def check_run_output(out: Path, steps: int, processor_file: str) -> dict:
     """The layout of a finished run: the student with its HADConfig (no training stage), its tokenizer or image
-    processor, `results.json` with the four stages, their evaluations and the attention loss, the fine-tuned teacher
-    in `teacher/`, each stage's pace, and a folder that `had-hf push` accepts and renders a card for. Returns the results."""
+    processor, `results.json` with the four stages, their evaluations and the attention loss, the machine and each
+    stage's pace, the fine-tuned teacher in `teacher/`, and a folder that `had-hf push` accepts and renders a card
+    for. Returns the results."""
     from had_hf.hub import check_output_dir, render_model_card
 
     results = json.loads((out / "results.json").read_text())
@@ -35,6 +36,7 @@ def check_run_output(out: Path, steps: int, processor_file: str) -> dict:
     assert config["attn_implementation"] == "hamming_topk"
     assert (out / "model.safetensors").is_file() and (out / processor_file).is_file()
     assert (out / "teacher" / "model.safetensors").is_file()
+    assert results["machine"]["cpu_count"] == os.cpu_count() and results["machine"]["cpu"]
     pace = results["stage_pace"]
     assert list(pace) == STAGES
     for entry in results["stage_timeline"]:

@@ -29,7 +29,8 @@ def test_a_log_gives_steps_stage_ends_and_the_teachers_metrics(reader):
     """Logging every 10 steps, stage 2 starting at step 25: the stage-end evaluations (logged before stage 2's line)
     take step 25, the training lines after it count from 30, and each finished stage has its steps per second and the
     pace its line gives (logged after the next stage's start)."""
-    lines = ["{'loss': '0.7', 'epoch': '1'}",  # the teacher's fine-tuning
+    lines = ['2026-01-01 09:59:00,000 INFO recipes.common.run_record: Machine: {"cpu": "X", "cpu_count": 16}.',
+             "{'loss': '0.7', 'epoch': '1'}",  # the teacher's fine-tuning
              "{'eval_loss': '0.5', 'eval_accuracy': '0.9', 'eval_runtime': '1'}",
              "{'validation_loss': '0.4', 'validation_accuracy': '0.95'}",
              _stage_line(0, 0, 1, "tanh")]  # fmt: skip
@@ -39,7 +40,7 @@ def test_a_log_gives_steps_stage_ends_and_the_teachers_metrics(reader):
     lines += ["{'eval_accuracy': '0.85'}", _stage_line(10, 35, 3, "ste")]
     parsed = reader.parse_log("\n".join(lines), logging_steps=10, steps_scheduled=100)
     assert [stage.get("pace") for stage in parsed["stages"]] == [{"steps": 25, "slow_s": 2.5}, None, None]
-    assert not parsed["finished"]
+    assert not parsed["finished"] and parsed["machine"] == {"cpu": "X", "cpu_count": 16}
     assert parsed["teacher"] == {"dev": {"accuracy": 0.9}, "held_out": {"accuracy": 0.95}}
     assert parsed["metrics_per_stage"] == [
         {"stage": "tanh", "step": 25, "metrics": {"accuracy": 0.8}, "deployable_metrics": {"accuracy": 0.75}}

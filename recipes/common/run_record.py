@@ -4,7 +4,8 @@
 `results.json` holds the recipe's own part (task, main metric, teacher and student metrics, dataset) and the part
 every recipe writes alike (`run_record`): the evaluation split, held-out validation figures and stage end kept,
 HADConfig, schedule, stage timeline and metrics per stage (in the stage's forward and deployable), log history, seed,
-steps, wall time and each stage's pace (`recipes.common.stage_pace`), peak memory, world size, command, arguments and versions.
+the machine, steps, wall time and each stage's pace (`recipes.common.stage_pace`), peak memory, world size, command,
+arguments and versions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict
@@ -44,7 +46,21 @@ def begin_run(script_args, training_args, logger: logging.Logger) -> float:
         logger.warning("Shortened schedule: %s.", schedule.describe())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    logger.info("Machine: %s.", json.dumps(machine()))
     return time.time()
+
+
+def machine() -> dict:
+    """The host's processor and cores and the GPU: a launch-bound run's pace depends on the processor as much as on
+    the GPU (the `machine` entry of `results.json`, and logged at the run's start)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu}
 
 
 def strip_metrics(metrics: dict, prefix: str = "eval") -> dict:
@@ -98,6 +114,7 @@ def run_record(run, script_args, training_args, *, command: str, start_time: flo
         "log_history": trainer.state.log_history,
         "seed": training_args.seed,
         "global_step": run.train_output.global_step,
+        "machine": machine(),
         "wall_time_s": round(time.time() - start_time, 1),
         "stage_pace": run.stage_pace,
         "peak_memory_mb": peak_memory_mb(),
