@@ -66,7 +66,8 @@ from recipes.common.lm_evaluation import (  # noqa: E402
     perplexity_ratios,
 )
 from recipes.common.run_paths import resolve_path  # noqa: E402
-from recipes.common.run_record import end_run, metrics_per_stage, peak_memory_mb, strip_metrics  # noqa: E402
+from recipes.common.run_record import end_run, machine, metrics_per_stage, peak_memory_mb, strip_metrics  # noqa: E402
+from recipes.common.stage_pace import StagePaceCallback  # noqa: E402
 
 logger = logging.getLogger("distill_causal_lm")
 
@@ -254,6 +255,7 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
     start = time.time()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    logger.info("Machine: %s.", json.dumps(machine()))
 
     # ---------------------------------------------------------------- teacher and text
     teacher, tokenizer, teacher_info = loaded_teacher or distill.load_teacher(script_args)
@@ -297,6 +299,8 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
     schedule = training_args.schedule()
     if schedule.scale != 1.0:
         logger.warning("Shortened schedule: %s.", schedule.describe())
+    pace = StagePaceCallback(trainer.schedule)
+    trainer.add_callback(pace)
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if stage_data:
         trainer.evaluate()  # the last stage's end (the callback evaluates the first three's)
@@ -352,9 +356,11 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
         "global_step": train_output.global_step,
         "load_time_s": loaded_s,
         "wall_time_s": round(time.time() - start, 1),
+        "stage_pace": pace.summary(),
         "peak_memory_mb": peak_memory_mb(),
         "world_size": training_args.world_size,
         "device": distill.device_name(training_args.device),
+        "machine": machine(),
         "command": command,
         "script_args": {k: v for k, v in asdict(script_args).items() if k != "peft"},
         "peft_args": asdict(script_args.peft),

@@ -77,6 +77,11 @@ def test_tiny_random_llama_through_all_stages(data_dir, tmp_path, capsys):
     assert results["stage_losses"]["tanh"]["loss_attn_mean"] > 0
     assert results["stage_losses"]["refinement"]["loss_attn_last"] == 0
     assert [row["stage"] for row in results["metrics_per_stage"]] == ["tanh", "sign", "ste", "refinement"]
+    pace = results["stage_pace"]
+    assert {stage: row["steps"] for stage, row in pace.items()} == {
+        entry["stage"]: entry["end_step"] - entry["start_step"] for entry in results["stage_timeline"]
+    }
+    assert sum(row["steps"] for row in pace.values()) == results["global_step"] == 8
     # the curve holds each stage end as evaluated in training and as the student would be saved
     deployable = {entry["step"]: entry["deployable_perplexity"] for entry in results["training_curve"]
                   if "deployable_perplexity" in entry}  # fmt: skip
