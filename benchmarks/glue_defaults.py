@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wait", help="wait for the runs started in --out (detached)")
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=540)
+    p.add_argument(
+        "--copy_to", default=None, help="then copy the runs' logs and part files here (the device's $OUT/f)"
+    )
     p.set_defaults(func=wait)
     p = sub.add_parser("stage_losses", help="where collected runs gain and lose, stage end by stage end")
     p.add_argument("files", nargs="+")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -142,9 +143,22 @@ def run(args) -> None:
 
 
 def wait(args) -> None:
-    """Waits (at most --timeout seconds) until every run of the parts started in --out has ended."""
-    out = Path(args.out)
-    end = time.time() + args.timeout
+    """Waits (at most --timeout seconds) until every run of the parts started in --out has ended; then, ended or not,
+    copies what `glue_run_log.py` reads (the runs' logs, `run_commands.txt`, the part files) to --copy_to, if given
+    (the device's `$OUT/f`: a call's files come back only from there)."""
+    try:
+        _wait(Path(args.out), args.timeout)
+    finally:
+        if args.copy_to:
+            destination = Path(args.copy_to)
+            destination.mkdir(parents=True, exist_ok=True)
+            for pattern in ("*.log", "run_commands.txt", "part*of*.json"):
+                for path in Path(args.out).glob(pattern):
+                    shutil.copy2(path, destination / path.name)
+
+
+def _wait(out: Path, timeout: float) -> None:
+    end = time.time() + timeout
     while True:
         names = [name for path in out.glob("part*of*.json") for name in json.loads(path.read_text())]
         left = [name for name in names if not (out / f"{name}.exit").exists()]

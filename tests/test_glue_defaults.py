@@ -109,6 +109,23 @@ def test_watch_start_fails_with_the_log_of_a_run_that_exited(glue_runs, tmp_path
     glue_runs.watch_start(tmp_path, ["a", "b"], seconds=5)  # all ended well: returns at once
 
 
+def test_wait_copies_the_logs_and_part_files_whether_the_runs_ended_or_not(glue_runs, tmp_path):
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    out.mkdir()
+    (out / "part1of1.json").write_text(json.dumps(["a", "b"]))
+    (out / "run_commands.txt").write_text("python benchmarks/glue_defaults.py run --out x\n")
+    (out / "a.log").write_text("a's log")
+    (out / "a.exit").write_text("0")
+    (out / "b").mkdir()  # a run's output folder: not copied
+    with pytest.raises(SystemExit):  # b still runs
+        glue_runs.wait(Namespace(out=str(out), timeout=0, copy_to=str(copy)))
+    assert sorted(p.name for p in copy.iterdir()) == ["a.log", "part1of1.json", "run_commands.txt"]
+    (out / "b.log").write_text("b's log")
+    (out / "b.exit").write_text("0")
+    glue_runs.wait(Namespace(out=str(out), timeout=0, copy_to=str(copy)))  # all ended: returns
+    assert (copy / "b.log").read_text() == "b's log"
+
+
 def test_a_lever_sets_its_flags_and_a_run_holds_out_part_of_its_training_split(bench, glue_plan):
     args = Namespace(smoke=False, max_steps=5000, holdout=0.1, eval_steps=500, glue_dir="g", teacher="t",
                      dataloader_num_workers=1, out="o")  # fmt: skip
