@@ -46,17 +46,14 @@ class StagePaceCallback(TrainerCallback):
 
     def _record(self, stage: str) -> dict:
         return self.stages.setdefault(
-            stage, {"steps": 0, "wall_s": 0.0, "step_s": 0.0, "slow_steps": 0, "slow_s": 0.0, "between_steps_s": 0.0}
+            stage, {"steps": 0, "step_s": 0.0, "slow_steps": 0, "slow_s": 0.0, "between_steps_s": 0.0}
         )
 
     def on_step_begin(self, args, state, control, **kwargs):
         now = time.perf_counter()
         stage = PHASE_NAMES[self.schedule.phase(state.global_step)]
         if self._stage is not None and self._end is not None:
-            between = now - self._end
-            record = self._record(self._stage)
-            record["between_steps_s"] += between
-            record["wall_s"] += between
+            self._record(self._stage)["between_steps_s"] += now - self._end
         if stage != self._stage:
             self._finish_stage()
             self._stage = stage
@@ -70,7 +67,6 @@ class StagePaceCallback(TrainerCallback):
         record = self._record(self._stage)
         record["steps"] += 1
         record["step_s"] += seconds
-        record["wall_s"] += seconds
         if seconds > SLOW_STEP_S:
             record["slow_steps"] += 1
             record["slow_s"] += seconds
@@ -82,14 +78,17 @@ class StagePaceCallback(TrainerCallback):
 
     def _finish_stage(self) -> None:
         if self._stage is not None and self._stage in self.stages:
-            logger.info("Stage %s pace: %s", self._stage, json.dumps(self.summary()[self._stage]))
+            logger.info("Stage %s pace: %s", self._stage, json.dumps(_summary_row(self.stages[self._stage])))
 
     def summary(self) -> dict[str, dict]:
-        """{stage: its record, rounded, with `steady_step_s`} for the stages that ran, in schedule order."""
-        out = {}
-        for stage, record in self.stages.items():
-            row = {k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}
-            steady = record["steps"] - record["slow_steps"]
-            row["steady_step_s"] = round((record["step_s"] - record["slow_s"]) / steady, 5) if steady else None
-            out[stage] = row
-        return out
+        """{stage: its row (see the module docstring)} for the stages that ran, in schedule order."""
+        return {stage: _summary_row(record) for stage, record in self.stages.items()}
+
+
+def _summary_row(record: dict) -> dict:
+    """A stage's counts, rounded, with the two figures derived from them: `wall_s` and `steady_step_s`."""
+    row = {k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}
+    row["wall_s"] = round(record["step_s"] + record["between_steps_s"], 3)
+    steady = record["steps"] - record["slow_steps"]
+    row["steady_step_s"] = round((record["step_s"] - record["slow_s"]) / steady, 5) if steady else None
+    return row
