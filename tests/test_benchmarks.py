@@ -63,6 +63,38 @@ def test_distill_step_benchmark_smoke(tmp_path):
     assert compiled["stages"]["sign"]["first_step_s"] > eager["stages"]["sign"]["step_s"]
 
 
+def test_distill_step_compares_each_compiled_variant_with_eager_and_with_compiled_whole():
+    """`summarize`: the runs in CUDA graphs (`--graphs`) are set against the eager and the compiled runs of the same
+    call; a failed run enters no ratio."""
+    distill_step = load_script(REPO / "benchmarks" / "distill_step.py", "distill_step")
+
+    def run(step_s, memory=100.0):
+        return {"step_s": step_s, "peak_memory_mb": memory}
+
+    result = {
+        "runs": {
+            "eager": {"plain": run(0.024), "distill": run(0.060, 150.0)},
+            "compiled": {"plain": run(0.012), "distill": run(0.016)},
+            "compiled_graphs": {"plain": run(0.008), "distill": {"error": "boom", "exit_code": 1}},
+        }
+    }
+    distill_step.summarize(result)
+    assert result["eager_time_ratio"] == pytest.approx(2.5) and result["eager_memory_ratio"] == pytest.approx(1.5)
+    assert result["speedup_compiled_distill"] == pytest.approx(3.75)
+    assert result["speedup_compiled_graphs_plain"] == pytest.approx(3.0)
+    assert result["compiled_graphs_over_compiled_plain"] == pytest.approx(1.5)
+    assert "compiled_graphs_over_compiled_distill" not in result and "compiled_graphs_time_ratio" not in result
+    assert "compiled_over_compiled_plain" not in result  # a variant is not set against itself
+
+
+@pytest.mark.parametrize("flags", [["--graphs"], ["--graphs", "--torch_compile", "--compile_mode", "max-autotune"]])
+def test_distill_step_graphs_needs_the_compiled_runs_without_graphs_beside_it(flags, capsys):
+    distill_step = load_script(REPO / "benchmarks" / "distill_step.py", "distill_step")
+    with pytest.raises(SystemExit):
+        distill_step.main(["--device", "cpu", *flags])
+    assert "--graphs adds runs in CUDA graphs beside the compiled ones" in capsys.readouterr().err
+
+
 def test_distill_step_variable_lengths_pad_batches_of_changing_shape_to_multiples_of_8():
     distill_step = load_script(REPO / "benchmarks" / "distill_step.py", "distill_step")
     fixed = distill_step.RandomTokens(64, 128, 5000)
