@@ -44,13 +44,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import set_seed
 
 import had_hf
 from had_hf import HADConfig, HADTrainingArguments
 from had_hf.evaluation import topn_dense_reference
-from had_hf.launch import use_cpu_cores
-from had_hf.paths import check_run_output_dir, remove_previous_run
+from had_hf.paths import check_run_output_dir
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: `recipes.common` from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,7 +64,14 @@ from recipes.common.lm_evaluation import (  # noqa: E402
     perplexity_ratios,
 )
 from recipes.common.run_paths import resolve_path  # noqa: E402
-from recipes.common.run_record import end_run, machine, metrics_per_stage, peak_memory_mb, strip_metrics  # noqa: E402
+from recipes.common.run_record import (  # noqa: E402
+    begin_run,
+    end_run,
+    machine,
+    metrics_per_stage,
+    peak_memory_mb,
+    strip_metrics,
+)
 from recipes.common.stage_pace import StagePaceCallback  # noqa: E402
 
 logger = logging.getLogger("distill_causal_lm")
@@ -242,20 +247,9 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
     measurements); the model is changed by the run.
     """
     script_args, training_args, command = parse_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.logging.set_verbosity_warning()
-    use_cpu_cores()
     if script_args.tiny_random_model:
         print(TINY_NOTICE)
-    if script_args.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
-        removed = remove_previous_run(training_args.output_dir)
-        if removed:
-            logger.info("--overwrite_output_dir: removed the earlier run's %s", ", ".join(removed))
-    set_seed(training_args.seed)
-    start = time.time()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    logger.info("Machine: %s.", json.dumps(machine()))
+    start = begin_run(script_args, training_args, logger)
 
     # ---------------------------------------------------------------- teacher and text
     teacher, tokenizer, teacher_info = loaded_teacher or distill.load_teacher(script_args)
@@ -297,8 +291,8 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
         training_args = dataclasses.replace(training_args, max_steps=budget["max_steps"])
         trainer = distill.build_trainer(student, teacher_model, training_args, train_data, stage_data, tokenizer)
     schedule = training_args.schedule()
-    if schedule.scale != 1.0:
-        logger.warning("Shortened schedule: %s.", schedule.describe())
+    if budget is not None:
+        logger.warning("Schedule fitted to --time_budget_s: %s.", schedule.describe())
     pace = StagePaceCallback(trainer.schedule)
     trainer.add_callback(pace)
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
