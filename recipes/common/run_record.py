@@ -50,17 +50,36 @@ def begin_run(script_args, training_args, logger: logging.Logger) -> float:
     return time.time()
 
 
-def machine() -> dict:
+def machine(cpuinfo: str | None = None) -> dict:
     """The host's processor and cores and the GPU: a launch-bound run's pace depends on the processor as much as on
-    the GPU (the `machine` entry of `results.json`, and logged at the run's start)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        lines = []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu}
+    the GPU (the `machine` entry of `results.json`, and logged at the run's start).
+
+    A virtual machine's processor name can be as bare as "Intel(R) Xeon(R) Processor", so its vendor, family, model
+    and stepping (`cpu_id`) and its clock as reported (`cpu_mhz`) are recorded too, from `/proc/cpuinfo` (or the text
+    given as `cpuinfo`); off Linux only the name `platform` gives."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():  # the first processor's block is enough
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    record = {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if "cpu family" in fields:
+        named = (("family", "cpu family"), ("model", "model"), ("stepping", "stepping"))
+        parts = [fields.get("vendor_id", "?")] + [f"{name} {fields[key]}" for name, key in named if key in fields]
+        record["cpu_id"] = " ".join(parts)
+    if "cpu MHz" in fields:
+        record["cpu_mhz"] = round(float(fields["cpu MHz"]))
+    record["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return record
 
 
 def strip_metrics(metrics: dict, prefix: str = "eval") -> dict:
