@@ -181,8 +181,8 @@ COMMON_TRAINING_FLAGS = (
     "disable_tqdm",
 )
 # HADTrainingArguments' own fields that --help leaves to --help_all with the TrainingArguments flags they qualify
-# (use_regional_compilation goes with torch_compile)
-ADVANCED_HAD_FLAGS = ("use_regional_compilation",)
+# (use_regional_compilation and compile_dynamic_lengths go with torch_compile)
+ADVANCED_HAD_FLAGS = ("use_regional_compilation", "compile_dynamic_lengths")
 
 
 def help_groups(script_class: type) -> dict[str, list[str]]:
