@@ -93,12 +93,12 @@ def mark_scores_dynamic(store, lengths: bool = True) -> None:
     `HADCaptureStore`), and with `lengths` their positions' dimensions, as dynamic, as `mark_shapes_dynamic` does for
     the inputs: the student's compiled attention reads them through its modules, and a length fixed there would fix
     the inputs' length too."""
+    qk_dims, bias_dims = ((0, 2), (0, -2, -1)) if lengths else ((0,), (0,))
     for scores in store.scores.values():
-        positions = (2,) if lengths else ()
-        _mark_dynamic(scores.query, (0, *positions))
-        _mark_dynamic(scores.key, (0, *positions))
+        _mark_dynamic(scores.query, qk_dims)
+        _mark_dynamic(scores.key, qk_dims)
         if scores.position_bias is not None:
-            _mark_dynamic(scores.position_bias, (0, -2, -1) if lengths else (0,))
+            _mark_dynamic(scores.position_bias, bias_dims)
 
 
 def _mark_dynamic(tensor: torch.Tensor, dims: tuple[int, ...]) -> None:
