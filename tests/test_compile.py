@@ -379,6 +379,28 @@ def test_chunked_kl_compiles_once_for_every_length():
     _fresh_dynamo()
 
 
+def test_attention_kl_compiles_once_for_sizes_on_either_side_of_inductors_cpu_sum_threshold():
+    """Inductor's CPU code guards the length of each float sum against 4,096: the KL sums stay below it for batches
+    of any length (batch x heads x rows crosses it here), so changing lengths do not recompile it."""
+    compiled = torch.compile(attention_kl_terms, dynamic=True, fullgraph=True)
+    _fresh_dynamo()
+    generator = torch.Generator().manual_seed(0)
+    for batch, length in ((2, 16), (8, 200), (2, 24)):  # 4 heads: 128, 6,400 and 192 query rows in all
+        teacher = torch.randn(batch, 4, length, length, generator=generator)
+        student = torch.randn(batch, 4, length, length, generator=generator, requires_grad=True)
+        valid = torch.rand(batch, 1, 1, length, generator=generator) > 0.2
+        query_mask = torch.rand(batch, length, generator=generator) > 0.1
+        total, count = compiled(teacher, student, valid, query_mask)
+        (gradient,) = torch.autograd.grad(total, student)
+        expected_total, expected_count = attention_kl_terms(teacher, student, valid, query_mask)
+        (expected_gradient,) = torch.autograd.grad(expected_total, student)
+        torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+        assert int(count) == int(expected_count)
+    assert _graphs() == 1
+    _fresh_dynamo()
+
+
 def test_torch_compile_applies_after_another_trainer_was_created(tmp_path):
     """A recipe fine-tunes its teacher with a plain Trainer after the distillation's arguments were parsed: the
     distillation still compiles, from its own arguments."""

@@ -40,7 +40,9 @@ def attention_kl_terms(
     rows = valid.expand(*valid.shape[:-1], teacher_logits.shape[-1]).any(dim=-1).expand_as(row_kl)
     if query_mask is not None:
         rows = rows & query_mask.bool()[:, None, :]
-    return (row_kl * rows).sum(), rows.sum()
+    # summed over the query rows, then over sequences and heads: inductor's CPU code guards the length of every float
+    # sum against 4,096, and one sum over batch x heads x rows would cross it as batch lengths vary (a recompilation)
+    return (row_kl * rows).sum(dim=-1).sum(), rows.sum()
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
