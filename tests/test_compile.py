@@ -1,7 +1,8 @@
 """The distillation under `torch.compile` (`TrainingArguments(torch_compile=True)`): the compiled trainer's losses
 equal the eager trainer's in every stage, a run through the four stages compiles a bounded number of graphs with no
-graph break, and what keeps it so (c as a tensor, the chunked KL over changing lengths, the run's own compile
-settings, one teacher graph, an uncompiled teacher evaluation, no per-step read of the losses)."""
+graph break, and what keeps it so (c as a tensor, the chunked KL over changing lengths, the losses' sums on one side of
+inductor's CPU threshold, the run's own compile settings, one teacher graph, an uncompiled teacher evaluation, no
+per-step read of the losses)."""
 
 import argparse
 import copy
@@ -14,7 +15,7 @@ from transformers import BertForSequenceClassification, Trainer, TrainingArgumen
 import had_hf
 from had_hf import HADCaptureStore, HADConfig, HADDistillationTrainer
 from had_hf.compilation import mark_shapes_dynamic
-from had_hf.losses import attention_kl_terms, chunked_attention_kl_terms
+from had_hf.losses import attention_kl_terms, chunked_attention_kl_terms, output_kl
 from had_hf.state import TRAINING_STAGES
 from tests.conftest import build_model, model_inputs, tiny_bert_config
 from tests.test_trainer import TinyDataset, _args
@@ -397,6 +398,26 @@ def test_attention_kl_compiles_once_for_sizes_on_either_side_of_inductors_cpu_su
         torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
         assert int(count) == int(expected_count)
+    assert _graphs() == 1
+    _fresh_dynamo()
+
+
+def test_token_level_output_kl_compiles_once_for_sizes_on_either_side_of_inductors_cpu_sum_threshold():
+    """The same for the output KL over a batch's tokens (seq2seq and token-level heads): batch x tokens crosses 4,096
+    here."""
+    compiled = torch.compile(output_kl, dynamic=True, fullgraph=True)
+    _fresh_dynamo()
+    generator = torch.Generator().manual_seed(0)
+    for batch, length in ((2, 16), (40, 200), (2, 24)):  # 32, 8,000 and 48 tokens in all
+        teacher = torch.randn(batch, length, 5, generator=generator)
+        student = torch.randn(batch, length, 5, generator=generator, requires_grad=True)
+        mask = torch.rand(batch, length, generator=generator) > 0.1
+        loss = compiled(teacher, student, mask)
+        (gradient,) = torch.autograd.grad(loss, student)
+        expected = output_kl(teacher, student, mask)
+        (expected_gradient,) = torch.autograd.grad(expected, student)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-7)
     assert _graphs() == 1
     _fresh_dynamo()
 

@@ -40,9 +40,14 @@ def attention_kl_terms(
     rows = valid.expand(*valid.shape[:-1], teacher_logits.shape[-1]).any(dim=-1).expand_as(row_kl)
     if query_mask is not None:
         rows = rows & query_mask.bool()[:, None, :]
-    # summed over the query rows, then over sequences and heads: inductor's CPU code guards the length of every float
-    # sum against 4,096, and one sum over batch x heads x rows would cross it as batch lengths vary (a recompilation)
-    return (row_kl * rows).sum(dim=-1).sum(), rows.sum()
+    return _sum_last_dim_first(row_kl * rows), rows.sum()
+
+
+def _sum_last_dim_first(values: torch.Tensor) -> torch.Tensor:
+    """The sum of all of `values`, over its last dimension first, then over the others. Inductor's CPU code guards the
+    length of each floating-point sum against 4,096: one sum over batch x (heads x) tokens would cross it as batch
+    lengths change and recompile the loss's graph, where a sum over a row and one over the rows stay on one side."""
+    return values.sum(dim=-1).sum()
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,7 @@ def output_kl(
     if mask is None:
         return per_item.mean()
     mask = mask.to(per_item.dtype)
-    return (per_item * mask).sum() / mask.sum().clamp(min=1)
+    return _sum_last_dim_first(per_item * mask) / _sum_last_dim_first(mask).clamp(min=1)
 
 
 def output_mse(teacher_outputs: torch.Tensor, student_outputs: torch.Tensor) -> torch.Tensor:
