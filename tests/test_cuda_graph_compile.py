@@ -45,17 +45,22 @@ def test_copied_scores_equal_the_recorded_ones_in_memory_of_their_own():
 
 
 def test_copies_into_kept_buffers_keep_their_address_until_they_need_more_room():
+    """...and the strides that `clone` gives (the source's where they are dense: kernels reading the copy round as they
+    would read the source; a contiguous copy of a transposed query changed the attention KL's last bits on the CPU)."""
     buffers = {}
     addresses = []
     for length in [6, 4, 6, 9, 5]:
         store = HADCaptureStore(capture_logits=False, capture_scores=True)
-        query = torch.randn(2, 4, length, 8).transpose(1, 2)  # not contiguous, as a query after its head split
-        key, bias = torch.randn(2, 2, length, 8), torch.randn(1, 4, length, length)
+        query = torch.randn(2, length, 4, 8).transpose(1, 2)  # not contiguous, as a query after its head split
+        key = torch.randn(2, 2, length, 16)[..., ::2]  # not dense: its clone is contiguous
+        bias = torch.randn(1, 4, length, length)
         store.record("a").scores = DenseScores(query, key, 0.125, bias)
         store.copy_scores(buffers)
         copied = store.scores["a"]
         for copy, original in [(copied.query, query), (copied.key, key), (copied.position_bias, bias)]:
-            assert torch.equal(copy, original) and copy.is_contiguous() and copy.data_ptr() != original.data_ptr()
+            assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr()
+            assert copy.stride() == original.clone().stride()
+        assert not copied.query.is_contiguous() and copied.key.is_contiguous()
         addresses.append((copied.query.data_ptr(), copied.key.data_ptr(), copied.position_bias.data_ptr()))
     assert sorted(buffers) == [("a", "key"), ("a", "position_bias"), ("a", "query")]
     assert addresses[0] == addresses[1] == addresses[2]  # 4 and 6 fit the room the first 6 made

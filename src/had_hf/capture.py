@@ -237,12 +237,14 @@ class HADCaptureStore:
 
 
 def _copy_at_a_kept_address(buffers: dict, key: tuple[str, str], tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of `tensor` at the start of `buffers[key]`, a flat tensor kept for the next copy (made anew
-    when it is too small or of another dtype or device)."""
+    """A copy of `tensor` at the start of `buffers[key]`, a flat tensor kept for the next copy (made anew when it is
+    too small or of another dtype or device). The copy has the strides that `clone` would give it (the source's, where
+    they are dense), so that the kernels reading it round as they would read the source."""
     flat = buffers.get(key)
     if flat is None or flat.numel() < tensor.numel() or (flat.dtype, flat.device) != (tensor.dtype, tensor.device):
         flat = buffers[key] = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    copied = flat[: tensor.numel()].view(tensor.shape)
+    strides = torch.empty_like(tensor, device="meta").stride()
+    copied = flat[: tensor.numel()].as_strided(tensor.shape, strides)
     copied.copy_(tensor)
     return copied
 
