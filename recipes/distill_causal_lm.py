@@ -74,6 +74,7 @@ from recipes.common.run_record import (  # noqa: E402
     strip_metrics,
 )
 from recipes.common.stage_pace import StagePaceCallback  # noqa: E402
+from recipes.common.time_budget import steps_for_budget  # noqa: E402
 
 logger = logging.getLogger("distill_causal_lm")
 # HADTrainingArguments defaults that this recipe changes: its training windows all have one length
@@ -290,7 +291,7 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
     budget = None
     if script_args.time_budget_s is not None:
         final_eval_s = (columns.get("converted") or {}).get("seconds", 0.0) if "student" in wanted else 0.0
-        budget = distill.steps_for_budget(trainer, script_args.time_budget_s - (time.time() - start), final_eval_s,
+        budget = steps_for_budget(trainer, script_args.time_budget_s - (time.time() - start), final_eval_s,
                                           stage_eval_s)  # fmt: skip
         training_args = dataclasses.replace(training_args, max_steps=budget["max_steps"])
         trainer = distill.build_trainer(student, teacher_model, training_args, train_data, stage_data, tokenizer)

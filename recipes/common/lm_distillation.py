@@ -1,5 +1,5 @@
 """The parts of the causal-LM recipe (`recipes/distill_causal_lm.py`) below its main flow: the teacher and the text,
-the student (a HAD copy, or a LoRA adapter on the teacher itself), the trainer, the time budget, and the records
+the student (a HAD copy, or a LoRA adapter on the teacher itself), the trainer, and the records
 that say where the distillation loses (per stage, per layer) and that the saved student works."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from had_hf import HADCaptureStore, HADDistillationTrainer
 from had_hf.evaluation.causal_lm import forward_parameters
 from had_hf.evaluation.passkey import passkey_prompt
 from had_hf.paths import local_folder_or_hub_id
-from had_hf.state import runtime_state
 from had_hf.trainer import DEPLOYABLE_PREFIX
 
 from .lm_evaluation import EvaluationPlan, ModelView, attention_implementation, evaluation_windows
@@ -242,53 +241,6 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def perplexity_metric(prediction) -> dict:
     nll = np.asarray(prediction.predictions, dtype=np.float64)
     return {"perplexity": float(np.exp(nll.mean()))}
-
-
-def steps_for_budget(trainer, remaining_s: float, final_eval_s: float, stage_eval_s: float) -> dict:
-    """max_steps that fit in `remaining_s` seconds: a timed distillation step (stage 1, the attention KL included),
-    after reserving the final evaluation, four stage-end evaluations, and saving."""
-    step_s = time_distillation_step(trainer)
-    reserve_s = 1.15 * final_eval_s + 4 * stage_eval_s + 30.0
-    steps = int((remaining_s - reserve_s) / (1.1 * step_s))
-    if steps < 8:
-        logger.warning("The time budget leaves room for %d steps; running the minimum of 8.", steps)
-        steps = 8
-    logger.info("Time budget: %.0f s left, %.3f s per step, %.0f s reserved: max_steps %d.", remaining_s, step_s,
-                reserve_s, steps)  # fmt: skip
-    return {"remaining_s": round(remaining_s, 1), "step_s": round(step_s, 4), "reserve_s": round(reserve_s, 1),
-            "max_steps": steps}  # fmt: skip
-
-
-def time_distillation_step(trainer, repeats: int = 3) -> float:
-    """Seconds of one training step (forward of both models, both losses, backward) in stage 1, after a warm-up;
-    the gradients are dropped and the student's stage restored."""
-    model = trainer.model
-    state = runtime_state(model.get_base_model() if trainer.is_peft_student else model)
-    saved = (state.stage, state.c)
-    state.set("tanh", trainer.args.c_start)
-    batch = default_data_collator(trainer.train_dataset[: trainer.args.per_device_train_batch_size])
-    batch = trainer._prepare_inputs(batch)
-    times = []
-    model.train()
-    try:
-        for _ in range(repeats):
-            _synchronize()
-            started = time.perf_counter()
-            # the mixed precision that accelerate gives the prepared student during training
-            with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
-                loss = trainer.compute_loss(model, batch)
-            trainer.accelerator.backward(loss)
-            _synchronize()
-            times.append(time.perf_counter() - started)
-    finally:
-        model.zero_grad(set_to_none=True)
-        state.set(*saved)
-    return min(times[1:]) if len(times) > 1 else times[0]
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------- where it loses

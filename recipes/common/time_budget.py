@@ -1,0 +1,84 @@
+"""The time budget of a distillation run (`--time_budget_s` of the causal-LM recipe): how many steps fit, from a timed
+step of the trainer as it will train, compiled where the run compiles."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import default_data_collator
+
+from had_hf.compilation import run_recompile_limit
+from had_hf.state import runtime_state
+
+logger = logging.getLogger(__name__)
+
+COMPILING_STAGES = 4
+"""Stages whose first step compiles the student again under `torch_compile` (the stage is one of its graph's guards);
+each is reserved the first timed step's compiling, which also held the teacher's."""
+
+
+def steps_for_budget(trainer, remaining_s: float, final_eval_s: float, stage_eval_s: float) -> dict:
+    """max_steps that fit in `remaining_s` seconds: a timed distillation step (stage 1, the attention KL included),
+    after reserving the final evaluation, four stage-end evaluations, saving, and under `torch_compile` each stage's
+    compiling."""
+    timing = time_distillation_step(trainer)
+    step_s = timing["step_s"]
+    compile_s = timing["first_step_s"] - step_s if trainer.args.torch_compile else 0.0
+    reserve_s = 1.15 * final_eval_s + 4 * stage_eval_s + 30.0 + COMPILING_STAGES * max(compile_s, 0.0)
+    steps = int((remaining_s - reserve_s) / (1.1 * step_s))
+    if steps < 8:
+        logger.warning("The time budget leaves room for %d steps; running the minimum of 8.", steps)
+        steps = 8
+    logger.info("Time budget: %.0f s left, %.3f s per step, %.0f s reserved (%.0f s compiling per stage): max_steps "
+                "%d.", remaining_s, step_s, reserve_s, compile_s, steps)  # fmt: skip
+    return {"remaining_s": round(remaining_s, 1), "step_s": round(step_s, 4), "compile_s": round(compile_s, 1),
+            "reserve_s": round(reserve_s, 1), "max_steps": steps}  # fmt: skip
+
+
+def time_distillation_step(trainer, repeats: int = 3) -> dict:
+    """Seconds of one training step (forward of both models, both losses, backward) in stage 1: `first_step_s` (the
+    first, which compiles), `step_s` (the fastest of the others). Under `torch_compile` the step runs on the student
+    compiled as the Accelerator will compile it for training (whole or by regions), whose graphs the training then
+    finds in dynamo's cache. The gradients are dropped and the student's stage restored."""
+    model = trainer.model
+    state = runtime_state(model.get_base_model() if trainer.is_peft_student else model)
+    saved = (state.stage, state.c)
+    state.set("tanh", trainer.args.c_start)
+    batch = default_data_collator(trainer.train_dataset[: trainer.args.per_device_train_batch_size])
+    batch = trainer._prepare_inputs(batch)
+    timed = compiled_as_for_training(trainer.accelerator, model) if trainer.args.torch_compile else model
+    times = []
+    timed.train()
+    try:
+        with run_recompile_limit():
+            for _ in range(repeats):
+                _synchronize()
+                started = time.perf_counter()
+                # the mixed precision that accelerate gives the prepared student during training
+                with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
+                    loss = trainer.compute_loss(timed, batch)
+                trainer.accelerator.backward(loss)
+                _synchronize()
+                times.append(time.perf_counter() - started)
+    finally:
+        model.zero_grad(set_to_none=True)
+        state.set(*saved)
+    return {"first_step_s": times[0], "step_s": min(times[1:]) if len(times) > 1 else times[0]}
+
+
+def compiled_as_for_training(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` compiled as `accelerator.prepare_model` compiles it (`accelerate.utils.compile_regions` under regional
+    compilation, else `torch.compile`), with the same settings; `model` itself is left as it is."""
+    plugin = accelerator.state.dynamo_plugin
+    if getattr(plugin, "use_regional_compilation", False):
+        from accelerate.utils import compile_regions
+
+        return compile_regions(model, **plugin.to_kwargs())
+    return torch.compile(model, **plugin.to_kwargs())
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
