@@ -211,7 +211,7 @@ class _SelfMixer(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def test_forward_that_never_calls_the_function_fails_loudly():
+def test_forward_that_never_calls_the_function_fails_loudly_eager_or_compiled():
     from transformers import PretrainedConfig, PreTrainedModel
 
     class ToyModel(PreTrainedModel):
@@ -224,9 +224,12 @@ def test_forward_that_never_calls_the_function_fails_loudly():
         def forward(self, hidden, **kwargs):
             return self.mixer(hidden)
 
-    model = had_hf.convert(ToyModel(PretrainedConfig(hidden_size=8)), HADConfig(top_n=3, target_modules=["mixer"]))
-    with pytest.raises(had_hf.UnsupportedModelError, match="ToyModel ran a forward pass"):
-        model(torch.randn(1, 4, 8))
+    for compiled in [False, True]:  # compiled whole, the check's hooks run traced
+        model = had_hf.convert(ToyModel(PretrainedConfig(hidden_size=8)), HADConfig(top_n=3, target_modules=["mixer"]))
+        torch._dynamo.reset()
+        with pytest.raises(had_hf.UnsupportedModelError, match="ToyModel ran a forward pass"):
+            (torch.compile(model, backend="eager") if compiled else model)(torch.randn(1, 4, 8))
+    torch._dynamo.reset()
 
 
 def test_a_first_forward_that_raises_leaves_the_probe_off_and_the_next_forward_checked():
@@ -244,3 +247,32 @@ def test_a_first_forward_that_raises_leaves_the_probe_off_and_the_next_forward_c
     with torch.no_grad():
         model(**inputs)  # checked now: the hooks are removed after it
     assert not CALL_PROBE.active and len(model._forward_hooks) == hooks - 1
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_a_compiled_first_forward_compiles_one_graph_and_raises_nothing(regional):
+    """The first-forward check leaves no trace in compiled code: compiled whole (its hooks traced, doing nothing) or
+    layer by layer (the hooks eager, the attention compiled, which reports that it ran), a HAD model compiles one graph
+    per compiled function in its first call and none in the next two (the check's call counter read inside a graph
+    made dynamo guard on it, and the second call compile again); layer by layer, the check passes and its hooks go."""
+    from torch._dynamo.utils import counters
+
+    model = had_hf.convert(build_model("llama"), HADConfig(top_n=3)).eval()
+    inputs = model_inputs("llama")
+    hooks = len(model._forward_hooks)
+    torch._dynamo.reset()
+    counters.clear()
+    if regional:
+        for index, layer in enumerate(model.model.layers):
+            model.model.layers[index] = torch.compile(layer, backend="eager")
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend="eager")
+    graphs = []
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(**inputs)
+            graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] >= 1 and graphs[0] == graphs[1] == graphs[2], graphs
+    assert len(model._forward_hooks) == (hooks - 1 if regional else hooks)

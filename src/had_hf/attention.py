@@ -34,11 +34,12 @@ class UnsetModuleError(RuntimeError):
 
 @dataclass
 class _CallProbe:
-    """Counts attention calls while `active` (only during `convert`'s first-forward check, so that compiled code
-    sees a constant `False` and no counter)."""
+    """Counts eager attention calls while `active` (during `convert`'s first-forward check). Compiled attention reads
+    neither field; it sets `compiled_call` (see `integration._verify_on_first_forward`)."""
 
     active: bool = False
     calls: int = 0
+    compiled_call: bool = False
 
 
 CALL_PROBE = _CallProbe()
@@ -179,7 +180,9 @@ def had_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HAD attention in `mode` (an `had_hf.modes.AttentionMode`): logits, top-N, softmax over the kept keys, A.V."""
-    if CALL_PROBE.active:
+    if torch.compiler.is_compiling():
+        CALL_PROBE.compiled_call = True
+    elif CALL_PROBE.active:
         CALL_PROBE.calls += 1
     if scaling is None:
         scaling = query.shape[-1] ** -0.5

@@ -226,20 +226,33 @@ def _saved_had_config(model: PreTrainedModel) -> HADConfig | None:
 
 def _verify_on_first_forward(model: PreTrainedModel) -> None:
     """After the first forward that returns, fail loudly if no attention layer called the HAD function. A forward that
-    raises leaves the probe as it found it, and the next forward is checked."""
+    raises leaves the probe as it found it, and the next forward is checked.
+
+    No graph depends on the probe. Attention running in compiled code only sets `CALL_PROBE.compiled_call` (a write,
+    replayed after each run of its graph); the pre-hook clears it, and the post-hook reads it besides the eager count,
+    so the check holds for a model compiled whole (its hooks traced, the first compiled call raising for a model that
+    stays dense; traced hooks are kept, doing the same at no cost) and for one whose layers are compiled on their
+    own (eager hooks)."""
     state = {}
 
     def before(module, args, kwargs):
-        state["calls"], state["was_active"] = CALL_PROBE.calls, CALL_PROBE.active
-        CALL_PROBE.active = True
+        CALL_PROBE.compiled_call = False
+        state.clear()
+        if not torch.compiler.is_compiling():
+            state["calls"], state["was_active"] = CALL_PROBE.calls, CALL_PROBE.active
+            CALL_PROBE.active = True
 
     def after(module, args, kwargs, output):
-        CALL_PROBE.active = state["was_active"]
+        eager = "calls" in state  # the pre-hook ran in eager code (it may run traced while this hook does not)
+        if eager:
+            CALL_PROBE.active = state["was_active"]
         if output is None:  # the forward raised (the hook is called with no output), or returned nothing to check
             return
-        pre_handle.remove()
-        post_handle.remove()
-        if CALL_PROBE.calls == state["calls"] and _uses_had(module):
+        if not torch.compiler.is_compiling():
+            pre_handle.remove()
+            post_handle.remove()
+        called = CALL_PROBE.compiled_call or (eager and CALL_PROBE.calls != state["calls"])
+        if not called and _uses_had(module):
             raise UnsupportedModelError(
                 f"{type(module).__name__} ran a forward pass with attn_implementation='hamming_topk' without calling "
                 "it: its attention does not go through transformers' AttentionInterface, so it stayed dense."
