@@ -651,17 +651,6 @@ def test_gpu_decode_op_launches_only_its_kernels(n_keys: int):
 
 @requires_triton
 @pytest.mark.parametrize(
-    "rows_per_group, select_block_n", [(1, 1024), (2, 1024), (3, 512), (4, 512), (8, 1024), (16, 512)]
-)
-def test_decode_selection_tiles_by_rows_per_program(rows_per_group, select_block_n):
-    """1024 keys for one or two rows, 512 for four (measured faster on the grouped-query shapes, with fewer registers),
-    8192 (row, key) pairs beyond."""
-    from had_hf.kernels.decode_launch import decode_launch
-
-    assert decode_launch(131072, rows_per_group, 8, 132).select_block_n == select_block_n
-
-
-@pytest.mark.parametrize(
     ("n_keys", "rows_per_group", "kv_groups", "sms"),
     [(16384, 1, 128, 132), (131072, 4, 8, 132), (1000, 16, 2, 1), (100, 1, 1, 1), (65536, 32, 1, 132)],
 )

@@ -185,10 +185,8 @@ def decode_launch(
     num_row_blocks = _cdiv(rows_per_group, r_block)
     groups = kv_groups * num_row_blocks
     count_block_n = max(16, min(1024, hist_block_elements // r_block))
-    # keys per selection tile: 1024 for one or two rows ((128, 8) tiles), 512 for four (fewer registers, so that the
-    # attend kernel's programs fit one wave: benchmarks/README.md, "The grouped-query attend kernel"), 8192 (row, key)
-    # pairs for more
-    select_block_n = block_n or (1024 if r_block <= 2 else 512 if r_block == 4 else max(64, 8192 // r_block))
+    # keys per selection tile: 1024 for one row ((128, 8) tiles), 8192 (row, key) pairs for several
+    select_block_n = block_n or (1024 if r_block <= 4 else max(64, 8192 // r_block))
     num_splits_given = num_splits is not None
     if num_splits is None:
         if programs_per_sm is None:

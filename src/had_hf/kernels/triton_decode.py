@@ -166,8 +166,7 @@ def hamming_topk_decode(
             the same splits for all three.
         distance_splits (`int`, *optional*): the distance kernel's split count itself (at most `num_splits`).
         block_n (`int`, *optional*): keys per iteration of the selection (attend kernel, short kernel); defaults to
-            1024 for programs of one or two rows (and for all of the short kernel's), 512 for four, and 8192 // rows
-            (at least 64) for more.
+            1024 for programs of up to 4 rows (all of the short kernel's) and 8192 // rows (at least 64) for more.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
             counting kernels, and of the short kernel's counting passes.
         num_warps (`int` or three of them, *optional*): warps per program of the kernels, for all three or per kernel
