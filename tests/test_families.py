@@ -255,13 +255,12 @@ def test_a_compiled_first_forward_compiles_one_graph_and_raises_nothing(regional
     layer by layer (the hooks eager, the attention compiled, which reports that it ran), a HAD model compiles one graph
     per compiled function in its first call and none in the next two (the check's call counter read inside a graph
     made dynamo guard on it, and the second call compile again); layer by layer, the check passes and its hooks go."""
-    from torch._dynamo.utils import counters
+    from tests.test_compile import _fresh_dynamo, _graphs
 
     model = had_hf.convert(build_model("llama"), HADConfig(top_n=3)).eval()
     inputs = model_inputs("llama")
     hooks = len(model._forward_hooks)
-    torch._dynamo.reset()
-    counters.clear()
+    _fresh_dynamo()
     if regional:
         for index, layer in enumerate(model.model.layers):
             model.model.layers[index] = torch.compile(layer, backend="eager")
@@ -272,7 +271,7 @@ def test_a_compiled_first_forward_compiles_one_graph_and_raises_nothing(regional
     with torch.no_grad():
         for _ in range(3):
             compiled(**inputs)
-            graphs.append(counters["stats"]["unique_graphs"])
-    torch._dynamo.reset()
+            graphs.append(_graphs())
+    _fresh_dynamo()
     assert graphs[0] >= 1 and graphs[0] == graphs[1] == graphs[2], graphs
     assert len(model._forward_hooks) == (hooks - 1 if regional else hooks)

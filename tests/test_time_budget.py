@@ -23,7 +23,7 @@ def test_the_budget_reserves_the_evaluations_saving_and_each_stages_compiling(
     assert budget["reserve_s"] == 30.0 + 4 * compile_s
 
 
-def test_the_timed_step_compiles_the_graphs_that_training_then_reuses(tmp_path):
+def test_the_timed_step_compiles_the_graphs_that_training_then_reuses(tmp_path, monkeypatch):
     """Regional compilation (dynamo alone): the timed step runs the student compiled layer by layer, the trainer's
     own model is left uncompiled, in its stage, without gradients, and the training that follows compiles no graph
     beyond those of the same training without the timed step. Both students are calibrated first, as the recipe
@@ -45,11 +45,8 @@ def test_the_timed_step_compiles_the_graphs_that_training_then_reuses(tmp_path):
         compiled.append(compile_as_for_training(accelerator, model))
         return compiled[-1]
 
-    time_budget.compiled_as_for_training = keep
-    try:
-        timing = time_budget.time_distillation_step(trainer)
-    finally:
-        time_budget.compiled_as_for_training = compile_as_for_training
+    monkeypatch.setattr(time_budget, "compiled_as_for_training", keep)
+    timing = time_budget.time_distillation_step(trainer)
     graphs_of_timing = _graphs()
     assert graphs_of_timing > 0 and timing["first_step_s"] >= timing["step_s"] > 0
     layers = compiled[0].model.layers

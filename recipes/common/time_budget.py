@@ -10,11 +10,11 @@ import torch
 from transformers import default_data_collator
 
 from had_hf.compilation import run_recompile_limit
-from had_hf.state import runtime_state
+from had_hf.state import TRAINING_STAGES, runtime_state
 
 logger = logging.getLogger(__name__)
 
-COMPILING_STAGES = 4
+COMPILING_STAGES = len(TRAINING_STAGES)
 """Stages whose first step compiles the student again under `torch_compile` (the stage is one of its graph's guards);
 each is reserved the first timed step's compiling, which also held the teacher's."""
 
