@@ -651,6 +651,21 @@ def test_gpu_decode_op_launches_only_its_kernels(n_keys: int):
 
 @requires_triton
 @pytest.mark.parametrize(
+    ("rows_per_group", "sinks", "select_block_n"),
+    [(1, False, 1024), (2, False, 1024), (3, False, 512), (4, False, 512), (4, True, 1024), (8, False, 1024),
+     (16, False, 512), (16, True, 512)],
+)  # fmt: skip
+def test_decode_selection_tiles_by_rows_per_program(rows_per_group, sinks, select_block_n):
+    """1024 keys for one or two rows; 512 for four (measured faster on the grouped-query shapes, with fewer
+    registers) unless the call keeps sinks (whose attend kernel spills at 512, `hopper_compile_probe.py`); 8192
+    (row, key) pairs beyond."""
+    from had_hf.kernels.decode_launch import decode_launch
+
+    assert decode_launch(131072, rows_per_group, 8, 132, sinks=sinks).select_block_n == select_block_n
+
+
+@requires_triton
+@pytest.mark.parametrize(
     ("n_keys", "rows_per_group", "kv_groups", "sms"),
     [(16384, 1, 128, 132), (131072, 4, 8, 132), (1000, 16, 2, 1), (100, 1, 1, 1), (65536, 32, 1, 132)],
 )

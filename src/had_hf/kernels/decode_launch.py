@@ -169,6 +169,7 @@ def decode_launch(
     distance_splits: int | None = None,
     block_n: int | None = None,
     hist_block_elements: int = 1024,
+    sinks: bool = False,
 ) -> DecodeLaunch:
     """The launch settings of a decode call from its shape, by a heuristic; each keyword overrides one choice (the
     benchmark sweeps of `benchmarks/decode.py` and the tests set them).
@@ -180,13 +181,21 @@ def decode_launch(
         multiprocessors (`int`): multiprocessors of the GPU (1 in the interpreter).
         num_splits, programs_per_sm, distance_programs_per_sm, distance_splits, block_n, hist_block_elements:
             see `hamming_topk_decode`.
+        sinks (`bool`, *optional*, defaults to `False`): whether the call keeps attention sinks (`sink_keys` > 0).
     """
     r_block = min(16, _next_power_of_2(rows_per_group))
     num_row_blocks = _cdiv(rows_per_group, r_block)
     groups = kv_groups * num_row_blocks
     count_block_n = max(16, min(1024, hist_block_elements // r_block))
-    # keys per selection tile: 1024 for one row ((128, 8) tiles), 8192 (row, key) pairs for several
-    select_block_n = block_n or (1024 if r_block <= 4 else max(64, 8192 // r_block))
+    # keys per selection tile: 1024 for one or two rows ((128, 8) tiles); 512 for four (fewer registers, so that more
+    # attend programs fit a multiprocessor: benchmarks/README.md, "The grouped-query attend kernel"), but 1024 with
+    # sinks (at 512 their attend kernel spills at d = 128 on sm_90); 8192 (row, key) pairs for more
+    if block_n:
+        select_block_n = block_n
+    elif r_block == 4:
+        select_block_n = 1024 if sinks else 512
+    else:
+        select_block_n = 1024 if r_block <= 2 else max(64, 8192 // r_block)
     num_splits_given = num_splits is not None
     if num_splits is None:
         if programs_per_sm is None:

@@ -166,7 +166,8 @@ def hamming_topk_decode(
             the same splits for all three.
         distance_splits (`int`, *optional*): the distance kernel's split count itself (at most `num_splits`).
         block_n (`int`, *optional*): keys per iteration of the selection (attend kernel, short kernel); defaults to
-            1024 for programs of up to 4 rows (all of the short kernel's) and 8192 // rows (at least 64) for more.
+            1024 for programs of one or two rows (and for all of the short kernel's), 512 for four (1024 with
+            `sink_keys`), and 8192 // rows (at least 64) for more.
         hist_block_elements (`int`, *optional*, defaults to 1024): (rows x keys) per iteration of the distance and
             counting kernels, and of the short kernel's counting passes.
         num_warps (`int` or three of them, *optional*): warps per program of the kernels, for all three or per kernel
@@ -301,6 +302,7 @@ def hamming_topk_decode(
         distance_splits=distance_splits,
         block_n=block_n,
         hist_block_elements=hist_block_elements,
+        sinks=sink_keys > 0,
     )
     out, keep = split_decode(query, key_words, value, valid_mask, top_n, top_n_ratio, alpha, settings, warps, stages,
                              registers, split_block, gather_block, gather_stages, attend_split_group,
