@@ -63,6 +63,25 @@ def test_distill_step_benchmark_smoke(tmp_path):
     assert compiled["stages"]["sign"]["first_step_s"] > eager["stages"]["sign"]["step_s"]
 
 
+def test_distill_host_time_benchmark_times_every_phase_within_its_step(tmp_path):
+    """`benchmarks/distill_host_time.py --eager`: every stage's phases are timed, each within the phase that runs it
+    (a step's loss within the step, the teacher's forward and the stores' binding within the loss)."""
+    out = tmp_path / "host_time.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    command = [sys.executable, "benchmarks/distill_host_time.py", "--eager", "--steps", "16", "--warmup", "1"]
+    result = subprocess.run(command + ["--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["stages"]) == ["tanh", "sign", "ste", "refinement"] and report["compiled"] is False
+    assert sum(stage["steps"] for stage in report["stages"].values()) == 16 - 4
+    for stage in report["stages"].values():
+        assert all(stage[f"{phase}_ms"] > 0 for phase in ("backward", "optimizer_step", "flop_count", "bind_stores"))
+        assert (
+            stage["step_ms"] >= stage["compute_loss_ms"] >= max(stage["teacher_forward_ms"], stage["bind_stores_ms"])
+        )
+
+
 def test_distill_step_compares_each_compiled_variant_with_eager_and_with_compiled_whole():
     """`summarize`: the runs in CUDA graphs (`--graphs`) are set against the eager and the compiled runs of the same
     call; a failed run enters no ratio."""

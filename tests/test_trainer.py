@@ -100,6 +100,27 @@ def test_four_stages_in_log_history(tmp_path):
     assert evals == []  # no eval dataset: nothing to evaluate at the stage ends
 
 
+def test_the_bound_attention_modules_are_found_once_per_model(tmp_path, monkeypatch):
+    """The capture stores bind the same modules at every step, found by one walk per model (teacher and student), and
+    they are all of each model's attention layers."""
+    import had_hf.trainer as trainer_module
+    from had_hf.capture import bound_modules
+
+    walks = []
+
+    def counted(model):
+        walks.append(model)
+        return bound_modules(model)
+
+    monkeypatch.setattr(trainer_module, "bound_modules", counted)
+    trainer = _trainer(tmp_path, max_steps=5)
+    trainer.train()
+    assert len(walks) == 2 and walks[0] is trainer.teacher and walks[1] is trainer.model
+    for model in walks:
+        names = [module._had_name for module in trainer.bound_modules(model)]
+        assert len(names) == model.config.num_hidden_layers == len(set(names))
+
+
 @pytest.mark.parametrize("max_steps", [None, 4, 97, 5000, 40000])
 @pytest.mark.parametrize(
     ("ste_steps", "refinement_steps"), [(10_000, 10_000), (0, 10_000), (10_000, 0), (0, 0), (3, 1)]

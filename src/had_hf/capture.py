@@ -17,7 +17,7 @@ Two ways to get the attention-map loss (METHOD.md section 4):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -156,15 +156,16 @@ class HADCaptureStore:
         return record
 
     @contextmanager
-    def bound(self, model: torch.nn.Module) -> Iterator[HADCaptureStore]:
-        """Within the context, each attention module of `model` (tagged by `had_hf.convert` or `use_dense_capture`)
+    def bound(self, model: torch.nn.Module | Sequence[torch.nn.Module]) -> Iterator[HADCaptureStore]:
+        """Within the context, each attention module of `model` (tagged by `had_hf.convert` or `use_dense_capture`;
+        or `model` is the list of them, `bound_modules(model)` found once by a caller that binds at every step)
         carries its layer's record of this store (`LayerRecord`, with its sigmas as tensors on the module's device),
         which the attention function then uses instead of looking its layer up by name. Compiled code holds nothing
         specific to a layer: every decoder block can run one graph (regional compilation). Records that a forward pass
         outside the context makes (gradient checkpointing's recomputation in the backward pass) are found by name, and
         are the same. Inside compiled code a bound store records what distillation reads (the teacher's scores, the KL
         terms); logits, details and query/key statistics are recorded by layer name, by eager code."""
-        modules = [module for module in model.modules() if getattr(module, "_had_name", None) is not None]
+        modules = bound_modules(model) if isinstance(model, torch.nn.Module) else model
         for module in modules:
             record = self.record(module._had_name)
             record.sigmas = _sigma_tensors(module)
@@ -247,6 +248,12 @@ def _copy_at_a_kept_address(buffers: dict, key: tuple[str, str], tensor: torch.T
     copied = flat[: tensor.numel()].as_strided(tensor.shape, strides)
     copied.copy_(tensor)
     return copied
+
+
+def bound_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of `model` that a store binds (`HADCaptureStore.bound`): those that `had_hf.convert` or
+    `use_dense_capture` tagged with their layer's name."""
+    return [module for module in model.modules() if getattr(module, "_had_name", None) is not None]
 
 
 def _sigma_tensors(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

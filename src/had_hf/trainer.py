@@ -15,7 +15,7 @@ from transformers.utils import is_datasets_available
 
 from .calibration import calibrate
 from .callbacks import HADStageCallback
-from .capture import STORE_KWARG, HADCaptureStore, forward_inputs
+from .capture import STORE_KWARG, HADCaptureStore, bound_modules, forward_inputs
 from .compilation import (
     mark_scores_dynamic,
     mark_shapes_dynamic,
@@ -148,6 +148,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         self._had_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         # in CUDA graphs: where the teacher's scores are copied at each step (`HADCaptureStore.copy_scores`)
         self._teacher_score_buffers: dict[tuple[str, str], torch.Tensor] = {}
+        self._bound_modules: dict[int, tuple[torch.nn.Module, list[torch.nn.Module]]] = {}  # see bound_modules
         self.teacher_metrics: dict[str, float] | None = None  # set by evaluate_teacher
         self._predict_with_teacher = False
         config = model.config
@@ -185,14 +186,14 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         )
         # each store is bound to its model's attention modules for the forward pass: compiled code then finds its
         # layer's entries through its module, and every decoder block can share one graph (`compile_regions`)
-        with torch.no_grad(), teacher_store.bound(self.teacher_modules(model)):
+        with torch.no_grad(), teacher_store.bound(self.bound_modules(self.teacher_modules(model))):
             teacher_logits = self.teacher_forward(model, inputs, teacher_store).logits
         if self.runs_in_cuda_graphs:  # the teacher's graph returned them in memory that the student's graph reuses
             teacher_store.copy_scores(self._teacher_score_buffers)
             teacher_logits = teacher_logits.clone()
         if self.args.torch_compile:
             mark_scores_dynamic(teacher_store, lengths=self.args.compile_dynamic_lengths)
-        with student_store.bound(model):
+        with student_store.bound(self.bound_modules(model)):
             student_outputs = model(**inputs, **{STORE_KWARG: student_store})
 
         if self.is_regression:
@@ -213,6 +214,15 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
             self._had_metrics["loss_attn"].append(loss_attn.detach())
             self._had_metrics["loss_out"].append(loss_out.detach())
         return (loss, student_outputs) if return_outputs else loss
+
+    def bound_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The attention modules of `model` that the capture stores bind at each step (`capture.bound_modules`), found
+        once per model: a walk over every module at every step would add host time to steps that the host's launches
+        bound (benchmarks/README.md, "Host time per distillation step")."""
+        cached = self._bound_modules.get(id(model))
+        if cached is None or cached[0] is not model:
+            cached = self._bound_modules[id(model)] = (model, bound_modules(model))
+        return cached[1]
 
     def teacher_modules(self, model) -> torch.nn.Module:
         """The modules the teacher's forward runs: the teacher model's, or a peft student's (its base, adapter off)."""
