@@ -3,7 +3,7 @@
 On a GPU, MiniLM's compiled distillation steps (32 x 128 tokens) take 15-31 ms while its arithmetic takes well under
 one (benchmarks/README.md, "Host time per distillation step"): the steps are bound by the host, which runs the
 Trainer's loop, the library's per-step code and the compiled graphs' launches. This benchmark runs
-`HADDistillationTrainer` on a model with MiniLM's structure (6 layers, 12 heads' worth of modules) and tiny widths, so
+`HADDistillationTrainer` on a model with MiniLM's structure (6 layers, 12 heads) and tiny widths, so
 that the arithmetic is negligible on any device, and times each phase of every step on the host by wrapping the
 methods that run it: the teacher's forward, the binding of the capture stores to the attention modules, the loss
 (`compute_loss`: both forwards, the binding and the losses), the backward, the optimizer step, transformers' per-step

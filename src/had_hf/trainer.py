@@ -148,7 +148,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         self._had_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         # in CUDA graphs: where the teacher's scores are copied at each step (`HADCaptureStore.copy_scores`)
         self._teacher_score_buffers: dict[tuple[str, str], torch.Tensor] = {}
-        self._bound_modules: dict[int, tuple[torch.nn.Module, list[torch.nn.Module]]] = {}  # see bound_modules
+        self._bound_modules: dict[torch.nn.Module, list[torch.nn.Module]] = {}  # see bound_modules
         self.teacher_metrics: dict[str, float] | None = None  # set by evaluate_teacher
         self._predict_with_teacher = False
         config = model.config
@@ -219,10 +219,10 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         """The attention modules of `model` that the capture stores bind at each step (`capture.bound_modules`), found
         once per model: a walk over every module at every step would add host time to steps that the host's launches
         bound (benchmarks/README.md, "Host time per distillation step")."""
-        cached = self._bound_modules.get(id(model))
-        if cached is None or cached[0] is not model:
-            cached = self._bound_modules[id(model)] = (model, bound_modules(model))
-        return cached[1]
+        modules = self._bound_modules.get(model)
+        if modules is None:
+            modules = self._bound_modules[model] = bound_modules(model)
+        return modules
 
     def teacher_modules(self, model) -> torch.nn.Module:
         """The modules the teacher's forward runs: the teacher model's, or a peft student's (its base, adapter off)."""
