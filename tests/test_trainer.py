@@ -121,6 +121,25 @@ def test_the_bound_attention_modules_are_found_once_per_model(tmp_path, monkeypa
         assert len(names) == model.config.num_hidden_layers == len(set(names))
 
 
+def test_the_flop_count_counts_parameters_once_and_matches_transformers_estimate(tmp_path, monkeypatch):
+    """total_flos is transformers' estimate (6 x input tokens x non-embedding parameters per step), with the
+    parameters counted once for the run instead of at every step."""
+    trainer = _trainer(tmp_path, max_steps=5)
+    parameters = trainer.model.num_parameters(exclude_embeddings=True)
+    counts = []
+    original = type(trainer.model).num_parameters
+
+    def counted(model, *args, **kwargs):
+        counts.append(model)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.model), "num_parameters", counted)
+    trainer.train()
+    batch = TinyDataset().ids[:4]
+    assert trainer.state.total_flos == 5 * 6 * batch.numel() * parameters
+    assert counts == [trainer.model]
+
+
 @pytest.mark.parametrize("max_steps", [None, 4, 97, 5000, 40000])
 @pytest.mark.parametrize(
     ("ste_steps", "refinement_steps"), [(10_000, 10_000), (0, 10_000), (10_000, 0), (0, 0), (3, 1)]

@@ -149,6 +149,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         # in CUDA graphs: where the teacher's scores are copied at each step (`HADCaptureStore.copy_scores`)
         self._teacher_score_buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._bound_modules: dict[torch.nn.Module, list[torch.nn.Module]] = {}  # see bound_modules
+        self._flop_counts: dict[tuple[torch.nn.Module, int], int] = {}  # see floating_point_ops
         self.teacher_metrics: dict[str, float] | None = None  # set by evaluate_teacher
         self._predict_with_teacher = False
         config = model.config
@@ -223,6 +224,16 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         if modules is None:
             modules = self._bound_modules[model] = bound_modules(model)
         return modules
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """Transformers' estimate of a step's floating-point operations (`Trainer.floating_point_ops`), computed once
+        per model and input size: transformers counts the model's parameters at every step, two walks over its
+        modules."""
+        main_input = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        key = (self.model, main_input.numel() if isinstance(main_input, torch.Tensor) else -1)
+        if key not in self._flop_counts:
+            self._flop_counts[key] = super().floating_point_ops(inputs)
+        return self._flop_counts[key]
 
     def teacher_modules(self, model) -> torch.nn.Module:
         """The modules the teacher's forward runs: the teacher model's, or a peft student's (its base, adapter off)."""
