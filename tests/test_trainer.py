@@ -244,7 +244,7 @@ def _tiny_t5(seed):
 
 def test_seq2seq_student_distills_from_labels_with_the_decoders_own_mask(tmp_path):
     from had_hf.capture import forward_inputs
-    from had_hf.trainer import _query_mask
+    from had_hf.losses import query_mask
 
     # a seq2seq batch has labels, not decoder inputs: they are built from the labels before the labels are dropped
     labels = torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])
@@ -255,9 +255,9 @@ def test_seq2seq_student_distills_from_labels_with_the_decoders_own_mask(tmp_pat
     assert inputs["decoder_input_ids"].tolist() == [[0, 5, 6, 7], [0, 8, 9, 0]]  # shifted right, -100 -> pad
     assert inputs["decoder_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
     # decoder queries take the decoder's mask, encoder queries the encoder's, even when both have the same length
-    assert torch.equal(_query_mask(inputs, decoder=True), inputs["decoder_attention_mask"])
-    assert torch.equal(_query_mask(inputs, decoder=False), encoder_mask)
-    assert _query_mask({"attention_mask": encoder_mask}, decoder=True) is None
+    assert torch.equal(query_mask(inputs, decoder=True), inputs["decoder_attention_mask"])
+    assert torch.equal(query_mask(inputs, decoder=False), encoder_mask)
+    assert query_mask({"attention_mask": encoder_mask}, decoder=True) is None
 
     generator = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(3, 99, (8,), generator=generator), "attention_mask": torch.ones(8, dtype=torch.long),

@@ -164,3 +164,25 @@ def output_kl(
 def output_mse(teacher_outputs: torch.Tensor, student_outputs: torch.Tensor) -> torch.Tensor:
     """L_out for a regression head (STS-B): mean squared error between the two outputs."""
     return F.mse_loss(student_outputs.float(), teacher_outputs.float())
+
+
+def is_decoder_layer(name: str) -> bool:
+    """Whether an attention layer of an encoder-decoder model takes its queries from the decoder (its self- and
+    cross-attention), by its module name."""
+    return name.startswith("decoder.") or ".decoder." in name
+
+
+def query_mask(inputs: dict, decoder: bool = False) -> torch.Tensor | None:
+    """The (B, T) real (non-padding) positions of the sequence a layer's queries come from: the decoder's mask for
+    decoder queries, else the encoder's (by side, not by length: an encoder mask as long as the decoder sequence would
+    mask the wrong positions)."""
+    mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
+    return mask if mask is not None and mask.dim() == 2 else None
+
+
+def token_mask(inputs: dict, outputs, encoder_decoder: bool = False) -> torch.Tensor | None:
+    """For token-level outputs (B, T, C): count only real tokens in the output KL (the decoder's, for an
+    encoder-decoder model)."""
+    logits = outputs.logits
+    mask = query_mask(inputs, encoder_decoder) if logits.dim() == 3 else None
+    return mask if mask is not None and mask.shape[-1] == logits.shape[1] else None

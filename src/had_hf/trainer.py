@@ -25,7 +25,7 @@ from .compilation import (
 )
 from .config import HADConfig
 from .integration import attention_module_names, convert, use_dense_capture
-from .losses import output_kl, output_mse
+from .losses import is_decoder_layer, output_kl, output_mse, query_mask, token_mask
 from .parallel import CalibrationAtTrainBegin, check_parallelism, prepare_teacher
 from .peft_student import convert_peft_student, dense_teacher, is_peft_model, write_had_config
 from .state import INFERENCE, runtime_state
@@ -156,7 +156,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         self.is_regression = getattr(config, "problem_type", None) == "regression" or (
             getattr(config, "num_labels", 2) == 1
         )
-        # decoder queries and tokens are masked with the decoder's mask (see _query_mask)
+        # decoder queries and tokens are masked with the decoder's mask (see losses.query_mask)
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
             raise ValueError(
@@ -183,7 +183,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
         student_store = HADCaptureStore(
             capture_logits=False,
             distill_from=teacher_store if weight > 0 else None,
-            query_mask=lambda name: _query_mask(inputs, self.is_encoder_decoder and _is_decoder_layer(name)),
+            query_mask=lambda name: query_mask(inputs, self.is_encoder_decoder and is_decoder_layer(name)),
         )
         # each store is bound to its model's attention modules for the forward pass: compiled code then finds its
         # layer's entries through its module, and every decoder block can share one graph (`compile_regions`)
@@ -203,7 +203,7 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
             loss_out = output_kl(
                 teacher_logits,
                 student_outputs.logits,
-                _token_mask(inputs, student_outputs, self.is_encoder_decoder),
+                token_mask(inputs, student_outputs, self.is_encoder_decoder),
             )
         loss = loss_out
         if weight > 0:
@@ -411,25 +411,3 @@ class HADDistillationTrainer(TrainerCardMixin, Trainer):
             return False
         self.had_config.sigma_q, self.had_config.sigma_k = saved["sigma_q"], saved["sigma_k"]
         return True
-
-
-def _is_decoder_layer(name: str) -> bool:
-    """Whether an attention layer of an encoder-decoder model takes its queries from the decoder (its self- and
-    cross-attention), by its module name."""
-    return name.startswith("decoder.") or ".decoder." in name
-
-
-def _query_mask(inputs: dict, decoder: bool = False) -> torch.Tensor | None:
-    """The (B, T) real (non-padding) positions of the sequence a layer's queries come from: the decoder's mask for
-    decoder queries, else the encoder's (by side, not by length: an encoder mask as long as the decoder sequence would
-    mask the wrong positions)."""
-    mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
-    return mask if mask is not None and mask.dim() == 2 else None
-
-
-def _token_mask(inputs: dict, outputs, encoder_decoder: bool = False) -> torch.Tensor | None:
-    """For token-level outputs (B, T, C): count only real tokens in the output KL (the decoder's, for an
-    encoder-decoder model)."""
-    logits = outputs.logits
-    mask = _query_mask(inputs, encoder_decoder) if logits.dim() == 3 else None
-    return mask if mask is not None and mask.shape[-1] == logits.shape[1] else None
