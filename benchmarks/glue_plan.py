@@ -59,6 +59,10 @@ MACHINE_START_S = 450.0
 # schedule runs side by side, results/glue_full_schedule_compiled.json: 26.4-26.5 steps/s in the sign stage and ~24 in
 # the STE stage against the eager runs' 13.8-14.9, so 1.7x where several runs share the machine)
 COMPILED_STEP_SPEEDUP, COMPILE_S = 1.7, 165.0
+# under `compiled+graphs` (CUDA graphs), a step takes 1 / GRAPHS_STEP_SPEEDUP of an eager one: the slower of the two
+# whole-schedule runs in graphs, each alone on an H100 (results/glue_full_schedule_defaults.json: MRPC 528.5 s, RTE
+# 462.3 s, with the same compiling and start as a compiled run)
+GRAPHS_STEP_SPEEDUP = 3.1
 
 
 def run_steps(variant: str, task: str, max_steps: int) -> int:
@@ -71,8 +75,11 @@ def run_steps(variant: str, task: str, max_steps: int) -> int:
 
 
 def paced_steps(variant: str, steps: int) -> float:
-    """A run's steps in eager steps' time: fewer under the `compiled` lever."""
-    return steps / COMPILED_STEP_SPEEDUP if "compiled" in variant.split("+") else float(steps)
+    """A run's steps in eager steps' time: fewer under the `compiled` lever, fewer still in CUDA graphs."""
+    levers = variant.split("+")
+    if "compiled" not in levers:
+        return float(steps)
+    return steps / (GRAPHS_STEP_SPEEDUP if "graphs" in levers else COMPILED_STEP_SPEEDUP)
 
 
 def estimate_seconds(runs: list[dict], gpus: int = 1) -> float:

@@ -173,10 +173,10 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
         (folder / "results.json").write_text(json.dumps(results))
     (tmp_path / "first" / "run_commands.txt").write_text("python benchmarks/glue_defaults.py run --part 1/2\n")
     first = Namespace(out=[str(tmp_path / "first")], merge=[], json=str(tmp_path / "first.json"), gpu="t", note="",
-                      relabel=None)  # fmt: skip
+                      relabel=None, goal_variant="defaults")  # fmt: skip
     assert len(bench.collect(first)["runs"]) == 2
     args = Namespace(out=[str(tmp_path / "second")], merge=[first.json], json=str(tmp_path / "sum.json"), gpu="u",
-                     note="", relabel=None)  # fmt: skip
+                     note="", relabel=None, goal_variant="defaults")  # fmt: skip
     summary = bench.collect(args)
     # each run keeps the GPU of the call that collected it
     assert [summary["runs"][name]["gpu"] for name in runs] == ["t", "t", "u", "u", "u", "u"]
@@ -197,12 +197,15 @@ def test_collect_pools_seeds_and_checks_the_goal(bench, tmp_path):
     goal = summary["goal"]
     assert goal["drops"]["mrpc"] == pytest.approx(2.0) and goal["drops"]["stsb"] == pytest.approx(0.2)
     assert goal["average_drop"] == pytest.approx((0.75 + 2.0 + 0.2) / 3) and not goal["each_within_paper"]
+    assert goal["variant"] == "defaults" and goal["seeds"] == {"sst2": [42, 43], "mrpc": [42], "stsb": [42]}
     assert json.loads((tmp_path / "sum.json").read_text())["runs"].keys() == runs.keys()
 
     # runs made before the defaults changed, named by what they are now; relabeling a relabeled file again is a no-op
     relabel = Namespace(out=[], merge=[args.json], json=str(tmp_path / "relabeled.json"), gpu="t", note="",
-                        relabel="defaults=previous_defaults")  # fmt: skip
+                        relabel="defaults=previous_defaults", goal_variant="previous_defaults")  # fmt: skip
     renamed = bench.collect(relabel)
+    # the goal checked on the variant named: the same runs under their new name give the same drops
+    assert renamed["goal"]["variant"] == "previous_defaults" and renamed["goal"]["drops"] == goal["drops"]
     entry = renamed["runs"]["sst2_previous_defaults_seed43"]
     assert entry["run_as"] == "defaults" and entry["variant"] == "previous_defaults"
     assert "sst2_defaults_seed42" not in renamed["runs"] and "sst2_lr_x2.5_seed42" in renamed["runs"]

@@ -1,6 +1,7 @@
 """benchmarks/glue_run_log.py: a GLUE recipe run read back from its log when it ended before its results.json."""
 
 import json
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,19 @@ def test_the_compiled_pace_of_the_plan_is_the_measured_one(reader):
     assert min(paces) * 0.85 <= planned <= min(paces)
 
 
+def test_the_plan_of_a_run_in_cuda_graphs_covers_the_measured_ones():
+    """The plan's time for one whole-schedule run in CUDA graphs is no shorter than the runs in graphs took (each alone
+    on an H100) and at most 20% longer than the slower."""
+    glue_plan = load_script(REPO / "benchmarks" / "glue_plan.py", "glue_plan")
+    committed = json.loads((REPO / "benchmarks" / "results" / "glue_full_schedule_defaults.json").read_text())
+    walls = [run["wall_time_s"] for run in committed["runs"].values() if run.get("run_as", "").endswith("+graphs")]
+    assert len(walls) == 2
+    (planned,) = glue_plan.planned_runs(
+        Namespace(variants="full_schedule+compiled+graphs", tasks="mrpc", seeds="43", max_steps=5000, smoke=False)
+    )
+    assert max(walls) <= glue_plan.estimate_seconds([planned]) <= 1.2 * max(walls)
+
+
 def test_the_present_defaults_whole_schedule_logs_agree_with_the_finished_run(reader):
     """The logs of the present defaults' whole-schedule runs (two sessions' folders) give the committed file, and the
     STS-B run's stage ends read from its log are those of its own results.json (glue_full_schedule_defaults.json)."""
@@ -121,27 +135,47 @@ def test_the_present_defaults_whole_schedule_logs_agree_with_the_finished_run(re
     mrpc = committed["runs"]["mrpc_full_schedule-compiled_seed42"]
     assert not mrpc["complete"] and 19209 < mrpc["steps_reached"] < mrpc["steps_scheduled"] == 29209
     assert [row["stage"] for row in mrpc["stage_end_curve"]] == STAGES[:3]
-    finished = json.loads((results / "glue_full_schedule_defaults.json").read_text())["runs"]
     from_log = committed["runs"]["stsb_full_schedule-compiled_seed42"]["stage_end_curve"]
-    from_results = finished["stsb_full_schedule-compiled_seed42"]["stage_end_curve"]
+    from_results = _finished_run("stsb_full_schedule-compiled_seed42")["stage_end_curve"]
     assert [row["stage"] for row in from_log] == [row["stage"] for row in from_results] == STAGES
     for logged, collected in zip(from_log, from_results):
         assert logged["deployable"] == pytest.approx(collected["deployable"], abs=0.01)  # the log rounds to 4 digits
 
 
-def test_a_finished_runs_log_gives_its_results_stage_ends(reader):
-    """The MRPC run compiled layer by layer finished: its log reads as complete, and its four stage ends are those of
-    its results.json (glue_full_schedule_defaults.json); the committed logs file (its stages' pace) is what it gives."""
-    folder = LOGS.parent / "glue_full_schedule_defaults_mrpc_regional"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
-    results = REPO / "benchmarks" / "results"
-    committed = json.loads((results / "glue_full_schedule_defaults_mrpc_regional_logs.json").read_text())
-    assert committed["runs"] == json.loads(json.dumps(reader.collect_logs(folder, committed["note"])["runs"]))
-    name = "mrpc_full_schedule-compiled-regional_seed42"
-    run = committed["runs"][name]
-    assert run["complete"] and run["steps_reached"] == run["steps_scheduled"] == 29209
-    finished = json.loads((results / "glue_full_schedule_defaults.json").read_text())["runs"][name]
-    assert [row["step"] for row in run["stage_end_curve"]] == [row["step"] for row in finished["stage_end_curve"]]
-    for logged, collected in zip(run["stage_end_curve"], finished["stage_end_curve"], strict=True):
-        assert logged["deployable"] == pytest.approx(collected["deployable"], abs=0.01)  # the log rounds to 4 digits
+def _finished_run(name: str) -> dict:
+    """The finished run that ran as `name` in glue_full_schedule_defaults.json, whose runs are named by their recipe
+    (the execution levers `compiled`, `regional`, `graphs` relabeled away, each run's own variant kept as `run_as`)."""
+    task, rest = name.split("_", 1)
+    variant, _, seed = rest.rpartition("_seed")
+    runs = json.loads((REPO / "benchmarks" / "results" / "glue_full_schedule_defaults.json").read_text())["runs"]
+    (run,) = [run for run in runs.values() if (run["task"], run["seed"], run.get("run_as", run["variant"]))
+              == (task, int(seed), variant.replace("-", "+"))]  # fmt: skip
+    return run
+
+
+@pytest.mark.parametrize(
+    ("folders", "logs_file", "names"),
+    [
+        (["glue_full_schedule_defaults_mrpc_regional"], "glue_full_schedule_defaults_mrpc_regional_logs.json",
+         ["mrpc_full_schedule-compiled-regional_seed42"]),
+        (["glue_full_schedule_defaults_mrpc_seed43_graphs", "glue_full_schedule_defaults_rte_seed42_graphs"],
+         "glue_full_schedule_defaults_graphs_logs.json",
+         ["mrpc_full_schedule-compiled-graphs_seed43", "rte_full_schedule-compiled-graphs_seed42"]),
+    ],
+)  # fmt: skip
+def test_a_finished_runs_log_gives_its_results_stage_ends(reader, folders, logs_file, names):
+    """Runs that finished (MRPC compiled layer by layer; MRPC and RTE in CUDA graphs): their logs read as complete,
+    their four stage ends are those of their results.json (glue_full_schedule_defaults.json), and the committed logs
+    file (their stages' pace) is what the logs give."""
+    folders = [LOGS.parent / folder for folder in folders]
+    if not all(folder.is_dir() for folder in folders):
+        pytest.skip(f"{folders} are absent")
+    committed = json.loads((REPO / "benchmarks" / "results" / logs_file).read_text())
+    assert committed["runs"] == json.loads(json.dumps(reader.collect_folders(folders, committed["note"])["runs"]))
+    assert sorted(committed["runs"]) == sorted(names)
+    for name in names:
+        run, finished = committed["runs"][name], _finished_run(name)
+        assert run["complete"] and run["steps_reached"] == run["steps_scheduled"] == 29209
+        assert [row["step"] for row in run["stage_end_curve"]] == [row["step"] for row in finished["stage_end_curve"]]
+        for logged, collected in zip(run["stage_end_curve"], finished["stage_end_curve"], strict=True):
+            assert logged["deployable"] == pytest.approx(collected["deployable"], abs=0.01)  # the log rounds
