@@ -145,11 +145,10 @@ def test_the_present_defaults_whole_schedule_logs_agree_with_the_finished_run(re
 def _finished_run(name: str) -> dict:
     """The finished run that ran as `name` in glue_full_schedule_defaults.json, whose runs are named by their recipe
     (the execution levers `compiled`, `regional`, `graphs` relabeled away, each run's own variant kept as `run_as`)."""
-    task, rest = name.split("_", 1)
-    variant, _, seed = rest.rpartition("_seed")
+    task, variant, seed = load_script(REPO / "benchmarks" / "glue_plan.py", "glue_plan").parse_run_name(name)
     runs = json.loads((REPO / "benchmarks" / "results" / "glue_full_schedule_defaults.json").read_text())["runs"]
     (run,) = [run for run in runs.values() if (run["task"], run["seed"], run.get("run_as", run["variant"]))
-              == (task, int(seed), variant.replace("-", "+"))]  # fmt: skip
+              == (task, seed, variant)]  # fmt: skip
     return run
 
 
