@@ -1,5 +1,5 @@
-"""The time budget of a distillation run (`--time_budget_s` of the causal-LM recipe): how many steps fit, from a timed
-step of the trainer as it will train, compiled where the run compiles."""
+"""The time budget of a distillation run (`--time_budget_s` of the causal-LM recipe): how many steps fit, from timed
+steps of the trainer as it will train, compiled where the run compiles."""
 
 from __future__ import annotations
 
@@ -20,12 +20,16 @@ each is reserved the first timed step's compiling, which also held the teacher's
 
 
 def steps_for_budget(trainer, remaining_s: float, final_eval_s: float, stage_eval_s: float) -> dict:
-    """max_steps that fit in `remaining_s` seconds: a timed distillation step (stage 1, the attention KL included),
-    after reserving the final evaluation, four stage-end evaluations, saving, and under `torch_compile` each stage's
-    compiling."""
-    timing = time_distillation_step(trainer)
-    step_s = timing["step_s"]
-    compile_s = timing["first_step_s"] - step_s if trainer.args.torch_compile else 0.0
+    """max_steps that fit in `remaining_s` seconds, after reserving the final evaluation, four stage-end evaluations,
+    saving, and under `torch_compile` each stage's compiling. A step's time is timed in the first stage with the
+    attention KL and in the first without it (where the run has both: the stages without it skip the KL's chunks),
+    and weighed by the share of the schedule's steps each kind takes."""
+    kinds = stage_kinds(trainer)
+    timings = {kind: time_distillation_step(trainer, phase) for kind, phase in kinds.items()}
+    first = timings[next(iter(kinds))]
+    compile_s = first["first_step_s"] - first["step_s"] if trainer.args.torch_compile else 0.0
+    shares = attention_loss_shares(trainer)
+    step_s = sum(shares[kind] * timing["step_s"] for kind, timing in timings.items())
     reserve_s = 1.15 * final_eval_s + 4 * stage_eval_s + 30.0 + COMPILING_STAGES * max(compile_s, 0.0)
     steps = int((remaining_s - reserve_s) / (1.1 * step_s))
     if steps < 8:
@@ -34,18 +38,49 @@ def steps_for_budget(trainer, remaining_s: float, final_eval_s: float, stage_eva
     logger.info("Time budget: %.0f s left, %.3f s per step, %.0f s reserved (%.0f s compiling per stage): max_steps "
                 "%d.", remaining_s, step_s, reserve_s, compile_s, steps)  # fmt: skip
     return {"remaining_s": round(remaining_s, 1), "step_s": round(step_s, 4), "compile_s": round(compile_s, 1),
-            "reserve_s": round(reserve_s, 1), "max_steps": steps}  # fmt: skip
+            "reserve_s": round(reserve_s, 1), "max_steps": steps,
+            "step_s_by_kind": {kind: round(timing["step_s"], 4) for kind, timing in timings.items()},
+            "share_by_kind": {kind: round(share, 4) for kind, share in shares.items()}}  # fmt: skip
 
 
-def time_distillation_step(trainer, repeats: int = 3) -> dict:
-    """Seconds of one training step (forward of both models, both losses, backward) in stage 1: `first_step_s` (the
+def stage_kinds(trainer) -> dict[str, int]:
+    """{"attention_kl" / "output_only": the first phase (1-4) of the schedule of that kind}, in phase order: the
+    phases whose steps the budget times."""
+    weights = trainer.args.stage_attention_loss_weights()
+    kinds = {}
+    for entry in trainer.schedule.timeline():
+        if entry["end_step"] > entry["start_step"]:
+            kinds.setdefault(_kind(weights[entry["phase"] - 1]), entry["phase"])
+    return kinds
+
+
+def attention_loss_shares(trainer) -> dict[str, float]:
+    """{kind: the share of the schedule's steps in phases of that kind} (kinds as `stage_kinds` names them)."""
+    weights = trainer.args.stage_attention_loss_weights()
+    schedule = trainer.schedule
+    shares = {}
+    for entry in schedule.timeline():
+        kind = _kind(weights[entry["phase"] - 1])
+        shares[kind] = shares.get(kind, 0.0) + (entry["end_step"] - entry["start_step"]) / schedule.total
+    return {kind: share for kind, share in shares.items() if share > 0}
+
+
+def _kind(attention_loss_weight: float) -> str:
+    return "attention_kl" if attention_loss_weight > 0 else "output_only"
+
+
+def time_distillation_step(trainer, phase: int = 1, repeats: int = 3) -> dict:
+    """Seconds of one training step (forward of both models, both losses, backward) at the first step of `phase`
+    (1-4) of the trainer's schedule, in that phase's stage and with its attention-loss weight: `first_step_s` (the
     first, which compiles), `step_s` (the fastest of the others). Under `torch_compile` the step runs on the student
     compiled as the Accelerator will compile it for training (whole or by regions), whose graphs the training then
-    finds in dynamo's cache. The gradients are dropped and the student's stage restored."""
+    finds in dynamo's cache. The gradients are dropped and the student's stage and the trainer's step restored."""
     model = trainer.model
     state = runtime_state(model.get_base_model() if trainer.is_peft_student else model)
-    saved = (state.stage, state.c)
-    state.set("tanh", trainer.args.c_start)
+    saved = (state.stage, state.c, trainer.state.global_step)
+    step = trainer.schedule.timeline()[phase - 1]["start_step"]
+    state.set(trainer.schedule.stage(step), trainer.schedule.c(step))
+    trainer.state.global_step = step
     batch = default_data_collator(trainer.train_dataset[: trainer.args.per_device_train_batch_size])
     batch = trainer._prepare_inputs(batch)
     timed = compiled_as_for_training(trainer.accelerator, model) if trainer.args.torch_compile else model
@@ -64,7 +99,8 @@ def time_distillation_step(trainer, repeats: int = 3) -> dict:
                 times.append(time.perf_counter() - started)
     finally:
         model.zero_grad(set_to_none=True)
-        state.set(*saved)
+        state.set(*saved[:2])
+        trainer.state.global_step = saved[2]
     return {"first_step_s": times[0], "step_s": min(times[1:]) if len(times) > 1 else times[0]}
 
 
