@@ -24,12 +24,11 @@ def steps_for_budget(trainer, remaining_s: float, final_eval_s: float, stage_eva
     saving, and under `torch_compile` each stage's compiling. A step's time is timed in the first stage with the
     attention KL and in the first without it (where the run has both: the stages without it skip the KL's chunks),
     and weighed by the share of the schedule's steps each kind takes."""
-    kinds = stage_kinds(trainer)
-    timings = {kind: time_distillation_step(trainer, phase) for kind, phase in kinds.items()}
+    kinds = step_kinds(trainer)
+    timings = {kind: time_distillation_step(trainer, kind_of["phase"]) for kind, kind_of in kinds.items()}
     first = timings[next(iter(kinds))]
     compile_s = first["first_step_s"] - first["step_s"] if trainer.args.torch_compile else 0.0
-    shares = attention_loss_shares(trainer)
-    step_s = sum(shares[kind] * timing["step_s"] for kind, timing in timings.items())
+    step_s = sum(kinds[kind]["share"] * timing["step_s"] for kind, timing in timings.items())
     reserve_s = 1.15 * final_eval_s + 4 * stage_eval_s + 30.0 + COMPILING_STAGES * max(compile_s, 0.0)
     steps = int((remaining_s - reserve_s) / (1.1 * step_s))
     if steps < 8:
@@ -40,33 +39,21 @@ def steps_for_budget(trainer, remaining_s: float, final_eval_s: float, stage_eva
     return {"remaining_s": round(remaining_s, 1), "step_s": round(step_s, 4), "compile_s": round(compile_s, 1),
             "reserve_s": round(reserve_s, 1), "max_steps": steps,
             "step_s_by_kind": {kind: round(timing["step_s"], 4) for kind, timing in timings.items()},
-            "share_by_kind": {kind: round(share, 4) for kind, share in shares.items()}}  # fmt: skip
+            "share_by_kind": {kind: round(kind_of["share"], 4) for kind, kind_of in kinds.items()}}  # fmt: skip
 
 
-def stage_kinds(trainer) -> dict[str, int]:
-    """{"attention_kl" / "output_only": the first phase (1-4) of the schedule of that kind}, in phase order: the
-    phases whose steps the budget times."""
-    weights = trainer.args.stage_attention_loss_weights()
-    kinds = {}
-    for entry in trainer.schedule.timeline():
-        if entry["end_step"] > entry["start_step"]:
-            kinds.setdefault(_kind(weights[entry["phase"] - 1]), entry["phase"])
-    return kinds
-
-
-def attention_loss_shares(trainer) -> dict[str, float]:
-    """{kind: the share of the schedule's steps in phases of that kind} (kinds as `stage_kinds` names them)."""
+def step_kinds(trainer) -> dict[str, dict]:
+    """The kinds of step in the trainer's schedule, in the order they first come: {"attention_kl" or "output_only":
+    {"phase": the first phase (1-4) of that kind, "share": the share of the schedule's steps of that kind}}."""
     weights = trainer.args.stage_attention_loss_weights()
     schedule = trainer.schedule
-    shares = {}
+    kinds = {}
     for entry in schedule.timeline():
-        kind = _kind(weights[entry["phase"] - 1])
-        shares[kind] = shares.get(kind, 0.0) + (entry["end_step"] - entry["start_step"]) / schedule.total
-    return {kind: share for kind, share in shares.items() if share > 0}
-
-
-def _kind(attention_loss_weight: float) -> str:
-    return "attention_kl" if attention_loss_weight > 0 else "output_only"
+        steps = entry["end_step"] - entry["start_step"]
+        if steps > 0:
+            kind = "attention_kl" if weights[entry["phase"] - 1] > 0 else "output_only"
+            kinds.setdefault(kind, {"phase": entry["phase"], "share": 0.0})["share"] += steps / schedule.total
+    return kinds
 
 
 def time_distillation_step(trainer, phase: int = 1, repeats: int = 3) -> dict:
