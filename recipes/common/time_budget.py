@@ -64,7 +64,7 @@ def time_distillation_step(trainer, phase: int = 1, repeats: int = 3) -> dict:
     finds in dynamo's cache. The gradients are dropped and the student's stage and the trainer's step restored."""
     model = trainer.model
     state = runtime_state(model.get_base_model() if trainer.is_peft_student else model)
-    saved = (state.stage, state.c, trainer.state.global_step)
+    saved_stage, saved_c, saved_step = state.stage, state.c, trainer.state.global_step
     step = trainer.schedule.timeline()[phase - 1]["start_step"]
     state.set(trainer.schedule.stage(step), trainer.schedule.c(step))
     trainer.state.global_step = step
@@ -86,8 +86,8 @@ def time_distillation_step(trainer, phase: int = 1, repeats: int = 3) -> dict:
                 times.append(time.perf_counter() - started)
     finally:
         model.zero_grad(set_to_none=True)
-        state.set(*saved[:2])
-        trainer.state.global_step = saved[2]
+        state.set(saved_stage, saved_c)
+        trainer.state.global_step = saved_step
     return {"first_step_s": times[0], "step_s": min(times[1:]) if len(times) > 1 else times[0]}
 
 
