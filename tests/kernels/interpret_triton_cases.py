@@ -185,8 +185,9 @@ def test_decode_kernel_bf16_values_and_strided_inputs():
 @pytest.mark.parametrize("extra_keys", [0, 16])
 def test_decode_kernel_packed_counters_at_their_limit(extra_keys):
     # the longest split the host allows at 16-key counting blocks (MAX_ITERATIONS less its margin for the 64-key
-    # rounding and the distance kernel's tail blocks), every key at the same distance: each lane's 7-bit counter
-    # field reaches 121 of its 127; 16 keys more, and the host must cut the keys into two splits
+    # rounding and the distance kernel's tail blocks), every key at the same distance: each lane's 7-bit coarse counter
+    # field reaches 121 of its 127, and its 4-bit fine counter field is added into the totals every NIBBLE_TILES
+    # blocks, 8 times over; 16 keys more, and the host must cut the keys into two splits
     from had_hf.kernels.triton_decode import MAX_ITERATIONS
 
     num_keys = (MAX_ITERATIONS - 2 - 64 // 16) * 16 + extra_keys
@@ -366,8 +367,9 @@ def test_short_kernel_equals_the_three_kernel_path(case: Case):
 
 
 def test_short_kernel_counts_past_the_packed_counter_limit():
-    """Every key at the same distance and 16-key counting tiles: each lane's 7-bit counters would pass 127 over the
-    2,100 keys; the program adds them into int32 totals every MAX_ITERATIONS tiles (both passes). N cuts the ties."""
+    """Every key at the same distance and 16-key counting tiles: each lane's 7-bit coarse counters would pass 127 over
+    the 2,100 keys and its 4-bit fine counters 15; the program adds them into int32 totals every MAX_ITERATIONS and
+    NIBBLE_TILES tiles. N cuts the ties."""
     case = Case(batch=1, num_heads=1, num_kv_heads=1, num_keys=2100, top_n=1500, patterns=1)
     keep = check_triton_decode(case, seed=11, short_kernel=True, hist_block_elements=16, block_n=1024)
     assert torch.equal(keep[0, 0, 0], torch.arange(case.num_keys) < case.top_n)

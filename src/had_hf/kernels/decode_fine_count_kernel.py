@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .decode_split_k import (
+    NIBBLE_TILES,
     _add_fine,
     _fine_fields,
     _last_split,
@@ -43,21 +44,22 @@ def _fine_count_kernel(
     # the split with its padding: codes past n_keys are INVALID_CODE (whole tiles constant over 16 keys: vectorized)
     start = tl.program_id(2) * split_len
     end = _padded_end(split_len, code_stride)
-    # packed counters of the FINE distances, 8 per int64 word (up to 4 words, d = 256), one tensor per word: every
-    # tensor of the loop is (R, BLOCK_N) in one layout (no data moved between threads per iteration)
-    fine0 = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
-    fine1 = fine0
-    fine2 = fine0
-    fine3 = fine0
+    # 4-bit counters of the FINE distances, 8 per int32 word (up to 4 words, d = 256), one tensor per word: every
+    # tensor of the loop is (R, BLOCK_N) in one layout (no data moved between threads per iteration); their fields are
+    # added into the (R, FINE) totals every NIBBLE_TILES blocks
+    counts = tl.zeros((R_BLOCK, FINE), dtype=tl.int32)
     code_rows = code_ptr + grow[:, None] * code_stride
-    for block_start in range(start, end, BLOCK_N):
-        offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
-        in_bounds = row_ok[:, None] & (offs_n < end)
-        code = tl.load(code_rows + offs_n, mask=in_bounds, other=0).to(tl.int32)
-        # masked keys carry INVALID_CODE > d: never in the bin
-        fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], in_bounds, FINE)
-
-    counts = _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK, FINE)
+    for chunk_start in range(start, end, NIBBLE_TILES * BLOCK_N):
+        fine0 = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int32)
+        fine1 = fine0
+        fine2 = fine0
+        fine3 = fine0
+        for block_start in range(chunk_start, tl.minimum(chunk_start + NIBBLE_TILES * BLOCK_N, end), BLOCK_N):
+            offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
+            # masked loads give D + 1, which like INVALID_CODE is never in the bin
+            code = tl.load(code_rows + offs_n, mask=row_ok[:, None] & (offs_n < end), other=D + 1).to(tl.int32)
+            fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], FINE)
+        counts += _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK, FINE)
     cols = tl.arange(0, FINE)
     fine_rows = fine_ptr + (grow * num_splits + tl.program_id(2)) * FINE
     tl.store(fine_rows[:, None] + cols[None, :], counts, mask=row_ok[:, None])

@@ -17,6 +17,7 @@ from .decode_attend_kernel import _row_keep, _row_scalar, _store_row_weights
 from .decode_gather import _gather_listed_rows, _new_sums
 from .decode_split_k import (
     _PER_STEP,
+    NIBBLE_TILES,
     _add_coarse,
     _add_fine,
     _batch_and_kv_head,
@@ -52,7 +53,8 @@ def _rows_histograms(q0, q1, k_base, m_rows, row_ok, low, n_keys, stride_kn, str
     """One pass over all keys in (R, BLOCK_N) tiles, the next tile's key words loaded one iteration ahead. Coarse pass:
     the rows' (R, 16) coarse histograms (bins 0..8, zeros after) and their smallest valid distance (D + 1 if none).
     Fine pass (FINE_PASS): the (R, D / 8) histograms of the distances low .. low + D / 8 - 1 (each row's coarse bin).
-    Packed 7-bit counters per lane, added into int32 totals every CHUNK_TILES tiles."""
+    Packed counters per lane (`_add_coarse`, `_add_fine`), added into int32 totals every CHUNK_TILES tiles (at most
+    127 for the coarse pass's 7-bit fields, NIBBLE_TILES for the fine pass's 4-bit ones)."""
     if FINE_PASS:
         totals = tl.zeros((R_BLOCK, D // 8), dtype=tl.int32)
     else:
@@ -60,11 +62,11 @@ def _rows_histograms(q0, q1, k_base, m_rows, row_ok, low, n_keys, stride_kn, str
     smallest = tl.full((R_BLOCK, BLOCK_N), D + 1, dtype=tl.int32)
     for chunk_start in range(0, n_keys, CHUNK_TILES * BLOCK_N):
         chunk_end = tl.minimum(chunk_start + CHUNK_TILES * BLOCK_N, n_keys)
-        fine0 = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
+        fine0 = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int32)
         fine1 = fine0
         fine2 = fine0
         fine3 = fine0
-        coarse = fine0
+        coarse = tl.zeros((R_BLOCK, BLOCK_N), dtype=tl.int64)
         offs_next = chunk_start + tl.arange(0, BLOCK_N)[None, :]
         n0, n1, _, _ = _key_words(k_base, offs_next, offs_next < n_keys, stride_kn, stride_kw, W)
         for block_start in range(chunk_start, chunk_end, BLOCK_N):
@@ -76,7 +78,7 @@ def _rows_histograms(q0, q1, k_base, m_rows, row_ok, low, n_keys, stride_kn, str
             dist, valid = _tile_distances(q0, q1, k0, k1, m_rows, offs_n, ok, stride_mn, W, HAS_MASK, USE_POPC)
             if FINE_PASS:
                 code = tl.where(valid, dist, INVALID_CODE)
-                fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], ok, D // 8)
+                fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], D // 8)
             else:
                 coarse = _add_coarse(coarse, dist, valid, D)
                 smallest = tl.minimum(smallest, tl.where(valid, dist, D + 1))
@@ -205,7 +207,7 @@ def _short_decode_kernel(
     low = coarse_bin * (D // 8)
     fine, _ = _rows_histograms(q0, q1, k_base, mask_ptr + mask_rows[:, None], row_ok, low, n_keys, stride_kn,
                                stride_kw, stride_mn, D, W, R_BLOCK, COUNT_N, HAS_MASK, USE_POPC, INVALID_CODE,
-                               CHUNK_TILES, True)  # fmt: skip
+                               NIBBLE_TILES, True)  # fmt: skip
     step, quota, ties = _threshold_step(fine, num_kept - below, D // 8)
     thr = tl.where(row_ok, low + step, -1)
     # the largest kept logit alpha * (d - 2h): at the smallest distance, or at the threshold if alpha < 0

@@ -1,4 +1,4 @@
-"""Building blocks of the decode kernels: packed 7-bit counters and the threshold they give, sign words of queries and
+"""Building blocks of the decode kernels: packed counters and the threshold they give, sign words of queries and
 keys and their Hamming distances, and the split-K bookkeeping of the three-kernel path (each program is one
 (batch * kv head, row block, split) of the grid; the last split of a row block to finish reduces what all splits
 wrote, a tile of splits at a time). The short-context kernel (`decode_short_kernel`) shares all but the last."""
@@ -10,9 +10,12 @@ import triton.language as tl
 
 from .triton_common import _popcount
 
-# Packed counters: 7-bit fields in an int64, 8 fields per word (9 for the coarse histogram, 63 bits). A lane adds at
-# most one per counting block, so a split may span at most 127 of them.
+# The coarse histogram's packed counters: 9 7-bit fields in an int64 (63 bits). A lane adds at most one per counting
+# block, so a split may span at most 127 of them.
 MAX_ITERATIONS = 127
+# The fine counters' 4-bit fields (8 per int32 word) hold 15: they are added into int32 totals every NIBBLE_TILES
+# counting blocks.
+NIBBLE_TILES = tl.constexpr(15)
 
 
 @triton.jit
@@ -36,32 +39,38 @@ def _add_coarse(coarse, dist, valid, D: tl.constexpr):
 
 
 @triton.jit
-def _add_fine(fine0, fine1, fine2, fine3, code, low, in_bounds, FINE: tl.constexpr):
-    """Adds the codes of an (R, BLOCK_N) tile that fall in the FINE distances low .. low + FINE - 1 to the lanes'
-    packed fine counters, 8 fields per int64 word (one word per 8 distances; invalid codes exceed D: never in the
-    bin)."""
+def _add_fine(fine0, fine1, fine2, fine3, code, low, FINE: tl.constexpr):
+    """Adds the codes of an (R, BLOCK_N) tile that fall in the FINE distances low .. low + FINE - 1 to the lanes' 4-bit
+    fine counters, 8 fields per int32 word (word k: the distances low + 8k .. low + 8k + 7). Codes outside the bin
+    (invalid codes exceed D) add nothing. A field holds 15: read them (`_fine_fields`) every NIBBLE_TILES tiles."""
     offset = code - low
-    in_bin = in_bounds & (offset >= 0) & (offset < FINE)
-    one = tl.full(code.shape, 1, dtype=tl.int64)
-    field = tl.where(in_bin, one << (7 * (offset & 7)).to(tl.int64), 0)
-    fine0 += tl.where(offset < 8, field, 0)
+    field = tl.full(code.shape, 1, dtype=tl.int32) << ((offset & 7) * 4)
+    fine0 += tl.where((offset >= 0) & (offset < 8), field, 0)
     if FINE > 8:
-        fine1 += tl.where((offset >> 3) == 1, field, 0)
+        word = offset >> 3
+        fine1 += tl.where(word == 1, field, 0)
     if FINE > 16:
-        fine2 += tl.where((offset >> 3) == 2, field, 0)
-        fine3 += tl.where((offset >> 3) == 3, field, 0)
+        fine2 += tl.where(word == 2, field, 0)
+        fine3 += tl.where(word == 3, field, 0)
     return fine0, fine1, fine2, fine3
 
 
 @triton.jit
 def _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK: tl.constexpr, FINE: tl.constexpr):
-    """The (R, FINE) int32 totals over the lanes of the packed fine counters (`_add_fine`)."""
-    counts = _place_fields(tl.zeros((R_BLOCK, FINE), dtype=tl.int32), fine0, 0, 8)
-    if FINE > 8:
-        counts = _place_fields(counts, fine1, 8, 8)
-    if FINE > 16:
-        counts = _place_fields(counts, fine2, 16, 8)
-        counts = _place_fields(counts, fine3, 24, 8)
+    """The (R, FINE) int32 totals over the lanes of the 4-bit fine counters (`_add_fine`)."""
+    counts = tl.zeros((R_BLOCK, FINE), dtype=tl.int32)
+    cols = tl.arange(0, FINE)
+    for field in tl.static_range(FINE):
+        if field // 8 == 0:
+            word = fine0
+        elif field // 8 == 1:
+            word = fine1
+        elif field // 8 == 2:
+            word = fine2
+        else:
+            word = fine3
+        count = tl.sum((word >> (4 * (field % 8))) & 15, axis=1)
+        counts = tl.where(cols[None, :] == field, count[:, None], counts)
     return counts
 
 
