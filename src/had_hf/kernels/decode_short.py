@@ -87,7 +87,7 @@ def short_decode(
             R_BLOCK=r_block,
             R_DOT=1 if r_block == 1 else 16,
             COUNT_N=launch.count_block_n,
-            # counting tiles between two additions of the lanes' packed 7-bit counters into int32 totals
+            # counting tiles between two additions of the lanes' packed 7-bit coarse counters into int32 totals
             CHUNK_TILES=MAX_ITERATIONS,
             SELECT_N=launch.select_block_n,
             BLOCK_K=gather_block,

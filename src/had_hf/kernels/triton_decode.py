@@ -28,9 +28,11 @@ Each row's N comes from its count of valid keys, the total of its coarse histogr
 `had_hf.selection.kept_counts` (`decode_split_k._kept_count`; the ratio rule in float64): a call runs no PyTorch
 kernel before its launches (inside a compiled step the custom op is opaque: such kernels would run eagerly there).
 
-The histograms are counted in registers: each lane adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most
-127 iterations per program), so no cross-thread work happens per key. The loops keep every (R, BLOCK_N) tensor in one
-layout (a key word per load, one int64 counter tensor per word), so that no data moves between threads per iteration.
+The histograms are counted in registers, so no cross-thread work happens per key: for the coarse histogram each lane
+adds 1 << (7 * bin) to an int64 of packed 7-bit counters (at most 127 iterations per program); for the fine count,
+1 << (4 * (dist % 8)) to an int32 of 4-bit counters, one word per 8 distances, added into int32 totals every 15
+iterations. The loops keep every (R, BLOCK_N) tensor in one layout (a key word per load, one counter tensor per word),
+so that no data moves between threads per iteration.
 Loads are vectorized where Triton can see masks constant over 16 keys: the codes' rows are padded with the invalid
 code up to a multiple of 64, the last two kernels run over whole, aligned splits, and from d = 64 on the keys are read
 as int64 words. The one-row selection works on (BLOCK_N / 8, 8) tiles, each thread's 8 keys contiguous.
@@ -41,7 +43,7 @@ launch, each program one (batch, kv head, row block) of 1, 2 or 4 query rows ove
 that makes more than two programs per multiprocessor), so no split has to agree with another: no codes in memory, no
 tickets, no reductions between programs. The program streams the packed keys three times (L1/L2-resident after the
 first): the coarse histogram and the smallest valid distance (the same packed counters, added into int32 totals
-every 127 tiles), then the fine count of each row's coarse bin, from which it finds t and the tie quota in registers
+every 127 tiles, and the fine counters every 15), then the fine count of each row's coarse bin, from which it finds t and the tie quota in registers
 (`_coarse_bin` and `_threshold_step`, as the split-K kernels' last programs do), then the attend kernel's selection
 (dist < t, and the first `quota` ties in index order), which lists the kept keys with their codes (one row: the gather
 computes the weights) or the rows' weights. The gather of `decode_gather` follows, 64 value rows at a time, the next
