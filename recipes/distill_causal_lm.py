@@ -22,8 +22,8 @@ The student is the teacher's HAD copy (N = ceil(top_n_ratio x keys), ratio 0.117
 given; --sink_keys k also keeps each query's first k keys), distilled in the four stages with the attention-map KL
 (computed layer by layer in chunks of query rows) and the output KL. Training text: the .txt documents of --text_dir,
 split whole into training and held-out documents, the training ones packed (EOS between documents) into windows of
---max_seq_length tokens (one length: under --torch_compile the graphs keep it static, `compile_dynamic_lengths` off
-unless given). The output folder holds the student (or its adapter), results.json (the evaluation table:
+--max_seq_length tokens (one length, and an epoch's last partial batch dropped: under --torch_compile the graphs keep
+their shapes static, `compile_dynamic_lengths` off and `dataloader_drop_last` on unless given). The output folder holds the student (or its adapter), results.json (the evaluation table:
 dense teacher, exact top-N of the dense logits, HAD converted + calibrated, HAD distilled; perplexity and top-1
 agreement on held-out windows per --eval_lengths, pass-key accuracy per length, QuALITY accuracy; the training curve,
 per-stage and per-layer losses, peak memory) and a model card. Flags alone apply to the embedded default unless one
@@ -77,8 +77,10 @@ from recipes.common.stage_pace import StagePaceCallback  # noqa: E402
 from recipes.common.time_budget import steps_for_budget  # noqa: E402
 
 logger = logging.getLogger("distill_causal_lm")
-# HADTrainingArguments defaults that this recipe changes: its training windows all have one length
-TRAINING_DEFAULTS = {"compile_dynamic_lengths": False}
+# HADTrainingArguments defaults that this recipe changes: its training windows all have one length, and every batch
+# holds the same number of them (an epoch's last, partial batch is dropped), so compiled graphs keep static shapes; a
+# layer compiled alone (regional compilation) would otherwise compile its graphs again for that batch
+TRAINING_DEFAULTS = {"compile_dynamic_lengths": False, "dataloader_drop_last": True}
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "causal_lm_tiny_cpu.yaml"
@@ -263,6 +265,13 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
     loaded_s = round(time.time() - start, 1)
     text = distill.load_text(script_args, tokenizer, training_args.seed)
     train_data = distill.training_windows(script_args, text, tokenizer, training_args.seed)
+    batch = training_args.per_device_train_batch_size * training_args.world_size
+    if training_args.dataloader_drop_last and len(train_data) < batch:
+        raise ValueError(
+            f"{len(train_data)} training windows make no whole batch of {batch} (per_device_train_batch_size x "
+            "processes), and dataloader_drop_last drops partial ones: give more text, shorter --max_seq_length, a "
+            "smaller batch, or --dataloader_drop_last false."
+        )
     stage_data = [
         {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
         for ids in evaluation_windows(text.held_out, script_args.max_seq_length, script_args.stage_eval_windows)

@@ -164,12 +164,23 @@ def test_flags_alone_start_from_the_tiny_default_unless_they_name_the_teacher_or
     assert script_args.top_n_rule() == {"top_n": None, "top_n_ratio": 0.117, "sink_keys": 0}
 
 
-def test_windows_of_one_length_compile_with_a_static_length_unless_asked(tmp_path):
+def test_windows_of_one_length_compile_with_static_shapes_unless_asked(tmp_path):
     recipe = _recipe()
     out = ["--output_dir", str(tmp_path / "a")]
-    assert not recipe.parse_arguments(out)[1].compile_dynamic_lengths  # the recipe's default
-    assert recipe.parse_arguments([*out, "--compile_dynamic_lengths", "true"])[1].compile_dynamic_lengths
-    assert HADTrainingArguments(output_dir=str(tmp_path / "b")).compile_dynamic_lengths  # the library's
+    parsed = recipe.parse_arguments(out)[1]
+    # the recipe's defaults: one window length, and no partial last batch (a layer compiled alone would compile again)
+    assert not parsed.compile_dynamic_lengths and parsed.dataloader_drop_last
+    asked = recipe.parse_arguments([*out, "--compile_dynamic_lengths", "true", "--dataloader_drop_last", "false"])[1]
+    assert asked.compile_dynamic_lengths and not asked.dataloader_drop_last
+    library = HADTrainingArguments(output_dir=str(tmp_path / "b"))
+    assert library.compile_dynamic_lengths and not library.dataloader_drop_last
+
+
+def test_fewer_windows_than_a_batch_is_a_clear_error_before_training(data_dir, tmp_path):
+    recipe = _recipe()
+    with pytest.raises(ValueError, match="16 training windows make no whole batch of 32"):
+        recipe.main(_flags(data_dir, tmp_path / "out", "--per_device_train_batch_size", "32"))
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_lora_multiplies_every_stages_learning_rate_by_its_scale(tmp_path, capsys):
