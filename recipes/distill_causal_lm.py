@@ -301,8 +301,7 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
     budget = None
     if script_args.time_budget_s is not None:
         final_eval_s = (columns.get("converted") or {}).get("seconds", 0.0) if "student" in wanted else 0.0
-        budget = steps_for_budget(trainer, script_args.time_budget_s - (time.time() - start), final_eval_s,
-                                          stage_eval_s)  # fmt: skip
+        budget = steps_for_budget(trainer, start + script_args.time_budget_s, final_eval_s, stage_eval_s)
         training_args = dataclasses.replace(training_args, max_steps=budget["max_steps"])
         trainer = distill.build_trainer(student, teacher_model, training_args, train_data, stage_data, tokenizer)
     schedule = training_args.schedule()

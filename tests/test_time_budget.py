@@ -1,6 +1,7 @@
 """The causal-LM recipe's time budget (`recipes.common.time_budget`): the steps that fit, and a timed step that runs
 the student as training will (compiled, where the run compiles)."""
 
+import time
 import types
 
 import pytest
@@ -24,23 +25,38 @@ def test_the_schedule_is_the_papers():
     assert [e["end_step"] - e["start_step"] for e in schedule.timeline()] == list(PAPER_STAGE_STEPS)
 
 
-@pytest.mark.parametrize("torch_compile, compile_s, max_steps", [(False, 0.0, 881), (True, 10.0, 845)])
-def test_the_budget_reserves_the_evaluations_saving_and_each_stages_compiling(
-    monkeypatch, torch_compile, compile_s, max_steps
+class FakeClock:
+    """A clock that the fake timed steps advance by what they would take (the first step and two more)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def timed_step(self, first_step_s: float, step_s: float) -> dict:
+        self.now += first_step_s + 2 * step_s
+        return {"first_step_s": first_step_s, "step_s": step_s}
+
+
+@pytest.mark.parametrize("torch_compile, compile_s", [(False, 0.0), (True, 10.0)])
+def test_the_budget_reserves_the_evaluations_saving_and_the_untimed_stages_compiling(
+    monkeypatch, torch_compile, compile_s
 ):
-    """1,000 s left, steps of 1 s (the first 11 s), evaluations of no time, no attention loss (one kind of step): 30 s
-    for saving, and compiled 4 x 10 s for the stages' compiling; the rest in steps of 1.1 s (a tenth for logging and
-    the like)."""
-    timed = []
+    """1,000 s to the deadline, steps of 1 s (the first 11 s), evaluations of no time, no attention loss (one kind of
+    step, timed in stage 1): the timed steps spend 13 s; then 30 s for saving, and compiled 3 x 10 s for the stages
+    that no timed step compiled; the rest in steps of 1.1 s (a tenth for logging and the like)."""
+    clock, timed = FakeClock(), []
 
     def step(trainer, phase):
         timed.append(phase)
-        return {"first_step_s": 11.0, "step_s": 1.0}
+        return clock.timed_step(11.0, 1.0)
 
     monkeypatch.setattr(time_budget, "time_distillation_step", step)
-    budget = time_budget.steps_for_budget(_trainer(torch_compile, (0.0,) * 4), 1000.0, 0.0, 0.0)
-    assert budget["compile_s"] == compile_s and budget["max_steps"] == max_steps and timed == [1]
-    assert budget["reserve_s"] == 30.0 + 4 * compile_s
+    budget = time_budget.steps_for_budget(_trainer(torch_compile, (0.0,) * 4), 1000.0, 0.0, 0.0, clock=clock)
+    assert timed == [1] and budget["remaining_s"] == 987.0 and budget["timing_s"] == 13.0
+    assert budget["compile_s"] == compile_s and budget["reserve_s"] == 30.0 + 3 * compile_s
+    assert budget["max_steps"] == int((987.0 - budget["reserve_s"]) / 1.1)
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 0.0, 0.0), (1.0, 1.0, 0.0, 2.0)])
@@ -48,19 +64,23 @@ def test_the_budget_weighs_steps_with_and_without_the_attention_kl_by_their_shar
     monkeypatch, weights
 ):
     """A step with the attention KL takes 1 s, one without it 0.5 s: the budget times the first phase of each kind (1,
-    and 3 where the STE stage has no attention loss) and sizes the run on their mean over the schedule's steps."""
-    timed = []
+    and 3 where the STE stage has no attention loss) and sizes the run on their mean over the schedule's steps.
+    Compiled, the stage graph of the second timed kind took 4 s (the first 20 s, with the teacher's): 4 s reserved for
+    each of the two stages not timed."""
+    clock, timed = FakeClock(), []
 
     def step(trainer, phase):
         timed.append(phase)
-        return {"first_step_s": 11.0, "step_s": 1.0 if weights[phase - 1] > 0 else 0.5}
+        return clock.timed_step(21.0, 1.0) if weights[phase - 1] > 0 else clock.timed_step(4.5, 0.5)
 
     monkeypatch.setattr(time_budget, "time_distillation_step", step)
-    budget = time_budget.steps_for_budget(_trainer(False, weights), 1000.0, final_eval_s=0.0, stage_eval_s=0.0)
+    budget = time_budget.steps_for_budget(_trainer(True, weights), 1000.0, final_eval_s=0.0, stage_eval_s=0.0,
+                                          clock=clock)  # fmt: skip
     with_kl = sum(steps for steps, weight in zip(PAPER_STAGE_STEPS, weights) if weight > 0) / sum(PAPER_STAGE_STEPS)
     mean_step_s = with_kl * 1.0 + (1 - with_kl) * 0.5
-    assert timed == [1, 3]
-    assert budget["max_steps"] == int((1000.0 - 30.0) / (1.1 * mean_step_s))
+    assert timed == [1, 3] and budget["remaining_s"] == 1000.0 - 23.0 - 5.5
+    assert budget["compile_s"] == 4.0 and budget["reserve_s"] == 30.0 + 2 * 4.0
+    assert budget["max_steps"] == int((1000.0 - 28.5 - 38.0) / (1.1 * mean_step_s))
     assert budget["step_s_by_kind"] == {"attention_kl": 1.0, "output_only": 0.5}
     assert budget["share_by_kind"]["attention_kl"] == pytest.approx(with_kl, abs=1e-4)
 
@@ -94,8 +114,8 @@ def test_the_timed_steps_compile_the_graphs_that_training_then_reuses(tmp_path, 
 
     monkeypatch.setattr(time_budget, "compiled_as_for_training", keep)
     monkeypatch.setattr(time_budget, "time_distillation_step", timed)
-    budget = time_budget.steps_for_budget(trainer, 1000.0, final_eval_s=0.0, stage_eval_s=0.0)
-    assert [phase for phase, _ in timings] == [1, 3]
+    budget = time_budget.steps_for_budget(trainer, time.time() + 1000.0, final_eval_s=0.0, stage_eval_s=0.0)
+    assert [phase for phase, _ in timings] == [1, 3] and 0 < budget["timing_s"] < 1000.0 - budget["remaining_s"] + 1
     assert set(budget["step_s_by_kind"]) == {"attention_kl", "output_only"}
     assert _graphs() > 0 and all(t["first_step_s"] >= t["step_s"] > 0 for _, t in timings)
     layers = compiled[0].model.layers

@@ -16,28 +16,34 @@ logger = logging.getLogger(__name__)
 
 COMPILING_STAGES = len(TRAINING_STAGES)
 """Stages whose first step compiles the student again under `torch_compile` (the stage is one of its graph's guards);
-each is reserved the first timed step's compiling, which also held the teacher's."""
+those of the timed steps find their graphs compiled."""
 
 
-def steps_for_budget(trainer, remaining_s: float, final_eval_s: float, stage_eval_s: float) -> dict:
-    """max_steps that fit in `remaining_s` seconds, after reserving the final evaluation, four stage-end evaluations,
-    saving, and under `torch_compile` each stage's compiling. A step's time is timed in the first stage with the
-    attention KL and in the first without it (where the run has both: the stages without it skip the KL's chunks),
-    and weighed by the share of the schedule's steps each kind takes."""
+def steps_for_budget(trainer, deadline: float, final_eval_s: float, stage_eval_s: float, clock=time.time) -> dict:
+    """max_steps that fit before `deadline` (a `clock()` time), after the timed steps, and reserving the final
+    evaluation, four stage-end evaluations, saving, and under `torch_compile` the compiling of each stage that no timed
+    step compiled. A step's time is timed in the first stage with the attention KL and in the first without it (where
+    the run has both: the stages without it skip the KL's chunks), and weighed by the share of the schedule's steps
+    each kind takes. A stage's compiling is the last timed kind's first step over its others (the first kind's also
+    compiled the teacher)."""
     kinds = step_kinds(trainer)
+    started = clock()
     timings = {kind: time_distillation_step(trainer, kind_of["phase"]) for kind, kind_of in kinds.items()}
-    first = timings[next(iter(kinds))]
-    compile_s = first["first_step_s"] - first["step_s"] if trainer.args.torch_compile else 0.0
+    remaining_s = deadline - clock()
+    last = timings[list(kinds)[-1]]
+    compile_s = max(last["first_step_s"] - last["step_s"], 0.0) if trainer.args.torch_compile else 0.0
     step_s = sum(kinds[kind]["share"] * timing["step_s"] for kind, timing in timings.items())
-    reserve_s = 1.15 * final_eval_s + 4 * stage_eval_s + 30.0 + COMPILING_STAGES * max(compile_s, 0.0)
+    untimed_stages = COMPILING_STAGES - len(timings)
+    reserve_s = 1.15 * final_eval_s + 4 * stage_eval_s + 30.0 + untimed_stages * compile_s
     steps = int((remaining_s - reserve_s) / (1.1 * step_s))
     if steps < 8:
         logger.warning("The time budget leaves room for %d steps; running the minimum of 8.", steps)
         steps = 8
-    logger.info("Time budget: %.0f s left, %.3f s per step, %.0f s reserved (%.0f s compiling per stage): max_steps "
-                "%d.", remaining_s, step_s, reserve_s, compile_s, steps)  # fmt: skip
-    return {"remaining_s": round(remaining_s, 1), "step_s": round(step_s, 4), "compile_s": round(compile_s, 1),
-            "reserve_s": round(reserve_s, 1), "max_steps": steps,
+    logger.info("Time budget: %.0f s left after the timed steps, %.3f s per step, %.0f s reserved (%.0f s compiling "
+                "for each of %d stages): max_steps %d.", remaining_s, step_s, reserve_s, compile_s, untimed_stages,
+                steps)  # fmt: skip
+    return {"remaining_s": round(remaining_s, 1), "timing_s": round(clock() - started, 1), "step_s": round(step_s, 4),
+            "compile_s": round(compile_s, 1), "reserve_s": round(reserve_s, 1), "max_steps": steps,
             "step_s_by_kind": {kind: round(timing["step_s"], 4) for kind, timing in timings.items()},
             "share_by_kind": {kind: round(kind_of["share"], 4) for kind, kind_of in kinds.items()}}  # fmt: skip
 
