@@ -31,10 +31,10 @@ def _fine_count_kernel(
     rows_per_group,
     split_len,
     num_splits,
-    D: tl.constexpr,
     FINE: tl.constexpr,
     R_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    INVALID_CODE: tl.constexpr,
     S_BLOCK: tl.constexpr,
 ):
     row, row_ok, grow = _program_rows(rows_per_group, R_BLOCK)
@@ -56,8 +56,9 @@ def _fine_count_kernel(
         fine3 = fine0
         for block_start in range(chunk_start, tl.minimum(chunk_start + NIBBLE_TILES * BLOCK_N, end), BLOCK_N):
             offs_n = block_start + tl.arange(0, BLOCK_N)[None, :]
-            # masked loads give D + 1, which like INVALID_CODE is never in the bin
-            code = tl.load(code_rows + offs_n, mask=row_ok[:, None] & (offs_n < end), other=D + 1).to(tl.int32)
+            # masked loads give INVALID_CODE, as the padding holds: never in the bin
+            code = tl.load(code_rows + offs_n, mask=row_ok[:, None] & (offs_n < end), other=INVALID_CODE)
+            code = code.to(tl.int32)
             fine0, fine1, fine2, fine3 = _add_fine(fine0, fine1, fine2, fine3, code, low[:, None], FINE)
         counts += _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK, FINE)
     cols = tl.arange(0, FINE)

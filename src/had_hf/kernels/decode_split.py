@@ -140,10 +140,10 @@ def split_decode(
             rows_per_group,
             split_len,
             num_splits,
-            D=dim,
             FINE=fine,
             R_BLOCK=r_block,
             BLOCK_N=settings.count_block_n,
+            INVALID_CODE=invalid_code,
             S_BLOCK=s_blocks[1],
             **launch_options[1],
         )

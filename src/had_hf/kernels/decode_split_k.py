@@ -41,8 +41,9 @@ def _add_coarse(coarse, dist, valid, D: tl.constexpr):
 @triton.jit
 def _add_fine(fine0, fine1, fine2, fine3, code, low, FINE: tl.constexpr):
     """Adds the codes of an (R, BLOCK_N) tile that fall in the FINE distances low .. low + FINE - 1 to the lanes' 4-bit
-    fine counters, 8 fields per int32 word (word k: the distances low + 8k .. low + 8k + 7). Codes outside the bin
-    (invalid codes exceed D) add nothing. A field holds 15: read them (`_fine_fields`) every NIBBLE_TILES tiles."""
+    fine counters, 8 fields per int32 word (word k: the distances low + 8k .. low + 8k + 7). Codes outside the bin add
+    nothing to its FINE fields (invalid codes exceed D + FINE; with FINE < 8 the fields past FINE, which `_fine_fields`
+    does not read, count the next distances). A field holds 15: read them every NIBBLE_TILES tiles."""
     offset = code - low
     field = tl.full(code.shape, 1, dtype=tl.int32) << ((offset & 7) * 4)
     fine0 += tl.where((offset >= 0) & (offset < 8), field, 0)
