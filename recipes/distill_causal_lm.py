@@ -23,12 +23,12 @@ given; --sink_keys k also keeps each query's first k keys), distilled in the fou
 (computed layer by layer in chunks of query rows) and the output KL. Training text: the .txt documents of --text_dir,
 split whole into training and held-out documents, the training ones packed (EOS between documents) into windows of
 --max_seq_length tokens (one length, and an epoch's last partial batch dropped: under --torch_compile the graphs keep
-their shapes static, `compile_dynamic_lengths` off and `dataloader_drop_last` on unless given). The output folder holds the student (or its adapter), results.json (the evaluation table:
-dense teacher, exact top-N of the dense logits, HAD converted + calibrated, HAD distilled; perplexity and top-1
-agreement on held-out windows per --eval_lengths, pass-key accuracy per length, QuALITY accuracy; the training curve,
-per-stage and per-layer losses, peak memory) and a model card. Flags alone apply to the embedded default unless one
-names the teacher or the data (--model_name_or_path, --teacher_gguf_file, --text_dir): such a run starts from the
-library defaults.
+their shapes static, `compile_dynamic_lengths` off and `dataloader_drop_last` on unless given). The output folder holds
+the student (or its adapter), results.json (the evaluation table: dense teacher, exact top-N of the dense logits, HAD
+converted + calibrated, HAD distilled; perplexity and top-1 agreement on held-out windows per --eval_lengths, pass-key
+accuracy per length, QuALITY accuracy; the training curve, per-stage and per-layer losses, peak memory) and a model
+card. Flags alone apply to the embedded default unless one names the teacher or the data (--model_name_or_path,
+--teacher_gguf_file, --text_dir): such a run starts from the library defaults.
 """
 
 from __future__ import annotations

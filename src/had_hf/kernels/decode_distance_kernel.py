@@ -140,7 +140,7 @@ def _distance_kernel(
         )  # fmt: skip
 
     bins = tl.arange(0, 16)
-    counts = _place_fields(tl.zeros((R_BLOCK, 16), dtype=tl.int32), coarse, 0, 9)
+    counts = _place_fields(tl.zeros((R_BLOCK, 16), dtype=tl.int32), coarse, 0, 9, 7)
     counts = tl.where(bins[None, :] == 15, tl.min(smallest, axis=1)[:, None], counts)  # slot 15: smallest distance
     coarse_rows = coarse_ptr + (grow * num_splits + tl.program_id(2)) * 16
     tl.store(coarse_rows[:, None] + bins[None, :], counts, mask=row_ok[:, None])

@@ -85,7 +85,7 @@ def _rows_histograms(q0, q1, k_base, m_rows, row_ok, low, n_keys, stride_kn, str
         if FINE_PASS:
             totals += _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK, D // 8)
         else:
-            totals += _place_fields(tl.zeros((R_BLOCK, 16), dtype=tl.int32), coarse, 0, 9)
+            totals += _place_fields(tl.zeros((R_BLOCK, 16), dtype=tl.int32), coarse, 0, 9, 7)
     return totals, tl.min(smallest, axis=1)
 
 

@@ -19,13 +19,14 @@ NIBBLE_TILES = tl.constexpr(15)
 
 
 @triton.jit
-def _place_fields(counts, acc, FIRST: tl.constexpr, NUM_FIELDS: tl.constexpr):
-    """Writes the totals over the lanes of the first NUM_FIELDS 7-bit fields of (R, X) int64 packed counters into
-    columns FIRST .. FIRST + NUM_FIELDS - 1 of the (R, C) int32 `counts` (fields past C are dropped)."""
+def _place_fields(counts, acc, FIRST: tl.constexpr, NUM_FIELDS: tl.constexpr, BITS: tl.constexpr):
+    """Writes the totals over the lanes of the first NUM_FIELDS BITS-bit fields of (R, X) packed counters (the coarse
+    histogram's 7-bit fields in int64, the fine count's 4-bit ones in int32) into columns FIRST .. FIRST + NUM_FIELDS
+    - 1 of the (R, C) int32 `counts` (fields past C are dropped)."""
     cols = tl.arange(0, counts.shape[1])
     for field in tl.static_range(NUM_FIELDS):
         if FIRST + field < counts.shape[1]:
-            count = tl.sum(((acc >> (7 * field)) & 127).to(tl.int32), axis=1)
+            count = tl.sum(((acc >> (BITS * field)) & ((1 << BITS) - 1)).to(tl.int32), axis=1)
             counts = tl.where(cols[None, :] == FIRST + field, count[:, None], counts)
     return counts
 
@@ -59,19 +60,12 @@ def _add_fine(fine0, fine1, fine2, fine3, code, low, FINE: tl.constexpr):
 @triton.jit
 def _fine_fields(fine0, fine1, fine2, fine3, R_BLOCK: tl.constexpr, FINE: tl.constexpr):
     """The (R, FINE) int32 totals over the lanes of the 4-bit fine counters (`_add_fine`)."""
-    counts = tl.zeros((R_BLOCK, FINE), dtype=tl.int32)
-    cols = tl.arange(0, FINE)
-    for field in tl.static_range(FINE):
-        if field // 8 == 0:
-            word = fine0
-        elif field // 8 == 1:
-            word = fine1
-        elif field // 8 == 2:
-            word = fine2
-        else:
-            word = fine3
-        count = tl.sum((word >> (4 * (field % 8))) & 15, axis=1)
-        counts = tl.where(cols[None, :] == field, count[:, None], counts)
+    counts = _place_fields(tl.zeros((R_BLOCK, FINE), dtype=tl.int32), fine0, 0, 8, 4)
+    if FINE > 8:
+        counts = _place_fields(counts, fine1, 8, 8, 4)
+    if FINE > 16:
+        counts = _place_fields(counts, fine2, 16, 8, 4)
+        counts = _place_fields(counts, fine3, 24, 8, 4)
     return counts
 
 

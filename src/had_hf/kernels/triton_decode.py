@@ -42,12 +42,12 @@ see `decode_launch.SHORT_MAX_KEY_VALUES`; `short_kernel=True/False` forces the p
 launch, each program one (batch, kv head, row block) of 1, 2 or 4 query rows over all keys (one row per program unless
 that makes more than two programs per multiprocessor), so no split has to agree with another: no codes in memory, no
 tickets, no reductions between programs. The program streams the packed keys three times (L1/L2-resident after the
-first): the coarse histogram and the smallest valid distance (the same packed counters, added into int32 totals
-every 127 tiles, and the fine counters every 15), then the fine count of each row's coarse bin, from which it finds t and the tie quota in registers
-(`_coarse_bin` and `_threshold_step`, as the split-K kernels' last programs do), then the attend kernel's selection
-(dist < t, and the first `quota` ties in index order), which lists the kept keys with their codes (one row: the gather
-computes the weights) or the rows' weights. The gather of `decode_gather` follows, 64 value rows at a time, the next
-tile's loads issued one iteration ahead.
+first): the coarse histogram and the smallest valid distance (the same packed counters, added into int32 totals every
+127 tiles, and the fine counters every 15), then the fine count of each row's coarse bin, from which it finds t and the
+tie quota in registers (`_coarse_bin` and `_threshold_step`, as the split-K kernels' last programs do), then the attend
+kernel's selection (dist < t, and the first `quota` ties in index order), which lists the kept keys with their codes
+(one row: the gather computes the weights) or the rows' weights. The gather of `decode_gather` follows, 64 value rows
+at a time, the next tile's loads issued one iteration ahead.
 
 Grouped-query attention: the g query heads of a kv head (times the query positions) are the rows of one program, so
 the keys are read once per group, and a value row kept by any of them is loaded once.
