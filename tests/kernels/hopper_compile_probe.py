@@ -54,6 +54,8 @@ def compile_instead_of_launch(*, key, repr, fn, compile, is_manual_warmup, alrea
     constants, names = dict(compile["constants"]), fn.jit_function.arg_names
     if "USE_POPC" in names:
         constants[(names.index("USE_POPC"),)] = True
+    if "PACKED" in names and constants[(names.index("MODE"),)] == 0:
+        constants[(names.index("PACKED"),)] = True
     source = triton.compiler.ASTSource(fn.jit_function, compile["signature"], constants, compile["configs"][0])
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # ptxas -v, printed by Triton (TRITON_DUMP_PTXAS_LOG=1, cache off)

@@ -72,7 +72,7 @@ def test_prefill_benchmark_smoke(tmp_path):
 @requires_triton
 def test_supports_prefill_and_argument_checks():
     from had_hf.kernels import pack_sign_bits
-    from had_hf.kernels.triton_prefill import hamming_topk_prefill, supports_prefill
+    from had_hf.kernels.triton_prefill import PrefillConfig, hamming_topk_prefill, supports_prefill
 
     query, key, value = torch.randn(1, 4, 8, 64), torch.randn(1, 2, 9, 64), torch.randn(1, 2, 9, 32)
     assert supports_prefill(query, key, value)
@@ -90,6 +90,9 @@ def test_supports_prefill_and_argument_checks():
         hamming_topk_prefill(query, key, value, torch.ones(1, 1, 8, 9), False, 3, 0.5)
     with pytest.raises(ValueError, match="alpha must be positive"):
         hamming_topk_prefill(query, key, value, None, False, 3, 0.0)
+    for chunk in (0, 4096):
+        with pytest.raises(ValueError, match="count_chunk must be 1 to 2048 tiles"):
+            hamming_topk_prefill(query, key, value, None, False, 3, 0.5, config=PrefillConfig(count_chunk=chunk))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ GPU_CONFIGS = [
     {"score_mode": "popcount"},
     {"block_m": 64, "block_n": 128, "attend_block_n": 32, "sample_tiles": 2},
     {"threshold_warps": 8, "attend_warps": 4, "threshold_stages": 2, "attend_stages": 2, "sample_tiles": 16},
+    {"count_chunk": 2},  # the threshold kernel's fp16 counters summed every 2 tiles (1024 by default)
 ]
 
 

@@ -21,9 +21,10 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
     """One key tile of the attend kernel: the kept keys' weights exp(alpha * (Sb - Sb_max)) added to the rows'
     denominators and, times the tile's values, to their accumulators.
 
-    A key is kept when its score reaches the row's threshold for this tile, `threshold` (ties kept) or
-    `threshold + 1` (ties dropped), and a tile where some row's quota runs out in the middle gets a threshold per
-    key. The weights come from one expression, exp2(alpha' * (Sb - Sb_max) + min(BIG * (Sb - cut), 0)), without
+    A key is kept when its score reaches the row's cut for this tile: `threshold` (its ties kept) or `threshold + 1`
+    (ties dropped; scores step by 2), and in a tile where some row's tie quota runs out in the middle, a cut per key.
+    The weights come from one expression, exp2(min(alpha' * (Sb - Sb_max), gate)) with gate = 1e4 * (Sb - cut): >= 0
+    for a kept key (where the first term is <= 0, as Sb <= Sb_max), <= -1e4 for the others (weight 0); and without
     boolean tensors: (BLOCK_M, BLOCK_N) masks live in predicate registers, of which a thread has 7 (they spilled
     into general registers, ~2x the instructions of the loop). With attention sinks (SINKS), the tiles before the
     block's last sink end (`sinks_end`) also keep each row's valid keys before its own end (`sinks`)."""
@@ -36,46 +37,41 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
         valid = _tile_valid(offs_m, offs_n, row_ok, limit, n_keys, m_base, stride_mi, stride_mn,
                             CAUSAL, HAS_MASK, MASK_ROWS, MASKED)  # fmt: skip
         s = tl.where(valid, s, -D - 4.0)  # below every threshold: never kept, never a tie
-    exponent = (s - shift[:, None]) * alpha_log2
-    if WRITE_KEEP:
-        kept = tl.zeros(s.shape, dtype=tl.int8)
+    exponent = s * alpha_log2 - (shift * alpha_log2)[:, None]
     if SELECT:
         if any_partial:
             # the ties of the threshold score are kept up to each row's quota, in key order (seen: the row's ties in
-            # earlier tiles)
-            tie = s == threshold[:, None]
-            tie_count = tl.sum(tl.where(tie, 1.0, 0.0), axis=1).to(tl.int32)
-            crossing = (seen < quota) & (seen + tie_count > quota)
-            # rows whose quota does not run out inside the tile keep all their ties here, or none
-            row_cut = tl.where(seen + tie_count <= quota, threshold, threshold + 1.0)
+            # earlier tiles, room: how many more it keeps)
+            tie = tl.where(s == threshold[:, None], 1.0, 0.0)
+            tie_count = tl.sum(tie, axis=1).to(tl.int32)
+            room = quota - seen
+            crossing = (room > 0) & (tie_count > room)
             if tl.max(crossing.to(tl.int32), axis=0) > 0:
-                # inclusive rank of each tie inside the tile: a prefix count along the keys on the tensor cores
+                # inclusive rank of each tie inside the tile, a prefix count along the keys on the tensor cores: a
+                # tie is kept while its rank is within the row's room (within = 1), and the cut is threshold + 1
+                # otherwise, for every row (a row keeping all its ties has room >= the tile's ties, one keeping
+                # none room <= 0)
                 rank = tl.dot(tie.to(tl.float16), upper)
-                room = tl.where(crossing, quota - seen, -1).to(tl.float32)
-                cut = tl.where(tie & (rank <= room[:, None]), threshold[:, None], row_cut[:, None])
-                p = tl.exp2(exponent + tl.minimum((s - cut) * 1e4, 0.0))
-                if WRITE_KEEP:
-                    kept = (s >= cut).to(tl.int8)
+                within = tl.minimum(tl.maximum((room + 1).to(tl.float32)[:, None] - rank, 0.0), 1.0)
+                gate = s * 1e4 - ((threshold + 1.0) * 1e4)[:, None] + within * 1e4
             else:
-                p = tl.exp2(exponent + tl.minimum((s - row_cut[:, None]) * 1e4, 0.0))
-                if WRITE_KEEP:
-                    kept = (s >= row_cut[:, None]).to(tl.int8)
+                # rows whose quota does not run out inside the tile keep all their ties here, or none
+                row_cut = tl.where(tie_count <= room, threshold, threshold + 1.0)
+                gate = s * 1e4 - (row_cut * 1e4)[:, None]
             seen += tie_count
         else:
-            p = tl.exp2(exponent + tl.minimum((s - threshold[:, None]) * 1e4, 0.0))
-            if WRITE_KEEP:
-                kept = (s >= threshold[:, None]).to(tl.int8)
+            gate = s * 1e4 - (threshold * 1e4)[:, None]
         if SINKS:
             if start < sinks_end:
                 sink = (offs_n[None, :] < sinks[:, None]) & (s > -D - 4.0)  # invalid keys score -D - 4
-                p = tl.where(sink, tl.exp2(exponent), p)
-                if WRITE_KEEP:
-                    kept = tl.where(sink, 1, kept).to(tl.int8)
+                gate = tl.where(sink, 0.0, gate)
     else:
         # floor measurement: every valid key (a dense softmax with a known maximum)
-        p = tl.exp2(exponent + tl.minimum((s + D + 3.0) * 1e4, 0.0))
-        if WRITE_KEEP:
-            kept = (s > -D - 4.0).to(tl.int8)
+        gate = s * 1e4 + (D + 3.0) * 1e4
+    p = tl.exp2(tl.minimum(exponent, gate))
+    if WRITE_KEEP:
+        at = keep_rows[:, None] + offs_n[None, :]
+        tl.store(at, (gate >= 0).to(tl.int8), mask=row_ok[:, None] & (offs_n < n_keys)[None, :])
     denominator += tl.sum(p, axis=1)
     v_at = v_base + offs_n.to(tl.int64)[:, None] * stride_vn + tl.arange(0, DV)[None, :] * stride_vd
     if MASKED:
@@ -86,9 +82,6 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
         acc += tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
     else:
         acc += tl.dot(p.to(v.dtype), v)
-    if WRITE_KEEP:
-        at = keep_rows[:, None] + offs_n[None, :]
-        tl.store(at, kept, mask=row_ok[:, None] & (offs_n < n_keys)[None, :])
     return acc, denominator, seen
 
 

@@ -23,6 +23,7 @@ class PrefillConfig:
     attend_warps: int = 8
     attend_stages: int = 3
     sample_tiles: int = 8
+    count_chunk: int = 1024  # threshold kernel: tiles counted per lane before the row sums (fp16 counters: <= 2048)
     score_mode: str = "dot16"  # threshold kernel: dot16 | dot8 | popcount
     attend_mode: str = "dot16"  # attend kernel: dot16 | dot8
 
@@ -38,13 +39,13 @@ def default_prefill_config(
     """Launch settings from the shape: tiles of 128 query rows x 64 keys and 8 warps for both kernels; 32-key tiles
     for the threshold kernel at d = 128 or with a per-row mask, and for the attend kernel with 256-wide or fp32
     values (64 rows there); benchmarks/README.md ("Prefill kernel design notes") has what ptxas reports for them,
-    from `tests/kernels/hopper_compile_probe.py`. The sample covers
-    n / 16 keys, 256 to 1024. Under the interpreter (tests): small tiles, so that small problems span several tiles
-    and rounds, and samples of 2 tiles."""
+    from `tests/kernels/hopper_compile_probe.py`. The sample covers n / 16 keys, 256 to 1024. Under the interpreter
+    (tests): small tiles, so that small problems span several tiles and rounds, samples of 2 tiles, and the
+    threshold kernel's counters summed every 2 tiles."""
     if interpreting:
         return PrefillConfig(
             block_m=32, block_n=16, attend_block_m=32, attend_block_n=16, sample_tiles=2, threshold_warps=1,
-            attend_warps=1, threshold_stages=1, attend_stages=1,
+            attend_warps=1, threshold_stages=1, attend_stages=1, count_chunk=2,
         )  # fmt: skip
     block_n = 32 if head_dim >= 128 or row_mask else 64
     wide_values = value_dim > 128 or (value_dtype == torch.float32 and value_dim >= 128)

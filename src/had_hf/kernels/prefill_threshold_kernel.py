@@ -10,17 +10,51 @@ from .prefill_tiles import _block_ranges, _query_operand, _query_word, _score_ti
 
 
 @triton.jit
-def _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3):
+def _add_at_least(count, s, cut):
+    """count + (s >= cut ? 1 : 0) on fp16 tensors, two keys per instruction: `set` writes 1.0 or 0.0 into each
+    half of a word (PTX set.ge.f16x2, which compilers do not emit for a select)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 hit; set.ge.f16x2.f16x2 hit, $2, $3; add.f16x2 $0, $1, hit; }",
+        "=r,r,r,r",
+        [count, s, tl.broadcast_to(cut.to(tl.float16)[:, None], s.shape)],
+        dtype=tl.float16,
+        is_pure=True,
+        pack=2,
+    )
+
+
+@triton.jit
+def _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3, PACKED: tl.constexpr):
     """Adds the tile's keys with score >= v_j to per-lane counters (masked keys carry a score below all cuts).
 
-    The counters are (BLOCK_M, BLOCK_N) fp32 tensors, one value per lane position, summed over the keys once after
-    the sweep: a compare that writes 1.0 or 0.0 (FSET) and an add per cut and key, half the instructions of a
-    per-tile row sum of integer indicators."""
-    c0 += tl.where(s >= v0.to(s.dtype)[:, None], 1.0, 0.0)
-    c1 += tl.where(s >= v1.to(s.dtype)[:, None], 1.0, 0.0)
-    c2 += tl.where(s >= v2.to(s.dtype)[:, None], 1.0, 0.0)
-    c3 += tl.where(s >= v3.to(s.dtype)[:, None], 1.0, 0.0)
+    The counters are (BLOCK_M, BLOCK_N) tensors, one value per lane position, summed over the keys once per chunk of
+    COUNT_CHUNK tiles (`_lane_totals`). PACKED (the GPU, fp16 scores): fp16 counters, a compare and an add per pair
+    of keys and cut (`_add_at_least`); else fp32 counters, a compare that writes 1.0 or 0.0 (FSET) and an add per
+    key and cut."""
+    if PACKED:
+        c0 = _add_at_least(c0, s, v0)
+        c1 = _add_at_least(c1, s, v1)
+        c2 = _add_at_least(c2, s, v2)
+        c3 = _add_at_least(c3, s, v3)
+    else:
+        c0 += tl.where(s >= v0.to(s.dtype)[:, None], 1.0, 0.0)
+        c1 += tl.where(s >= v1.to(s.dtype)[:, None], 1.0, 0.0)
+        c2 += tl.where(s >= v2.to(s.dtype)[:, None], 1.0, 0.0)
+        c3 += tl.where(s >= v3.to(s.dtype)[:, None], 1.0, 0.0)
     return c0, c1, c2, c3
+
+
+@triton.jit
+def _lane_totals(t0, t1, t2, t3, c0, c1, c2, c3):
+    """Adds the per-lane counters' row sums to the rows' int32 totals and returns the counters cleared (fp16
+    counters are exact up to 2048 counts: a chunk of COUNT_CHUNK <= 2048 tiles, a sample, or a block's masked
+    tiles)."""
+    t0 += tl.sum(c0.to(tl.float32), axis=1).to(tl.int32)
+    t1 += tl.sum(c1.to(tl.float32), axis=1).to(tl.int32)
+    t2 += tl.sum(c2.to(tl.float32), axis=1).to(tl.int32)
+    t3 += tl.sum(c3.to(tl.float32), axis=1).to(tl.int32)
+    zero = tl.zeros(c0.shape, dtype=c0.dtype)
+    return t0, t1, t2, t3, zero, zero, zero, zero
 
 
 @triton.jit
@@ -28,54 +62,55 @@ def _count_sweep(q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, 
                  v0, v1, v2, v3, smax, stride_kn, stride_kd, stride_mi, stride_mn,
                  D: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, MODE: tl.constexpr,
-                 USE_POPC: tl.constexpr, SAMPLE_TILES: tl.constexpr, SAMPLE: tl.constexpr,
-                 COUNT: tl.constexpr):  # fmt: skip
+                 USE_POPC: tl.constexpr, PACKED: tl.constexpr, COUNT_CHUNK: tl.constexpr, SAMPLE_TILES: tl.constexpr,
+                 SAMPLE: tl.constexpr, COUNT: tl.constexpr):  # fmt: skip
     """One sweep over the row block's keys (SAMPLE: over SAMPLE_TILES tiles spread evenly over them): per row, the
     valid keys with score >= v_j for the 4 cuts, and the largest valid score (`smax`, not tracked on samples)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    c0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lane_dtype: tl.constexpr = tl.float16 if PACKED else tl.float32
+    c0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=lane_dtype)
     c1 = c0
     c2 = c0
     c3 = c0
+    t0 = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    t1 = t0
+    t2 = t0
+    t3 = t0
     low = -D - 4  # below every cut (cuts are scores >= 2 - D) and every valid score
     if SAMPLE:
         for i in range(0, SAMPLE_TILES):
             start = ((2 * i + 1) * range_tiles // (2 * SAMPLE_TILES)) * BLOCK_N
             s = _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_kn, stride_kd,
-                            D, W, MODE, USE_POPC, True)  # fmt: skip
+                            D, W, MODE, USE_POPC, True, PACKED)  # fmt: skip
             valid = _tile_valid(offs_m, start + offs_n0, row_ok, limit, n_keys, m_base, stride_mi, stride_mn,
                                 CAUSAL, HAS_MASK, MASK_ROWS, True)  # fmt: skip
             s = tl.where(valid, s, low)
-            c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3)
+            c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3, PACKED)
     else:
-        for start in range(0, full_end, BLOCK_N):
+        for chunk in range(0, full_end, COUNT_CHUNK * BLOCK_N):
+            for start in range(chunk, tl.minimum(chunk + COUNT_CHUNK * BLOCK_N, full_end), BLOCK_N):
+                s = _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_kn, stride_kd,
+                                D, W, MODE, USE_POPC, False, PACKED)  # fmt: skip
+                if HAS_MASK:
+                    valid = _tile_valid(offs_m, start + offs_n0, row_ok, limit, n_keys, m_base, stride_mi,
+                                        stride_mn, CAUSAL, HAS_MASK, MASK_ROWS, False)  # fmt: skip
+                    s = tl.where(valid, s, low)
+                if COUNT:
+                    c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3, PACKED)
+                smax = tl.maximum(smax, tl.max(s, axis=1).to(tl.float32))
+            t0, t1, t2, t3, c0, c1, c2, c3 = _lane_totals(t0, t1, t2, t3, c0, c1, c2, c3)
+        for start in range(full_end, kv_end, BLOCK_N):  # BLOCK_M / BLOCK_N + 1 tiles at most
             s = _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_kn, stride_kd,
-                            D, W, MODE, USE_POPC, False)  # fmt: skip
-            if HAS_MASK:
-                valid = _tile_valid(offs_m, start + offs_n0, row_ok, limit, n_keys, m_base, stride_mi, stride_mn,
-                                    CAUSAL, HAS_MASK, MASK_ROWS, False)  # fmt: skip
-                s = tl.where(valid, s, low)
-            if COUNT:
-                c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3)
-            smax = tl.maximum(smax, tl.max(s, axis=1).to(tl.float32))
-        for start in range(full_end, kv_end, BLOCK_N):
-            s = _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_kn, stride_kd,
-                            D, W, MODE, USE_POPC, True)  # fmt: skip
+                            D, W, MODE, USE_POPC, True, PACKED)  # fmt: skip
             valid = _tile_valid(offs_m, start + offs_n0, row_ok, limit, n_keys, m_base, stride_mi, stride_mn,
                                 CAUSAL, HAS_MASK, MASK_ROWS, True)  # fmt: skip
             s = tl.where(valid, s, low)
             if COUNT:
-                c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3)
+                c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3, PACKED)
             smax = tl.maximum(smax, tl.max(s, axis=1).to(tl.float32))
-    # (exact: fp32 holds integers up to 2^24)
-    return (
-        tl.sum(c0, axis=1).to(tl.int32),
-        tl.sum(c1, axis=1).to(tl.int32),
-        tl.sum(c2, axis=1).to(tl.int32),
-        tl.sum(c3, axis=1).to(tl.int32),
-        smax,
-    )
+    t0, t1, t2, t3, c0, c1, c2, c3 = _lane_totals(t0, t1, t2, t3, c0, c1, c2, c3)
+    return t0, t1, t2, t3, smax
 
 
 @triton.jit
@@ -116,8 +151,8 @@ def _rounds(q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, full_
             target, guess, has_guess, smax, stride_kn, stride_kd, stride_mi, stride_mn,
             D: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, MODE: tl.constexpr,
-            USE_POPC: tl.constexpr, SAMPLE_TILES: tl.constexpr, SAMPLE: tl.constexpr,
-            MAX_ROUNDS: tl.constexpr):  # fmt: skip
+            USE_POPC: tl.constexpr, PACKED: tl.constexpr, COUNT_CHUNK: tl.constexpr, SAMPLE_TILES: tl.constexpr,
+            SAMPLE: tl.constexpr, MAX_ROUNDS: tl.constexpr):  # fmt: skip
     """Counting rounds until every row with a positive target has its level interval narrowed to one level A: the
     target-th largest level u = (Sb + d) / 2. Returns A, count(u >= A) (2^30 where never counted: level 0),
     count(u >= A + 1) and the largest valid score."""
@@ -134,7 +169,8 @@ def _rounds(q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, full_
         c0, c1, c2, c3, smax = _count_sweep(
             q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, full_end, kv_end, range_tiles,
             2 * p0 - D, 2 * p1 - D, 2 * p2 - D, 2 * p3 - D, smax, stride_kn, stride_kd, stride_mi, stride_mn,
-            D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, SAMPLE_TILES, SAMPLE, True,
+            D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, PACKED, COUNT_CHUNK, SAMPLE_TILES,
+            SAMPLE, True,
         )  # fmt: skip
         A, B, count_a, count_b1 = _narrow(
             A, B, count_a, count_b1, p0, p1, p2, p3, c0, c1, c2, c3, target, live & (A != B)
@@ -180,6 +216,8 @@ def _threshold_kernel(
     MASK_ROWS: tl.constexpr,
     MODE: tl.constexpr,
     USE_POPC: tl.constexpr,
+    PACKED: tl.constexpr,
+    COUNT_CHUNK: tl.constexpr,
     SAMPLE_TILES: tl.constexpr,
     COUNT: tl.constexpr,
     MAX_ROUNDS: tl.constexpr,
@@ -225,13 +263,15 @@ def _threshold_kernel(
             guess, _, _, _ = _rounds(
                 q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, full_end, kv_end, range_tiles,
                 sample_target, guess, 0, smax, stride_kn, stride_kd, stride_mi, stride_mn,
-                D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, SAMPLE_TILES, True, MAX_ROUNDS,
+                D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, PACKED, COUNT_CHUNK,
+                SAMPLE_TILES, True, MAX_ROUNDS,
             )  # fmt: skip
             has_guess = 1
         level, count_ge, count_gt, smax = _rounds(
             q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, full_end, kv_end, range_tiles,
             num_kept, guess, has_guess, smax, stride_kn, stride_kd, stride_mi, stride_mn,
-            D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, SAMPLE_TILES, False, MAX_ROUNDS,
+            D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, PACKED, COUNT_CHUNK,
+            SAMPLE_TILES, False, MAX_ROUNDS,
         )  # fmt: skip
     else:
         # floor measurement: the scores and their maximum alone, no counting (the stats are meaningless)
@@ -239,7 +279,8 @@ def _threshold_kernel(
         _, _, _, _, smax = _count_sweep(
             q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, full_end, kv_end, range_tiles,
             zero, zero, zero, zero, smax, stride_kn, stride_kd, stride_mi, stride_mn,
-            D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, SAMPLE_TILES, False, False,
+            D, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, MASK_ROWS, MODE, USE_POPC, PACKED, COUNT_CHUNK,
+            SAMPLE_TILES, False, False,
         )  # fmt: skip
         level = zero
         count_ge = zero

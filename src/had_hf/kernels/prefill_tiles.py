@@ -17,10 +17,11 @@ MAX_ROUNDS = 16
 @triton.jit
 def _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_kn, stride_kd,
                 D: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr, USE_POPC: tl.constexpr,
-                BOUNDS: tl.constexpr):  # fmt: skip
+                BOUNDS: tl.constexpr, HALF: tl.constexpr = False):  # fmt: skip
     """(BLOCK_M, BLOCK_N) binary scores of the program's rows against the keys start .. start + BLOCK_N - 1: fp32
-    from a ±1 fp16 dot (MODE 0), int32 from a ±1 int8 dot (MODE 1) or from XOR/popcount of sign words (MODE 2).
-    BOUNDS: the tile may reach past n_keys (those keys' scores are garbage: the caller masks them)."""
+    from a ±1 fp16 dot (MODE 0; fp16 with HALF, exact as |Sb| <= 128), int32 from a ±1 int8 dot (MODE 1) or from
+    XOR/popcount of sign words (MODE 2). BOUNDS: the tile may reach past n_keys (those keys' scores are garbage: the
+    caller masks them)."""
     offs_n = start + offs_n0
     if MODE == 2:
         k_at = k_base + offs_n.to(tl.int64) * stride_kn
@@ -42,7 +43,7 @@ def _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_k
             kt = tl.load(k_at, mask=(offs_n < n_keys)[None, :], other=0)
         else:
             kt = tl.load(k_at)
-        s = tl.dot(q_op, kt)
+        s = tl.dot(q_op, kt, out_dtype=tl.float16 if HALF else tl.float32)
     return s
 
 

@@ -20,8 +20,10 @@ each one pass over the keys per round:
    every row (its standard error is 0.2 to 0.4 levels), so a row block usually costs 3 or 4 sweeps over the sample
    plus one over all keys. A block whose key range is no longer than the sample is counted whole (2 to 4 rounds
    over a few tiles). The sweep over all keys also takes each row's largest valid score, the softmax shift of the
-   second kernel. The counts live in per-lane fp32 counters, (BLOCK_M, BLOCK_N) per cut, summed over the keys once
-   per sweep: a compare that writes 1.0 or 0.0 and an add per cut and key.
+   second kernel. The counts live in per-lane counters, (BLOCK_M, BLOCK_N) per cut, summed over the keys once per
+   chunk of tiles: on the GPU the scores come from the dot as fp16 (exact) and the counters are fp16, a compare that
+   writes 1.0 or 0.0 into each half of a word and a packed add per pair of keys and cut (inline PTX); elsewhere fp32,
+   the same per key.
 2. `_attend_kernel` (`prefill_attend_kernel`) streams the key and value tiles again, in increasing key order, and accumulates
    exp(alpha * (Sb - Sb_max)) V over the kept keys: Sb > t, or Sb == t among the first `quota` ties of the row. The
    row's largest score is known, so the softmax needs no running maximum and no rescaling. Per tile each row has a
@@ -29,12 +31,12 @@ each one pass over the keys per round:
    smaller than their number of ties (the usual case) count the ties seen so far; only a tile where some row's count
    crosses its quota needs a cut per key, from the ties' ranks inside the tile: an inclusive prefix count along the
    keys, computed on the tensor cores as a product with a (BLOCK_N x BLOCK_N) upper-triangular matrix of ones (exact:
-   integers below 2^11 in fp16 products with fp32 accumulation). The weights are one expression,
-   exp2(alpha' * (Sb - Sb_max) + min(1e4 * (Sb - cut), 0)), with no (BLOCK_M, BLOCK_N) boolean tensors (they live
-   in predicate registers, 7 per thread, and would spill).
+   integers below 2^11 in fp16 products with fp32 accumulation), clamped against the row's remaining quota into a
+   0/1 term of the cut. The weights are one expression, exp2(min(alpha' * (Sb - Sb_max), 1e4 * (Sb - cut))), with
+   no (BLOCK_M, BLOCK_N) boolean tensors (they live in predicate registers, 7 per thread, and would spill).
 
-Scores: the signs of queries and keys as ±1 fp16 tiles and `tl.dot` with fp32 accumulation (exact: |Sb| <= d <=
-128), by default. The threshold kernel can also compute them as int8 ±1 dots (int32 accumulation) or as XOR/popcount
+Scores: the signs of queries and keys as ±1 fp16 tiles and `tl.dot` with fp32 accumulation (fp16 in the threshold
+kernel on the GPU; both exact: |Sb| <= d <= 128), by default. The threshold kernel can also compute them as int8 ±1 dots (int32 accumulation) or as XOR/popcount
 of packed sign words (`score_mode`, for the benchmark's comparison); the attend kernel takes fp16 or int8 dots.
 The launch settings come from `prefill_launch.default_prefill_config`, a heuristic on the shape.
 The keys' signs are converted once per call into a (B, Hkv, n, d) ±1 tensor (fp16 or int8) that the kernels read as
@@ -155,6 +157,8 @@ def prepare_prefill(
         config = default_prefill_config(
             dim, value.shape[-1], n_keys, _interpreting() or not query.is_cuda, value.dtype, row_mask
         )
+    if not 1 <= config.count_chunk <= 2048:
+        raise ValueError(f"count_chunk must be 1 to 2048 tiles (fp16 counters), got {config.count_chunk}.")
     for name in ("block_m", "block_n", "attend_block_m", "attend_block_n", "sample_tiles"):
         size = getattr(config, name)
         if not _is_power_of_two(size) or (name != "sample_tiles" and size < 16):
@@ -242,6 +246,9 @@ def prefill_threshold_pass(prep: PreparedPrefill, count: bool = True) -> torch.T
             MASK_ROWS=mask_rows,
             MODE=mode,
             USE_POPC=prep.query.is_cuda and not _interpreting(),
+            # fp16 scores counted two keys per instruction (inline PTX: the GPU only)
+            PACKED=mode == 0 and prep.query.is_cuda and not _interpreting(),
+            COUNT_CHUNK=config.count_chunk,
             SAMPLE_TILES=config.sample_tiles,
             COUNT=count,
             MAX_ROUNDS=MAX_ROUNDS,
