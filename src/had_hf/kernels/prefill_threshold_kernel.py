@@ -78,6 +78,9 @@ def _count_sweep(q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, 
     t2 = t0
     t3 = t0
     low = -D - 4  # below every cut (cuts are scores >= 2 - D) and every valid score
+    # the scores' own type: fp16 (PACKED), fp32 (fp16 dots) or int32 (int8 dots, popcount)
+    score_dtype: tl.constexpr = tl.float16 if PACKED else (tl.float32 if MODE == 0 else tl.int32)
+    lane_max = tl.full((BLOCK_M, BLOCK_N), low, dtype=score_dtype)  # per lane: one max per key, one row max per sweep
     if SAMPLE:
         for i in range(0, SAMPLE_TILES):
             start = ((2 * i + 1) * range_tiles // (2 * SAMPLE_TILES)) * BLOCK_N
@@ -98,7 +101,7 @@ def _count_sweep(q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, 
                     s = tl.where(valid, s, low)
                 if COUNT:
                     c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3, PACKED)
-                smax = tl.maximum(smax, tl.max(s, axis=1).to(tl.float32))
+                lane_max = tl.maximum(lane_max, s)
             t0, t1, t2, t3, c0, c1, c2, c3 = _lane_totals(t0, t1, t2, t3, c0, c1, c2, c3)
         for start in range(full_end, kv_end, BLOCK_N):  # BLOCK_M / BLOCK_N + 1 tiles at most
             s = _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_kn, stride_kd,
@@ -108,7 +111,8 @@ def _count_sweep(q_op, qw0, qw1, k_base, m_base, offs_m, row_ok, limit, n_keys, 
             s = tl.where(valid, s, low)
             if COUNT:
                 c0, c1, c2, c3 = _count_cuts(s, v0, v1, v2, v3, c0, c1, c2, c3, PACKED)
-            smax = tl.maximum(smax, tl.max(s, axis=1).to(tl.float32))
+            lane_max = tl.maximum(lane_max, s)
+        smax = tl.maximum(smax, tl.max(lane_max, axis=1).to(tl.float32))
     t0, t1, t2, t3, c0, c1, c2, c3 = _lane_totals(t0, t1, t2, t3, c0, c1, c2, c3)
     return t0, t1, t2, t3, smax
 
