@@ -111,13 +111,14 @@ ATTEND_SWEEP = [
     {"attend_stages": 4},
 ]
 # the threshold pass with int8 ±1 dots (int32 scores) and with XOR/popcount of packed sign words, the attend pass
-# with int8 dots (its scores converted to fp32 for the exponent); tile shapes that ptxas compiles without spilling
-# where there is one (popcount spills at every shape tried: the variant is here to show its order of magnitude)
+# with fp16 dots (the default's int8 dots give int32 scores, converted to fp32); tile shapes that ptxas compiles
+# without spilling where there is one (popcount spills at every shape tried: the variant is here to show its order
+# of magnitude)
 SCORE_MODES = [
     ("threshold", {"score_mode": "dot8"}),
     ("threshold", {"score_mode": "dot8", "block_n": 32}),
     ("threshold", {"score_mode": "popcount", "block_m": 64}),
-    ("attend", {"attend_mode": "dot8"}),
+    ("attend", {"attend_mode": "dot16"}),
 ]
 
 

@@ -148,6 +148,7 @@ GPU_CASES = [
 GPU_CONFIGS = [
     {},
     {"score_mode": "dot8", "attend_mode": "dot8"},
+    {"attend_mode": "dot16"},  # the default attend mode is dot8
     {"score_mode": "popcount"},
     {"block_m": 64, "block_n": 128, "attend_block_n": 32, "sample_tiles": 2},
     {"threshold_warps": 8, "attend_warps": 4, "threshold_stages": 2, "attend_stages": 2, "sample_tiles": 16},

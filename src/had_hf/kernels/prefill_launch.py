@@ -39,9 +39,10 @@ def default_prefill_config(
     """Launch settings from the shape: tiles of 128 query rows x 64 keys and 8 warps for both kernels; 32-key tiles
     for the threshold kernel at d = 128 or with a per-row mask, and for the attend kernel with 256-wide or fp32
     values (64 rows there); benchmarks/README.md ("Prefill kernel design notes") has what ptxas reports for them,
-    from `tests/kernels/hopper_compile_probe.py`. The sample covers n / 16 keys, 256 to 1024. Under the interpreter
-    (tests): small tiles, so that small problems span several tiles and rounds, samples of 2 tiles, and the
-    threshold kernel's counters summed every 2 tiles."""
+    from `tests/kernels/hopper_compile_probe.py`. The threshold kernel's scores from fp16 dots (counted as fp16
+    pairs), the attend kernel's from int8 dots (the faster at the benchmark shapes measured with both). The sample
+    covers n / 16 keys, 256 to 1024. Under the interpreter (tests): small tiles, so that small problems span several
+    tiles and rounds, samples of 2 tiles, and the threshold kernel's counters summed every 2 tiles."""
     if interpreting:
         return PrefillConfig(
             block_m=32, block_n=16, attend_block_m=32, attend_block_n=16, sample_tiles=2, threshold_warps=1,
@@ -60,6 +61,7 @@ def default_prefill_config(
         attend_warps=8,
         attend_stages=3,
         sample_tiles=max(1, sample_keys // block_n),
+        attend_mode="dot8",
     )
 
 

@@ -19,7 +19,7 @@ def _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_k
                 D: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr, USE_POPC: tl.constexpr,
                 BOUNDS: tl.constexpr, HALF: tl.constexpr = False):  # fmt: skip
     """(BLOCK_M, BLOCK_N) binary scores of the program's rows against the keys start .. start + BLOCK_N - 1: fp32
-    from a ±1 fp16 dot (MODE 0; fp16 with HALF, exact as |Sb| <= 128), int32 from a ±1 int8 dot (MODE 1) or from
+    from a ±1 fp16 dot (MODE 0; converted to fp16 with HALF, exact as |Sb| <= 128), int32 from a ±1 int8 dot (MODE 1) or from
     XOR/popcount of sign words (MODE 2). BOUNDS: the tile may reach past n_keys (those keys' scores are garbage: the
     caller masks them)."""
     offs_n = start + offs_n0
@@ -43,7 +43,10 @@ def _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_k
             kt = tl.load(k_at, mask=(offs_n < n_keys)[None, :], other=0)
         else:
             kt = tl.load(k_at)
-        s = tl.dot(q_op, kt, out_dtype=tl.float16 if HALF else tl.float32)
+        s = tl.dot(q_op, kt)
+        if HALF:
+            # converted after the product: ptxas waits after each wgmma of an fp16 accumulator, not of an fp32 one
+            s = s.to(tl.float16)
     return s
 
 
