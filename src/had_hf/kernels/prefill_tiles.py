@@ -19,9 +19,9 @@ def _score_tile(q_op, qw0, qw1, k_base, start, offs_n0, offs_d, n_keys, stride_k
                 D: tl.constexpr, W: tl.constexpr, MODE: tl.constexpr, USE_POPC: tl.constexpr,
                 BOUNDS: tl.constexpr, HALF: tl.constexpr = False):  # fmt: skip
     """(BLOCK_M, BLOCK_N) binary scores of the program's rows against the keys start .. start + BLOCK_N - 1: fp32
-    from a ±1 fp16 dot (MODE 0; converted to fp16 with HALF, exact as |Sb| <= 128), int32 from a ±1 int8 dot (MODE 1) or from
-    XOR/popcount of sign words (MODE 2). BOUNDS: the tile may reach past n_keys (those keys' scores are garbage: the
-    caller masks them)."""
+    from a ±1 fp16 dot (MODE 0; converted to fp16 with HALF, exact as |Sb| <= 128), int32 from a ±1 int8 dot (MODE
+    1) or from XOR/popcount of sign words (MODE 2). BOUNDS: the tile may reach past n_keys (those keys' scores are
+    garbage: the caller masks them)."""
     offs_n = start + offs_n0
     if MODE == 2:
         k_at = k_base + offs_n.to(tl.int64) * stride_kn

@@ -21,7 +21,7 @@ each one pass over the keys per round:
    plus one over all keys. A block whose key range is no longer than the sample is counted whole (2 to 4 rounds
    over a few tiles). The sweep over all keys also takes each row's largest valid score, the softmax shift of the
    second kernel. The counts live in per-lane counters, (BLOCK_M, BLOCK_N) per cut, summed over the keys once per
-   chunk of tiles: on the GPU the scores come from the dot as fp16 (exact) and the counters are fp16, a compare that
+   chunk of tiles: on the GPU the scores are converted to fp16 (exact) and the counters are fp16, a compare that
    writes 1.0 or 0.0 into each half of a word and a packed add per pair of keys and cut (inline PTX); elsewhere fp32,
    the same per key.
 2. `_attend_kernel` (`prefill_attend_kernel`) streams the key and value tiles again, in increasing key order, and accumulates
@@ -35,12 +35,13 @@ each one pass over the keys per round:
    0/1 term of the cut. The weights are one expression, exp2(min(alpha' * (Sb - Sb_max), 1e4 * (Sb - cut))), with
    no (BLOCK_M, BLOCK_N) boolean tensors (they live in predicate registers, 7 per thread, and would spill).
 
-Scores: the signs of queries and keys as ±1 fp16 tiles and `tl.dot` with fp32 accumulation (fp16 in the threshold
-kernel on the GPU; both exact: |Sb| <= d <= 128), by default. The threshold kernel can also compute them as int8 ±1 dots (int32 accumulation) or as XOR/popcount
-of packed sign words (`score_mode`, for the benchmark's comparison); the attend kernel takes fp16 or int8 dots.
+Scores: in the threshold kernel, the signs of queries and keys as ±1 fp16 tiles and `tl.dot` with fp32 accumulation
+(exact: |Sb| <= d <= 128; converted to fp16 for the counting on the GPU), or int8 ±1 dots (int32 accumulation) or
+XOR/popcount of packed sign words (`score_mode`, for the benchmark's comparison); in the attend kernel, int8 ±1 dots
+by default on the GPU, or fp16 ones (`attend_mode`).
 The launch settings come from `prefill_launch.default_prefill_config`, a heuristic on the shape.
-The keys' signs are converted once per call into a (B, Hkv, n, d) ±1 tensor (fp16 or int8) that the kernels read as
-tiles.
+The keys' signs are converted once per call into (B, Hkv, n, d) ±1 tensors that the kernels read as tiles, one per
+dot type the two kernels use (fp16 and int8 by default).
 
 Masks: the keys past the causal limit (query i of the last q positions attends keys j <= i + n - q) are skipped
 tile by tile and masked inside the diagonal tiles; a padding mask is read per key when it does not vary over the
@@ -50,8 +51,8 @@ head h // (Hq / Hkv), no copy. A row with N = 0 (no valid key) keeps nothing and
 keeps each row's valid keys before its sink end (k without a padding mask, else `selection.sink_ends` of the mask,
 see `triton_common.sink_args`), in the tiles before the block's last sink end only.
 
-Memory: the output, the ±1 keys (n x d per kv head), and 16 bytes per query row (threshold, quota, largest score,
-a flag) between the kernels. `return_keep` (tests) adds a (q x n) byte mask.
+Memory: the output, the ±1 keys (n x d per kv head, 3 bytes each by default: fp16 and int8), and 16 bytes per query
+row (threshold, quota, largest score, a flag) between the kernels. `return_keep` (tests) adds a (q x n) byte mask.
 
 The kernels run on CUDA and, for tests, on the CPU through Triton's interpreter (`TRITON_INTERPRET=1` before
 `triton` is imported).
