@@ -39,6 +39,28 @@ def test_pack_kernel_matches_torch(dim):
     assert packed.shape == (2, 3, 2, 5, dim // 32) and torch.equal(packed, pack_sign_bits(x5))
 
 
+@pytest.mark.parametrize("dim", [32, 128])
+def test_unit_signs_kernel_matches_torch(dim):
+    from had_hf.kernels.sign_pack_kernel import triton_unit_signs
+
+    x = torch.randn(2, 3, 37, dim)
+    x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, float("nan")])  # +1, +1 (x >= 0) and -1 (NaN >= 0 is False)
+    strided = x.transpose(1, 2)  # (B, t, H, d) view: read through its strides
+    for dtypes in [(torch.float16, torch.int8), (torch.int8,)]:
+        units = triton_unit_signs(strided, dtypes)
+        assert set(units) == set(dtypes)
+        for dtype, unit in units.items():
+            assert unit.is_contiguous() and unit.shape == strided.shape and unit.dtype == dtype
+            assert torch.equal(unit, torch.where(strided >= 0, 1, -1).to(dtype))
+    assert torch.equal(
+        triton_unit_signs(x[0, 0], (torch.float16,))[torch.float16], torch.where(x[0, 0] >= 0, 1.0, -1.0).half()
+    )
+    x5 = torch.randn(2, 3, 2, 5, dim)  # more than 3 leading dimensions: flattened for the kernel, shape kept
+    assert torch.equal(triton_unit_signs(x5, (torch.int8,))[torch.int8], torch.where(x5 >= 0, 1, -1).to(torch.int8))
+    with pytest.raises(ValueError, match="float16 and/or int8 outputs"):
+        triton_unit_signs(x, (torch.bfloat16,))
+
+
 # (num_splits, block_n, hist_block_elements, gather_block, single_row_dot): several splits with ties across their
 # borders, several blocks per split (the running tie count), several counting blocks, several gathers of kept value
 # rows, and both accumulations of one-row programs

@@ -22,7 +22,8 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
     denominators and, times the tile's values, to their accumulators.
 
     A key is kept when its score reaches the row's cut for this tile: `threshold` (its ties kept) or `threshold + 1`
-    (ties dropped; scores step by 2), and in a tile where some row's tie quota runs out in the middle, a cut per key.
+    (ties dropped; scores step by 2), and in a block where a row's tie quota cuts its ties short, a cut per key from
+    the ties' ranks.
     The weights come from one expression, exp2(min(alpha' * (Sb - Sb_max), gate)) with gate = 1e4 * (Sb - cut): >= 0
     for a kept key (where the first term is <= 0, as Sb <= Sb_max), <= -1e4 for the others (weight 0); and without
     boolean tensors: (BLOCK_M, BLOCK_N) masks live in predicate registers, of which a thread has 7 (they spilled
@@ -41,23 +42,17 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
     if SELECT:
         if any_partial:
             # the ties of the threshold score are kept up to each row's quota, in key order (seen: the row's ties in
-            # earlier tiles, room: how many more it keeps)
+            # earlier tiles, room: how many more it keeps). The inclusive rank of each tie inside the tile is a prefix
+            # count along the keys on the tensor cores; a tie is kept while its rank is within the row's room
+            # (within = 1), and the cut is threshold + 1 otherwise. One expression for every row and tile: a row
+            # keeping all the tile's ties has room >= their count, one keeping none room <= 0 (no per-tile decision
+            # over the block, which would be a reduction across its warps, a barrier per tile).
             tie = tl.where(s == threshold[:, None], 1.0, 0.0)
             tie_count = tl.sum(tie, axis=1).to(tl.int32)
             room = quota - seen
-            crossing = (room > 0) & (tie_count > room)
-            if tl.max(crossing.to(tl.int32), axis=0) > 0:
-                # inclusive rank of each tie inside the tile, a prefix count along the keys on the tensor cores: a
-                # tie is kept while its rank is within the row's room (within = 1), and the cut is threshold + 1
-                # otherwise, for every row (a row keeping all its ties has room >= the tile's ties, one keeping
-                # none room <= 0)
-                rank = tl.dot(tie.to(tl.float16), upper)
-                within = tl.minimum(tl.maximum((room + 1).to(tl.float32)[:, None] - rank, 0.0), 1.0)
-                gate = s * 1e4 - ((threshold + 1.0) * 1e4)[:, None] + within * 1e4
-            else:
-                # rows whose quota does not run out inside the tile keep all their ties here, or none
-                row_cut = tl.where(tie_count <= room, threshold, threshold + 1.0)
-                gate = s * 1e4 - (row_cut * 1e4)[:, None]
+            rank = tl.dot(tie.to(tl.float16), upper)
+            within = tl.minimum(tl.maximum((room + 1).to(tl.float32)[:, None] - rank, 0.0), 1.0)
+            gate = s * 1e4 - ((threshold + 1.0) * 1e4)[:, None] + within * 1e4
             seen += tie_count
         else:
             gate = s * 1e4 - (threshold * 1e4)[:, None]

@@ -26,13 +26,12 @@ each one pass over the keys per round:
    the same per key.
 2. `_attend_kernel` (`prefill_attend_kernel`) streams the key and value tiles again, in increasing key order, and accumulates
    exp(alpha * (Sb - Sb_max)) V over the kept keys: Sb > t, or Sb == t among the first `quota` ties of the row. The
-   row's largest score is known, so the softmax needs no running maximum and no rescaling. Per tile each row has a
-   cut: t where the tile's ties are all within its quota, t + 1 where none is (scores step by 2). Rows whose quota is
-   smaller than their number of ties (the usual case) count the ties seen so far; only a tile where some row's count
-   crosses its quota needs a cut per key, from the ties' ranks inside the tile: an inclusive prefix count along the
-   keys, computed on the tensor cores as a product with a (BLOCK_N x BLOCK_N) upper-triangular matrix of ones (exact:
-   integers below 2^11 in fp16 products with fp32 accumulation), clamped against the row's remaining quota into a
-   0/1 term of the cut. The weights are one expression, exp2(min(alpha' * (Sb - Sb_max), 1e4 * (Sb - cut))), with
+   row's largest score is known, so the softmax needs no running maximum and no rescaling. A key is kept when its
+   score reaches its cut: t for a tie within the row's quota, t + 1 otherwise (scores step by 2). In a block where
+   some row's quota is smaller than its number of ties (the usual case), the rows count the ties seen so far, and
+   every tile ranks its ties: an inclusive prefix count along the keys, computed on the tensor cores as a product
+   with a (BLOCK_N x BLOCK_N) upper-triangular matrix of ones (exact: integers below 2^11 in fp16 products with fp32
+   accumulation), clamped against the row's remaining quota into a 0/1 term of the cut. The weights are one expression, exp2(min(alpha' * (Sb - Sb_max), 1e4 * (Sb - cut))), with
    no (BLOCK_M, BLOCK_N) boolean tensors (they live in predicate registers, 7 per thread, and would spill).
 
 Scores: in the threshold kernel, the signs of queries and keys as ±1 fp16 tiles and `tl.dot` with fp32 accumulation
@@ -41,7 +40,7 @@ XOR/popcount of packed sign words (`score_mode`, for the benchmark's comparison)
 by default on the GPU, or fp16 ones (`attend_mode`).
 The launch settings come from `prefill_launch.default_prefill_config`, a heuristic on the shape.
 The keys' signs are converted once per call into (B, Hkv, n, d) ±1 tensors that the kernels read as tiles, one per
-dot type the two kernels use (fp16 and int8 by default).
+dot type the two kernels use (fp16 and int8 by default; on the GPU both in one pass, `sign_pack_kernel`).
 
 Masks: the keys past the causal limit (query i of the last q positions attends keys j <= i + n - q) are skipped
 tile by tile and masked inside the diagonal tiles; a padding mask is read per key when it does not vary over the
@@ -108,11 +107,16 @@ class PreparedPrefill:
         return batch, num_heads, self.value.shape[1], query_len, self.value.shape[2], dim
 
 
-def _unit_keys(key: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, Hkv, n, d) ±1 keys in `dtype` (fp16 or int8) from float keys or packed sign words."""
+def _unit_keys(key: torch.Tensor, dim: int, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, torch.Tensor]:
+    """(B, Hkv, n, d) ±1 keys in each of `dtypes` (fp16, int8) from float keys (on the GPU: one Triton pass for
+    all of them) or packed sign words."""
     if not key.is_floating_point():
-        return unpack_sign_bits(key, dim, dtype=dtype)
-    return (key >= 0).to(dtype).mul_(2).sub_(1)
+        return {dtype: unpack_sign_bits(key, dim, dtype=dtype) for dtype in dtypes}
+    if key.is_cuda and not _interpreting():
+        from .sign_pack_kernel import triton_unit_signs
+
+        return triton_unit_signs(key, dtypes)
+    return {dtype: (key >= 0).to(dtype).mul_(2).sub_(1) for dtype in dtypes}
 
 
 def _sign_words(x: torch.Tensor) -> torch.Tensor:
@@ -172,15 +176,15 @@ def prepare_prefill(
     if value.stride(-1) != 1:
         value = value.contiguous()
     dtypes = {"dot16": torch.float16, "dot8": torch.int8}
-    attend_keys = _unit_keys(key, dim, dtypes[config.attend_mode])
+    modes = {config.attend_mode} | ({config.score_mode} - {"popcount"})
+    units = _unit_keys(key, dim, tuple(dtypes[mode] for mode in sorted(modes)))
+    attend_keys = units[dtypes[config.attend_mode]]
     query_words = None
     if config.score_mode == "popcount":
         threshold_keys = _sign_words(key)
         query_words = _sign_words(query)
-    elif config.score_mode == config.attend_mode:
-        threshold_keys = attend_keys
     else:
-        threshold_keys = _unit_keys(key, dim, dtypes[config.score_mode])
+        threshold_keys = units[dtypes[config.score_mode]]
     if not isinstance(num_kept, torch.Tensor):
         num_kept = torch.tensor(int(num_kept), dtype=torch.int32, device=query.device)
     num_kept = num_kept.to(device=query.device, dtype=torch.int32)
