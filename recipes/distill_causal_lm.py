@@ -392,10 +392,17 @@ def main(argv: list[str], loaded_teacher: tuple | None = None) -> dict:
             results["generation"] = {"error": repr(error)}
         results["wall_time_s"] = round(time.time() - start, 1)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        try:
-            trainer.create_model_card()
-        except Exception as error:  # e.g. without the card's extras (jinja2, matplotlib: pip install had-hf[hub])
-            logger.exception("No model card written: %s", error)
+        if "student" not in wanted:
+            logger.warning(
+                "No model card written: the card reports the distilled student's evaluation, which --eval_columns "
+                "%r leaves out.",
+                script_args.eval_columns,
+            )
+        else:
+            try:
+                trainer.create_model_card()
+            except Exception as error:  # e.g. without the card's extras (jinja2, matplotlib: pip install had-hf[hub])
+                logger.exception("No model card written: %s", error)
         print_table(results)
     end_run(trainer)
     return results

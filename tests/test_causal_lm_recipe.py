@@ -132,6 +132,19 @@ def test_lora_distillation_leaves_the_base_weights_byte_identical(data_dir, tmp_
     assert results["generation"]["attn_implementation"] == "hamming_topk"
 
 
+def test_columns_without_the_student_write_no_card_and_say_why(data_dir, tmp_path, caplog):
+    """Only the converted model evaluated: the run finishes with its results, and the model card (which reports the
+    distilled student's evaluation) is skipped with a warning naming the flag, not a traceback."""
+    output_dir = tmp_path / "converted_only"
+    flags = _flags(data_dir, output_dir, "--eval_columns", "converted", "--passkey_depths", "", "--max_steps", "4")
+    with caplog.at_level("WARNING"):
+        results = _recipe().main(flags)
+    assert list(results["evaluation"]["columns"]) == ["converted"]
+    assert (output_dir / "results.json").is_file() and not (output_dir / "README.md").exists()
+    warnings = [record for record in caplog.records if "No model card written" in record.getMessage()]
+    assert warnings and "--eval_columns 'converted'" in warnings[0].getMessage() and not warnings[0].exc_info
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
