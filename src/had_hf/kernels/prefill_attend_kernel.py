@@ -9,6 +9,8 @@ import triton.language as tl
 from .prefill_tiles import _block_ranges, _query_operand, _score_tile, _tile_valid
 from .triton_common import _row_sink_ends
 
+GATE = tl.constexpr(1e4)  # the slope of the weights' gate (`_attend_tile`): exp2(-GATE) is 0 in fp32
+
 
 @triton.jit
 def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows, start, offs_m, row_ok, limit,
@@ -24,8 +26,8 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
     A key is kept when its score reaches the row's cut for this tile: `threshold` (its ties kept) or `threshold + 1`
     (ties dropped; scores step by 2), and in a block where a row's tie quota cuts its ties short, a cut per key from
     the ties' ranks.
-    The weights come from one expression, exp2(min(alpha' * (Sb - Sb_max), gate)) with gate = 1e4 * (Sb - cut): >= 0
-    for a kept key (where the first term is <= 0, as Sb <= Sb_max), <= -1e4 for the others (weight 0); and without
+    The weights come from one expression, exp2(min(alpha' * (Sb - Sb_max), gate)) with gate = GATE * (Sb - cut): >= 0
+    for a kept key (where the first term is <= 0, as Sb <= Sb_max), <= -GATE for the others (weight 0); and without
     boolean tensors: (BLOCK_M, BLOCK_N) masks live in predicate registers, of which a thread has 7 (they spilled
     into general registers, ~2x the instructions of the loop). With attention sinks (SINKS), the tiles before the
     block's last sink end (`sinks_end`) also keep each row's valid keys before its own end (`sinks`)."""
@@ -52,17 +54,17 @@ def _attend_tile(acc, denominator, seen, q_op, k_base, v_base, m_base, keep_rows
             room = quota - seen
             rank = tl.dot(tie.to(tl.float16), upper)
             within = tl.minimum(tl.maximum((room + 1).to(tl.float32)[:, None] - rank, 0.0), 1.0)
-            gate = s * 1e4 - ((threshold + 1.0) * 1e4)[:, None] + within * 1e4
+            gate = s * GATE - ((threshold + 1.0) * GATE)[:, None] + within * GATE
             seen += tie_count
         else:
-            gate = s * 1e4 - (threshold * 1e4)[:, None]
+            gate = s * GATE - (threshold * GATE)[:, None]
         if SINKS:
             if start < sinks_end:
                 sink = (offs_n[None, :] < sinks[:, None]) & (s > -D - 4.0)  # invalid keys score -D - 4
                 gate = tl.where(sink, 0.0, gate)
     else:
         # floor measurement: every valid key (a dense softmax with a known maximum)
-        gate = s * 1e4 + (D + 3.0) * 1e4
+        gate = s * GATE + (D + 3.0) * GATE
     p = tl.exp2(tl.minimum(exponent, gate))
     if WRITE_KEEP:
         at = keep_rows[:, None] + offs_n[None, :]
