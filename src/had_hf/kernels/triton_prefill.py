@@ -8,31 +8,32 @@ number of agreeing signs, so the kept set of a row is described by three numbers
 keys above it, and a tie quota (how many keys AT the threshold are kept, the first ones in index order). Two kernels,
 each one pass over the keys per round:
 
-1. `_threshold_kernel` (`prefill_threshold_kernel`) finds t and the quota of every row by counting. A round places 4 cuts p0 < p1 < p2 < p3 per
-   row and counts, in one sweep over the row's keys, the valid keys with u >= p_j. The counts narrow the interval
-   [A, B] of levels that holds t (count(u >= A) >= N > count(u >= B + 1)); the row is resolved when A == B, and
-   then count(u > t) and the tie quota N - count(u > t) are known exactly. Rounds repeat over the whole row block
-   until all its rows are resolved (an interval of at most 4 levels is resolved in one round, a wider one shrinks
-   about 5x per round). To make one round enough, the first round's cuts are a window of 4 consecutive levels
-   (resolving t in g - 1 .. g + 1) around an estimate g: the same rounds run first on a sample of SAMPLE_TILES key
-   tiles spread evenly over the row block's key range (n / 16 keys, 256 to 1024, by default), with the target scaled
-   to the sample, N * sample / range. For random keys the sample's quantile is then within a level of t for nearly
-   every row (its standard error is 0.2 to 0.4 levels), so a row block usually costs 3 or 4 sweeps over the sample
-   plus one over all keys. A block whose key range is no longer than the sample is counted whole (2 to 4 rounds
+1. `_threshold_kernel` (`prefill_threshold_kernel`) finds t and the quota of every row by counting. A round places 4
+   cuts p0 < p1 < p2 < p3 per row and counts, in one sweep over the row's keys, the valid keys with u >= p_j. The
+   counts narrow the interval [A, B] of levels that holds t (count(u >= A) >= N > count(u >= B + 1)); the row is
+   resolved when A == B, and then count(u > t) and the tie quota N - count(u > t) are known exactly. Rounds repeat over
+   the whole row block until all its rows are resolved (an interval of at most 4 levels is resolved in one round, a
+   wider one shrinks about 5x per round). To make one round enough, the first round's cuts are a window of 4
+   consecutive levels (resolving t in g - 1 .. g + 1) around an estimate g: the same rounds run first on a sample of
+   SAMPLE_TILES key tiles spread evenly over the row block's key range (n / 16 keys, 256 to 1024, by default), with the
+   target scaled to the sample, N * sample / range. For random keys the sample's quantile is then within a level of t
+   for nearly every row (its standard error is 0.2 to 0.4 levels), so a row block usually costs 3 or 4 sweeps over the
+   sample plus one over all keys. A block whose key range is no longer than the sample is counted whole (2 to 4 rounds
    over a few tiles). The sweep over all keys also takes each row's largest valid score, the softmax shift of the
-   second kernel. The counts live in per-lane counters, (BLOCK_M, BLOCK_N) per cut, summed over the keys once per
-   chunk of tiles: on the GPU the scores are converted to fp16 (exact) and the counters are fp16, a compare that
-   writes 1.0 or 0.0 into each half of a word and a packed add per pair of keys and cut (inline PTX); elsewhere fp32,
-   the same per key.
-2. `_attend_kernel` (`prefill_attend_kernel`) streams the key and value tiles again, in increasing key order, and accumulates
-   exp(alpha * (Sb - Sb_max)) V over the kept keys: Sb > t, or Sb == t among the first `quota` ties of the row. The
-   row's largest score is known, so the softmax needs no running maximum and no rescaling. A key is kept when its
-   score reaches its cut: t for a tie within the row's quota, t + 1 otherwise (scores step by 2). In a block where
-   some row's quota is smaller than its number of ties (the usual case), the rows count the ties seen so far, and
-   every tile ranks its ties: an inclusive prefix count along the keys, computed on the tensor cores as a product
-   with a (BLOCK_N x BLOCK_N) upper-triangular matrix of ones (exact: integers below 2^11 in fp16 products with fp32
-   accumulation), clamped against the row's remaining quota into a 0/1 term of the cut. The weights are one expression, exp2(min(alpha' * (Sb - Sb_max), 1e4 * (Sb - cut))), with
-   no (BLOCK_M, BLOCK_N) boolean tensors (they live in predicate registers, 7 per thread, and would spill).
+   second kernel. The counts live in per-lane counters, (BLOCK_M, BLOCK_N) per cut, summed over the keys once per chunk
+   of tiles: on the GPU the scores are converted to fp16 (exact) and the counters are fp16, a compare that writes 1.0
+   or 0.0 into each half of a word and a packed add per pair of keys and cut (inline PTX); elsewhere fp32, the same per
+   key.
+2. `_attend_kernel` (`prefill_attend_kernel`) streams the key and value tiles again, in increasing key order, and
+   accumulates exp(alpha * (Sb - Sb_max)) V over the kept keys: Sb > t, or Sb == t among the first `quota` ties of the
+   row. The row's largest score is known, so the softmax needs no running maximum and no rescaling. A key is kept when
+   its score reaches its cut: t for a tie within the row's quota, t + 1 otherwise (scores step by 2). In a block where
+   some row's quota is smaller than its number of ties (the usual case), the rows count the ties seen so far, and every
+   tile ranks its ties: an inclusive prefix count along the keys, computed on the tensor cores as a product with a
+   (BLOCK_N x BLOCK_N) upper-triangular matrix of ones (exact: integers below 2^11 in fp16 products with fp32
+   accumulation), clamped against the row's remaining quota into a 0/1 term of the cut. The weights are one expression,
+   exp2(min(alpha' * (Sb - Sb_max), GATE * (Sb - cut))) with GATE = 1e4, with no (BLOCK_M, BLOCK_N) boolean tensors
+   (they live in predicate registers, 7 per thread, and would spill).
 
 Scores: in the threshold kernel, the signs of queries and keys as ±1 fp16 tiles and `tl.dot` with fp32 accumulation
 (exact: |Sb| <= d <= 128; converted to fp16 for the counting on the GPU), or int8 ±1 dots (int32 accumulation) or
@@ -116,7 +117,8 @@ def _unit_keys(key: torch.Tensor, dim: int, dtypes: tuple[torch.dtype, ...]) -> 
         from .sign_pack_kernel import triton_unit_signs
 
         return triton_unit_signs(key, dtypes)
-    return {dtype: (key >= 0).to(dtype).mul_(2).sub_(1) for dtype in dtypes}
+    positive = key >= 0
+    return {dtype: positive.to(dtype).mul_(2).sub_(1) for dtype in dtypes}
 
 
 def _sign_words(x: torch.Tensor) -> torch.Tensor:
