@@ -65,11 +65,9 @@ STATE = ProbeState()
 
 
 def kept_keys(binary_logits: torch.Tensor, valid: torch.Tensor, ratio: float, first_key: bool) -> torch.Tensor:
-    """HAD's kept keys: the top N of the binary logits, plus each row's first key if `first_key`."""
-    keep = select_top_n(binary_logits, valid, top_n_ratio=ratio)
-    if first_key:
-        keep[..., 0] = valid[..., 0]
-    return keep
+    """HAD's kept keys: the top N of the binary logits, plus each row's first valid key if `first_key` (the rule of
+    `HADConfig(sink_keys=1)`)."""
+    return select_top_n(binary_logits, valid, top_n_ratio=ratio, sink_keys=int(first_key))
 
 
 def grid_cross_entropy(logits: torch.Tensor, binary_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -116,8 +114,9 @@ def main(argv=None) -> dict:
     fit_windows = training_windows(token_ids, 256, args.windows + args.fit_windows, args.seed)[args.windows :]
     perplexity(had, fit_windows)
     STATE.fitting = False
-    STATE.factors = {key: GRID[int(losses.argmin())].item() for key, losses in STATE.losses.items()}
-    at_edge = {key for key, losses in STATE.losses.items() if int(losses.argmin()) in (0, len(GRID) - 1)}
+    best = {key: int(losses.argmin()) for key, losses in STATE.losses.items()}
+    STATE.factors = {key: GRID[index].item() for key, index in best.items()}
+    at_edge = {key for key, index in best.items() if index in (0, len(GRID) - 1)}
     factors = [
         {
             "layer": layer,
